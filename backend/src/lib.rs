@@ -1,0 +1,16 @@
+//! vnpd: the per-host vhost-user-net backend of the vnp virtual network.
+//!
+//! Folder layout follows the data flow:
+//! - [`edge`]: what a guest sees of the network: ARP and DHCP answered locally (pure functions).
+//! - [`device`]: the vhost-user-net device: feature negotiation, virtio queues, guest memory.
+//! - [`datapath`]: VNP encapsulation/decapsulation, receive checks, pending queue, UDP batching.
+//! - [`metrics`]: counters by VM and drop reason, Prometheus text rendering.
+//! - [`control`]: the control thread that talks to the registry (tokens, endpoints, secrets).
+//! - [`admin`]: the local admin API (unix socket) and persisted attachments.
+
+pub mod admin;
+pub mod control;
+pub mod datapath;
+pub mod device;
+pub mod edge;
+pub mod metrics;

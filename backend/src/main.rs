@@ -1,0 +1,3 @@
+//! vnpd binary: thin wrapper over the `vnpd` library.
+
+fn main() {}

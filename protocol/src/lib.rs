@@ -1,0 +1,1 @@
+//! VNP wire format, token MAC and option TLVs. Pure: no I/O.

@@ -1,0 +1,3 @@
+//! Start guests wired to vnpd, drive them over QMP, run live migrations.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Registry API types and the client that hosts and gateways use; vnpctl.

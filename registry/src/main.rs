@@ -1,0 +1,3 @@
+//! The VM registry service.
+
+fn main() {}

@@ -1,0 +1,5 @@
+//! Test fixtures shared by vnp's integration tests. Everything here cleans up on drop.
+
+pub mod netns;
+pub mod process;
+pub mod testpmd;
