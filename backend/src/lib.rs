@@ -9,6 +9,7 @@
 //! - [`admin`]: the local admin API (unix socket) and persisted attachments.
 
 pub mod admin;
+pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod device;

@@ -1,0 +1,503 @@
+//! vnpd's configuration: a TOML file over embedded defaults, then command-line overrides.
+//!
+//! Parsing and validation are pure ([`VnpdConfig::from_toml`], [`VnpdConfig::validate`]) so that
+//! every bad value has a unit-tested, clear error. Unknown keys are refused: a typo in an
+//! operator's file must not silently fall back to a default.
+
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// Default path of the configuration file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vnp/vnpd.toml";
+
+/// Smallest underlay MTU accepted: the guest still gets the IPv4 minimum of 576 bytes after
+/// the VNP encapsulation overhead.
+pub const MIN_UNDERLAY_MTU: u16 = 576 + vnp_protocol::wire::ENCAP_OVERHEAD as u16;
+/// Largest underlay MTU accepted (jumbo frames).
+pub const MAX_UNDERLAY_MTU: u16 = 9216;
+/// Most queue pairs one VM may ask for.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown/mistyped keys.
+    #[error("invalid config{}: {message}", origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// File path, if it came from a file.
+        origin: Option<PathBuf>,
+        /// What the parser said (includes line and column).
+        message: String,
+    },
+    /// A required value is missing.
+    #[error("config: {0} is required (set it in the config file or with --{1})")]
+    Missing(&'static str, &'static str),
+    /// A value is out of range or inconsistent.
+    #[error("config: {key}: {reason}")]
+    Invalid {
+        /// Key name.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How vnpd reaches the registry (HTTPS with mutual TLS).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL, e.g. `https://198.18.0.1:7443`.
+    pub url: Option<String>,
+    /// CA certificate (PEM) that signed the registry's server certificate.
+    pub ca_cert: Option<PathBuf>,
+    /// This host's client certificate (PEM): the host's identity at the registry.
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub client_key: Option<PathBuf>,
+}
+
+/// The raw file layout; every field optional so that defaults and flags can fill it in.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host_id: Option<String>,
+    underlay_addr: Option<Ipv4Addr>,
+    underlay_mtu: Option<u16>,
+    udp_port_first: Option<u16>,
+    udp_port_last: Option<u16>,
+    socket_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    admin_socket: Option<PathBuf>,
+    metrics_listen: Option<String>,
+    default_queue_pairs: Option<u16>,
+    token_refresh_margin_secs: Option<u32>,
+    registry_timeout_secs: Option<u32>,
+    #[serde(default)]
+    registry: RegistryConfig,
+}
+
+/// Embedded defaults, shown to operators by `vnpd --print-default-config`.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# vnpd configuration. Every key may also be given on the command line (--key-with-dashes).
+
+# This host's name in logs (the registry identifies the host by its client certificate).
+# host_id = "host-a"
+# This host's address on the underlay network: VNP datagrams leave from and arrive at it.
+# underlay_addr = "198.18.0.10"
+underlay_mtu = 1500
+# Each attached VM gets its own UDP port from this range (the VM's Phys_Port).
+udp_port_first = 47000
+udp_port_last = 47999
+# vhost-user sockets of attached VMs (unless an attach names its own path).
+socket_dir = "/run/vnp/sockets"
+# Persisted attachments (restored at start).
+state_dir = "/var/lib/vnp"
+# The local admin API (JSON lines over a unix socket), used by `vnpctl vnpd`.
+admin_socket = "/run/vnp/vnpd.sock"
+# Prometheus text exporter; "off" disables it.
+metrics_listen = "127.0.0.1:9464"
+default_queue_pairs = 1
+# Tokens are refreshed this long before they expire.
+token_refresh_margin_secs = 60
+registry_timeout_secs = 5
+
+[registry]
+# url = "https://198.18.0.1:7443"
+# ca_cert = "/etc/vnp/ca.pem"
+# client_cert = "/etc/vnp/host.pem"
+# client_key = "/etc/vnp/host-key.pem"
+"#;
+
+/// Validated vnpd configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnpdConfig {
+    /// Name of this host in logs and metrics.
+    pub host_id: String,
+    /// This host's underlay address (`Phys_IP`).
+    pub underlay_addr: Ipv4Addr,
+    /// Underlay MTU; guests get this minus the VNP encapsulation overhead.
+    pub underlay_mtu: u16,
+    /// First UDP port handed to VMs.
+    pub udp_port_first: u16,
+    /// Last UDP port handed to VMs (inclusive).
+    pub udp_port_last: u16,
+    /// Directory of default vhost-user socket paths.
+    pub socket_dir: PathBuf,
+    /// Directory of persisted state.
+    pub state_dir: PathBuf,
+    /// Admin unix socket path.
+    pub admin_socket: PathBuf,
+    /// Prometheus listen address, `None` = disabled.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Queue pairs when an attach does not say.
+    pub default_queue_pairs: u16,
+    /// Refresh tokens this many seconds before expiry.
+    pub token_refresh_margin_secs: u32,
+    /// Timeout of one registry request.
+    pub registry_timeout_secs: u32,
+    /// Registry URL.
+    pub registry_url: String,
+    /// Registry CA certificate.
+    pub registry_ca_cert: PathBuf,
+    /// Host client certificate.
+    pub registry_client_cert: PathBuf,
+    /// Host client key.
+    pub registry_client_key: PathBuf,
+}
+
+/// Command-line overrides (each `Some` replaces the file's value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--host-id`
+    pub host_id: Option<String>,
+    /// `--underlay-addr`
+    pub underlay_addr: Option<Ipv4Addr>,
+    /// `--underlay-mtu`
+    pub underlay_mtu: Option<u16>,
+    /// `--socket-dir`
+    pub socket_dir: Option<PathBuf>,
+    /// `--state-dir`
+    pub state_dir: Option<PathBuf>,
+    /// `--admin-socket`
+    pub admin_socket: Option<PathBuf>,
+    /// `--metrics-listen`
+    pub metrics_listen: Option<String>,
+    /// `--registry-url`
+    pub registry_url: Option<String>,
+    /// `--registry-ca-cert`
+    pub registry_ca_cert: Option<PathBuf>,
+    /// `--registry-client-cert`
+    pub registry_client_cert: Option<PathBuf>,
+    /// `--registry-client-key`
+    pub registry_client_key: Option<PathBuf>,
+}
+
+fn parse_raw(text: &str, origin: Option<&Path>) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        origin: origin.map(Path::to_path_buf),
+        message: e.to_string().trim().to_string(),
+    })
+}
+
+/// Later layers win: `over`'s `Some` values replace `base`'s.
+fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
+    RawConfig {
+        host_id: over.host_id.or(base.host_id),
+        underlay_addr: over.underlay_addr.or(base.underlay_addr),
+        underlay_mtu: over.underlay_mtu.or(base.underlay_mtu),
+        udp_port_first: over.udp_port_first.or(base.udp_port_first),
+        udp_port_last: over.udp_port_last.or(base.udp_port_last),
+        socket_dir: over.socket_dir.or(base.socket_dir),
+        state_dir: over.state_dir.or(base.state_dir),
+        admin_socket: over.admin_socket.or(base.admin_socket),
+        metrics_listen: over.metrics_listen.or(base.metrics_listen),
+        default_queue_pairs: over.default_queue_pairs.or(base.default_queue_pairs),
+        token_refresh_margin_secs: over
+            .token_refresh_margin_secs
+            .or(base.token_refresh_margin_secs),
+        registry_timeout_secs: over.registry_timeout_secs.or(base.registry_timeout_secs),
+        registry: RegistryConfig {
+            url: over.registry.url.or(base.registry.url),
+            ca_cert: over.registry.ca_cert.or(base.registry.ca_cert),
+            client_cert: over.registry.client_cert.or(base.registry.client_cert),
+            client_key: over.registry.client_key.or(base.registry.client_key),
+        },
+    }
+}
+
+impl From<Overrides> for RawConfig {
+    fn from(o: Overrides) -> Self {
+        RawConfig {
+            host_id: o.host_id,
+            underlay_addr: o.underlay_addr,
+            underlay_mtu: o.underlay_mtu,
+            socket_dir: o.socket_dir,
+            state_dir: o.state_dir,
+            admin_socket: o.admin_socket,
+            metrics_listen: o.metrics_listen,
+            registry: RegistryConfig {
+                url: o.registry_url,
+                ca_cert: o.registry_ca_cert,
+                client_cert: o.registry_client_cert,
+                client_key: o.registry_client_key,
+            },
+            ..RawConfig::default()
+        }
+    }
+}
+
+impl VnpdConfig {
+    /// Builds the configuration from the text of a config file (or `None` for defaults only)
+    /// and command-line overrides. `fallback_host_id` is used when none is configured (the
+    /// machine's hostname in the binary).
+    pub fn from_toml(
+        file_text: Option<(&str, &Path)>,
+        overrides: Overrides,
+        fallback_host_id: &str,
+    ) -> Result<Self, ConfigError> {
+        let defaults = parse_raw(DEFAULT_CONFIG_TOML, None)?;
+        let file = match file_text {
+            Some((text, path)) => parse_raw(text, Some(path))?,
+            None => RawConfig::default(),
+        };
+        let raw = merge(merge(defaults, file), overrides.into());
+        Self::validate(raw, fallback_host_id)
+    }
+
+    /// Reads `path` (if it exists or was named explicitly) and builds the configuration.
+    pub fn load(
+        path: &Path,
+        explicit: bool,
+        overrides: Overrides,
+        fallback_host_id: &str,
+    ) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::from_toml(Some((&text, path)), overrides, fallback_host_id),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Self::from_toml(None, overrides, fallback_host_id)
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    fn validate(raw: RawConfig, fallback_host_id: &str) -> Result<Self, ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
+        let host_id = raw.host_id.unwrap_or_else(|| fallback_host_id.to_string());
+        if host_id.is_empty() || host_id.len() > 64 || host_id.chars().any(char::is_control) {
+            return Err(invalid(
+                "host_id",
+                "must be 1..=64 printable characters".into(),
+            ));
+        }
+        let underlay_addr = raw
+            .underlay_addr
+            .ok_or(ConfigError::Missing("underlay_addr", "underlay-addr"))?;
+        if underlay_addr.is_unspecified()
+            || underlay_addr.is_multicast()
+            || underlay_addr.is_broadcast()
+        {
+            return Err(invalid(
+                "underlay_addr",
+                format!("{underlay_addr} is not a unicast host address"),
+            ));
+        }
+        let underlay_mtu = raw.underlay_mtu.unwrap_or(1500);
+        if !(MIN_UNDERLAY_MTU..=MAX_UNDERLAY_MTU).contains(&underlay_mtu) {
+            return Err(invalid(
+                "underlay_mtu",
+                format!("{underlay_mtu} is outside {MIN_UNDERLAY_MTU}..={MAX_UNDERLAY_MTU}"),
+            ));
+        }
+        let first = raw.udp_port_first.unwrap_or(47000);
+        let last = raw.udp_port_last.unwrap_or(47999);
+        if first == 0 || first > last {
+            return Err(invalid(
+                "udp_port_first",
+                format!("port range {first}..={last} is empty or starts at 0"),
+            ));
+        }
+        let default_queue_pairs = raw.default_queue_pairs.unwrap_or(1);
+        if !(1..=MAX_QUEUE_PAIRS).contains(&default_queue_pairs) {
+            return Err(invalid(
+                "default_queue_pairs",
+                format!("{default_queue_pairs} is outside 1..={MAX_QUEUE_PAIRS}"),
+            ));
+        }
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            None | Some("off") | Some("") => None,
+            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("{s:?} is not ADDRESS:PORT (or \"off\")"),
+                )
+            })?),
+        };
+        let token_refresh_margin_secs = raw.token_refresh_margin_secs.unwrap_or(60);
+        let registry_timeout_secs = raw.registry_timeout_secs.unwrap_or(5);
+        if registry_timeout_secs == 0 {
+            return Err(invalid(
+                "registry_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        let registry_url = raw
+            .registry
+            .url
+            .ok_or(ConfigError::Missing("registry.url", "registry-url"))?;
+        if !registry_url.starts_with("https://") {
+            return Err(invalid(
+                "registry.url",
+                format!("{registry_url:?} must be an https:// URL (mutual TLS)"),
+            ));
+        }
+        let registry_ca_cert = raw
+            .registry
+            .ca_cert
+            .ok_or(ConfigError::Missing("registry.ca_cert", "registry-ca-cert"))?;
+        let registry_client_cert = raw.registry.client_cert.ok_or(ConfigError::Missing(
+            "registry.client_cert",
+            "registry-client-cert",
+        ))?;
+        let registry_client_key = raw.registry.client_key.ok_or(ConfigError::Missing(
+            "registry.client_key",
+            "registry-client-key",
+        ))?;
+        let path_or = |key: &'static str, p: Option<PathBuf>, default: &str| {
+            let p = p.unwrap_or_else(|| PathBuf::from(default));
+            if p.as_os_str().is_empty() {
+                Err(invalid(key, "must not be empty".into()))
+            } else {
+                Ok(p)
+            }
+        };
+        Ok(Self {
+            host_id,
+            underlay_addr,
+            underlay_mtu,
+            udp_port_first: first,
+            udp_port_last: last,
+            socket_dir: path_or("socket_dir", raw.socket_dir, "/run/vnp/sockets")?,
+            state_dir: path_or("state_dir", raw.state_dir, "/var/lib/vnp")?,
+            admin_socket: path_or("admin_socket", raw.admin_socket, "/run/vnp/vnpd.sock")?,
+            metrics_listen,
+            default_queue_pairs,
+            token_refresh_margin_secs,
+            registry_timeout_secs,
+            registry_url,
+            registry_ca_cert,
+            registry_client_cert,
+            registry_client_key,
+        })
+    }
+
+    /// MTU offered to guests: the underlay MTU minus the VNP encapsulation overhead.
+    pub fn guest_mtu(&self) -> u16 {
+        // validate() guarantees underlay_mtu >= MIN_UNDERLAY_MTU > ENCAP_OVERHEAD.
+        self.underlay_mtu - vnp_protocol::wire::ENCAP_OVERHEAD as u16
+    }
+
+    /// Default vhost-user socket path of `vm_id`.
+    pub fn default_socket_path(&self, vm_id: &str) -> PathBuf {
+        self.socket_dir.join(format!("{vm_id}.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+underlay_addr = "198.18.0.10"
+[registry]
+url = "https://198.18.0.1:7443"
+ca_cert = "/etc/vnp/ca.pem"
+client_cert = "/etc/vnp/host.pem"
+client_key = "/etc/vnp/host-key.pem"
+"#;
+
+    fn load(text: &str) -> Result<VnpdConfig, ConfigError> {
+        VnpdConfig::from_toml(
+            Some((text, Path::new("/t/vnpd.toml"))),
+            Overrides::default(),
+            "fallback",
+        )
+    }
+
+    #[test]
+    fn minimal_file_gets_embedded_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.host_id, "fallback");
+        assert_eq!(c.underlay_addr, Ipv4Addr::new(198, 18, 0, 10));
+        assert_eq!(c.underlay_mtu, 1500);
+        assert_eq!(c.guest_mtu(), 1452);
+        assert_eq!((c.udp_port_first, c.udp_port_last), (47000, 47999));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.admin_socket, PathBuf::from("/run/vnp/vnpd.sock"));
+        assert_eq!(
+            c.default_socket_path("vm1"),
+            PathBuf::from("/run/vnp/sockets/vm1.sock")
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let o = Overrides {
+            host_id: Some("hb".into()),
+            underlay_addr: Some(Ipv4Addr::new(198, 18, 0, 11)),
+            metrics_listen: Some("off".into()),
+            state_dir: Some("/tmp/s".into()),
+            ..Overrides::default()
+        };
+        let c = VnpdConfig::from_toml(Some((MINIMAL, Path::new("f"))), o, "x").unwrap();
+        assert_eq!(c.host_id, "hb");
+        assert_eq!(c.underlay_addr, Ipv4Addr::new(198, 18, 0, 11));
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/s"));
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_name() {
+        let e = load(&format!("{MINIMAL}\nunderlay_mut = 9000\n")).unwrap_err();
+        let m = e.to_string();
+        // The key went under [registry], which denies unknown fields as well.
+        assert!(m.contains("underlay_mut"), "{m}");
+        let e = load(&format!("underlay_mut = 9000\n{MINIMAL}")).unwrap_err();
+        assert!(e.to_string().contains("underlay_mut"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_values_name_the_flag() {
+        let e = VnpdConfig::from_toml(None, Overrides::default(), "h").unwrap_err();
+        assert!(e.to_string().contains("--underlay-addr"), "{e}");
+        let e = load("underlay_addr = \"198.18.0.10\"").unwrap_err();
+        assert!(e.to_string().contains("registry.url"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for (extra, key) in [
+            ("underlay_mtu = 100", "underlay_mtu"),
+            ("underlay_mtu = 65000", "underlay_mtu"),
+            (
+                "udp_port_first = 5000\nudp_port_last = 4000",
+                "udp_port_first",
+            ),
+            ("udp_port_first = 0", "udp_port_first"),
+            ("default_queue_pairs = 0", "default_queue_pairs"),
+            ("metrics_listen = \"localhost\"", "metrics_listen"),
+            ("registry_timeout_secs = 0", "registry_timeout_secs"),
+            ("host_id = \"\"", "host_id"),
+        ] {
+            let text = format!("{extra}\n{MINIMAL}");
+            let e = load(&text).unwrap_err();
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
+        let e = load(&MINIMAL.replace("https://", "http://")).unwrap_err();
+        assert!(e.to_string().contains("https"), "{e}");
+        let e = load(&MINIMAL.replace("198.18.0.10", "0.0.0.0")).unwrap_err();
+        assert!(e.to_string().contains("underlay_addr"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_reports_position() {
+        let e = load(&format!("underlay_mtu = \"big\"\n{MINIMAL}")).unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("/t/vnpd.toml") && m.contains("line 1"), "{m}");
+    }
+
+    #[test]
+    fn default_config_text_parses() {
+        parse_raw(DEFAULT_CONFIG_TOML, None).unwrap();
+    }
+}
