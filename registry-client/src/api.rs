@@ -1,0 +1,560 @@
+//! Request and response types of the registry's HTTPS+JSON API (`/v1`).
+//!
+//! The server (`vnp-registry`) and every client share these definitions, so the wire format is
+//! defined exactly once. See `docs/registry.md` for the endpoint reference.
+
+use crate::net::{Ipv4Cidr, MacAddr, PortRange};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// Longest id the registry accepts.
+pub const MAX_ID_LEN: usize = 63;
+
+/// Checks an operator-chosen id: `[a-z0-9-]{1,63}`, not starting or ending with `-`.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    let ok_chars = id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars {
+        return Err(format!("invalid id {id:?}: use 1-{MAX_ID_LEN} characters of [a-z0-9-]"));
+    }
+    if id.starts_with('-') || id.ends_with('-') {
+        return Err(format!("invalid id {id:?}: must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+/// What a certificate allows its holder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Operator: may create and delete everything, but never reads secrets.
+    Admin,
+    /// A host running vnpd: secrets and tokens for the VMs it runs, endpoint registration.
+    Host,
+    /// A gateway: its own secret and tokens towards VMs of its network.
+    Gateway,
+}
+
+impl Role {
+    /// The word used in certificate URIs (`vnp:<role>:<id>`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Host => "host",
+            Role::Gateway => "gateway",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The caller's identity as the registry read it from the client certificate.
+///
+/// Certificates carry it as a URI subject alternative name `vnp:<role>:<id>`
+/// (for example `vnp:host:h1`), which is what `vnpctl cert` writes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Identity {
+    pub role: Role,
+    pub id: String,
+}
+
+impl Identity {
+    /// The certificate URI SAN for this identity.
+    pub fn to_uri(&self) -> String {
+        format!("vnp:{}:{}", self.role, self.id)
+    }
+
+    /// Parses `vnp:<role>:<id>`; `None` for anything else.
+    pub fn from_uri(uri: &str) -> Option<Identity> {
+        let rest = uri.strip_prefix("vnp:")?;
+        let (role, id) = rest.split_once(':')?;
+        let role = match role {
+            "admin" => Role::Admin,
+            "host" => Role::Host,
+            "gateway" => Role::Gateway,
+            _ => return None,
+        };
+        validate_id(id).ok()?;
+        Some(Identity { role, id: id.to_string() })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role, self.id)
+    }
+}
+
+/// Allow or deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+impl fmt::Display for PolicyAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyAction::Allow => "allow",
+            PolicyAction::Deny => "deny",
+        })
+    }
+}
+
+/// `POST /v1/networks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    pub id: String,
+    /// Numeric network id carried in VNP headers and tokens; allocated (from 1) if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    pub cidr: Ipv4Cidr,
+    /// Guest MTU (after encapsulation overhead); default 1400.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Policy for pairs no rule matches; default `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_policy: Option<PolicyAction>,
+    /// Size of each VM's NAT source-port block; default 1024.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_block: Option<u16>,
+}
+
+/// A virtual network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub id: String,
+    pub vni: u32,
+    pub cidr: Ipv4Cidr,
+    /// The virtual router address (first host address of the CIDR).
+    pub router: Ipv4Addr,
+    pub mtu: u16,
+    pub default_policy: PolicyAction,
+    pub nat_block: u16,
+}
+
+/// `POST /v1/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    pub id: String,
+    /// The host's underlay address (where its VMs' UDP ports live).
+    pub underlay_addr: Ipv4Addr,
+    /// Range the per-VM UDP ports are allocated from; default 40000-49999.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
+}
+
+/// A host that runs vnpd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub underlay_addr: Ipv4Addr,
+    pub port_range: PortRange,
+}
+
+/// `POST /v1/gateways`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    pub id: String,
+    /// Network whose traffic to outside addresses this gateway carries (one gateway per network).
+    pub network: String,
+    /// Underlay address and UDP port the gateway receives VNP packets on.
+    pub underlay_addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// A gateway between a virtual network and the outside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    pub id: String,
+    pub network: String,
+    pub vni: u32,
+    pub underlay_addr: Ipv4Addr,
+    pub port: u16,
+    pub secret_generation: u64,
+}
+
+/// `POST /v1/vms`. Everything but `id` and `network` is allocated when absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub id: String,
+    pub network: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Owning host; may be set later with a move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP port on the owning host; allocated from the host's range when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// Where a VM is currently served: what hosts register and tokens are minted for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub host_addr: Ipv4Addr,
+    pub port: u16,
+    /// The registry generation at which this endpoint was registered.
+    pub generation: u64,
+}
+
+/// A VM as the registry knows it. Never contains the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub network: String,
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub hostname: String,
+    pub host: Option<String>,
+    pub host_port: Option<u16>,
+    /// This VM's block of NAT source ports at the gateway.
+    pub nat_ports: PortRange,
+    pub service_account: String,
+    pub tags: Vec<String>,
+    pub secret_generation: u64,
+    /// Last endpoint registered by a host; `None` until the owning host registers.
+    pub endpoint: Option<Endpoint>,
+}
+
+/// `POST /v1/vms/{id}/move`: hand the VM to another host (the first step of a migration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveVm {
+    /// New owning host, or `null` to detach.
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+}
+
+/// `GET /v1/vms/{id}/secret` (owning host only) and `GET /v1/gateways/{id}/secret` (that gateway).
+///
+/// `secret` is 64 hex characters. Convert with [`SecretResponse::into_secret`] and drop the
+/// response promptly; the client never logs it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretResponse {
+    pub secret: String,
+    pub generation: u64,
+}
+
+impl fmt::Debug for SecretResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretResponse")
+            .field("secret", &"<redacted>")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl Drop for SecretResponse {
+    fn drop(&mut self) {
+        zeroize_string(&mut self.secret);
+    }
+}
+
+/// Overwrites a string's bytes before it is freed.
+pub(crate) fn zeroize_string(s: &mut String) {
+    // Replacing every byte with '0' keeps the String valid UTF-8 throughout.
+    let len = s.len();
+    s.clear();
+    s.extend(std::iter::repeat_n('0', len));
+    s.clear();
+}
+
+/// `PUT /v1/vms/{id}/endpoint`: "VM id is now served at (host_addr, port)".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointUpdate {
+    pub host_addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// Answer to an endpoint registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointAck {
+    pub generation: u64,
+}
+
+/// One side of a pair-policy rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum Selector {
+    /// Any VM of the network.
+    Any,
+    /// The VM with this id.
+    Vm(String),
+    /// Any VM carrying this tag.
+    Tag(String),
+    /// Any address outside the network (reached through its gateway).
+    External,
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Any => f.write_str("any"),
+            Selector::Vm(v) => write!(f, "vm:{v}"),
+            Selector::Tag(t) => write!(f, "tag:{t}"),
+            Selector::External => f.write_str("external"),
+        }
+    }
+}
+
+impl std::str::FromStr for Selector {
+    type Err = String;
+    /// `any`, `external`, `vm:<id>`, `tag:<tag>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "any" => return Ok(Selector::Any),
+            "external" => return Ok(Selector::External),
+            _ => {}
+        }
+        let (kind, value) = s
+            .split_once(':')
+            .ok_or_else(|| format!("invalid selector {s:?}: use any, external, vm:ID or tag:TAG"))?;
+        validate_id(value)?;
+        match kind {
+            "vm" => Ok(Selector::Vm(value.to_string())),
+            "tag" => Ok(Selector::Tag(value.to_string())),
+            _ => Err(format!("invalid selector {s:?}: use any, external, vm:ID or tag:TAG")),
+        }
+    }
+}
+
+/// `POST /v1/policy`: a rule about unordered pairs `{a, b}` in one network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRuleSpec {
+    pub id: String,
+    pub network: String,
+    pub action: PolicyAction,
+    pub a: Selector,
+    pub b: Selector,
+}
+
+/// A stored pair-policy rule (same shape as its spec).
+pub type PolicyRule = PolicyRuleSpec;
+
+/// `POST /v1/tokens`.
+///
+/// A host asks on behalf of `src_vm` (a VM it runs). A gateway asks with `src_gateway` (itself)
+/// and `src_ip`, the outside address the packet comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_gateway: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_ip: Option<Ipv4Addr>,
+    pub dst_ip: Ipv4Addr,
+}
+
+/// The patent's answer to a token request: where to send and what to put in the header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    /// Destination VM id, or `None` when the destination is outside (the gateway's tuple).
+    pub dst_vm: Option<String>,
+    /// The destination address the token was minted for (the inner packet's destination).
+    pub dst_ip: Ipv4Addr,
+    pub dst_host: Ipv4Addr,
+    pub dst_port: u16,
+    /// 16 hex characters (64 bits).
+    pub token: String,
+    /// Seconds since the Unix epoch; `u32::MAX` never expires.
+    pub expiry: u32,
+    pub network_id: u32,
+    /// The source tuple the token is bound to (the sender must use exactly these).
+    pub src_host: Ipv4Addr,
+    pub src_port: u16,
+    pub src_ip: Ipv4Addr,
+}
+
+/// What happened to a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Created,
+    Endpoint,
+    Moved,
+    SecretRotated,
+    Deleted,
+}
+
+/// One entry of the change log that `GET /v1/watch` returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmChange {
+    pub generation: u64,
+    pub vm: String,
+    pub kind: ChangeKind,
+    pub host: Option<String>,
+    pub endpoint: Option<Endpoint>,
+    pub secret_generation: u64,
+}
+
+/// Answer of `GET /v1/watch?vms=a,b&since=G&timeout_ms=T`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchResponse {
+    /// Pass this as `since` next time.
+    pub generation: u64,
+    pub changes: Vec<VmChange>,
+    /// True when `since` is older than the retained log: re-read the VMs you care about.
+    pub resync: bool,
+}
+
+/// Stable machine-readable refusal reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    InvalidJson,
+    InvalidId,
+    NotAuthenticated,
+    Forbidden,
+    AdminRequired,
+    NotOwner,
+    WrongHost,
+    PolicyDenied,
+    UnknownNetwork,
+    UnknownHost,
+    UnknownVm,
+    UnknownGateway,
+    UnknownRule,
+    NotFound,
+    NoSuchDestination,
+    NoGateway,
+    NoEndpoint,
+    Duplicate,
+    DuplicateIp,
+    DuplicateMac,
+    DuplicatePort,
+    DuplicateVni,
+    AddressOutsideCidr,
+    AddressReserved,
+    PortOutsideRange,
+    PoolExhausted,
+    NotEmpty,
+    Storage,
+    Internal,
+}
+
+impl ErrorCode {
+    /// HTTP status the server answers with.
+    pub fn http_status(&self) -> u16 {
+        use ErrorCode::*;
+        match self {
+            BadRequest | InvalidJson | InvalidId | AddressOutsideCidr | AddressReserved
+            | PortOutsideRange => 400,
+            NotAuthenticated => 401,
+            Forbidden | AdminRequired | NotOwner | WrongHost | PolicyDenied => 403,
+            UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
+            | NoSuchDestination => 404,
+            NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
+            | DuplicateVni | PoolExhausted | NotEmpty => 409,
+            Storage | Internal => 500,
+        }
+    }
+
+    /// The snake_case name used on the wire.
+    pub fn as_str(&self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// Body of every refusal: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Code and human-readable reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// `DELETE` answers and other acknowledgements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: String,
+    /// Dependent objects removed with it (only with `?cascade=true`).
+    #[serde(default)]
+    pub cascaded: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(validate_id("vm-a").is_ok());
+        assert!(validate_id("h1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", "a b", "é", &"a".repeat(64)] {
+            assert!(validate_id(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn identity_uri_round_trip() {
+        let id = Identity { role: Role::Host, id: "h1".into() };
+        assert_eq!(id.to_uri(), "vnp:host:h1");
+        assert_eq!(Identity::from_uri("vnp:host:h1"), Some(id));
+        assert_eq!(Identity::from_uri("vnp:root:h1"), None);
+        assert_eq!(Identity::from_uri("vnp:host:H1"), None);
+        assert_eq!(Identity::from_uri("spiffe://x/host/h1"), None);
+    }
+
+    #[test]
+    fn selectors() {
+        assert_eq!("vm:a".parse::<Selector>(), Ok(Selector::Vm("a".into())));
+        assert_eq!("tag:web".parse::<Selector>(), Ok(Selector::Tag("web".into())));
+        assert_eq!("any".parse::<Selector>(), Ok(Selector::Any));
+        assert!("host:a".parse::<Selector>().is_err());
+        assert!("vm:".parse::<Selector>().is_err());
+        let json = serde_json::to_string(&Selector::Tag("web".into())).unwrap();
+        assert_eq!(json, r#"{"kind":"tag","value":"web"}"#);
+    }
+
+    #[test]
+    fn error_codes_are_snake_case() {
+        assert_eq!(ErrorCode::PolicyDenied.as_str(), "policy_denied");
+        assert_eq!(ErrorCode::NoGateway.http_status(), 409);
+        assert_eq!(ErrorCode::NotOwner.http_status(), 403);
+    }
+
+    #[test]
+    fn unknown_fields_refused() {
+        let r: Result<VmSpec, _> = serde_json::from_str(r#"{"id":"a","network":"n","colour":1}"#);
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn secret_response_debug_redacts() {
+        let s = SecretResponse { secret: "ab".repeat(32), generation: 1 };
+        assert!(!format!("{s:?}").contains("abab"));
+    }
+}

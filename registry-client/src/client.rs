@@ -1,0 +1,378 @@
+//! Blocking registry client over mutual TLS, usable from a plain (non-async) control thread.
+//!
+//! Built on `ureq`, whose agent keeps TLS connections alive and reuses them, so a control
+//! thread asking for many tokens pays for one handshake.
+
+use crate::api::*;
+use crate::error::ClientError;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
+use ureq::Agent;
+use vnp_protocol::token::VmSecret;
+
+/// How to reach and authenticate to the registry. All PEM material is held in memory.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Base URL, e.g. `https://127.0.0.1:7443`.
+    pub url: String,
+    /// The registry's CA certificate (PEM): the only root trusted for the server.
+    pub ca_pem: Vec<u8>,
+    /// This caller's certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// This caller's private key (PEM).
+    pub key_pem: Vec<u8>,
+    /// Timeout for ordinary calls (a watch adds its own long-poll time). Default 10 s.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("url", &self.url)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// Reads CA, certificate and key from files.
+    pub fn from_files(
+        url: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<ClientConfig, ClientError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))
+        };
+        Ok(ClientConfig {
+            url: url.to_string(),
+            ca_pem: read(ca)?,
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<Certificate<'static>>, ClientError> {
+    let mut out = Vec::new();
+    for item in ureq::tls::parse_pem(pem) {
+        match item.map_err(|e| ClientError::Config(format!("{what}: {e}")))? {
+            PemItem::Certificate(c) => out.push(c),
+            _ => continue,
+        }
+    }
+    if out.is_empty() {
+        return Err(ClientError::Config(format!("{what}: no certificate found")));
+    }
+    Ok(out)
+}
+
+fn parse_key(pem: &[u8]) -> Result<PrivateKey<'static>, ClientError> {
+    for item in ureq::tls::parse_pem(pem) {
+        // Errors here would echo key material positions at most; keep the message generic.
+        if let Ok(PemItem::PrivateKey(k)) = item {
+            return Ok(k);
+        }
+    }
+    Err(ClientError::Config("client key: no private key found".into()))
+}
+
+/// A blocking client for one registry. Cheap to clone; clones share the connection pool.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    agent: Agent,
+    base: String,
+    timeout: Duration,
+}
+
+impl RegistryClient {
+    /// Builds a client; fails early on unusable PEM material or URL.
+    pub fn new(config: ClientConfig) -> Result<RegistryClient, ClientError> {
+        let base = config.url.trim_end_matches('/').to_string();
+        if !base.starts_with("https://") {
+            return Err(ClientError::Config(format!(
+                "registry URL {base:?} must start with https:// (the registry only speaks mTLS)"
+            )));
+        }
+        let roots = parse_certs(&config.ca_pem, "CA certificate")?;
+        let chain = parse_certs(&config.cert_pem, "client certificate")?;
+        let key = parse_key(&config.key_pem)?;
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::new_with_certs(&roots))
+            .client_cert(Some(ClientCert::new_with_certs(&chain, key)))
+            .build();
+        let agent_config = Agent::config_builder()
+            .tls_config(tls)
+            .http_status_as_error(false)
+            .timeout_global(Some(config.timeout))
+            .max_idle_connections_per_host(16)
+            .build();
+        Ok(RegistryClient {
+            agent: Agent::new_with_config(agent_config),
+            base,
+            timeout: config.timeout,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut resp = result.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(16 * 1024 * 1024)
+            .read_to_vec()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&body)
+                .map_err(|e| ClientError::Protocol { status, detail: e.to_string() });
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(err) => Err(ClientError::Api {
+                status,
+                code: err.error.code,
+                message: err.error.message,
+            }),
+            Err(_) => Err(ClientError::Protocol {
+                status,
+                detail: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            }),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::finish(self.agent.get(&self.url(path)).call())
+    }
+
+    fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        Self::finish(self.agent.delete(&self.url(path)).call())
+    }
+
+    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        Self::finish(self.agent.post(&self.url(path)).send_json(body))
+    }
+
+    fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        Self::finish(self.agent.put(&self.url(path)).send_json(body))
+    }
+
+    /// Who the registry thinks we are (from our certificate).
+    pub fn whoami(&self) -> Result<Identity, ClientError> {
+        self.get("/v1/whoami")
+    }
+
+    // ---- networks ----
+
+    /// Creates a network (admin).
+    pub fn create_network(&self, spec: &NetworkSpec) -> Result<Network, ClientError> {
+        self.post("/v1/networks", spec)
+    }
+    /// Lists networks.
+    pub fn list_networks(&self) -> Result<Vec<Network>, ClientError> {
+        self.get("/v1/networks")
+    }
+    /// Reads one network.
+    pub fn get_network(&self, id: &str) -> Result<Network, ClientError> {
+        self.get(&format!("/v1/networks/{}", path_seg(id)))
+    }
+    /// Deletes a network (admin); with `cascade` also its VMs, gateway and rules.
+    pub fn delete_network(&self, id: &str, cascade: bool) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/networks/{}?cascade={cascade}", path_seg(id)))
+    }
+
+    // ---- hosts ----
+
+    /// Creates a host (admin).
+    pub fn create_host(&self, spec: &HostSpec) -> Result<Host, ClientError> {
+        self.post("/v1/hosts", spec)
+    }
+    /// Lists hosts.
+    pub fn list_hosts(&self) -> Result<Vec<Host>, ClientError> {
+        self.get("/v1/hosts")
+    }
+    /// Reads one host.
+    pub fn get_host(&self, id: &str) -> Result<Host, ClientError> {
+        self.get(&format!("/v1/hosts/{}", path_seg(id)))
+    }
+    /// Deletes a host (admin); refuses while VMs are assigned to it.
+    pub fn delete_host(&self, id: &str) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/hosts/{}", path_seg(id)))
+    }
+
+    // ---- gateways ----
+
+    /// Registers a network's gateway (admin).
+    pub fn create_gateway(&self, spec: &GatewaySpec) -> Result<Gateway, ClientError> {
+        self.post("/v1/gateways", spec)
+    }
+    /// Lists gateways.
+    pub fn list_gateways(&self) -> Result<Vec<Gateway>, ClientError> {
+        self.get("/v1/gateways")
+    }
+    /// Removes a gateway (admin).
+    pub fn delete_gateway(&self, id: &str) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/gateways/{}", path_seg(id)))
+    }
+    /// A gateway's own secret (only that gateway may ask).
+    pub fn get_gateway_secret(&self, id: &str) -> Result<(VmSecret, u64), ClientError> {
+        let resp: SecretResponse = self.get(&format!("/v1/gateways/{}/secret", path_seg(id)))?;
+        decode_secret(resp)
+    }
+
+    // ---- VMs ----
+
+    /// Creates a VM (admin); unset fields are allocated.
+    pub fn create_vm(&self, spec: &VmSpec) -> Result<VmRecord, ClientError> {
+        self.post("/v1/vms", spec)
+    }
+    /// Lists VMs, optionally of one network.
+    pub fn list_vms(&self, network: Option<&str>) -> Result<Vec<VmRecord>, ClientError> {
+        match network {
+            Some(n) => self.get(&format!("/v1/vms?network={}", path_seg(n))),
+            None => self.get("/v1/vms"),
+        }
+    }
+    /// VMs whose owning host is the caller (host certificates).
+    pub fn list_host_vms(&self) -> Result<Vec<VmRecord>, ClientError> {
+        self.get("/v1/host/vms")
+    }
+    /// Reads one VM (never its secret).
+    pub fn get_vm(&self, id: &str) -> Result<VmRecord, ClientError> {
+        self.get(&format!("/v1/vms/{}", path_seg(id)))
+    }
+    /// Deletes a VM (admin).
+    pub fn delete_vm(&self, id: &str) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/vms/{}", path_seg(id)))
+    }
+    /// Sets the VM's owning host (admin): the first step of a migration.
+    pub fn move_vm(&self, id: &str, req: &MoveVm) -> Result<VmRecord, ClientError> {
+        self.post(&format!("/v1/vms/{}/move", path_seg(id)), req)
+    }
+    /// Replaces the VM's secret with a fresh one (admin); returns the new record.
+    pub fn rotate_vm_secret(&self, id: &str) -> Result<VmRecord, ClientError> {
+        self.post(&format!("/v1/vms/{}/secret/rotate", path_seg(id)), &serde_json::json!({}))
+    }
+    /// The VM's secret and its generation (only the owning host may ask).
+    pub fn get_vm_secret(&self, id: &str) -> Result<(VmSecret, u64), ClientError> {
+        let resp: SecretResponse = self.get(&format!("/v1/vms/{}/secret", path_seg(id)))?;
+        decode_secret(resp)
+    }
+    /// "VM `id` is now served at (`host_addr`, `port`)" (the owning host); returns the generation.
+    pub fn register_endpoint(&self, id: &str, host_addr: Ipv4Addr, port: u16) -> Result<u64, ClientError> {
+        let ack: EndpointAck = self.put(
+            &format!("/v1/vms/{}/endpoint", path_seg(id)),
+            &EndpointUpdate { host_addr, port },
+        )?;
+        Ok(ack.generation)
+    }
+
+    // ---- policy ----
+
+    /// Adds a pair-policy rule (admin).
+    pub fn create_rule(&self, spec: &PolicyRuleSpec) -> Result<PolicyRule, ClientError> {
+        self.post("/v1/policy", spec)
+    }
+    /// Lists rules, optionally of one network.
+    pub fn list_rules(&self, network: Option<&str>) -> Result<Vec<PolicyRule>, ClientError> {
+        match network {
+            Some(n) => self.get(&format!("/v1/policy?network={}", path_seg(n))),
+            None => self.get("/v1/policy"),
+        }
+    }
+    /// Removes a rule (admin).
+    pub fn delete_rule(&self, id: &str) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/policy/{}", path_seg(id)))
+    }
+
+    // ---- tokens and watch ----
+
+    /// Asks for a token from `src_vm` (which the calling host runs) to `dst_ip`.
+    pub fn request_token(&self, src_vm: &str, dst_ip: Ipv4Addr) -> Result<TokenGrant, ClientError> {
+        self.post(
+            "/v1/tokens",
+            &TokenRequest { src_vm: Some(src_vm.to_string()), src_gateway: None, src_ip: None, dst_ip },
+        )
+    }
+
+    /// Any token request (gateways use `src_gateway` + `src_ip`; admins may debug any pair).
+    pub fn request_token_raw(&self, req: &TokenRequest) -> Result<TokenGrant, ClientError> {
+        self.post("/v1/tokens", req)
+    }
+
+    /// Long-polls for changes to `vms` (all VMs if empty) after generation `since`.
+    ///
+    /// Returns as soon as there is at least one change, or after `timeout` with none.
+    pub fn watch(&self, vms: &[&str], since: u64, timeout: Duration) -> Result<WatchResponse, ClientError> {
+        let list: Vec<String> = vms.iter().map(|v| path_seg(v)).collect();
+        let url = self.url(&format!(
+            "/v1/watch?vms={}&since={since}&timeout_ms={}",
+            list.join(","),
+            timeout.as_millis()
+        ));
+        let req = self
+            .agent
+            .get(&url)
+            .config()
+            .timeout_global(Some(timeout + self.timeout))
+            .build();
+        Self::finish(req.call())
+    }
+}
+
+fn decode_secret(resp: SecretResponse) -> Result<(VmSecret, u64), ClientError> {
+    let secret = VmSecret::from_hex(&resp.secret).map_err(|_| ClientError::Protocol {
+        status: 200,
+        detail: "registry sent a malformed secret".into(),
+    })?;
+    Ok((secret, resp.generation))
+}
+
+/// Percent-encodes anything outside the id alphabet so a hostile id cannot change the path.
+fn path_seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(path_seg("vm-a"), "vm-a");
+        assert_eq!(path_seg("../x?y"), "%2E%2E%2Fx%3Fy");
+    }
+
+    #[test]
+    fn config_refuses_plain_http_and_garbage_pem() {
+        let cfg = ClientConfig {
+            url: "http://127.0.0.1:1".into(),
+            ca_pem: vec![],
+            cert_pem: vec![],
+            key_pem: vec![],
+            timeout: Duration::from_secs(1),
+        };
+        assert!(matches!(RegistryClient::new(cfg.clone()), Err(ClientError::Config(_))));
+        let cfg = ClientConfig { url: "https://127.0.0.1:1".into(), ca_pem: b"junk".to_vec(), ..cfg };
+        assert!(matches!(RegistryClient::new(cfg), Err(ClientError::Config(_))));
+    }
+}
