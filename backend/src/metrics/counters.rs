@@ -1,0 +1,235 @@
+//! Per-VM data-path counters: packets, bytes and drops by reason.
+//!
+//! Plain relaxed atomics: the data path bumps them from its worker threads, readers (admin API,
+//! Prometheus exporter) take a [`CounterSnapshot`]. Relaxed ordering is enough because each counter
+//! is independent and only ever grows.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! drop_reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, )+) => {
+        /// Why the data path dropped a packet. The snake_case names are stable: they are the
+        /// `reason` label of the Prometheus drop counter and what `vnpctl` prints.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(usize)]
+        pub enum DropReason {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        impl DropReason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [DropReason] = &[ $( DropReason::$variant, )+ ];
+            /// Number of reasons.
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// The stable snake_case name.
+            pub const fn as_str(self) -> &'static str {
+                match self { $( DropReason::$variant => $name, )+ }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// TX: descriptor chain empty, looping, pointing outside guest memory, too long or
+    /// containing device-writable descriptors.
+    TxBadChain => "tx_bad_chain",
+    /// TX: shorter than the 12-byte virtio-net header plus an Ethernet header.
+    TxTruncatedHeader => "tx_truncated_header",
+    /// TX: IPv4 header malformed or the frame shorter than its total length.
+    TxMalformedIpv4 => "tx_malformed_ipv4",
+    /// TX: inner packet larger than the guest MTU.
+    TxOversize => "tx_oversize",
+    /// TX: an Ethernet type the virtual network does not carry (not IPv4, ARP or DHCP).
+    TxNonIpv4 => "tx_non_ipv4",
+    /// TX: IPv4 to a broadcast, multicast or otherwise non-unicast destination.
+    TxNonUnicast => "tx_non_unicast",
+    /// TX: ARP or DHCP the local edge refused to answer.
+    TxEdgeRefused => "tx_edge_refused",
+    /// TX: no token yet and the per-destination pending queue was full.
+    TxNoTokenQueueFull => "tx_no_token_queue_full",
+    /// TX: the registry refused the pair (policy deny).
+    TxPolicyRefused => "tx_policy_refused",
+    /// TX: the registry does not know the destination address.
+    TxUnknownDestination => "tx_unknown_destination",
+    /// TX: the registry could not be reached in time.
+    TxRegistryUnavailable => "tx_registry_unavailable",
+    /// TX: the kernel refused the datagram (sendmmsg error).
+    TxSendError => "tx_send_error",
+    /// TX: the port stopped or the peer was forgotten while packets waited for a token.
+    TxPendingDiscarded => "tx_pending_discarded",
+    /// RX: datagram shorter than the VNP header or than its inner packet claims.
+    RxTruncated => "rx_truncated",
+    /// RX: unknown version, reserved bits, inner packet not IPv4, or malformed options.
+    RxMalformed => "rx_malformed",
+    /// RX: larger than the guest's receive buffers (or than the guest MTU allows).
+    RxOversize => "rx_oversize",
+    /// RX: token expired (beyond the allowed clock skew).
+    RxExpired => "rx_expired",
+    /// RX: token expiry further ahead than any token the registry mints.
+    RxExpiryTooFar => "rx_expiry_too_far",
+    /// RX: inner destination is not the VM this port serves.
+    RxWrongVm => "rx_wrong_vm",
+    /// RX: network id is not this VM's network.
+    RxWrongNetwork => "rx_wrong_network",
+    /// RX: token MAC does not match.
+    RxBadToken => "rx_bad_token",
+    /// RX: the guest's receive descriptor chain was unusable (returned unused).
+    RxBadChain => "rx_bad_chain",
+    /// RX: a locally generated frame (ARP/DHCP reply) found no guest receive buffer.
+    RxNoBuffer => "rx_no_buffer",
+}
+
+/// Counters of one attached VM. Shared (`Arc`) between the data-path workers and readers.
+#[derive(Debug, Default)]
+pub struct VmCounters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    edge_replies: AtomicU64,
+    token_requests: AtomicU64,
+    return_tokens_learned: AtomicU64,
+    drops: [AtomicU64; DropReason::COUNT],
+}
+
+/// A point-in-time copy of [`VmCounters`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CounterSnapshot {
+    /// Inner packets sent to the underlay (after encapsulation).
+    pub tx_packets: u64,
+    /// Inner bytes (IPv4 total length) sent.
+    pub tx_bytes: u64,
+    /// Inner packets delivered to the guest.
+    pub rx_packets: u64,
+    /// Inner bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// ARP and DHCP replies generated locally for the guest.
+    pub edge_replies: u64,
+    /// Token requests handed to the control plane.
+    pub token_requests: u64,
+    /// Return tokens accepted from peers' first packets.
+    pub return_tokens_learned: u64,
+    /// Drops by reason, indexed like [`DropReason::ALL`].
+    pub drops: Vec<(DropReason, u64)>,
+}
+
+impl CounterSnapshot {
+    /// Drops for one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// Sum of all drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(|(_, n)| n).sum()
+    }
+}
+
+impl VmCounters {
+    /// All counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counts one packet sent.
+    #[inline]
+    pub fn tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one packet delivered to the guest.
+    #[inline]
+    pub fn rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one drop.
+    #[inline]
+    pub fn drop_packet(&self, reason: DropReason) {
+        self.drop_packets(reason, 1);
+    }
+
+    /// Counts `n` drops for the same reason.
+    #[inline]
+    pub fn drop_packets(&self, reason: DropReason, n: u64) {
+        self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one locally generated edge reply.
+    pub fn edge_reply(&self) {
+        self.edge_replies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one token request to the control plane.
+    pub fn token_request(&self) {
+        self.token_requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one accepted return token.
+    pub fn return_token_learned(&self) {
+        self.return_tokens_learned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops for one reason so far.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            edge_replies: self.edge_replies.load(Ordering::Relaxed),
+            token_requests: self.token_requests.load(Ordering::Relaxed),
+            return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (*r, self.drops(*r)))
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_are_unique_snake_case_and_prefixed() {
+        let mut seen = HashSet::new();
+        for r in DropReason::ALL {
+            let name = r.as_str();
+            assert!(seen.insert(name), "duplicate {name}");
+            assert!(name.starts_with("tx_") || name.starts_with("rx_"), "{name}");
+            assert!(name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
+        }
+        assert_eq!(seen.len(), DropReason::COUNT);
+    }
+
+    #[test]
+    fn counts_by_reason() {
+        let c = VmCounters::new();
+        c.drop_packet(DropReason::RxBadToken);
+        c.drop_packets(DropReason::RxExpired, 3);
+        c.tx(100);
+        c.rx(40);
+        let s = c.snapshot();
+        assert_eq!(s.drops(DropReason::RxBadToken), 1);
+        assert_eq!(s.drops(DropReason::RxExpired), 3);
+        assert_eq!(s.drops(DropReason::RxWrongVm), 0);
+        assert_eq!(s.total_drops(), 4);
+        assert_eq!((s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes), (1, 100, 1, 40));
+    }
+}
