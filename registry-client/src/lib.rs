@@ -12,6 +12,7 @@ pub mod client;
 pub mod error;
 pub mod net;
 pub mod token_cache;
+pub mod vnpd_admin;
 
 pub use api::*;
 pub use client::{ClientConfig, RegistryClient};
