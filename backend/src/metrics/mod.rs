@@ -2,3 +2,4 @@
 //! Prometheus text format by the exporter.
 
 pub mod counters;
+pub mod prometheus;
