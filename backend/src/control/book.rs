@@ -1,0 +1,305 @@
+//! The control thread's bookkeeping, as pure data structures (the caller passes `now`).
+//!
+//! - [`RequestBook`]: which (source VM, destination) pairs wait for a registry round trip, so
+//!   that a burst of packets to a new destination costs one request; which pairs were refused
+//!   recently, so that a guest hammering a denied destination does not hammer the registry;
+//!   when each pair was last fetched, so refreshes are rate-limited.
+//! - [`PeerIndex`]: which destination address belongs to which registry VM id, so that a watch
+//!   event ("vm-b moved") can be turned into `forget_peer(10.0.0.3)` on the right ports.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::Ipv4Addr;
+
+/// A unidirectional pair as the data path names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    /// Registry id of the local source VM.
+    pub src_vm: String,
+    /// Inner destination address.
+    pub dst: Ipv4Addr,
+}
+
+impl PairKey {
+    /// Builds a key.
+    pub fn new(src_vm: &str, dst: Ipv4Addr) -> Self {
+        Self {
+            src_vm: src_vm.to_string(),
+            dst,
+        }
+    }
+}
+
+/// Why the registry gave no token (what the data path counts the dropped packets as).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Pair policy denies the pair.
+    PolicyDenied,
+    /// No VM (or gateway) has the destination address, or it has no endpoint yet.
+    UnknownDestination,
+    /// The registry could not be reached or failed.
+    RegistryUnavailable,
+}
+
+impl Refusal {
+    /// How long a refusal is remembered before the registry is asked again. Denials are
+    /// operator decisions that change rarely; unavailability should be retried soon.
+    pub fn hold_secs(self) -> u64 {
+        match self {
+            Refusal::PolicyDenied | Refusal::UnknownDestination => 3,
+            Refusal::RegistryUnavailable => 1,
+        }
+    }
+}
+
+/// What to do with a token request from the data path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Queued: the control thread will ask the registry.
+    Queued,
+    /// Already queued: nothing to do, the pending answer covers it.
+    Duplicate,
+    /// Refused recently: answer with this refusal without asking the registry.
+    Refused(Refusal),
+}
+
+/// Most pairs waiting for the registry at once; beyond it requests are refused as unavailable
+/// (the data path drops and counts, and asks again with the next packet).
+pub const MAX_QUEUED: usize = 4096;
+
+/// Requests waiting for the registry, recent refusals and last fetch times.
+#[derive(Debug, Default)]
+pub struct RequestBook {
+    queue: VecDeque<PairKey>,
+    queued: HashSet<PairKey>,
+    refused: HashMap<PairKey, (Refusal, u64)>,
+    fetched: HashMap<PairKey, u64>,
+}
+
+impl RequestBook {
+    /// An empty book.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A data-path request for `key` at time `now` (seconds).
+    pub fn request(&mut self, key: PairKey, now: u64) -> Admission {
+        if let Some((why, until)) = self.refused.get(&key) {
+            if now < *until {
+                return Admission::Refused(*why);
+            }
+            self.refused.remove(&key);
+        }
+        self.enqueue(key)
+    }
+
+    /// A refresh of a token that is about to expire; skipped if the pair was fetched less
+    /// than `min_interval` seconds ago (a token whose lifetime is shorter than the refresh
+    /// margin would otherwise be fetched in a loop).
+    pub fn refresh(&mut self, key: PairKey, now: u64, min_interval: u64) -> Admission {
+        if let Some(at) = self.fetched.get(&key) {
+            if now < at.saturating_add(min_interval) {
+                return Admission::Duplicate;
+            }
+        }
+        if self
+            .refused
+            .get(&key)
+            .is_some_and(|(_, until)| now < *until)
+        {
+            return Admission::Duplicate;
+        }
+        self.enqueue(key)
+    }
+
+    fn enqueue(&mut self, key: PairKey) -> Admission {
+        if self.queued.contains(&key) {
+            return Admission::Duplicate;
+        }
+        if self.queue.len() >= MAX_QUEUED {
+            return Admission::Refused(Refusal::RegistryUnavailable);
+        }
+        self.queued.insert(key.clone());
+        self.queue.push_back(key);
+        Admission::Queued
+    }
+
+    /// The next pair to ask the registry about (it stays "queued" until [`Self::finish`]).
+    pub fn next(&self) -> Option<&PairKey> {
+        self.queue.front()
+    }
+
+    /// Records the answer for the pair returned by [`Self::next`].
+    pub fn finish(&mut self, key: &PairKey, outcome: Result<(), Refusal>, now: u64) {
+        if self.queue.front() == Some(key) {
+            self.queue.pop_front();
+        } else {
+            self.queue.retain(|k| k != key);
+        }
+        self.queued.remove(key);
+        match outcome {
+            Ok(()) => {
+                self.refused.remove(key);
+                self.fetched.insert(key.clone(), now);
+            }
+            Err(why) => {
+                self.fetched.remove(key);
+                self.refused
+                    .insert(key.clone(), (why, now.saturating_add(why.hold_secs())));
+            }
+        }
+    }
+
+    /// Forgets everything about pairs from `src_vm` (detached).
+    pub fn forget_source(&mut self, src_vm: &str) {
+        self.queue.retain(|k| k.src_vm != src_vm);
+        self.queued.retain(|k| k.src_vm != src_vm);
+        self.refused.retain(|k, _| k.src_vm != src_vm);
+        self.fetched.retain(|k, _| k.src_vm != src_vm);
+    }
+
+    /// Forgets refusals and fetch times for destination `dst` (its VM changed: ask afresh).
+    pub fn forget_destination(&mut self, dst: Ipv4Addr) {
+        self.refused.retain(|k, _| k.dst != dst);
+        self.fetched.retain(|k, _| k.dst != dst);
+    }
+
+    /// Forgets all refusals (e.g. after a watch resync: policy may have changed).
+    pub fn forget_refusals(&mut self) {
+        self.refused.clear();
+    }
+
+    /// Drops expired refusal entries so the maps stay small.
+    pub fn purge(&mut self, now: u64) {
+        self.refused.retain(|_, (_, until)| now < *until);
+    }
+
+    /// Pairs waiting.
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// Destination address <-> registry VM id, learned from token grants.
+#[derive(Debug, Default)]
+pub struct PeerIndex {
+    by_vm: HashMap<String, HashSet<Ipv4Addr>>,
+}
+
+impl PeerIndex {
+    /// An empty index.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `vm` has address `ip` (from a grant's `dst_vm`/`dst_ip`).
+    pub fn learn(&mut self, vm: &str, ip: Ipv4Addr) {
+        self.by_vm.entry(vm.to_string()).or_default().insert(ip);
+    }
+
+    /// Addresses of `vm` that local ports may hold tokens for; forgets them.
+    pub fn take(&mut self, vm: &str) -> Vec<Ipv4Addr> {
+        let mut v: Vec<_> = self
+            .by_vm
+            .remove(vm)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Every known peer address; forgets them all.
+    pub fn take_all(&mut self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<_> = self.by_vm.drain().flat_map(|(_, s)| s).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+
+    #[test]
+    fn burst_to_a_new_destination_is_one_request() {
+        let mut b = RequestBook::new();
+        assert_eq!(b.request(PairKey::new("a", B), 0), Admission::Queued);
+        for _ in 0..10 {
+            assert_eq!(b.request(PairKey::new("a", B), 0), Admission::Duplicate);
+        }
+        // Another source to the same destination is its own pair.
+        assert_eq!(b.request(PairKey::new("c", B), 0), Admission::Queued);
+        assert_eq!(b.queued_len(), 2);
+        let k = b.next().unwrap().clone();
+        assert_eq!(k, PairKey::new("a", B));
+        b.finish(&k, Ok(()), 1);
+        assert_eq!(b.next(), Some(&PairKey::new("c", B)));
+    }
+
+    #[test]
+    fn refusals_are_held_then_retried() {
+        let mut b = RequestBook::new();
+        let k = PairKey::new("a", B);
+        b.request(k.clone(), 10);
+        b.finish(&k, Err(Refusal::PolicyDenied), 10);
+        assert_eq!(
+            b.request(k.clone(), 11),
+            Admission::Refused(Refusal::PolicyDenied)
+        );
+        assert_eq!(b.request(k.clone(), 13), Admission::Queued);
+        b.finish(&k, Err(Refusal::RegistryUnavailable), 13);
+        assert_eq!(b.request(k.clone(), 14), Admission::Queued);
+    }
+
+    #[test]
+    fn refresh_is_rate_limited() {
+        let mut b = RequestBook::new();
+        let k = PairKey::new("a", B);
+        b.request(k.clone(), 100);
+        b.finish(&k, Ok(()), 100);
+        assert_eq!(b.refresh(k.clone(), 110, 15), Admission::Duplicate);
+        assert_eq!(b.refresh(k.clone(), 115, 15), Admission::Queued);
+        assert_eq!(b.refresh(k.clone(), 115, 15), Admission::Duplicate);
+    }
+
+    #[test]
+    fn forgetting_a_destination_allows_an_immediate_request() {
+        let mut b = RequestBook::new();
+        let k = PairKey::new("a", B);
+        b.request(k.clone(), 0);
+        b.finish(&k, Err(Refusal::UnknownDestination), 0);
+        b.forget_destination(B);
+        assert_eq!(b.request(k.clone(), 0), Admission::Queued);
+        b.forget_source("a");
+        assert_eq!(b.queued_len(), 0);
+    }
+
+    #[test]
+    fn queue_is_bounded() {
+        let mut b = RequestBook::new();
+        for i in 0..MAX_QUEUED as u32 {
+            assert_eq!(
+                b.request(PairKey::new("a", Ipv4Addr::from(i)), 0),
+                Admission::Queued
+            );
+        }
+        assert_eq!(
+            b.request(PairKey::new("a", Ipv4Addr::new(255, 1, 1, 1)), 0),
+            Admission::Refused(Refusal::RegistryUnavailable)
+        );
+    }
+
+    #[test]
+    fn peer_index_maps_vm_changes_to_addresses() {
+        let mut p = PeerIndex::new();
+        p.learn("vm-b", B);
+        p.learn("vm-b", B);
+        p.learn("vm-c", Ipv4Addr::new(10, 0, 0, 4));
+        assert_eq!(p.take("vm-b"), vec![B]);
+        assert!(p.take("vm-b").is_empty());
+        assert_eq!(p.take_all(), vec![Ipv4Addr::new(10, 0, 0, 4)]);
+    }
+}

@@ -1,0 +1,456 @@
+//! The control thread: the only place where vnpd waits for the registry on behalf of the data
+//! path.
+//!
+//! The data path posts token requests through a [`ControlHandle`] (a channel send, never a
+//! wait). This thread deduplicates them ([`RequestBook`]), asks the registry one pair at a time
+//! with the blocking client, and answers the VM's port with a token or a refusal. Once a second
+//! it asks every port which tokens expire within the refresh margin and fetches those again. A
+//! second thread long-polls the registry's watch API; when a peer VM's endpoint or secret
+//! changes, every port forgets that peer so that its next packet asks afresh.
+
+use super::book::{Admission, PairKey, PeerIndex, Refusal, RequestBook};
+use super::{Grant, TokenTarget};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use vnp_protocol::token::Expiry;
+use vnp_registry_client::{ChangeKind, ClientError, ErrorCode, RegistryClient, WatchResponse};
+
+/// How often expiring tokens are looked for.
+const TICK: Duration = Duration::from_secs(1);
+/// Long-poll time of one watch request.
+const WATCH_POLL: Duration = Duration::from_secs(5);
+/// Pause after a failed watch request.
+const WATCH_RETRY: Duration = Duration::from_secs(2);
+/// Most requests kept for a VM whose port is not registered yet.
+const MAX_ORPHANS: usize = 1024;
+
+enum Msg {
+    Token(PairKey),
+    AddPort {
+        vm_id: String,
+        target: Arc<dyn TokenTarget>,
+    },
+    RemovePort {
+        vm_id: String,
+        done: mpsc::SyncSender<()>,
+    },
+    Changes(WatchResponse),
+    Shutdown,
+}
+
+/// Cheap, cloneable handle to the control thread. Sending never blocks.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: Sender<Msg>,
+}
+
+impl std::fmt::Debug for ControlHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlHandle")
+    }
+}
+
+impl ControlHandle {
+    /// Asks for a token from local VM `src_vm` to `dst`; the answer goes to the VM's port.
+    pub fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        // A send fails only after shutdown, when nobody waits for the answer any more.
+        let _ = self.tx.send(Msg::Token(PairKey::new(src_vm, dst)));
+    }
+
+    /// Registers the port of an attached VM (answers and refreshes go to it).
+    pub fn add_port(&self, vm_id: &str, target: Arc<dyn TokenTarget>) {
+        let _ = self.tx.send(Msg::AddPort {
+            vm_id: vm_id.to_string(),
+            target,
+        });
+    }
+
+    /// Unregisters a VM's port and waits until the control thread has dropped its reference
+    /// (so that the caller can stop the port). Returns false if the thread is gone.
+    pub fn remove_port(&self, vm_id: &str) -> bool {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self
+            .tx
+            .send(Msg::RemovePort {
+                vm_id: vm_id.to_string(),
+                done,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        // The thread may be in the middle of a registry request (bounded by its timeout).
+        wait.recv_timeout(Duration::from_secs(60)).is_ok()
+    }
+}
+
+/// Settings of the control thread.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    /// Refresh tokens this long before they expire.
+    pub refresh_margin_secs: u32,
+    /// Watch the registry for peer changes.
+    pub watch: bool,
+}
+
+/// The running control thread (and its watch thread); stopped on drop.
+#[derive(Debug)]
+pub struct ControlThread {
+    handle: ControlHandle,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl ControlThread {
+    /// Starts the threads.
+    pub fn start(client: RegistryClient, settings: ControlSettings) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_client = client.clone();
+        let margin = settings.refresh_margin_secs;
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || Worker::new(worker_client, margin).run(rx))?;
+        let watcher = if settings.watch {
+            let tx2 = tx.clone();
+            let stop2 = Arc::clone(&stop);
+            Some(
+                std::thread::Builder::new()
+                    .name("watch".into())
+                    .spawn(move || watch_loop(client, tx2, &stop2))?,
+            )
+        } else {
+            None
+        };
+        Ok(Self {
+            handle: ControlHandle { tx },
+            stop,
+            thread: Some(thread),
+            watcher,
+        })
+    }
+
+    /// A handle for the data path and the admin API.
+    pub fn handle(&self) -> ControlHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for ControlThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The watch thread notices `stop` after its current long poll (at most WATCH_POLL
+        // plus the client's timeout).
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Maps a registry error to what the data path counts.
+pub fn refusal_for(e: &ClientError) -> Refusal {
+    match e.code() {
+        Some(ErrorCode::PolicyDenied) => Refusal::PolicyDenied,
+        Some(
+            ErrorCode::UnknownVm
+            | ErrorCode::NoSuchDestination
+            | ErrorCode::NoEndpoint
+            | ErrorCode::NoGateway
+            | ErrorCode::NotFound,
+        ) => Refusal::UnknownDestination,
+        _ => Refusal::RegistryUnavailable,
+    }
+}
+
+struct Worker {
+    client: RegistryClient,
+    margin: u32,
+    book: RequestBook,
+    peers: PeerIndex,
+    ports: HashMap<String, Arc<dyn TokenTarget>>,
+    orphans: HashMap<String, Vec<Ipv4Addr>>,
+    next_tick: Instant,
+}
+
+impl Worker {
+    fn new(client: RegistryClient, margin: u32) -> Self {
+        Self {
+            client,
+            margin,
+            book: RequestBook::new(),
+            peers: PeerIndex::new(),
+            ports: HashMap::new(),
+            orphans: HashMap::new(),
+            next_tick: Instant::now() + TICK,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            // With work queued, only drain what is already there; otherwise sleep until the
+            // next message or tick.
+            let first = if self.book.next().is_some() {
+                match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            } else {
+                let wait = self.next_tick.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            if let Some(m) = first {
+                if !self.handle(m) {
+                    return;
+                }
+                while let Ok(m) = rx.try_recv() {
+                    if !self.handle(m) {
+                        return;
+                    }
+                }
+            }
+            if Instant::now() >= self.next_tick {
+                self.tick();
+                self.next_tick = Instant::now() + TICK;
+            }
+            if let Some(key) = self.book.next().cloned() {
+                self.fetch(key);
+            }
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn handle(&mut self, m: Msg) -> bool {
+        match m {
+            Msg::Token(key) => self.request(key),
+            Msg::AddPort { vm_id, target } => {
+                log::debug!("control: port of {vm_id} registered");
+                self.ports.insert(vm_id.clone(), target);
+                for dst in self.orphans.remove(&vm_id).unwrap_or_default() {
+                    self.request(PairKey::new(&vm_id, dst));
+                }
+            }
+            Msg::RemovePort { vm_id, done } => {
+                self.ports.remove(&vm_id);
+                self.orphans.remove(&vm_id);
+                self.book.forget_source(&vm_id);
+                let _ = done.send(());
+            }
+            Msg::Changes(resp) => self.apply_changes(&resp),
+            Msg::Shutdown => return false,
+        }
+        true
+    }
+
+    fn request(&mut self, key: PairKey) {
+        if !self.ports.contains_key(&key.src_vm) {
+            // The port's first packet can overtake its registration message.
+            let list = self.orphans.entry(key.src_vm.clone()).or_default();
+            if list.len() < MAX_ORPHANS && !list.contains(&key.dst) {
+                list.push(key.dst);
+            }
+            return;
+        }
+        match self.book.request(key.clone(), now_secs()) {
+            Admission::Queued | Admission::Duplicate => {}
+            Admission::Refused(why) => {
+                if let Some(p) = self.ports.get(&key.src_vm) {
+                    p.refuse(key.dst, why);
+                }
+            }
+        }
+    }
+
+    fn fetch(&mut self, key: PairKey) {
+        let result = self.client.request_token(&key.src_vm, key.dst);
+        let now = now_secs();
+        let outcome = match result {
+            Ok(grant) => match grant.token_value() {
+                Ok(token) => {
+                    if let Some(vm) = &grant.dst_vm {
+                        self.peers.learn(vm, grant.dst_ip);
+                    }
+                    log::debug!(
+                        "control: token {} -> {} via {}:{} until {}",
+                        key.src_vm,
+                        key.dst,
+                        grant.dst_host,
+                        grant.dst_port,
+                        grant.expiry
+                    );
+                    Ok(Grant {
+                        dst_host: grant.dst_host,
+                        dst_port: grant.dst_port,
+                        token,
+                        expiry: Expiry(grant.expiry),
+                    })
+                }
+                Err(e) => {
+                    log::warn!("control: {e}");
+                    Err(Refusal::RegistryUnavailable)
+                }
+            },
+            Err(e) => {
+                let why = refusal_for(&e);
+                log::info!(
+                    "control: no token {} -> {}: {e} (counted as {why:?})",
+                    key.src_vm,
+                    key.dst
+                );
+                Err(why)
+            }
+        };
+        self.book
+            .finish(&key, outcome.as_ref().map(|_| ()).map_err(|w| *w), now);
+        let Some(port) = self.ports.get(&key.src_vm) else {
+            return; // detached meanwhile
+        };
+        match outcome {
+            Ok(grant) => port.install(key.dst, &grant),
+            Err(why) => port.refuse(key.dst, why),
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = now_secs();
+        self.book.purge(now);
+        let horizon = u32::try_from(now.saturating_add(u64::from(self.margin))).unwrap_or(u32::MAX);
+        let min_interval = u64::from(self.margin / 4).max(1);
+        let mut due = Vec::new();
+        for (vm, port) in &self.ports {
+            for dst in port.expiring_before(Expiry(horizon)) {
+                due.push(PairKey::new(vm, dst));
+            }
+        }
+        for key in due {
+            if self.book.refresh(key.clone(), now, min_interval) == Admission::Queued {
+                log::debug!("control: refreshing {} -> {}", key.src_vm, key.dst);
+            }
+        }
+    }
+
+    fn apply_changes(&mut self, resp: &WatchResponse) {
+        if resp.resync {
+            log::info!("control: watch resync: forgetting every peer");
+            let all = self.peers.take_all();
+            self.forget(&all);
+            self.book.forget_refusals();
+            return;
+        }
+        for c in &resp.changes {
+            match c.kind {
+                ChangeKind::Endpoint
+                | ChangeKind::Moved
+                | ChangeKind::SecretRotated
+                | ChangeKind::Deleted => {
+                    let ips = self.peers.take(&c.vm);
+                    if !ips.is_empty() {
+                        log::info!("control: peer {} changed ({:?}): re-asking", c.vm, c.kind);
+                    }
+                    self.forget(&ips);
+                }
+                ChangeKind::Created => {}
+            }
+            if c.kind == ChangeKind::SecretRotated && self.ports.contains_key(&c.vm) {
+                log::warn!(
+                    "control: the secret of local VM {} was rotated; detach and attach it again",
+                    c.vm
+                );
+            }
+        }
+    }
+
+    fn forget(&mut self, ips: &[Ipv4Addr]) {
+        for ip in ips {
+            self.book.forget_destination(*ip);
+            for port in self.ports.values() {
+                port.forget(*ip);
+            }
+        }
+    }
+}
+
+fn watch_loop(client: RegistryClient, tx: Sender<Msg>, stop: &AtomicBool) {
+    let mut since = 0u64;
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        let poll = if first { Duration::ZERO } else { WATCH_POLL };
+        match client.watch(&[], since, poll) {
+            Ok(resp) => {
+                since = resp.generation;
+                // The first answer only tells where the log stands: nothing is cached yet.
+                if !first
+                    && (resp.resync || !resp.changes.is_empty())
+                    && tx.send(Msg::Changes(resp)).is_err()
+                {
+                    return;
+                }
+                first = false;
+            }
+            Err(e) => {
+                log::warn!("control: watch failed: {e}");
+                let until = Instant::now() + WATCH_RETRY;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: ErrorCode) -> ClientError {
+        ClientError::Api {
+            status: code.http_status(),
+            code,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn registry_errors_map_to_counted_reasons() {
+        assert_eq!(
+            refusal_for(&api(ErrorCode::PolicyDenied)),
+            Refusal::PolicyDenied
+        );
+        assert_eq!(
+            refusal_for(&api(ErrorCode::NoSuchDestination)),
+            Refusal::UnknownDestination
+        );
+        assert_eq!(
+            refusal_for(&api(ErrorCode::NoEndpoint)),
+            Refusal::UnknownDestination
+        );
+        assert_eq!(
+            refusal_for(&ClientError::Transport("down".into())),
+            Refusal::RegistryUnavailable
+        );
+        assert_eq!(
+            refusal_for(&api(ErrorCode::Internal)),
+            Refusal::RegistryUnavailable
+        );
+    }
+}
