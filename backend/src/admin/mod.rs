@@ -2,5 +2,7 @@
 //! persisted in the state directory and restored at start.
 //!
 //! - [`state`]: the persisted attachment list (atomic replace).
+//! - [`server`]: the JSON-lines unix socket server.
 
+pub mod server;
 pub mod state;
