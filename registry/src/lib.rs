@@ -1,0 +1,21 @@
+//! The VM registry service: the authority of a vnp virtual network.
+//!
+//! It keeps VM identities, addresses and secrets, the pair policy and where each VM is served,
+//! and mints tokens (patent FIG. 4) for hosts over mutual TLS. Layout:
+//!
+//! - [`model`]: the whole state in memory plus the [`model::Op`]s that change it;
+//! - [`plan`]: pure validation and allocation for every write;
+//! - [`policy`], [`tokens`]: pure pair policy and token decisions;
+//! - [`store`]: the persistence trait and the redb default;
+//! - [`service`]: plan -> commit -> apply, and change notification for watchers;
+//! - [`tls`], [`http`]: mutual TLS and the HTTPS+JSON API.
+
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod plan;
+pub mod policy;
+pub mod service;
+pub mod store;
+pub mod tls;
+pub mod tokens;

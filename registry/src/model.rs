@@ -1,0 +1,209 @@
+//! The registry's state as one in-memory value, and the mutations that change it.
+//!
+//! Every write is planned as a list of [`Op`]s by a pure function (see `plan`), persisted by the
+//! [`Store`](crate::store::Store) in one transaction, and only then applied here. A failed commit
+//! therefore leaves both the disk and the memory as they were: nothing is half-written.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
+use vnp_protocol::token::{TokenMinter, VmSecret};
+use vnp_registry_client::api::{Gateway, Host, Network, PolicyRule, VmChange, VmRecord};
+
+/// How many change-log entries are kept for watchers; older ones force a resync.
+pub const CHANGE_LOG_RETAIN: usize = 10_000;
+
+/// Whose secret a stored secret is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SecretOwner {
+    Vm(String),
+    Gateway(String),
+}
+
+impl SecretOwner {
+    /// Key used by stores: `vm/<id>` or `gw/<id>`.
+    pub fn key(&self) -> String {
+        match self {
+            SecretOwner::Vm(id) => format!("vm/{id}"),
+            SecretOwner::Gateway(id) => format!("gw/{id}"),
+        }
+    }
+
+    /// Inverse of [`SecretOwner::key`].
+    pub fn from_key(key: &str) -> Option<SecretOwner> {
+        if let Some(id) = key.strip_prefix("vm/") {
+            return Some(SecretOwner::Vm(id.to_string()));
+        }
+        key.strip_prefix("gw/")
+            .map(|id| SecretOwner::Gateway(id.to_string()))
+    }
+}
+
+/// A secret with its generation and a ready keyed HMAC state for fast minting.
+#[derive(Clone)]
+pub struct SecretEntry {
+    pub secret: VmSecret,
+    pub generation: u64,
+    pub minter: TokenMinter,
+}
+
+impl SecretEntry {
+    /// Wraps a secret.
+    pub fn new(secret: VmSecret, generation: u64) -> SecretEntry {
+        let minter = TokenMinter::new(&secret);
+        SecretEntry {
+            secret,
+            generation,
+            minter,
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretEntry(<redacted>, generation {})", self.generation)
+    }
+}
+
+/// One persisted mutation. A write request is a `Vec<Op>` committed atomically.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutNetwork(Network),
+    DeleteNetwork(String),
+    PutHost(Host),
+    DeleteHost(String),
+    PutGateway(Gateway),
+    DeleteGateway(String),
+    PutVm(VmRecord),
+    DeleteVm(String),
+    PutRule(PolicyRule),
+    DeleteRule(String),
+    PutSecret(SecretOwner, SecretEntry),
+    DeleteSecret(SecretOwner),
+    /// Appends to the change log and advances the global generation to `change.generation`.
+    AppendChange(VmChange),
+    /// Forgets change-log entries with a generation below this.
+    TrimChanges(u64),
+}
+
+/// The whole registry state.
+#[derive(Debug, Default, Clone)]
+pub struct Model {
+    pub networks: BTreeMap<String, Network>,
+    pub hosts: BTreeMap<String, Host>,
+    pub gateways: BTreeMap<String, Gateway>,
+    pub vms: BTreeMap<String, VmRecord>,
+    pub rules: BTreeMap<String, PolicyRule>,
+    pub secrets: HashMap<SecretOwner, SecretEntry>,
+    /// Index: (network id, VM address) -> VM id.
+    pub by_ip: HashMap<(String, Ipv4Addr), String>,
+    /// Change log, oldest first.
+    pub changes: VecDeque<VmChange>,
+    /// Generation of the newest change (0 before any).
+    pub generation: u64,
+}
+
+impl Model {
+    /// Applies committed operations.
+    pub fn apply(&mut self, ops: &[Op]) {
+        for op in ops {
+            self.apply_one(op);
+        }
+    }
+
+    fn apply_one(&mut self, op: &Op) {
+        match op {
+            Op::PutNetwork(n) => {
+                self.networks.insert(n.id.clone(), n.clone());
+            }
+            Op::DeleteNetwork(id) => {
+                self.networks.remove(id);
+            }
+            Op::PutHost(h) => {
+                self.hosts.insert(h.id.clone(), h.clone());
+            }
+            Op::DeleteHost(id) => {
+                self.hosts.remove(id);
+            }
+            Op::PutGateway(g) => {
+                self.gateways.insert(g.id.clone(), g.clone());
+            }
+            Op::DeleteGateway(id) => {
+                self.gateways.remove(id);
+            }
+            Op::PutVm(vm) => {
+                if let Some(old) = self.vms.get(&vm.id) {
+                    self.by_ip.remove(&(old.network.clone(), old.ip));
+                }
+                self.by_ip
+                    .insert((vm.network.clone(), vm.ip), vm.id.clone());
+                self.vms.insert(vm.id.clone(), vm.clone());
+            }
+            Op::DeleteVm(id) => {
+                if let Some(old) = self.vms.remove(id) {
+                    self.by_ip.remove(&(old.network, old.ip));
+                }
+            }
+            Op::PutRule(r) => {
+                self.rules.insert(r.id.clone(), r.clone());
+            }
+            Op::DeleteRule(id) => {
+                self.rules.remove(id);
+            }
+            Op::PutSecret(owner, entry) => {
+                self.secrets.insert(owner.clone(), entry.clone());
+            }
+            Op::DeleteSecret(owner) => {
+                self.secrets.remove(owner);
+            }
+            Op::AppendChange(c) => {
+                self.generation = self.generation.max(c.generation);
+                self.changes.push_back(c.clone());
+            }
+            Op::TrimChanges(below) => {
+                while self.changes.front().is_some_and(|c| c.generation < *below) {
+                    self.changes.pop_front();
+                }
+            }
+        }
+    }
+
+    /// The VM whose address is `ip` in `network`.
+    pub fn vm_by_ip(&self, network: &str, ip: Ipv4Addr) -> Option<&VmRecord> {
+        self.by_ip
+            .get(&(network.to_string(), ip))
+            .and_then(|id| self.vms.get(id))
+    }
+
+    /// The gateway of `network`, if one is registered.
+    pub fn gateway_of(&self, network: &str) -> Option<&Gateway> {
+        self.gateways.values().find(|g| g.network == network)
+    }
+
+    /// Where packets for `vm` go now: its registered endpoint, else its owning host's underlay
+    /// address and its allocated port. `None` if it is on no host.
+    pub fn location_of(&self, vm: &VmRecord) -> Option<(Ipv4Addr, u16)> {
+        if let Some(ep) = vm.endpoint {
+            return Some((ep.host_addr, ep.port));
+        }
+        let host = self.hosts.get(vm.host.as_deref()?)?;
+        Some((host.underlay_addr, vm.host_port?))
+    }
+
+    /// Changes after `since` concerning `vms` (all if empty); `resync` if the log no longer
+    /// reaches back to `since`.
+    pub fn changes_since(&self, since: u64, vms: &[String]) -> (Vec<VmChange>, bool) {
+        let oldest = self
+            .changes
+            .front()
+            .map_or(self.generation + 1, |c| c.generation);
+        let resync = since + 1 < oldest && since < self.generation;
+        let wanted = |c: &VmChange| vms.is_empty() || vms.contains(&c.vm);
+        let found = self
+            .changes
+            .iter()
+            .filter(|c| c.generation > since && wanted(c))
+            .cloned()
+            .collect();
+        (found, resync)
+    }
+}

@@ -1,0 +1,117 @@
+//! The registry service object: one in-memory model, one store, serialised writers.
+
+use crate::error::{refuse, ApiError};
+use crate::model::Model;
+
+use crate::store::Store;
+use crate::tokens::{self, TokenPolicy};
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use vnp_protocol::token::VmSecret;
+use vnp_registry_client::api::{ErrorCode, Identity, TokenGrant, TokenRequest};
+
+/// The registry. Reads (token requests, lookups) share a read lock on the model; writes are
+/// serialised, committed to the store first and applied to memory only after the commit.
+pub struct Registry {
+    model: RwLock<Model>,
+    store: Box<dyn Store>,
+    writer: Mutex<()>,
+    changed: tokio::sync::watch::Sender<u64>,
+    token_policy: TokenPolicy,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("token_policy", &self.token_policy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Seconds since the Unix epoch, saturated into the token's u32.
+pub fn unix_now() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    u32::try_from(secs).unwrap_or(u32::MAX - 1)
+}
+
+/// A fresh secret from the OS CSPRNG.
+pub fn fresh_secret() -> Result<VmSecret, ApiError> {
+    VmSecret::generate().map_err(|e| {
+        log::error!("{e}");
+        ApiError::new(
+            ErrorCode::Internal,
+            "could not draw a random secret; nothing was changed",
+        )
+    })
+}
+
+impl Registry {
+    /// Loads the state from `store`.
+    pub fn open(
+        store: Box<dyn Store>,
+        token_policy: TokenPolicy,
+    ) -> Result<Registry, crate::store::StoreError> {
+        let model = store.load()?;
+        let (changed, _) = tokio::sync::watch::channel(model.generation);
+        Ok(Registry {
+            model: RwLock::new(model),
+            store,
+            writer: Mutex::new(()),
+            changed,
+            token_policy,
+        })
+    }
+
+    /// A consistent view of the state.
+    pub fn read(&self) -> RwLockReadGuard<'_, Model> {
+        // A poisoned lock means a panic while applying committed ops; the data on disk is
+        // still the truth, but in memory we can only carry on with what we have.
+        self.model.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Subscribes to generation changes (for long-poll watchers).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Plans a write against the current model, commits it durably, then applies it.
+    /// Blocking (it waits for `fsync`): call from a blocking thread.
+    pub fn write<T>(
+        &self,
+        planner: impl FnOnce(&Model) -> Result<(Vec<crate::model::Op>, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let _serialised = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (ops, out) = planner(&self.read())?;
+        if let Err(e) = self.store.commit(&ops) {
+            log::error!("store commit failed: {e}");
+            return refuse(
+                ErrorCode::Storage,
+                "the registry could not store the change; nothing was changed",
+            );
+        }
+        let generation = {
+            let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+            model.apply(&ops);
+            model.generation
+        };
+        self.changed.send_replace(generation);
+        Ok(out)
+    }
+
+    /// Decides and mints a token.
+    pub fn token(&self, caller: &Identity, req: &TokenRequest) -> Result<TokenGrant, ApiError> {
+        tokens::grant(&self.read(), caller, req, unix_now(), self.token_policy)
+    }
+
+    /// Convenience for writes that need a fresh secret.
+    pub fn write_with_secret<T>(
+        &self,
+        planner: impl FnOnce(&Model, VmSecret) -> Result<(Vec<crate::model::Op>, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let secret = fresh_secret()?;
+        self.write(|m| planner(m, secret))
+    }
+}

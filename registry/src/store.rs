@@ -1,0 +1,332 @@
+//! Persistence behind a narrow trait: load everything at start, commit one batch of [`Op`]s
+//! atomically per write request.
+//!
+//! The trait is shaped for a future etcd backend: `commit` maps onto one etcd transaction (puts
+//! and deletes under a key prefix), `load` onto a prefix range read. The embedded default is
+//! [redb](https://docs.rs/redb): copy-on-write B-trees with a checksummed commit, `fsync`ed
+//! before `commit` returns, so an acknowledged write survives a crash or power loss.
+
+use crate::model::{Model, Op, SecretEntry, SecretOwner};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+use vnp_protocol::token::VmSecret;
+use vnp_registry_client::api::VmChange;
+use zeroize::Zeroize;
+
+/// Storage failures. Messages never contain secret bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O: {0}")]
+    Io(String),
+    #[error("stored record {table}/{key} is corrupt: {detail}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        detail: String,
+    },
+}
+
+/// What the registry needs from a store.
+pub trait Store: Send + Sync {
+    /// Reads the complete state.
+    fn load(&self) -> Result<Model, StoreError>;
+    /// Persists `ops` all-or-nothing; returns only once they are durable.
+    fn commit(&self, ops: &[Op]) -> Result<(), StoreError>;
+}
+
+const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+/// Key `vm/<id>` or `gw/<id>`; value: 32 secret bytes then the generation (u64 big endian).
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+
+fn io<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+/// The embedded default store: one redb file.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RedbStore")
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) `dir/registry.redb`. The directory is created with mode 0700 because
+    /// the file holds every VM secret.
+    pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        let path = dir.join("registry.redb");
+        let db = Database::create(&path)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        // Create every table once so that read transactions never meet a missing table.
+        let txn = db.begin_write().map_err(io)?;
+        {
+            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS] {
+                txn.open_table(t).map_err(io)?;
+            }
+            txn.open_table(CHANGES).map_err(io)?;
+        }
+        txn.commit().map_err(io)?;
+        Ok(RedbStore { db })
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(io)
+}
+
+fn read_json_table<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+    name: &'static str,
+) -> Result<Vec<T>, StoreError> {
+    let table = txn.open_table(def).map_err(io)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(io)? {
+        let (k, v) = row.map_err(io)?;
+        let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+            table: name,
+            key: k.value().to_string(),
+            detail: e.to_string(),
+        })?;
+        out.push(rec);
+    }
+    Ok(out)
+}
+
+fn encode_secret(entry: &SecretEntry) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[..32].copy_from_slice(entry.secret.as_bytes());
+    out[32..].copy_from_slice(&entry.generation.to_be_bytes());
+    out
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<Model, StoreError> {
+        let txn = self.db.begin_read().map_err(io)?;
+        let mut ops = Vec::new();
+        ops.extend(
+            read_json_table(&txn, NETWORKS, "networks")?
+                .into_iter()
+                .map(Op::PutNetwork),
+        );
+        ops.extend(
+            read_json_table(&txn, HOSTS, "hosts")?
+                .into_iter()
+                .map(Op::PutHost),
+        );
+        ops.extend(
+            read_json_table(&txn, GATEWAYS, "gateways")?
+                .into_iter()
+                .map(Op::PutGateway),
+        );
+        ops.extend(
+            read_json_table(&txn, VMS, "vms")?
+                .into_iter()
+                .map(Op::PutVm),
+        );
+        ops.extend(
+            read_json_table(&txn, RULES, "rules")?
+                .into_iter()
+                .map(Op::PutRule),
+        );
+        {
+            let table = txn.open_table(SECRETS).map_err(io)?;
+            for row in table.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let key = k.value().to_string();
+                let bytes = v.value();
+                let owner = SecretOwner::from_key(&key);
+                let (Some(owner), 40) = (owner, bytes.len()) else {
+                    return Err(StoreError::Corrupt {
+                        table: "secrets",
+                        key,
+                        detail: "bad key or length".into(),
+                    });
+                };
+                let mut raw = [0u8; 32];
+                raw.copy_from_slice(&bytes[..32]);
+                let mut gen = [0u8; 8];
+                gen.copy_from_slice(&bytes[32..]);
+                let entry = SecretEntry::new(VmSecret::from_bytes(raw), u64::from_be_bytes(gen));
+                raw.zeroize();
+                ops.push(Op::PutSecret(owner, entry));
+            }
+        }
+        {
+            let table = txn.open_table(CHANGES).map_err(io)?;
+            for row in table.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let change: VmChange =
+                    serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                        table: "changes",
+                        key: k.value().to_string(),
+                        detail: e.to_string(),
+                    })?;
+                ops.push(Op::AppendChange(change));
+            }
+        }
+        let mut model = Model::default();
+        model.apply(&ops);
+        Ok(model)
+    }
+
+    fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(io)?;
+        {
+            let mut networks = txn.open_table(NETWORKS).map_err(io)?;
+            let mut hosts = txn.open_table(HOSTS).map_err(io)?;
+            let mut gateways = txn.open_table(GATEWAYS).map_err(io)?;
+            let mut vms = txn.open_table(VMS).map_err(io)?;
+            let mut rules = txn.open_table(RULES).map_err(io)?;
+            let mut secrets = txn.open_table(SECRETS).map_err(io)?;
+            let mut changes = txn.open_table(CHANGES).map_err(io)?;
+            for op in ops {
+                match op {
+                    Op::PutNetwork(n) => drop(
+                        networks
+                            .insert(n.id.as_str(), json(n)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteNetwork(id) => drop(networks.remove(id.as_str()).map_err(io)?),
+                    Op::PutHost(h) => drop(
+                        hosts
+                            .insert(h.id.as_str(), json(h)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteHost(id) => drop(hosts.remove(id.as_str()).map_err(io)?),
+                    Op::PutGateway(g) => drop(
+                        gateways
+                            .insert(g.id.as_str(), json(g)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteGateway(id) => drop(gateways.remove(id.as_str()).map_err(io)?),
+                    Op::PutVm(v) => {
+                        drop(vms.insert(v.id.as_str(), json(v)?.as_slice()).map_err(io)?)
+                    }
+                    Op::DeleteVm(id) => drop(vms.remove(id.as_str()).map_err(io)?),
+                    Op::PutRule(r) => drop(
+                        rules
+                            .insert(r.id.as_str(), json(r)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteRule(id) => drop(rules.remove(id.as_str()).map_err(io)?),
+                    Op::PutSecret(owner, entry) => {
+                        let mut bytes = encode_secret(entry);
+                        let r = secrets
+                            .insert(owner.key().as_str(), bytes.as_slice())
+                            .map(drop);
+                        bytes.zeroize();
+                        r.map_err(io)?;
+                    }
+                    Op::DeleteSecret(owner) => {
+                        drop(secrets.remove(owner.key().as_str()).map_err(io)?)
+                    }
+                    Op::AppendChange(c) => drop(
+                        changes
+                            .insert(c.generation, json(c)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::TrimChanges(below) => {
+                        changes.retain_in(..*below, |_, _| false).map_err(io)?;
+                    }
+                }
+            }
+        }
+        // Durability::Immediate (the default): fsync before returning.
+        txn.commit().map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan;
+    use std::net::Ipv4Addr;
+    use vnp_registry_client::api::*;
+
+    #[test]
+    fn commit_then_reload_round_trips_everything() {
+        let dir = std::env::temp_dir().join(format!("vnp-store-test-{}", std::process::id()));
+        let _cleanup = Cleanup(dir.clone());
+        let store = RedbStore::open(&dir).unwrap();
+        let mut m = Model::default();
+        let run = |m: &mut Model, ops: Vec<Op>| {
+            store.commit(&ops).unwrap();
+            m.apply(&ops);
+        };
+        let n = NetworkSpec {
+            id: "n1".into(),
+            vni: None,
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        };
+        let ops = plan::create_network(&m, &n).unwrap().0;
+        run(&mut m, ops);
+        let h = HostSpec {
+            id: "h1".into(),
+            underlay_addr: Ipv4Addr::new(198, 18, 0, 1),
+            port_range: None,
+        };
+        let ops = plan::create_host(&m, &h).unwrap().0;
+        run(&mut m, ops);
+        let v = VmSpec {
+            id: "a".into(),
+            network: "n1".into(),
+            host: Some("h1".into()),
+            tags: vec!["web".into()],
+            ..VmSpec::default()
+        };
+        let ops = plan::create_vm(&m, &v, VmSecret::from_bytes([5; 32]))
+            .unwrap()
+            .0;
+        run(&mut m, ops);
+        let ops = plan::rotate_vm_secret(&m, "a", VmSecret::from_bytes([6; 32]))
+            .unwrap()
+            .0;
+        run(&mut m, ops);
+        drop(store);
+
+        let loaded = RedbStore::open(&dir).unwrap().load().unwrap();
+        assert_eq!(loaded.networks, m.networks);
+        assert_eq!(loaded.hosts, m.hosts);
+        assert_eq!(loaded.vms, m.vms);
+        assert_eq!(loaded.generation, 2);
+        assert_eq!(loaded.changes, m.changes);
+        let s = &loaded.secrets[&SecretOwner::Vm("a".into())];
+        assert_eq!((s.secret.as_bytes(), s.generation), (&[6u8; 32], 2));
+        assert_eq!(
+            loaded
+                .vm_by_ip("n1", Ipv4Addr::new(10, 1, 0, 2))
+                .unwrap()
+                .id,
+            "a"
+        );
+    }
+
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
