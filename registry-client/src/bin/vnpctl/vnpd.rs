@@ -1,0 +1,224 @@
+//! `vnpctl vnpd ...`: drives a local vnpd over its admin socket.
+//!
+//! ```text
+//! vnpctl vnpd attach vm-a [--socket-path P] [--queue-pairs N]
+//! vnpctl vnpd detach vm-a
+//! vnpctl vnpd list
+//! vnpctl vnpd stats [vm-a] [--all]
+//! ```
+//! Output is a plain table; `--json` prints the admin API's JSON instead (for scripts).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use vnp_registry_client::vnpd_admin::{AttachmentInfo, VmStats, VnpdAdminClient};
+
+/// Arguments of `vnpctl vnpd`.
+#[derive(Debug, clap::Args)]
+pub struct VnpdArgs {
+    /// vnpd's admin socket.
+    #[arg(long, env = "VNPD_ADMIN_SOCKET", default_value = "/run/vnp/vnpd.sock")]
+    pub admin_socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: VnpdCmd,
+}
+
+/// `vnpctl vnpd` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum VnpdCmd {
+    /// Attach a VM (known to the registry and assigned to this host) to vnpd.
+    Attach {
+        /// The VM's registry id.
+        vm_id: String,
+        /// vhost-user socket for the VM (default: vnpd's socket_dir/<vm>.sock).
+        #[arg(long)]
+        socket_path: Option<PathBuf>,
+        /// Queue pairs of the virtio-net device.
+        #[arg(long)]
+        queue_pairs: Option<u16>,
+    },
+    /// Detach a VM.
+    Detach {
+        /// The VM's registry id.
+        vm_id: String,
+    },
+    /// List attached VMs.
+    List,
+    /// Show packet counters and drops by reason.
+    Stats {
+        /// Only this VM.
+        vm_id: Option<String>,
+        /// Also show drop reasons that are zero.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Runs the subcommand; returns what to print.
+pub fn run(args: &VnpdArgs) -> Result<String, String> {
+    let client = VnpdAdminClient::new(&args.admin_socket);
+    match &args.cmd {
+        VnpdCmd::Attach {
+            vm_id,
+            socket_path,
+            queue_pairs,
+        } => {
+            let a = client
+                .attach(vm_id, socket_path.clone(), *queue_pairs)
+                .map_err(|e| e.to_string())?;
+            Ok(if args.json {
+                json(&a)
+            } else {
+                format!(
+                    "attached {} ({}/{} on {}) socket {} udp {}:{}\n",
+                    a.vm_id,
+                    a.vm_ip,
+                    a.prefix_len,
+                    a.network,
+                    a.socket_path.display(),
+                    a.host_addr,
+                    a.udp_port
+                )
+            })
+        }
+        VnpdCmd::Detach { vm_id } => {
+            client.detach(vm_id).map_err(|e| e.to_string())?;
+            Ok(if args.json {
+                format!(
+                    "{{\"detached\":{}}}\n",
+                    serde_json::Value::from(vm_id.as_str())
+                )
+            } else {
+                format!("detached {vm_id}\n")
+            })
+        }
+        VnpdCmd::List => {
+            let list = client.list().map_err(|e| e.to_string())?;
+            Ok(if args.json {
+                json(&list)
+            } else {
+                format_list(&list)
+            })
+        }
+        VnpdCmd::Stats { vm_id, all } => {
+            let stats = client.stats(vm_id.as_deref()).map_err(|e| e.to_string())?;
+            Ok(if args.json {
+                json(&stats)
+            } else {
+                format_stats(&stats, *all)
+            })
+        }
+    }
+}
+
+/// Pretty JSON plus a newline.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string_pretty(v).expect("answers always serialize");
+    s.push('\n');
+    s
+}
+
+/// Table of attachments (pure).
+pub fn format_list(list: &[AttachmentInfo]) -> String {
+    if list.is_empty() {
+        return "no VMs attached\n".to_string();
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<18} {:<17} {:<12} {:>5} {:>3}  SOCKET",
+        "VM", "ADDRESS", "MAC", "NETWORK", "PORT", "QP"
+    );
+    for a in list {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<18} {:<17} {:<12} {:>5} {:>3}  {}",
+            a.vm_id,
+            format!("{}/{}", a.vm_ip, a.prefix_len),
+            a.mac,
+            a.network,
+            a.udp_port,
+            a.queue_pairs,
+            a.socket_path.display()
+        );
+    }
+    out
+}
+
+/// Counters per VM, then non-zero drops (all drops with `all`) (pure).
+pub fn format_stats(stats: &[VmStats], all: bool) -> String {
+    if stats.is_empty() {
+        return "no VMs attached\n".to_string();
+    }
+    let mut out = String::new();
+    for s in stats {
+        let _ = writeln!(out, "{}", s.vm_id);
+        for (k, v) in &s.counters {
+            let _ = writeln!(out, "  {k:<28} {v:>14}");
+        }
+        let total: u64 = s.drops.values().sum();
+        let _ = writeln!(out, "  {:<28} {total:>14}", "drops");
+        for (k, v) in &s.drops {
+            if all || *v > 0 {
+                let _ = writeln!(out, "    {k:<26} {v:>14}");
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn list_table_has_one_row_per_vm() {
+        assert_eq!(format_list(&[]), "no VMs attached\n");
+        let a = AttachmentInfo {
+            vm_id: "vm-a".into(),
+            network: "net1".into(),
+            network_id: 7,
+            vm_ip: "10.0.0.2".parse().unwrap(),
+            prefix_len: 24,
+            router_ip: "10.0.0.1".parse().unwrap(),
+            mac: "02:00:00:00:00:02".into(),
+            hostname: "a".into(),
+            guest_mtu: 1452,
+            host_addr: "198.18.0.10".parse().unwrap(),
+            udp_port: 47000,
+            socket_path: "/run/vnp/sockets/vm-a.sock".into(),
+            queue_pairs: 1,
+        };
+        let t = format_list(&[a]);
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].starts_with("vm-a "), "{t}");
+        assert!(
+            lines[1].contains("10.0.0.2/24") && lines[1].contains("47000"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn stats_hide_zero_drops_unless_asked() {
+        let s = VmStats {
+            vm_id: "vm-a".into(),
+            counters: BTreeMap::from([("rx_packets".to_string(), 5)]),
+            drops: BTreeMap::from([
+                ("rx_bad_token".to_string(), 2),
+                ("rx_expired".to_string(), 0),
+            ]),
+        };
+        let t = format_stats(std::slice::from_ref(&s), false);
+        assert!(
+            t.contains("rx_bad_token") && !t.contains("rx_expired"),
+            "{t}"
+        );
+        assert!(t.contains("drops") && t.contains(" 2\n"), "{t}");
+        let t = format_stats(&[s], true);
+        assert!(t.contains("rx_expired"), "{t}");
+    }
+}
