@@ -1,1 +1,126 @@
-//! See the crate documentation.
+//! The data path of vnpd: VNP encapsulation of guest traffic over UDP.
+//!
+//! One [`VmPort`] per attached VM owns the VM's UDP sockets (`host_addr:udp_port`), listens on its
+//! vhost-user socket and serves the virtio-net device to whichever frontend connects (QEMU,
+//! cloud-hypervisor, DPDK virtio-user). See `docs/vnpd-datapath.md` for how TX and RX work.
+//!
+//! - [`frame`]: what a guest frame is (pure).
+//! - [`rx_check`]: the receive checks of the patent's FIG. 6 (pure).
+//! - [`peers`]: tokens per destination and the bounded pending queues.
+//! - [`udp`]: sockets and the batched system calls.
+//! - [`worker`]: the per-queue-pair TX/RX engine working on guest memory.
+//! - [`port`]: [`VmPort`]: start, stop, token installation from the control plane.
+
+pub mod edge_link;
+pub mod frame;
+pub mod peers;
+pub mod port;
+pub mod rx_check;
+pub mod udp;
+pub mod worker;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use thiserror::Error;
+use vnp_protocol::token::{Expiry, Token, VmSecret};
+
+pub use crate::control::Refusal as RefusalReason;
+pub use port::{DataPathTuning, VmPort};
+
+/// Everything the data path needs to serve one VM. Built by the control plane from the
+/// registry's VM record (never from what the guest claims).
+#[derive(Debug)]
+pub struct VmAttachment {
+    /// Registry id of the VM.
+    pub vm_id: String,
+    /// Numeric network id used in tokens.
+    pub network_vni: u32,
+    /// The VM's address on the virtual network.
+    pub vm_ip: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+    /// The virtual router (gateway) address the guest is given by DHCP.
+    pub router_ip: Ipv4Addr,
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
+    /// Hostname offered by DHCP.
+    pub hostname: String,
+    /// Guest MTU: underlay MTU minus `vnp_protocol::wire::ENCAP_OVERHEAD`.
+    pub guest_mtu: u16,
+    /// This VM's secret: verifies received tokens, mints return tokens.
+    pub secret: VmSecret,
+    /// This host's underlay address (`Phys_IP`).
+    pub host_addr: Ipv4Addr,
+    /// This VM's UDP port on the host (`Phys_Port`); 0 picks a free one (see
+    /// [`VmPort::udp_addr`]).
+    pub udp_port: u16,
+    /// The vhost-user socket vnpd listens on.
+    pub socket_path: PathBuf,
+    /// Virtqueue pairs (one worker thread each).
+    pub queue_pairs: u16,
+}
+
+/// How the data path asks for tokens. Implemented by the control thread's handle.
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Never blocks: asks the control thread for a token `src_vm -> dst`. The answer arrives
+    /// later through [`VmPort::install_token`] or [`VmPort::refuse_token`].
+    fn request_token(&self, src_vm: &str, dst: Ipv4Addr);
+}
+
+impl ControlPlane for crate::control::ControlHandle {
+    fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        crate::control::ControlHandle::request_token(self, src_vm, dst)
+    }
+}
+
+/// How to reach one destination VM: its host's underlay endpoint and the token for the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerToken {
+    /// Underlay address of the destination VM's host.
+    pub dst_host: Ipv4Addr,
+    /// UDP port of the destination VM on that host.
+    pub dst_port: u16,
+    /// `T_src_dst`.
+    pub token: Token,
+    /// Its expiry.
+    pub expiry: Expiry,
+}
+
+impl From<&crate::control::Grant> for PeerToken {
+    fn from(g: &crate::control::Grant) -> Self {
+        Self {
+            dst_host: g.dst_host,
+            dst_port: g.dst_port,
+            token: g.token,
+            expiry: g.expiry,
+        }
+    }
+}
+
+/// Why a port could not start.
+#[derive(Debug, Error)]
+pub enum PortError {
+    /// The attachment is not usable.
+    #[error("invalid attachment: {0}")]
+    InvalidAttachment(String),
+    /// Binding the VM's UDP port failed.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Udp {
+        /// Address we tried.
+        addr: std::net::SocketAddrV4,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Creating the vhost-user socket failed.
+    #[error("cannot listen on vhost-user socket {path}: {reason}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        reason: String,
+    },
+    /// Starting a thread failed.
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}

@@ -1,1 +1,9 @@
-//! See the crate documentation.
+//! The vhost-user-net device vnpd serves to each attached VM.
+//!
+//! - [`features`]: virtio and vhost-user features, config space, virtio-net header (pure).
+//! - [`chain`]: safe walking of guest descriptor chains and guest-memory access helpers.
+//! - [`backend`]: the `VhostUserBackend` implementation driving the data path workers.
+
+pub mod backend;
+pub mod chain;
+pub mod features;

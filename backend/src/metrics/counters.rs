@@ -44,6 +44,8 @@ drop_reasons! {
     TxNonIpv4 => "tx_non_ipv4",
     /// TX: IPv4 to a broadcast, multicast or otherwise non-unicast destination.
     TxNonUnicast => "tx_non_unicast",
+    /// TX: IPv4 source address is not the VM's own (spoofing).
+    TxSpoofedSource => "tx_spoofed_source",
     /// TX: ARP or DHCP the local edge refused to answer.
     TxEdgeRefused => "tx_edge_refused",
     /// TX: no token yet and the per-destination pending queue was full.
@@ -213,7 +215,7 @@ mod tests {
             assert!(name.starts_with("tx_") || name.starts_with("rx_"), "{name}");
             assert!(name
                 .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '_'));
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'));
         }
         assert_eq!(seen.len(), DropReason::COUNT);
     }
@@ -230,6 +232,9 @@ mod tests {
         assert_eq!(s.drops(DropReason::RxExpired), 3);
         assert_eq!(s.drops(DropReason::RxWrongVm), 0);
         assert_eq!(s.total_drops(), 4);
-        assert_eq!((s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes), (1, 100, 1, 40));
+        assert_eq!(
+            (s.tx_packets, s.tx_bytes, s.rx_packets, s.rx_bytes),
+            (1, 100, 1, 40)
+        );
     }
 }

@@ -1,0 +1,348 @@
+//! Receive checks on a VNP datagram, in the patent's order (FIG. 6): framing, expiry (with skew,
+//! and not too far in the future), destination VM hosted here, right network, token MAC in
+//! constant time. Pure: the caller hands in the header bytes, a copy of the inner IPv4 header and
+//! where the datagram came from.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use vnp_protocol::token::{check_expiry, ExpiryError, TokenFields, TokenMinter};
+use vnp_protocol::wire::options::{OptionsIter, ReturnToken, VnpOption};
+use vnp_protocol::wire::{VnpHeader, VnpRepr, HEADER_LEN};
+
+use crate::metrics::counters::DropReason;
+
+/// Smallest inner IPv4 header.
+pub const MIN_INNER: usize = 20;
+
+/// Clock tolerance of the expiry check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryPolicy {
+    /// Allowed clock difference between hosts, seconds.
+    pub skew_secs: u32,
+    /// Longest token lifetime the registry mints, seconds.
+    pub max_ttl_secs: u32,
+    /// Accept tokens that never expire (`Expiry::NEVER`).
+    pub allow_never: bool,
+}
+
+impl Default for ExpiryPolicy {
+    fn default() -> Self {
+        Self {
+            skew_secs: 5,
+            max_ttl_secs: 3600,
+            allow_never: false,
+        }
+    }
+}
+
+/// What the receiving port knows about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct RxContext {
+    /// The VM this port serves (`IP_VM_b`).
+    pub vm_ip: Ipv4Addr,
+    /// Its network id.
+    pub network_id: u32,
+    /// Our underlay address and port (`Phys_IP_b`, `Phys_Port_b`).
+    pub local: SocketAddrV4,
+    /// Expiry tolerance.
+    pub expiry: ExpiryPolicy,
+}
+
+/// A datagram that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Inner packet length.
+    pub inner_len: usize,
+    /// Sending VM (`IP_VM_a`).
+    pub src_vm: Ipv4Addr,
+    /// Bytes of options after the inner packet.
+    pub options_len: usize,
+    /// The header.
+    pub header: VnpRepr,
+}
+
+/// Runs every check. `datagram_len` is the UDP payload length, `inner_prefix` a copy of the
+/// first bytes (at least 20 when available) of the inner packet, `src` the UDP source.
+pub fn check_datagram(
+    ctx: &RxContext,
+    minter: &TokenMinter,
+    header: &[u8; HEADER_LEN],
+    datagram_len: usize,
+    inner_prefix: &[u8],
+    src: SocketAddrV4,
+    now: u32,
+) -> Result<Accepted, DropReason> {
+    // Framing.
+    if datagram_len < HEADER_LEN + MIN_INNER || inner_prefix.len() < MIN_INNER {
+        return Err(DropReason::RxTruncated);
+    }
+    let header = VnpHeader::new_checked(&header[..]).map_err(|_| DropReason::RxMalformed)?;
+    let repr = VnpRepr::parse(&header);
+    let ip = inner_prefix;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[0] >> 4 != 4 || ihl < MIN_INNER || total_len < ihl {
+        return Err(DropReason::RxMalformed);
+    }
+    let available = datagram_len - HEADER_LEN;
+    if total_len > available {
+        return Err(DropReason::RxTruncated);
+    }
+    let options_len = available - total_len;
+    if repr.has_options != (options_len > 0) {
+        return Err(DropReason::RxMalformed);
+    }
+    // Step 604/606: expiry, allowing skew, not beyond what the registry mints.
+    check_expiry(
+        repr.expiry,
+        now,
+        ctx.expiry.skew_secs,
+        ctx.expiry.max_ttl_secs,
+        ctx.expiry.allow_never,
+    )
+    .map_err(|e| match e {
+        ExpiryError::Expired => DropReason::RxExpired,
+        ExpiryError::TooFarInFuture => DropReason::RxExpiryTooFar,
+    })?;
+    // Step 608: the destination VM is the one hosted behind this port.
+    let src_vm = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst_vm = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    if dst_vm != ctx.vm_ip {
+        return Err(DropReason::RxWrongVm);
+    }
+    if repr.network_id != ctx.network_id {
+        return Err(DropReason::RxWrongNetwork);
+    }
+    // Step 610/612: the MAC, constant time.
+    let fields = TokenFields {
+        src_host: *src.ip(),
+        src_port: src.port(),
+        src_vm,
+        dst_host: *ctx.local.ip(),
+        dst_port: ctx.local.port(),
+        dst_vm,
+        network_id: repr.network_id,
+        expiry: repr.expiry,
+    };
+    if !minter.verify(&fields, &repr.token) {
+        return Err(DropReason::RxBadToken);
+    }
+    Ok(Accepted {
+        inner_len: total_len,
+        src_vm,
+        options_len,
+        header: repr,
+    })
+}
+
+/// Parses the option TLVs of an accepted datagram; returns its return token if it carries one.
+/// Malformed options (overrun, unknown must-understand type) drop the datagram.
+pub fn parse_options(options: &[u8]) -> Result<Option<ReturnToken>, DropReason> {
+    let mut found = None;
+    for opt in OptionsIter::new(options) {
+        match opt.map_err(|_| DropReason::RxMalformed)? {
+            VnpOption::ReturnToken(rt) if found.is_none() => found = Some(rt),
+            _ => {}
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vnp_protocol::token::{mint, Expiry, Token, VmSecret};
+
+    const NOW: u32 = 1_800_000_000;
+
+    fn secret() -> VmSecret {
+        VmSecret::from_bytes([0x42; 32])
+    }
+
+    fn ctx() -> RxContext {
+        RxContext {
+            vm_ip: Ipv4Addr::new(10, 0, 0, 3),
+            network_id: 7,
+            local: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40002),
+            expiry: ExpiryPolicy::default(),
+        }
+    }
+
+    fn src() -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 40001)
+    }
+
+    fn inner(dst: Ipv4Addr, len: u16) -> [u8; 20] {
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&len.to_be_bytes());
+        ip[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        ip[16..20].copy_from_slice(&dst.octets());
+        ip
+    }
+
+    fn header(token: Token, expiry: u32, network_id: u32, opts: bool) -> [u8; HEADER_LEN] {
+        VnpRepr {
+            network_id,
+            token,
+            expiry: Expiry(expiry),
+            has_options: opts,
+        }
+        .to_bytes()
+    }
+
+    fn good_token(expiry: u32) -> Token {
+        mint(
+            &secret(),
+            &TokenFields {
+                src_host: *src().ip(),
+                src_port: src().port(),
+                src_vm: Ipv4Addr::new(10, 0, 0, 2),
+                dst_host: *ctx().local.ip(),
+                dst_port: ctx().local.port(),
+                dst_vm: ctx().vm_ip,
+                network_id: 7,
+                expiry: Expiry(expiry),
+            },
+        )
+    }
+
+    fn run(
+        h: [u8; HEADER_LEN],
+        len: usize,
+        ip: &[u8],
+        from: SocketAddrV4,
+    ) -> Result<Accepted, DropReason> {
+        check_datagram(&ctx(), &TokenMinter::new(&secret()), &h, len, ip, from, NOW)
+    }
+
+    #[test]
+    fn accepts_valid() {
+        let e = NOW + 600;
+        let a = run(
+            header(good_token(e), e, 7, false),
+            20 + 100,
+            &inner(ctx().vm_ip, 100),
+            src(),
+        )
+        .unwrap();
+        assert_eq!((a.inner_len, a.options_len), (100, 0));
+        assert_eq!(a.src_vm, Ipv4Addr::new(10, 0, 0, 2));
+    }
+
+    #[test]
+    fn rejects_in_order() {
+        let e = NOW + 600;
+        let ok_ip = inner(ctx().vm_ip, 100);
+        assert_eq!(
+            run(header(good_token(e), e, 7, false), 30, &ok_ip, src()),
+            Err(DropReason::RxTruncated)
+        );
+        let mut bad_version = header(good_token(e), e, 7, false);
+        bad_version[0] = 2;
+        assert_eq!(
+            run(bad_version, 120, &ok_ip, src()),
+            Err(DropReason::RxMalformed)
+        );
+        // trailing bytes without the options flag
+        assert_eq!(
+            run(header(good_token(e), e, 7, false), 130, &ok_ip, src()),
+            Err(DropReason::RxMalformed)
+        );
+        // expired beyond skew, with a valid MAC: expiry is checked first
+        let old = NOW - 10;
+        assert_eq!(
+            run(header(good_token(old), old, 7, false), 120, &ok_ip, src()),
+            Err(DropReason::RxExpired)
+        );
+        let far = NOW + 7200;
+        assert_eq!(
+            run(header(good_token(far), far, 7, false), 120, &ok_ip, src()),
+            Err(DropReason::RxExpiryTooFar)
+        );
+        assert_eq!(
+            run(
+                header(good_token(u32::MAX), u32::MAX, 7, false),
+                120,
+                &ok_ip,
+                src()
+            ),
+            Err(DropReason::RxExpiryTooFar)
+        );
+        // within skew: accepted
+        let recent = NOW - 3;
+        assert!(run(
+            header(good_token(recent), recent, 7, false),
+            120,
+            &ok_ip,
+            src()
+        )
+        .is_ok());
+        assert_eq!(
+            run(
+                header(good_token(e), e, 7, false),
+                120,
+                &inner(Ipv4Addr::new(10, 0, 0, 9), 100),
+                src()
+            ),
+            Err(DropReason::RxWrongVm)
+        );
+        assert_eq!(
+            run(header(good_token(e), e, 8, false), 120, &ok_ip, src()),
+            Err(DropReason::RxWrongNetwork)
+        );
+        assert_eq!(
+            run(
+                header(Token::from_bytes([0; 8]), e, 7, false),
+                120,
+                &ok_ip,
+                src()
+            ),
+            Err(DropReason::RxBadToken)
+        );
+        // Right token, but sent from another host/port: the MAC covers the underlay source.
+        let other = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 66), 40001);
+        assert_eq!(
+            run(header(good_token(e), e, 7, false), 120, &ok_ip, other),
+            Err(DropReason::RxBadToken)
+        );
+        // Token minted with another network id but header altered: MAC fails.
+        assert_eq!(
+            run(header(good_token(e), e + 1, 7, false), 120, &ok_ip, src()),
+            Err(DropReason::RxBadToken)
+        );
+    }
+
+    #[test]
+    fn options() {
+        let e = NOW + 600;
+        let a = run(
+            header(good_token(e), e, 7, true),
+            20 + 100 + 14,
+            &inner(ctx().vm_ip, 100),
+            src(),
+        )
+        .unwrap();
+        assert_eq!(a.options_len, 14);
+        let rt = ReturnToken {
+            token: Token::from_bytes([9; 8]),
+            expiry: Expiry(e),
+        };
+        let mut buf = [0u8; 14];
+        rt.emit(&mut buf).unwrap();
+        assert_eq!(parse_options(&buf), Ok(Some(rt)));
+        assert_eq!(parse_options(&buf[..5]), Err(DropReason::RxMalformed));
+        assert_eq!(parse_options(&[0x85, 0]), Err(DropReason::RxMalformed));
+        assert_eq!(parse_options(&[0x05, 1, 0]), Ok(None));
+        // options flag set but nothing follows
+        assert_eq!(
+            run(
+                header(good_token(e), e, 7, true),
+                120,
+                &inner(ctx().vm_ip, 100),
+                src()
+            ),
+            Err(DropReason::RxMalformed)
+        );
+    }
+}

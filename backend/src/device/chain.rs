@@ -1,0 +1,487 @@
+//! Walking guest descriptor chains safely.
+//!
+//! Everything a guest puts in its rings is untrusted. These helpers turn a
+//! [`DescriptorChain`] into a short list of [`GuestSeg`]s whose whole range has been checked
+//! against guest memory, and classify every way a chain can be broken ([`ChainError`]), so that
+//! the data path can drop that one packet (counted) and carry on. Nothing here panics on guest
+//! input, and nothing reads or writes outside the guest's memory regions.
+
+use std::ops::Deref;
+
+use thiserror::Error;
+use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Most descriptors a TX chain may have. Linux uses at most MAX_SKB_FRAGS + 2 (19); DPDK one or
+/// two. A longer chain is a broken or hostile guest.
+pub const MAX_TX_DESCRIPTORS: usize = 64;
+/// Writable segments of one RX chain that we use; further segments are left unused (a device
+/// may use less than the whole buffer).
+pub const MAX_RX_SEGS: usize = 8;
+
+/// A guest buffer piece whose whole range lies inside guest memory (checked when collected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestSeg {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// Why a descriptor chain is unusable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum ChainError {
+    /// No descriptor at all (head index out of range, or unreadable descriptor table).
+    #[error("empty descriptor chain")]
+    Empty,
+    /// The chain ended on a descriptor that says another one follows: a loop (more descriptors
+    /// than the queue size), a next index out of range, or a bad indirect table.
+    #[error("broken descriptor chain (loop, bad next index or bad indirect table)")]
+    Broken,
+    /// A buffer of the wrong direction (device-writable in TX, device-readable in RX).
+    #[error("descriptor of the wrong direction")]
+    WrongDirection,
+    /// A descriptor's range is not inside guest memory.
+    #[error("descriptor points outside guest memory")]
+    OutsideMemory,
+    /// More descriptors than [`MAX_TX_DESCRIPTORS`].
+    #[error("descriptor chain too long")]
+    TooLong,
+    /// No usable bytes.
+    #[error("descriptor chain has no usable bytes")]
+    NoBytes,
+}
+
+/// Collects the device-readable buffers of a TX chain into `segs` (cleared first) and returns
+/// their total length.
+pub fn collect_tx_chain<M, B>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap<B>,
+    segs: &mut Vec<GuestSeg>,
+) -> Result<usize, ChainError>
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory,
+    B: Bitmap + 'static,
+{
+    segs.clear();
+    let mut total = 0usize;
+    let mut count = 0usize;
+    let mut last_has_next = true;
+    for desc in chain {
+        count += 1;
+        if count > MAX_TX_DESCRIPTORS {
+            return Err(ChainError::TooLong);
+        }
+        last_has_next = desc.has_next();
+        if desc.is_write_only() {
+            return Err(ChainError::WrongDirection);
+        }
+        let len = desc.len();
+        if len == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
+            return Err(ChainError::OutsideMemory);
+        }
+        segs.push(GuestSeg {
+            addr: desc.addr(),
+            len,
+        });
+        total += len as usize;
+    }
+    if count == 0 {
+        return Err(ChainError::Empty);
+    }
+    if last_has_next {
+        // The iterator stopped although the descriptor asked for a successor.
+        return Err(ChainError::Broken);
+    }
+    if total == 0 {
+        return Err(ChainError::NoBytes);
+    }
+    Ok(total)
+}
+
+/// The device-writable buffers of one RX descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RxBuf {
+    /// Head index, returned in the used ring.
+    pub head: u16,
+    nsegs: u8,
+    segs: [GuestSeg; MAX_RX_SEGS],
+    /// Total writable bytes of the segments kept.
+    pub cap: u32,
+}
+
+impl RxBuf {
+    /// The writable segments, in order.
+    pub fn segs(&self) -> &[GuestSeg] {
+        &self.segs[..usize::from(self.nsegs)]
+    }
+}
+
+/// Collects the device-writable buffers of an RX chain. Segments beyond [`MAX_RX_SEGS`] are not
+/// used (the device may fill less than the whole chain).
+pub fn collect_rx_chain<M, B>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap<B>,
+) -> Result<RxBuf, ChainError>
+where
+    M: Deref,
+    M::Target: vm_memory::GuestMemory,
+    B: Bitmap + 'static,
+{
+    let head = chain.head_index();
+    let mut buf = RxBuf {
+        head,
+        nsegs: 0,
+        segs: [GuestSeg::default(); MAX_RX_SEGS],
+        cap: 0,
+    };
+    let mut count = 0usize;
+    let mut last_has_next = true;
+    for desc in chain {
+        count += 1;
+        last_has_next = desc.has_next();
+        if !desc.is_write_only() {
+            return Err(ChainError::WrongDirection);
+        }
+        let len = desc.len();
+        if len == 0 || usize::from(buf.nsegs) == MAX_RX_SEGS {
+            if !desc.has_next() {
+                break;
+            }
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
+            return Err(ChainError::OutsideMemory);
+        }
+        buf.segs[usize::from(buf.nsegs)] = GuestSeg {
+            addr: desc.addr(),
+            len,
+        };
+        buf.nsegs += 1;
+        buf.cap = buf.cap.saturating_add(len);
+    }
+    if count == 0 {
+        return Err(ChainError::Empty);
+    }
+    if last_has_next {
+        return Err(ChainError::Broken);
+    }
+    if buf.cap == 0 {
+        return Err(ChainError::NoBytes);
+    }
+    Ok(buf)
+}
+
+/// Calls `f(addr, len)` for the pieces of `segs` covering the byte range
+/// `offset..offset + len` of their concatenation. Returns the bytes covered (less than `len`
+/// when the segments are shorter).
+pub fn for_each_range(
+    segs: &[GuestSeg],
+    mut offset: usize,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, usize) -> bool,
+) -> usize {
+    let mut done = 0usize;
+    for seg in segs {
+        if done == len {
+            break;
+        }
+        let seg_len = seg.len as usize;
+        if offset >= seg_len {
+            offset -= seg_len;
+            continue;
+        }
+        let take = (seg_len - offset).min(len - done);
+        // Cannot overflow: check_range validated addr + seg_len when the segment was collected.
+        let addr = GuestAddress(seg.addr.0 + offset as u64);
+        if !f(addr, take) {
+            break;
+        }
+        done += take;
+        offset = 0;
+    }
+    done
+}
+
+/// Copies bytes `offset..offset + out.len()` of the segments into `out` (through vm-memory's
+/// checked accessors); returns how many bytes were copied.
+pub fn read_segs<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    segs: &[GuestSeg],
+    offset: usize,
+    out: &mut [u8],
+) -> usize {
+    let mut copied = 0usize;
+    for_each_range(segs, offset, out.len(), |addr, take| {
+        let ok = mem
+            .read_slice(&mut out[copied..copied + take], addr)
+            .is_ok();
+        if ok {
+            copied += take;
+        }
+        ok
+    })
+}
+
+/// Writes `data` at byte `offset` of the segments through vm-memory (which marks the pages dirty
+/// for migration); returns how many bytes were written.
+pub fn write_segs<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    segs: &[GuestSeg],
+    offset: usize,
+    data: &[u8],
+) -> usize {
+    let mut written = 0usize;
+    for_each_range(segs, offset, data.len(), |addr, take| {
+        let ok = mem
+            .write_slice(&data[written..written + take], addr)
+            .is_ok();
+        if ok {
+            written += take;
+        }
+        ok
+    })
+}
+
+/// Appends iovecs for bytes `offset..offset + len` of the segments to `iovs`, at most
+/// `max_iovs` in total. Returns the bytes covered.
+///
+/// The iovec pointers point into the guest memory mapping owned by `mem`; they stay valid as long
+/// as the caller keeps that memory snapshot (the `GuestMemoryAtomic` guard) alive.
+pub fn push_iovecs<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    segs: &[GuestSeg],
+    offset: usize,
+    len: usize,
+    iovs: &mut Vec<libc::iovec>,
+    max_iovs: usize,
+) -> usize {
+    for_each_range(segs, offset, len, |addr, take| {
+        let mut covered = 0usize;
+        for slice in GuestMemoryBackend::get_slices(mem, addr, take) {
+            let Ok(slice) = slice else { return false };
+            if iovs.len() == max_iovs {
+                return false;
+            }
+            iovs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            covered += slice.len();
+        }
+        covered == take
+    })
+}
+
+/// Marks bytes `offset..offset + len` of the segments dirty in the migration log: needed after
+/// the kernel wrote them directly (recvmmsg), bypassing vm-memory's accessors.
+pub fn mark_dirty<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    segs: &[GuestSeg],
+    offset: usize,
+    len: usize,
+) {
+    for_each_range(segs, offset, len, |addr, take| {
+        for slice in GuestMemoryBackend::get_slices(mem, addr, take) {
+            let Ok(slice) = slice else { return false };
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+        true
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+
+    const MEM_SIZE: u64 = 0x10_0000;
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+    }
+
+    /// Builds a queue holding exactly the given descriptor table (starting at index 0) with one
+    /// available chain whose head is descriptor 0.
+    fn queue_with(mem: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> Queue {
+        let vq = MockSplitQueue::new(mem, 16);
+        for (i, d) in descs.iter().enumerate() {
+            vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        vq.create_queue().unwrap()
+    }
+
+    fn tx(descs: &[RawDescriptor]) -> Result<(usize, Vec<GuestSeg>), ChainError> {
+        let mem = memory();
+        let mut q = queue_with(&mem, descs);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut segs = Vec::new();
+        collect_tx_chain(chain, &mem, &mut segs).map(|n| (n, segs))
+    }
+
+    fn rx(descs: &[RawDescriptor]) -> Result<RxBuf, ChainError> {
+        let mem = memory();
+        let mut q = queue_with(&mem, descs);
+        let chain = q.iter(&mem).unwrap().next().unwrap();
+        collect_rx_chain(chain, &mem)
+    }
+
+    #[test]
+    fn tx_good_chain_of_two() {
+        let (n, segs) = tx(&[
+            desc(0x2000, 12, VRING_DESC_F_NEXT, 1),
+            desc(0x3000, 100, 0, 0),
+        ])
+        .unwrap();
+        assert_eq!(n, 112);
+        assert_eq!(segs.len(), 2);
+        assert_eq!(segs[1].addr, GuestAddress(0x3000));
+    }
+
+    #[test]
+    fn tx_loop_is_broken() {
+        assert_eq!(
+            tx(&[
+                desc(0x2000, 12, VRING_DESC_F_NEXT, 1),
+                desc(0x3000, 100, VRING_DESC_F_NEXT, 0),
+            ]),
+            Err(ChainError::Broken)
+        );
+    }
+
+    #[test]
+    fn tx_next_out_of_range_is_broken() {
+        assert_eq!(
+            tx(&[desc(0x2000, 12, VRING_DESC_F_NEXT, 200)]),
+            Err(ChainError::Broken)
+        );
+    }
+
+    #[test]
+    fn tx_outside_memory() {
+        assert_eq!(
+            tx(&[desc(MEM_SIZE - 8, 64, 0, 0)]),
+            Err(ChainError::OutsideMemory)
+        );
+        assert_eq!(
+            tx(&[desc(u64::MAX - 4, 64, 0, 0)]),
+            Err(ChainError::OutsideMemory)
+        );
+    }
+
+    #[test]
+    fn tx_writable_descriptor_is_wrong_direction() {
+        assert_eq!(
+            tx(&[desc(0x2000, 64, VRING_DESC_F_WRITE, 0)]),
+            Err(ChainError::WrongDirection)
+        );
+    }
+
+    #[test]
+    fn tx_zero_length_chain_has_no_bytes() {
+        assert_eq!(tx(&[desc(0x2000, 0, 0, 0)]), Err(ChainError::NoBytes));
+    }
+
+    #[test]
+    fn tx_empty_chain() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // Head index beyond the queue size: the chain yields nothing.
+        vq.avail().ring().ref_at(0).unwrap().store(40u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut segs = Vec::new();
+        assert_eq!(
+            collect_tx_chain(chain, &mem, &mut segs),
+            Err(ChainError::Empty)
+        );
+    }
+
+    #[test]
+    fn tx_too_long() {
+        // A 256-entry queue with one chain of 100 descriptors.
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 256);
+        for i in 0..100u16 {
+            let flags = if i < 99 { VRING_DESC_F_NEXT } else { 0 };
+            vq.desc_table()
+                .store(i, desc(0x8000 + u64::from(i) * 16, 16, flags, i + 1))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let mut segs = Vec::new();
+        assert_eq!(
+            collect_tx_chain(chain, &mem, &mut segs),
+            Err(ChainError::TooLong)
+        );
+    }
+
+    #[test]
+    fn rx_good_chain_and_scatter_helpers() {
+        let buf = rx(&[
+            desc(0x4000, 10, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+            desc(0x5000, 30, VRING_DESC_F_WRITE, 0),
+        ])
+        .unwrap();
+        assert_eq!(buf.cap, 40);
+        assert_eq!(buf.segs().len(), 2);
+
+        let mem = memory();
+        let data: Vec<u8> = (0..20).collect();
+        // Straddles the two segments.
+        assert_eq!(write_segs(&mem, buf.segs(), 5, &data), 20);
+        let mut back = [0u8; 20];
+        assert_eq!(read_segs(&mem, buf.segs(), 5, &mut back), 20);
+        assert_eq!(&back[..], &data[..]);
+        let mut raw = [0u8; 5];
+        mem.read_slice(&mut raw, GuestAddress(0x4005)).unwrap();
+        assert_eq!(raw, [0, 1, 2, 3, 4]);
+        mem.read_slice(&mut raw, GuestAddress(0x5000)).unwrap();
+        assert_eq!(raw, [5, 6, 7, 8, 9]);
+
+        let mut iovs = Vec::new();
+        assert_eq!(push_iovecs(&mem, buf.segs(), 8, 100, &mut iovs, 8), 32);
+        assert_eq!(iovs.len(), 2);
+        assert_eq!((iovs[0].iov_len, iovs[1].iov_len), (2, 30));
+        // Past the end: covers nothing.
+        assert_eq!(read_segs(&mem, buf.segs(), 40, &mut back), 0);
+    }
+
+    #[test]
+    fn rx_readable_descriptor_is_wrong_direction() {
+        assert_eq!(
+            rx(&[desc(0x4000, 64, 0, 0)]),
+            Err(ChainError::WrongDirection)
+        );
+    }
+
+    #[test]
+    fn rx_outside_memory_and_loop() {
+        assert_eq!(
+            rx(&[desc(MEM_SIZE, 64, VRING_DESC_F_WRITE, 0)]),
+            Err(ChainError::OutsideMemory)
+        );
+        assert_eq!(
+            rx(&[desc(0x4000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]),
+            Err(ChainError::Broken)
+        );
+    }
+}
