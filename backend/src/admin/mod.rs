@@ -2,7 +2,9 @@
 //! persisted in the state directory and restored at start.
 //!
 //! - [`state`]: the persisted attachment list (atomic replace).
+//! - [`manager`]: attach/detach/list/stats and restore.
 //! - [`server`]: the JSON-lines unix socket server.
 
+pub mod manager;
 pub mod server;
 pub mod state;

@@ -1,0 +1,485 @@
+//! The attachment manager: what `attach`, `detach`, `list` and `stats` do.
+//!
+//! An attach asks the registry for the VM's record, its network and its secret (only the
+//! owning host may read it), starts the VM's port (vhost-user socket + UDP port), registers
+//! the endpoint and persists the attachment. Any failure undoes the earlier steps, so an attach
+//! either fully happens or leaves nothing behind.
+//!
+//! Attachments that could not be restored at start (registry down, say) stay persisted and are
+//! retried by [`Manager::retry_restores`].
+
+use super::state::{PersistedAttachment, StateStore};
+use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
+use crate::control::{ControlHandle, TokenTarget};
+use crate::datapath::{ControlPlane, VmAttachment, VmPort};
+use crate::metrics::counters::{CounterSnapshot, VmCounters};
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use vnp_registry_client::vnpd_admin::{
+    AdminErrorCode, AdminFailure, AdminReply, AdminRequest, AttachmentInfo, VmStats,
+};
+use vnp_registry_client::{validate_id, ClientError, RegistryClient};
+
+/// Longest vhost-user socket path (sun_path holds 108 bytes with the NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Counters of every attached VM, readable without the manager's lock (the exporter scrapes
+/// while an attach may be waiting for the registry).
+#[derive(Debug, Default)]
+pub struct CounterBoard {
+    vms: Mutex<BTreeMap<String, Arc<VmCounters>>>,
+}
+
+impl CounterBoard {
+    /// Snapshots of every VM, sorted by id.
+    pub fn snapshot(&self) -> Vec<(String, CounterSnapshot)> {
+        let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+
+    fn insert(&self, vm: &str, c: Arc<VmCounters>) {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.insert(vm.to_string(), c);
+    }
+
+    fn remove(&self, vm: &str) {
+        let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
+        vms.remove(vm);
+    }
+}
+
+/// Converts a counter snapshot to the admin API's stats shape.
+pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
+    let counters = [
+        ("tx_packets", s.tx_packets),
+        ("tx_bytes", s.tx_bytes),
+        ("rx_packets", s.rx_packets),
+        ("rx_bytes", s.rx_bytes),
+        ("edge_replies", s.edge_replies),
+        ("token_requests", s.token_requests),
+        ("return_tokens_learned", s.return_tokens_learned),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let drops = s
+        .drops
+        .iter()
+        .map(|(r, n)| (r.as_str().to_string(), *n))
+        .collect();
+    VmStats {
+        vm_id: vm_id.to_string(),
+        counters,
+        drops,
+    }
+}
+
+struct Attached {
+    info: AttachmentInfo,
+    port: Arc<VmPort>,
+}
+
+/// Owns every attachment of this vnpd.
+pub struct Manager {
+    cfg: VnpdConfig,
+    host_id: String,
+    client: RegistryClient,
+    control: ControlHandle,
+    store: StateStore,
+    board: Arc<CounterBoard>,
+    attached: BTreeMap<String, Attached>,
+    unrestored: BTreeMap<String, PersistedAttachment>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("host_id", &self.host_id)
+            .field("attached", &self.attached.keys().collect::<Vec<_>>())
+            .field("unrestored", &self.unrestored.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn fail(code: AdminErrorCode, msg: impl Into<String>) -> AdminFailure {
+    AdminFailure::new(code, msg)
+}
+
+fn registry_failure(what: &str, e: &ClientError) -> AdminFailure {
+    fail(AdminErrorCode::Registry, format!("{what}: {e}"))
+}
+
+impl Manager {
+    /// A manager with nothing attached. `host_id` is this host's registry identity.
+    pub fn new(
+        cfg: VnpdConfig,
+        host_id: String,
+        client: RegistryClient,
+        control: ControlHandle,
+        store: StateStore,
+    ) -> Self {
+        Self {
+            cfg,
+            host_id,
+            client,
+            control,
+            store,
+            board: Arc::new(CounterBoard::default()),
+            attached: BTreeMap::new(),
+            unrestored: BTreeMap::new(),
+        }
+    }
+
+    /// The counters of every attached VM.
+    pub fn board(&self) -> Arc<CounterBoard> {
+        Arc::clone(&self.board)
+    }
+
+    /// Serves one admin request.
+    pub fn handle(&mut self, req: AdminRequest) -> Result<AdminReply, AdminFailure> {
+        match req {
+            AdminRequest::Attach {
+                vm_id,
+                socket_path,
+                queue_pairs,
+            } => self
+                .attach(&vm_id, socket_path, queue_pairs, true)
+                .map(|attachment| AdminReply::Attached { attachment }),
+            AdminRequest::Detach { vm_id } => {
+                self.detach(&vm_id).map(|()| AdminReply::Detached { vm_id })
+            }
+            AdminRequest::List => Ok(AdminReply::List {
+                attachments: self.attached.values().map(|a| a.info.clone()).collect(),
+            }),
+            AdminRequest::Stats { vm_id } => {
+                if let Some(id) = &vm_id {
+                    if !self.attached.contains_key(id) {
+                        return Err(fail(
+                            AdminErrorCode::NotAttached,
+                            format!("vm {id} is not attached"),
+                        ));
+                    }
+                }
+                let vms = self
+                    .board
+                    .snapshot()
+                    .iter()
+                    .filter(|(id, _)| vm_id.as_ref().is_none_or(|want| want == id))
+                    .map(|(id, s)| to_vm_stats(id, s))
+                    .collect();
+                Ok(AdminReply::Stats { vms })
+            }
+        }
+    }
+
+    fn persisted(&self) -> Vec<PersistedAttachment> {
+        self.attached
+            .values()
+            .map(|a| PersistedAttachment {
+                vm_id: a.info.vm_id.clone(),
+                socket_path: a.info.socket_path.clone(),
+                queue_pairs: a.info.queue_pairs,
+            })
+            .chain(self.unrestored.values().cloned())
+            .collect()
+    }
+
+    /// Attaches `vm_id`; `persist` is false while restoring (the entry is already stored).
+    pub fn attach(
+        &mut self,
+        vm_id: &str,
+        socket_path: Option<PathBuf>,
+        queue_pairs: Option<u16>,
+        persist: bool,
+    ) -> Result<AttachmentInfo, AdminFailure> {
+        validate_id(vm_id).map_err(|e| fail(AdminErrorCode::BadRequest, e))?;
+        let socket_path = socket_path.unwrap_or_else(|| self.cfg.default_socket_path(vm_id));
+        let queue_pairs = queue_pairs.unwrap_or(self.cfg.default_queue_pairs);
+        check_socket_path(&socket_path)?;
+        if !(1..=MAX_QUEUE_PAIRS).contains(&queue_pairs) {
+            return Err(fail(
+                AdminErrorCode::BadRequest,
+                format!("queue_pairs {queue_pairs} is outside 1..={MAX_QUEUE_PAIRS}"),
+            ));
+        }
+        if let Some(a) = self.attached.get(vm_id) {
+            if a.info.socket_path == socket_path && a.info.queue_pairs == queue_pairs {
+                return Ok(a.info.clone());
+            }
+            return Err(fail(
+                AdminErrorCode::Conflict,
+                format!(
+                    "vm {vm_id} is already attached on {} with {} queue pair(s); detach it first",
+                    a.info.socket_path.display(),
+                    a.info.queue_pairs
+                ),
+            ));
+        }
+        if let Some(other) = self
+            .attached
+            .values()
+            .find(|a| a.info.socket_path == socket_path)
+        {
+            return Err(fail(
+                AdminErrorCode::Conflict,
+                format!(
+                    "socket {} is used by vm {}",
+                    socket_path.display(),
+                    other.info.vm_id
+                ),
+            ));
+        }
+
+        let record = self
+            .client
+            .get_vm(vm_id)
+            .map_err(|e| registry_failure(&format!("reading vm {vm_id}"), &e))?;
+        match record.host.as_deref() {
+            Some(h) if h == self.host_id => {}
+            Some(h) => {
+                return Err(fail(
+                    AdminErrorCode::Conflict,
+                    format!(
+                        "vm {vm_id} is assigned to host {h}, not to this host ({})",
+                        self.host_id
+                    ),
+                ))
+            }
+            None => {
+                return Err(fail(
+                    AdminErrorCode::Conflict,
+                    format!(
+                        "vm {vm_id} is not assigned to any host; assign it to {} first",
+                        self.host_id
+                    ),
+                ))
+            }
+        }
+        let udp_port = record.host_port.ok_or_else(|| {
+            fail(
+                AdminErrorCode::Registry,
+                format!("vm {vm_id} has no UDP port on this host in the registry"),
+            )
+        })?;
+        let network = self
+            .client
+            .get_network(&record.network)
+            .map_err(|e| registry_failure(&format!("reading network {}", record.network), &e))?;
+        let (secret, _generation) = self
+            .client
+            .get_vm_secret(vm_id)
+            .map_err(|e| registry_failure(&format!("reading the secret of vm {vm_id}"), &e))?;
+        let guest_mtu = self.cfg.guest_mtu().min(network.mtu);
+        let info = AttachmentInfo {
+            vm_id: vm_id.to_string(),
+            network: record.network.clone(),
+            network_id: record.vni,
+            vm_ip: record.ip,
+            prefix_len: network.cidr.prefix(),
+            router_ip: network.router,
+            mac: record.mac.to_string(),
+            hostname: record.hostname.clone(),
+            guest_mtu,
+            host_addr: self.cfg.underlay_addr,
+            udp_port,
+            socket_path: socket_path.clone(),
+            queue_pairs,
+        };
+        remove_stale_socket(&socket_path)?;
+        if let Some(dir) = socket_path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                fail(
+                    AdminErrorCode::Port,
+                    format!("creating {}: {e}", dir.display()),
+                )
+            })?;
+        }
+        let att = VmAttachment {
+            vm_id: vm_id.to_string(),
+            network_vni: record.vni,
+            vm_ip: record.ip,
+            prefix_len: info.prefix_len,
+            router_ip: info.router_ip,
+            mac: record.mac.0,
+            hostname: record.hostname.clone(),
+            guest_mtu,
+            secret,
+            host_addr: self.cfg.underlay_addr,
+            udp_port,
+            socket_path: socket_path.clone(),
+            queue_pairs,
+        };
+        let control: Arc<dyn ControlPlane> = Arc::new(self.control.clone());
+        let port = VmPort::start(att, control).map_err(|e| {
+            fail(
+                AdminErrorCode::Port,
+                format!("starting the port of vm {vm_id}: {e}"),
+            )
+        })?;
+        let port = Arc::new(port);
+        self.control
+            .add_port(vm_id, Arc::clone(&port) as Arc<dyn TokenTarget>);
+        if let Err(e) = self
+            .client
+            .register_endpoint(vm_id, self.cfg.underlay_addr, udp_port)
+        {
+            self.stop_port(vm_id, port);
+            return Err(registry_failure(
+                &format!("registering the endpoint of vm {vm_id}"),
+                &e,
+            ));
+        }
+        self.board.insert(vm_id, port.counters());
+        self.attached.insert(
+            vm_id.to_string(),
+            Attached {
+                info: info.clone(),
+                port,
+            },
+        );
+        self.unrestored.remove(vm_id);
+        if persist {
+            if let Err(e) = self.store.save(&self.persisted()) {
+                if let Some(a) = self.attached.remove(vm_id) {
+                    self.board.remove(vm_id);
+                    self.stop_port(vm_id, a.port);
+                }
+                return Err(fail(AdminErrorCode::Persist, e.to_string()));
+            }
+        }
+        log::info!(
+            "attached vm {vm_id} ({} on network {} vni {}) at {} udp {}:{udp_port}",
+            info.vm_ip,
+            info.network,
+            info.network_id,
+            socket_path.display(),
+            info.host_addr
+        );
+        Ok(info)
+    }
+
+    /// Detaches `vm_id`: stops its port and forgets the attachment.
+    pub fn detach(&mut self, vm_id: &str) -> Result<(), AdminFailure> {
+        if let Some(p) = self.unrestored.remove(vm_id) {
+            if let Err(e) = self.store.save(&self.persisted()) {
+                self.unrestored.insert(vm_id.to_string(), p);
+                return Err(fail(AdminErrorCode::Persist, e.to_string()));
+            }
+            log::info!("forgot unrestored attachment of vm {vm_id}");
+            return Ok(());
+        }
+        let Some(a) = self.attached.remove(vm_id) else {
+            return Err(fail(
+                AdminErrorCode::NotAttached,
+                format!("vm {vm_id} is not attached"),
+            ));
+        };
+        if let Err(e) = self.store.save(&self.persisted()) {
+            self.attached.insert(vm_id.to_string(), a);
+            return Err(fail(AdminErrorCode::Persist, e.to_string()));
+        }
+        self.board.remove(vm_id);
+        self.stop_port(vm_id, a.port);
+        log::info!("detached vm {vm_id}");
+        Ok(())
+    }
+
+    fn stop_port(&self, vm_id: &str, port: Arc<VmPort>) {
+        self.control.remove_port(vm_id);
+        match Arc::try_unwrap(port) {
+            Ok(p) => p.stop(),
+            // Only the control thread holds another reference, and remove_port waited for it
+            // to drop it; if it did not answer in time, the port stops when it lets go.
+            Err(_) => log::error!("vm {vm_id}: port still referenced; it stops when released"),
+        }
+    }
+
+    /// Restores persisted attachments (at start). Failures keep the entry for a retry.
+    pub fn restore(&mut self) -> Result<(), super::state::StateError> {
+        for p in self.store.load()? {
+            self.unrestored.insert(p.vm_id.clone(), p);
+        }
+        self.retry_restores();
+        Ok(())
+    }
+
+    /// Attaches whatever is persisted but not running. Returns how many are still waiting.
+    pub fn retry_restores(&mut self) -> usize {
+        let waiting: Vec<_> = self.unrestored.values().cloned().collect();
+        for p in waiting {
+            match self.attach(
+                &p.vm_id,
+                Some(p.socket_path.clone()),
+                Some(p.queue_pairs),
+                false,
+            ) {
+                Ok(_) => log::info!("restored attachment of vm {}", p.vm_id),
+                Err(e) => log::warn!(
+                    "cannot restore vm {} yet (will retry): {}",
+                    p.vm_id,
+                    e.message
+                ),
+            }
+        }
+        self.unrestored.len()
+    }
+
+    /// Stops every port without forgetting the attachments (vnpd is shutting down).
+    pub fn shutdown(&mut self) {
+        let ids: Vec<String> = self.attached.keys().cloned().collect();
+        for id in ids {
+            if let Some(a) = self.attached.remove(&id) {
+                self.board.remove(&id);
+                self.stop_port(&id, a.port);
+            }
+        }
+    }
+}
+
+fn check_socket_path(p: &Path) -> Result<(), AdminFailure> {
+    if !p.is_absolute() {
+        return Err(fail(
+            AdminErrorCode::BadRequest,
+            format!("socket path {} must be absolute", p.display()),
+        ));
+    }
+    if p.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(fail(
+            AdminErrorCode::BadRequest,
+            format!(
+                "socket path {} is longer than {MAX_SOCKET_PATH} bytes",
+                p.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A socket file left by a crashed vnpd would make the bind fail; one something still listens
+/// on belongs to someone else and is refused.
+fn remove_stale_socket(p: &Path) -> Result<(), AdminFailure> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(fail(
+            AdminErrorCode::Conflict,
+            format!("{} exists and is not a socket", p.display()),
+        ));
+    }
+    if UnixStream::connect(p).is_ok() {
+        return Err(fail(
+            AdminErrorCode::Conflict,
+            format!("{} is in use by another process", p.display()),
+        ));
+    }
+    std::fs::remove_file(p).map_err(|e| {
+        fail(
+            AdminErrorCode::Port,
+            format!("removing stale {}: {e}", p.display()),
+        )
+    })
+}
