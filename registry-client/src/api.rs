@@ -13,9 +13,13 @@ pub const MAX_ID_LEN: usize = 63;
 
 /// Checks an operator-chosen id: `[a-z0-9-]{1,63}`, not starting or ending with `-`.
 pub fn validate_id(id: &str) -> Result<(), String> {
-    let ok_chars = id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_chars = id
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if id.is_empty() || id.len() > MAX_ID_LEN || !ok_chars {
-        return Err(format!("invalid id {id:?}: use 1-{MAX_ID_LEN} characters of [a-z0-9-]"));
+        return Err(format!(
+            "invalid id {id:?}: use 1-{MAX_ID_LEN} characters of [a-z0-9-]"
+        ));
     }
     if id.starts_with('-') || id.ends_with('-') {
         return Err(format!("invalid id {id:?}: must not start or end with '-'"));
@@ -79,7 +83,10 @@ impl Identity {
             _ => return None,
         };
         validate_id(id).ok()?;
-        Some(Identity { role, id: id.to_string() })
+        Some(Identity {
+            role,
+            id: id.to_string(),
+        })
     }
 }
 
@@ -327,14 +334,16 @@ impl std::str::FromStr for Selector {
             "external" => return Ok(Selector::External),
             _ => {}
         }
-        let (kind, value) = s
-            .split_once(':')
-            .ok_or_else(|| format!("invalid selector {s:?}: use any, external, vm:ID or tag:TAG"))?;
+        let (kind, value) = s.split_once(':').ok_or_else(|| {
+            format!("invalid selector {s:?}: use any, external, vm:ID or tag:TAG")
+        })?;
         validate_id(value)?;
         match kind {
             "vm" => Ok(Selector::Vm(value.to_string())),
             "tag" => Ok(Selector::Tag(value.to_string())),
-            _ => Err(format!("invalid selector {s:?}: use any, external, vm:ID or tag:TAG")),
+            _ => Err(format!(
+                "invalid selector {s:?}: use any, external, vm:ID or tag:TAG"
+            )),
         }
     }
 }
@@ -483,6 +492,12 @@ impl ErrorCode {
     }
 }
 
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
 /// Body of every refusal: `{"error": {"code": ..., "message": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -520,7 +535,10 @@ mod tests {
 
     #[test]
     fn identity_uri_round_trip() {
-        let id = Identity { role: Role::Host, id: "h1".into() };
+        let id = Identity {
+            role: Role::Host,
+            id: "h1".into(),
+        };
         assert_eq!(id.to_uri(), "vnp:host:h1");
         assert_eq!(Identity::from_uri("vnp:host:h1"), Some(id));
         assert_eq!(Identity::from_uri("vnp:root:h1"), None);
@@ -531,7 +549,10 @@ mod tests {
     #[test]
     fn selectors() {
         assert_eq!("vm:a".parse::<Selector>(), Ok(Selector::Vm("a".into())));
-        assert_eq!("tag:web".parse::<Selector>(), Ok(Selector::Tag("web".into())));
+        assert_eq!(
+            "tag:web".parse::<Selector>(),
+            Ok(Selector::Tag("web".into()))
+        );
         assert_eq!("any".parse::<Selector>(), Ok(Selector::Any));
         assert!("host:a".parse::<Selector>().is_err());
         assert!("vm:".parse::<Selector>().is_err());
@@ -554,7 +575,10 @@ mod tests {
 
     #[test]
     fn secret_response_debug_redacts() {
-        let s = SecretResponse { secret: "ab".repeat(32), generation: 1 };
+        let s = SecretResponse {
+            secret: "ab".repeat(32),
+            generation: 1,
+        };
         assert!(!format!("{s:?}").contains("abab"));
     }
 }

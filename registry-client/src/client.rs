@@ -80,7 +80,9 @@ fn parse_key(pem: &[u8]) -> Result<PrivateKey<'static>, ClientError> {
             return Ok(k);
         }
     }
-    Err(ClientError::Config("client key: no private key found".into()))
+    Err(ClientError::Config(
+        "client key: no private key found".into(),
+    ))
 }
 
 /// A blocking client for one registry. Cheap to clone; clones share the connection pool.
@@ -136,8 +138,10 @@ impl RegistryClient {
             .read_to_vec()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&body)
-                .map_err(|e| ClientError::Protocol { status, detail: e.to_string() });
+            return serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+                status,
+                detail: e.to_string(),
+            });
         }
         match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(err) => Err(ClientError::Api {
@@ -160,11 +164,19 @@ impl RegistryClient {
         Self::finish(self.agent.delete(&self.url(path)).call())
     }
 
-    fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         Self::finish(self.agent.post(&self.url(path)).send_json(body))
     }
 
-    fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         Self::finish(self.agent.put(&self.url(path)).send_json(body))
     }
 
@@ -262,7 +274,10 @@ impl RegistryClient {
     }
     /// Replaces the VM's secret with a fresh one (admin); returns the new record.
     pub fn rotate_vm_secret(&self, id: &str) -> Result<VmRecord, ClientError> {
-        self.post(&format!("/v1/vms/{}/secret/rotate", path_seg(id)), &serde_json::json!({}))
+        self.post(
+            &format!("/v1/vms/{}/secret/rotate", path_seg(id)),
+            &serde_json::json!({}),
+        )
     }
     /// The VM's secret and its generation (only the owning host may ask).
     pub fn get_vm_secret(&self, id: &str) -> Result<(VmSecret, u64), ClientError> {
@@ -270,7 +285,12 @@ impl RegistryClient {
         decode_secret(resp)
     }
     /// "VM `id` is now served at (`host_addr`, `port`)" (the owning host); returns the generation.
-    pub fn register_endpoint(&self, id: &str, host_addr: Ipv4Addr, port: u16) -> Result<u64, ClientError> {
+    pub fn register_endpoint(
+        &self,
+        id: &str,
+        host_addr: Ipv4Addr,
+        port: u16,
+    ) -> Result<u64, ClientError> {
         let ack: EndpointAck = self.put(
             &format!("/v1/vms/{}/endpoint", path_seg(id)),
             &EndpointUpdate { host_addr, port },
@@ -302,7 +322,12 @@ impl RegistryClient {
     pub fn request_token(&self, src_vm: &str, dst_ip: Ipv4Addr) -> Result<TokenGrant, ClientError> {
         self.post(
             "/v1/tokens",
-            &TokenRequest { src_vm: Some(src_vm.to_string()), src_gateway: None, src_ip: None, dst_ip },
+            &TokenRequest {
+                src_vm: Some(src_vm.to_string()),
+                src_gateway: None,
+                src_ip: None,
+                dst_ip,
+            },
         )
     }
 
@@ -314,7 +339,12 @@ impl RegistryClient {
     /// Long-polls for changes to `vms` (all VMs if empty) after generation `since`.
     ///
     /// Returns as soon as there is at least one change, or after `timeout` with none.
-    pub fn watch(&self, vms: &[&str], since: u64, timeout: Duration) -> Result<WatchResponse, ClientError> {
+    pub fn watch(
+        &self,
+        vms: &[&str],
+        since: u64,
+        timeout: Duration,
+    ) -> Result<WatchResponse, ClientError> {
         let list: Vec<String> = vms.iter().map(|v| path_seg(v)).collect();
         let url = self.url(&format!(
             "/v1/watch?vms={}&since={since}&timeout_ms={}",
@@ -371,8 +401,18 @@ mod tests {
             key_pem: vec![],
             timeout: Duration::from_secs(1),
         };
-        assert!(matches!(RegistryClient::new(cfg.clone()), Err(ClientError::Config(_))));
-        let cfg = ClientConfig { url: "https://127.0.0.1:1".into(), ca_pem: b"junk".to_vec(), ..cfg };
-        assert!(matches!(RegistryClient::new(cfg), Err(ClientError::Config(_))));
+        assert!(matches!(
+            RegistryClient::new(cfg.clone()),
+            Err(ClientError::Config(_))
+        ));
+        let cfg = ClientConfig {
+            url: "https://127.0.0.1:1".into(),
+            ca_pem: b"junk".to_vec(),
+            ..cfg
+        };
+        assert!(matches!(
+            RegistryClient::new(cfg),
+            Err(ClientError::Config(_))
+        ));
     }
 }

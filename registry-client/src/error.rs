@@ -12,8 +12,12 @@ pub enum ClientError {
     #[error("registry transport error: {0}")]
     Transport(String),
     /// The registry refused the request with a reason.
-    #[error("registry refused ({status} {code:?}): {message}")]
-    Api { status: u16, code: ErrorCode, message: String },
+    #[error("registry refused ({status} {code}): {message}")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
     /// The registry answered something this client does not understand.
     #[error("registry answered an unexpected {status} response: {detail}")]
     Protocol { status: u16, detail: String },

@@ -41,7 +41,10 @@ impl Ipv4Cidr {
         let mask = Self::mask_for(prefix);
         let network = Ipv4Addr::from(u32::from(addr) & mask);
         if network != addr {
-            return Err(NetParseError::CidrHostBits(text, format!("{network}/{prefix}")));
+            return Err(NetParseError::CidrHostBits(
+                text,
+                format!("{network}/{prefix}"),
+            ));
         }
         Ok(Self { network, prefix })
     }
@@ -127,7 +130,11 @@ impl MacAddr {
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4], b[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
     }
 }
 
@@ -250,10 +257,26 @@ mod tests {
 
     #[test]
     fn cidr_rejects_bad_input() {
-        assert!(matches!("10.1.0.5/24".parse::<Ipv4Cidr>(), Err(NetParseError::CidrHostBits(..))));
-        assert!(matches!("10.1.0.0/30".parse::<Ipv4Cidr>(), Err(NetParseError::CidrPrefix(_))));
-        assert!(matches!("10.1.0.0/4".parse::<Ipv4Cidr>(), Err(NetParseError::CidrPrefix(_))));
-        for bad in ["10.1.0.0", "10.1.0.0/", "10.1.0.0/+4", "10.1.0/24", "x/24", "10.1.0.0/024"] {
+        assert!(matches!(
+            "10.1.0.5/24".parse::<Ipv4Cidr>(),
+            Err(NetParseError::CidrHostBits(..))
+        ));
+        assert!(matches!(
+            "10.1.0.0/30".parse::<Ipv4Cidr>(),
+            Err(NetParseError::CidrPrefix(_))
+        ));
+        assert!(matches!(
+            "10.1.0.0/4".parse::<Ipv4Cidr>(),
+            Err(NetParseError::CidrPrefix(_))
+        ));
+        for bad in [
+            "10.1.0.0",
+            "10.1.0.0/",
+            "10.1.0.0/+4",
+            "10.1.0/24",
+            "x/24",
+            "10.1.0.0/024",
+        ] {
             assert!(bad.parse::<Ipv4Cidr>().is_err(), "{bad}");
         }
     }

@@ -59,7 +59,11 @@ impl TokenCache {
     /// A cache holding at most `capacity` grants (at least 1); refreshes when less than 20 % of
     /// a grant's lifetime is left.
     pub fn new(capacity: usize) -> TokenCache {
-        TokenCache { entries: HashMap::new(), capacity: capacity.max(1), refresh_fraction: 0.2 }
+        TokenCache {
+            entries: HashMap::new(),
+            capacity: capacity.max(1),
+            refresh_fraction: 0.2,
+        }
     }
 
     /// Changes the refresh-ahead point (fraction of lifetime left, clamped to 0..=1).
@@ -80,17 +84,32 @@ impl TokenCache {
 
     /// A usable (not yet expired at `now`) grant for the pair.
     pub fn get(&self, src_vm: &str, dst_ip: Ipv4Addr, now: u32) -> Option<&TokenGrant> {
-        let key = PairKey { src_vm: src_vm.to_string(), dst_ip };
-        self.entries.get(&key).map(|e| &e.grant).filter(|g| g.expiry == u32::MAX || g.expiry > now)
+        let key = PairKey {
+            src_vm: src_vm.to_string(),
+            dst_ip,
+        };
+        self.entries
+            .get(&key)
+            .map(|e| &e.grant)
+            .filter(|g| g.expiry == u32::MAX || g.expiry > now)
     }
 
     /// Stores a grant fetched at `now` for `src_vm`.
     pub fn insert(&mut self, src_vm: &str, grant: TokenGrant, now: u32) {
-        let key = PairKey { src_vm: src_vm.to_string(), dst_ip: grant.dst_ip };
+        let key = PairKey {
+            src_vm: src_vm.to_string(),
+            dst_ip: grant.dst_ip,
+        };
         if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
             self.evict_one();
         }
-        self.entries.insert(key, Entry { grant, fetched_at: now });
+        self.entries.insert(
+            key,
+            Entry {
+                grant,
+                fetched_at: now,
+            },
+        );
     }
 
     fn evict_one(&mut self) {
@@ -123,7 +142,8 @@ impl TokenCache {
     /// Drops expired grants; returns how many.
     pub fn purge_expired(&mut self, now: u32) -> usize {
         let before = self.entries.len();
-        self.entries.retain(|_, e| e.grant.expiry == u32::MAX || e.grant.expiry > now);
+        self.entries
+            .retain(|_, e| e.grant.expiry == u32::MAX || e.grant.expiry > now);
         before - self.entries.len()
     }
 
@@ -179,7 +199,11 @@ mod tests {
         assert!(c.needs_refresh(799).is_empty());
         assert_eq!(c.needs_refresh(800).len(), 1);
         c.insert("a", grant("c", 4, u32::MAX), 0);
-        assert_eq!(c.needs_refresh(5000).len(), 1, "never-expiring grants are not refreshed");
+        assert_eq!(
+            c.needs_refresh(5000).len(),
+            1,
+            "never-expiring grants are not refreshed"
+        );
     }
 
     #[test]
