@@ -180,6 +180,39 @@ impl RegistryClient {
         Self::finish(self.agent.put(&self.url(path)).send_json(body))
     }
 
+    /// Sends an arbitrary request and returns the status and body unparsed (debugging, tests
+    /// of malformed input). `method` is GET, POST, PUT or DELETE.
+    pub fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let url = self.url(path);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("POST", b) => self
+                .agent
+                .post(&url)
+                .content_type("application/json")
+                .send(b.unwrap_or_default()),
+            ("PUT", b) => self
+                .agent
+                .put(&url)
+                .content_type("application/json")
+                .send(b.unwrap_or_default()),
+            _ => return Err(ClientError::Config(format!("unsupported method {method}"))),
+        };
+        let mut resp = result.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_to_vec()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok((status, body))
+    }
+
     /// Who the registry thinks we are (from our certificate).
     pub fn whoami(&self) -> Result<Identity, ClientError> {
         self.get("/v1/whoami")

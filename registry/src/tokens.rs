@@ -483,6 +483,78 @@ mod tests {
         }
     }
 
+    /// The registry's whole decision path, not just the MAC, reproduces the token vectors that
+    /// `docs/protocol.md` publishes (vector 1: a -> b, vector 2: b -> a never expiring).
+    #[test]
+    fn registry_reproduces_published_vectors() {
+        use vnp_protocol::vectors::TOKEN_VECTORS;
+        let doc = include_str!("../../docs/protocol.md");
+        let mut m = Model::default();
+        let n = NetworkSpec {
+            id: "n".into(),
+            vni: Some(7),
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        };
+        let ops = plan::create_network(&m, &n).unwrap().0;
+        m.apply(&ops);
+        for (h, last) in [("ha", 1), ("hb", 2)] {
+            let s = HostSpec {
+                id: h.into(),
+                underlay_addr: Ipv4Addr::new(198, 18, 0, last),
+                port_range: None,
+            };
+            let ops = plan::create_host(&m, &s).unwrap().0;
+            m.apply(&ops);
+        }
+        // VM a's secret is vector 2's (the destination of b -> a), b's is vector 1's.
+        for (vm, h, port, v) in [("a", "ha", 40001, 1usize), ("b", "hb", 40002, 0usize)] {
+            let s = VmSpec {
+                id: vm.into(),
+                network: "n".into(),
+                host: Some(h.into()),
+                host_port: Some(port),
+                ..VmSpec::default()
+            };
+            let ops = plan::create_vm(&m, &s, VmSecret::from_bytes(TOKEN_VECTORS[v].secret))
+                .unwrap()
+                .0;
+            m.apply(&ops);
+        }
+        let v1 = &TOKEN_VECTORS[0];
+        let g = grant(
+            &m,
+            &host("ha"),
+            &req("a", [10, 1, 0, 3]),
+            v1.fields.expiry.0 - 600,
+            P,
+        )
+        .unwrap();
+        assert_eq!(g.fields(), v1.fields);
+        assert_eq!(g.token, v1.token_hex);
+        assert!(
+            doc.contains(v1.token_hex),
+            "docs/protocol.md no longer lists vector 1"
+        );
+        let v2 = &TOKEN_VECTORS[1];
+        let g = grant(
+            &m,
+            &host("hb"),
+            &req("b", [10, 1, 0, 2]),
+            1,
+            TokenPolicy { ttl_s: 0 },
+        )
+        .unwrap();
+        assert_eq!(g.fields(), v2.fields);
+        assert_eq!(g.token, v2.token_hex);
+        assert!(
+            doc.contains(v2.token_hex),
+            "docs/protocol.md no longer lists vector 2"
+        );
+    }
+
     #[test]
     fn ttl_zero_never_expires() {
         let m = setup();
