@@ -1,0 +1,2 @@
+//! vnp demo (being written).
+fn main() {}

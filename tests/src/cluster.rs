@@ -1,0 +1,485 @@
+//! A whole vnp deployment on one machine: a registry and N hosts, each host a network
+//! namespace running its own `vnpd`, joined over veth to a core namespace where the registry
+//! listens (underlay 198.18.0.0/24). Guests are real QEMU processes on the hosts' vhost-user
+//! sockets.
+//!
+//! Everything is created under a fresh temp directory and in namespaces with unique names, and
+//! torn down on drop in reverse order (vnpd, registry, namespaces, files), also when a test
+//! panics.
+
+use crate::bins::{bins, Bins};
+use anyhow::{anyhow, bail, Context, Result};
+use qemu_launch::{Guest, GuestSpec, MacAddr as GuestMac, NetStatus};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use vnp_registry_client::vnpd_admin::{AttachmentInfo, VnpdAdminClient};
+use vnp_registry_client::{ClientConfig, RegistryClient, VmRecord, VmSpec};
+use vnp_testkit::netns::{Fabric, Netns, CORE_ADDR};
+use vnp_testkit::process::{ChildGuard, TempDir};
+
+/// The registry's port on [`CORE_ADDR`].
+pub const REGISTRY_PORT: u16 = 7443;
+/// Prometheus port of every vnpd (on its host's underlay address).
+pub const METRICS_PORT: u16 = 9464;
+/// The virtual network all test VMs join.
+pub const NETWORK: &str = "net1";
+/// Its address range.
+pub const NETWORK_CIDR: &str = "10.77.0.0/24";
+/// Guest MTU: a 1500-byte underlay minus the 48 bytes of VNP encapsulation.
+pub const GUEST_MTU: u16 = 1452;
+
+/// How a cluster is built.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Prefix of namespace names (short: interface-name limits do not apply, but `ip netns`
+    /// listings stay readable).
+    pub prefix: String,
+    /// Number of hosts.
+    pub hosts: usize,
+    /// Token lifetime the registry mints with.
+    pub token_ttl_secs: u32,
+    /// vnpd's log filter.
+    pub vnpd_log: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "vnpe2e".into(),
+            hosts: 2,
+            token_ttl_secs: 600,
+            vnpd_log: "info".into(),
+        }
+    }
+}
+
+/// One host: a namespace with a vnpd.
+#[derive(Debug)]
+pub struct Host {
+    /// Registry id (`h-a`, `h-b`, ...).
+    pub id: String,
+    /// Index in the fabric.
+    pub index: usize,
+    /// Underlay address.
+    pub addr: Ipv4Addr,
+    /// vnpd's admin socket.
+    pub admin_socket: PathBuf,
+    /// vnpd's config file.
+    pub config: PathBuf,
+    /// Directory of this host's files.
+    pub dir: PathBuf,
+    vnpd_log: PathBuf,
+    log_filter: String,
+    vnpd: Option<ChildGuard>,
+}
+
+impl Host {
+    /// A client for this vnpd's admin socket.
+    pub fn admin(&self) -> VnpdAdminClient {
+        VnpdAdminClient::new(&self.admin_socket)
+    }
+
+    /// vnpd's metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(self.addr, METRICS_PORT))
+    }
+
+    /// The last lines vnpd wrote to stderr.
+    pub fn vnpd_stderr(&self) -> String {
+        self.vnpd
+            .as_ref()
+            .map(ChildGuard::stderr_tail)
+            .unwrap_or_default()
+    }
+
+    /// pid of the running vnpd.
+    pub fn vnpd_pid(&self) -> Option<u32> {
+        self.vnpd.as_ref().map(ChildGuard::pid)
+    }
+}
+
+/// The running deployment. Field order is drop order.
+#[derive(Debug)]
+pub struct Cluster {
+    hosts: Vec<Host>,
+    registry: Option<ChildGuard>,
+    admin: RegistryClient,
+    fabric: Fabric,
+    bins: Bins,
+    tls_dir: PathBuf,
+    guest_serial: std::sync::atomic::AtomicU32,
+    dir: TempDir,
+}
+
+fn run_tool(cmd: &mut Command) -> Result<String> {
+    let line = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("running {line}"))?;
+    if !out.status.success() {
+        bail!(
+            "{line} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Cluster {
+    /// Builds the fabric, a CA and certificates, starts the registry and one vnpd per host,
+    /// and creates the network and hosts in the registry.
+    pub fn start(opts: &ClusterOptions) -> Result<Self> {
+        let bins = bins()?;
+        let dir = TempDir::new("vnp-e2e").context("creating the work directory")?;
+        let tls_dir = dir.path().join("tls");
+        std::fs::create_dir_all(&tls_dir)?;
+        run_tool(
+            Command::new(&bins.vnpctl)
+                .args(["ca", "init", "--dir"])
+                .arg(&tls_dir)
+                .args(["--san", &CORE_ADDR.to_string()]),
+        )?;
+        let mut fabric = Fabric::new(&opts.prefix).context("creating the core namespace")?;
+        let mut host_ids = Vec::new();
+        for i in 0..opts.hosts {
+            let id = format!("h-{}", (b'a' + i as u8) as char);
+            run_tool(
+                Command::new(&bins.vnpctl)
+                    .args(["cert", "host", "--dir"])
+                    .arg(&tls_dir)
+                    .args(["--id", &id]),
+            )?;
+            fabric
+                .add_host(&opts.prefix)
+                .with_context(|| format!("creating host namespace {id}"))?;
+            host_ids.push(id);
+        }
+
+        let registry_data = dir.path().join("registry");
+        let mut registry = ChildGuard::spawn(
+            "vnp-registry",
+            fabric
+                .core()
+                .command(&bins.registry)
+                .arg("--listen")
+                .arg(format!("{CORE_ADDR}:{REGISTRY_PORT}"))
+                .arg("--data")
+                .arg(&registry_data)
+                .arg("--tls-dir")
+                .arg(&tls_dir)
+                .arg("--token-ttl")
+                .arg(opts.token_ttl_secs.to_string())
+                .stdout(std::process::Stdio::null())
+                .env("RUST_LOG", "info"),
+            Some(&dir.path().join("registry.log")),
+        )?;
+        let core_addr = SocketAddr::from((CORE_ADDR, REGISTRY_PORT));
+        registry.wait_until("the registry to listen", Duration::from_secs(30), || {
+            fabric
+                .core()
+                .enter(move || TcpStream::connect_timeout(&core_addr, Duration::from_millis(200)))
+                .ok()
+                .and_then(Result::ok)
+                .map(|_| ())
+        })?;
+
+        let url = format!("https://{CORE_ADDR}:{REGISTRY_PORT}");
+        let admin = RegistryClient::new(
+            ClientConfig::from_files(
+                &url,
+                &tls_dir.join("ca.pem"),
+                &tls_dir.join("admin.pem"),
+                &tls_dir.join("admin.key"),
+            )
+            .map_err(|e| anyhow!("{e}"))?,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            registry: Some(registry),
+            admin,
+            fabric,
+            bins,
+            tls_dir,
+            guest_serial: std::sync::atomic::AtomicU32::new(0),
+            dir,
+        };
+        let spec = serde_json::json!({
+            "id": NETWORK, "cidr": NETWORK_CIDR, "mtu": GUEST_MTU,
+        });
+        cluster.registry(move |c| {
+            c.create_network(&serde_json::from_value(spec).expect("network spec"))
+        })?;
+        for (i, id) in host_ids.iter().enumerate() {
+            let addr = Fabric::host_addr(i);
+            let spec = serde_json::json!({ "id": id, "underlay_addr": addr });
+            cluster.registry(move |c| {
+                c.create_host(&serde_json::from_value(spec).expect("host spec"))
+            })?;
+            let host = cluster.make_host(i, id, &url, &opts.vnpd_log)?;
+            cluster.hosts.push(host);
+            cluster.start_vnpd(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn make_host(&self, index: usize, id: &str, url: &str, log: &str) -> Result<Host> {
+        let dir = self.dir.path().join(id);
+        std::fs::create_dir_all(&dir)?;
+        let addr = Fabric::host_addr(index);
+        let admin_socket = dir.join("admin.sock");
+        let config = dir.join("vnpd.toml");
+        let tls = &self.tls_dir;
+        let text = format!(
+            "host_id = \"{id}\"\n\
+             underlay_addr = \"{addr}\"\n\
+             underlay_mtu = 1500\n\
+             socket_dir = \"{sockets}\"\n\
+             state_dir = \"{state}\"\n\
+             admin_socket = \"{admin}\"\n\
+             metrics_listen = \"{addr}:{METRICS_PORT}\"\n\
+             [registry]\n\
+             url = \"{url}\"\n\
+             ca_cert = \"{ca}\"\n\
+             client_cert = \"{cert}\"\n\
+             client_key = \"{key}\"\n",
+            sockets = dir.join("sockets").display(),
+            state = dir.join("state").display(),
+            admin = admin_socket.display(),
+            ca = tls.join("ca.pem").display(),
+            cert = tls.join(format!("host-{id}.pem")).display(),
+            key = tls.join(format!("host-{id}.key")).display(),
+        );
+        std::fs::write(&config, text)?;
+        Ok(Host {
+            id: id.to_string(),
+            index,
+            addr,
+            admin_socket,
+            config,
+            vnpd_log: dir.join("vnpd.log"),
+            log_filter: log.to_string(),
+            dir,
+            vnpd: None,
+        })
+    }
+
+    /// Starts (or restarts) host `i`'s vnpd and waits for its admin socket to answer.
+    pub fn start_vnpd(&mut self, i: usize) -> Result<()> {
+        let ns = self.fabric.host(i);
+        let host = &mut self.hosts[i];
+        let mut child = ChildGuard::spawn(
+            &format!("vnpd-{}", host.id),
+            ns.command(&self.bins.vnpd)
+                .arg("--config")
+                .arg(&host.config)
+                .args(["--log-level", &host.log_filter])
+                .stdout(std::process::Stdio::null()),
+            Some(&host.vnpd_log),
+        )?;
+        let admin = host.admin().with_timeout(Duration::from_secs(2));
+        child.wait_until("vnpd's admin socket", Duration::from_secs(30), || {
+            admin.list().ok().map(|_| ())
+        })?;
+        host.vnpd = Some(child);
+        Ok(())
+    }
+
+    /// Stops host `i`'s vnpd with SIGTERM (attachments stay persisted).
+    pub fn stop_vnpd(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.hosts[i].vnpd.take() {
+            let status = c.terminate(Duration::from_secs(10))?;
+            if !status.success() {
+                bail!(
+                    "vnpd {} exited with {status}; stderr:\n{}",
+                    self.hosts[i].id,
+                    c.stderr_tail()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Host `i`.
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// Host `i`'s namespace.
+    pub fn host_ns(&self, i: usize) -> &Netns {
+        self.fabric.host(i)
+    }
+
+    /// The fabric (namespaces).
+    pub fn fabric(&self) -> &Fabric {
+        &self.fabric
+    }
+
+    /// The work directory (unique; appears in every daemon's command line).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `f` with the admin registry client, inside the core namespace.
+    pub fn registry<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&RegistryClient) -> Result<R, vnp_registry_client::ClientError> + Send + 'static,
+    ) -> Result<R> {
+        let c = self.admin.clone();
+        self.fabric
+            .core()
+            .enter(move || f(&c))
+            .map_err(|e| anyhow!("{e}"))?
+            .map_err(|e| anyhow!("registry: {e}"))
+    }
+
+    /// Creates VM `id` on host `host` in [`NETWORK`] (address, MAC and UDP port allocated by
+    /// the registry).
+    pub fn create_vm(&self, id: &str, host: usize, tags: &[&str]) -> Result<VmRecord> {
+        let spec = VmSpec {
+            id: id.to_string(),
+            network: NETWORK.to_string(),
+            host: Some(self.hosts[host].id.clone()),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..VmSpec::default()
+        };
+        self.registry(move |c| c.create_vm(&spec))
+    }
+
+    /// Attaches VM `id` to host `host`'s vnpd.
+    pub fn attach(&self, host: usize, id: &str) -> Result<AttachmentInfo> {
+        self.hosts[host]
+            .admin()
+            .attach(id, None, None)
+            .map_err(|e| anyhow!("attach {id} on {}: {e}", self.hosts[host].id))
+    }
+
+    /// Boots a QEMU guest on an attachment's socket and waits for its command channel.
+    pub fn launch_guest(&self, att: &AttachmentInfo) -> Result<Guest> {
+        let mac: GuestMac = att
+            .mac
+            .parse()
+            .map_err(|e| anyhow!("registry MAC {}: {e:?}", att.mac))?;
+        let mut spec = GuestSpec::new(att.vm_id.clone(), mac);
+        spec.vhost_user_socket = Some(att.socket_path.clone());
+        spec.queue_pairs = att.queue_pairs;
+        let n = self
+            .guest_serial
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let work = self.dir.path().join(format!("guest-{}-{n}", att.vm_id));
+        std::fs::create_dir_all(&work)?;
+        spec.work_dir = Some(work);
+        let mut g = Guest::launch(spec).map_err(|e| anyhow!("launching {}: {e}", att.vm_id))?;
+        g.wait_ready(Duration::from_secs(180))
+            .map_err(|e| anyhow!("{} did not boot: {e}", att.vm_id))?;
+        Ok(g)
+    }
+
+    /// Scrapes host `i`'s Prometheus endpoint (from inside its namespace).
+    pub fn scrape(&self, i: usize) -> Result<String> {
+        let addr = self.hosts[i].metrics_addr();
+        self.fabric
+            .host(i)
+            .enter(move || -> std::io::Result<String> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: vnpd\r\nConnection: close\r\n\r\n")?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .map_err(|e| anyhow!("{e}"))?
+            .context("scraping metrics")
+            .and_then(|resp| {
+                let (head, body) = resp
+                    .split_once("\r\n\r\n")
+                    .ok_or_else(|| anyhow!("malformed HTTP answer"))?;
+                if !head.starts_with("HTTP/1.1 200") {
+                    bail!("metrics answered {head}");
+                }
+                Ok(body.to_string())
+            })
+    }
+
+    /// One counter of host `i`'s Prometheus export (0 when absent).
+    pub fn metric(&self, i: usize, metric: &str, labels: &[(&str, &str)]) -> Result<u64> {
+        let text = self.scrape(i)?;
+        Ok(vnpd::metrics::prometheus::sample_value(&text, metric, labels).unwrap_or(0))
+    }
+
+    /// vnpd's stderr tails of every host, for failure messages.
+    pub fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| format!("--- vnpd {} ---\n{}\n", h.id, h.vnpd_stderr()))
+            .chain(
+                self.registry
+                    .as_ref()
+                    .map(|r| format!("--- registry ---\n{}\n", r.stderr_tail())),
+            )
+            .collect()
+    }
+
+    /// Names of every namespace of this cluster (to check they are gone after drop).
+    pub fn namespace_names(&self) -> Vec<String> {
+        self.fabric.names()
+    }
+}
+
+/// Waits until the guest has a DHCP lease; returns (address with prefix, router, mtu).
+pub fn wait_dhcp(g: &mut Guest) -> Result<(String, String, u32)> {
+    match g
+        .wait_network(Duration::from_secs(90))
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        NetStatus::Bound {
+            address,
+            router,
+            mtu,
+        } => Ok((address, router, mtu)),
+        other => {
+            // udhcpc keeps trying in the background: give it another round.
+            std::thread::sleep(Duration::from_secs(10));
+            match g
+                .wait_network(Duration::from_secs(30))
+                .map_err(|e| anyhow!("{e}"))?
+            {
+                NetStatus::Bound {
+                    address,
+                    router,
+                    mtu,
+                } => Ok((address, router, mtu)),
+                again => bail!(
+                    "{}: no DHCP lease ({other:?}, then {again:?}); console:\n{}",
+                    g.name(),
+                    g.console()
+                ),
+            }
+        }
+    }
+}
+
+/// Asserts that nothing of a dropped cluster survives: no process mentioning its directory,
+/// none of its namespaces, no guest QEMU.
+pub fn assert_nothing_left(dir: &Path, namespaces: &[String]) {
+    let needle = dir.to_string_lossy().to_string();
+    let mut left = vnp_testkit::process::processes_matching(&needle);
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = vnp_testkit::process::processes_matching(&needle);
+    }
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    for n in namespaces {
+        assert!(
+            !vnp_testkit::netns::namespace_exists(n),
+            "namespace {n} left behind"
+        );
+    }
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}

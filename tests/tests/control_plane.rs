@@ -1,0 +1,97 @@
+//! vnpd's control plane against the real registry, without guests: attach (record, secret,
+//! endpoint registration), refusals, persistence across a restart, detach, metrics.
+//!
+//! Needs root (network namespaces). Run: `cargo test -p vnp-e2e --test control_plane`.
+
+use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
+use vnp_registry_client::vnpd_admin::{AdminClientError, AdminErrorCode};
+
+#[test]
+fn attach_persist_restart_detach() {
+    let opts = ClusterOptions {
+        prefix: "vnpcp".into(),
+        ..ClusterOptions::default()
+    };
+    let mut c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+
+    let rec_a = c.create_vm("vm-a", 0, &[]).unwrap();
+    c.create_vm("vm-b", 1, &[]).unwrap();
+
+    // Attach: the answer is what the registry says, not what anyone claims.
+    let att_a = c
+        .attach(0, "vm-a")
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(att_a.vm_ip, rec_a.ip);
+    assert_eq!(att_a.network_id, rec_a.vni);
+    assert_eq!(att_a.mac, rec_a.mac.to_string());
+    assert_eq!(Some(att_a.udp_port), rec_a.host_port);
+    assert_eq!(att_a.host_addr, c.host(0).addr);
+    assert_eq!(att_a.guest_mtu, 1452);
+    assert!(att_a.socket_path.exists(), "vhost-user socket not created");
+    c.attach(1, "vm-b").unwrap();
+
+    // The endpoint is registered at the registry.
+    let after = c.registry(|r| r.get_vm("vm-a")).unwrap();
+    let ep = after.endpoint.expect("endpoint registered");
+    assert_eq!((ep.host_addr, ep.port), (att_a.host_addr, att_a.udp_port));
+
+    // Attaching again with the same parameters is a no-op; a VM of another host is refused.
+    assert_eq!(c.attach(0, "vm-a").unwrap(), att_a);
+    match c.host(0).admin().attach("vm-b", None, None) {
+        // Refused by vnpd (assigned elsewhere) or by the registry (not this host's VM).
+        Err(AdminClientError::Refused(f)) => {
+            assert!(
+                matches!(f.code, AdminErrorCode::Conflict | AdminErrorCode::Registry),
+                "{f:?}"
+            );
+            assert!(f.message.contains("vm-b"), "{}", f.message);
+        }
+        other => panic!("attaching another host's VM: {other:?}"),
+    }
+    match c.host(0).admin().attach("no-such-vm", None, None) {
+        Err(AdminClientError::Refused(f)) => assert_eq!(f.code, AdminErrorCode::Registry),
+        other => panic!("attaching an unknown VM: {other:?}"),
+    }
+    match c.host(0).admin().attach("../etc", None, None) {
+        Err(AdminClientError::Refused(f)) => assert_eq!(f.code, AdminErrorCode::BadRequest),
+        other => panic!("attaching a bad id: {other:?}"),
+    }
+
+    // Metrics list the VM with every drop reason at zero.
+    let text = c.scrape(0).unwrap();
+    assert!(
+        text.contains("vnpd_drops_total{vm=\"vm-a\",reason=\"rx_bad_token\"} 0"),
+        "{text}"
+    );
+    assert_eq!(
+        c.metric(0, "vnpd_attached_vms", &[("host", "h-a")])
+            .unwrap(),
+        1
+    );
+
+    // Restart host a's vnpd: the attachment comes back from the state dir.
+    c.stop_vnpd(0).unwrap();
+    assert!(!att_a.socket_path.exists(), "socket left after stop");
+    c.start_vnpd(0).unwrap();
+    let list = c.host(0).admin().list().unwrap();
+    assert_eq!(list.len(), 1, "attachment not restored: {}", c.logs());
+    assert_eq!(list[0].vm_id, "vm-a");
+    assert_eq!(list[0].udp_port, att_a.udp_port);
+    assert!(att_a.socket_path.exists());
+
+    // Detach: socket gone, not restored after another restart.
+    c.host(0).admin().detach("vm-a").unwrap();
+    assert!(!att_a.socket_path.exists());
+    match c.host(0).admin().detach("vm-a") {
+        Err(AdminClientError::Refused(f)) => assert_eq!(f.code, AdminErrorCode::NotAttached),
+        other => panic!("second detach: {other:?}"),
+    }
+    c.stop_vnpd(0).unwrap();
+    c.start_vnpd(0).unwrap();
+    assert!(c.host(0).admin().list().unwrap().is_empty());
+
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
