@@ -456,10 +456,8 @@ impl PairWorker {
                 false
             }
         };
-        if delivered || !bad.is_empty() {
-            if rx.needs_notification().unwrap_or(true) {
-                let _ = rx.signal_used_queue();
-            }
+        if (delivered || !bad.is_empty()) && rx.needs_notification().unwrap_or(true) {
+            let _ = rx.signal_used_queue();
         }
         delivered
     }

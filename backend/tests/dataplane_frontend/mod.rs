@@ -1,0 +1,379 @@
+//! A small but real vhost-user *frontend* for tests: it plays the VMM and the guest driver.
+//!
+//! It shares memfd-backed "guest memory" with vnpd over the vhost-user socket (the same protocol
+//! messages QEMU sends), lays out split virtqueues in that memory and drives them like a virtio-net
+//! driver: TX frames behind a virtio-net header, RX buffers posted and harvested from the used
+//! ring. Because it writes the rings itself, it can also hand vnpd broken descriptor chains.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const BUF_LEN: u64 = 2048;
+pub const VNET_HDR: usize = 12;
+const MEM_SIZE: usize = 8 << 20;
+
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+
+/// Where a descriptor's `next` points.
+#[derive(Debug, Clone, Copy)]
+pub enum Next {
+    /// No successor.
+    End,
+    /// The descriptor `n` places after this chain's first one.
+    Rel(u16),
+    /// An absolute descriptor index (possibly invalid).
+    Abs(u16),
+}
+
+/// One descriptor of a hand-made chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+    pub next: Next,
+}
+
+struct Ring {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    bufs: u64,
+    avail_idx: u16,
+    used_seen: u16,
+    next_desc: u16,
+}
+
+pub struct TestFrontend {
+    fe: Frontend,
+    pub mem: GuestMemoryMmap<()>,
+    rings: Vec<Ring>,
+    kicks: Vec<EventFd>,
+    _calls: Vec<EventFd>,
+    _file: File,
+    pub features: u64,
+}
+
+fn memfd(size: usize) -> io::Result<File> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(c"vnp-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, owned file descriptor.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size as u64)?;
+    Ok(file)
+}
+
+pub fn connect_retry(path: &Path, queues: u64) -> Frontend {
+    let start = Instant::now();
+    loop {
+        match Frontend::connect(path, queues) {
+            Ok(f) => return f,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("connect {}: {e}", path.display()),
+        }
+    }
+}
+
+impl TestFrontend {
+    /// Connects to vnpd's socket and brings up `pairs` queue pairs (features: VERSION_1, MAC,
+    /// MTU, STATUS, MRG_RXBUF, EVENT_IDX, MQ).
+    pub fn connect(path: &Path, pairs: u16) -> TestFrontend {
+        let nq = usize::from(pairs) * 2;
+        let mut fe = connect_retry(path, nq as u64);
+        fe.set_owner().unwrap();
+        let offered = fe.get_features().unwrap();
+        let want = (1u64 << 32)
+            | (1 << 5)
+            | (1 << 3)
+            | (1 << 16)
+            | (1 << 15)
+            | (1 << 29)
+            | (1 << 22)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let features = offered & want;
+        fe.set_features(features).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        assert!(!pf.contains(VhostUserProtocolFeatures::RARP));
+        assert!(!pf.contains(VhostUserProtocolFeatures::MTU));
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG),
+        )
+        .unwrap();
+        assert_eq!(fe.get_queue_num().unwrap(), nq as u64);
+
+        let file = memfd(MEM_SIZE).unwrap();
+        let mem: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            MEM_SIZE,
+            Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+        )])
+        .unwrap();
+        let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        }])
+        .unwrap();
+
+        let mut rings = Vec::new();
+        let mut kicks = Vec::new();
+        let mut calls = Vec::new();
+        for q in 0..nq {
+            let base = 0x1_0000 + q as u64 * 0x1_0000;
+            let ring = Ring {
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                bufs: 0x10_0000 + q as u64 * 0x8_0000,
+                avail_idx: 0,
+                used_seen: 0,
+                next_desc: 0,
+            };
+            fe.set_vring_num(q, QUEUE_SIZE).unwrap();
+            fe.set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host + ring.desc,
+                    used_ring_addr: host + ring.used,
+                    avail_ring_addr: host + ring.avail,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            fe.set_vring_base(q, 0).unwrap();
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            fe.set_vring_call(q, &call).unwrap();
+            fe.set_vring_kick(q, &kick).unwrap();
+            rings.push(ring);
+            kicks.push(kick);
+            calls.push(call);
+        }
+        for q in 0..nq {
+            fe.set_vring_enable(q, true).unwrap();
+        }
+        TestFrontend {
+            fe,
+            mem,
+            rings,
+            kicks,
+            _calls: calls,
+            _file: file,
+            features,
+        }
+    }
+
+    /// The device's config space (mac, status, max pairs, mtu).
+    pub fn config(&mut self) -> [u8; 12] {
+        let (_, payload) = self
+            .fe
+            .get_config(0, 12, VhostUserConfigFlags::WRITABLE, &[0u8; 12])
+            .unwrap();
+        payload[..12].try_into().unwrap()
+    }
+
+    fn write_desc(&self, q: usize, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let r = &self.rings[q];
+        let at = GuestAddress(r.desc + u64::from(idx % QUEUE_SIZE) * 16);
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&d, at).unwrap();
+    }
+
+    fn publish(&mut self, q: usize, head: u16) {
+        let r = &mut self.rings[q];
+        let slot = GuestAddress(r.avail + 4 + u64::from(r.avail_idx % QUEUE_SIZE) * 2);
+        self.mem.write_obj(head.to_le(), slot).unwrap();
+        r.avail_idx = r.avail_idx.wrapping_add(1);
+        let idx = r.avail_idx;
+        let avail = r.avail;
+        self.mem
+            .store(idx.to_le(), GuestAddress(avail + 2), Ordering::Release)
+            .unwrap();
+        self.kicks[q].write(1).unwrap();
+    }
+
+    fn buf_addr(&self, q: usize, desc: u16) -> u64 {
+        self.rings[q].bufs + u64::from(desc % QUEUE_SIZE) * BUF_LEN
+    }
+
+    /// Sends `frame` (an Ethernet frame) on pair `pair`'s TX queue behind a zero virtio-net
+    /// header, in one descriptor.
+    pub fn send(&mut self, pair: usize, frame: &[u8]) {
+        let q = pair * 2 + 1;
+        let idx = self.rings[q].next_desc;
+        self.rings[q].next_desc = idx.wrapping_add(1) % QUEUE_SIZE;
+        let addr = self.buf_addr(q, idx);
+        let mut data = vec![0u8; VNET_HDR];
+        data.extend_from_slice(frame);
+        assert!(data.len() as u64 <= BUF_LEN);
+        self.mem.write_slice(&data, GuestAddress(addr)).unwrap();
+        self.write_desc(q, idx, addr, data.len() as u32, 0, 0);
+        self.publish(q, idx);
+    }
+
+    /// Sends a hand-made descriptor chain on pair `pair`'s TX queue. Descriptors occupy
+    /// consecutive indices starting at the chain's head.
+    pub fn send_chain(&mut self, pair: usize, descs: &[Desc]) {
+        let q = pair * 2 + 1;
+        let head = self.rings[q].next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let idx = (head + i as u16) % QUEUE_SIZE;
+            let (flags, next) = match d.next {
+                Next::End => (0, 0),
+                Next::Rel(n) => (F_NEXT, (head + n) % QUEUE_SIZE),
+                Next::Abs(n) => (F_NEXT, n),
+            };
+            let flags = flags | if d.write { F_WRITE } else { 0 };
+            self.write_desc(q, idx, d.addr, d.len, flags, next);
+        }
+        self.rings[q].next_desc = (head + descs.len().max(1) as u16) % QUEUE_SIZE;
+        self.publish(q, head);
+    }
+
+    /// Writes bytes into "guest memory" at a test-chosen address (for hand-made chains).
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// A scratch address in guest memory for hand-made buffers.
+    pub fn scratch(&self, n: u64) -> u64 {
+        0x60_0000 + n * BUF_LEN
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        u16::from_le(
+            self.mem
+                .load(GuestAddress(self.rings[q].used + 2), Ordering::Acquire)
+                .unwrap(),
+        )
+    }
+
+    /// How many TX chains vnpd has returned so far on `pair`.
+    pub fn tx_completed(&self, pair: usize) -> u16 {
+        self.used_idx(pair * 2 + 1)
+    }
+
+    /// Waits until vnpd has returned `n` TX chains in total on `pair`.
+    pub fn wait_tx_completed(&self, pair: usize, n: u16, timeout: Duration) {
+        let start = Instant::now();
+        while self.tx_completed(pair) < n {
+            assert!(
+                start.elapsed() < timeout,
+                "only {} of {n} TX chains returned",
+                self.tx_completed(pair)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Posts `n` receive buffers of `len` bytes on pair `pair`'s RX queue.
+    pub fn post_rx(&mut self, pair: usize, n: usize, len: u32) {
+        let q = pair * 2;
+        for _ in 0..n {
+            let idx = self.rings[q].next_desc;
+            self.rings[q].next_desc = idx.wrapping_add(1) % QUEUE_SIZE;
+            let addr = self.buf_addr(q, idx);
+            self.write_desc(q, idx, addr, len, F_WRITE, 0);
+            self.publish(q, idx);
+        }
+    }
+
+    /// Posts one hand-made RX chain.
+    pub fn post_rx_chain(&mut self, pair: usize, descs: &[Desc]) {
+        let q = pair * 2;
+        let head = self.rings[q].next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let idx = (head + i as u16) % QUEUE_SIZE;
+            let (flags, next) = match d.next {
+                Next::End => (0, 0),
+                Next::Rel(n) => (F_NEXT, (head + n) % QUEUE_SIZE),
+                Next::Abs(n) => (F_NEXT, n),
+            };
+            let flags = flags | if d.write { F_WRITE } else { 0 };
+            self.write_desc(q, idx, d.addr, d.len, flags, next);
+        }
+        self.rings[q].next_desc = (head + descs.len().max(1) as u16) % QUEUE_SIZE;
+        self.publish(q, head);
+    }
+
+    /// Harvests used RX entries: (descriptor id, used length, bytes including the virtio-net
+    /// header). Waits up to `timeout` for at least `min` of them.
+    pub fn recv(&mut self, pair: usize, min: usize, timeout: Duration) -> Vec<(u16, u32, Vec<u8>)> {
+        let q = pair * 2;
+        let start = Instant::now();
+        let mut out = Vec::new();
+        loop {
+            let used = self.used_idx(q);
+            while self.rings[q].used_seen != used {
+                let slot =
+                    self.rings[q].used + 4 + u64::from(self.rings[q].used_seen % QUEUE_SIZE) * 8;
+                let mut e = [0u8; 8];
+                self.mem.read_slice(&mut e, GuestAddress(slot)).unwrap();
+                let id = u32::from_le_bytes(e[0..4].try_into().unwrap()) as u16;
+                let len = u32::from_le_bytes(e[4..8].try_into().unwrap());
+                let addr = self.buf_addr(q, id);
+                let mut data = vec![0u8; (len as usize).min(BUF_LEN as usize)];
+                self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+                out.push((id, len, data));
+                self.rings[q].used_seen = self.rings[q].used_seen.wrapping_add(1);
+            }
+            if out.len() >= min || start.elapsed() >= timeout {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// An Ethernet frame.
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An ARP request from (`mac`, `ip`) for `target`.
+pub fn arp_request(mac: [u8; 6], ip: std::net::Ipv4Addr, target: std::net::Ipv4Addr) -> Vec<u8> {
+    let mut a = vec![0, 1, 8, 0, 6, 4, 0, 1];
+    a.extend_from_slice(&mac);
+    a.extend_from_slice(&ip.octets());
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target.octets());
+    ethernet([0xff; 6], mac, 0x0806, &a)
+}
