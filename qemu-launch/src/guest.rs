@@ -18,11 +18,11 @@ use crate::image::GuestImage;
 use crate::qmp::{Qmp, QmpError, VmStatus};
 use crate::spec::{check_socket_path_len, GuestSpec};
 
-/// How long QEMU gets to open its QMP socket and greet.
-const QMP_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default timeout of a single QMP command.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(50);
+/// How long a broken socket may precede QEMU's exit becoming visible to waitpid.
+const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
@@ -180,7 +180,8 @@ impl Guest {
     }
 
     fn connect_qmp(&mut self) -> Result<()> {
-        let deadline = Instant::now() + QMP_START_TIMEOUT;
+        let start_timeout = self.spec.start_timeout;
+        let deadline = Instant::now() + start_timeout;
         loop {
             self.check_alive()?;
             if self.files.qmp_socket.exists() {
@@ -194,7 +195,9 @@ impl Guest {
                     }
                     Err(QmpError::Connect { .. }) => {}
                     Err(e) => {
-                        self.check_alive()?;
+                        if let Some(exited) = self.exited_within_grace() {
+                            return Err(exited);
+                        }
                         let hint = match &self.spec.vhost_user_socket {
                             Some(s) => format!(
                                 " (QEMU waits for the vhost-user backend at {} before it answers QMP; is vnpd serving it?)",
@@ -205,7 +208,7 @@ impl Guest {
                         return Err(Error::Timeout {
                             name: self.spec.name.clone(),
                             what: format!("QMP greeting ({e}){hint}"),
-                            timeout: QMP_START_TIMEOUT,
+                            timeout: start_timeout,
                             diagnostics: Box::new(self.diagnostics()),
                         });
                     }
@@ -215,7 +218,7 @@ impl Guest {
                 return Err(Error::Timeout {
                     name: self.spec.name.clone(),
                     what: "QMP socket creation".into(),
-                    timeout: QMP_START_TIMEOUT,
+                    timeout: start_timeout,
                     diagnostics: Box::new(self.diagnostics()),
                 });
             }
@@ -291,6 +294,13 @@ impl Guest {
         }
     }
 
+    /// After a broken connection: QEMU may be exiting (sockets close before the process is
+    /// reaped), so give it a moment and report the exit rather than the symptom.
+    fn exited_within_grace(&mut self) -> Option<Error> {
+        self.wait_exit(EXIT_GRACE)?;
+        self.check_alive().err()
+    }
+
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.check_alive().is_ok()
@@ -329,7 +339,7 @@ impl Guest {
     }
 
     fn channel_error(&mut self, e: ChannelError) -> Error {
-        if let Err(exited) = self.check_alive() {
+        if let Some(exited) = self.exited_within_grace() {
             return exited;
         }
         Error::Channel {
@@ -421,7 +431,7 @@ impl Guest {
     }
 
     pub(crate) fn qmp_error(&mut self, source: QmpError) -> Error {
-        if let Err(exited) = self.check_alive() {
+        if let Some(exited) = self.exited_within_grace() {
             return exited;
         }
         Error::Qmp {

@@ -1,3 +1,445 @@
-//! Start guests wired to vnpd, drive them over QMP, run live migrations.
+//! `qemu-launch`: start a guest on vnpd with QEMU, print the cloud-hypervisor and libvirt
+//! equivalents, build the test guest, and run a live migration between two vnpd hosts.
 
-fn main() {}
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use qemu_launch::cmdline::{self, GuestFiles};
+use qemu_launch::{
+    migrate, Accel, Guest, GuestImage, GuestSpec, MacAddr, MigrateOptions, TestNetdev,
+};
+
+/// Start guests wired to vnpd (vhost-user), drive them over QMP, run live migrations.
+///
+/// vnpd listens on one vhost-user socket per VM; QEMU connects to it as the client and
+/// reconnects when vnpd restarts. A typical start on a vnpd host:
+///
+///   qemu-launch run --name vm-a --socket /run/vnp/vm-a.sock --mac 02:00:00:00:00:0a
+///
+/// Add --dry-run to only print the QEMU command line; `qemu-launch print --cloud-hypervisor`
+/// and `print --libvirt` show the same wiring for those VMMs.
+#[derive(Debug, Parser)]
+#[command(name = "qemu-launch", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Boot the test guest in QEMU attached to vnpd, wait until it is up, and keep it running
+    /// until Ctrl-C/SIGTERM (clean power-off) or until the guest powers off.
+    Run {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Print the QEMU command line instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds to wait for the guest to come up.
+        #[arg(long, default_value_t = 180)]
+        boot_timeout: u64,
+        /// Run this shell command in the guest once it is up, print its output, then power off.
+        #[arg(long)]
+        exec: Option<String>,
+    },
+    /// Print the command line for a VMM without running anything.
+    Print {
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[arg(long, value_enum, default_value_t = Vmm::Qemu)]
+        vmm: Vmm,
+        /// Shorthand for --vmm cloud-hypervisor.
+        #[arg(long, conflicts_with = "vmm")]
+        cloud_hypervisor: bool,
+        /// Shorthand for --vmm libvirt (an <interface type='vhostuser'> snippet).
+        #[arg(long, conflicts_with_all = ["vmm", "cloud_hypervisor"])]
+        libvirt: bool,
+    },
+    /// Live-migrate a running guest between two vnpd hosts (two vhost-user sockets), or
+    /// between two QEMUs with an isolated QEMU-only NIC (--test-netdev). Boots the source,
+    /// runs --before in it, migrates, runs --after in the destination and prints a JSON report
+    /// with total time and downtime.
+    Migrate {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// vnpd socket on the destination host (the source uses --socket).
+        #[arg(long, requires = "socket")]
+        dst_socket: Option<PathBuf>,
+        /// Migration stream URI (default: a unix socket next to the destination's files).
+        #[arg(long)]
+        uri: Option<String>,
+        /// Shell command run in the guest before migrating (e.g. start a ping in the background).
+        #[arg(long)]
+        before: Option<String>,
+        /// Shell command run in the guest after migrating (e.g. collect the ping statistics).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 180)]
+        boot_timeout: u64,
+        /// Migration downtime limit (ms).
+        #[arg(long)]
+        downtime_limit_ms: Option<u64>,
+    },
+    /// Build (or locate the cached) test guest image and print its directory and manifest.
+    BuildGuest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Vmm {
+    Qemu,
+    CloudHypervisor,
+    Libvirt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TestNet {
+    /// QEMU user networking, restricted: DHCP from QEMU, no traffic leaves QEMU.
+    User,
+}
+
+#[derive(Debug, Args)]
+struct GuestArgs {
+    /// Guest name ([A-Za-z0-9_.-], at most 48 characters).
+    #[arg(long)]
+    name: String,
+    /// vnpd's vhost-user socket for this VM.
+    #[arg(long, conflicts_with = "test_netdev")]
+    socket: Option<PathBuf>,
+    /// MAC address of the NIC (or take it from the registry with --vm).
+    #[arg(long, conflicts_with = "vm")]
+    mac: Option<MacAddr>,
+    /// VM id in the registry: the MAC comes from the registry's record.
+    #[arg(long, requires = "registry")]
+    vm: Option<String>,
+    /// Registry URL (https://...), with --registry-ca/--registry-cert/--registry-key.
+    #[arg(long, env = "VNP_REGISTRY_URL", requires_all = ["registry_ca", "registry_cert", "registry_key"])]
+    registry: Option<String>,
+    #[arg(long, env = "VNP_REGISTRY_CA")]
+    registry_ca: Option<PathBuf>,
+    #[arg(long, env = "VNP_REGISTRY_CERT")]
+    registry_cert: Option<PathBuf>,
+    #[arg(long, env = "VNP_REGISTRY_KEY")]
+    registry_key: Option<PathBuf>,
+    /// A QEMU-only NIC instead of vnpd (tests, demos without vnpd).
+    #[arg(long, value_enum)]
+    test_netdev: Option<TestNet>,
+    /// virtio-net queue pairs.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    #[arg(long, default_value_t = 1)]
+    cpus: u16,
+    /// tcg (default; works without /dev/kvm) or kvm.
+    #[arg(long, default_value = "tcg")]
+    accel: Accel,
+    /// Directory for console log, QEMU log, QMP and command sockets.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Prebuilt guest image directory (vmlinuz, initramfs.img); default: build/locate it.
+    #[arg(long, env = "VNP_GUEST_DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Extra kernel command line word (repeatable), e.g. vnp.nonet.
+    #[arg(long = "kernel-arg")]
+    kernel_args: Vec<String>,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+impl GuestArgs {
+    fn mac(&self) -> Result<MacAddr, String> {
+        if let Some(mac) = self.mac {
+            return Ok(mac);
+        }
+        let Some(vm) = &self.vm else {
+            return Err(
+                "give --mac, or --vm with --registry to take the MAC from the registry".into(),
+            );
+        };
+        let (Some(url), Some(ca), Some(cert), Some(key)) = (
+            &self.registry,
+            &self.registry_ca,
+            &self.registry_cert,
+            &self.registry_key,
+        ) else {
+            return Err(
+                "--vm needs --registry, --registry-ca, --registry-cert and --registry-key".into(),
+            );
+        };
+        let config = vnp_registry_client::client::ClientConfig::from_files(url, ca, cert, key)
+            .map_err(|e| format!("registry client config: {e}"))?;
+        let client = vnp_registry_client::client::RegistryClient::new(config)
+            .map_err(|e| format!("registry client: {e}"))?;
+        let record = client
+            .get_vm(vm)
+            .map_err(|e| format!("registry: looking up VM {vm}: {e}"))?;
+        record
+            .mac
+            .to_string()
+            .parse::<MacAddr>()
+            .map_err(|e| format!("registry MAC of {vm}: {e}"))
+    }
+
+    fn spec(&self) -> Result<GuestSpec, String> {
+        let mut spec = GuestSpec::new(self.name.clone(), self.mac()?);
+        spec.vhost_user_socket = self.socket.clone();
+        spec.test_netdev = self
+            .test_netdev
+            .map(|TestNet::User| TestNetdev::UserIsolated);
+        spec.queue_pairs = self.queues;
+        spec.memory_mib = self.memory;
+        spec.cpus = self.cpus;
+        spec.accel = self.accel;
+        spec.work_dir = self.work_dir.clone();
+        spec.extra_kernel_args = self.kernel_args.clone();
+        spec.qemu_binary = self.qemu.clone();
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
+    fn image(&self) -> Result<GuestImage, String> {
+        match &self.guest_dir {
+            Some(d) => GuestImage::from_dir(d),
+            None => GuestImage::ensure(),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("qemu-launch: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Cmd::BuildGuest => {
+            let img =
+                GuestImage::build(&qemu_launch::image::repo_dir()).map_err(|e| e.to_string())?;
+            println!("{}", img.dir.display());
+            print!("{}", img.manifest);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Print {
+            guest,
+            vmm,
+            cloud_hypervisor,
+            libvirt,
+        } => {
+            let vmm = if cloud_hypervisor {
+                Vmm::CloudHypervisor
+            } else if libvirt {
+                Vmm::Libvirt
+            } else {
+                vmm
+            };
+            print_command(&guest, vmm)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            guest,
+            dry_run: true,
+            ..
+        } => {
+            print_command(&guest, Vmm::Qemu)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            guest,
+            dry_run: false,
+            boot_timeout,
+            exec,
+        } => run_guest(&guest, boot_timeout, exec.as_deref()),
+        Cmd::Migrate {
+            guest,
+            dst_socket,
+            uri,
+            before,
+            after,
+            boot_timeout,
+            downtime_limit_ms,
+        } => run_migration(
+            &guest,
+            dst_socket,
+            uri,
+            before,
+            after,
+            boot_timeout,
+            downtime_limit_ms,
+        ),
+    }
+}
+
+fn planned_files(args: &GuestArgs) -> GuestFiles {
+    let dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("qemu-launch-{}", args.name)));
+    GuestFiles::in_dir(&dir)
+}
+
+fn print_command(args: &GuestArgs, vmm: Vmm) -> Result<(), String> {
+    let spec = args.spec()?;
+    if vmm == Vmm::Libvirt {
+        print!("{}", cmdline::libvirt_interface_xml(&spec));
+        return Ok(());
+    }
+    let boot = args.image()?.boot_files();
+    let files = planned_files(args);
+    match vmm {
+        Vmm::Qemu => {
+            let a = cmdline::qemu_args(&spec, &boot, &files, false);
+            println!(
+                "{}",
+                cmdline::shell_command(&spec.qemu_binary.to_string_lossy(), &a)
+            );
+        }
+        Vmm::CloudHypervisor => {
+            let api = files.qmp_socket.with_file_name("ch-api.sock");
+            let a = cmdline::cloud_hypervisor_args(&spec, &boot, &files, &api);
+            println!("{}", cmdline::shell_command("cloud-hypervisor", &a));
+        }
+        Vmm::Libvirt => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>, String> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(&flag))
+            .map_err(|e| format!("installing signal handler: {e}"))?;
+    }
+    Ok(flag)
+}
+
+fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<ExitCode, String> {
+    let stop = stop_flag()?;
+    let spec = args.spec()?;
+    let boot = args.image()?.boot_files();
+    let mut guest = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
+    eprintln!(
+        "qemu-launch: {} started (QEMU pid {:?}); files in {}",
+        guest.name(),
+        guest.pid(),
+        guest.work_dir().display()
+    );
+    guest
+        .wait_ready(Duration::from_secs(boot_timeout))
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "qemu-launch: {} is up; console: {}",
+        guest.name(),
+        guest.files().console_log.display()
+    );
+    if let Some(cmd) = exec {
+        let out = guest
+            .run(cmd, Duration::from_secs(300))
+            .map_err(|e| e.to_string())?;
+        print!("{}", out.stdout);
+        eprint!("{}", out.stderr);
+        guest
+            .shutdown(Duration::from_secs(30))
+            .map_err(|e| e.to_string())?;
+        return Ok(ExitCode::from(u8::try_from(out.status).unwrap_or(1)));
+    }
+    eprintln!(
+        "qemu-launch: QMP at {}; Ctrl-C powers the guest off",
+        guest.files().qmp_socket.display()
+    );
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            eprintln!("qemu-launch: powering {} off", guest.name());
+            guest
+                .shutdown(Duration::from_secs(30))
+                .map_err(|e| e.to_string())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if let Some(status) = guest.wait_exit(Duration::from_millis(200)) {
+            eprintln!("qemu-launch: QEMU exited ({status})");
+            return Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    }
+}
+
+fn run_migration(
+    args: &GuestArgs,
+    dst_socket: Option<PathBuf>,
+    uri: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+    boot_timeout: u64,
+    downtime_limit_ms: Option<u64>,
+) -> Result<ExitCode, String> {
+    let src_spec = args.spec()?;
+    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
+        return Err("give --socket and --dst-socket (two vnpd hosts) or --test-netdev user".into());
+    }
+    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() {
+        return Err(
+            "--socket needs --dst-socket: the destination host's vnpd socket for this VM".into(),
+        );
+    }
+    let mut dst_spec = src_spec.clone();
+    dst_spec.name = format!("{}-dst", src_spec.name);
+    dst_spec.vhost_user_socket = dst_socket;
+    dst_spec.work_dir = src_spec.work_dir.as_ref().map(|d| Path::new(d).join("dst"));
+    let boot = args.image()?.boot_files();
+    let mut src = Guest::launch_with(src_spec, &boot, false).map_err(|e| e.to_string())?;
+    src.wait_ready(Duration::from_secs(boot_timeout))
+        .map_err(|e| e.to_string())?;
+    if let Some(cmd) = &before {
+        let out = src
+            .run(cmd, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "qemu-launch: before (status {}): {}",
+            out.status,
+            out.stdout.trim_end()
+        );
+    }
+    let opts = MigrateOptions {
+        uri,
+        downtime_limit_ms,
+        ..MigrateOptions::default()
+    };
+    let (mut dst, report) = migrate(&mut src, dst_spec, &opts).map_err(|e| e.to_string())?;
+    drop(src);
+    let mut after_out = None;
+    if let Some(cmd) = &after {
+        let out = dst
+            .run(cmd, Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        after_out = Some(
+            serde_json::json!({ "status": out.status, "stdout": out.stdout, "stderr": out.stderr }),
+        );
+    }
+    let json = serde_json::json!({ "migration": report, "after": after_out });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?
+    );
+    dst.shutdown(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -140,6 +141,9 @@ pub struct GuestSpec {
     /// QEMU binary (default `qemu-system-x86_64` from `PATH`).
     pub qemu_binary: PathBuf,
     pub accel: Accel,
+    /// How long QEMU gets to answer QMP after it starts. With vhost-user, QEMU does not answer
+    /// until it has connected to vnpd, so this bounds the wait for an unresponsive vnpd.
+    pub start_timeout: Duration,
 }
 
 impl GuestSpec {
@@ -157,6 +161,7 @@ impl GuestSpec {
             extra_kernel_args: Vec::new(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
+            start_timeout: Duration::from_secs(30),
         }
     }
 
