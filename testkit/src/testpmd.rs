@@ -909,7 +909,14 @@ impl TestPmd {
 
 impl Drop for TestPmd {
     fn drop(&mut self) {
-        self.shut_down(Duration::from_secs(5));
+        // A testpmd that never became ready (e.g. a virtio_user server still waiting for its
+        // backend) cannot read `quit`: kill it straight away instead of waiting for nothing.
+        let graceful = if self.ready {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        };
+        self.shut_down(graceful);
     }
 }
 

@@ -232,3 +232,33 @@ fn virtio_user_server_mode_accepts_a_connecting_vhost_client() {
         "the listening virtio_user removes its socket"
     );
 }
+
+#[test]
+fn unready_testpmd_is_killed_and_cleaned_up_on_drop() {
+    // A virtio_user server with no backend blocks in start-up forever; dropping it must not
+    // wait for a `quit` it cannot read, and must still remove its files.
+    let _serial = serial();
+    let socket = socket_path("unready");
+    let _ = std::fs::remove_file(&socket);
+    let mut spec = TestPmdSpec::virtio_user(&socket);
+    spec.port = PortKind::VirtioUser {
+        socket: socket.clone(),
+        server: true,
+    };
+    let pmd = TestPmd::spawn(spec).unwrap();
+    let prefix = pmd.file_prefix().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = std::time::Instant::now();
+    drop(pmd);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(leftovers(&prefix).is_empty(), "{:?}", leftovers(&prefix));
+    assert!(!socket.exists());
+}
