@@ -467,6 +467,14 @@ pub(crate) mod tests {
             assert!(len >= wire::ETH_MIN_FRAME_LEN);
             let reply = EthernetFrame::parse(&out[..len]).unwrap();
             assert_eq!(reply.src(), ROUTER_MAC);
+            if reply.ethertype() == ETHERTYPE_IPV4 {
+                // A DHCP reply: consistent lengths and a valid IPv4 header checksum.
+                let datagram = wire::Ipv4Udp::parse(reply.payload()).unwrap();
+                assert_eq!((datagram.src_port, datagram.dst_port), (67, 68));
+                assert_eq!(wire::internet_checksum(&[&reply.payload()[..20]]), 0);
+            } else {
+                assert_eq!(reply.ethertype(), ETHERTYPE_ARP);
+            }
         }
     }
 
