@@ -222,6 +222,62 @@ pub fn libvirt_interface_xml(spec: &GuestSpec) -> String {
     )
 }
 
+/// A complete libvirt domain for the test guest on vnpd (kernel + initramfs boot, console to a
+/// file, the vhost-user NIC), for `virsh define`. Checked against libvirt's schema in tests.
+pub fn libvirt_domain_xml(spec: &GuestSpec, boot: &BootFiles, files: &GuestFiles) -> String {
+    let interface = libvirt_interface_xml(spec);
+    // Reuse the fragment's two parts, indented into place.
+    let indent = |s: &str, n: usize| {
+        s.lines()
+            .filter(|l| !l.trim_start().starts_with("<!--"))
+            .map(|l| format!("{}{l}\n", " ".repeat(n)))
+            .collect::<String>()
+    };
+    let (backing, nic) = match interface.find("<interface") {
+        Some(i) => (&interface[..i], &interface[i..]),
+        None => (interface.as_str(), ""),
+    };
+    let nic = if spec.vhost_user_socket.is_some() {
+        indent(nic, 4)
+    } else {
+        String::new()
+    };
+    let domain_type = match spec.accel {
+        Accel::Tcg => "qemu",
+        Accel::Kvm => "kvm",
+    };
+    format!(
+        "<domain type='{domain_type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>{cpus}</vcpu>
+{backing}  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <serial type='file'>
+      <source path='{console}'/>
+      <target port='0'/>
+    </serial>
+{nic}  </devices>
+</domain>
+",
+        name = xml_escape(&spec.name),
+        mem = spec.memory_mib,
+        cpus = spec.cpus,
+        backing = indent(backing, 2),
+        kernel = xml_escape(&boot.kernel.to_string_lossy()),
+        initrd = xml_escape(&boot.initramfs.to_string_lossy()),
+        cmdline = xml_escape(&kernel_cmdline(spec)),
+        console = xml_escape(&files.console_log.to_string_lossy()),
+    )
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -388,6 +444,21 @@ mod tests {
         let mut s = spec();
         s.vhost_user_socket = Some("/run/a'<b>.sock".into());
         assert!(libvirt_interface_xml(&s).contains("path='/run/a&apos;&lt;b&gt;.sock'"));
+    }
+
+    #[test]
+    fn libvirt_domain_embeds_the_interface_and_shared_memory() {
+        let files = GuestFiles::in_dir(Path::new("/w"));
+        let x = libvirt_domain_xml(&spec(), &boot(), &files);
+        assert!(x.starts_with("<domain type='qemu'>"));
+        assert!(x.contains("    <interface type='vhostuser'>"));
+        assert!(x.contains("  <memoryBacking>"));
+        assert!(x.contains("<kernel>/g/vmlinuz</kernel>"));
+        assert!(x.contains("<source path='/w/console.log'/>"));
+        assert!(!x.contains("<!--"));
+        let mut s = spec();
+        s.vhost_user_socket = None;
+        assert!(!libvirt_domain_xml(&s, &boot(), &files).contains("<interface"));
     }
 
     #[test]

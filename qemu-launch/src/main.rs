@@ -58,6 +58,9 @@ enum Cmd {
         /// Shorthand for --vmm libvirt (an <interface type='vhostuser'> snippet).
         #[arg(long, conflicts_with_all = ["vmm", "cloud_hypervisor"])]
         libvirt: bool,
+        /// Shorthand for --vmm libvirt-domain (a complete domain XML for `virsh define`).
+        #[arg(long, conflicts_with_all = ["vmm", "cloud_hypervisor", "libvirt"])]
+        libvirt_domain: bool,
     },
     /// Live-migrate a running guest between two vnpd hosts (two vhost-user sockets), or
     /// between two QEMUs with an isolated QEMU-only NIC (--test-netdev). Boots the source,
@@ -93,6 +96,7 @@ enum Vmm {
     Qemu,
     CloudHypervisor,
     Libvirt,
+    LibvirtDomain,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -237,11 +241,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             vmm,
             cloud_hypervisor,
             libvirt,
+            libvirt_domain,
         } => {
             let vmm = if cloud_hypervisor {
                 Vmm::CloudHypervisor
             } else if libvirt {
                 Vmm::Libvirt
+            } else if libvirt_domain {
+                Vmm::LibvirtDomain
             } else {
                 vmm
             };
@@ -311,6 +318,7 @@ fn print_command(args: &GuestArgs, vmm: Vmm) -> Result<(), String> {
             let a = cmdline::cloud_hypervisor_args(&spec, &boot, &files, &api);
             println!("{}", cmdline::shell_command("cloud-hypervisor", &a));
         }
+        Vmm::LibvirtDomain => print!("{}", cmdline::libvirt_domain_xml(&spec, &boot, &files)),
         Vmm::Libvirt => unreachable!("handled above"),
     }
     Ok(())
