@@ -410,11 +410,37 @@ impl Cluster {
         Ok(vnpd::metrics::prometheus::sample_value(&text, metric, labels).unwrap_or(0))
     }
 
-    /// vnpd's stderr tails of every host, for failure messages.
+    /// vnpd's stderr tails and non-zero counters of every host, for failure messages.
     pub fn logs(&self) -> String {
         self.hosts
             .iter()
-            .map(|h| format!("--- vnpd {} ---\n{}\n", h.id, h.vnpd_stderr()))
+            .map(|h| {
+                let stats = h
+                    .admin()
+                    .with_timeout(Duration::from_secs(2))
+                    .stats(None)
+                    .map(|vms| {
+                        vms.iter()
+                            .map(|v| {
+                                let nz = |m: &std::collections::BTreeMap<String, u64>| {
+                                    m.iter()
+                                        .filter(|(_, n)| **n > 0)
+                                        .map(|(k, n)| format!("{k}={n}"))
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                };
+                                format!(
+                                    "  {}: {} drops: {}\n",
+                                    v.vm_id,
+                                    nz(&v.counters),
+                                    nz(&v.drops)
+                                )
+                            })
+                            .collect::<String>()
+                    })
+                    .unwrap_or_else(|e| format!("  (no stats: {e})\n"));
+                format!("--- vnpd {} ---\n{}\n{stats}", h.id, h.vnpd_stderr())
+            })
             .chain(
                 self.registry
                     .as_ref()
@@ -482,4 +508,29 @@ pub fn assert_nothing_left(dir: &Path, namespaces: &[String]) {
         );
     }
     assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // VNP_E2E_KEEP_LOGS=DIR keeps every daemon's full log for debugging (the work
+        // directory itself is always removed).
+        let Some(keep) = std::env::var_os("VNP_E2E_KEEP_LOGS") else {
+            return;
+        };
+        let dest = PathBuf::from(keep).join(
+            self.dir
+                .path()
+                .file_name()
+                .unwrap_or_else(|| std::ffi::OsStr::new("cluster")),
+        );
+        let _ = std::fs::create_dir_all(&dest);
+        let _ = std::fs::copy(
+            self.dir.path().join("registry.log"),
+            dest.join("registry.log"),
+        );
+        for h in &self.hosts {
+            let _ = std::fs::copy(&h.vnpd_log, dest.join(format!("vnpd-{}.log", h.id)));
+        }
+        eprintln!("cluster logs kept in {}", dest.display());
+    }
 }
