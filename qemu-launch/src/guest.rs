@@ -16,6 +16,7 @@ use crate::cmdline::{qemu_args, BootFiles, GuestFiles};
 use crate::error::{Diagnostics, Error, Result};
 use crate::image::GuestImage;
 use crate::qmp::{Qmp, QmpError, VmStatus};
+use crate::spawn::spawn_tied_to_process;
 use crate::spec::{check_socket_path_len, GuestSpec};
 
 /// Default timeout of a single QMP command.
@@ -157,18 +158,17 @@ impl Guest {
             .try_clone()
             .map_err(|e| Error::io("duplicating the QEMU log fd", e))?;
         log::debug!("{} {}", self.spec.qemu_binary.display(), args.join(" "));
-        let child = Command::new(&self.spec.qemu_binary)
-            .args(&args)
+        let mut cmd = Command::new(&self.spec.qemu_binary);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             // Own process group: Drop kills QEMU and anything it started, never the caller.
-            .process_group(0)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                program: self.spec.qemu_binary.display().to_string(),
-                source,
-            })?;
+            .process_group(0);
+        let child = spawn_tied_to_process(cmd).map_err(|source| Error::Spawn {
+            program: self.spec.qemu_binary.display().to_string(),
+            source,
+        })?;
         log::info!(
             "guest {}: QEMU pid {} in {}",
             self.spec.name,

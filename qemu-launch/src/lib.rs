@@ -22,6 +22,7 @@ pub mod image;
 mod lines;
 pub mod migration;
 pub mod qmp;
+mod spawn;
 pub mod spec;
 
 pub use channel::CmdOutput;

@@ -257,3 +257,26 @@ fn dropping_a_running_guest_kills_qemu_and_removes_its_files() {
     assert_no_stray_qemu(&name);
     assert!(!dir.exists());
 }
+
+#[test]
+fn qemu_dies_with_a_killed_launcher() {
+    // No destructor runs on SIGKILL (e.g. a CI timeout): QEMU must still go away.
+    let name = unique_name("orphan");
+    let dir = std::env::temp_dir().join(format!("qemu-launch-test-orphan-{}", std::process::id()));
+    let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_qemu-launch"))
+        .args(["run", "--name", &name, "--test-netdev", "user", "--mac", "02:00:00:00:01:01", "--work-dir"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while qemu_pids_for(&name).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the launcher never started QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    assert_no_stray_qemu(&name);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
