@@ -40,11 +40,10 @@ pub fn bin_dir() -> Result<PathBuf> {
 }
 
 fn build(dir: &Path) -> Result<()> {
-    let cargo = std::env::var_os("CARGO")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("CARGO").map(PathBuf::from));
-    let Some(cargo) = cargo else {
-        return Ok(()); // not under cargo: use what is there
+    // Set by `cargo test` and `cargo run`; a binary started directly (scripts/demo) uses
+    // what is already built.
+    let Some(cargo) = std::env::var_os("CARGO").map(PathBuf::from) else {
+        return Ok(());
     };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = Command::new(cargo);
