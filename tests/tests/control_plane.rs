@@ -71,6 +71,41 @@ fn attach_persist_restart_detach() {
         1
     );
 
+    // The operator's view: `vnpctl vnpd list` and `stats --json` over the same socket.
+    let vnpctl = vnp_e2e::bins::bins().unwrap().vnpctl;
+    let out = std::process::Command::new(&vnpctl)
+        .args(["vnpd", "--admin-socket"])
+        .arg(&c.host(0).admin_socket)
+        .arg("list")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("vm-a ") && l.contains(&att_a.vm_ip.to_string())),
+        "{table}"
+    );
+    let out = std::process::Command::new(&vnpctl)
+        .args(["vnpd", "--json", "--admin-socket"])
+        .arg(&c.host(0).admin_socket)
+        .args(["stats", "vm-a"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats[0]["vm_id"], "vm-a");
+    assert_eq!(stats[0]["drops"]["rx_bad_token"], 0);
+
     // Restart host a's vnpd: the attachment comes back from the state dir.
     c.stop_vnpd(0).unwrap();
     assert!(!att_a.socket_path.exists(), "socket left after stop");
