@@ -112,7 +112,14 @@ impl RegistryClient {
         let agent_config = Agent::config_builder()
             .tls_config(tls)
             .http_status_as_error(false)
-            .timeout_global(Some(config.timeout))
+            // Per-phase timeouts rather than a global one: with a global timeout ureq resolves
+            // the host on a fresh thread for every request (even on a pooled connection),
+            // which costs more than the whole token request.
+            .timeout_connect(Some(config.timeout))
+            .timeout_send_request(Some(config.timeout))
+            .timeout_send_body(Some(config.timeout))
+            .timeout_recv_response(Some(config.timeout))
+            .timeout_recv_body(Some(config.timeout))
             .max_idle_connections_per_host(16)
             .build();
         Ok(RegistryClient {
@@ -388,7 +395,7 @@ impl RegistryClient {
             .agent
             .get(&url)
             .config()
-            .timeout_global(Some(timeout + self.timeout))
+            .timeout_recv_response(Some(timeout + self.timeout))
             .build();
         Self::finish(req.call())
     }
