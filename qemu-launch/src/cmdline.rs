@@ -149,6 +149,7 @@ pub fn qemu_args(
     if incoming_defer {
         push(&["-incoming", "defer"]);
     }
+    a.extend(spec.extra_qemu_args.iter().cloned());
     a
 }
 
@@ -380,6 +381,10 @@ mod tests {
             "console=ttyS0 panic=-1 loglevel=4 vnp.hostname=vm-a"
         ));
         assert!(!a.contains(&"-incoming".to_string()));
+        let mut s = spec();
+        s.extra_qemu_args = vec!["-trace".into(), "vhost_user_*".into()];
+        let b = qemu_args(&s, &boot(), &files, false);
+        assert_eq!(&b[b.len() - 2..], ["-trace", "vhost_user_*"]);
         // The console must be the first serial port (ttyS0), the command channel the second.
         let serials: Vec<_> = a
             .windows(2)

@@ -151,7 +151,10 @@ impl Guest {
     }
 
     fn spawn(&mut self, incoming_defer: bool) -> Result<()> {
-        let args = qemu_args(&self.spec, &self.boot, &self.files, incoming_defer);
+        let mut args = qemu_args(&self.spec, &self.boot, &self.files, incoming_defer);
+        if let Ok(extra) = std::env::var("QEMU_LAUNCH_EXTRA_ARGS") {
+            args.extend(extra.split_whitespace().map(String::from));
+        }
         let log = File::create(&self.files.qemu_log)
             .map_err(|e| Error::io(format!("creating {}", self.files.qemu_log.display()), e))?;
         let log2 = log

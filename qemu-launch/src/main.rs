@@ -153,6 +153,9 @@ struct GuestArgs {
     kernel_args: Vec<String>,
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// Extra QEMU argument, appended as given (repeatable), e.g. --qemu-arg=-trace --qemu-arg='vhost_user_*'.
+    #[arg(long = "qemu-arg", allow_hyphen_values = true)]
+    qemu_args: Vec<String>,
 }
 
 impl GuestArgs {
@@ -202,6 +205,7 @@ impl GuestArgs {
         spec.work_dir = self.work_dir.clone();
         spec.extra_kernel_args = self.kernel_args.clone();
         spec.qemu_binary = self.qemu.clone();
+        spec.extra_qemu_args = self.qemu_args.clone();
         spec.validate().map_err(|e| e.to_string())?;
         Ok(spec)
     }
@@ -341,6 +345,7 @@ fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<
     let stop = stop_flag()?;
     let spec = args.spec()?;
     let boot = args.image()?.boot_files();
+    let started = std::time::Instant::now();
     let mut guest = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
     eprintln!(
         "qemu-launch: {} started (QEMU pid {:?}); files in {}",
@@ -352,8 +357,9 @@ fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<
         .wait_ready(Duration::from_secs(boot_timeout))
         .map_err(|e| e.to_string())?;
     eprintln!(
-        "qemu-launch: {} is up; console: {}",
+        "qemu-launch: {} is up {} ms after QEMU started; console: {}",
         guest.name(),
+        started.elapsed().as_millis(),
         guest.files().console_log.display()
     );
     if let Some(cmd) = exec {

@@ -144,6 +144,9 @@ pub struct GuestSpec {
     /// How long QEMU gets to answer QMP after it starts. With vhost-user, QEMU does not answer
     /// until it has connected to vnpd, so this bounds the wait for an unresponsive vnpd.
     pub start_timeout: Duration,
+    /// Extra QEMU arguments appended as given (debugging: `-trace`, `-d`). The environment
+    /// variable `QEMU_LAUNCH_EXTRA_ARGS` (whitespace-separated) adds more to every guest.
+    pub extra_qemu_args: Vec<String>,
 }
 
 impl GuestSpec {
@@ -162,6 +165,7 @@ impl GuestSpec {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Tcg,
             start_timeout: Duration::from_secs(30),
+            extra_qemu_args: Vec::new(),
         }
     }
 

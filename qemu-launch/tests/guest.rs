@@ -264,7 +264,16 @@ fn qemu_dies_with_a_killed_launcher() {
     let name = unique_name("orphan");
     let dir = std::env::temp_dir().join(format!("qemu-launch-test-orphan-{}", std::process::id()));
     let mut cli = std::process::Command::new(env!("CARGO_BIN_EXE_qemu-launch"))
-        .args(["run", "--name", &name, "--test-netdev", "user", "--mac", "02:00:00:00:01:01", "--work-dir"])
+        .args([
+            "run",
+            "--name",
+            &name,
+            "--test-netdev",
+            "user",
+            "--mac",
+            "02:00:00:00:01:01",
+            "--work-dir",
+        ])
         .arg(&dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -272,7 +281,10 @@ fn qemu_dies_with_a_killed_launcher() {
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while qemu_pids_for(&name).is_empty() {
-        assert!(std::time::Instant::now() < deadline, "the launcher never started QEMU");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the launcher never started QEMU"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     cli.kill().unwrap();
