@@ -84,6 +84,37 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     assert!(got.rx_packets <= b_rx);
     assert_eq!(b_bad, 0, "the registry's token was refused");
 
+    // vm-b's endpoint changes (detach + attach re-registers it): host a hears it through
+    // the registry's watch, forgets its token, and the next packet asks again.
+    drop(pmd_b);
+    c.host(1).admin().detach("vm-b").unwrap();
+    let att_b = c.attach(1, "vm-b").unwrap();
+    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
+    spec_b.mode = ForwardMode::RxOnly;
+    spec_b.mac = Some(mac(&att_b.mac));
+    spec_b.main_lcore = Some(1);
+    let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
+    pmd_b.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        pmd_a.start().unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        pmd_a.stop().unwrap();
+        if m(0, "vnpd_token_requests_total", "vm-a") > a_req
+            && m(1, "vnpd_rx_packets_total", "vm-b") > 0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vm-a never re-asked for a token after vm-b's endpoint changed\n{}",
+            c.logs()
+        );
+    }
+    pmd_b.stop().unwrap();
+    assert!(pmd_b.port_stats(0).unwrap().rx_packets > 0);
+
     drop(pmd_a);
     drop(pmd_b);
     drop(c);
