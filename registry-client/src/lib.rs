@@ -3,6 +3,7 @@
 //! - [`api`]: every request and response of the registry's HTTPS+JSON API (`docs/registry.md`).
 //! - [`net`]: CIDR, MAC and port-range value types with strict parsing.
 //! - [`client`]: a blocking mutual-TLS client for plain threads (vnpd's control thread).
+//! - `pki` (feature `pki`): the development CA behind `vnpctl ca` / `vnpctl cert`.
 //! - [`token_cache`]: bounded token cache with refresh-ahead and invalidation on endpoint change.
 //!
 //! Deliberately free of the server's dependencies (no async runtime, web framework or store).
@@ -11,6 +12,8 @@ pub mod api;
 pub mod client;
 pub mod error;
 pub mod net;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod token_cache;
 pub mod vnpd_admin;
 

@@ -3,17 +3,13 @@
 
 #![allow(dead_code)]
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
-};
 use std::io::{BufRead, BufReader};
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use time::OffsetDateTime;
+use vnp_registry_client::api::{Identity, Role};
+use vnp_registry_client::pki::{DevCa, OffsetDateTime};
 use vnp_registry_client::{ClientConfig, RegistryClient};
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -37,76 +33,34 @@ impl Drop for TempDir {
     }
 }
 
-fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
-}
-
-/// A CA able to issue server and client certificates into a directory.
+/// The PKI the registry trusts: exactly what `vnpctl ca init` / `vnpctl cert` write.
 pub struct Pki {
-    pub dir: PathBuf,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-fn params(
-    cn: &str,
-    sans: Vec<SanType>,
-    eku: ExtendedKeyUsagePurpose,
-    from: OffsetDateTime,
-    to: OffsetDateTime,
-) -> CertificateParams {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.subject_alt_names = sans;
-    p.extended_key_usages = vec![eku];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.not_before = from;
-    p.not_after = to;
-    p
+    pub ca: DevCa,
 }
 
 impl Pki {
-    /// A CA plus `server.pem/key` for 127.0.0.1 in `dir`.
-    pub fn new(dir: &Path, ca_name: &str) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, ca_name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca = p.self_signed(&ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        let pki = Pki {
-            dir: dir.to_path_buf(),
-            ca,
-            ca_key,
-        };
-        let sans = vec![SanType::IpAddress(IpAddr::from([127, 0, 0, 1]))];
-        pki.write(
-            "server",
-            params(
-                "vnp-registry",
-                sans,
-                ExtendedKeyUsagePurpose::ServerAuth,
-                now() - time::Duration::hours(1),
-                now() + time::Duration::days(1),
-            ),
-        );
-        pki
+    /// `vnpctl ca init --dir dir`: CA, server.pem (127.0.0.1) and admin.pem.
+    pub fn new(dir: &Path) -> Pki {
+        Pki {
+            ca: DevCa::init(dir, &[], 1, false).expect("ca init"),
+        }
     }
 
-    fn write(&self, stem: &str, p: CertificateParams) {
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        std::fs::write(self.dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    /// `vnpctl cert <role> --id <id>`, written as `<stem>.pem/key`.
+    pub fn client(&self, stem: &str, role: Role, id: &str) {
+        self.ca
+            .issue(
+                &Identity {
+                    role,
+                    id: id.into(),
+                },
+                stem,
+                1,
+            )
+            .expect("issue");
     }
 
-    /// A client certificate with URI SAN `uri` (or none), valid from/to.
+    /// A certificate with any (or no) URI and validity window.
     pub fn client_with(
         &self,
         stem: &str,
@@ -114,23 +68,7 @@ impl Pki {
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) {
-        let sans = uri
-            .map(|u| vec![SanType::URI(u.try_into().unwrap())])
-            .unwrap_or_default();
-        self.write(
-            stem,
-            params(stem, sans, ExtendedKeyUsagePurpose::ClientAuth, from, to),
-        );
-    }
-
-    /// A currently valid client certificate for `vnp:<role>:<id>`, written as `<stem>.pem/key`.
-    pub fn client(&self, stem: &str, uri: &str) {
-        self.client_with(
-            stem,
-            Some(uri),
-            now() - time::Duration::hours(1),
-            now() + time::Duration::days(1),
-        );
+        self.ca.issue_custom(stem, uri, from, to).expect("issue");
     }
 }
 
@@ -239,11 +177,10 @@ impl Fixture {
     pub fn with_args(tag: &str, extra: &[&str]) -> Fixture {
         let dir = TempDir::new(tag);
         let tls = dir.0.join("tls");
-        let pki = Pki::new(&tls, "test CA");
-        pki.client("admin", "vnp:admin:admin");
-        pki.client("h1", "vnp:host:h1");
-        pki.client("h2", "vnp:host:h2");
-        pki.client("g1", "vnp:gateway:g1");
+        let pki = Pki::new(&tls);
+        pki.client("h1", Role::Host, "h1");
+        pki.client("h2", Role::Host, "h2");
+        pki.client("g1", Role::Gateway, "g1");
         let reg = RegistryProc::start(&dir.0, &tls, extra);
         Fixture { reg, pki, dir }
     }
