@@ -17,6 +17,8 @@ use vnp_protocol::token::{check_expiry, Expiry, TokenMinter};
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
 
+use crate::device::frontend_relay::FrontendRelay;
+
 use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
 use super::peers::{Enqueued, PeerTable, PendingLimits, SendInfo};
@@ -468,11 +470,29 @@ fn serve(
                 log::error!("vm {}: cannot watch UDP socket: {e}", core.vm_id);
             }
         }
-        if let Err(e) = daemon.start(listener) {
-            if !stop.load(Ordering::SeqCst) {
-                log::warn!("vm {}: accept failed: {e}", core.vm_id);
-                std::thread::sleep(Duration::from_millis(100));
+        let frontend = match listener.accept() {
+            Ok(Some(frontend)) => frontend,
+            Ok(None) => continue,
+            Err(e) => {
+                if !stop.load(Ordering::SeqCst) {
+                    log::warn!("vm {}: accept failed: {e}", core.vm_id);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
             }
+        };
+        // QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES, which the vhost crate
+        // refuses by dropping the connection; the relay absorbs those (see frontend_relay).
+        let (relay, mut relayed) = match FrontendRelay::start(frontend, &short(&core.vm_id)) {
+            Ok(r) => r,
+            Err(e) => {
+                log::error!("vm {}: cannot start frontend relay: {e}", core.vm_id);
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut relayed) {
+            log::warn!("vm {}: relayed accept failed: {e}", core.vm_id);
+            relay.join();
             continue;
         }
         *active.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
@@ -488,5 +508,6 @@ fn serve(
         *active.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Dropping the daemon stops and joins its worker threads.
         drop(daemon);
+        relay.join();
     }
 }

@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vnp_protocol::token::{Expiry, TokenFields};
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
@@ -45,6 +46,8 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 pub const TX_BATCH: usize = 32;
 /// Datagrams per `recvmmsg`.
 pub const RX_BATCH: usize = 32;
+/// Fewest datagrams a `recvmmsg` is prepared for.
+const MIN_RX_SLOTS: usize = 4;
 /// Return tokens we mint are valid this long.
 pub const RETURN_TOKEN_TTL_SECS: u32 = 600;
 /// Longest option trailer we read from a datagram.
@@ -75,6 +78,9 @@ pub struct PairWorker {
     /// A clone of the RX vring, to give held buffers back when the ring stops.
     rx_vring: Option<Vring>,
     tx_segs: Vec<GuestSeg>,
+    /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
+    /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
+    rx_hint: usize,
 }
 
 impl std::fmt::Debug for PairWorker {
@@ -99,6 +105,7 @@ impl PairWorker {
             rx_backlog: false,
             rx_vring: None,
             tx_segs: Vec::with_capacity(MAX_TX_DESCRIPTORS),
+            rx_hint: MIN_RX_SLOTS,
         }
     }
 
@@ -204,7 +211,7 @@ impl PairWorker {
                 let _ = state.add_used(*head, 0);
             }
         }
-        if tx.needs_notification().unwrap_or(true) {
+        if should_signal(tx, mem) {
             let _ = tx.signal_used_queue();
         }
         for frame in edge_frames {
@@ -456,7 +463,7 @@ impl PairWorker {
                 false
             }
         };
-        if (delivered || !bad.is_empty()) && rx.needs_notification().unwrap_or(true) {
+        if (delivered || !bad.is_empty()) && should_signal(rx, mem) {
             let _ = rx.signal_used_queue();
         }
         delivered
@@ -506,7 +513,7 @@ impl PairWorker {
             let mut bad_heads = Vec::new();
             {
                 let mut state = rx.get_mut();
-                while slots.len() < RX_BATCH {
+                while slots.len() < self.rx_hint {
                     let start = bufs.len();
                     if !self.reserve(mem, state.get_queue_mut(), &mut bad_heads, need, &mut bufs) {
                         break;
@@ -517,7 +524,7 @@ impl PairWorker {
                     let _ = state.add_used(*h, 0);
                 }
             }
-            if !bad_heads.is_empty() && rx.needs_notification().unwrap_or(true) {
+            if !bad_heads.is_empty() && should_signal(rx, mem) {
                 let _ = rx.signal_used_queue();
             }
             if slots.is_empty() {
@@ -630,13 +637,15 @@ impl PairWorker {
                         let _ = state.add_used(*head, *len);
                     }
                 }
-                if rx.needs_notification().unwrap_or(true) {
+                if should_signal(rx, mem) {
                     let _ = rx.signal_used_queue();
                 }
             }
             for (src_vm, from, rt) in learned {
                 self.core.learn_return_token(src_vm, from, rt, now);
             }
+            // Prepare for twice what arrived: grows fast under load, shrinks when idle.
+            self.rx_hint = (received * 2).clamp(MIN_RX_SLOTS, RX_BATCH);
             if received < n_slots {
                 return true;
             }
@@ -697,6 +706,28 @@ impl PairWorker {
         }
         Ok((acc.inner_len, rt))
     }
+}
+
+/// Whether the driver wants an interrupt for the used entries just added. With EVENT_IDX this
+/// is virtio-queue's `used_event` check; without it, virtio-queue ignores the driver's
+/// `VRING_AVAIL_F_NO_INTERRUPT` flag, which polling drivers (DPDK) set: honouring it saves an
+/// eventfd write per batch.
+fn should_signal(vring: &Vring, mem: &GuestMem) -> bool {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used ring writes must be visible before we read the driver's flag.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let flags: u16 = mem
+        .load(
+            GuestAddress(queue.avail_ring()),
+            std::sync::atomic::Ordering::Acquire,
+        )
+        .map(u16::from_le)
+        .unwrap_or(0);
+    flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0
 }
 
 /// How many bytes each buffer of a received frame holds: fills buffers in order until `frame`
