@@ -667,14 +667,23 @@ async fn watch(
 // ---- serving
 
 /// Accepts TLS connections on `listener` and serves the API until the process ends.
+///
+/// At most `max_connections` connections are open at once; further clients wait in the kernel's
+/// accept queue instead of exhausting file descriptors. A client has 10 s to finish the TLS
+/// handshake.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     reg: Shared,
+    max_connections: usize,
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let app = router(reg);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -688,6 +697,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,

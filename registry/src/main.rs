@@ -33,6 +33,9 @@ struct Args {
     /// Token lifetime in seconds; 0 mints tokens that never expire.
     #[arg(long, default_value_t = 600)]
     token_ttl: u32,
+    /// Most client connections open at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -79,7 +82,7 @@ fn run(args: Args) -> Result<(), String> {
         println!("vnp-registry listening on {local}");
         log::info!("listening on {local}, data in {}", args.data.display());
         tokio::select! {
-            r = vnp_registry::http::serve(listener, tls, registry) => r.map_err(|e| e.to_string()),
+            r = vnp_registry::http::serve(listener, tls, registry, args.max_connections) => r.map_err(|e| e.to_string()),
             _ = tokio::signal::ctrl_c() => { log::info!("interrupted; exiting"); Ok(()) }
         }
     })

@@ -731,3 +731,47 @@ fn unknown_expired_and_identity_less_certificates_are_refused() {
     // The registry is unharmed and still serves good clients.
     assert_eq!(f.reg.client("admin").whoami().unwrap().role, Role::Admin);
 }
+
+#[test]
+fn endpoint_watcher_follows_changes_without_gaps() {
+    let f = Fixture::new("watcher");
+    populate(&f);
+    let admin = f.reg.client("admin");
+    let h1 = f.reg.client("h1");
+    let mut w = EndpointWatcher::new(vec!["b".into()]);
+    assert_eq!(
+        w.poll(&h1, Duration::from_secs(1)).unwrap(),
+        WatchEvent::Resync,
+        "first poll"
+    );
+    assert_eq!(
+        w.poll(&h1, Duration::from_millis(200)).unwrap(),
+        WatchEvent::Idle
+    );
+    admin.create_vm(&vm("c", "n1", "h1")).unwrap(); // not watched
+    f.reg
+        .client("h2")
+        .register_endpoint("b", Ipv4Addr::new(198, 18, 0, 2), 41000)
+        .unwrap();
+    admin.rotate_vm_secret("b").unwrap();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        match w.poll(&h1, Duration::from_secs(2)).unwrap() {
+            WatchEvent::Changes(c) => kinds.extend(c.iter().map(|c| (c.vm.clone(), c.kind))),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        kinds,
+        [
+            ("b".to_string(), ChangeKind::Endpoint),
+            ("b".to_string(), ChangeKind::SecretRotated)
+        ]
+    );
+    assert_eq!(
+        w.poll(&h1, Duration::from_millis(200)).unwrap(),
+        WatchEvent::Idle
+    );
+    let (_, generation) = f.reg.client("h2").get_vm_secret("b").unwrap();
+    assert_eq!(generation, 2);
+}
