@@ -145,7 +145,10 @@ impl RegistryClient {
             .read_to_vec()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         if (200..300).contains(&status) {
-            return serde_json::from_slice(&body).map_err(|e| ClientError::Protocol {
+            // The body may be a secret response: wipe the raw bytes once parsed. (serde_json's
+            // error messages quote no input, so the Protocol error cannot leak it either.)
+            let body = zeroize::Zeroizing::new(body);
+            return serde_json::from_slice(&body[..]).map_err(|e| ClientError::Protocol {
                 status,
                 detail: e.to_string(),
             });
