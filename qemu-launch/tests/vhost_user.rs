@@ -21,8 +21,25 @@ use vnp_testkit::process::{ChildGuard, TempDir};
 /// A dpdk-testpmd vhost-user server that counts and drops what the guest sends.
 struct VhostBackend {
     guard: ChildGuard,
+    tag: String,
     socket: PathBuf,
     stats: PathBuf,
+}
+
+fn runtime_prefix(tag: &str) -> String {
+    format!("ql-{tag}-{}", std::process::id())
+}
+
+/// DPDK's EAL keeps a runtime directory per file prefix even with --in-memory.
+fn runtime_dir(tag: &str) -> PathBuf {
+    PathBuf::from("/var/run/dpdk").join(runtime_prefix(tag))
+}
+
+impl Drop for VhostBackend {
+    fn drop(&mut self) {
+        let _ = self.guard.kill();
+        let _ = std::fs::remove_dir_all(runtime_dir(&self.tag));
+    }
 }
 
 impl VhostBackend {
@@ -61,6 +78,7 @@ impl VhostBackend {
             .unwrap();
         VhostBackend {
             guard,
+            tag: tag.to_string(),
             socket,
             stats,
         }
@@ -152,4 +170,13 @@ fn guest_on_a_vhost_user_backend_sends_frames_and_migrates_to_another_backend() 
     dst.shutdown(Duration::from_secs(60)).unwrap();
     drop(dst);
     assert_no_stray_qemu(&dst_name);
+    drop(a);
+    drop(b);
+    for tag in ["a", "b"] {
+        assert!(
+            !runtime_dir(tag).exists(),
+            "{} left behind",
+            runtime_dir(tag).display()
+        );
+    }
 }
