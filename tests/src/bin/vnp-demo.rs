@@ -186,7 +186,10 @@ fn run(created: &Created) -> Result<()> {
 
     say("7. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
     gb.run_ok(
-        "rm -f /tmp/rx /tmp/rx.done; (nc -l -p 5001 > /tmp/rx; echo done > /tmp/rx.done) >/dev/null 2>&1 &",
+        // busybox nc half-closes when its stdin ends (a background job's stdin is /dev/null):
+        // keep it open (a FIFO opened read-write never ends) so that only the sender's FIN
+        // ends the transfer; a pipe from `sleep` would delay the done marker until sleep exits.
+        "rm -f /tmp/rx /tmp/rx.done /tmp/hold; mkfifo /tmp/hold; (exec 3<>/tmp/hold; nc -l -p 5001 <&3 > /tmp/rx; echo done > /tmp/rx.done) >/dev/null 2>&1 &",
         CMD,
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
