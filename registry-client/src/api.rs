@@ -438,6 +438,8 @@ pub enum ErrorCode {
     InvalidJson,
     InvalidId,
     NotAuthenticated,
+    /// A host or gateway certificate whose identity is not (or no longer) registered.
+    UnknownIdentity,
     Forbidden,
     AdminRequired,
     NotOwner,
@@ -474,7 +476,9 @@ impl ErrorCode {
             BadRequest | InvalidJson | InvalidId | AddressOutsideCidr | AddressReserved
             | PortOutsideRange => 400,
             NotAuthenticated => 401,
-            Forbidden | AdminRequired | NotOwner | WrongHost | PolicyDenied => 403,
+            UnknownIdentity | Forbidden | AdminRequired | NotOwner | WrongHost | PolicyDenied => {
+                403
+            }
             UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
             | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort

@@ -44,18 +44,45 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone)]
 struct PeerIdentity(Result<Identity, String>);
 
-/// Extractor: the authenticated caller.
+/// Extractor: the caller as its certificate says, registered or not (only `whoami` uses it).
 #[derive(Debug, Clone)]
-pub struct Caller(pub Identity);
+pub struct CertifiedCaller(pub Identity);
 
-impl<S: Send + Sync> FromRequestParts<S> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for CertifiedCaller {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         match parts.extensions.get::<PeerIdentity>() {
-            Some(PeerIdentity(Ok(id))) => Ok(Caller(id.clone())),
+            Some(PeerIdentity(Ok(id))) => Ok(CertifiedCaller(id.clone())),
             Some(PeerIdentity(Err(why))) => refuse(ErrorCode::NotAuthenticated, why.clone()),
             None => refuse(ErrorCode::NotAuthenticated, "no client certificate"),
         }
+    }
+}
+
+/// Extractor: the authenticated caller. A host or gateway certificate only counts while that
+/// host or gateway is registered: deleting it from the registry locks its certificate out.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, reg: &Shared) -> Result<Self, ApiError> {
+        let CertifiedCaller(id) = CertifiedCaller::from_request_parts(parts, reg).await?;
+        let registered = match id.role {
+            Role::Admin => true,
+            Role::Host => reg.read().hosts.contains_key(&id.id),
+            Role::Gateway => reg.read().gateways.contains_key(&id.id),
+        };
+        if !registered {
+            return refuse(
+                ErrorCode::UnknownIdentity,
+                format!(
+                    "certificate identity {id} is not registered (vnpctl {} create {})",
+                    id.role, id.id
+                ),
+            );
+        }
+        Ok(Caller(id))
     }
 }
 
@@ -138,7 +165,7 @@ pub fn router(reg: Shared) -> Router {
         .with_state(reg)
 }
 
-async fn whoami(Caller(id): Caller) -> Json<Identity> {
+async fn whoami(CertifiedCaller(id): CertifiedCaller) -> Json<Identity> {
     Json(id)
 }
 

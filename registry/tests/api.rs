@@ -47,6 +47,16 @@ fn populate(f: &Fixture) -> (VmRecord, VmRecord) {
     (a, b)
 }
 
+fn add_gateway(f: &Fixture) {
+    let spec = GatewaySpec {
+        id: "g1".into(),
+        network: "n1".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
+        port: 6081,
+    };
+    f.reg.client("admin").create_gateway(&spec).unwrap();
+}
+
 fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
     match r {
         Err(ClientError::Api { code, .. }) => code,
@@ -139,6 +149,7 @@ fn happy_path_token_endpoint_and_watch() {
 fn secrets_only_for_the_owning_host() {
     let f = Fixture::new("secret");
     populate(&f);
+    add_gateway(&f);
     assert_eq!(
         code(f.reg.client("h2").get_vm_secret("a")),
         ErrorCode::NotOwner
@@ -179,6 +190,7 @@ fn secrets_only_for_the_owning_host() {
 fn token_only_for_vms_the_host_runs() {
     let f = Fixture::new("tokowner");
     let (_, b) = populate(&f);
+    add_gateway(&f);
     let h2 = f.reg.client("h2");
     match h2.request_token("a", b.ip) {
         Err(ClientError::Api {
@@ -729,7 +741,51 @@ fn unknown_expired_and_identity_less_certificates_are_refused() {
         other => panic!("{other:?}"),
     }
     // The registry is unharmed and still serves good clients.
-    assert_eq!(f.reg.client("admin").whoami().unwrap().role, Role::Admin);
+    let admin = f.reg.client("admin");
+    assert_eq!(admin.whoami().unwrap().role, Role::Admin);
+
+    // A valid host certificate counts only while that host is registered.
+    let h1 = f.reg.client("h1");
+    assert_eq!(
+        h1.whoami().unwrap(),
+        Identity {
+            role: Role::Host,
+            id: "h1".into()
+        },
+        "whoami still answers"
+    );
+    match h1.list_host_vms() {
+        Err(ClientError::Api {
+            status: 403,
+            code: ErrorCode::UnknownIdentity,
+            message,
+        }) => {
+            assert!(message.contains("host:h1"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        code(h1.watch(&[], 0, Duration::ZERO)),
+        ErrorCode::UnknownIdentity
+    );
+    admin
+        .create_host(&HostSpec {
+            id: "h1".into(),
+            underlay_addr: Ipv4Addr::new(198, 18, 0, 1),
+            port_range: None,
+        })
+        .unwrap();
+    assert!(h1.list_host_vms().unwrap().is_empty());
+    admin.delete_host("h1").unwrap();
+    assert_eq!(
+        code(h1.list_host_vms()),
+        ErrorCode::UnknownIdentity,
+        "deleted host is locked out"
+    );
+    assert_eq!(
+        code(f.reg.client("g1").get_gateway_secret("g1")),
+        ErrorCode::UnknownIdentity
+    );
 }
 
 #[test]
