@@ -184,7 +184,7 @@ fn json_number(json: &str, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("{key} missing in {json}"))
         + pat.len();
     json[at..]
-        .split(|c: char| c == ',' || c == '}')
+        .split([',', '}'])
         .next()
         .unwrap()
         .trim()

@@ -21,7 +21,7 @@ use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vnp_protocol::token::{Expiry, TokenFields};
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
@@ -71,6 +71,8 @@ pub struct PairWorker {
     pair: usize,
     vnet_hdr_len: usize,
     mrg_rxbuf: bool,
+    /// The driver acked VHOST_F_LOG_ALL (migration in progress): log every guest write.
+    log_dirty: bool,
     /// RX buffers taken from the avail ring but not used yet (returned on stop).
     held: VecDeque<RxBuf>,
     /// The socket had data but the guest had no buffers: resume when it adds some.
@@ -81,6 +83,9 @@ pub struct PairWorker {
     /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
     /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
     rx_hint: usize,
+    /// The guest memory snapshot the cached host addresses of `held` buffers point into; kept
+    /// alive here so those addresses stay mapped.
+    cached_mem: Option<Arc<GuestMem>>,
 }
 
 impl std::fmt::Debug for PairWorker {
@@ -101,23 +106,44 @@ impl PairWorker {
             pair,
             vnet_hdr_len: 12,
             mrg_rxbuf: false,
+            log_dirty: false,
             held: VecDeque::new(),
             rx_backlog: false,
             rx_vring: None,
             tx_segs: Vec::with_capacity(MAX_TX_DESCRIPTORS),
             rx_hint: MIN_RX_SLOTS,
+            cached_mem: None,
         }
     }
 
     /// Applies the features the driver acked.
-    pub fn set_features(&mut self, vnet_hdr_len: usize, mrg_rxbuf: bool) {
+    pub fn set_features(&mut self, vnet_hdr_len: usize, mrg_rxbuf: bool, log_dirty: bool) {
         self.vnet_hdr_len = vnet_hdr_len;
         self.mrg_rxbuf = mrg_rxbuf;
+        self.log_dirty = log_dirty;
+    }
+
+    /// Makes `mem` the snapshot cached host addresses refer to; when guest memory was remapped,
+    /// forgets every cached address (they are resolved again on use).
+    pub fn sync_memory(&mut self, mem: &GuestMemoryLoadGuard<GuestMem>) {
+        let current: *const GuestMem = &**mem;
+        if self
+            .cached_mem
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), current))
+        {
+            return;
+        }
+        for b in self.held.iter_mut() {
+            b.unresolve();
+        }
+        self.cached_mem = Some(mem.clone().into_inner());
     }
 
     /// Forgets held buffers (device reset: the rings are gone).
     pub fn reset(&mut self) {
         self.held.clear();
+        self.cached_mem = None;
         self.rx_backlog = false;
         self.rx_vring = None;
     }
@@ -139,6 +165,13 @@ impl PairWorker {
             }
         }
         let _ = rx.signal_used_queue();
+    }
+
+    /// Whether `mem` is the snapshot cached host addresses may point into.
+    fn cached_is(&self, mem: &GuestMem) -> bool {
+        self.cached_mem
+            .as_ref()
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), mem))
     }
 
     fn socket(&self) -> &std::net::UdpSocket {
@@ -399,7 +432,12 @@ impl PairWorker {
                     };
                     let head = chain.head_index();
                     match collect_rx_chain(chain, mem) {
-                        Ok(b) => b,
+                        Ok(mut b) => {
+                            if self.cached_is(mem) {
+                                b.resolve(mem);
+                            }
+                            b
+                        }
                         Err(e) => {
                             log::debug!("vm {}: rx chain unusable: {e}", self.core.vm_id);
                             self.core.counters.drop_packet(DropReason::RxBadChain);
@@ -445,7 +483,7 @@ impl PairWorker {
                     self.held.extend(bufs.drain(..));
                     false
                 } else {
-                    let used = publish_plan(&bufs, need);
+                    let used = publish_plan(bufs.iter().map(|b| b.cap), need);
                     let vnet = rx_vnet_header(used.len() as u16);
                     write_segs(mem, &segs, 0, &vnet[..hdr]);
                     write_segs(mem, &segs, hdr, frame);
@@ -502,23 +540,54 @@ impl PairWorker {
 
     /// Receives batches until the socket is empty (returns true) or the guest runs out of
     /// buffers (returns false).
+    ///
+    /// Buffers are assigned to datagram slots straight from the front of `held` (topped up from
+    /// the avail ring), so a buffer that is not used this round stays where it is.
     fn rx_batches(&mut self, mem: &GuestMem, rx: &Vring) -> bool {
         let hdr = self.vnet_hdr_len;
         let off = hdr + ETH_HLEN;
         let need = off + usize::from(self.core.net.mtu);
+        let cached = self.cached_is(mem);
         loop {
             let now = unix_now();
-            let mut bufs: Vec<RxBuf> = Vec::with_capacity(RX_BATCH);
-            let mut slots: Vec<(usize, usize)> = Vec::with_capacity(RX_BATCH);
+            // Slot i receives into held[slots[i].0..slots[i].1].
+            let mut slots: Vec<(usize, usize)> = Vec::with_capacity(self.rx_hint);
             let mut bad_heads = Vec::new();
             {
                 let mut state = rx.get_mut();
-                while slots.len() < self.rx_hint {
-                    let start = bufs.len();
-                    if !self.reserve(mem, state.get_queue_mut(), &mut bad_heads, need, &mut bufs) {
-                        break;
+                let mut next = 0usize;
+                'slots: while slots.len() < self.rx_hint {
+                    let start = next;
+                    let mut cap = 0usize;
+                    loop {
+                        if next == self.held.len() {
+                            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem)
+                            else {
+                                break 'slots;
+                            };
+                            let head = chain.head_index();
+                            match collect_rx_chain(chain, mem) {
+                                Ok(mut b) => {
+                                    if cached {
+                                        b.resolve(mem);
+                                    }
+                                    self.held.push_back(b);
+                                }
+                                Err(e) => {
+                                    log::debug!("vm {}: rx chain unusable: {e}", self.core.vm_id);
+                                    self.core.counters.drop_packet(DropReason::RxBadChain);
+                                    bad_heads.push(head);
+                                    continue;
+                                }
+                            }
+                        }
+                        cap += self.held[next].cap as usize;
+                        next += 1;
+                        if !self.mrg_rxbuf || cap >= need {
+                            break;
+                        }
                     }
-                    slots.push((start, bufs.len()));
+                    slots.push((start, next));
                 }
                 for h in &bad_heads {
                     let _ = state.add_used(*h, 0);
@@ -530,33 +599,39 @@ impl PairWorker {
             if slots.is_empty() {
                 return false;
             }
-            // Flattened segments per slot.
-            let mut segs: Vec<GuestSeg> = Vec::with_capacity(bufs.len() * 2);
-            let mut slot_segs: Vec<(usize, usize)> = Vec::with_capacity(slots.len());
+            let n_slots = slots.len();
+            // Flattened segments per slot (for header writes, reads and dirty logging).
+            let mut segs: Vec<GuestSeg> = Vec::with_capacity(n_slots * 2);
+            let mut slot_segs: Vec<(usize, usize)> = Vec::with_capacity(n_slots);
             for (s, e) in &slots {
                 let start = segs.len();
-                for b in &bufs[*s..*e] {
+                for b in self.held.range(*s..*e) {
                     segs.extend_from_slice(b.segs());
                 }
                 slot_segs.push((start, segs.len()));
             }
-            let n_slots = slots.len();
             let mut headers = vec![[0u8; HEADER_LEN]; n_slots];
             // SAFETY: sockaddr_in is a plain C struct; all-zero is a valid value.
             let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; n_slots];
-            let mut iovs: Vec<libc::iovec> = Vec::with_capacity(n_slots * (1 + MAX_RX_SEGS * 2));
+            let mut iovs: Vec<libc::iovec> = Vec::with_capacity(n_slots * 3);
             let mut iov_ranges = Vec::with_capacity(n_slots);
             let mut payload_caps = Vec::with_capacity(n_slots);
-            for (s, e) in &slot_segs {
+            for (i, (s, e)) in slot_segs.iter().enumerate() {
                 let start = iovs.len();
                 iovs.push(libc::iovec {
                     iov_base: std::ptr::null_mut(),
                     iov_len: HEADER_LEN,
                 });
-                let cap: usize = segs[*s..*e].iter().map(|g| g.len as usize).sum();
-                let payload = cap.saturating_sub(off);
-                let limit = start + 1 + MAX_RX_SEGS * 4;
-                let covered = push_iovecs(mem, &segs[*s..*e], off, payload, &mut iovs, limit);
+                let (bs, be) = slots[i];
+                let resolved = cached && self.held.range(bs..be).all(|b| b.pieces().is_some());
+                let covered = if resolved {
+                    push_cached_iovecs(self.held.range(bs..be), off, &mut iovs)
+                } else {
+                    let cap: usize = segs[*s..*e].iter().map(|g| g.len as usize).sum();
+                    let limit = start + 1 + MAX_RX_SEGS * 4;
+                    let payload = cap.saturating_sub(off);
+                    push_iovecs(mem, &segs[*s..*e], off, payload, &mut iovs, limit)
+                };
                 payload_caps.push(covered);
                 iov_ranges.push((start, iovs.len()));
             }
@@ -574,7 +649,9 @@ impl PairWorker {
             }
             // SAFETY: names, headers and iovs live until after the call; the guest iovecs point
             // into buffers the driver gave the device for writing, checked against guest memory
-            // when collected, inside the mapping kept alive by the caller's memory guard.
+            // when collected. They were resolved either just now from `mem` (kept alive by the
+            // caller's guard) or, for cached pieces, from `cached_mem`, which is the same
+            // snapshot (checked by `cached_is`) and is held by this worker.
             let received = match unsafe { udp::recv_batch(self.socket(), &mut mmsgs) } {
                 Ok(n) => n,
                 Err(e) => {
@@ -583,42 +660,37 @@ impl PairWorker {
                 }
             };
 
-            let mut publish: Vec<(u16, u32)> = Vec::with_capacity(received * 2);
-            let mut recycle: Vec<RxBuf> = Vec::new();
+            // Which of the assigned buffers (held[0..assigned]) get published.
+            let assigned = slots.last().map_or(0, |s| s.1);
+            let mut used = vec![false; assigned];
+            let mut publish: Vec<(u16, u32)> = Vec::with_capacity(received);
             let mut learned = Vec::new();
-            for i in 0..n_slots {
+            for i in 0..received.min(n_slots) {
                 let (bs, be) = slots[i];
-                let slot_bufs = &bufs[bs..be];
-                if i >= received {
-                    recycle.extend_from_slice(slot_bufs);
-                    continue;
-                }
                 let (ss, se) = slot_segs[i];
                 let slot_seg = &segs[ss..se];
                 let len = mmsgs[i].msg_len as usize;
                 let flags = mmsgs[i].msg_hdr.msg_flags;
-                let written = len.saturating_sub(HEADER_LEN).min(payload_caps[i]);
-                // The kernel wrote these bytes behind vm-memory's back: log them for migration.
-                mark_dirty(mem, slot_seg, off, written);
+                if self.log_dirty {
+                    // The kernel wrote these bytes behind vm-memory's back: log them for
+                    // migration.
+                    let written = len.saturating_sub(HEADER_LEN).min(payload_caps[i]);
+                    mark_dirty(mem, slot_seg, off, written);
+                }
                 match self.accept(mem, slot_seg, &headers[i], len, flags, &names[i], now) {
-                    Err(reason) => {
-                        self.core.counters.drop_packet(reason);
-                        recycle.extend_from_slice(slot_bufs);
-                    }
+                    Err(reason) => self.core.counters.drop_packet(reason),
                     Ok((inner_len, rt)) => {
-                        let frame = off + inner_len;
-                        let used = publish_plan(slot_bufs, frame);
+                        let caps = self.held.range(bs..be).map(|b| b.cap);
+                        let lens = publish_plan(caps, off + inner_len);
                         let mut head = [0u8; 12 + ETH_HLEN];
-                        head[..hdr].copy_from_slice(&rx_vnet_header(used.len() as u16)[..hdr]);
+                        head[..hdr].copy_from_slice(&rx_vnet_header(lens.len() as u16)[..hdr]);
                         head[hdr..hdr + 6].copy_from_slice(&self.core.mac);
                         head[hdr + 6..hdr + 12].copy_from_slice(&self.core.router_mac);
                         head[hdr + 12..hdr + 14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
                         write_segs(mem, slot_seg, 0, &head[..off]);
-                        for (j, b) in slot_bufs.iter().enumerate() {
-                            match used.get(j) {
-                                Some(l) => publish.push((b.head, *l)),
-                                None => recycle.push(*b),
-                            }
+                        for (j, l) in lens.iter().enumerate() {
+                            publish.push((self.held[bs + j].head, *l));
+                            used[bs + j] = true;
                         }
                         self.core.counters.rx(inner_len);
                         if let Some(rt) = rt {
@@ -627,8 +699,17 @@ impl PairWorker {
                     }
                 }
             }
-            for b in recycle.into_iter().rev() {
-                self.held.push_front(b);
+            // Drop the published buffers from `held`; the rest stay, in order.
+            let prefix = used.iter().take_while(|u| **u).count();
+            if used[prefix..].iter().any(|u| *u) {
+                let mut i = 0usize;
+                self.held.retain(|_| {
+                    let keep = !used.get(i).copied().unwrap_or(false);
+                    i += 1;
+                    keep
+                });
+            } else {
+                self.held.drain(..prefix);
             }
             if !publish.is_empty() {
                 {
@@ -708,6 +789,30 @@ impl PairWorker {
     }
 }
 
+/// Appends iovecs for the bytes after `skip` of `bufs` from their cached host pieces; returns
+/// the bytes covered.
+fn push_cached_iovecs<'a>(
+    bufs: impl Iterator<Item = &'a RxBuf>,
+    mut skip: usize,
+    iovs: &mut Vec<libc::iovec>,
+) -> usize {
+    let mut covered = 0usize;
+    for piece in bufs.flat_map(|b| b.pieces().unwrap_or(&[]).iter()) {
+        let len = piece.len as usize;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        iovs.push(libc::iovec {
+            iov_base: (piece.addr + skip) as *mut libc::c_void,
+            iov_len: len - skip,
+        });
+        covered += len - skip;
+        skip = 0;
+    }
+    covered
+}
+
 /// Whether the driver wants an interrupt for the used entries just added. With EVENT_IDX this
 /// is virtio-queue's `used_event` check; without it, virtio-queue ignores the driver's
 /// `VRING_AVAIL_F_NO_INTERRUPT` flag, which polling drivers (DPDK) set: honouring it saves an
@@ -732,14 +837,14 @@ fn should_signal(vring: &Vring, mem: &GuestMem) -> bool {
 
 /// How many bytes each buffer of a received frame holds: fills buffers in order until `frame`
 /// bytes are placed. Buffers beyond the returned length stay unused.
-pub fn publish_plan(bufs: &[RxBuf], frame: usize) -> Vec<u32> {
+pub fn publish_plan(caps: impl Iterator<Item = u32>, frame: usize) -> Vec<u32> {
     let mut left = frame;
-    let mut used = Vec::with_capacity(bufs.len());
-    for b in bufs {
+    let mut used = Vec::new();
+    for cap in caps {
         if left == 0 {
             break;
         }
-        let take = left.min(b.cap as usize);
+        let take = left.min(cap as usize);
         used.push(take as u32);
         left -= take;
     }

@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
 
 use super::features::{
     config_space, config_window, device_features, has_feature, protocol_features, vnet_header_len,
-    CONFIG_LEN,
+    CONFIG_LEN, VHOST_F_LOG_ALL,
 };
 use crate::datapath::port::PortCore;
 use crate::datapath::worker::{GuestMem, PairWorker, Vring};
@@ -92,8 +92,11 @@ impl VhostUserBackend for VnpNetBackend {
         self.acked.store(features, Ordering::Relaxed);
         let hdr = vnet_header_len(features);
         let mrg = has_feature(features, VIRTIO_NET_F_MRG_RXBUF);
+        // QEMU acks VHOST_F_LOG_ALL while it migrates the guest: from then on every write into
+        // guest memory must reach the dirty log (vm-memory's accessors always log).
+        let log = has_feature(features, VHOST_F_LOG_ALL);
         for w in &self.workers {
-            lock(w).set_features(hdr, mrg);
+            lock(w).set_features(hdr, mrg, log);
         }
     }
 
@@ -153,6 +156,7 @@ impl VhostUserBackend for VnpNetBackend {
         };
         let mut worker = lock(worker);
         let mem = self.mem.memory();
+        worker.sync_memory(&mem);
         match u64::from(device_event) {
             0 => worker.run_rx(&mem, rx),
             1 => worker.run_tx(&mem, rx, tx),

@@ -104,6 +104,19 @@ where
     Ok(total)
 }
 
+/// Most host pieces (segments split at memory-region boundaries) cached per RX buffer.
+pub const MAX_RX_PIECES: usize = 8;
+
+/// A piece of a guest buffer as a host virtual address in vnpd's mapping of guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostPiece {
+    /// Host address (kept as an integer: it is only turned back into a pointer for a system
+    /// call, while the mapping it came from is known to be alive).
+    pub addr: usize,
+    /// Length in bytes.
+    pub len: u32,
+}
+
 /// The device-writable buffers of one RX descriptor chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RxBuf {
@@ -113,12 +126,46 @@ pub struct RxBuf {
     segs: [GuestSeg; MAX_RX_SEGS],
     /// Total writable bytes of the segments kept.
     pub cap: u32,
+    npieces: u8,
+    pieces: [HostPiece; MAX_RX_PIECES],
 }
 
 impl RxBuf {
     /// The writable segments, in order.
     pub fn segs(&self) -> &[GuestSeg] {
         &self.segs[..usize::from(self.nsegs)]
+    }
+
+    /// The cached host pieces covering all segments, if resolved (see [`RxBuf::resolve`]).
+    pub fn pieces(&self) -> Option<&[HostPiece]> {
+        (self.npieces > 0).then(|| &self.pieces[..usize::from(self.npieces)])
+    }
+
+    /// Forgets the cached host pieces (guest memory was remapped).
+    pub fn unresolve(&mut self) {
+        self.npieces = 0;
+    }
+
+    /// Caches the host addresses of the segments in `mem`'s mapping, so that later receives
+    /// need no region lookups. The caller must only use them while that same mapping is alive.
+    /// Leaves the buffer unresolved when it needs more than [`MAX_RX_PIECES`] pieces.
+    pub fn resolve<B: Bitmap + 'static>(&mut self, mem: &GuestMemoryMmap<B>) {
+        self.npieces = 0;
+        let mut n = 0usize;
+        for seg in &self.segs[..usize::from(self.nsegs)] {
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+                let Ok(slice) = slice else { return };
+                if n == MAX_RX_PIECES {
+                    return;
+                }
+                self.pieces[n] = HostPiece {
+                    addr: slice.ptr_guard_mut().as_ptr() as usize,
+                    len: slice.len() as u32,
+                };
+                n += 1;
+            }
+        }
+        self.npieces = n as u8;
     }
 }
 
@@ -139,6 +186,8 @@ where
         nsegs: 0,
         segs: [GuestSeg::default(); MAX_RX_SEGS],
         cap: 0,
+        npieces: 0,
+        pieces: [HostPiece::default(); MAX_RX_PIECES],
     };
     let mut count = 0usize;
     let mut last_has_next = true;
@@ -457,6 +506,14 @@ mod tests {
         mem.read_slice(&mut raw, GuestAddress(0x5000)).unwrap();
         assert_eq!(raw, [5, 6, 7, 8, 9]);
 
+        let mut resolved = buf;
+        resolved.resolve(&mem);
+        let pieces = resolved.pieces().unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(
+            pieces[1].addr,
+            mem.get_host_address(GuestAddress(0x5000)).unwrap() as usize
+        );
         let mut iovs = Vec::new();
         assert_eq!(push_iovecs(&mem, buf.segs(), 8, 100, &mut iovs, 8), 32);
         assert_eq!(iovs.len(), 2);
