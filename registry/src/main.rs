@@ -81,9 +81,13 @@ fn run(args: Args) -> Result<(), String> {
         // Tests and scripts wait for this exact line.
         println!("vnp-registry listening on {local}");
         log::info!("listening on {local}, data in {}", args.data.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| format!("SIGTERM handler: {e}"))?;
+        // Every acknowledged write is already durable, so stopping needs no flush.
         tokio::select! {
             r = vnp_registry::http::serve(listener, tls, registry, args.max_connections) => r.map_err(|e| e.to_string()),
-            _ = tokio::signal::ctrl_c() => { log::info!("interrupted; exiting"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => { log::info!("SIGINT; exiting"); Ok(()) }
+            _ = term.recv() => { log::info!("SIGTERM; exiting"); Ok(()) }
         }
     })
 }

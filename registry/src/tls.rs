@@ -95,3 +95,76 @@ pub fn identity_from_cert(der: &[u8]) -> Result<Identity, String> {
     }
     found.ok_or_else(|| "client certificate has no vnp:<role>:<id> URI".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vnp_registry_client::api::Role;
+    use vnp_registry_client::pki::{DevCa, Duration, OffsetDateTime};
+
+    fn der(dir: &Path, stem: &str) -> Vec<u8> {
+        load_certs(&dir.join(format!("{stem}.pem")))
+            .unwrap()
+            .remove(0)
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn identity_comes_from_the_vnp_uri() {
+        let dir = std::env::temp_dir().join(format!("vnp-tls-unit-{}", std::process::id()));
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(dir.clone());
+        let ca = DevCa::init(&dir, &[], 1, false).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (from, to) = (now - Duration::hours(1), now + Duration::days(1));
+        ca.issue_custom("h", Some("vnp:host:h7"), from, to).unwrap();
+        ca.issue_custom("none", None, from, to).unwrap();
+        ca.issue_custom("role", Some("vnp:root:h7"), from, to)
+            .unwrap();
+        ca.issue_custom("other", Some("spiffe://example/host/h7"), from, to)
+            .unwrap();
+
+        assert_eq!(
+            identity_from_cert(&der(&dir, "h")).unwrap(),
+            Identity {
+                role: Role::Host,
+                id: "h7".into()
+            }
+        );
+        assert_eq!(
+            identity_from_cert(&der(&dir, "admin")).unwrap().role,
+            Role::Admin
+        );
+        assert!(identity_from_cert(&der(&dir, "none"))
+            .unwrap_err()
+            .contains("subjectAltName"));
+        assert!(identity_from_cert(&der(&dir, "role"))
+            .unwrap_err()
+            .contains("malformed"));
+        assert!(identity_from_cert(&der(&dir, "other"))
+            .unwrap_err()
+            .contains("no vnp:"));
+        assert!(identity_from_cert(b"not a certificate").is_err());
+        // The server certificate has no identity at all.
+        assert!(identity_from_cert(&der(&dir, "server")).is_err());
+        // And the whole server configuration loads from the same directory.
+        server_config(
+            &dir.join("ca.pem"),
+            &dir.join("server.pem"),
+            &dir.join("server.key"),
+        )
+        .unwrap();
+        assert!(server_config(
+            &dir.join("ca.pem"),
+            &dir.join("server.pem"),
+            &dir.join("nope.key")
+        )
+        .is_err());
+    }
+}

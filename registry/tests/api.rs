@@ -831,3 +831,29 @@ fn endpoint_watcher_follows_changes_without_gaps() {
     let (_, generation) = f.reg.client("h2").get_vm_secret("b").unwrap();
     assert_eq!(generation, 2);
 }
+
+#[test]
+fn connection_limit_queues_instead_of_failing() {
+    let f = Fixture::with_args("connlimit", &["--max-connections", "1"]);
+    let first = f.reg.client("admin");
+    first.whoami().unwrap(); // its keep-alive connection now holds the only slot
+    let mut cfg = f.reg.config("admin");
+    cfg.timeout = Duration::from_millis(800);
+    let second = RegistryClient::new(cfg).unwrap();
+    assert!(
+        matches!(second.whoami(), Err(ClientError::Transport(_))),
+        "second connection must wait"
+    );
+    drop(first); // closes its pooled connection and frees the slot
+    let t = Instant::now();
+    loop {
+        match second.whoami() {
+            Ok(id) => {
+                assert_eq!(id.role, Role::Admin);
+                break;
+            }
+            Err(e) if t.elapsed() < Duration::from_secs(10) => eprintln!("retrying: {e}"),
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
