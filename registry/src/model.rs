@@ -189,6 +189,14 @@ impl Model {
         Some((host.underlay_addr, vm.host_port?))
     }
 
+    /// Where `vm` sends from: its owning host's underlay address and its port there. Unlike
+    /// [`Model::location_of`] this ignores the registered endpoint, which during a migration
+    /// still names the old host while the new owner already sends.
+    pub fn source_of(&self, vm: &VmRecord) -> Option<(Ipv4Addr, u16)> {
+        let host = self.hosts.get(vm.host.as_deref()?)?;
+        Some((host.underlay_addr, vm.host_port?))
+    }
+
     /// Changes after `since` concerning `vms` (all if empty); `resync` if the log no longer
     /// reaches back to `since`.
     pub fn changes_since(&self, since: u64, vms: &[String]) -> (Vec<VmChange>, bool) {

@@ -115,3 +115,69 @@ impl Registry {
         self.write(|m| planner(m, secret))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Op;
+    use crate::plan;
+    use crate::store::StoreError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vnp_registry_client::api::NetworkSpec;
+
+    /// A store whose disk "fills up" on demand: the commit fails before anything is written.
+    struct DiskFull(AtomicBool);
+
+    impl Store for DiskFull {
+        fn load(&self) -> Result<Model, StoreError> {
+            Ok(Model::default())
+        }
+        fn commit(&self, _: &[Op]) -> Result<(), StoreError> {
+            if self.0.load(Ordering::SeqCst) {
+                Err(StoreError::Io("No space left on device".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn failed_commit_changes_nothing_in_memory() {
+        let store = std::sync::Arc::new(DiskFull(AtomicBool::new(true)));
+        struct Shared(std::sync::Arc<DiskFull>);
+        impl Store for Shared {
+            fn load(&self) -> Result<Model, StoreError> {
+                self.0.load()
+            }
+            fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+                self.0.commit(ops)
+            }
+        }
+        let reg =
+            Registry::open(Box::new(Shared(store.clone())), TokenPolicy { ttl_s: 600 }).unwrap();
+        let mut rx = reg.subscribe();
+        let spec = NetworkSpec {
+            id: "n1".into(),
+            vni: None,
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        };
+        let err = reg.write(|m| plan::create_network(m, &spec)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Storage);
+        assert!(
+            !err.message.contains("No space"),
+            "store internals stay in the log"
+        );
+        assert!(reg.read().networks.is_empty());
+        assert!(
+            !rx.has_changed().unwrap(),
+            "watchers are not woken for nothing"
+        );
+        store.0.store(false, Ordering::SeqCst);
+        reg.write(|m| plan::create_network(m, &spec)).unwrap();
+        assert_eq!(reg.read().networks.len(), 1);
+        assert!(rx.has_changed().unwrap());
+    }
+}

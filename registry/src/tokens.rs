@@ -116,7 +116,7 @@ fn grant_from_vm(
             format!("no network {}", src.network),
         )
     })?;
-    let (src_host, src_port) = model.location_of(src).ok_or_else(|| {
+    let (src_host, src_port) = model.source_of(src).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NoEndpoint,
             format!("VM {src_id} is on no host; it cannot send"),
@@ -552,6 +552,46 @@ mod tests {
         assert!(
             doc.contains(v2.token_hex),
             "docs/protocol.md no longer lists vector 2"
+        );
+    }
+
+    #[test]
+    fn source_tuple_follows_the_owner_during_migration() {
+        let mut m = setup();
+        // a is registered on h1, then handed to h2 which has not registered yet.
+        let up = EndpointUpdate {
+            host_addr: Ipv4Addr::new(198, 18, 0, 1),
+            port: 40000,
+        };
+        let ops = plan::register_endpoint(&m, "h1", "a", &up).unwrap().0;
+        m.apply(&ops);
+        let ops = plan::move_vm(
+            &m,
+            "a",
+            &MoveVm {
+                host: Some("h2".into()),
+                host_port: None,
+            },
+        )
+        .unwrap()
+        .0;
+        m.apply(&ops);
+        // The new owner sends from its own address; packets *to* a still go to h1.
+        let g = grant(&m, &host("h2"), &req("a", [10, 1, 0, 3]), 1000, P).unwrap();
+        assert_eq!(
+            (g.src_host, g.src_port),
+            (Ipv4Addr::new(198, 18, 0, 2), 40001)
+        );
+        let g = grant(&m, &host("h2"), &req("b", [10, 1, 0, 2]), 1000, P).unwrap();
+        assert_eq!(
+            (g.dst_host, g.dst_port),
+            (Ipv4Addr::new(198, 18, 0, 1), 40000)
+        );
+        assert_eq!(
+            grant(&m, &host("h1"), &req("a", [10, 1, 0, 3]), 1000, P)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotOwner
         );
     }
 
