@@ -155,7 +155,7 @@ mod tests {
         }
         let reg =
             Registry::open(Box::new(Shared(store.clone())), TokenPolicy { ttl_s: 600 }).unwrap();
-        let mut rx = reg.subscribe();
+        let rx = reg.subscribe();
         let spec = NetworkSpec {
             id: "n1".into(),
             vni: None,
