@@ -542,12 +542,13 @@ async fn register_endpoint(
     }
     let update: EndpointUpdate = parse(&body)?;
     let host = c.0.id.clone();
+    let vm = id.clone();
     let out = write(&reg, move |r| {
-        r.write(|m| plan::register_endpoint(m, &host, &id, &update))
+        r.write(|m| plan::register_endpoint(m, &host, &vm, &update))
     })
     .await?;
     log::info!(
-        "{} registered an endpoint {}:{} (generation {})",
+        "{} registered VM {id} at {}:{} (generation {})",
         c.0,
         update.host_addr,
         update.port,
