@@ -31,8 +31,8 @@ use super::port::{unix_now, PortCore};
 use super::rx_check::{check_datagram, parse_options};
 use super::udp;
 use crate::device::chain::{
-    collect_rx_chain, collect_tx_chain, mark_dirty, push_iovecs, read_segs, write_segs, GuestSeg,
-    RxBuf, MAX_RX_SEGS, MAX_TX_DESCRIPTORS,
+    collect_rx_chain, collect_tx_chain, mark_dirty, push_iovecs, push_piece_iovecs, read_segs,
+    write_segs, GuestSeg, HostPiece, RxBuf, MAX_RX_SEGS, MAX_TX_DESCRIPTORS,
 };
 use crate::device::features::rx_vnet_header;
 use crate::metrics::counters::DropReason;
@@ -80,6 +80,7 @@ pub struct PairWorker {
     /// A clone of the RX vring, to give held buffers back when the ring stops.
     rx_vring: Option<Vring>,
     tx_segs: Vec<GuestSeg>,
+    tx_pieces: Vec<HostPiece>,
     /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
     /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
     rx_hint: usize,
@@ -111,6 +112,7 @@ impl PairWorker {
             rx_backlog: false,
             rx_vring: None,
             tx_segs: Vec::with_capacity(MAX_TX_DESCRIPTORS),
+            tx_pieces: Vec::with_capacity(MAX_TX_DESCRIPTORS),
             rx_hint: MIN_RX_SLOTS,
             cached_mem: None,
         }
@@ -217,7 +219,7 @@ impl PairWorker {
                     break;
                 };
                 heads.push(chain.head_index());
-                match collect_tx_chain(chain, mem, &mut self.tx_segs) {
+                match collect_tx_chain(chain, mem, &mut self.tx_segs, &mut self.tx_pieces) {
                     Ok(total) => self.tx_frame(
                         mem,
                         total,
@@ -340,8 +342,7 @@ impl PairWorker {
                     iov_base: std::ptr::null_mut(),
                     iov_len: HEADER_LEN,
                 });
-                let limit = msg.iov_start + 1 + MAX_TX_DESCRIPTORS * 2;
-                let covered = push_iovecs(mem, &self.tx_segs, inner_off, total_len, iovs, limit);
+                let covered = push_piece_iovecs(&self.tx_pieces, inner_off, total_len, iovs);
                 if covered != total_len {
                     iovs.truncate(msg.iov_start);
                     core.counters.drop_packet(DropReason::TxBadChain);

@@ -55,10 +55,14 @@ pub enum ChainError {
 
 /// Collects the device-readable buffers of a TX chain into `segs` (cleared first) and returns
 /// their total length.
+///
+/// `pieces` receives the same bytes as host addresses in `mem`'s mapping (split at region
+/// boundaries), valid while the caller keeps that memory snapshot alive.
 pub fn collect_tx_chain<M, B>(
     chain: DescriptorChain<M>,
     mem: &GuestMemoryMmap<B>,
     segs: &mut Vec<GuestSeg>,
+    pieces: &mut Vec<HostPiece>,
 ) -> Result<usize, ChainError>
 where
     M: Deref,
@@ -66,6 +70,7 @@ where
     B: Bitmap + 'static,
 {
     segs.clear();
+    pieces.clear();
     let mut total = 0usize;
     let mut count = 0usize;
     let mut last_has_next = true;
@@ -82,7 +87,19 @@ where
         if len == 0 {
             continue;
         }
-        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
+        // Resolving the range checks it: any part outside guest memory is an error.
+        let mut covered = 0usize;
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len as usize) {
+            let Ok(slice) = slice else {
+                return Err(ChainError::OutsideMemory);
+            };
+            pieces.push(HostPiece {
+                addr: slice.ptr_guard().as_ptr() as usize,
+                len: slice.len() as u32,
+            });
+            covered += slice.len();
+        }
+        if covered != len as usize {
             return Err(ChainError::OutsideMemory);
         }
         segs.push(GuestSeg {
@@ -257,6 +274,34 @@ pub fn for_each_range(
     done
 }
 
+/// Appends iovecs for bytes `offset..offset + len` of `pieces`; returns the bytes covered.
+pub fn push_piece_iovecs(
+    pieces: &[HostPiece],
+    mut offset: usize,
+    len: usize,
+    iovs: &mut Vec<libc::iovec>,
+) -> usize {
+    let mut done = 0usize;
+    for p in pieces {
+        if done == len {
+            break;
+        }
+        let plen = p.len as usize;
+        if offset >= plen {
+            offset -= plen;
+            continue;
+        }
+        let take = (plen - offset).min(len - done);
+        iovs.push(libc::iovec {
+            iov_base: (p.addr + offset) as *mut libc::c_void,
+            iov_len: take,
+        });
+        done += take;
+        offset = 0;
+    }
+    done
+}
+
 /// Copies bytes `offset..offset + out.len()` of the segments into `out` (through vm-memory's
 /// checked accessors); returns how many bytes were copied.
 pub fn read_segs<B: Bitmap + 'static>(
@@ -379,7 +424,12 @@ mod tests {
         let mut q = queue_with(&mem, descs);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let mut segs = Vec::new();
-        collect_tx_chain(chain, &mem, &mut segs).map(|n| (n, segs))
+        let mut pieces = Vec::new();
+        let r = collect_tx_chain(chain, &mem, &mut segs, &mut pieces).map(|n| (n, segs));
+        if let Ok((n, _)) = &r {
+            assert_eq!(pieces.iter().map(|p| p.len as usize).sum::<usize>(), *n);
+        }
+        r
     }
 
     fn rx(descs: &[RawDescriptor]) -> Result<RxBuf, ChainError> {
@@ -456,7 +506,7 @@ mod tests {
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let mut segs = Vec::new();
         assert_eq!(
-            collect_tx_chain(chain, &mem, &mut segs),
+            collect_tx_chain(chain, &mem, &mut segs, &mut Vec::new()),
             Err(ChainError::Empty)
         );
     }
@@ -478,7 +528,7 @@ mod tests {
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let mut segs = Vec::new();
         assert_eq!(
-            collect_tx_chain(chain, &mem, &mut segs),
+            collect_tx_chain(chain, &mem, &mut segs, &mut Vec::new()),
             Err(ChainError::TooLong)
         );
     }
