@@ -43,6 +43,8 @@ pub struct ClusterOptions {
     pub token_ttl_secs: u32,
     /// vnpd's log filter.
     pub vnpd_log: String,
+    /// vnpd's `token_refresh_margin_secs` (its default when `None`).
+    pub refresh_margin_secs: Option<u32>,
 }
 
 impl Default for ClusterOptions {
@@ -52,6 +54,7 @@ impl Default for ClusterOptions {
             hosts: 2,
             token_ttl_secs: 600,
             vnpd_log: "info".into(),
+            refresh_margin_secs: None,
         }
     }
 }
@@ -219,20 +222,24 @@ impl Cluster {
             cluster.registry(move |c| {
                 c.create_host(&serde_json::from_value(spec).expect("host spec"))
             })?;
-            let host = cluster.make_host(i, id, &url, &opts.vnpd_log)?;
+            let host = cluster.make_host(i, id, &url, opts)?;
             cluster.hosts.push(host);
             cluster.start_vnpd(i)?;
         }
         Ok(cluster)
     }
 
-    fn make_host(&self, index: usize, id: &str, url: &str, log: &str) -> Result<Host> {
+    fn make_host(&self, index: usize, id: &str, url: &str, opts: &ClusterOptions) -> Result<Host> {
         let dir = self.dir.path().join(id);
         std::fs::create_dir_all(&dir)?;
         let addr = Fabric::host_addr(index);
         let admin_socket = dir.join("admin.sock");
         let config = dir.join("vnpd.toml");
         let tls = &self.tls_dir;
+        let margin = opts
+            .refresh_margin_secs
+            .map(|m| format!("token_refresh_margin_secs = {m}\n"))
+            .unwrap_or_default();
         let text = format!(
             "host_id = \"{id}\"\n\
              underlay_addr = \"{addr}\"\n\
@@ -241,6 +248,7 @@ impl Cluster {
              state_dir = \"{state}\"\n\
              admin_socket = \"{admin}\"\n\
              metrics_listen = \"{addr}:{METRICS_PORT}\"\n\
+             {margin}\
              [registry]\n\
              url = \"{url}\"\n\
              ca_cert = \"{ca}\"\n\
@@ -261,7 +269,7 @@ impl Cluster {
             admin_socket,
             config,
             vnpd_log: dir.join("vnpd.log"),
-            log_filter: log.to_string(),
+            log_filter: opts.vnpd_log.clone(),
             dir,
             vnpd: None,
         })

@@ -37,6 +37,7 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_b.mode = ForwardMode::RxOnly;
     spec_b.mac = Some(mac(&att_b.mac));
     spec_b.main_lcore = Some(1);
+    spec_b.launch_timeout = Duration::from_secs(120);
     let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     pmd_b
         .wait_link_up(0, Duration::from_secs(30))
@@ -49,6 +50,7 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
     spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
     spec_a.pkt_len = 64;
+    spec_a.launch_timeout = Duration::from_secs(120);
     let mut pmd_a = TestPmd::launch(spec_a).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     pmd_a
         .wait_link_up(0, Duration::from_secs(30))
@@ -93,6 +95,7 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_b.mode = ForwardMode::RxOnly;
     spec_b.mac = Some(mac(&att_b.mac));
     spec_b.main_lcore = Some(1);
+    spec_b.launch_timeout = Duration::from_secs(120);
     let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
     pmd_b.start().unwrap();
@@ -114,6 +117,88 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     }
     pmd_b.stop().unwrap();
     assert!(pmd_b.port_stats(0).unwrap().rx_packets > 0);
+
+    drop(pmd_a);
+    drop(pmd_b);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
+
+/// Tokens that live 8 s, refreshed 4 s ahead: a steady stream from vm-a to vm-b spanning
+/// several lifetimes never waits for a token again after the first, and host b never sees an
+/// expired one.
+#[test]
+fn tokens_are_refreshed_before_they_expire() {
+    let c = Cluster::start(&ClusterOptions {
+        prefix: "vnpr".into(),
+        token_ttl_secs: 8,
+        refresh_margin_secs: Some(4),
+        vnpd_log: "info,vnpd::control=debug".into(),
+        ..ClusterOptions::default()
+    })
+    .expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    c.create_vm("vm-a", 0, &[]).unwrap();
+    c.create_vm("vm-b", 1, &[]).unwrap();
+    let att_a = c.attach(0, "vm-a").unwrap();
+    let att_b = c.attach(1, "vm-b").unwrap();
+
+    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
+    spec_b.mode = ForwardMode::RxOnly;
+    spec_b.mac = Some(mac(&att_b.mac));
+    spec_b.main_lcore = Some(1);
+    spec_b.launch_timeout = Duration::from_secs(120);
+    let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
+    pmd_b.start().unwrap();
+    let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
+    spec_a.mode = ForwardMode::TxOnly;
+    spec_a.mac = Some(mac(&att_a.mac));
+    spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
+    spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
+    spec_a.launch_timeout = Duration::from_secs(120);
+    let mut pmd_a = TestPmd::launch(spec_a).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    pmd_a.wait_link_up(0, Duration::from_secs(30)).unwrap();
+    pmd_a.start().unwrap();
+
+    let drop_a = |r: &str| {
+        c.metric(0, "vnpd_drops_total", &[("vm", "vm-a"), ("reason", r)])
+            .unwrap()
+    };
+    let drop_b = |r: &str| {
+        c.metric(1, "vnpd_drops_total", &[("vm", "vm-b"), ("reason", r)])
+            .unwrap()
+    };
+    let rx_b = || {
+        c.metric(1, "vnpd_rx_packets_total", &[("vm", "vm-b")])
+            .unwrap()
+    };
+    // The first token: packets wait (and may overflow the small queue) until it arrives.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(rx_b() > 0, "no traffic at all\n{}", c.logs());
+    let waited = drop_a("tx_no_token_queue_full") + drop_a("tx_pending_discarded");
+    // Three token lifetimes, sampling that traffic keeps arriving.
+    let mut last = rx_b();
+    for second in 0..24 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rx_b();
+        assert!(
+            now > last,
+            "traffic stalled {second} s into the run (tokens live 8 s)\n{}",
+            c.logs()
+        );
+        last = now;
+    }
+    pmd_a.stop().unwrap();
+    pmd_b.stop().unwrap();
+    assert_eq!(drop_b("rx_expired"), 0, "host b saw an expired token");
+    assert_eq!(drop_b("rx_bad_token"), 0, "host b refused a token");
+    assert_eq!(
+        drop_a("tx_no_token_queue_full") + drop_a("tx_pending_discarded"),
+        waited,
+        "vm-a had to wait for a token again: the refresh came too late"
+    );
 
     drop(pmd_a);
     drop(pmd_b);

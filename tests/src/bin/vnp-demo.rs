@@ -242,6 +242,9 @@ fn run(created: &Created) -> Result<()> {
             println!("     {line}");
         }
     }
+    println!(
+        "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
+    );
 
     say("9. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
