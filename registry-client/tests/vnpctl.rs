@@ -1,0 +1,346 @@
+//! `vnpctl` end to end: the real CLI against the real `vnp-registry` over mutual TLS, with the
+//! PKI that `vnpctl ca init` / `vnpctl cert` make.
+//!
+//! The registry binary lives in another package, so the test builds it first (the same cargo,
+//! profile and target directory); a failed build fails the test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+struct Cleanup {
+    dir: PathBuf,
+    registry: Option<Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.registry.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn registry_binary() -> PathBuf {
+    let vnpctl = PathBuf::from(env!("CARGO_BIN_EXE_vnpctl"));
+    let dir = vnpctl.parent().unwrap().to_path_buf();
+    let cargo = std::env::var_os("CARGO").expect("run me with cargo test");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "vnp-registry",
+        "--bin",
+        "vnp-registry",
+        "--manifest-path",
+    ])
+    .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"));
+    if dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().expect("running cargo build");
+    assert!(
+        out.status.success(),
+        "building vnp-registry failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = dir.join("vnp-registry");
+    assert!(bin.is_file(), "{} missing after the build", bin.display());
+    bin
+}
+
+struct Ctl {
+    url: String,
+    tls: PathBuf,
+}
+
+impl Ctl {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_vnpctl"))
+            .env_clear()
+            .env("VNP_REGISTRY", &self.url)
+            .env("VNP_TLS_DIR", &self.tls)
+            .args(args)
+            .output()
+            .expect("run vnpctl")
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "vnpctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "vnpctl {args:?} should have failed");
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+}
+
+#[test]
+fn vnpctl_drives_a_registry_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("vnpctl-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut guard = Cleanup {
+        dir: dir.clone(),
+        registry: None,
+    };
+    let tls = dir.join("tls");
+    let ctl = Ctl {
+        url: String::new(),
+        tls: tls.clone(),
+    };
+
+    // PKI, exactly as an operator would make it.
+    assert!(ctl
+        .ok(&["ca", "init", "--dir", tls.to_str().unwrap()])
+        .contains("server.pem"));
+    assert!(ctl
+        .fails(&["ca", "init", "--dir", tls.to_str().unwrap()])
+        .contains("--force"));
+    ctl.ok(&["cert", "host", "--dir", tls.to_str().unwrap(), "--id", "h1"]);
+    assert!(tls.join("host-h1.pem").is_file() && tls.join("host-h1.key").is_file());
+    assert!(ctl
+        .fails(&[
+            "cert",
+            "host",
+            "--dir",
+            tls.to_str().unwrap(),
+            "--id",
+            "Bad_Id"
+        ])
+        .contains("invalid id"));
+
+    let mut child = Command::new(registry_binary())
+        .args(["--listen", "127.0.0.1:0", "--data"])
+        .arg(dir.join("data"))
+        .arg("--tls-dir")
+        .arg(&tls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vnp-registry");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    guard.registry = Some(child);
+    let addr = line
+        .trim()
+        .strip_prefix("vnp-registry listening on ")
+        .expect("listening line");
+    let ctl = Ctl {
+        url: format!("https://{addr}"),
+        tls,
+    };
+
+    assert!(ctl.ok(&["whoami"]).contains("vnp:admin:admin"));
+    let n = ctl.json(&[
+        "network",
+        "create",
+        "n1",
+        "--cidr",
+        "10.1.0.0/24",
+        "--vni",
+        "7",
+        "--json",
+    ]);
+    assert_eq!(n["router"], "10.1.0.1");
+    ctl.ok(&["host", "create", "h1", "--addr", "198.18.0.1"]);
+    ctl.ok(&[
+        "host",
+        "create",
+        "h2",
+        "--addr",
+        "198.18.0.2",
+        "--ports",
+        "41000-41009",
+    ]);
+    let a = ctl.json(&[
+        "vm",
+        "create",
+        "vm-a",
+        "--network",
+        "n1",
+        "--host",
+        "h1",
+        "--tag",
+        "web",
+        "--json",
+    ]);
+    assert_eq!(a["ip"], "10.1.0.2");
+    assert_eq!(a["mac"], "02:07:0a:01:00:02");
+    let b = ctl.json(&[
+        "vm",
+        "create",
+        "vm-b",
+        "--network",
+        "n1",
+        "--host",
+        "h2",
+        "--json",
+    ]);
+    assert_eq!(b["host_port"], 41000);
+
+    // Tables by default.
+    let table = ctl.ok(&["vm", "list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("NETWORK"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("vm-a") && lines[1].contains("10.1.0.2") && lines[1].ends_with("web"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3);
+    assert!(ctl.ok(&["vm", "show", "vm-b"]).contains("41000"));
+    assert_eq!(
+        ctl.json(&["network", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // A debugging token, then a policy that forbids it.
+    let t = ctl.json(&[
+        "token", "issue", "--src-vm", "vm-a", "--dst", "10.1.0.3", "--json",
+    ]);
+    assert_eq!(t["dst_vm"], "vm-b");
+    assert_eq!(t["dst_port"], 41000);
+    assert_eq!(t["token"].as_str().unwrap().len(), 16);
+    ctl.ok(&[
+        "policy",
+        "add",
+        "no-ab",
+        "--network",
+        "n1",
+        "--deny",
+        "vm:vm-a",
+        "vm:vm-b",
+    ]);
+    ctl.ok(&[
+        "policy",
+        "add",
+        "web-ok",
+        "--network",
+        "n1",
+        "--allow",
+        "tag:web",
+        "any",
+    ]);
+    let err = ctl.fails(&["token", "issue", "--src-vm", "vm-a", "--dst", "10.1.0.3"]);
+    assert!(
+        err.contains("policy_denied") && err.contains("no-ab"),
+        "{err}"
+    );
+    assert!(ctl.ok(&["policy", "list"]).contains("no-ab"));
+    ctl.ok(&["policy", "delete", "no-ab"]);
+    ctl.ok(&["token", "issue", "--src-vm", "vm-a", "--dst", "10.1.0.3"]);
+    let err = ctl.fails(&["token", "issue", "--src-vm", "vm-a", "--dst", "203.0.113.9"]);
+    assert!(err.contains("no_gateway"), "{err}");
+    ctl.ok(&[
+        "gateway",
+        "create",
+        "gw1",
+        "--network",
+        "n1",
+        "--addr",
+        "198.18.0.9",
+        "--port",
+        "6081",
+    ]);
+    let t = ctl.json(&[
+        "token",
+        "issue",
+        "--src-vm",
+        "vm-a",
+        "--dst",
+        "203.0.113.9",
+        "--json",
+    ]);
+    assert_eq!(
+        (t["dst_vm"].clone(), t["dst_port"].clone()),
+        (serde_json::Value::Null, 6081.into())
+    );
+
+    // Migration step 1 and a watch that sees it.
+    let moved = ctl.json(&["vm", "move", "vm-b", "--host", "h1", "--json"]);
+    assert_eq!(moved["host"], "h1");
+    let w = ctl.json(&[
+        "watch",
+        "--vm",
+        "vm-b",
+        "--since",
+        "0",
+        "--timeout",
+        "1",
+        "--json",
+    ]);
+    let kinds: Vec<&str> = w["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["created", "moved"]);
+    assert_eq!(
+        ctl.json(&["vm", "rotate-secret", "vm-b", "--json"])["secret_generation"],
+        2
+    );
+
+    // Bad input is refused with the registry's reason.
+    assert!(ctl
+        .fails(&["vm", "create", "x", "--network", "n1", "--ip", "10.9.0.5"])
+        .contains("address_outside_cidr"));
+    assert!(ctl
+        .fails(&["vm", "create", "x", "--network", "n1", "--ip", "10.1.0.2"])
+        .contains("duplicate_ip"));
+    assert!(ctl
+        .fails(&["network", "create", "n2", "--cidr", "10.2.0.1/24"])
+        .contains("host bits"));
+    assert!(ctl.fails(&["vm", "show", "nope"]).contains("unknown_vm"));
+    assert!(ctl
+        .fails(&["network", "delete", "n1"])
+        .contains("not_empty"));
+    assert!(ctl.fails(&["host", "delete", "h1"]).contains("not_empty"));
+
+    // A host certificate is not an admin.
+    let host_err = Command::new(env!("CARGO_BIN_EXE_vnpctl"))
+        .env_clear()
+        .env("VNP_REGISTRY", &ctl.url)
+        .env("VNP_TLS_DIR", &ctl.tls)
+        .args(["--cert", ctl.tls.join("host-h1.pem").to_str().unwrap()])
+        .args(["--key", ctl.tls.join("host-h1.key").to_str().unwrap()])
+        .args(["network", "delete", "n1", "--cascade"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&host_err.stderr).contains("admin_required"));
+
+    let out = ctl.ok(&["network", "delete", "n1", "--cascade"]);
+    assert!(
+        out.contains("vm/vm-a") && out.contains("gateway/gw1") && out.contains("rule/web-ok"),
+        "{out}"
+    );
+    assert!(ctl
+        .json(&["vm", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    ctl.ok(&["host", "delete", "h1"]);
+    assert_eq!(ctl.ok(&["host", "list"]).lines().count(), 2, "header + h2");
+}
