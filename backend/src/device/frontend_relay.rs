@@ -9,13 +9,14 @@
 //! QEMU guest never gets a working network.
 //!
 //! The relay passes every message and its file descriptors through unchanged, except those early
-//! `SET_VRING_ENABLE`s, which it absorbs (answering them itself when the frontend asked for a
-//! reply). Nothing is lost: the rings start disabled when `PROTOCOL_FEATURES` is negotiated, and
-//! QEMU's `vhost_net_start` re-sends the enable state of every ring right after
-//! `SET_FEATURES`. Frontends that send nothing early (DPDK's virtio-user, cloud-hypervisor) see
-//! no difference. Only the control channel goes through the relay: the data path lives in shared
+//! `SET_VRING_ENABLE`s, which it holds back (answering them itself when the frontend asked for a
+//! reply) and replays, last state per ring, right after the `SET_FEATURES` that acks
+//! `PROTOCOL_FEATURES`, which is when the backend can take them. Nothing is lost: on a migration
+//! destination those early enables are the only ones QEMU sends. Frontends that send nothing
+//! early (DPDK's virtio-user, cloud-hypervisor) see no difference. Only the control channel goes through the relay: the data path lives in shared
 //! memory and eventfds, which pass through as descriptors.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
@@ -41,13 +42,18 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
+/// A whole vhost-user message with an 8-byte payload (a ring state or an ack).
+pub type SmallMessage = [u8; HEADER_LEN + 8];
+
 /// What to do with one frontend message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Pass it to the backend unchanged.
     Forward,
-    /// Do not pass it on; send `reply` (if any) back to the frontend.
-    Absorb { reply: Option<[u8; HEADER_LEN + 8]> },
+    /// Pass it to the backend, then send it these held-back messages.
+    ForwardThenReplay(Vec<SmallMessage>),
+    /// Hold it back; send `reply` (if any) to the frontend.
+    Absorb { reply: Option<SmallMessage> },
 }
 
 /// The relay's decision logic, kept free of I/O so that it can be tested message by message.
@@ -55,6 +61,8 @@ pub enum Verdict {
 pub struct EarlyEnableFilter {
     protocol_features_acked: bool,
     absorbed: u64,
+    /// Ring index -> last enable state asked for while the backend could not take it.
+    held: BTreeMap<u32, u32>,
 }
 
 impl EarlyEnableFilter {
@@ -70,10 +78,20 @@ impl EarlyEnableFilter {
                     self.protocol_features_acked =
                         u64::from_le_bytes(features) & F_PROTOCOL_FEATURES != 0;
                 }
+                if self.protocol_features_acked && !self.held.is_empty() {
+                    let replay = std::mem::take(&mut self.held)
+                        .into_iter()
+                        .map(|(index, state)| vring_enable(index, state))
+                        .collect();
+                    return Verdict::ForwardThenReplay(replay);
+                }
                 Verdict::Forward
             }
             REQ_SET_VRING_ENABLE if !self.protocol_features_acked => {
                 self.absorbed += 1;
+                if let Some(state) = payload.get(..8) {
+                    self.held.insert(le_u32(&state[0..4]), le_u32(&state[4..8]));
+                }
                 let reply = (flags & FLAG_NEED_REPLY != 0).then(|| ack(REQ_SET_VRING_ENABLE));
                 Verdict::Absorb { reply }
             }
@@ -88,11 +106,24 @@ impl EarlyEnableFilter {
 }
 
 /// A `REPLY_ACK` reply saying "success" for `request`.
-fn ack(request: u32) -> [u8; HEADER_LEN + 8] {
+fn ack(request: u32) -> SmallMessage {
+    small_message(request, FLAG_VERSION_1 | FLAG_REPLY, [0; 8])
+}
+
+/// A `SET_VRING_ENABLE` request for the backend, asking for no reply.
+fn vring_enable(index: u32, state: u32) -> SmallMessage {
+    let mut payload = [0u8; 8];
+    payload[0..4].copy_from_slice(&index.to_le_bytes());
+    payload[4..8].copy_from_slice(&state.to_le_bytes());
+    small_message(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, payload)
+}
+
+fn small_message(request: u32, flags: u32, payload: [u8; 8]) -> SmallMessage {
     let mut out = [0u8; HEADER_LEN + 8];
     out[0..4].copy_from_slice(&request.to_le_bytes());
-    out[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+    out[4..8].copy_from_slice(&flags.to_le_bytes());
     out[8..12].copy_from_slice(&8u32.to_le_bytes());
+    out[12..].copy_from_slice(&payload);
     out
 }
 
@@ -255,6 +286,12 @@ fn pump_from_frontend(
     while let Some(msg) = read_message(frontend)? {
         match filter.on_frontend_message(&msg.header, &msg.payload) {
             Verdict::Forward => write_message(backend, &msg.header, &msg.payload, &msg.fds)?,
+            Verdict::ForwardThenReplay(held) => {
+                write_message(backend, &msg.header, &msg.payload, &msg.fds)?;
+                for replayed in held {
+                    write_message(backend, &replayed, &[], &[])?;
+                }
+            }
             Verdict::Absorb { reply } => {
                 if let Some(reply) = reply {
                     let w = frontend_writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -302,6 +339,37 @@ mod tests {
         assert_eq!(le_u32(&reply[8..12]), 8);
         assert_eq!(&reply[12..], &[0u8; 8], "zero means success");
         assert_eq!(f.absorbed(), 2);
+    }
+
+    #[test]
+    fn replays_held_enables_after_features_last_state_per_ring() {
+        let mut f = EarlyEnableFilter::default();
+        let msg = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, 8);
+        f.on_frontend_message(&msg, &enable(0, 1));
+        f.on_frontend_message(&msg, &enable(1, 1));
+        f.on_frontend_message(&msg, &enable(3, 1));
+        f.on_frontend_message(&msg, &enable(3, 0));
+        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
+        let Verdict::ForwardThenReplay(replay) =
+            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features)
+        else {
+            panic!("expected the held enables to be replayed");
+        };
+        let states: Vec<(u32, u32)> = replay
+            .iter()
+            .map(|m| {
+                assert_eq!(le_u32(&m[0..4]), REQ_SET_VRING_ENABLE);
+                assert_eq!(le_u32(&m[4..8]), FLAG_VERSION_1, "no reply asked for");
+                assert_eq!(le_u32(&m[8..12]), 8);
+                (le_u32(&m[12..16]), le_u32(&m[16..20]))
+            })
+            .collect();
+        assert_eq!(states, vec![(0, 1), (1, 1), (3, 0)]);
+        // Replayed once: a later SET_FEATURES (e.g. toggling LOG_ALL) replays nothing.
+        assert_eq!(
+            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features),
+            Verdict::Forward
+        );
     }
 
     #[test]
@@ -359,6 +427,23 @@ mod tests {
         write_message(&frontend_side, &early, &enable(0, 1), &[]).expect("send");
         let reply = read_message(&frontend_side).expect("read").expect("reply");
         assert_eq!(le_u32(&reply.header[4..8]), FLAG_VERSION_1 | FLAG_REPLY);
+
+        // SET_FEATURES reaches the backend, followed by the held-back enable.
+        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
+        write_message(
+            &frontend_side,
+            &header(REQ_SET_FEATURES, FLAG_VERSION_1, 8),
+            &features,
+            &[],
+        )
+        .expect("send");
+        let got = read_message(&backend).expect("read").expect("features");
+        assert_eq!(le_u32(&got.header[0..4]), REQ_SET_FEATURES);
+        let got = read_message(&backend)
+            .expect("read")
+            .expect("replayed enable");
+        assert_eq!(le_u32(&got.header[0..4]), REQ_SET_VRING_ENABLE);
+        assert_eq!(got.payload, enable(0, 1));
 
         // A message with a descriptor passes through, descriptor included.
         let (probe_a, probe_b) = UnixStream::pair().expect("socketpair");
