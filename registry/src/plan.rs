@@ -643,6 +643,19 @@ pub fn register_endpoint(
             ),
         );
     }
+    if let Some(ep) = vm.endpoint {
+        let same = ep.host_addr == update.host_addr && ep.port == update.port;
+        if same && vm.host_port == Some(update.port) {
+            // Re-registering (vnpd restarting, retries) is idempotent: no new generation, so
+            // watchers do not throw away good tokens.
+            return Ok((
+                vec![],
+                EndpointAck {
+                    generation: ep.generation,
+                },
+            ));
+        }
+    }
     let generation = model.generation + 1;
     vm.host_port = Some(update.port);
     vm.endpoint = Some(Endpoint {
@@ -911,6 +924,9 @@ mod tests {
         );
         let ack = apply!(m, register_endpoint(&m, "h2", "a", &up));
         assert_eq!(ack.generation, m.generation);
+        let (ops, again) = register_endpoint(&m, "h2", "a", &up).unwrap();
+        assert!(ops.is_empty(), "same endpoint again changes nothing");
+        assert_eq!(again, ack);
         let vm = &m.vms["a"];
         assert_eq!(vm.endpoint.unwrap().host_addr, Ipv4Addr::new(198, 18, 0, 2));
         let (changes, resync) = m.changes_since(1, &["a".to_string()]);

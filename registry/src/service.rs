@@ -85,6 +85,9 @@ impl Registry {
     ) -> Result<T, ApiError> {
         let _serialised = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let (ops, out) = planner(&self.read())?;
+        if ops.is_empty() {
+            return Ok(out);
+        }
         if let Err(e) = self.store.commit(&ops) {
             log::error!("store commit failed: {e}");
             return refuse(
