@@ -475,7 +475,12 @@ impl Guest {
             .as_mut()
             .map(|c| c.send_only("sync; poweroff -f"))
             .transpose();
-        if let (Ok(Some(())), Some(status)) = (sent, self.wait_exit(timeout)) {
+        // Only wait for a power-off that was actually requested.
+        let exited = match sent {
+            Ok(Some(())) => self.wait_exit(timeout),
+            _ => None,
+        };
+        if let Some(status) = exited {
             self.qmp = None;
             return Ok(status);
         }

@@ -236,8 +236,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::BuildGuest => {
             let img =
                 GuestImage::build(&qemu_launch::image::repo_dir()).map_err(|e| e.to_string())?;
-            println!("{}", img.dir.display());
-            print!("{}", img.manifest);
+            emit(&format!("{}\n{}", img.dir.display(), img.manifest));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Print {
@@ -303,29 +302,43 @@ fn planned_files(args: &GuestArgs) -> GuestFiles {
 
 fn print_command(args: &GuestArgs, vmm: Vmm) -> Result<(), String> {
     let spec = args.spec()?;
-    if vmm == Vmm::Libvirt {
-        print!("{}", cmdline::libvirt_interface_xml(&spec));
-        return Ok(());
-    }
-    let boot = args.image()?.boot_files();
-    let files = planned_files(args);
+    // The libvirt interface fragment needs no image; everything else names the boot files.
+    let boot_and_files =
+        || -> Result<_, String> { Ok((args.image()?.boot_files(), planned_files(args))) };
     match vmm {
+        Vmm::Libvirt => emit(&cmdline::libvirt_interface_xml(&spec)),
+        Vmm::LibvirtDomain => {
+            let (boot, files) = boot_and_files()?;
+            emit(&cmdline::libvirt_domain_xml(&spec, &boot, &files));
+        }
         Vmm::Qemu => {
+            let (boot, files) = boot_and_files()?;
             let a = cmdline::qemu_args(&spec, &boot, &files, false);
-            println!(
-                "{}",
+            emit(&format!(
+                "{}
+",
                 cmdline::shell_command(&spec.qemu_binary.to_string_lossy(), &a)
-            );
+            ));
         }
         Vmm::CloudHypervisor => {
+            let (boot, files) = boot_and_files()?;
             let api = files.qmp_socket.with_file_name("ch-api.sock");
             let a = cmdline::cloud_hypervisor_args(&spec, &boot, &files, &api);
-            println!("{}", cmdline::shell_command("cloud-hypervisor", &a));
+            emit(&format!(
+                "{}\n",
+                cmdline::shell_command("cloud-hypervisor", &a)
+            ));
         }
-        Vmm::LibvirtDomain => print!("{}", cmdline::libvirt_domain_xml(&spec, &boot, &files)),
-        Vmm::Libvirt => unreachable!("handled above"),
     }
     Ok(())
+}
+
+/// Writes to stdout. A closed pipe (`qemu-launch print ... | head`) is not an error worth a
+/// panic or a message: the reader has what it wanted.
+fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
 }
 
 fn stop_flag() -> Result<Arc<AtomicBool>, String> {
@@ -366,7 +379,7 @@ fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<
         let out = guest
             .run(cmd, Duration::from_secs(300))
             .map_err(|e| e.to_string())?;
-        print!("{}", out.stdout);
+        emit(&out.stdout);
         eprint!("{}", out.stderr);
         guest
             .shutdown(Duration::from_secs(30))
@@ -449,10 +462,10 @@ fn run_migration(
         );
     }
     let json = serde_json::json!({ "migration": report, "after": after_out });
-    println!(
-        "{}",
+    emit(&format!(
+        "{}\n",
         serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?
-    );
+    ));
     dst.shutdown(Duration::from_secs(30))
         .map_err(|e| e.to_string())?;
     Ok(ExitCode::SUCCESS)
