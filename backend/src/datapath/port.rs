@@ -97,10 +97,8 @@ impl PortCore {
             }
             Enqueued::Full => self.counters.drop_packet(DropReason::TxNoTokenQueueFull),
             Enqueued::Refused(reason) => self.counters.drop_packet(refusal_drop(reason)),
-            // Rare race: a token arrived between lookup and enqueue. The packet's bytes were not
-            // copied (enqueue copies only when queueing), and its chain is already being
-            // returned; count it like a send failure rather than block the batch.
-            Enqueued::Ready(_) => self.counters.drop_packet(DropReason::TxSendError),
+            // The TX path sends these itself; nothing to count here.
+            Enqueued::Ready(_) => {}
         }
     }
 

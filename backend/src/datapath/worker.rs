@@ -27,6 +27,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
 
 use super::frame::{classify_tx, TxClass, CLASSIFY_PREFIX, ETHERTYPE_IPV4, ETH_HLEN};
+use super::peers::Enqueued;
 use super::port::{unix_now, PortCore};
 use super::rx_check::{check_datagram, parse_options};
 use super::udp;
@@ -298,20 +299,32 @@ impl PairWorker {
                 // belongs here, before the inner packet is referenced by the iovecs; it will
                 // need a private copy of the L4 header (the guest owns the original bytes).
                 let inner_off = hdr + ETH_HLEN;
+                let fits = total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu);
                 let view = core.peers.view();
-                let Some(entry) = view.get(dst, now) else {
-                    drop(view);
-                    let segs = &self.tx_segs;
-                    let outcome = core.peers.enqueue(dst, now, mono, || {
-                        let mut copy = vec![0u8; total_len];
-                        let got = read_segs(mem, segs, inner_off, &mut copy);
-                        copy.truncate(got);
-                        copy
-                    });
-                    core.on_enqueued(dst, outcome);
-                    return;
+                let found = view
+                    .get(dst, now)
+                    .map(|e| (e.send_info(), fits && e.claim_return_token(now)));
+                drop(view);
+                let (info, with_return) = match found {
+                    Some(found) => found,
+                    None => {
+                        let segs = &self.tx_segs;
+                        let outcome = core.peers.enqueue(dst, now, mono, || {
+                            let mut copy = vec![0u8; total_len];
+                            let got = read_segs(mem, segs, inner_off, &mut copy);
+                            copy.truncate(got);
+                            copy
+                        });
+                        match outcome {
+                            // A token arrived between the lookup and the enqueue: send now.
+                            Enqueued::Ready(info) => (info, false),
+                            other => {
+                                core.on_enqueued(dst, other);
+                                return;
+                            }
+                        }
+                    }
                 };
-                let info = entry.send_info();
                 let mut msg = TxMsg {
                     header: [0; HEADER_LEN],
                     options: [0; ReturnToken::WIRE_LEN],
@@ -321,15 +334,12 @@ impl PairWorker {
                     iov_end: 0,
                     inner_len: total_len,
                 };
-                if total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu)
-                    && entry.claim_return_token(now)
-                {
+                if with_return {
                     msg.options_len = core
                         .return_token(info.endpoint, dst, now)
                         .emit(&mut msg.options)
                         .unwrap_or(0);
                 }
-                drop(view);
                 msg.header = VnpRepr {
                     network_id: core.network_id,
                     token: info.token,
