@@ -240,3 +240,52 @@ fn two_hosts_real_guests_end_to_end() {
     drop(c);
     assert_nothing_left(&dir, &namespaces);
 }
+
+/// Attachments survive a vnpd restart, and the running guest (QEMU reconnects to the socket)
+/// talks again without a reboot.
+#[test]
+#[ignore = "known broken (data plane): after vnpd restarts, QEMU reconnects but no frame is processed; run with --ignored"]
+fn guest_traffic_resumes_after_vnpd_restart() {
+    let mut c = Cluster::start(&ClusterOptions {
+        prefix: "vnpgr".into(),
+        ..ClusterOptions::default()
+    })
+    .expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    c.create_vm("vm-a", 0, &[]).unwrap();
+    let rec_b = c.create_vm("vm-b", 1, &[]).unwrap();
+    let att_a = c.attach(0, "vm-a").unwrap();
+    let att_b = c.attach(1, "vm-b").unwrap();
+    let mut ga = c.launch_guest(&att_a).unwrap();
+    let mut gb = c.launch_guest(&att_b).unwrap();
+    for g in [&mut ga, &mut gb] {
+        let lease = wait_dhcp(g);
+        lease.unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    }
+    let (n, out) = ping(&mut ga, rec_b.ip, 2);
+    assert_eq!(n, 2, "before the restart:\n{out}\n{}", c.logs());
+
+    step("restart host a's vnpd");
+    c.stop_vnpd(0).unwrap();
+    c.start_vnpd(0).unwrap();
+    let list = c.host(0).admin().list().unwrap();
+    assert_eq!(list.len(), 1, "attachment not restored\n{}", c.logs());
+    assert_eq!(list[0], att_a);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (n, out) = ping(&mut ga, rec_b.ip, 2);
+        if n == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no traffic after the restart:\n{out}\n{}",
+            c.logs()
+        );
+    }
+    drop(ga);
+    drop(gb);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
