@@ -1,0 +1,62 @@
+//! Who is calling: the identity from the client certificate, checked against the registry.
+
+use super::*;
+
+/// What the TLS layer learned about the caller, attached to every request of a connection.
+#[derive(Debug, Clone)]
+pub(super) struct PeerIdentity(pub(super) Result<Identity, String>);
+
+/// Extractor: the caller as its certificate says, registered or not (only `whoami` uses it).
+#[derive(Debug, Clone)]
+pub struct CertifiedCaller(pub Identity);
+
+impl<S: Send + Sync> FromRequestParts<S> for CertifiedCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        match parts.extensions.get::<PeerIdentity>() {
+            Some(PeerIdentity(Ok(id))) => Ok(CertifiedCaller(id.clone())),
+            Some(PeerIdentity(Err(why))) => refuse(ErrorCode::NotAuthenticated, why.clone()),
+            None => refuse(ErrorCode::NotAuthenticated, "no client certificate"),
+        }
+    }
+}
+
+/// Extractor: the authenticated caller. A host or gateway certificate only counts while that
+/// host or gateway is registered: deleting it from the registry locks its certificate out.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<Shared> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, reg: &Shared) -> Result<Self, ApiError> {
+        let CertifiedCaller(id) = CertifiedCaller::from_request_parts(parts, reg).await?;
+        let registered = match id.role {
+            Role::Admin => true,
+            Role::Host => reg.read().hosts.contains_key(&id.id),
+            Role::Gateway => reg.read().gateways.contains_key(&id.id),
+        };
+        if !registered {
+            return refuse(
+                ErrorCode::UnknownIdentity,
+                format!(
+                    "certificate identity {id} is not registered (vnpctl {} create {})",
+                    id.role, id.id
+                ),
+            );
+        }
+        Ok(Caller(id))
+    }
+}
+
+impl Caller {
+    pub(super) fn admin(&self) -> Result<(), ApiError> {
+        if self.0.role == Role::Admin {
+            Ok(())
+        } else {
+            refuse(
+                ErrorCode::AdminRequired,
+                format!("{} may not do this; it needs an admin certificate", self.0),
+            )
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The HTTPS+JSON API (`/v1`) over mutual TLS. Every refusal is
+//! `{"error": {"code", "message"}}` with the status of its [`ErrorCode`].
+//!
+//! - `auth`: the caller's identity (certificate, then registration);
+//! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
+//! - `tokens`: token requests and the long-poll watch;
+//! - `serve`: the mutual-TLS accept loop.
+
+mod auth;
+mod inventory;
+mod serve;
+mod tokens;
+mod vms;
+
+use auth::PeerIdentity;
+pub use auth::{Caller, CertifiedCaller};
+use inventory::*;
+pub use serve::serve;
+use tokens::*;
+use vms::*;
+
+use crate::error::{refuse, ApiError};
+use crate::plan;
+use crate::service::Registry;
+use crate::tls::identity_from_cert;
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use vnp_registry_client::api::*;
+
+/// Longest long-poll a watcher may ask for.
+pub const MAX_WATCH: Duration = Duration::from_secs(300);
+/// Long-poll time when the watcher does not say.
+pub const DEFAULT_WATCH: Duration = Duration::from_secs(30);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Parses a JSON body with our error format (axum's own rejections are plain text).
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("request body: {e}")))
+}
+
+type Shared = Arc<Registry>;
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs a write on a blocking thread (commits wait for fsync).
+async fn write<T: Send + 'static>(
+    reg: &Shared,
+    job: impl FnOnce(&Registry) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let reg = reg.clone();
+    tokio::task::spawn_blocking(move || job(&reg))
+        .await
+        .unwrap_or_else(|_| refuse(ErrorCode::Internal, "write task failed"))
+}
+
+fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") | Some("") => Ok(true),
+        Some(v) => refuse(
+            ErrorCode::BadRequest,
+            format!("{name}={v:?}: expected true or false"),
+        ),
+    }
+}
+
+/// Builds the router.
+pub fn router(reg: Shared) -> Router {
+    Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/health", get(health))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route("/v1/networks/{id}", get(get_network).delete(delete_network))
+        .route("/v1/hosts", get(list_hosts).post(create_host))
+        .route("/v1/hosts/{id}", get(get_host).delete(delete_host))
+        .route("/v1/host/vms", get(host_vms))
+        .route("/v1/gateways", get(list_gateways).post(create_gateway))
+        .route("/v1/gateways/{id}", get(get_gateway).delete(delete_gateway))
+        .route("/v1/gateways/{id}/secret", get(gateway_secret))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{id}/secret", get(vm_secret))
+        .route("/v1/vms/{id}/secret/rotate", post(rotate_secret))
+        .route("/v1/vms/{id}/move", post(move_vm))
+        .route("/v1/vms/{id}/endpoint", put(register_endpoint))
+        .route("/v1/policy", get(list_rules).post(create_rule))
+        .route("/v1/policy/{id}", axum::routing::delete(delete_rule))
+        .route("/v1/tokens", post(token))
+        .route("/v1/watch", get(watch))
+        .fallback(|| async {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such endpoint (see docs/registry.md)",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(ErrorCode::BadRequest, "method not allowed on this endpoint")
+        })
+        .with_state(reg)
+}
+
+async fn whoami(CertifiedCaller(id): CertifiedCaller) -> Json<Identity> {
+    Json(id)
+}
+
+async fn health(_: Caller, State(reg): State<Shared>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok", "generation": reg.read().generation}))
+}

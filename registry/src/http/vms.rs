@@ -1,0 +1,205 @@
+//! VMs: records, secrets, moves, rotation and endpoint registration.
+
+use super::*;
+
+// ---- VMs
+
+pub(super) async fn list_vms(
+    c: Caller,
+    State(reg): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Vec<VmRecord>> {
+    let m = reg.read();
+    let network = match c.0.role {
+        Role::Admin => q.get("network").cloned(),
+        // A gateway needs its network's VMs (NAT port blocks, port forwarding), nothing else.
+        Role::Gateway => {
+            let gw = m.gateways.get(&c.0.id).ok_or_else(|| {
+                ApiError::new(ErrorCode::UnknownGateway, format!("no gateway {}", c.0.id))
+            })?;
+            Some(gw.network.clone())
+        }
+        Role::Host => {
+            return refuse(
+                ErrorCode::AdminRequired,
+                "hosts list their own VMs with GET /v1/host/vms",
+            )
+        }
+    };
+    if let Some(n) = &network {
+        if !m.networks.contains_key(n) {
+            return refuse(ErrorCode::UnknownNetwork, format!("no network {n}"));
+        }
+    }
+    Ok(Json(
+        m.vms
+            .values()
+            .filter(|v| network.as_ref().is_none_or(|n| v.network == *n))
+            .cloned()
+            .collect(),
+    ))
+}
+
+pub(super) async fn get_vm(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<VmRecord> {
+    let m = reg.read();
+    let vm = m
+        .vms
+        .get(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
+    let allowed = match c.0.role {
+        Role::Admin => true,
+        Role::Host => vm.host.as_deref() == Some(c.0.id.as_str()),
+        Role::Gateway => m
+            .gateways
+            .get(&c.0.id)
+            .is_some_and(|g| g.network == vm.network),
+    };
+    if !allowed {
+        return refuse(ErrorCode::NotOwner, format!("{} may not read VM {id}", c.0));
+    }
+    Ok(Json(vm.clone()))
+}
+
+pub(super) async fn create_vm(
+    c: Caller,
+    State(reg): State<Shared>,
+    body: Bytes,
+) -> ApiResult<VmRecord> {
+    c.admin()?;
+    let spec: VmSpec = parse(&body)?;
+    let out = write(&reg, move |r| {
+        r.write_with_secret(|m, s| plan::create_vm(m, &spec, s))
+    })
+    .await?;
+    log::info!(
+        "{} created VM {} ({} in {}, host {:?})",
+        c.0,
+        out.id,
+        out.ip,
+        out.network,
+        out.host
+    );
+    Ok(Json(out))
+}
+
+pub(super) async fn delete_vm(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<Deleted> {
+    c.admin()?;
+    let out = write(&reg, move |r| r.write(|m| plan::delete_vm(m, &id))).await?;
+    log::info!("{} deleted {}", c.0, out.deleted);
+    Ok(Json(out))
+}
+
+pub(super) async fn move_vm(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<VmRecord> {
+    c.admin()?;
+    let req: MoveVm = parse(&body)?;
+    let out = write(&reg, move |r| r.write(|m| plan::move_vm(m, &id, &req))).await?;
+    log::info!(
+        "{} moved VM {} to host {:?} port {:?}",
+        c.0,
+        out.id,
+        out.host,
+        out.host_port
+    );
+    Ok(Json(out))
+}
+
+pub(super) async fn rotate_secret(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<VmRecord> {
+    c.admin()?;
+    let out = write(&reg, move |r| {
+        r.write_with_secret(|m, s| plan::rotate_vm_secret(m, &id, s))
+    })
+    .await?;
+    log::info!(
+        "{} rotated the secret of VM {} (generation {})",
+        c.0,
+        out.id,
+        out.secret_generation
+    );
+    Ok(Json(out))
+}
+
+pub(super) async fn vm_secret(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<SecretResponse> {
+    let m = reg.read();
+    let vm = m
+        .vms
+        .get(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
+    // Only the host that runs the VM; not even an admin (the secret never needs to leave the
+    // registry except to the one host that verifies the VM's incoming tokens).
+    if !(c.0.role == Role::Host && vm.host.as_deref() == Some(c.0.id.as_str())) {
+        log::warn!("refused secret of VM {id} to {}", c.0);
+        return refuse(
+            ErrorCode::NotOwner,
+            format!(
+                "{} does not run VM {id}; only its host may read its secret",
+                c.0
+            ),
+        );
+    }
+    let entry = m
+        .secrets
+        .get(&crate::model::SecretOwner::Vm(id.clone()))
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "VM has no secret"))?;
+    log::info!(
+        "{} fetched the secret of VM {id} (generation {})",
+        c.0,
+        entry.generation
+    );
+    Ok(Json(SecretResponse {
+        secret: entry.secret.to_hex().to_string(),
+        generation: entry.generation,
+    }))
+}
+
+pub(super) async fn register_endpoint(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<EndpointAck> {
+    if c.0.role != Role::Host {
+        return refuse(
+            ErrorCode::Forbidden,
+            format!(
+                "only the host that runs VM {id} registers its endpoint, not {}",
+                c.0
+            ),
+        );
+    }
+    let update: EndpointUpdate = parse(&body)?;
+    let host = c.0.id.clone();
+    let vm = id.clone();
+    let out = write(&reg, move |r| {
+        r.write(|m| plan::register_endpoint(m, &host, &vm, &update))
+    })
+    .await?;
+    log::info!(
+        "{} registered VM {id} at {}:{} (generation {})",
+        c.0,
+        update.host_addr,
+        update.port,
+        out.generation
+    );
+    Ok(Json(out))
+}
