@@ -44,7 +44,11 @@ impl Drop for VhostBackend {
 
 impl VhostBackend {
     fn start(dir: &Path, tag: &str) -> VhostBackend {
-        let socket = dir.join(format!("{tag}.sock"));
+        Self::start_at(dir, tag, &dir.join(format!("{tag}.sock")))
+    }
+
+    fn start_at(dir: &Path, tag: &str, socket: &Path) -> VhostBackend {
+        let socket = socket.to_path_buf();
         let stats = dir.join(format!("{tag}.stats"));
         let mut cmd = Command::new("dpdk-testpmd");
         cmd.args([
@@ -179,4 +183,45 @@ fn guest_on_a_vhost_user_backend_sends_frames_and_migrates_to_another_backend() 
             runtime_dir(tag).display()
         );
     }
+}
+
+#[test]
+fn guest_reconnects_when_the_vhost_user_backend_restarts() {
+    // vnpd restarts (upgrade, crash): QEMU's chardev reconnects (reconnect-ms) and the guest's
+    // NIC works again without the guest doing anything.
+    let dir = TempDir::new("qemu-launch-vhost-rc").unwrap();
+    let backend = VhostBackend::start(dir.path(), "rc1");
+    let socket = backend.socket.clone();
+
+    let mut spec = test_spec("vhu-rc");
+    spec.test_netdev = None;
+    spec.vhost_user_socket = Some(socket.clone());
+    spec.extra_kernel_args = vec!["vnp.nonet".into()];
+    let name = spec.name.clone();
+    let mut guest = Guest::launch(spec).unwrap();
+    guest.wait_ready(BOOT_TIMEOUT).unwrap();
+    guest.run_ok(SEND_FRAMES, CMD_TIMEOUT).unwrap();
+    backend.wait_rx_above(0, Duration::from_secs(30));
+
+    drop(backend);
+    let _ = std::fs::remove_file(&socket);
+    // The guest keeps running while its backend is gone.
+    assert_eq!(guest.run_ok("echo alive", CMD_TIMEOUT).unwrap(), "alive\n");
+
+    let restarted = VhostBackend::start_at(dir.path(), "rc2", &socket);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        guest.run_ok(SEND_FRAMES, CMD_TIMEOUT).unwrap();
+        if restarted.rx_packets() > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no frames reached the restarted backend; QEMU log:\n{}",
+            guest.diagnostics()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    drop(guest);
+    assert_no_stray_qemu(&name);
 }
