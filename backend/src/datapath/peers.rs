@@ -43,6 +43,9 @@ impl Default for PendingLimits {
     }
 }
 
+/// Most refusals remembered at once (see [`PeerTable::refuse`]).
+pub const MAX_REFUSALS: usize = 4096;
+
 /// A token is not used for sending when it expires within this many seconds: the datagram would
 /// arrive expired (the receiver allows some skew, but we do not rely on it).
 pub const TOKEN_USE_MARGIN_SECS: u32 = 2;
@@ -265,7 +268,18 @@ impl PeerTable {
     /// many packets were dropped.
     pub fn refuse(&self, dst: Ipv4Addr, reason: RefusalReason, now: Instant) -> usize {
         let mut pending = lock(&self.pending);
-        pending.refused.insert(dst, (reason, now));
+        // A guest probing many addresses must not grow this map without bound: forget expired
+        // refusals first, and beyond the cap stop remembering new ones (the control plane keeps
+        // its own hold-down, so forgetting only costs a request).
+        if pending.refused.len() >= MAX_REFUSALS {
+            let hold = self.limits.refusal_hold;
+            pending
+                .refused
+                .retain(|_, (_, at)| now.duration_since(*at) < hold);
+        }
+        if pending.refused.len() < MAX_REFUSALS {
+            pending.refused.insert(dst, (reason, now));
+        }
         pending.queues.remove(&dst).map_or(0, |q| q.packets.len())
     }
 
@@ -377,6 +391,28 @@ mod tests {
             t.enqueue(DST, 0, now + Duration::from_secs(6), || vec![3]),
             Enqueued::Queued { request: true }
         );
+    }
+
+    #[test]
+    fn refusals_are_bounded() {
+        let t = PeerTable::new(PendingLimits::default());
+        let now = Instant::now();
+        for i in 0..(MAX_REFUSALS as u32 + 100) {
+            t.refuse(
+                Ipv4Addr::from(0x0a00_0000 + i),
+                RefusalReason::UnknownDestination,
+                now,
+            );
+        }
+        assert_eq!(lock(&t.pending).refused.len(), MAX_REFUSALS);
+        // Once they expire, new refusals are remembered again.
+        let later = now + Duration::from_secs(10);
+        t.refuse(
+            Ipv4Addr::new(10, 9, 9, 9),
+            RefusalReason::PolicyDenied,
+            later,
+        );
+        assert_eq!(lock(&t.pending).refused.len(), 1);
     }
 
     #[test]
