@@ -3,9 +3,7 @@
 //! lost across the move.
 //!
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`).
-//! Run: `cargo test -p vnp-e2e --test live_migration -- --ignored --nocapture`.
-//! Status: the migration completes (15-28 ms downtime) but the destination vnpd never enables
-//! the migrated guest's rings, so the pings after the move fail (docs/qemu-launch.md).
+//! Run: `cargo test -p vnp-e2e --test live_migration -- --nocapture`.
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +27,6 @@ fn ping_counts(output: &str) -> Option<(u32, u32)> {
 }
 
 #[test]
-#[ignore = "blocked: on the migration destination vnpd never enables the rings (QEMU enables them only before SET_FEATURES there, and vnpd's relay absorbs those); see docs/qemu-launch.md, Known issues; run with --ignored"]
 fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     let opts = ClusterOptions {
         prefix: "vnpm".into(),
