@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+pub use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -119,7 +120,8 @@ impl TestFrontend {
         fe.set_protocol_features(
             pf & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG),
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::LOG_SHMFD),
         )
         .unwrap();
         assert_eq!(fe.get_queue_num().unwrap(), nq as u64);
@@ -190,6 +192,26 @@ impl TestFrontend {
             _file: file,
             features,
         }
+    }
+
+    /// Starts dirty-page logging the way QEMU does when a migration begins: SET_LOG_BASE with
+    /// a shared log (1 bit per 4 KiB page of guest memory), then SET_FEATURES adding
+    /// `VHOST_F_LOG_ALL`. Returns the log's file.
+    pub fn start_dirty_log(&mut self) -> File {
+        let log = memfd(4096).unwrap();
+        self.fe
+            .set_log_base(
+                0,
+                Some(vhost::VhostUserDirtyLogRegion {
+                    mmap_size: 4096,
+                    mmap_offset: 0,
+                    mmap_handle: log.as_raw_fd(),
+                }),
+            )
+            .unwrap();
+        self.features |= 1 << 26;
+        self.fe.set_features(self.features).unwrap();
+        log
     }
 
     /// The device's config space (mac, status, max pairs, mtu).
