@@ -18,6 +18,19 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Launches testpmd, once more if the first attempt never showed its prompt: testpmd writes
+/// an unbuffered stderr warning ("Error during enabling promiscuous mode") that can land in
+/// the middle of the `testpmd> ` prompt on stdout, which the fixture then never sees.
+fn launch(spec: &TestPmdSpec, c: &Cluster) -> TestPmd {
+    match TestPmd::launch(spec.clone()) {
+        Ok(p) => p,
+        Err(first) => {
+            eprintln!("testpmd launch failed, retrying once: {first}");
+            TestPmd::launch(spec.clone()).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
+        }
+    }
+}
+
 fn mac(text: &str) -> [u8; 6] {
     let mut out = [0u8; 6];
     for (o, part) in out.iter_mut().zip(text.split(':')) {
@@ -46,8 +59,8 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_b.mode = ForwardMode::RxOnly;
     spec_b.mac = Some(mac(&att_b.mac));
     spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(120);
-    let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    spec_b.launch_timeout = Duration::from_secs(60);
+    let mut pmd_b = launch(&spec_b, &c);
     pmd_b
         .wait_link_up(0, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -59,8 +72,8 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
     spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
     spec_a.pkt_len = 64;
-    spec_a.launch_timeout = Duration::from_secs(120);
-    let mut pmd_a = TestPmd::launch(spec_a).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    spec_a.launch_timeout = Duration::from_secs(60);
+    let mut pmd_a = launch(&spec_a, &c);
     pmd_a
         .wait_link_up(0, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -104,8 +117,8 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     spec_b.mode = ForwardMode::RxOnly;
     spec_b.mac = Some(mac(&att_b.mac));
     spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(120);
-    let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    spec_b.launch_timeout = Duration::from_secs(60);
+    let mut pmd_b = launch(&spec_b, &c);
     pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
     pmd_b.start().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -158,8 +171,8 @@ fn tokens_are_refreshed_before_they_expire() {
     spec_b.mode = ForwardMode::RxOnly;
     spec_b.mac = Some(mac(&att_b.mac));
     spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(120);
-    let mut pmd_b = TestPmd::launch(spec_b).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    spec_b.launch_timeout = Duration::from_secs(60);
+    let mut pmd_b = launch(&spec_b, &c);
     pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
     pmd_b.start().unwrap();
     let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
@@ -167,8 +180,8 @@ fn tokens_are_refreshed_before_they_expire() {
     spec_a.mac = Some(mac(&att_a.mac));
     spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
     spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
-    spec_a.launch_timeout = Duration::from_secs(120);
-    let mut pmd_a = TestPmd::launch(spec_a).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    spec_a.launch_timeout = Duration::from_secs(60);
+    let mut pmd_a = launch(&spec_a, &c);
     pmd_a.wait_link_up(0, Duration::from_secs(30)).unwrap();
     pmd_a.start().unwrap();
 
