@@ -230,10 +230,10 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut next_retry = Instant::now() + RESTORE_RETRY;
-    'main: loop {
-        for sig in signals.pending() {
+    loop {
+        if let Some(sig) = signals.pending().next() {
             log::info!("signal {sig}: shutting down");
-            break 'main;
+            break;
         }
         if Instant::now() >= next_retry {
             let mut m = manager.lock().unwrap_or_else(|e| e.into_inner());
