@@ -223,6 +223,25 @@ impl RegistryClient {
         Ok((status, body))
     }
 
+    /// The registry's counters in Prometheus text format (admin).
+    pub fn metrics_text(&self) -> Result<String, ClientError> {
+        let (status, body) = self.send_raw("GET", "/v1/metrics", None)?;
+        if status == 200 {
+            return Ok(String::from_utf8_lossy(&body).into_owned());
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(err) => Err(ClientError::Api {
+                status,
+                code: err.error.code,
+                message: err.error.message,
+            }),
+            Err(e) => Err(ClientError::Protocol {
+                status,
+                detail: e.to_string(),
+            }),
+        }
+    }
+
     /// Who the registry thinks we are (from our certificate).
     pub fn whoami(&self) -> Result<Identity, ClientError> {
         self.get("/v1/whoami")

@@ -148,6 +148,7 @@ fn vnpctl_drives_a_registry_end_to_end() {
     };
 
     assert!(ctl.ok(&["whoami"]).contains("vnp:admin:admin"));
+    assert!(ctl.ok(&["metrics"]).contains("vnp_registry_vms 0"));
     let n = ctl.json(&[
         "network",
         "create",

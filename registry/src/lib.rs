@@ -8,10 +8,11 @@
 //! - [`policy`], [`tokens`]: pure pair policy and token decisions;
 //! - [`store`]: the persistence trait and the redb default;
 //! - [`service`]: plan -> commit -> apply, and change notification for watchers;
-//! - [`tls`], [`http`]: mutual TLS and the HTTPS+JSON API.
+//! - [`tls`], [`http`]: mutual TLS and the HTTPS+JSON API; [`metrics`]: counters.
 
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod policy;

@@ -18,6 +18,7 @@ pub struct Registry {
     writer: Mutex<()>,
     changed: tokio::sync::watch::Sender<u64>,
     token_policy: TokenPolicy,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Registry {
@@ -62,6 +63,7 @@ impl Registry {
             writer: Mutex::new(()),
             changed,
             token_policy,
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -84,12 +86,14 @@ impl Registry {
         planner: impl FnOnce(&Model) -> Result<(Vec<crate::model::Op>, T), ApiError>,
     ) -> Result<T, ApiError> {
         let _serialised = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let (ops, out) = planner(&self.read())?;
+        let planned = planner(&self.read());
+        let (ops, out) = planned.inspect_err(|e| self.metrics.write_refused(e.code))?;
         if ops.is_empty() {
             return Ok(out);
         }
         if let Err(e) = self.store.commit(&ops) {
             log::error!("store commit failed: {e}");
+            self.metrics.write_refused(ErrorCode::Storage);
             return refuse(
                 ErrorCode::Storage,
                 "the registry could not store the change; nothing was changed",
@@ -101,12 +105,47 @@ impl Registry {
             model.generation
         };
         self.changed.send_replace(generation);
+        self.metrics.write_committed();
         Ok(out)
     }
 
     /// Decides and mints a token.
     pub fn token(&self, caller: &Identity, req: &TokenRequest) -> Result<TokenGrant, ApiError> {
-        tokens::grant(&self.read(), caller, req, unix_now(), self.token_policy)
+        let result = tokens::grant(&self.read(), caller, req, unix_now(), self.token_policy);
+        match &result {
+            Ok(_) => self.metrics.token_granted(),
+            Err(e) => self.metrics.token_refused(e.code),
+        }
+        result
+    }
+
+    /// The counters plus gauges of the current state, in Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        let (networks, hosts, vms, rules, generation) = {
+            let m = self.read();
+            (
+                m.networks.len(),
+                m.hosts.len(),
+                m.vms.len(),
+                m.rules.len(),
+                m.generation,
+            )
+        };
+        self.metrics.render(&[
+            ("vnp_registry_networks", "Networks.", networks as u64),
+            ("vnp_registry_hosts", "Hosts.", hosts as u64),
+            ("vnp_registry_vms", "VMs.", vms as u64),
+            (
+                "vnp_registry_policy_rules",
+                "Pair-policy rules.",
+                rules as u64,
+            ),
+            (
+                "vnp_registry_generation",
+                "Generation of the newest VM change.",
+                generation,
+            ),
+        ])
     }
 
     /// Convenience for writes that need a fresh secret.

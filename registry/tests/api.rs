@@ -276,6 +276,19 @@ fn policy_deny_default_deny_and_tags() {
         ErrorCode::PolicyDenied
     );
     assert_eq!(admin.list_rules(Some("n2")).unwrap().len(), 1);
+
+    // The refusals are counted by reason, and only an admin reads the counters.
+    let metrics = admin.metrics_text().unwrap();
+    assert!(
+        metrics.contains("vnp_registry_tokens_refused_total{code=\"policy_denied\"} 4\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vnp_registry_tokens_granted_total 3\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("vnp_registry_vms 5\n"), "{metrics}");
+    assert_eq!(code(h1.metrics_text()), ErrorCode::AdminRequired);
 }
 
 #[test]

@@ -94,6 +94,7 @@ pub fn router(reg: Shared) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/health", get(health))
+        .route("/v1/metrics", get(metrics))
         .route("/v1/networks", get(list_networks).post(create_network))
         .route("/v1/networks/{id}", get(get_network).delete(delete_network))
         .route("/v1/hosts", get(list_hosts).post(create_host))
@@ -126,6 +127,19 @@ pub fn router(reg: Shared) -> Router {
 
 async fn whoami(CertifiedCaller(id): CertifiedCaller) -> Json<Identity> {
     Json(id)
+}
+
+async fn metrics(c: Caller, State(reg): State<Shared>) -> Result<Response, ApiError> {
+    c.admin()?;
+    let text = reg.render_metrics();
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn health(_: Caller, State(reg): State<Shared>) -> Json<serde_json::Value> {

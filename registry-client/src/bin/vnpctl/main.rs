@@ -87,6 +87,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The registry's counters (Prometheus text format).
+    Metrics,
     /// A local vnpd, over its admin socket.
     Vnpd(vnpd::VnpdArgs),
 }
@@ -136,6 +138,7 @@ fn run(cli: &Cli) -> Result<String, String> {
         Cmd::Gateway(g) => gateway::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Token(g) => token::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Watch { args, json } => token::watch(&connect(cli)?, args, *json),
+        Cmd::Metrics => connect(cli)?.metrics_text().map_err(|e| e.to_string()),
     }
 }
 
