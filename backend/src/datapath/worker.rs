@@ -47,6 +47,21 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMem>>;
 pub const TX_BATCH: usize = 32;
 /// Datagrams per `recvmmsg`.
 pub const RX_BATCH: usize = 32;
+/// Per-round vectors of the RX path, kept between rounds (plain data only: no pointers).
+#[derive(Debug, Default)]
+struct RxScratch {
+    slots: Vec<(usize, usize)>,
+    bad_heads: Vec<u16>,
+    segs: Vec<GuestSeg>,
+    slot_segs: Vec<(usize, usize)>,
+    headers: Vec<[u8; HEADER_LEN]>,
+    names: Vec<libc::sockaddr_in>,
+    iov_ranges: Vec<(usize, usize)>,
+    payload_caps: Vec<usize>,
+    used: Vec<bool>,
+    publish: Vec<(u16, u32)>,
+}
+
 /// Fewest datagrams a `recvmmsg` is prepared for.
 const MIN_RX_SLOTS: usize = 4;
 /// Return tokens we mint are valid this long.
@@ -88,6 +103,7 @@ pub struct PairWorker {
     /// The guest memory snapshot the cached host addresses of `held` buffers point into; kept
     /// alive here so those addresses stay mapped.
     cached_mem: Option<Arc<GuestMem>>,
+    rx_scratch: RxScratch,
 }
 
 impl std::fmt::Debug for PairWorker {
@@ -116,6 +132,7 @@ impl PairWorker {
             tx_pieces: Vec::with_capacity(MAX_TX_DESCRIPTORS),
             rx_hint: MIN_RX_SLOTS,
             cached_mem: None,
+            rx_scratch: RxScratch::default(),
         }
     }
 
@@ -555,6 +572,15 @@ impl PairWorker {
     /// Buffers are assigned to datagram slots straight from the front of `held` (topped up from
     /// the avail ring), so a buffer that is not used this round stays where it is.
     fn rx_batches(&mut self, mem: &GuestMem, rx: &Vring) -> bool {
+        // Scratch vectors are reused across rounds: a wake-up should not cost a dozen
+        // allocations.
+        let mut sc = std::mem::take(&mut self.rx_scratch);
+        let drained = self.rx_rounds(mem, rx, &mut sc);
+        self.rx_scratch = sc;
+        drained
+    }
+
+    fn rx_rounds(&mut self, mem: &GuestMem, rx: &Vring, sc: &mut RxScratch) -> bool {
         let hdr = self.vnet_hdr_len;
         let off = hdr + ETH_HLEN;
         let need = off + usize::from(self.core.net.mtu);
@@ -562,8 +588,10 @@ impl PairWorker {
         loop {
             let now = unix_now();
             // Slot i receives into held[slots[i].0..slots[i].1].
-            let mut slots: Vec<(usize, usize)> = Vec::with_capacity(self.rx_hint);
-            let mut bad_heads = Vec::new();
+            let slots = &mut sc.slots;
+            slots.clear();
+            let bad_heads = &mut sc.bad_heads;
+            bad_heads.clear();
             {
                 let mut state = rx.get_mut();
                 let mut next = 0usize;
@@ -600,7 +628,7 @@ impl PairWorker {
                     }
                     slots.push((start, next));
                 }
-                for h in &bad_heads {
+                for h in bad_heads.iter() {
                     let _ = state.add_used(*h, 0);
                 }
             }
@@ -612,21 +640,29 @@ impl PairWorker {
             }
             let n_slots = slots.len();
             // Flattened segments per slot (for header writes, reads and dirty logging).
-            let mut segs: Vec<GuestSeg> = Vec::with_capacity(n_slots * 2);
-            let mut slot_segs: Vec<(usize, usize)> = Vec::with_capacity(n_slots);
-            for (s, e) in &slots {
+            let segs = &mut sc.segs;
+            segs.clear();
+            let slot_segs = &mut sc.slot_segs;
+            slot_segs.clear();
+            for (s, e) in slots.iter() {
                 let start = segs.len();
                 for b in self.held.range(*s..*e) {
                     segs.extend_from_slice(b.segs());
                 }
                 slot_segs.push((start, segs.len()));
             }
-            let mut headers = vec![[0u8; HEADER_LEN]; n_slots];
+            let headers = &mut sc.headers;
+            headers.clear();
+            headers.resize(n_slots, [0u8; HEADER_LEN]);
+            let names = &mut sc.names;
+            names.clear();
             // SAFETY: sockaddr_in is a plain C struct; all-zero is a valid value.
-            let mut names: Vec<libc::sockaddr_in> = vec![unsafe { std::mem::zeroed() }; n_slots];
+            names.resize(n_slots, unsafe { std::mem::zeroed() });
             let mut iovs: Vec<libc::iovec> = Vec::with_capacity(n_slots * 3);
-            let mut iov_ranges = Vec::with_capacity(n_slots);
-            let mut payload_caps = Vec::with_capacity(n_slots);
+            let iov_ranges = &mut sc.iov_ranges;
+            iov_ranges.clear();
+            let payload_caps = &mut sc.payload_caps;
+            payload_caps.clear();
             for (i, (s, e)) in slot_segs.iter().enumerate() {
                 let start = iovs.len();
                 iovs.push(libc::iovec {
@@ -673,8 +709,11 @@ impl PairWorker {
 
             // Which of the assigned buffers (held[0..assigned]) get published.
             let assigned = slots.last().map_or(0, |s| s.1);
-            let mut used = vec![false; assigned];
-            let mut publish: Vec<(u16, u32)> = Vec::with_capacity(received);
+            let used = &mut sc.used;
+            used.clear();
+            used.resize(assigned, false);
+            let publish = &mut sc.publish;
+            publish.clear();
             let mut learned = Vec::new();
             for i in 0..received.min(n_slots) {
                 let (bs, be) = slots[i];
@@ -725,7 +764,7 @@ impl PairWorker {
             if !publish.is_empty() {
                 {
                     let mut state = rx.get_mut();
-                    for (head, len) in &publish {
+                    for (head, len) in publish.iter() {
                         let _ = state.add_used(*head, *len);
                     }
                 }
