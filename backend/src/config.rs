@@ -72,8 +72,6 @@ struct RawConfig {
     host_id: Option<String>,
     underlay_addr: Option<Ipv4Addr>,
     underlay_mtu: Option<u16>,
-    udp_port_first: Option<u16>,
-    udp_port_last: Option<u16>,
     socket_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     admin_socket: Option<PathBuf>,
@@ -93,9 +91,6 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# vnpd configuration. Every key may als
 # This host's address on the underlay network: VNP datagrams leave from and arrive at it.
 # underlay_addr = "198.18.0.10"
 underlay_mtu = 1500
-# Each attached VM gets its own UDP port from this range (the VM's Phys_Port).
-udp_port_first = 47000
-udp_port_last = 47999
 # vhost-user sockets of attached VMs (unless an attach names its own path).
 socket_dir = "/run/vnp/sockets"
 # Persisted attachments (restored at start).
@@ -125,10 +120,6 @@ pub struct VnpdConfig {
     pub underlay_addr: Ipv4Addr,
     /// Underlay MTU; guests get this minus the VNP encapsulation overhead.
     pub underlay_mtu: u16,
-    /// First UDP port handed to VMs.
-    pub udp_port_first: u16,
-    /// Last UDP port handed to VMs (inclusive).
-    pub udp_port_last: u16,
     /// Directory of default vhost-user socket paths.
     pub socket_dir: PathBuf,
     /// Directory of persisted state.
@@ -193,8 +184,6 @@ fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
         host_id: over.host_id.or(base.host_id),
         underlay_addr: over.underlay_addr.or(base.underlay_addr),
         underlay_mtu: over.underlay_mtu.or(base.underlay_mtu),
-        udp_port_first: over.udp_port_first.or(base.udp_port_first),
-        udp_port_last: over.udp_port_last.or(base.udp_port_last),
         socket_dir: over.socket_dir.or(base.socket_dir),
         state_dir: over.state_dir.or(base.state_dir),
         admin_socket: over.admin_socket.or(base.admin_socket),
@@ -299,14 +288,6 @@ impl VnpdConfig {
                 format!("{underlay_mtu} is outside {MIN_UNDERLAY_MTU}..={MAX_UNDERLAY_MTU}"),
             ));
         }
-        let first = raw.udp_port_first.unwrap_or(47000);
-        let last = raw.udp_port_last.unwrap_or(47999);
-        if first == 0 || first > last {
-            return Err(invalid(
-                "udp_port_first",
-                format!("port range {first}..={last} is empty or starts at 0"),
-            ));
-        }
         let default_queue_pairs = raw.default_queue_pairs.unwrap_or(1);
         if !(1..=MAX_QUEUE_PAIRS).contains(&default_queue_pairs) {
             return Err(invalid(
@@ -365,8 +346,6 @@ impl VnpdConfig {
             host_id,
             underlay_addr,
             underlay_mtu,
-            udp_port_first: first,
-            udp_port_last: last,
             socket_dir: path_or("socket_dir", raw.socket_dir, "/run/vnp/sockets")?,
             state_dir: path_or("state_dir", raw.state_dir, "/var/lib/vnp")?,
             admin_socket: path_or("admin_socket", raw.admin_socket, "/run/vnp/vnpd.sock")?,
@@ -421,7 +400,6 @@ client_key = "/etc/vnp/host-key.pem"
         assert_eq!(c.underlay_addr, Ipv4Addr::new(198, 18, 0, 10));
         assert_eq!(c.underlay_mtu, 1500);
         assert_eq!(c.guest_mtu(), 1452);
-        assert_eq!((c.udp_port_first, c.udp_port_last), (47000, 47999));
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.admin_socket, PathBuf::from("/run/vnp/vnpd.sock"));
         assert_eq!(
@@ -469,11 +447,6 @@ client_key = "/etc/vnp/host-key.pem"
         for (extra, key) in [
             ("underlay_mtu = 100", "underlay_mtu"),
             ("underlay_mtu = 65000", "underlay_mtu"),
-            (
-                "udp_port_first = 5000\nudp_port_last = 4000",
-                "udp_port_first",
-            ),
-            ("udp_port_first = 0", "udp_port_first"),
             ("default_queue_pairs = 0", "default_queue_pairs"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
             ("registry_timeout_secs = 0", "registry_timeout_secs"),
