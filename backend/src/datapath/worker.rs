@@ -27,7 +27,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
 
 use super::frame::{classify_tx, TxClass, CLASSIFY_PREFIX, ETHERTYPE_IPV4, ETH_HLEN};
-use super::peers::Enqueued;
+use super::peers::{Enqueued, SendInfo};
 use super::port::{unix_now, PortCore};
 use super::rx_check::{check_datagram, parse_options};
 use super::udp;
@@ -97,6 +97,9 @@ pub struct PairWorker {
     rx_vring: Option<Vring>,
     tx_segs: Vec<GuestSeg>,
     tx_pieces: Vec<HostPiece>,
+    tx_heads: Vec<u16>,
+    tx_msgs: Vec<TxMsg>,
+    tx_last_peer: Option<(std::net::Ipv4Addr, SendInfo)>,
     /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
     /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
     rx_hint: usize,
@@ -130,6 +133,9 @@ impl PairWorker {
             rx_vring: None,
             tx_segs: Vec::with_capacity(MAX_TX_DESCRIPTORS),
             tx_pieces: Vec::with_capacity(MAX_TX_DESCRIPTORS),
+            tx_heads: Vec::with_capacity(TX_BATCH),
+            tx_msgs: Vec::with_capacity(TX_BATCH),
+            tx_last_peer: None,
             rx_hint: MIN_RX_SLOTS,
             cached_mem: None,
             rx_scratch: RxScratch::default(),
@@ -225,8 +231,13 @@ impl PairWorker {
     fn tx_batch(&mut self, mem: &GuestMem, rx: &Vring, tx: &Vring) -> bool {
         let now = unix_now();
         let mono = Instant::now();
-        let mut heads: Vec<u16> = Vec::with_capacity(TX_BATCH);
-        let mut msgs: Vec<TxMsg> = Vec::with_capacity(TX_BATCH);
+        // Reused between batches (plain data); the last destination's send parameters are
+        // remembered for this batch only (consecutive packets mostly go to the same peer).
+        let mut heads = std::mem::take(&mut self.tx_heads);
+        heads.clear();
+        let mut msgs = std::mem::take(&mut self.tx_msgs);
+        msgs.clear();
+        self.tx_last_peer = None;
         let mut iovs: Vec<libc::iovec> = Vec::with_capacity(TX_BATCH * 4);
         let mut edge_frames: Vec<Vec<u8>> = Vec::new();
         {
@@ -255,6 +266,8 @@ impl PairWorker {
             }
         }
         if heads.is_empty() {
+            self.tx_heads = heads;
+            self.tx_msgs = msgs;
             return false;
         }
         self.send_msgs(&mut msgs, &mut iovs);
@@ -270,7 +283,10 @@ impl PairWorker {
         for frame in edge_frames {
             self.answer_edge(mem, rx, &frame);
         }
-        heads.len() == TX_BATCH
+        let full = heads.len() == TX_BATCH;
+        self.tx_heads = heads;
+        self.tx_msgs = msgs;
+        full
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -317,11 +333,20 @@ impl PairWorker {
                 // need a private copy of the L4 header (the guest owns the original bytes).
                 let inner_off = hdr + ETH_HLEN;
                 let fits = total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu);
-                let view = core.peers.view();
-                let found = view
-                    .get(dst, now)
-                    .map(|e| (e.send_info(), fits && e.claim_return_token(now)));
-                drop(view);
+                let found = match self.tx_last_peer {
+                    Some((last, info)) if last == dst => Some((info, false)),
+                    _ => {
+                        let view = core.peers.view();
+                        let found = view
+                            .get(dst, now)
+                            .map(|e| (e.send_info(), fits && e.claim_return_token(now)));
+                        drop(view);
+                        found
+                    }
+                };
+                if let Some((info, _)) = found {
+                    self.tx_last_peer = Some((dst, info));
+                }
                 let (info, with_return) = match found {
                     Some(found) => found,
                     None => {
