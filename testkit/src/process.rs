@@ -78,15 +78,23 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Starts `cmd` in its own process group with stderr captured. stdin and stdout are left
-    /// as configured on `cmd` (default: inherited). `log` receives a copy of every stderr line.
+    /// as configured on `cmd` (default: inherited). `log` receives a copy of every stderr line
+    /// (appended: a restarted daemon keeps one log).
     pub fn spawn(name: &str, cmd: &mut Command, log: Option<&Path>) -> Result<Self, ProcessError> {
         let program = cmd.get_program().to_string_lossy().into_owned();
         let log_file = match log {
-            Some(p) => Some(File::create(p).map_err(|source| ProcessError::Spawn {
-                name: name.to_string(),
-                program: program.clone(),
-                source,
-            })?),
+            // Appended to, so that a restarted daemon's log follows its earlier life.
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| ProcessError::Spawn {
+                        name: name.to_string(),
+                        program: program.clone(),
+                        source,
+                    })?,
+            ),
             None => None,
         };
         let mut child = cmd

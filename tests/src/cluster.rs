@@ -113,6 +113,7 @@ pub struct Cluster {
     fabric: Fabric,
     bins: Bins,
     tls_dir: PathBuf,
+    token_ttl_secs: u32,
     guest_serial: std::sync::atomic::AtomicU32,
     dir: TempDir,
 }
@@ -128,6 +129,44 @@ fn run_tool(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Starts the registry in the core namespace (data in `<dir>/registry`, log in
+/// `<dir>/registry.log`, appended across restarts) and waits until it accepts connections.
+fn spawn_registry(
+    fabric: &Fabric,
+    bins: &Bins,
+    dir: &Path,
+    tls_dir: &Path,
+    token_ttl_secs: u32,
+) -> Result<ChildGuard> {
+    let mut registry = ChildGuard::spawn(
+        "vnp-registry",
+        fabric
+            .core()
+            .command(&bins.registry)
+            .arg("--listen")
+            .arg(format!("{CORE_ADDR}:{REGISTRY_PORT}"))
+            .arg("--data")
+            .arg(dir.join("registry"))
+            .arg("--tls-dir")
+            .arg(tls_dir)
+            .arg("--token-ttl")
+            .arg(token_ttl_secs.to_string())
+            .stdout(std::process::Stdio::null())
+            .env("RUST_LOG", "info"),
+        Some(&dir.join("registry.log")),
+    )?;
+    let core_addr = SocketAddr::from((CORE_ADDR, REGISTRY_PORT));
+    registry.wait_until("the registry to listen", Duration::from_secs(30), || {
+        fabric
+            .core()
+            .enter(move || TcpStream::connect_timeout(&core_addr, Duration::from_millis(200)))
+            .ok()
+            .and_then(Result::ok)
+            .map(|_| ())
+    })?;
+    Ok(registry)
 }
 
 impl Cluster {
@@ -160,33 +199,7 @@ impl Cluster {
             host_ids.push(id);
         }
 
-        let registry_data = dir.path().join("registry");
-        let mut registry = ChildGuard::spawn(
-            "vnp-registry",
-            fabric
-                .core()
-                .command(&bins.registry)
-                .arg("--listen")
-                .arg(format!("{CORE_ADDR}:{REGISTRY_PORT}"))
-                .arg("--data")
-                .arg(&registry_data)
-                .arg("--tls-dir")
-                .arg(&tls_dir)
-                .arg("--token-ttl")
-                .arg(opts.token_ttl_secs.to_string())
-                .stdout(std::process::Stdio::null())
-                .env("RUST_LOG", "info"),
-            Some(&dir.path().join("registry.log")),
-        )?;
-        let core_addr = SocketAddr::from((CORE_ADDR, REGISTRY_PORT));
-        registry.wait_until("the registry to listen", Duration::from_secs(30), || {
-            fabric
-                .core()
-                .enter(move || TcpStream::connect_timeout(&core_addr, Duration::from_millis(200)))
-                .ok()
-                .and_then(Result::ok)
-                .map(|_| ())
-        })?;
+        let registry = spawn_registry(&fabric, &bins, dir.path(), &tls_dir, opts.token_ttl_secs)?;
 
         let url = format!("https://{CORE_ADDR}:{REGISTRY_PORT}");
         let admin = RegistryClient::new(
@@ -207,6 +220,7 @@ impl Cluster {
             fabric,
             bins,
             tls_dir,
+            token_ttl_secs: opts.token_ttl_secs,
             guest_serial: std::sync::atomic::AtomicU32::new(0),
             dir,
         };
@@ -307,6 +321,28 @@ impl Cluster {
                     c.stderr_tail()
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Stops the registry (a registry outage).
+    pub fn stop_registry(&mut self) -> Result<()> {
+        if let Some(mut r) = self.registry.take() {
+            r.terminate(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the registry again on the same data.
+    pub fn start_registry(&mut self) -> Result<()> {
+        if self.registry.is_none() {
+            self.registry = Some(spawn_registry(
+                &self.fabric,
+                &self.bins,
+                self.dir.path(),
+                &self.tls_dir,
+                self.token_ttl_secs,
+            )?);
         }
         Ok(())
     }

@@ -242,3 +242,78 @@ fn tokens_are_refreshed_before_they_expire() {
     drop(c);
     assert_nothing_left(&dir, &namespaces);
 }
+
+/// A registry outage does not stop traffic that already has a token (the data path never
+/// waits for the registry), vnpd's admin API stays responsive, and once the registry is back
+/// new attachments work again.
+#[test]
+fn traffic_survives_a_registry_outage() {
+    let _turn = serial();
+    let mut c = Cluster::start(&ClusterOptions {
+        prefix: "vnpo".into(),
+        ..ClusterOptions::default()
+    })
+    .expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    c.create_vm("vm-a", 0, &[]).unwrap();
+    c.create_vm("vm-b", 1, &[]).unwrap();
+    c.create_vm("vm-c", 1, &[]).unwrap();
+    let att_a = c.attach(0, "vm-a").unwrap();
+    let att_b = c.attach(1, "vm-b").unwrap();
+
+    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
+    spec_b.mode = ForwardMode::RxOnly;
+    spec_b.mac = Some(mac(&att_b.mac));
+    spec_b.main_lcore = Some(1);
+    let mut pmd_b = launch(&spec_b, &c);
+    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
+    pmd_b.start().unwrap();
+    let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
+    spec_a.mode = ForwardMode::TxOnly;
+    spec_a.mac = Some(mac(&att_a.mac));
+    spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
+    spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
+    let mut pmd_a = launch(&spec_a, &c);
+    pmd_a.wait_link_up(0, Duration::from_secs(30)).unwrap();
+    pmd_a.start().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let rx_b = |c: &Cluster| {
+        c.metric(1, "vnpd_rx_packets_total", &[("vm", "vm-b")])
+            .unwrap()
+    };
+    let before = rx_b(&c);
+    assert!(before > 0, "no traffic before the outage\n{}", c.logs());
+
+    c.stop_registry().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = rx_b(&c);
+    assert!(
+        during > before,
+        "traffic stopped with the registry\n{}",
+        c.logs()
+    );
+    // The admin API answers; an attach fails with a clear registry error instead of hanging.
+    assert_eq!(c.host(0).admin().list().unwrap().len(), 1);
+    match c.host(1).admin().attach("vm-c", None, None) {
+        Err(vnp_registry_client::vnpd_admin::AdminClientError::Refused(f)) => {
+            assert_eq!(
+                f.code,
+                vnp_registry_client::vnpd_admin::AdminErrorCode::Registry,
+                "{f:?}"
+            );
+        }
+        other => panic!("attach during the outage: {other:?}"),
+    }
+    pmd_a.stop().unwrap();
+    pmd_b.stop().unwrap();
+
+    c.start_registry().unwrap();
+    let att_c = c.attach(1, "vm-c").unwrap();
+    assert!(att_c.socket_path.exists());
+
+    drop(pmd_a);
+    drop(pmd_b);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
