@@ -253,7 +253,6 @@ fn two_hosts_real_guests_end_to_end() {
 /// Attachments survive a vnpd restart, and the running guest (QEMU reconnects to the socket)
 /// talks again without a reboot.
 #[test]
-#[ignore = "known broken (data plane): after vnpd restarts, QEMU reconnects but no frame is processed; run with --ignored"]
 fn guest_traffic_resumes_after_vnpd_restart() {
     let _turn = serial();
     let mut c = Cluster::start(&ClusterOptions {
