@@ -1,4 +1,4 @@
-//! Registry benchmarks (not a timed test: numbers go to docs/benchmarks/registry.md).
+//! Registry benchmarks (not a timed test: numbers go to docs/benchmarks.md).
 //!
 //! ```text
 //! cargo bench -p vnp-registry --bench registry            # everything
