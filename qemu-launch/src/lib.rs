@@ -24,6 +24,7 @@ pub mod migration;
 pub mod qmp;
 mod spawn;
 pub mod spec;
+pub mod transfer;
 
 pub use channel::CmdOutput;
 pub use cmdline::{BootFiles, GuestFiles};
@@ -33,3 +34,4 @@ pub use image::GuestImage;
 pub use migration::{migrate, MigrateOptions, MigrationReport};
 pub use qmp::{Qmp, QmpError, VmStatus};
 pub use spec::{Accel, GuestSpec, MacAddr, TestNetdev};
+pub use transfer::{tcp_transfer, TcpTransfer, TcpTransferSpec};

@@ -5,7 +5,7 @@
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`); guests run
 //! under TCG. Run: `cargo test -p vnp-e2e --test guests -- --nocapture`.
 
-use qemu_launch::Guest;
+use qemu_launch::{tcp_transfer, Guest, TcpTransferSpec};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, GUEST_MTU};
@@ -133,55 +133,9 @@ fn two_hosts_real_guests_end_to_end() {
     assert_eq!(b_rx_from_c, 0, "something reached host b");
 
     step("10 MiB over TCP from vm-a to vm-b");
-    gb.run_ok(
-        // busybox nc half-closes the connection when its stdin ends, and a background job's
-        // stdin is /dev/null: keep the receiver's stdin open (a FIFO opened read-write never ends)
-        // so only the sender's FIN ends it.
-        "rm -f /tmp/rx /tmp/rx.done /tmp/hold; mkfifo /tmp/hold; (exec 3<>/tmp/hold; nc -l -p 5001 <&3 > /tmp/rx; echo done > /tmp/rx.done) >/dev/null 2>&1 &",
-        CMD,
-    )
-    .unwrap();
-    let sent = ga
-        .run_ok(
-            "head -c 10485760 /dev/urandom > /tmp/tx && sha256sum /tmp/tx | cut -d' ' -f1",
-            CMD,
-        )
-        .unwrap();
-    let sent = sent.trim().to_string();
-    let started = Instant::now();
-    let out = ga
-        .run(
-            &format!("nc -w 30 {} 5001 < /tmp/tx", rec_b.ip),
-            Duration::from_secs(300),
-        )
-        .unwrap();
-    eprintln!(
-        "  nc exited {} after {:.1}s {}",
-        out.status,
-        started.elapsed().as_secs_f64(),
-        out.stderr.trim()
-    );
-    let mut received = String::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let o = gb
-            .run(
-                "test -e /tmp/rx.done && sha256sum /tmp/rx | cut -d' ' -f1 && wc -c < /tmp/rx",
-                CMD,
-            )
-            .unwrap();
-        if o.success() {
-            received = o.stdout;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let mut lines = received.lines();
-    let got_sum = lines.next().unwrap_or("").trim().to_string();
-    let got_len = lines.next().unwrap_or("").trim().to_string();
-    eprintln!("  sent sha256 {sent}, received {got_sum} ({got_len} bytes)");
-    assert_eq!(got_len, "10485760", "{}", c.logs());
-    assert_eq!(got_sum, sent);
+    let transfer = tcp_transfer(&mut ga, &mut gb, rec_b.ip, TcpTransferSpec::default()).unwrap();
+    eprintln!("  {transfer}");
+    assert!(transfer.intact(), "{transfer}\n{}", c.logs());
 
     step("forged VNP datagrams to vm-b from a plain UDP socket on host a");
     let src = c.host(0).addr;

@@ -5,7 +5,7 @@
 //! Needs root, QEMU 10 and the guest image (`scripts/demo` runs `scripts/setup` first).
 
 use anyhow::{bail, Context, Result};
-use qemu_launch::Guest;
+use qemu_launch::{tcp_transfer, Guest, TcpTransferSpec};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -185,50 +185,21 @@ fn run(created: &Created) -> Result<()> {
     }
 
     say("7. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
-    gb.run_ok(
-        // busybox nc half-closes when its stdin ends (a background job's stdin is /dev/null):
-        // keep it open (a FIFO opened read-write never ends) so that only the sender's FIN
-        // ends the transfer; a pipe from `sleep` would delay the done marker until sleep exits.
-        "rm -f /tmp/rx /tmp/rx.done /tmp/hold; mkfifo /tmp/hold; (exec 3<>/tmp/hold; nc -l -p 5001 <&3 > /tmp/rx; echo done > /tmp/rx.done) >/dev/null 2>&1 &",
-        CMD,
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let sent = guest_cmd(
-        &mut ga,
-        &format!(
-            "head -c {TRANSFER_BYTES} /dev/urandom > /tmp/tx && sha256sum /tmp/tx | cut -d' ' -f1"
-        ),
-    )?;
-    let t = Instant::now();
-    ga.run(
-        &format!("nc -w 30 {} 5001 < /tmp/tx", rec_b.ip),
-        Duration::from_secs(300),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut received = String::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        let o = gb
-            .run(
-                "test -e /tmp/rx.done && sha256sum /tmp/rx | cut -d' ' -f1",
-                CMD,
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        if o.success() {
-            received = o.stdout;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let secs = t.elapsed().as_secs_f64();
-    println!("   sent     sha256 {}", sent.trim());
-    println!("   received sha256 {}", received.trim());
-    if sent.trim() != received.trim() || sent.trim().is_empty() {
-        bail!("checksums differ\n{}", cluster.logs());
+    let spec = TcpTransferSpec {
+        bytes: TRANSFER_BYTES,
+        ..TcpTransferSpec::default()
+    };
+    let transfer =
+        tcp_transfer(&mut ga, &mut gb, rec_b.ip, spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("   sent     sha256 {}", transfer.sent_sha256);
+    println!("   received sha256 {}", transfer.received_sha256);
+    if !transfer.intact() {
+        bail!("transfer damaged: {transfer}\n{}", cluster.logs());
     }
     println!(
-        "   match: {} MiB in {secs:.1}s (guests run under TCG emulation)",
-        TRANSFER_BYTES >> 20
+        "   match: {} MiB in {:.1}s (guests run under TCG emulation)",
+        TRANSFER_BYTES >> 20,
+        transfer.elapsed.as_secs_f64()
     );
 
     say("8. Counters (vnpd's Prometheus export, non-zero lines)");
