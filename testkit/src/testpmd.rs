@@ -515,14 +515,24 @@ impl OutputState {
     }
 }
 
+/// What testpmd printed, kept twice.
+#[derive(Debug, Default)]
+struct Streams {
+    /// stdout and stderr interleaved as they arrived: for error messages.
+    all: OutputState,
+    /// stdout alone: prompts and answers are looked for here, so that an unbuffered stderr
+    /// warning arriving between two pieces of the prompt cannot hide it.
+    stdout: OutputState,
+}
+
 #[derive(Debug, Default)]
 struct Output {
-    state: Mutex<OutputState>,
+    state: Mutex<Streams>,
     grew: Condvar,
 }
 
 impl Output {
-    fn lock(&self) -> MutexGuard<'_, OutputState> {
+    fn lock(&self) -> MutexGuard<'_, Streams> {
         // A reader thread cannot panic while holding the lock (push does not panic), but a
         // poisoned lock still holds valid text: keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -530,7 +540,11 @@ impl Output {
 }
 
 /// Copies one of testpmd's output streams into `output` until it closes.
-fn spawn_reader(mut stream: impl Read + Send + 'static, output: Arc<Output>) -> JoinHandle<()> {
+fn spawn_reader(
+    mut stream: impl Read + Send + 'static,
+    output: Arc<Output>,
+    is_stdout: bool,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         // Bytes of a UTF-8 sequence split across reads wait here for the rest.
@@ -547,13 +561,18 @@ fn spawn_reader(mut stream: impl Read + Send + 'static, output: Arc<Output>) -> 
                     };
                     let text = String::from_utf8_lossy(&pending[..valid]).into_owned();
                     pending.drain(..valid);
-                    output.lock().push(&text);
+                    let mut streams = output.lock();
+                    streams.all.push(&text);
+                    if is_stdout {
+                        streams.stdout.push(&text);
+                    }
+                    drop(streams);
                     output.grew.notify_all();
                 }
             }
         }
         let mut state = output.lock();
-        state.open_streams = state.open_streams.saturating_sub(1);
+        state.all.open_streams = state.all.open_streams.saturating_sub(1);
         drop(state);
         output.grew.notify_all();
     })
@@ -618,13 +637,13 @@ impl TestPmd {
         let mut child = command.spawn().map_err(TestPmdError::Spawn)?;
 
         let output = Arc::new(Output::default());
-        output.lock().open_streams = 2;
+        output.lock().all.open_streams = 2;
         let mut readers = Vec::with_capacity(2);
         if let Some(stdout) = child.stdout.take() {
-            readers.push(spawn_reader(stdout, Arc::clone(&output)));
+            readers.push(spawn_reader(stdout, Arc::clone(&output), true));
         }
         if let Some(stderr) = child.stderr.take() {
-            readers.push(spawn_reader(stderr, Arc::clone(&output)));
+            readers.push(spawn_reader(stderr, Arc::clone(&output), false));
         }
         let stdin = child.stdin.take();
         Ok(TestPmd {
@@ -684,7 +703,7 @@ impl TestPmd {
 
     /// The last lines of testpmd's output (stdout and stderr interleaved).
     pub fn tail(&self) -> String {
-        self.output.lock().tail(ERROR_TAIL_LINES)
+        self.output.lock().all.tail(ERROR_TAIL_LINES)
     }
 
     /// Sends one interactive command and returns testpmd's answer: everything it printed before
@@ -696,7 +715,7 @@ impl TestPmd {
                 "command {line:?} spans several lines"
             )));
         }
-        let mark = self.output.lock().end();
+        let mark = self.output.lock().stdout.end();
         let send_result = match self.stdin.as_mut() {
             Some(stdin) => stdin
                 .write_all(format!("{line}\n").as_bytes())
@@ -816,11 +835,11 @@ impl TestPmd {
         let output = Arc::clone(&self.output);
         let mut state = output.lock();
         loop {
-            let text = state.since(mark);
+            let text = state.stdout.since(mark);
             if let Some(at) = text.find(PROMPT) {
                 return Ok(text[..at].to_string());
             }
-            if state.open_streams == 0 {
+            if state.all.open_streams == 0 {
                 drop(state);
                 let status = self
                     .wait_exit(Duration::from_secs(2))
