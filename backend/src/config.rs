@@ -79,12 +79,16 @@ struct RawConfig {
     default_queue_pairs: Option<u16>,
     token_refresh_margin_secs: Option<u32>,
     registry_timeout_secs: Option<u32>,
+    token_clock_skew_secs: Option<u32>,
+    token_max_ttl_secs: Option<u32>,
+    accept_never_expiring_tokens: Option<bool>,
     #[serde(default)]
     registry: RegistryConfig,
 }
 
 /// Embedded defaults, shown to operators by `vnpd --print-default-config`.
-pub const DEFAULT_CONFIG_TOML: &str = r#"# vnpd configuration. Every key may also be given on the command line (--key-with-dashes).
+pub const DEFAULT_CONFIG_TOML: &str = r#"# vnpd configuration. The addresses, paths and registry keys may also be given on the command
+# line (--key-with-dashes; see vnpd --help).
 
 # This host's name in logs (the registry identifies the host by its client certificate).
 # host_id = "host-a"
@@ -103,6 +107,13 @@ default_queue_pairs = 1
 # Tokens are refreshed this long before they expire.
 token_refresh_margin_secs = 60
 registry_timeout_secs = 5
+# Receive checks (docs/protocol.md): the clock difference allowed between hosts, and the longest
+# token lifetime accepted, which must be at least the registry's --token-ttl (600 by default);
+# an expiry further ahead than that is forged.
+token_clock_skew_secs = 5
+token_max_ttl_secs = 3600
+# Accept tokens that never expire: only for a registry run with --token-ttl 0.
+accept_never_expiring_tokens = false
 
 [registry]
 # url = "https://198.18.0.1:7443"
@@ -134,6 +145,12 @@ pub struct VnpdConfig {
     pub token_refresh_margin_secs: u32,
     /// Timeout of one registry request.
     pub registry_timeout_secs: u32,
+    /// Clock difference allowed between hosts when checking a token's expiry.
+    pub token_clock_skew_secs: u32,
+    /// Longest token lifetime accepted on receive.
+    pub token_max_ttl_secs: u32,
+    /// Whether tokens that never expire are accepted.
+    pub accept_never_expiring_tokens: bool,
     /// Registry URL.
     pub registry_url: String,
     /// Registry CA certificate.
@@ -193,6 +210,11 @@ fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
             .token_refresh_margin_secs
             .or(base.token_refresh_margin_secs),
         registry_timeout_secs: over.registry_timeout_secs.or(base.registry_timeout_secs),
+        token_clock_skew_secs: over.token_clock_skew_secs.or(base.token_clock_skew_secs),
+        token_max_ttl_secs: over.token_max_ttl_secs.or(base.token_max_ttl_secs),
+        accept_never_expiring_tokens: over
+            .accept_never_expiring_tokens
+            .or(base.accept_never_expiring_tokens),
         registry: RegistryConfig {
             url: over.registry.url.or(base.registry.url),
             ca_cert: over.registry.ca_cert.or(base.registry.ca_cert),
@@ -312,6 +334,24 @@ impl VnpdConfig {
                 "must be at least 1".into(),
             ));
         }
+        let token_clock_skew_secs = raw.token_clock_skew_secs.unwrap_or(5);
+        let token_max_ttl_secs = raw.token_max_ttl_secs.unwrap_or(3600);
+        if token_max_ttl_secs == 0 {
+            return Err(invalid(
+                "token_max_ttl_secs",
+                "must be at least 1 (never-expiring tokens: accept_never_expiring_tokens)".into(),
+            ));
+        }
+        if token_clock_skew_secs > token_max_ttl_secs {
+            return Err(invalid(
+                "token_clock_skew_secs",
+                format!(
+                    "{token_clock_skew_secs} is more than token_max_ttl_secs \
+                     ({token_max_ttl_secs}): expiry would check nothing"
+                ),
+            ));
+        }
+        let accept_never_expiring_tokens = raw.accept_never_expiring_tokens.unwrap_or(false);
         let registry_url = raw
             .registry
             .url
@@ -353,6 +393,9 @@ impl VnpdConfig {
             default_queue_pairs,
             token_refresh_margin_secs,
             registry_timeout_secs,
+            token_clock_skew_secs,
+            token_max_ttl_secs,
+            accept_never_expiring_tokens,
             registry_url,
             registry_ca_cert,
             registry_client_cert,
@@ -450,6 +493,8 @@ client_key = "/etc/vnp/host-key.pem"
             ("default_queue_pairs = 0", "default_queue_pairs"),
             ("metrics_listen = \"localhost\"", "metrics_listen"),
             ("registry_timeout_secs = 0", "registry_timeout_secs"),
+            ("token_max_ttl_secs = 0", "token_max_ttl_secs"),
+            ("token_clock_skew_secs = 7200", "token_clock_skew_secs"),
             ("host_id = \"\"", "host_id"),
         ] {
             let text = format!("{extra}\n{MINIMAL}");

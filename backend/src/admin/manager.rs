@@ -11,7 +11,8 @@
 use super::state::{PersistedAttachment, StateStore};
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
 use crate::control::{ControlHandle, TokenTarget};
-use crate::datapath::{ControlPlane, VmAttachment, VmPort};
+use crate::datapath::rx_check::ExpiryPolicy;
+use crate::datapath::{ControlPlane, DataPathTuning, VmAttachment, VmPort};
 use crate::metrics::counters::{CounterSnapshot, VmCounters};
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
@@ -312,7 +313,15 @@ impl Manager {
             queue_pairs,
         };
         let control: Arc<dyn ControlPlane> = Arc::new(self.control.clone());
-        let port = VmPort::start(att, control).map_err(|e| {
+        let tuning = DataPathTuning {
+            expiry: ExpiryPolicy {
+                skew_secs: self.cfg.token_clock_skew_secs,
+                max_ttl_secs: self.cfg.token_max_ttl_secs,
+                allow_never: self.cfg.accept_never_expiring_tokens,
+            },
+            ..DataPathTuning::default()
+        };
+        let port = VmPort::start_with(att, control, tuning).map_err(|e| {
             fail(
                 AdminErrorCode::Port,
                 format!("starting the port of vm {vm_id}: {e}"),
