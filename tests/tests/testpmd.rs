@@ -159,16 +159,17 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     assert_nothing_left(&dir, &namespaces);
 }
 
-/// Tokens that live 8 s, refreshed 4 s ahead: a steady stream from vm-a to vm-b spanning
-/// several lifetimes never waits for a token again after the first, and host b never sees an
-/// expired one.
+/// Tokens that live 12 s, refreshed 8 s ahead: a steady stream from vm-a to vm-b spanning
+/// three lifetimes never waits for a token again after the first, and host b never sees an
+/// expired one. (A sender stops using a token 2 s before it expires, so a refresh has 6 s to
+/// arrive; with two busy-polling testpmds on two cores, a tighter window measures the scheduler.)
 #[test]
 fn tokens_are_refreshed_before_they_expire() {
     let _turn = serial();
     let c = Cluster::start(&ClusterOptions {
         prefix: "vnpr".into(),
-        token_ttl_secs: 8,
-        refresh_margin_secs: Some(4),
+        token_ttl_secs: 12,
+        refresh_margin_secs: Some(8),
         vnpd_log: "info,vnpd::control=debug".into(),
         ..ClusterOptions::default()
     })
@@ -216,12 +217,12 @@ fn tokens_are_refreshed_before_they_expire() {
     let waited = drop_a("tx_no_token_queue_full") + drop_a("tx_pending_discarded");
     // Three token lifetimes, sampling that traffic keeps arriving.
     let mut last = rx_b();
-    for window in 0..12 {
+    for window in 0..18 {
         std::thread::sleep(Duration::from_secs(2));
         let now = rx_b();
         assert!(
             now > last,
-            "traffic stalled {} s into the run (tokens live 8 s)\n{}",
+            "traffic stalled {} s into the run (tokens live 12 s)\n{}",
             2 * window + 2,
             c.logs()
         );
