@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
+use vnp_registry_client::vnpd_admin::AttachmentInfo;
 use vnp_registry_client::MoveVm;
 use vnp_testkit::testpmd::{ForwardMode, TestPmd, TestPmdSpec};
 
@@ -20,17 +21,34 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Launches testpmd, once more if the first attempt never showed its prompt: testpmd writes
-/// an unbuffered stderr warning ("Error during enabling promiscuous mode") that can land in
-/// the middle of the `testpmd> ` prompt on stdout, which the fixture then never sees.
-fn launch(spec: &TestPmdSpec, c: &Cluster) -> TestPmd {
-    match TestPmd::launch(spec.clone()) {
-        Ok(p) => p,
-        Err(first) => {
-            eprintln!("testpmd launch failed, retrying once: {first}");
-            TestPmd::launch(spec.clone()).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
-        }
-    }
+/// Starts testpmd as `vm`'s NIC receiving everything (rx-only), on its own lcore.
+fn receiver(c: &Cluster, vm: &AttachmentInfo) -> TestPmd {
+    let mut spec = TestPmdSpec::virtio_user(&vm.socket_path);
+    spec.mode = ForwardMode::RxOnly;
+    spec.mac = Some(mac(&vm.mac));
+    spec.main_lcore = Some(1);
+    started(c, spec)
+}
+
+/// Starts testpmd as `from`'s NIC sending 64-byte UDP packets to `to` through the virtual
+/// router (tx-only).
+fn sender(c: &Cluster, from: &AttachmentInfo, to: &AttachmentInfo) -> TestPmd {
+    let mut spec = TestPmdSpec::virtio_user(&from.socket_path);
+    spec.mode = ForwardMode::TxOnly;
+    spec.mac = Some(mac(&from.mac));
+    spec.eth_peer = Some(vnpd::edge::ROUTER_MAC);
+    spec.tx_ip = Some((from.vm_ip, to.vm_ip));
+    started(c, spec)
+}
+
+/// Launches testpmd, waits for its link and starts forwarding; failures carry the cluster's logs.
+fn started(c: &Cluster, mut spec: TestPmdSpec) -> TestPmd {
+    spec.launch_timeout = Duration::from_secs(60);
+    let mut pmd = TestPmd::launch(spec).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    pmd.wait_link_up(0, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    pmd.start().unwrap();
+    pmd
 }
 
 fn mac(text: &str) -> [u8; 6] {
@@ -57,29 +75,9 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     let att_b = c.attach(1, "vm-b").unwrap();
 
     // Receiver first, so nothing sent is lost to a missing frontend.
-    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
-    spec_b.mode = ForwardMode::RxOnly;
-    spec_b.mac = Some(mac(&att_b.mac));
-    spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(60);
-    let mut pmd_b = launch(&spec_b, &c);
-    pmd_b
-        .wait_link_up(0, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    pmd_b.start().unwrap();
+    let mut pmd_b = receiver(&c, &att_b);
 
-    let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
-    spec_a.mode = ForwardMode::TxOnly;
-    spec_a.mac = Some(mac(&att_a.mac));
-    spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
-    spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
-    spec_a.pkt_len = 64;
-    spec_a.launch_timeout = Duration::from_secs(60);
-    let mut pmd_a = launch(&spec_a, &c);
-    pmd_a
-        .wait_link_up(0, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    pmd_a.start().unwrap();
+    let mut pmd_a = sender(&c, &att_a, &att_b);
     std::thread::sleep(Duration::from_secs(4));
     pmd_a.stop().unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -126,14 +124,7 @@ fn testpmd_frontends_exchange_traffic_through_two_vnpd() {
     .unwrap();
     let att_b = c.attach(0, "vm-b").unwrap();
     assert_eq!(att_b.host_addr, c.host(0).addr);
-    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
-    spec_b.mode = ForwardMode::RxOnly;
-    spec_b.mac = Some(mac(&att_b.mac));
-    spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(60);
-    let mut pmd_b = launch(&spec_b, &c);
-    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
-    pmd_b.start().unwrap();
+    let mut pmd_b = receiver(&c, &att_b);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         pmd_a.start().unwrap();
@@ -181,23 +172,8 @@ fn tokens_are_refreshed_before_they_expire() {
     let att_a = c.attach(0, "vm-a").unwrap();
     let att_b = c.attach(1, "vm-b").unwrap();
 
-    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
-    spec_b.mode = ForwardMode::RxOnly;
-    spec_b.mac = Some(mac(&att_b.mac));
-    spec_b.main_lcore = Some(1);
-    spec_b.launch_timeout = Duration::from_secs(60);
-    let mut pmd_b = launch(&spec_b, &c);
-    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
-    pmd_b.start().unwrap();
-    let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
-    spec_a.mode = ForwardMode::TxOnly;
-    spec_a.mac = Some(mac(&att_a.mac));
-    spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
-    spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
-    spec_a.launch_timeout = Duration::from_secs(60);
-    let mut pmd_a = launch(&spec_a, &c);
-    pmd_a.wait_link_up(0, Duration::from_secs(30)).unwrap();
-    pmd_a.start().unwrap();
+    let mut pmd_b = receiver(&c, &att_b);
+    let mut pmd_a = sender(&c, &att_a, &att_b);
 
     let drop_a = |r: &str| {
         c.metric(0, "vnpd_drops_total", &[("vm", "vm-a"), ("reason", r)])
@@ -263,21 +239,8 @@ fn traffic_survives_a_registry_outage() {
     let att_a = c.attach(0, "vm-a").unwrap();
     let att_b = c.attach(1, "vm-b").unwrap();
 
-    let mut spec_b = TestPmdSpec::virtio_user(&att_b.socket_path);
-    spec_b.mode = ForwardMode::RxOnly;
-    spec_b.mac = Some(mac(&att_b.mac));
-    spec_b.main_lcore = Some(1);
-    let mut pmd_b = launch(&spec_b, &c);
-    pmd_b.wait_link_up(0, Duration::from_secs(30)).unwrap();
-    pmd_b.start().unwrap();
-    let mut spec_a = TestPmdSpec::virtio_user(&att_a.socket_path);
-    spec_a.mode = ForwardMode::TxOnly;
-    spec_a.mac = Some(mac(&att_a.mac));
-    spec_a.eth_peer = Some(vnpd::edge::ROUTER_MAC);
-    spec_a.tx_ip = Some((att_a.vm_ip, att_b.vm_ip));
-    let mut pmd_a = launch(&spec_a, &c);
-    pmd_a.wait_link_up(0, Duration::from_secs(30)).unwrap();
-    pmd_a.start().unwrap();
+    let mut pmd_b = receiver(&c, &att_b);
+    let mut pmd_a = sender(&c, &att_a, &att_b);
     std::thread::sleep(Duration::from_secs(2));
     let rx_b = |c: &Cluster| {
         c.metric(1, "vnpd_rx_packets_total", &[("vm", "vm-b")])
