@@ -2,8 +2,11 @@
 //!
 //! Folder layout follows the data flow:
 //! - [`edge`]: what a guest sees of the network: ARP and DHCP answered locally (pure functions).
-//! - [`device`]: the vhost-user-net device: feature negotiation, virtio queues, guest memory.
-//! - [`datapath`]: VNP encapsulation/decapsulation, receive checks, pending queue, UDP batching.
+//! - [`ring`]: the ring engine: guest memory, descriptor chains, RX buffers, message batches
+//!   (knows nothing of VNP).
+//! - [`device`]: the vhost-user-net device: feature negotiation, one handler per queue pair.
+//! - [`datapath`]: VNP encapsulation/decapsulation, receive checks, pending queue, UDP batching;
+//!   the device's queue-pair handler.
 //! - [`metrics`]: counters by VM and drop reason, Prometheus text rendering.
 //! - [`control`]: the control thread that talks to the registry (tokens, endpoints, secrets).
 //! - [`admin`]: the local admin API (unix socket) and persisted attachments.
@@ -15,3 +18,4 @@ pub mod datapath;
 pub mod device;
 pub mod edge;
 pub mod metrics;
+pub mod ring;

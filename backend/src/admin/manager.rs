@@ -10,7 +10,7 @@
 
 use super::state::{PersistedAttachment, StateStore};
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
-use crate::control::{ControlHandle, TokenTarget};
+use crate::control::ControlHandle;
 use crate::datapath::rx_check::ExpiryPolicy;
 use crate::datapath::{ControlPlane, DataPathTuning, VmAttachment, VmPort};
 use crate::metrics::counters::{CounterSnapshot, VmCounters};
@@ -328,8 +328,7 @@ impl Manager {
             )
         })?;
         let port = Arc::new(port);
-        self.control
-            .add_port(vm_id, Arc::clone(&port) as Arc<dyn TokenTarget>);
+        self.control.add_port(vm_id, Arc::clone(&port));
         if let Err(e) = self
             .client
             .register_endpoint(vm_id, self.cfg.underlay_addr, udp_port)

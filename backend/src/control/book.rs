@@ -10,6 +10,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 
+pub use crate::datapath::RefusalReason as Refusal;
+
 /// A unidirectional pair as the data path names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PairKey {
@@ -29,25 +31,12 @@ impl PairKey {
     }
 }
 
-/// Why the registry gave no token (what the data path counts the dropped packets as).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refusal {
-    /// Pair policy denies the pair.
-    PolicyDenied,
-    /// No VM (or gateway) has the destination address, or it has no endpoint yet.
-    UnknownDestination,
-    /// The registry could not be reached or failed.
-    RegistryUnavailable,
-}
-
-impl Refusal {
-    /// How long a refusal is remembered before the registry is asked again. Denials are
-    /// operator decisions that change rarely; unavailability should be retried soon.
-    pub fn hold_secs(self) -> u64 {
-        match self {
-            Refusal::PolicyDenied | Refusal::UnknownDestination => 3,
-            Refusal::RegistryUnavailable => 1,
-        }
+/// How long a refusal is remembered before the registry is asked again. Denials are
+/// operator decisions that change rarely; unavailability should be retried soon.
+pub fn hold_secs(why: Refusal) -> u64 {
+    match why {
+        Refusal::PolicyDenied | Refusal::UnknownDestination => 3,
+        Refusal::RegistryUnavailable => 1,
     }
 }
 
@@ -144,7 +133,7 @@ impl RequestBook {
             Err(why) => {
                 self.fetched.remove(key);
                 self.refused
-                    .insert(key.clone(), (why, now.saturating_add(why.hold_secs())));
+                    .insert(key.clone(), (why, now.saturating_add(hold_secs(why))));
             }
         }
     }

@@ -9,7 +9,7 @@
 //! changes, every port forgets that peer so that its next packet asks afresh.
 
 use super::book::{Admission, PairKey, PeerIndex, Refusal, RequestBook};
-use super::{Grant, TokenTarget};
+use crate::datapath::{ControlPlane, PeerToken, VmPort};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,7 +33,7 @@ enum Msg {
     Token(PairKey),
     AddPort {
         vm_id: String,
-        target: Arc<dyn TokenTarget>,
+        port: Arc<VmPort>,
     },
     RemovePort {
         vm_id: String,
@@ -63,10 +63,10 @@ impl ControlHandle {
     }
 
     /// Registers the port of an attached VM (answers and refreshes go to it).
-    pub fn add_port(&self, vm_id: &str, target: Arc<dyn TokenTarget>) {
+    pub fn add_port(&self, vm_id: &str, port: Arc<VmPort>) {
         let _ = self.tx.send(Msg::AddPort {
             vm_id: vm_id.to_string(),
-            target,
+            port,
         });
     }
 
@@ -86,6 +86,12 @@ impl ControlHandle {
         }
         // The thread may be in the middle of a registry request (bounded by its timeout).
         wait.recv_timeout(Duration::from_secs(60)).is_ok()
+    }
+}
+
+impl ControlPlane for ControlHandle {
+    fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        ControlHandle::request_token(self, src_vm, dst)
     }
 }
 
@@ -183,7 +189,7 @@ struct Worker {
     margin: u32,
     book: RequestBook,
     peers: PeerIndex,
-    ports: HashMap<String, Arc<dyn TokenTarget>>,
+    ports: HashMap<String, Arc<VmPort>>,
     orphans: HashMap<String, Vec<Ipv4Addr>>,
     next_tick: Instant,
 }
@@ -243,9 +249,9 @@ impl Worker {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Token(key) => self.request(key),
-            Msg::AddPort { vm_id, target } => {
+            Msg::AddPort { vm_id, port } => {
                 log::debug!("control: port of {vm_id} registered");
-                self.ports.insert(vm_id.clone(), target);
+                self.ports.insert(vm_id.clone(), port);
                 for dst in self.orphans.remove(&vm_id).unwrap_or_default() {
                     self.request(PairKey::new(&vm_id, dst));
                 }
@@ -275,7 +281,7 @@ impl Worker {
             Admission::Queued | Admission::Duplicate => {}
             Admission::Refused(why) => {
                 if let Some(p) = self.ports.get(&key.src_vm) {
-                    p.refuse(key.dst, why);
+                    p.refuse_token(key.dst, why);
                 }
             }
         }
@@ -298,7 +304,7 @@ impl Worker {
                         grant.dst_port,
                         grant.expiry
                     );
-                    Ok(Grant {
+                    Ok(PeerToken {
                         dst_host: grant.dst_host,
                         dst_port: grant.dst_port,
                         token,
@@ -326,8 +332,8 @@ impl Worker {
             return; // detached meanwhile
         };
         match outcome {
-            Ok(grant) => port.install(key.dst, &grant),
-            Err(why) => port.refuse(key.dst, why),
+            Ok(token) => port.install_token(key.dst, token),
+            Err(why) => port.refuse_token(key.dst, why),
         }
     }
 
@@ -338,7 +344,7 @@ impl Worker {
         let min_interval = u64::from(self.margin / 4).max(1);
         let mut due = Vec::new();
         for (vm, port) in &self.ports {
-            for dst in port.expiring_before(Expiry(horizon)) {
+            for dst in port.tokens_expiring_before(Expiry(horizon)) {
                 due.push(PairKey::new(vm, dst));
             }
         }
@@ -384,7 +390,7 @@ impl Worker {
         for ip in ips {
             self.book.forget_destination(*ip);
             for port in self.ports.values() {
-                port.forget(*ip);
+                port.forget_peer(*ip);
             }
         }
     }

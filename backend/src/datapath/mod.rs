@@ -4,18 +4,29 @@
 //! vhost-user socket and serves the virtio-net device to whichever frontend connects (QEMU,
 //! cloud-hypervisor, DPDK virtio-user). See `docs/vnpd-datapath.md` for how TX and RX work.
 //!
+//! Built on the ring engine (`crate::ring`) and the device (`crate::device`), which know nothing
+//! of VNP; the control thread (`crate::control`) sits above: it calls [`VmPort`]'s methods, and
+//! the data path reaches it only through [`ControlPlane`].
+//!
 //! - [`frame`]: what a guest frame is (pure).
 //! - [`rx_check`]: the receive checks of the patent's FIG. 6 (pure).
 //! - [`peers`]: tokens per destination and the bounded pending queues.
+//! - [`handoff`]: packets that waited for a token, on their way to the worker that queued them.
 //! - [`udp`]: sockets and the batched system calls.
-//! - [`worker`]: the per-queue-pair TX/RX engine working on guest memory.
-//! - [`port`]: [`VmPort`]: start, stop, token installation from the control plane.
+//! - [`worker`]: [`worker::PairWorker`], the device's handler of one queue pair: dispatch, edge
+//!   replies, handed-off packets; its TX half is in [`tx`], its RX half in [`rx`].
+//! - [`port`]: [`VmPort`]: start, stop, token installation from the control plane; [`serve`]:
+//!   the loop serving one frontend connection after another.
 
 pub mod edge_link;
 pub mod frame;
+pub mod handoff;
 pub mod peers;
 pub mod port;
+pub mod rx;
 pub mod rx_check;
+pub mod serve;
+pub mod tx;
 pub mod udp;
 pub mod worker;
 
@@ -25,7 +36,6 @@ use std::path::PathBuf;
 use thiserror::Error;
 use vnp_protocol::token::{Expiry, Token, VmSecret};
 
-pub use crate::control::Refusal as RefusalReason;
 pub use port::{DataPathTuning, VmPort};
 
 /// Everything the data path needs to serve one VM. Built by the control plane from the
@@ -61,20 +71,18 @@ pub struct VmAttachment {
     pub queue_pairs: u16,
 }
 
-/// How the data path asks for tokens. Implemented by the control thread's handle.
+/// The one contract between the data path and the control thread, in the data path's
+/// direction: asking for a token. Implemented by the control thread's handle (and by test
+/// doubles). The answer comes back through [`VmPort::install_token`] or
+/// [`VmPort::refuse_token`], which the control thread calls directly.
 pub trait ControlPlane: Send + Sync + 'static {
-    /// Never blocks: asks the control thread for a token `src_vm -> dst`. The answer arrives
-    /// later through [`VmPort::install_token`] or [`VmPort::refuse_token`].
+    /// Never blocks: asks the control thread for a token `src_vm -> dst`.
     fn request_token(&self, src_vm: &str, dst: Ipv4Addr);
 }
 
-impl ControlPlane for crate::control::ControlHandle {
-    fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
-        crate::control::ControlHandle::request_token(self, src_vm, dst)
-    }
-}
-
-/// How to reach one destination VM: its host's underlay endpoint and the token for the pair.
+/// A token for one (local VM -> destination address) pair, as the registry grants it or as a
+/// peer's return token teaches it: where the destination VM lives and what to put in the VNP
+/// header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerToken {
     /// Underlay address of the destination VM's host.
@@ -87,15 +95,15 @@ pub struct PeerToken {
     pub expiry: Expiry,
 }
 
-impl From<&crate::control::Grant> for PeerToken {
-    fn from(g: &crate::control::Grant) -> Self {
-        Self {
-            dst_host: g.dst_host,
-            dst_port: g.dst_port,
-            token: g.token,
-            expiry: g.expiry,
-        }
-    }
+/// Why no token came for a destination (what the dropped packets are counted as).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// Pair policy denies the pair.
+    PolicyDenied,
+    /// No VM (or gateway) has the destination address, or it has no endpoint yet.
+    UnknownDestination,
+    /// The registry could not be reached or failed.
+    RegistryUnavailable,
 }
 
 /// Why a port could not start.
@@ -123,4 +131,7 @@ pub enum PortError {
     /// Starting a thread failed.
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    /// Creating a worker's wake-up eventfd failed.
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
 }

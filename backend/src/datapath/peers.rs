@@ -4,10 +4,13 @@
 //! The data path only ever takes short locks here; it never waits for the registry. A packet for a
 //! destination without a usable token is copied into that destination's queue (the only payload
 //! copy on TX) and the first such packet asks the control plane for a token. When the answer
-//! comes, [`PeerTable::install`] hands the queued packets back to be sent.
+//! comes, [`PeerTable::install`] hands the queued packets, each tagged with the queue pair whose
+//! worker queued it, to a callback *before* the token becomes visible to the workers.
 //!
 //! Lock order: `pending` before `tokens`, everywhere, so a packet cannot be queued after the
-//! token that would have released it was installed.
+//! token that would have released it was installed; and since the callback runs before the
+//! token is inserted, a worker that finds the token has its waiting packets handed to it
+//! already (see `datapath::handoff`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -18,6 +21,9 @@ use std::time::{Duration, Instant};
 use vnp_protocol::token::{Expiry, Token};
 
 use super::{PeerToken, RefusalReason};
+
+/// A packet that waited for a token: the queue pair whose worker queued it, and its bytes.
+pub type WaitingPacket = (usize, Vec<u8>);
 
 /// Limits of the pending queues.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +77,16 @@ pub struct SendInfo {
     pub expiry: Expiry,
 }
 
+impl From<&PeerToken> for SendInfo {
+    fn from(t: &PeerToken) -> Self {
+        Self {
+            endpoint: SocketAddrV4::new(t.dst_host, t.dst_port),
+            token: t.token,
+            expiry: t.expiry,
+        }
+    }
+}
+
 impl PeerEntry {
     fn usable(&self, now: u32) -> bool {
         let e = self.token.expiry;
@@ -79,11 +95,7 @@ impl PeerEntry {
 
     /// Send parameters.
     pub fn send_info(&self) -> SendInfo {
-        SendInfo {
-            endpoint: SocketAddrV4::new(self.token.dst_host, self.token.dst_port),
-            token: self.token.token,
-            expiry: self.token.expiry,
-        }
+        SendInfo::from(&self.token)
     }
 
     /// Whether the next packet should carry a return token. Claims the slot (so concurrent
@@ -119,7 +131,7 @@ impl PeersView<'_> {
 
 #[derive(Debug)]
 struct PendingQueue {
-    packets: VecDeque<Vec<u8>>,
+    packets: VecDeque<WaitingPacket>,
     requested_at: Instant,
 }
 
@@ -175,11 +187,12 @@ impl PeerTable {
         }
     }
 
-    /// Queues a packet for `dst`, which had no usable token. `packet` is only called (copying the
-    /// packet out of guest memory) when the packet is really queued.
+    /// Queues a packet of queue pair `pair` for `dst`, which had no usable token. `packet` is
+    /// only called (copying the packet out of guest memory) when the packet is really queued.
     pub fn enqueue(
         &self,
         dst: Ipv4Addr,
+        pair: usize,
         now_unix: u32,
         now: Instant,
         packet: impl FnOnce() -> Vec<u8>,
@@ -200,7 +213,7 @@ impl PeerTable {
                 if q.packets.len() >= self.limits.per_destination {
                     return Enqueued::Full;
                 }
-                q.packets.push_back(packet());
+                q.packets.push_back((pair, packet()));
                 let request = now.duration_since(q.requested_at) >= self.limits.retry_after;
                 if request {
                     q.requested_at = now;
@@ -212,7 +225,7 @@ impl PeerTable {
                     return Enqueued::Full;
                 }
                 let mut packets = VecDeque::new();
-                packets.push_back(packet());
+                packets.push_back((pair, packet()));
                 pending.queues.insert(
                     dst,
                     PendingQueue {
@@ -225,30 +238,37 @@ impl PeerTable {
         }
     }
 
-    /// Installs a token for `dst` and returns the packets that waited for it, oldest first.
-    pub fn install(&self, dst: Ipv4Addr, token: PeerToken) -> (SendInfo, Vec<Vec<u8>>) {
+    /// Installs a token for `dst`. The packets that waited for it go to `hand_off`, oldest
+    /// first, under the pending lock and before the token is visible to the workers.
+    pub fn install(
+        &self,
+        dst: Ipv4Addr,
+        token: PeerToken,
+        hand_off: impl FnOnce(SendInfo, Vec<WaitingPacket>),
+    ) {
         let mut pending = lock(&self.pending);
         let entry = PeerEntry {
             token,
             return_sent_at: AtomicU32::new(0),
         };
-        let info = entry.send_info();
+        pending.refused.remove(&dst);
+        if let Some(q) = pending.queues.remove(&dst) {
+            hand_off(entry.send_info(), q.packets.into());
+        }
         self.tokens
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(dst, entry);
-        pending.refused.remove(&dst);
-        let packets = pending
-            .queues
-            .remove(&dst)
-            .map(|q| q.packets.into())
-            .unwrap_or_default();
-        (info, packets)
     }
 
     /// Installs a return token learned from a peer's packet unless a token at least as fresh is
-    /// already there. Returns what [`PeerTable::install`] returns when it was installed.
-    pub fn learn(&self, dst: Ipv4Addr, token: PeerToken) -> Option<(SendInfo, Vec<Vec<u8>>)> {
+    /// already there (then returns false), like [`PeerTable::install`].
+    pub fn learn(
+        &self,
+        dst: Ipv4Addr,
+        token: PeerToken,
+        hand_off: impl FnOnce(SendInfo, Vec<WaitingPacket>),
+    ) -> bool {
         {
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
             if let Some(current) = tokens.get(&dst) {
@@ -257,11 +277,12 @@ impl PeerTable {
                 let fresher = current.token.expiry.is_never()
                     || (!token.expiry.is_never() && current.token.expiry.0 >= token.expiry.0);
                 if same_endpoint && fresher {
-                    return None;
+                    return false;
                 }
             }
         }
-        Some(self.install(dst, token))
+        self.install(dst, token, hand_off);
+        true
     }
 
     /// Drops the packets waiting for `dst` and remembers the refusal for a while. Returns how
@@ -318,6 +339,19 @@ mod tests {
 
     const DST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 9);
 
+    /// Installs and returns what was handed off (packets without their pair).
+    fn install(t: &PeerTable, dst: Ipv4Addr, token: PeerToken) -> (SendInfo, Vec<Vec<u8>>) {
+        let mut out = (SendInfo::from(&token), Vec::new());
+        t.install(dst, token, |info, packets| {
+            out = (info, packets.into_iter().map(|(_, p)| p).collect());
+        });
+        out
+    }
+
+    fn learn(t: &PeerTable, dst: Ipv4Addr, token: PeerToken) -> Option<()> {
+        t.learn(dst, token, |_, _| {}).then_some(())
+    }
+
     fn token(expiry: u32, port: u16) -> PeerToken {
         PeerToken {
             dst_host: Ipv4Addr::new(198, 18, 0, 2),
@@ -335,21 +369,21 @@ mod tests {
         });
         let now = Instant::now();
         assert_eq!(
-            t.enqueue(DST, 1000, now, || vec![1]),
+            t.enqueue(DST, 0, 1000, now, || vec![1]),
             Enqueued::Queued { request: true }
         );
         assert_eq!(
-            t.enqueue(DST, 1000, now, || vec![2]),
+            t.enqueue(DST, 0, 1000, now, || vec![2]),
             Enqueued::Queued { request: false }
         );
-        assert_eq!(t.enqueue(DST, 1000, now, || vec![3]), Enqueued::Full);
-        let (info, packets) = t.install(DST, token(2000, 5));
+        assert_eq!(t.enqueue(DST, 0, 1000, now, || vec![3]), Enqueued::Full);
+        let (info, packets) = install(&t, DST, token(2000, 5));
         assert_eq!(packets, vec![vec![1], vec![2]]);
         assert_eq!(info.endpoint.port(), 5);
         assert!(t.view().get(DST, 1000).is_some());
         // With a token present, enqueue says send now.
         assert!(matches!(
-            t.enqueue(DST, 1000, now, || vec![4]),
+            t.enqueue(DST, 0, 1000, now, || vec![4]),
             Enqueued::Ready(_)
         ));
     }
@@ -358,9 +392,9 @@ mod tests {
     fn retry_after_timeout() {
         let t = PeerTable::new(PendingLimits::default());
         let now = Instant::now();
-        t.enqueue(DST, 0, now, Vec::new);
+        t.enqueue(DST, 0, 0, now, Vec::new);
         assert_eq!(
-            t.enqueue(DST, 0, now + Duration::from_secs(3), Vec::new),
+            t.enqueue(DST, 0, 0, now + Duration::from_secs(3), Vec::new),
             Enqueued::Queued { request: true }
         );
     }
@@ -368,11 +402,11 @@ mod tests {
     #[test]
     fn expired_or_nearly_expired_tokens_are_not_used() {
         let t = PeerTable::new(PendingLimits::default());
-        t.install(DST, token(1000, 5));
+        install(&t, DST, token(1000, 5));
         assert!(t.view().get(DST, 990).is_some());
         assert!(t.view().get(DST, 999).is_none());
         assert!(t.view().get(DST, 2000).is_none());
-        t.install(DST, token(u32::MAX, 5));
+        install(&t, DST, token(u32::MAX, 5));
         assert!(t.view().get(DST, u32::MAX - 1).is_some());
     }
 
@@ -380,15 +414,15 @@ mod tests {
     fn refusal_drops_queue_and_holds() {
         let t = PeerTable::new(PendingLimits::default());
         let now = Instant::now();
-        t.enqueue(DST, 0, now, || vec![1]);
-        t.enqueue(DST, 0, now, || vec![2]);
+        t.enqueue(DST, 0, 0, now, || vec![1]);
+        t.enqueue(DST, 0, 0, now, || vec![2]);
         assert_eq!(t.refuse(DST, RefusalReason::PolicyDenied, now), 2);
         assert_eq!(
-            t.enqueue(DST, 0, now, || vec![3]),
+            t.enqueue(DST, 0, 0, now, || vec![3]),
             Enqueued::Refused(RefusalReason::PolicyDenied)
         );
         assert_eq!(
-            t.enqueue(DST, 0, now + Duration::from_secs(6), || vec![3]),
+            t.enqueue(DST, 0, 0, now + Duration::from_secs(6), || vec![3]),
             Enqueued::Queued { request: true }
         );
     }
@@ -424,12 +458,12 @@ mod tests {
         let now = Instant::now();
         for i in 0..2 {
             assert!(matches!(
-                t.enqueue(Ipv4Addr::new(10, 0, 1, i), 0, now, Vec::new),
+                t.enqueue(Ipv4Addr::new(10, 0, 1, i), 0, 0, now, Vec::new),
                 Enqueued::Queued { .. }
             ));
         }
         assert_eq!(
-            t.enqueue(Ipv4Addr::new(10, 0, 1, 9), 0, now, Vec::new),
+            t.enqueue(Ipv4Addr::new(10, 0, 1, 9), 0, 0, now, Vec::new),
             Enqueued::Full
         );
     }
@@ -437,11 +471,11 @@ mod tests {
     #[test]
     fn learn_keeps_fresher_token_and_forget_clears() {
         let t = PeerTable::new(PendingLimits::default());
-        assert!(t.learn(DST, token(2000, 5)).is_some());
-        assert!(t.learn(DST, token(1500, 5)).is_none());
-        assert!(t.learn(DST, token(2500, 5)).is_some());
+        assert!(learn(&t, DST, token(2000, 5)).is_some());
+        assert!(learn(&t, DST, token(1500, 5)).is_none());
+        assert!(learn(&t, DST, token(2500, 5)).is_some());
         // A different endpoint (the peer moved) always wins.
-        assert!(t.learn(DST, token(100, 6)).is_some());
+        assert!(learn(&t, DST, token(100, 6)).is_some());
         assert_eq!(t.expiring_before(Expiry(200)), vec![DST]);
         assert_eq!(t.forget(DST), 0);
         assert!(t.view().get(DST, 0).is_none());
@@ -450,7 +484,7 @@ mod tests {
     #[test]
     fn return_token_claimed_once_per_interval() {
         let t = PeerTable::new(PendingLimits::default());
-        t.install(DST, token(5000, 5));
+        install(&t, DST, token(5000, 5));
         let view = t.view();
         let e = view.get(DST, 100).unwrap();
         assert!(e.claim_return_token(100));

@@ -1,7 +1,6 @@
 //! [`VmPort`]: one attached VM's data path, from start to stop.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,23 +9,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vnp_protocol::token::{check_expiry, Expiry, TokenMinter};
+use vhost_user_backend::ShutdownHandle;
+use vnp_protocol::token::{check_expiry, Expiry, TokenFields, TokenMinter};
 use vnp_protocol::wire::options::ReturnToken;
-use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
-
-use crate::device::frontend_relay::FrontendRelay;
 
 use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
-use super::peers::{Enqueued, PeerTable, PendingLimits, SendInfo};
+use super::handoff::{HandedOff, Handoff};
+use super::peers::{Enqueued, PeerTable, PendingLimits, SendInfo, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
-use super::worker::{return_token_fields, RETURN_TOKEN_TTL_SECS};
+use super::serve::serve;
 use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment};
-use crate::device::backend::VnpNetBackend;
 use crate::metrics::counters::{DropReason, VmCounters};
+
+/// Return tokens we mint are valid this long.
+pub const RETURN_TOKEN_TTL_SECS: u32 = 600;
 
 /// Knobs of the data path with sensible defaults.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +69,8 @@ pub struct PortCore {
     pub(crate) rx_ctx: RxContext,
     pub(crate) queue_pairs: u16,
     pub(crate) max_queue_size: u16,
+    /// One per queue pair: packets that waited for a token, for that pair's worker to send.
+    pub(crate) handoffs: Vec<Handoff>,
     edge: EdgeLink,
 }
 
@@ -110,14 +109,17 @@ impl PortCore {
         now: u32,
     ) -> ReturnToken {
         let expiry = Expiry(now.saturating_add(RETURN_TOKEN_TTL_SECS));
-        let fields = return_token_fields(
-            peer,
-            peer_vm,
-            self.local,
-            self.net.vm_ip,
-            self.network_id,
+        // The reverse direction: from the peer's VM (behind `peer`) to ours (behind `local`).
+        let fields = TokenFields {
+            src_host: *peer.ip(),
+            src_port: peer.port(),
+            src_vm: peer_vm,
+            dst_host: *self.local.ip(),
+            dst_port: self.local.port(),
+            dst_vm: self.net.vm_ip,
+            network_id: self.network_id,
             expiry,
-        );
+        };
         ReturnToken {
             token: self.minter.mint(&fields),
             expiry,
@@ -142,48 +144,30 @@ impl PortCore {
             token: rt.token,
             expiry: rt.expiry,
         };
-        if let Some((info, packets)) = self.peers.learn(src_vm, token) {
+        if self.peers.learn(src_vm, token, |info, packets| {
+            self.hand_off(src_vm, info, packets)
+        }) {
             self.counters.return_token_learned();
-            self.flush(src_vm, info, packets, now);
         }
     }
 
-    /// Sends packets that waited for a token (copied, off the hot path).
-    fn flush(&self, dst: Ipv4Addr, info: SendInfo, packets: Vec<Vec<u8>>, now: u32) {
-        for (i, packet) in packets.iter().enumerate() {
-            let mut options = [0u8; ReturnToken::WIRE_LEN];
-            let mut options_len = 0;
-            if i == 0 && packet.len() + ReturnToken::WIRE_LEN <= usize::from(self.net.mtu) {
-                let claimed = self
-                    .peers
-                    .view()
-                    .get(dst, now)
-                    .is_some_and(|e| e.claim_return_token(now));
-                if claimed {
-                    options_len = self
-                        .return_token(info.endpoint, dst, now)
-                        .emit(&mut options)
-                        .unwrap_or(0);
-                }
-            }
-            let header = VnpRepr {
-                network_id: self.network_id,
-                token: info.token,
-                expiry: info.expiry,
-                has_options: options_len > 0,
-            }
-            .to_bytes();
-            let mut datagram = Vec::with_capacity(HEADER_LEN + packet.len() + options_len);
-            datagram.extend_from_slice(&header);
-            datagram.extend_from_slice(packet);
-            datagram.extend_from_slice(&options[..options_len]);
-            match self.sockets[0].send_to(&datagram, info.endpoint) {
-                Ok(_) => self.counters.tx(packet.len()),
-                Err(e) => {
-                    log::debug!("vm {}: send to {}: {e}", self.vm_id, info.endpoint);
-                    self.counters.drop_packet(DropReason::TxSendError);
-                }
-            }
+    /// Installs the token for `dst`; the packets that waited for it go to their workers.
+    pub(crate) fn install(&self, dst: Ipv4Addr, token: PeerToken) {
+        self.peers.install(dst, token, |info, packets| {
+            self.hand_off(dst, info, packets)
+        });
+    }
+
+    /// Hands packets that waited for `dst` to the workers of the queue pairs that queued them
+    /// (see `datapath::handoff`): each flow leaves from its own worker, in order.
+    fn hand_off(&self, dst: Ipv4Addr, info: SendInfo, packets: Vec<WaitingPacket>) {
+        let n = self.handoffs.len().max(1);
+        let mut per_pair: Vec<Vec<HandedOff>> = (0..n).map(|_| Vec::new()).collect();
+        for (pair, packet) in packets {
+            per_pair[pair % n].push(HandedOff { dst, info, packet });
+        }
+        for (handoff, packets) in self.handoffs.iter().zip(per_pair) {
+            handoff.post(packets);
         }
     }
 
@@ -275,6 +259,10 @@ impl VmPort {
         };
         let edge = EdgeLink::new(&att)
             .map_err(|e| PortError::InvalidAttachment(format!("{}: {e}", att.vm_id)))?;
+        let handoffs = (0..att.queue_pairs)
+            .map(|_| Handoff::new())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(PortError::EventFd)?;
         let core = Arc::new(PortCore {
             vm_id: att.vm_id.clone(),
             network_id: att.network_vni,
@@ -295,6 +283,7 @@ impl VmPort {
             },
             queue_pairs: att.queue_pairs,
             max_queue_size: tuning.max_queue_size,
+            handoffs,
             edge,
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -334,10 +323,10 @@ impl VmPort {
         &self.core.vm_id
     }
 
-    /// Installs the token for `dst` and sends the packets that waited for it.
+    /// Installs the token for `dst`; the packets that waited for it are handed to the workers
+    /// that queued them, which send them in order before anything newer.
     pub fn install_token(&self, dst: Ipv4Addr, token: PeerToken) {
-        let (info, packets) = self.core.peers.install(dst, token);
-        self.core.flush(dst, info, packets, unix_now());
+        self.core.install(dst, token);
     }
 
     /// No token for `dst`: drops the packets waiting for it (counted by `reason`).
@@ -398,7 +387,13 @@ impl VmPort {
             log::error!("vm {}: data path thread did not stop", self.core.vm_id);
         }
         let _ = std::fs::remove_file(&self.socket_path);
-        let n = self.core.peers.discard_pending();
+        let n = self.core.peers.discard_pending()
+            + self
+                .core
+                .handoffs
+                .iter()
+                .map(Handoff::discard)
+                .sum::<usize>();
         self.core
             .counters
             .drop_packets(DropReason::TxPendingDiscarded, n as u64);
@@ -412,100 +407,7 @@ impl Drop for VmPort {
     }
 }
 
-impl crate::control::TokenTarget for VmPort {
-    fn install(&self, dst: Ipv4Addr, grant: &crate::control::Grant) {
-        self.install_token(dst, PeerToken::from(grant));
-    }
-
-    fn refuse(&self, dst: Ipv4Addr, why: RefusalReason) {
-        self.refuse_token(dst, why);
-    }
-
-    fn expiring_before(&self, t: Expiry) -> Vec<Ipv4Addr> {
-        self.tokens_expiring_before(t)
-    }
-
-    fn forget(&self, dst: Ipv4Addr) {
-        self.forget_peer(dst);
-    }
-}
-
-fn short(id: &str) -> String {
+/// The first characters of a VM id, for thread names and logs.
+pub(crate) fn short(id: &str) -> String {
     id.chars().take(8).collect()
-}
-
-/// Serves one frontend connection after another until stopped.
-fn serve(
-    core: Arc<PortCore>,
-    listener: &mut Listener,
-    stop: &AtomicBool,
-    active: &Mutex<Option<ShutdownHandle>>,
-) {
-    while !stop.load(Ordering::SeqCst) {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(VnpNetBackend::new(core.clone(), mem.clone()));
-        let mut daemon = match VhostUserDaemon::new(
-            format!("vhost-{}", short(&core.vm_id)),
-            backend.clone(),
-            mem,
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("vm {}: cannot create vhost-user daemon: {e}", core.vm_id);
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
-            }
-        };
-        // The VM's UDP socket joins each pair's worker epoll, edge-triggered: the worker
-        // drains it, and stops early only when the guest has no buffers (resumed by a kick).
-        for (i, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            let socket = &core.sockets[i % core.sockets.len()];
-            if let Err(e) = handler.register_listener(
-                socket.as_raw_fd(),
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-                backend.socket_event_id(),
-            ) {
-                log::error!("vm {}: cannot watch UDP socket: {e}", core.vm_id);
-            }
-        }
-        let frontend = match listener.accept() {
-            Ok(Some(frontend)) => frontend,
-            Ok(None) => continue,
-            Err(e) => {
-                if !stop.load(Ordering::SeqCst) {
-                    log::warn!("vm {}: accept failed: {e}", core.vm_id);
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                continue;
-            }
-        };
-        // QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES, which the vhost crate
-        // refuses by dropping the connection; the relay absorbs those (see frontend_relay).
-        let (relay, mut relayed) = match FrontendRelay::start(frontend, &short(&core.vm_id)) {
-            Ok(r) => r,
-            Err(e) => {
-                log::error!("vm {}: cannot start frontend relay: {e}", core.vm_id);
-                continue;
-            }
-        };
-        if let Err(e) = daemon.start(&mut relayed) {
-            log::warn!("vm {}: relayed accept failed: {e}", core.vm_id);
-            relay.join();
-            continue;
-        }
-        *active.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-        if stop.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
-        } else {
-            log::info!("vm {}: frontend connected", core.vm_id);
-        }
-        match daemon.wait() {
-            Ok(()) => log::info!("vm {}: frontend disconnected", core.vm_id),
-            Err(e) => log::warn!("vm {}: frontend connection ended: {e}", core.vm_id),
-        }
-        *active.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Dropping the daemon stops and joins its worker threads.
-        drop(daemon);
-        relay.join();
-    }
 }

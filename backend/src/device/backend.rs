@@ -1,12 +1,15 @@
-//! The vhost-user-net device: [`VhostUserBackend`] for one attached VM.
+//! The vhost-user-net device: [`VhostUserBackend`] for one attached VM and one frontend
+//! connection.
 //!
-//! A fresh instance serves each frontend connection. Worker thread `i` handles queue pair `i`
-//! (RX queue `2i`, TX queue `2i+1`) and the pair's UDP socket, so a packet is handled start to end
-//! on one thread without locks shared with other pairs.
+//! Worker thread `i` serves queue pair `i` (RX queue `2i`, TX queue `2i+1`) through its own
+//! [`QueuePairHandler`]; the data path implements that trait, so this module never names it.
+//! Each event takes one snapshot of guest memory and hands it to the handler as a
+//! [`GuestView`]. A handler may watch file descriptors of its own (a socket, an eventfd) in
+//! the pair's epoll under [`NetBackend::external_event_id`].
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -22,62 +25,114 @@ use super::features::{
     config_space, config_window, device_features, has_feature, protocol_features, vnet_header_len,
     CONFIG_LEN, VHOST_F_LOG_ALL,
 };
-use crate::datapath::port::PortCore;
-use crate::datapath::worker::{GuestMem, PairWorker, Vring};
+use crate::ring::{GuestMem, GuestView, Vring};
+
+/// What the driver negotiated that the handlers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Length of the virtio-net header in front of every frame (10 or 12).
+    pub vnet_hdr_len: usize,
+    /// `VIRTIO_NET_F_MRG_RXBUF`: a received frame may span several RX chains.
+    pub mrg_rxbuf: bool,
+    /// `VHOST_F_LOG_ALL`: migration in progress, every guest write must reach the dirty log.
+    pub log_all: bool,
+}
+
+impl Default for Negotiated {
+    fn default() -> Self {
+        Self {
+            vnet_hdr_len: 12,
+            mrg_rxbuf: false,
+            log_all: false,
+        }
+    }
+}
+
+/// Why a handler is called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairEvent {
+    /// The driver kicked the RX queue (new buffers).
+    RxKick,
+    /// The driver kicked the TX queue (new packets).
+    TxKick,
+    /// One of the handler's own file descriptors is ready (`n` as in
+    /// [`NetBackend::external_event_id`]).
+    External(u64),
+}
+
+/// The packet side of one queue pair. Called on that pair's worker thread only.
+pub trait QueuePairHandler: Send + 'static {
+    /// The driver acked its features.
+    fn set_features(&mut self, negotiated: Negotiated);
+    /// Device reset: the rings are gone; forget everything taken from them.
+    fn reset(&mut self);
+    /// The RX ring is stopping (GET_VRING_BASE): give every buffer taken from it back.
+    fn stop_rx(&mut self);
+    /// Handles `event` with guest memory `view`, the pair's RX and TX vrings.
+    fn handle(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring);
+}
+
+/// The device's fixed properties.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceConfig {
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
+    /// Guest MTU (config space `mtu`).
+    pub mtu: u16,
+    /// Largest virtqueue the device accepts.
+    pub max_queue_size: u16,
+}
 
 /// The device of one VM for one frontend connection.
-pub struct VnpNetBackend {
+pub struct NetBackend<H: QueuePairHandler> {
     mem: GuestMemoryAtomic<GuestMem>,
-    workers: Vec<Mutex<PairWorker>>,
+    handlers: Vec<Mutex<H>>,
     acked: AtomicU64,
     config: [u8; CONFIG_LEN],
     max_queue_size: usize,
 }
 
-impl std::fmt::Debug for VnpNetBackend {
+impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VnpNetBackend")
-            .field("queue_pairs", &self.workers.len())
+        f.debug_struct("NetBackend")
+            .field("queue_pairs", &self.handlers.len())
             .field("acked", &self.acked.load(Ordering::Relaxed))
             .finish()
     }
 }
 
-fn lock(w: &Mutex<PairWorker>) -> MutexGuard<'_, PairWorker> {
-    // A worker that panicked mid-packet leaves only per-batch scratch state behind.
-    w.lock().unwrap_or_else(|e| e.into_inner())
+fn lock<H>(h: &Mutex<H>) -> MutexGuard<'_, H> {
+    // A handler that panicked mid-packet leaves only per-batch scratch state behind.
+    h.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl VnpNetBackend {
-    /// A device for `core`'s VM; `mem` must be the memory handed to the `VhostUserDaemon`.
-    pub fn new(core: Arc<PortCore>, mem: GuestMemoryAtomic<GuestMem>) -> Self {
-        let pairs = usize::from(core.queue_pairs.max(1));
-        let config = config_space(core.mac, pairs as u16, core.net.mtu);
-        let max_queue_size = usize::from(core.max_queue_size);
+impl<H: QueuePairHandler> NetBackend<H> {
+    /// A device with one queue pair per handler (at least one); `mem` must be the memory
+    /// handed to the `VhostUserDaemon`.
+    pub fn new(config: DeviceConfig, handlers: Vec<H>, mem: GuestMemoryAtomic<GuestMem>) -> Self {
+        let pairs = handlers.len().max(1);
         Self {
             mem,
-            workers: (0..pairs)
-                .map(|i| Mutex::new(PairWorker::new(core.clone(), i)))
-                .collect(),
+            handlers: handlers.into_iter().map(Mutex::new).collect(),
             acked: AtomicU64::new(0),
-            config,
-            max_queue_size,
+            config: config_space(config.mac, pairs as u16, config.mtu),
+            max_queue_size: usize::from(config.max_queue_size),
         }
     }
 
-    /// Epoll data value under which each worker watches its UDP socket (above the range the
-    /// library reserves for queues and the exit event).
-    pub fn socket_event_id(&self) -> u64 {
-        self.workers.len() as u64 * 2 + 1
+    /// Epoll data value under which a handler's own file descriptor number `n` is watched
+    /// (above the range the library reserves for queues and the exit event).
+    pub fn external_event_id(&self, n: u64) -> u64 {
+        self.handlers.len() as u64 * 2 + 1 + n
     }
 }
 
-impl VhostUserBackend for VnpNetBackend {
+impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
     type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.workers.len() * 2
+        self.handlers.len() * 2
     }
 
     fn max_queue_size(&self) -> usize {
@@ -90,13 +145,15 @@ impl VhostUserBackend for VnpNetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
-        let hdr = vnet_header_len(features);
-        let mrg = has_feature(features, VIRTIO_NET_F_MRG_RXBUF);
         // QEMU acks VHOST_F_LOG_ALL while it migrates the guest: from then on every write into
         // guest memory must reach the dirty log (vm-memory's accessors always log).
-        let log = has_feature(features, VHOST_F_LOG_ALL);
-        for w in &self.workers {
-            lock(w).set_features(hdr, mrg, log);
+        let negotiated = Negotiated {
+            vnet_hdr_len: vnet_header_len(features),
+            mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
+            log_all: has_feature(features, VHOST_F_LOG_ALL),
+        };
+        for h in &self.handlers {
+            lock(h).set_features(negotiated);
         }
     }
 
@@ -105,14 +162,14 @@ impl VhostUserBackend for VnpNetBackend {
     }
 
     fn reset_device(&self) {
-        for w in &self.workers {
-            lock(w).reset();
+        for h in &self.handlers {
+            lock(h).reset();
         }
     }
 
     fn set_event_idx(&self, _enabled: bool) {
-        // The library configures each vring; the workers use the vrings' notification helpers,
-        // which follow that setting.
+        // The library configures each vring; the handlers use the vrings' notification
+        // helpers, which follow that setting.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -125,7 +182,7 @@ impl VhostUserBackend for VnpNetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.workers.len())
+        (0..self.handlers.len())
             .map(|i| 0b11u64 << (2 * i))
             .collect()
     }
@@ -137,8 +194,8 @@ impl VhostUserBackend for VnpNetBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
         if index % 2 == 0 {
-            if let Some(w) = self.workers.get(index / 2) {
-                lock(w).release_held();
+            if let Some(h) = self.handlers.get(index / 2) {
+                lock(h).stop_rx();
             }
         }
         Ok(())
@@ -151,18 +208,24 @@ impl VhostUserBackend for VnpNetBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let (Some(worker), [rx, tx, ..]) = (self.workers.get(thread_id), vrings) else {
+        let (Some(handler), [rx, tx, ..]) = (self.handlers.get(thread_id), vrings) else {
             return Ok(());
         };
-        let mut worker = lock(worker);
-        let mem = self.mem.memory();
-        worker.sync_memory(&mem);
-        match u64::from(device_event) {
-            0 => worker.run_rx(&mem, rx),
-            1 => worker.run_tx(&mem, rx, tx),
-            e if e == self.socket_event_id() => worker.run_rx(&mem, rx),
-            e => log::debug!("unexpected device event {e}"),
-        }
+        let event = match u64::from(device_event) {
+            0 => PairEvent::RxKick,
+            1 => PairEvent::TxKick,
+            e if e >= self.external_event_id(0) => {
+                PairEvent::External(e - self.external_event_id(0))
+            }
+            e => {
+                log::debug!("unexpected device event {e}");
+                return Ok(());
+            }
+        };
+        // One snapshot of guest memory for the whole pass.
+        let snapshot = self.mem.memory().into_inner();
+        let log_all = has_feature(self.acked.load(Ordering::Relaxed), VHOST_F_LOG_ALL);
+        lock(handler).handle(event, GuestView::new(&snapshot, log_all), rx, tx);
         Ok(())
     }
 }

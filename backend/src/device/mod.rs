@@ -1,12 +1,14 @@
-//! The vhost-user-net device vnpd serves to each attached VM.
+//! The vhost-user-net device vnpd serves to each attached VM. It knows the virtio side only:
+//! the packets themselves are the business of a [`QueuePairHandler`] the data path supplies.
 //!
 //! - [`features`]: virtio and vhost-user features, config space, virtio-net header (pure).
-//! - [`chain`]: safe walking of guest descriptor chains and guest-memory access helpers.
 //! - [`frontend_relay`]: relays the frontend's control messages, absorbing QEMU's early
 //!   `SET_VRING_ENABLE` that the `vhost` crate would otherwise drop the connection over.
-//! - [`backend`]: the `VhostUserBackend` implementation driving the data path workers.
+//! - [`backend`]: the `VhostUserBackend` implementation: one [`QueuePairHandler`] per queue
+//!   pair, each driven on that pair's worker thread with one guest-memory snapshot per event.
 
 pub mod backend;
-pub mod chain;
 pub mod features;
 pub mod frontend_relay;
+
+pub use backend::{DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler};

@@ -11,7 +11,7 @@ use std::ops::Deref;
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Most descriptors a TX chain may have. Linux uses at most MAX_SKB_FRAGS + 2 (19); DPDK one or
 /// two. A longer chain is a broken or hostile guest.
@@ -53,47 +53,110 @@ pub enum ChainError {
     NoBytes,
 }
 
-/// Collects the device-readable buffers of a TX chain into `segs` (cleared first) and returns
-/// their total length.
-///
-/// `pieces` receives the same bytes as host addresses in `mem`'s mapping (split at region
-/// boundaries), valid while the caller keeps that memory snapshot alive.
-pub fn collect_tx_chain<M, B>(
-    chain: DescriptorChain<M>,
-    mem: &GuestMemoryMmap<B>,
-    segs: &mut Vec<GuestSeg>,
-    pieces: &mut Vec<HostPiece>,
-) -> Result<usize, ChainError>
-where
-    M: Deref,
-    M::Target: vm_memory::GuestMemory,
-    B: Bitmap + 'static,
-{
-    segs.clear();
-    pieces.clear();
-    let mut total = 0usize;
-    let mut count = 0usize;
-    let mut last_has_next = true;
-    for desc in chain {
-        count += 1;
-        if count > MAX_TX_DESCRIPTORS {
-            return Err(ChainError::TooLong);
+/// The device-readable buffers of one TX descriptor chain, as guest segments and as host
+/// addresses in one guest-memory snapshot. Reused from chain to chain (no allocation per packet).
+#[derive(Debug, Default)]
+pub struct TxChain {
+    head: u16,
+    len: usize,
+    segs: Vec<GuestSeg>,
+    pieces: Vec<HostPiece>,
+}
+
+impl TxChain {
+    /// An empty chain with room for [`MAX_TX_DESCRIPTORS`] descriptors.
+    pub fn new() -> Self {
+        Self {
+            head: 0,
+            len: 0,
+            segs: Vec::with_capacity(MAX_TX_DESCRIPTORS),
+            pieces: Vec::with_capacity(MAX_TX_DESCRIPTORS),
         }
-        last_has_next = desc.has_next();
-        if desc.is_write_only() {
-            return Err(ChainError::WrongDirection);
+    }
+
+    /// Head index (what goes back in the used ring).
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Total readable bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the chain holds no bytes (never true after a successful [`TxChain::collect`]).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The readable segments, in order.
+    pub fn segs(&self) -> &[GuestSeg] {
+        &self.segs
+    }
+
+    /// Appends iovecs for bytes `offset..offset + len` of the chain (host addresses in the
+    /// snapshot the chain was collected from); returns the bytes covered.
+    pub fn push_iovecs(&self, offset: usize, len: usize, iovs: &mut Vec<libc::iovec>) -> usize {
+        push_piece_iovecs(&self.pieces, offset, len, iovs)
+    }
+
+    /// Walks `chain`, replacing what this value held. Every range is checked against `mem`;
+    /// the host addresses stay valid while the caller keeps that snapshot alive.
+    pub fn collect<M, B>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Result<usize, ChainError>
+    where
+        M: Deref,
+        M::Target: vm_memory::GuestMemory,
+        B: Bitmap + 'static,
+    {
+        self.head = chain.head_index();
+        self.len = 0;
+        self.segs.clear();
+        self.pieces.clear();
+        let mut count = 0usize;
+        let mut last_has_next = true;
+        for desc in chain {
+            count += 1;
+            if count > MAX_TX_DESCRIPTORS {
+                return Err(ChainError::TooLong);
+            }
+            last_has_next = desc.has_next();
+            if desc.is_write_only() {
+                return Err(ChainError::WrongDirection);
+            }
+            if desc.len() > 0 {
+                self.add_segment(mem, desc.addr(), desc.len())?;
+            }
         }
-        let len = desc.len();
-        if len == 0 {
-            continue;
+        if count == 0 {
+            return Err(ChainError::Empty);
         }
+        if last_has_next {
+            // The iterator stopped although the descriptor asked for a successor.
+            return Err(ChainError::Broken);
+        }
+        if self.len == 0 {
+            return Err(ChainError::NoBytes);
+        }
+        Ok(self.len)
+    }
+
+    fn add_segment<B: Bitmap + 'static>(
+        &mut self,
+        mem: &GuestMemoryMmap<B>,
+        addr: GuestAddress,
+        len: u32,
+    ) -> Result<(), ChainError> {
         // Resolving the range checks it: any part outside guest memory is an error.
         let mut covered = 0usize;
-        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len as usize) {
+        for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
             let Ok(slice) = slice else {
                 return Err(ChainError::OutsideMemory);
             };
-            pieces.push(HostPiece {
+            self.pieces.push(HostPiece {
                 addr: slice.ptr_guard().as_ptr() as usize,
                 len: slice.len() as u32,
             });
@@ -102,23 +165,10 @@ where
         if covered != len as usize {
             return Err(ChainError::OutsideMemory);
         }
-        segs.push(GuestSeg {
-            addr: desc.addr(),
-            len,
-        });
-        total += len as usize;
+        self.segs.push(GuestSeg { addr, len });
+        self.len += len as usize;
+        Ok(())
     }
-    if count == 0 {
-        return Err(ChainError::Empty);
-    }
-    if last_has_next {
-        // The iterator stopped although the descriptor asked for a successor.
-        return Err(ChainError::Broken);
-    }
-    if total == 0 {
-        return Err(ChainError::NoBytes);
-    }
-    Ok(total)
 }
 
 /// Most host pieces (segments split at memory-region boundaries) cached per RX buffer.
@@ -302,93 +352,6 @@ pub fn push_piece_iovecs(
     done
 }
 
-/// Copies bytes `offset..offset + out.len()` of the segments into `out` (through vm-memory's
-/// checked accessors); returns how many bytes were copied.
-pub fn read_segs<B: Bitmap + 'static>(
-    mem: &GuestMemoryMmap<B>,
-    segs: &[GuestSeg],
-    offset: usize,
-    out: &mut [u8],
-) -> usize {
-    let mut copied = 0usize;
-    for_each_range(segs, offset, out.len(), |addr, take| {
-        let ok = mem
-            .read_slice(&mut out[copied..copied + take], addr)
-            .is_ok();
-        if ok {
-            copied += take;
-        }
-        ok
-    })
-}
-
-/// Writes `data` at byte `offset` of the segments through vm-memory (which marks the pages dirty
-/// for migration); returns how many bytes were written.
-pub fn write_segs<B: Bitmap + 'static>(
-    mem: &GuestMemoryMmap<B>,
-    segs: &[GuestSeg],
-    offset: usize,
-    data: &[u8],
-) -> usize {
-    let mut written = 0usize;
-    for_each_range(segs, offset, data.len(), |addr, take| {
-        let ok = mem
-            .write_slice(&data[written..written + take], addr)
-            .is_ok();
-        if ok {
-            written += take;
-        }
-        ok
-    })
-}
-
-/// Appends iovecs for bytes `offset..offset + len` of the segments to `iovs`, at most
-/// `max_iovs` in total. Returns the bytes covered.
-///
-/// The iovec pointers point into the guest memory mapping owned by `mem`; they stay valid as long
-/// as the caller keeps that memory snapshot (the `GuestMemoryAtomic` guard) alive.
-pub fn push_iovecs<B: Bitmap + 'static>(
-    mem: &GuestMemoryMmap<B>,
-    segs: &[GuestSeg],
-    offset: usize,
-    len: usize,
-    iovs: &mut Vec<libc::iovec>,
-    max_iovs: usize,
-) -> usize {
-    for_each_range(segs, offset, len, |addr, take| {
-        let mut covered = 0usize;
-        for slice in GuestMemoryBackend::get_slices(mem, addr, take) {
-            let Ok(slice) = slice else { return false };
-            if iovs.len() == max_iovs {
-                return false;
-            }
-            iovs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-            covered += slice.len();
-        }
-        covered == take
-    })
-}
-
-/// Marks bytes `offset..offset + len` of the segments dirty in the migration log: needed after
-/// the kernel wrote them directly (recvmmsg), bypassing vm-memory's accessors.
-pub fn mark_dirty<B: Bitmap + 'static>(
-    mem: &GuestMemoryMmap<B>,
-    segs: &[GuestSeg],
-    offset: usize,
-    len: usize,
-) {
-    for_each_range(segs, offset, len, |addr, take| {
-        for slice in GuestMemoryBackend::get_slices(mem, addr, take) {
-            let Ok(slice) = slice else { return false };
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
-        true
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,11 +386,12 @@ mod tests {
         let mem = memory();
         let mut q = queue_with(&mem, descs);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let mut segs = Vec::new();
-        let mut pieces = Vec::new();
-        let r = collect_tx_chain(chain, &mem, &mut segs, &mut pieces).map(|n| (n, segs));
+        let mut tx = TxChain::new();
+        let r = tx.collect(chain, &mem).map(|n| (n, tx.segs().to_vec()));
         if let Ok((n, _)) = &r {
-            assert_eq!(pieces.iter().map(|p| p.len as usize).sum::<usize>(), *n);
+            let mut iovs = Vec::new();
+            assert_eq!(tx.push_iovecs(0, *n, &mut iovs), *n);
+            assert_eq!(tx.len(), *n);
         }
         r
     }
@@ -504,11 +468,7 @@ mod tests {
         vq.avail().idx().store(1u16.to_le());
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let mut segs = Vec::new();
-        assert_eq!(
-            collect_tx_chain(chain, &mem, &mut segs, &mut Vec::new()),
-            Err(ChainError::Empty)
-        );
+        assert_eq!(TxChain::new().collect(chain, &mem), Err(ChainError::Empty));
     }
 
     #[test]
@@ -526,15 +486,14 @@ mod tests {
         vq.avail().idx().store(1u16.to_le());
         let mut q: Queue = vq.create_queue().unwrap();
         let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let mut segs = Vec::new();
         assert_eq!(
-            collect_tx_chain(chain, &mem, &mut segs, &mut Vec::new()),
+            TxChain::new().collect(chain, &mem),
             Err(ChainError::TooLong)
         );
     }
 
     #[test]
-    fn rx_good_chain_and_scatter_helpers() {
+    fn rx_good_chain_resolves_to_host_pieces() {
         let buf = rx(&[
             desc(0x4000, 10, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
             desc(0x5000, 30, VRING_DESC_F_WRITE, 0),
@@ -542,20 +501,8 @@ mod tests {
         .unwrap();
         assert_eq!(buf.cap, 40);
         assert_eq!(buf.segs().len(), 2);
-
+        assert!(buf.pieces().is_none(), "not resolved yet");
         let mem = memory();
-        let data: Vec<u8> = (0..20).collect();
-        // Straddles the two segments.
-        assert_eq!(write_segs(&mem, buf.segs(), 5, &data), 20);
-        let mut back = [0u8; 20];
-        assert_eq!(read_segs(&mem, buf.segs(), 5, &mut back), 20);
-        assert_eq!(&back[..], &data[..]);
-        let mut raw = [0u8; 5];
-        mem.read_slice(&mut raw, GuestAddress(0x4005)).unwrap();
-        assert_eq!(raw, [0, 1, 2, 3, 4]);
-        mem.read_slice(&mut raw, GuestAddress(0x5000)).unwrap();
-        assert_eq!(raw, [5, 6, 7, 8, 9]);
-
         let mut resolved = buf;
         resolved.resolve(&mem);
         let pieces = resolved.pieces().unwrap();
@@ -564,12 +511,12 @@ mod tests {
             pieces[1].addr,
             mem.get_host_address(GuestAddress(0x5000)).unwrap() as usize
         );
+        // Bytes 8..40 of the buffer: the last 2 of the first segment, all of the second.
         let mut iovs = Vec::new();
-        assert_eq!(push_iovecs(&mem, buf.segs(), 8, 100, &mut iovs, 8), 32);
-        assert_eq!(iovs.len(), 2);
+        assert_eq!(push_piece_iovecs(pieces, 8, 100, &mut iovs), 32);
         assert_eq!((iovs[0].iov_len, iovs[1].iov_len), (2, 30));
-        // Past the end: covers nothing.
-        assert_eq!(read_segs(&mem, buf.segs(), 40, &mut back), 0);
+        resolved.unresolve();
+        assert!(resolved.pieces().is_none());
     }
 
     #[test]

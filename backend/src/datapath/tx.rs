@@ -1,0 +1,253 @@
+//! TX, guest -> VNP/UDP: the TX half of [`PairWorker`].
+//!
+//! On a TX kick the worker pops up to [`TX_BATCH`] chains; per chain it reads the first bytes
+//! of the frame into a local buffer, classifies it ([`classify_tx`], the one place a TX frame's
+//! class is dispatched) and either encapsulates it (a message of the batch whose iovecs are
+//! `[VNP header (local)] [inner packet (guest memory)] [return-token option (local)]`: the
+//! payload is never copied), copies it into the destination's pending queue (no token yet),
+//! keeps a copy for the edge (ARP, DHCP) or drops it (counted). Then: packets handed to this
+//! worker go first, one `sendmmsg` sends the batch, the chains go back to the guest, and the
+//! edge replies are delivered.
+
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vnp_protocol::wire::options::ReturnToken;
+use vnp_protocol::wire::VnpRepr;
+
+use super::frame::{classify_tx, TxClass, CLASSIFY_PREFIX, ETH_HLEN};
+use super::peers::{Enqueued, SendInfo};
+use super::port::unix_now;
+use super::udp;
+use super::worker::{PairWorker, TX_BATCH};
+use crate::metrics::counters::DropReason;
+use crate::ring::vring::{is_live, notify};
+use crate::ring::{GuestView, Vring};
+
+/// Largest ARP/DHCP frame handed to the edge.
+const MAX_EDGE_FRAME: usize = 1514;
+
+/// The clocks of one batch.
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    /// Unix seconds (token expiries).
+    unix: u32,
+    /// Monotonic (pending-queue retries).
+    mono: Instant,
+}
+
+impl PairWorker {
+    /// Handles a TX kick: sends everything the guest queued.
+    pub(super) fn run_tx(&mut self, view: GuestView<'_>, rx: &Vring, tx: &Vring) {
+        loop {
+            if !is_live(tx) {
+                return;
+            }
+            let _ = tx.disable_notification();
+            while self.tx_batch(view, rx, tx) {}
+            match tx.enable_notification() {
+                Ok(true) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// One batch; returns true when the batch was full (more may be waiting).
+    fn tx_batch(&mut self, view: GuestView<'_>, rx: &Vring, tx: &Vring) -> bool {
+        let now = Now {
+            unix: unix_now(),
+            mono: Instant::now(),
+        };
+        self.tx_heads.clear();
+        self.tx_batch.clear();
+        self.tx_edge.clear();
+        self.tx_last_peer = None;
+        self.pop_tx_chains(view, tx, now);
+        if self.tx_heads.is_empty() {
+            return false;
+        }
+        // Packets that waited for a token leave before anything of this batch (see handoff).
+        self.send_handed_off();
+        self.send_tx_batch();
+        {
+            let mut state = tx.get_mut();
+            for head in &self.tx_heads {
+                let _ = state.add_used(*head, 0);
+            }
+        }
+        notify(tx, view.mem());
+        let mut edge = std::mem::take(&mut self.tx_edge);
+        for frame in edge.drain(..) {
+            self.answer_edge(view, rx, &frame);
+        }
+        self.tx_edge = edge;
+        self.tx_heads.len() == TX_BATCH
+    }
+
+    /// Pops up to a batch of chains and handles each frame.
+    fn pop_tx_chains(&mut self, view: GuestView<'_>, tx: &Vring, now: Now) {
+        let mut state = tx.get_mut();
+        let queue = state.get_queue_mut();
+        while self.tx_heads.len() < TX_BATCH {
+            let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
+                break;
+            };
+            self.tx_heads.push(chain.head_index());
+            match self.tx_chain.collect(chain, view.mem()) {
+                Ok(_) => self.tx_frame(view, now),
+                Err(e) => {
+                    log::debug!("vm {}: tx chain dropped: {e}", self.core.vm_id);
+                    self.core.counters.drop_packet(DropReason::TxBadChain);
+                }
+            }
+        }
+    }
+
+    /// Classifies the frame in `self.tx_chain` and acts on its class.
+    fn tx_frame(&mut self, view: GuestView<'_>, now: Now) {
+        let hdr = self.features.vnet_hdr_len;
+        let total = self.tx_chain.len();
+        if total < hdr + ETH_HLEN {
+            self.core
+                .counters
+                .drop_packet(DropReason::TxTruncatedHeader);
+            return;
+        }
+        let frame_len = total - hdr;
+        let mut prefix = [0u8; CLASSIFY_PREFIX];
+        let want = frame_len.min(CLASSIFY_PREFIX);
+        if view.read(self.tx_chain.segs(), hdr, &mut prefix[..want]) != want {
+            self.core.counters.drop_packet(DropReason::TxBadChain);
+            return;
+        }
+        match classify_tx(&self.core.net, &prefix[..want], frame_len) {
+            TxClass::Drop(reason) => self.core.counters.drop_packet(reason),
+            TxClass::Edge => self.copy_for_edge(view, frame_len),
+            TxClass::Ipv4 { dst, total_len } => self.encapsulate(view, dst, total_len, now),
+        }
+    }
+
+    /// Keeps a copy of an ARP/DHCP frame, answered after the batch is sent.
+    fn copy_for_edge(&mut self, view: GuestView<'_>, frame_len: usize) {
+        if frame_len > MAX_EDGE_FRAME {
+            self.core.counters.drop_packet(DropReason::TxEdgeRefused);
+            return;
+        }
+        let mut frame = vec![0u8; frame_len];
+        let hdr = self.features.vnet_hdr_len;
+        if view.read(self.tx_chain.segs(), hdr, &mut frame) == frame_len {
+            self.tx_edge.push(frame);
+        } else {
+            self.core.counters.drop_packet(DropReason::TxBadChain);
+        }
+    }
+
+    /// Adds the inner packet (`total_len` bytes after the Ethernet header) to the batch, or
+    /// queues a copy when there is no token for `dst` yet.
+    fn encapsulate(&mut self, view: GuestView<'_>, dst: Ipv4Addr, total_len: usize, now: Now) {
+        // NAT hook (later issue): the source-port rewrite into the VM's port range belongs
+        // here, before the inner packet is referenced by the iovecs; it will need a private
+        // copy of the L4 header (the guest owns the original bytes).
+        let Some((info, with_return)) = self.peer_or_queue(view, dst, total_len, now) else {
+            return;
+        };
+        let core = &*self.core;
+        let batch = &mut self.tx_batch;
+        let msg = batch.open(udp::sockaddr_in(info.endpoint));
+        msg.tag = total_len;
+        if with_return {
+            msg.tail_len = core
+                .return_token(info.endpoint, dst, now.unix)
+                .emit(&mut msg.tail)
+                .unwrap_or(0);
+        }
+        msg.head = VnpRepr {
+            network_id: core.network_id,
+            token: info.token,
+            expiry: info.expiry,
+            has_options: msg.tail_len > 0,
+        }
+        .to_bytes();
+        let inner = self.features.vnet_hdr_len + ETH_HLEN;
+        let covered = self
+            .tx_chain
+            .push_iovecs(inner, total_len, batch.guest_iovecs());
+        if covered == total_len {
+            batch.close(total_len);
+        } else {
+            batch.abandon();
+            core.counters.drop_packet(DropReason::TxBadChain);
+        }
+    }
+
+    /// The send parameters for `dst` and whether this packet carries a return token; `None`
+    /// when the packet was queued for a token (or dropped, counted).
+    fn peer_or_queue(
+        &mut self,
+        view: GuestView<'_>,
+        dst: Ipv4Addr,
+        total_len: usize,
+        now: Now,
+    ) -> Option<(SendInfo, bool)> {
+        if let Some((last, info)) = self.tx_last_peer {
+            if last == dst {
+                return Some((info, false));
+            }
+        }
+        let core = &*self.core;
+        // The option must still fit the guest MTU, so the outer datagram fits the underlay.
+        let fits = total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu);
+        let found = core
+            .peers
+            .view()
+            .get(dst, now.unix)
+            .map(|e| (e.send_info(), fits && e.claim_return_token(now.unix)));
+        if let Some((info, _)) = found {
+            self.tx_last_peer = Some((dst, info));
+            return found;
+        }
+        let inner = self.features.vnet_hdr_len + ETH_HLEN;
+        let segs = self.tx_chain.segs();
+        let outcome = core.peers.enqueue(dst, self.pair, now.unix, now.mono, || {
+            let mut copy = vec![0u8; total_len];
+            let got = view.read(segs, inner, &mut copy);
+            copy.truncate(got);
+            copy
+        });
+        match outcome {
+            // A token arrived between the lookup and the enqueue: send now.
+            Enqueued::Ready(info) => Some((info, false)),
+            other => {
+                core.on_enqueued(dst, other);
+                None
+            }
+        }
+    }
+
+    /// One `sendmmsg` for the batch; counts what the kernel took and refused.
+    fn send_tx_batch(&mut self) {
+        if self.tx_batch.is_empty() {
+            return;
+        }
+        let socket = &self.core.sockets[self.pair % self.core.sockets.len()];
+        let mmsgs = self.tx_batch.prepare();
+        // SAFETY: every pointer in `mmsgs` points into `self.tx_batch` (addresses, headers,
+        // options, iovec arrays), borrowed for this whole call, or into guest memory through
+        // the iovecs of `self.tx_chain` collections: host addresses in the snapshot the pass's
+        // `GuestView` holds alive (the device's guard outlives this call), each range checked
+        // against the guest's memory regions when its chain was collected.
+        let (_, failed) = unsafe { udp::send_all(socket, mmsgs) };
+        for (i, m) in self.tx_batch.msgs().iter().enumerate() {
+            if self.tx_batch.result(i).0 > 0 {
+                self.core.counters.tx(m.tag);
+            }
+        }
+        if failed > 0 {
+            self.core
+                .counters
+                .drop_packets(DropReason::TxSendError, failed as u64);
+        }
+    }
+}
