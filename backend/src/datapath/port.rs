@@ -241,8 +241,13 @@ impl VmPort {
         tuning: DataPathTuning,
     ) -> Result<VmPort, PortError> {
         validate(&att)?;
-        EdgeLink::new(&att)
+        // Everything that can fail on bad input before anything is bound.
+        let edge = EdgeLink::new(&att)
             .map_err(|e| PortError::InvalidAttachment(format!("{}: {e}", att.vm_id)))?;
+        let handoffs = (0..att.queue_pairs)
+            .map(|_| Handoff::new())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(PortError::EventFd)?;
         let want = SocketAddrV4::new(att.host_addr, att.udp_port);
         let (sockets, local) = udp::bind_port_sockets(want, usize::from(att.queue_pairs))
             .map_err(|source| PortError::Udp { addr: want, source })?;
@@ -251,22 +256,15 @@ impl VmPort {
                 path: att.socket_path.clone(),
                 reason: e.to_string(),
             })?;
-        let net = GuestNet {
-            vm_ip: att.vm_ip,
-            prefix_len: att.prefix_len,
-            router_ip: att.router_ip,
-            mtu: att.guest_mtu,
-        };
-        let edge = EdgeLink::new(&att)
-            .map_err(|e| PortError::InvalidAttachment(format!("{}: {e}", att.vm_id)))?;
-        let handoffs = (0..att.queue_pairs)
-            .map(|_| Handoff::new())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(PortError::EventFd)?;
         let core = Arc::new(PortCore {
             vm_id: att.vm_id.clone(),
             network_id: att.network_vni,
-            net,
+            net: GuestNet {
+                vm_ip: att.vm_ip,
+                prefix_len: att.prefix_len,
+                router_ip: att.router_ip,
+                mtu: att.guest_mtu,
+            },
             mac: att.mac,
             router_mac: edge_link::ROUTER_MAC,
             local,
