@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 
-pub use crate::datapath::RefusalReason as Refusal;
+use crate::datapath::RefusalReason;
 
 /// A unidirectional pair as the data path names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,10 +33,10 @@ impl PairKey {
 
 /// How long a refusal is remembered before the registry is asked again. Denials are
 /// operator decisions that change rarely; unavailability should be retried soon.
-pub fn hold_secs(why: Refusal) -> u64 {
+pub fn hold_secs(why: RefusalReason) -> u64 {
     match why {
-        Refusal::PolicyDenied | Refusal::UnknownDestination => 3,
-        Refusal::RegistryUnavailable => 1,
+        RefusalReason::PolicyDenied | RefusalReason::UnknownDestination => 3,
+        RefusalReason::RegistryUnavailable => 1,
     }
 }
 
@@ -48,7 +48,7 @@ pub enum Admission {
     /// Already queued: nothing to do, the pending answer covers it.
     Duplicate,
     /// Refused recently: answer with this refusal without asking the registry.
-    Refused(Refusal),
+    Refused(RefusalReason),
 }
 
 /// Most pairs waiting for the registry at once; beyond it requests are refused as unavailable
@@ -60,7 +60,7 @@ pub const MAX_QUEUED: usize = 4096;
 pub struct RequestBook {
     queue: VecDeque<PairKey>,
     queued: HashSet<PairKey>,
-    refused: HashMap<PairKey, (Refusal, u64)>,
+    refused: HashMap<PairKey, (RefusalReason, u64)>,
     fetched: HashMap<PairKey, u64>,
 }
 
@@ -105,7 +105,7 @@ impl RequestBook {
             return Admission::Duplicate;
         }
         if self.queue.len() >= MAX_QUEUED {
-            return Admission::Refused(Refusal::RegistryUnavailable);
+            return Admission::Refused(RefusalReason::RegistryUnavailable);
         }
         self.queued.insert(key.clone());
         self.queue.push_back(key);
@@ -118,7 +118,7 @@ impl RequestBook {
     }
 
     /// Records the answer for the pair returned by [`Self::next`].
-    pub fn finish(&mut self, key: &PairKey, outcome: Result<(), Refusal>, now: u64) {
+    pub fn finish(&mut self, key: &PairKey, outcome: Result<(), RefusalReason>, now: u64) {
         if self.queue.front() == Some(key) {
             self.queue.pop_front();
         } else {
@@ -233,13 +233,13 @@ mod tests {
         let mut b = RequestBook::new();
         let k = PairKey::new("a", B);
         b.request(k.clone(), 10);
-        b.finish(&k, Err(Refusal::PolicyDenied), 10);
+        b.finish(&k, Err(RefusalReason::PolicyDenied), 10);
         assert_eq!(
             b.request(k.clone(), 11),
-            Admission::Refused(Refusal::PolicyDenied)
+            Admission::Refused(RefusalReason::PolicyDenied)
         );
         assert_eq!(b.request(k.clone(), 13), Admission::Queued);
-        b.finish(&k, Err(Refusal::RegistryUnavailable), 13);
+        b.finish(&k, Err(RefusalReason::RegistryUnavailable), 13);
         assert_eq!(b.request(k.clone(), 14), Admission::Queued);
     }
 
@@ -259,7 +259,7 @@ mod tests {
         let mut b = RequestBook::new();
         let k = PairKey::new("a", B);
         b.request(k.clone(), 0);
-        b.finish(&k, Err(Refusal::UnknownDestination), 0);
+        b.finish(&k, Err(RefusalReason::UnknownDestination), 0);
         b.forget_destination(B);
         assert_eq!(b.request(k.clone(), 0), Admission::Queued);
         b.forget_source("a");
@@ -277,7 +277,7 @@ mod tests {
         }
         assert_eq!(
             b.request(PairKey::new("a", Ipv4Addr::new(255, 1, 1, 1)), 0),
-            Admission::Refused(Refusal::RegistryUnavailable)
+            Admission::Refused(RefusalReason::RegistryUnavailable)
         );
     }
 

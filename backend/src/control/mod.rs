@@ -13,5 +13,4 @@
 pub mod book;
 pub mod thread;
 
-pub use crate::datapath::RefusalReason as Refusal;
 pub use thread::{ControlHandle, ControlSettings, ControlThread};

@@ -8,8 +8,8 @@
 //! second thread long-polls the registry's watch API; when a peer VM's endpoint or secret
 //! changes, every port forgets that peer so that its next packet asks afresh.
 
-use super::book::{Admission, PairKey, PeerIndex, Refusal, RequestBook};
-use crate::datapath::{ControlPlane, PeerToken, VmPort};
+use super::book::{Admission, PairKey, PeerIndex, RequestBook};
+use crate::datapath::{ControlPlane, PeerToken, RefusalReason, VmPort};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,17 +170,17 @@ fn now_secs() -> u64 {
 }
 
 /// Maps a registry error to what the data path counts.
-pub fn refusal_for(e: &ClientError) -> Refusal {
+pub fn refusal_for(e: &ClientError) -> RefusalReason {
     match e.code() {
-        Some(ErrorCode::PolicyDenied) => Refusal::PolicyDenied,
+        Some(ErrorCode::PolicyDenied) => RefusalReason::PolicyDenied,
         Some(
             ErrorCode::UnknownVm
             | ErrorCode::NoSuchDestination
             | ErrorCode::NoEndpoint
             | ErrorCode::NoGateway
             | ErrorCode::NotFound,
-        ) => Refusal::UnknownDestination,
-        _ => Refusal::RegistryUnavailable,
+        ) => RefusalReason::UnknownDestination,
+        _ => RefusalReason::RegistryUnavailable,
     }
 }
 
@@ -313,7 +313,7 @@ impl Worker {
                 }
                 Err(e) => {
                     log::warn!("control: {e}");
-                    Err(Refusal::RegistryUnavailable)
+                    Err(RefusalReason::RegistryUnavailable)
                 }
             },
             Err(e) => {
@@ -440,23 +440,23 @@ mod tests {
     fn registry_errors_map_to_counted_reasons() {
         assert_eq!(
             refusal_for(&api(ErrorCode::PolicyDenied)),
-            Refusal::PolicyDenied
+            RefusalReason::PolicyDenied
         );
         assert_eq!(
             refusal_for(&api(ErrorCode::NoSuchDestination)),
-            Refusal::UnknownDestination
+            RefusalReason::UnknownDestination
         );
         assert_eq!(
             refusal_for(&api(ErrorCode::NoEndpoint)),
-            Refusal::UnknownDestination
+            RefusalReason::UnknownDestination
         );
         assert_eq!(
             refusal_for(&ClientError::Transport("down".into())),
-            Refusal::RegistryUnavailable
+            RefusalReason::RegistryUnavailable
         );
         assert_eq!(
             refusal_for(&api(ErrorCode::Internal)),
-            Refusal::RegistryUnavailable
+            RefusalReason::RegistryUnavailable
         );
     }
 }

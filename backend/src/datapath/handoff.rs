@@ -29,6 +29,9 @@ pub struct HandedOff {
     pub info: SendInfo,
     /// The inner IPv4 packet.
     pub packet: Vec<u8>,
+    /// Attach a return token (the first packet to a new peer, when it fits the MTU; claimed
+    /// when handed off, since the entry is not visible in the peer table yet).
+    pub return_token: bool,
 }
 
 /// The hand-off queue of one queue pair's worker.
@@ -74,7 +77,8 @@ impl Handoff {
         self.waiting.load(Ordering::Acquire)
     }
 
-    /// Moves every waiting packet to `out`, oldest first, and consumes the wake-up.
+    /// Moves every waiting packet to `out`, oldest first, and consumes the wake-up (always,
+    /// even when nothing waits: a post may have raced with an earlier take).
     pub fn take(&self, out: &mut Vec<HandedOff>) {
         // Consume the wake-up first: a post after this point wakes the worker again.
         let _ = self.wake.read();
@@ -115,6 +119,7 @@ mod tests {
                 expiry: Expiry(100),
             },
             packet: vec![n],
+            return_token: n == 1,
         }
     }
 
@@ -148,5 +153,19 @@ mod tests {
         assert!(!readable(h.as_raw_fd()));
         h.post([packet(4)]);
         assert_eq!(h.discard(), 1);
+    }
+
+    #[test]
+    fn a_wake_up_without_packets_is_still_consumed() {
+        // A post whose wake-up lands after a take already drained its packets leaves the
+        // eventfd readable with nothing waiting; the next take must clear it, or the
+        // level-triggered epoll would spin.
+        let h = Handoff::new().unwrap();
+        h.wake.write(1).unwrap();
+        assert!(!h.has_waiting());
+        let mut out = Vec::new();
+        h.take(&mut out);
+        assert!(out.is_empty());
+        assert!(!readable(h.as_raw_fd()));
     }
 }

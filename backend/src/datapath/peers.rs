@@ -238,13 +238,14 @@ impl PeerTable {
         }
     }
 
-    /// Installs a token for `dst`. The packets that waited for it go to `hand_off`, oldest
-    /// first, under the pending lock and before the token is visible to the workers.
+    /// Installs a token for `dst`. The packets that waited for it go to `hand_off` with the new
+    /// entry (to send with, and to claim its first return token on), oldest first, under the
+    /// pending lock and before the token is visible to the workers.
     pub fn install(
         &self,
         dst: Ipv4Addr,
         token: PeerToken,
-        hand_off: impl FnOnce(SendInfo, Vec<WaitingPacket>),
+        hand_off: impl FnOnce(&PeerEntry, Vec<WaitingPacket>),
     ) {
         let mut pending = lock(&self.pending);
         let entry = PeerEntry {
@@ -253,7 +254,7 @@ impl PeerTable {
         };
         pending.refused.remove(&dst);
         if let Some(q) = pending.queues.remove(&dst) {
-            hand_off(entry.send_info(), q.packets.into());
+            hand_off(&entry, q.packets.into());
         }
         self.tokens
             .write()
@@ -267,7 +268,7 @@ impl PeerTable {
         &self,
         dst: Ipv4Addr,
         token: PeerToken,
-        hand_off: impl FnOnce(SendInfo, Vec<WaitingPacket>),
+        hand_off: impl FnOnce(&PeerEntry, Vec<WaitingPacket>),
     ) -> bool {
         {
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
@@ -342,8 +343,11 @@ mod tests {
     /// Installs and returns what was handed off (packets without their pair).
     fn install(t: &PeerTable, dst: Ipv4Addr, token: PeerToken) -> (SendInfo, Vec<Vec<u8>>) {
         let mut out = (SendInfo::from(&token), Vec::new());
-        t.install(dst, token, |info, packets| {
-            out = (info, packets.into_iter().map(|(_, p)| p).collect());
+        t.install(dst, token, |entry, packets| {
+            out = (
+                entry.send_info(),
+                packets.into_iter().map(|(_, p)| p).collect(),
+            );
         });
         out
     }

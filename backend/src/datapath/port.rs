@@ -16,7 +16,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
 use super::handoff::{HandedOff, Handoff};
-use super::peers::{Enqueued, PeerTable, PendingLimits, SendInfo, WaitingPacket};
+use super::peers::{Enqueued, PeerEntry, PeerTable, PendingLimits, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
 use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment};
@@ -144,8 +144,8 @@ impl PortCore {
             token: rt.token,
             expiry: rt.expiry,
         };
-        if self.peers.learn(src_vm, token, |info, packets| {
-            self.hand_off(src_vm, info, packets)
+        if self.peers.learn(src_vm, token, |entry, packets| {
+            self.hand_off(src_vm, entry, packets, now)
         }) {
             self.counters.return_token_learned();
         }
@@ -153,18 +153,30 @@ impl PortCore {
 
     /// Installs the token for `dst`; the packets that waited for it go to their workers.
     pub(crate) fn install(&self, dst: Ipv4Addr, token: PeerToken) {
-        self.peers.install(dst, token, |info, packets| {
-            self.hand_off(dst, info, packets)
+        let now = unix_now();
+        self.peers.install(dst, token, |entry, packets| {
+            self.hand_off(dst, entry, packets, now)
         });
     }
 
     /// Hands packets that waited for `dst` to the workers of the queue pairs that queued them
-    /// (see `datapath::handoff`): each flow leaves from its own worker, in order.
-    fn hand_off(&self, dst: Ipv4Addr, info: SendInfo, packets: Vec<WaitingPacket>) {
+    /// (see `datapath::handoff`): each flow leaves from its own worker, in order. The first
+    /// one that fits the MTU with the option carries a return token.
+    fn hand_off(&self, dst: Ipv4Addr, entry: &PeerEntry, packets: Vec<WaitingPacket>, now: u32) {
         let n = self.handoffs.len().max(1);
+        let info = entry.send_info();
         let mut per_pair: Vec<Vec<HandedOff>> = (0..n).map(|_| Vec::new()).collect();
+        let mut return_due = true;
         for (pair, packet) in packets {
-            per_pair[pair % n].push(HandedOff { dst, info, packet });
+            let fits = packet.len() + ReturnToken::WIRE_LEN <= usize::from(self.net.mtu);
+            let return_token = return_due && fits && entry.claim_return_token(now);
+            return_due &= !return_token;
+            per_pair[pair % n].push(HandedOff {
+                dst,
+                info,
+                packet,
+                return_token,
+            });
         }
         for (handoff, packets) in self.handoffs.iter().zip(per_pair) {
             handoff.post(packets);

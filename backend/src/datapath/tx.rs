@@ -69,7 +69,7 @@ impl PairWorker {
             return false;
         }
         // Packets that waited for a token leave before anything of this batch (see handoff).
-        self.send_handed_off();
+        self.send_handed_off(false);
         self.send_tx_batch();
         {
             let mut state = tx.get_mut();

@@ -117,7 +117,7 @@ impl QueuePairHandler for PairWorker {
         match event {
             PairEvent::TxKick => self.run_tx(view, rx, tx),
             PairEvent::RxKick | PairEvent::External(SOCKET_EVENT) => self.run_rx(view, rx),
-            PairEvent::External(HANDOFF_EVENT) => self.send_handed_off(),
+            PairEvent::External(HANDOFF_EVENT) => self.send_handed_off(true),
             PairEvent::External(n) => log::debug!("vm {}: unknown event {n}", self.core.vm_id),
         }
     }
@@ -159,10 +159,12 @@ impl PairWorker {
     // ---------------------------------------------------------------- hand-off
 
     /// Sends the packets that waited for a token and were handed to this worker, oldest first.
-    /// Called on the hand-off eventfd and before every TX batch (see `datapath::handoff`).
-    pub(super) fn send_handed_off(&mut self) {
+    /// Called when the hand-off eventfd fired (`woken`: it must be consumed, or the
+    /// level-triggered epoll would report it again at once) and before every TX batch (see
+    /// `datapath::handoff`).
+    pub(super) fn send_handed_off(&mut self, woken: bool) {
         let handoff = &self.core.handoffs[self.pair % self.core.handoffs.len()];
-        if !handoff.has_waiting() {
+        if !woken && !handoff.has_waiting() {
             return;
         }
         let mut packets = std::mem::take(&mut self.handed_off);
@@ -179,19 +181,11 @@ impl PairWorker {
         let core = &*self.core;
         let mut options = [0u8; ReturnToken::WIRE_LEN];
         let mut options_len = 0;
-        // The first packet to a peer carries a return token (the claim is rate-limited).
-        if p.packet.len() + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu) {
-            let claimed = core
-                .peers
-                .view()
-                .get(p.dst, now)
-                .is_some_and(|e| e.claim_return_token(now));
-            if claimed {
-                options_len = core
-                    .return_token(p.info.endpoint, p.dst, now)
-                    .emit(&mut options)
-                    .unwrap_or(0);
-            }
+        if p.return_token {
+            options_len = core
+                .return_token(p.info.endpoint, p.dst, now)
+                .emit(&mut options)
+                .unwrap_or(0);
         }
         let header = VnpRepr {
             network_id: core.network_id,

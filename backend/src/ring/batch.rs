@@ -124,15 +124,6 @@ impl<const HEAD: usize, const TAIL: usize> MsgBatch<HEAD, TAIL> {
         &mut self.iovs
     }
 
-    /// The open message.
-    pub fn current(&mut self) -> Option<&mut Msg<HEAD, TAIL>> {
-        if self.open {
-            self.msgs.last_mut()
-        } else {
-            None
-        }
-    }
-
     /// Finishes the open message: its iovecs are the head, the guest iovecs appended since
     /// `open` (covering `guest_len` bytes), and the tail when it has bytes.
     pub fn close(&mut self, guest_len: usize) {

@@ -40,3 +40,32 @@ pub fn notify(vring: &Vring, mem: &GuestMem) {
         let _ = vring.signal_used_queue();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::test_memory;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryAtomic;
+
+    #[test]
+    fn interrupts_follow_the_drivers_no_interrupt_flag() {
+        let mem = test_memory();
+        let vq = MockSplitQueue::new(&*mem, 16);
+        let vring = Vring::new(GuestMemoryAtomic::from(mem.clone()), 16).unwrap();
+        assert!(!is_live(&vring), "not set up yet");
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)
+            .unwrap();
+        vring.set_queue_ready(true);
+        assert!(!is_live(&vring), "not enabled yet");
+        vring.set_enabled(true);
+        assert!(is_live(&vring));
+        assert!(should_signal(&vring, &mem));
+        // A polling driver (DPDK) asks for no interrupts.
+        mem.write_obj((VRING_AVAIL_F_NO_INTERRUPT as u16).to_le(), vq.avail_addr())
+            .unwrap();
+        assert!(!should_signal(&vring, &mem));
+    }
+}
