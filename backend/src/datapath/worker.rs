@@ -315,6 +315,12 @@ impl PairWorker {
         }
         match classify_tx(&core.net, &prefix[..want], frame_len) {
             TxClass::Drop(reason) => core.counters.drop_packet(reason),
+            TxClass::TooBig => {
+                // Not forwarded; the edge answers with ICMP "fragmentation needed", which
+                // quotes only the header prefix already in hand.
+                core.counters.drop_packet(DropReason::TxOversize);
+                edge_frames.push(prefix[..want].to_vec());
+            }
             TxClass::Edge => {
                 if frame_len > MAX_EDGE_FRAME {
                     core.counters.drop_packet(DropReason::TxEdgeRefused);
