@@ -91,7 +91,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// The checksum field.
-    pub fn checksum_field(&self) -> u16 {
+    pub fn stored_checksum(&self) -> u16 {
         field_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
@@ -133,7 +133,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the checksum field.
-    pub fn set_checksum_field(&mut self, value: u16) {
+    pub fn set_stored_checksum(&mut self, value: u16) {
         set_field_u16(self.buffer.as_mut(), field::CHECKSUM, value);
     }
 
@@ -160,9 +160,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Computes the checksum over the whole buffer and writes it.
     pub fn fill_checksum(&mut self) {
-        self.set_checksum_field(0);
+        self.set_stored_checksum(0);
         let value = checksum::checksum(self.buffer.as_ref());
-        self.set_checksum_field(value);
+        self.set_stored_checksum(value);
     }
 }
 

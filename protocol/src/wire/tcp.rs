@@ -112,7 +112,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// The checksum field.
-    pub fn checksum_field(&self) -> u16 {
+    pub fn stored_checksum(&self) -> u16 {
         field_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
@@ -177,7 +177,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the checksum field.
-    pub fn set_checksum_field(&mut self, value: u16) {
+    pub fn set_stored_checksum(&mut self, value: u16) {
         set_field_u16(self.buffer.as_mut(), field::CHECKSUM, value);
     }
 
@@ -189,11 +189,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// Computes the checksum over the pseudo header and the whole buffer (the segment) and
     /// writes it.
     pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
-        self.set_checksum_field(0);
+        self.set_stored_checksum(0);
         let data = self.buffer.as_ref();
         let pseudo = checksum::pseudo_header(src, dst, protocol::TCP, data.len() as u16);
         let value = !checksum::combine(&[pseudo, checksum::sum(data)]);
-        self.set_checksum_field(value);
+        self.set_stored_checksum(value);
     }
 }
 
@@ -233,10 +233,10 @@ mod tests {
         assert!(p.payload().is_empty());
         assert!(p.verify_checksum(src, dst));
         // Rewrite the source port the way NAT will: incremental checksum update.
-        let old = p.checksum_field();
+        let old = p.stored_checksum();
         let mut p = Packet::new_unchecked(&mut buf[..]);
         p.set_src_port(61000);
-        p.set_checksum_field(update_u16(old, 40000, 61000));
+        p.set_stored_checksum(update_u16(old, 40000, 61000));
         assert!(Packet::new_checked(&buf[..])
             .unwrap()
             .verify_checksum(src, dst));

@@ -78,7 +78,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     /// The checksum field (0: none was computed).
-    pub fn checksum_field(&self) -> u16 {
+    pub fn stored_checksum(&self) -> u16 {
         field_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
@@ -91,7 +91,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// Whether the checksum over the pseudo header and the whole datagram verifies (a zero
     /// field means "not computed" and passes). Needs the whole datagram in the buffer.
     pub fn verify_checksum(&self, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-        if self.checksum_field() == 0 {
+        if self.stored_checksum() == 0 {
             return true;
         }
         let data = &self.buffer.as_ref()[..self.len().min(self.buffer.as_ref().len())];
@@ -117,7 +117,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 
     /// Sets the checksum field.
-    pub fn set_checksum_field(&mut self, value: u16) {
+    pub fn set_stored_checksum(&mut self, value: u16) {
         set_field_u16(self.buffer.as_mut(), field::CHECKSUM, value);
     }
 
@@ -125,11 +125,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     /// must be in the buffer) and writes it; a computed 0 is sent as `0xffff`, since 0 means
     /// "no checksum" in UDP over IPv4.
     pub fn fill_checksum(&mut self, src: Ipv4Addr, dst: Ipv4Addr) {
-        self.set_checksum_field(0);
+        self.set_stored_checksum(0);
         let len = self.len();
         let pseudo = checksum::pseudo_header(src, dst, protocol::UDP, len as u16);
         let value = !checksum::combine(&[pseudo, checksum::sum(&self.buffer.as_ref()[..len])]);
-        self.set_checksum_field(if value == 0 { 0xffff } else { value });
+        self.set_stored_checksum(if value == 0 { 0xffff } else { value });
     }
 
     /// The payload (as [`Packet::payload`]), mutable.
