@@ -38,12 +38,17 @@ impl EdgeLink {
             lease_secs: edge::DEFAULT_LEASE_SECS,
             dns: None,
         };
+        Self::from_config(cfg)
+    }
+
+    /// The link for a configuration, validated.
+    fn from_config(cfg: EdgeConfig) -> Result<Self, EdgeConfigError> {
         cfg.validate()?;
         let net = GuestNet {
-            vm_ip: att.vm_ip,
-            prefix_len: att.prefix_len,
-            router_ip: att.router_ip,
-            mtu: att.guest_mtu,
+            vm_ip: cfg.vm_ip,
+            prefix_len: cfg.prefix_len,
+            router_ip: cfg.router_ip,
+            mtu: cfg.mtu,
         };
         Ok(Self {
             cfg,
@@ -91,4 +96,72 @@ pub fn reply(
     }
     out.truncate(len);
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edge::icmp::BURST;
+    use crate::edge::tests::{ipv4_udp_frame, test_config};
+
+    fn link() -> EdgeLink {
+        EdgeLink::from_config(test_config()).unwrap()
+    }
+
+    /// A ping of the router from the VM, built like the guest's kernel would.
+    fn echo_request() -> Vec<u8> {
+        use vnp_protocol::wire::{ethernet, icmpv4, ipv4};
+        let cfg = test_config();
+        let mut f =
+            ethernet::header(cfg.router_mac, cfg.vm_mac, ethernet::ethertype::IPV4).to_vec();
+        f.resize(14 + 20 + 64, 0);
+        let mut ip = ipv4::Packet::new_unchecked(&mut f[14..]);
+        ipv4::Repr {
+            src_addr: cfg.vm_ip,
+            dst_addr: cfg.router_ip,
+            protocol: ipv4::protocol::ICMP,
+            payload_len: 64,
+            ttl: 64,
+        }
+        .emit(&mut ip);
+        let mut icmp = icmpv4::Packet::new_unchecked(ip.payload_mut());
+        icmp.set_msg_type(icmpv4::msg_type::ECHO_REQUEST);
+        icmp.fill_checksum();
+        f
+    }
+
+    #[test]
+    fn echo_replies_are_counted_and_rate_limited() {
+        let link = link();
+        let counters = VmCounters::new();
+        let frame = echo_request();
+        let total = BURST as usize + 20;
+        let answered = (0..total)
+            .filter(|_| reply(&link, &frame, &counters).unwrap().is_some())
+            .count();
+        let s = counters.snapshot();
+        // The burst, plus what the rate refilled while the loop ran (a few ms at most).
+        assert!(
+            (BURST as usize..BURST as usize + 5).contains(&answered),
+            "{answered}"
+        );
+        assert_eq!(s.icmp_echo_replies, answered as u64);
+        assert_eq!(s.icmp_rate_limited, (total - answered) as u64);
+    }
+
+    #[test]
+    fn arp_and_dhcp_are_not_rate_limited_and_what_is_not_edge_traffic_is_refused() {
+        let link = link();
+        let counters = VmCounters::new();
+        let dhcp = ipv4_udp_frame(67);
+        for _ in 0..BURST + 10 {
+            assert!(reply(&link, &dhcp, &counters).unwrap().is_some());
+        }
+        assert_eq!(counters.snapshot().icmp_rate_limited, 0);
+        // Port 53 to the broadcast address: the classification drops it, the edge refuses it.
+        assert_eq!(
+            reply(&link, &ipv4_udp_frame(53), &counters),
+            Err(EdgeDrop::NotEdgeTraffic)
+        );
+    }
 }

@@ -10,8 +10,10 @@
 //!
 //! NAT changes a few fields of a packet whose checksum is already right; [`update_u16`] and
 //! [`update_u32`] recompute it from the old checksum and the changed field alone, with eqn. 3 of
-//! RFC 1624 (`HC' = ~(~HC + ~m + m')`), which unlike RFC 1141's eqn. 2 never produces the
-//! `0xffff`/`0x0000` confusion of ones' complement zero.
+//! RFC 1624 (`HC' = ~(~HC + ~m + m')`). Unlike RFC 1141's eqn. 2 it agrees with a full
+//! recompute where the two ones' complement zeros differ (RFC 1624's example: 0x0000, where
+//! eqn. 2 gives 0xffff), for any data with a nonzero word that does not change (every IPv4, UDP
+//! and TCP header).
 
 use std::net::Ipv4Addr;
 
