@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vnp_protocol::wire::ethernet::{ethertype, Frame};
 use vnp_testkit::netns::Netns;
-use vnpd::edge::{self, EdgeConfig, FrameKind, MAX_REPLY_LEN, ROUTER_MAC};
+use vnpd::datapath::frame::{classify, GuestNet, Route, CLASSIFY_PREFIX};
+use vnpd::edge::{self, EdgeConfig, EdgeKind, MAX_REPLY_LEN, ROUTER_MAC};
 
 const TAP: &str = "vmtap0";
 
@@ -97,11 +99,21 @@ impl EdgeServer {
                         break;
                     };
                     let frame = &frame[..len];
-                    match edge::classify(frame) {
-                        FrameKind::Arp | FrameKind::Dhcp => {
-                            match edge::respond(&cfg, frame, &mut reply) {
+                    // vnpd's one classification decides what the edge answers.
+                    let net = GuestNet {
+                        vm_ip: cfg.vm_ip,
+                        prefix_len: cfg.prefix_len,
+                        router_ip: cfg.router_ip,
+                        mtu: cfg.mtu,
+                    };
+                    let prefix = &frame[..len.min(CLASSIFY_PREFIX)];
+                    match classify(&net, prefix, len) {
+                        Ok(Route::Edge(kind @ (EdgeKind::Arp | EdgeKind::Dhcp))) => {
+                            match edge::respond(&cfg, kind, frame, &mut reply) {
                                 Ok(Some(n)) => {
-                                    let counter = if edge::classify(&reply[..n]) == FrameKind::Arp {
+                                    let is_arp = Frame::new_checked(&reply[..n])
+                                        .is_ok_and(|f| f.ethertype() == ethertype::ARP);
+                                    let counter = if is_arp {
                                         &log.arp_replies
                                     } else {
                                         &log.dhcp_replies
@@ -115,11 +127,11 @@ impl EdgeServer {
                                 }
                             }
                         }
-                        FrameKind::Ipv4 => {
+                        Ok(Route::Tunnel { .. }) => {
                             log.ipv4_frames.fetch_add(1, Ordering::Relaxed);
                         }
-                        // IPv6 router solicitations and the like.
-                        FrameKind::Other => {}
+                        // IPv6 router solicitations and the like; ICMP is not this test's.
+                        Ok(Route::Edge(_)) | Err(_) => {}
                     }
                 }
             })

@@ -2,8 +2,9 @@
 //!
 //! - [`token`]: the per-pair token `T = first 64 bits of HMAC-SHA256(S_dst, fields)`, the VM
 //!   secret that keys it, and the expiry check a receiving host runs without asking anyone.
-//! - [`wire`]: zero-copy typed views over the bytes of a VNP datagram: the fixed header, the
-//!   inner IPv4 packet and the trailing option TLVs.
+//! - [`wire`]: the packet layer: zero-copy typed views over Ethernet, ARP, IPv4, UDP, TCP,
+//!   ICMP and the VNP datagram (fixed header, inner packet, option TLVs), and the one Internet
+//!   checksum implementation with RFC 1624's incremental update.
 //!
 //! This crate does no I/O, so that the registry (which mints tokens), vnpd (which verifies them
 //! and mints return tokens) and gateways share one definition, and so that it can be fuzzed.

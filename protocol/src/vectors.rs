@@ -101,7 +101,7 @@ mod tests {
     use super::*;
     use crate::hex;
     use crate::token::{mint, TokenMinter, VmSecret};
-    use crate::wire::ipv4::Ipv4View;
+    use crate::wire::ipv4;
     use crate::wire::options::{find_return_token, ReturnToken};
     use crate::wire::{VnpDatagram, VnpRepr, HEADER_LEN};
 
@@ -129,10 +129,10 @@ mod tests {
         assert_eq!(d.header.network_id, v1.fields.network_id);
         assert_eq!(d.header.token.to_string(), v1.token_hex);
         assert_eq!(d.header.expiry, v1.fields.expiry);
-        let inner = Ipv4View::new_checked(d.inner).expect("ipv4");
-        assert_eq!(inner.src(), v1.fields.src_vm);
-        assert_eq!(inner.dst(), v1.fields.dst_vm);
-        assert!(inner.checksum_ok());
+        let inner = ipv4::Packet::new_checked(d.inner).expect("ipv4");
+        assert_eq!(inner.src_addr(), v1.fields.src_vm);
+        assert_eq!(inner.dst_addr(), v1.fields.dst_vm);
+        assert!(inner.verify_checksum());
         let rt = find_return_token(d.options).expect("return token");
         assert_eq!(rt.token.to_string(), TOKEN_VECTORS[1].token_hex);
         assert_eq!(rt.expiry, TOKEN_VECTORS[1].fields.expiry);

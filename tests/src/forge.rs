@@ -3,42 +3,31 @@
 
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{Expiry, Token};
-use vnp_protocol::wire::VnpRepr;
-
-/// One's-complement checksum of `data` (IPv4 header, ICMP).
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+use vnp_protocol::wire::{icmpv4, ipv4, VnpRepr};
 
 /// An IPv4 ICMP echo request from `src` to `dst` with `payload_len` bytes of payload.
 pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
-    let total = 20 + 8 + payload_len;
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
-    p[8] = 64; // TTL
-    p[9] = 1; // ICMP
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let c = checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20] = 8; // echo request
-    p[24..26].copy_from_slice(&0x4242u16.to_be_bytes());
-    p[26..28].copy_from_slice(&1u16.to_be_bytes());
-    for (i, b) in p[28..].iter_mut().enumerate() {
+    let icmp_len = icmpv4::HEADER_LEN + payload_len;
+    let mut p = vec![0u8; ipv4::MIN_HEADER_LEN + icmp_len];
+    let mut ip = ipv4::Packet::new_unchecked(&mut p[..]);
+    ipv4::Repr {
+        src_addr: src,
+        dst_addr: dst,
+        protocol: ipv4::protocol::ICMP,
+        payload_len: icmp_len,
+        ttl: 64,
+    }
+    .emit(&mut ip);
+    ip.set_ident(0x1234);
+    ip.fill_checksum();
+    let mut icmp = icmpv4::Packet::new_unchecked(ip.payload_mut());
+    icmp.set_msg_type(icmpv4::msg_type::ECHO_REQUEST);
+    icmp.set_echo_ident(0x4242);
+    icmp.set_echo_seq_no(1);
+    for (i, b) in icmp.data_mut().iter_mut().enumerate() {
         *b = i as u8;
     }
-    let c = checksum(&p[20..]);
-    p[22..24].copy_from_slice(&c.to_be_bytes());
+    icmp.fill_checksum();
     p
 }
 
@@ -69,8 +58,11 @@ mod tests {
     #[test]
     fn icmp_checksums_verify() {
         let p = icmp_echo(Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3), 33);
-        assert_eq!(checksum(&p[..20]), 0);
-        assert_eq!(checksum(&p[20..]), 0);
+        let ip = ipv4::Packet::new_checked(&p[..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert!(icmpv4::Packet::new_checked(ip.payload())
+            .unwrap()
+            .verify_checksum());
         assert_eq!(p.len(), 61);
     }
 

@@ -183,9 +183,9 @@ impl PortCore {
         }
     }
 
-    /// The edge's answer to an ARP or DHCP frame.
+    /// The edge's answer to an ARP, DHCP or ICMP frame.
     pub(crate) fn edge_reply(&self, frame: &[u8]) -> Result<Option<Vec<u8>>, ()> {
-        edge_link::reply(&self.edge, frame).map_err(|why| {
+        edge_link::reply(&self.edge, frame, &self.counters).map_err(|why| {
             log::debug!("vm {}: edge refused a frame: {why}", self.vm_id);
         })
     }

@@ -6,13 +6,14 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use vnp_protocol::token::{check_expiry, ExpiryError, TokenFields, TokenMinter};
+use vnp_protocol::wire::ipv4;
 use vnp_protocol::wire::options::{OptionsIter, ReturnToken, VnpOption};
 use vnp_protocol::wire::{VnpHeader, VnpRepr, HEADER_LEN};
 
 use crate::metrics::counters::DropReason;
 
 /// Smallest inner IPv4 header.
-pub const MIN_INNER: usize = 20;
+pub const MIN_INNER: usize = ipv4::MIN_HEADER_LEN;
 
 /// Clock tolerance of the expiry check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,16 +79,17 @@ pub fn check_datagram(
     }
     let header = VnpHeader::new_checked(&header[..]).map_err(|_| DropReason::RxMalformed)?;
     let repr = VnpRepr::parse(&header);
-    let ip = inner_prefix;
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
-    if ip[0] >> 4 != 4 || ihl < MIN_INNER || total_len < ihl {
+    // The copy may hold only the fixed 20 bytes of a header with options: every field read
+    // here lies in them, so the view is checked by hand rather than with `new_checked` (which
+    // wants the options too).
+    let ip = ipv4::Packet::new_unchecked(inner_prefix);
+    let total_len = ip.total_len();
+    if ip.version() != 4 || ip.header_len() < MIN_INNER || total_len < ip.header_len() {
         return Err(DropReason::RxMalformed);
     }
     let available = datagram_len - HEADER_LEN;
-    if total_len > available {
-        return Err(DropReason::RxTruncated);
-    }
+    ip.check_len(available)
+        .map_err(|_| DropReason::RxTruncated)?;
     let options_len = available - total_len;
     if repr.has_options != (options_len > 0) {
         return Err(DropReason::RxMalformed);
@@ -105,8 +107,7 @@ pub fn check_datagram(
         ExpiryError::TooFarInFuture => DropReason::RxExpiryTooFar,
     })?;
     // Step 608: the destination VM is the one hosted behind this port.
-    let src_vm = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst_vm = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let (src_vm, dst_vm) = (ip.src_addr(), ip.dst_addr());
     if dst_vm != ctx.vm_ip {
         return Err(DropReason::RxWrongVm);
     }
@@ -174,10 +175,11 @@ mod tests {
 
     fn inner(dst: Ipv4Addr, len: u16) -> [u8; 20] {
         let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&len.to_be_bytes());
-        ip[12..16].copy_from_slice(&[10, 0, 0, 2]);
-        ip[16..20].copy_from_slice(&dst.octets());
+        let mut view = ipv4::Packet::new_unchecked(&mut ip[..]);
+        view.set_version_and_header_len(20);
+        view.set_total_len(len);
+        view.set_src_addr(Ipv4Addr::new(10, 0, 0, 2));
+        view.set_dst_addr(dst);
         ip
     }
 

@@ -124,6 +124,12 @@ impl PairWorker {
         }
         match classify_tx(&self.core.net, &prefix[..want], frame_len) {
             TxClass::Drop(reason) => self.core.counters.drop_packet(reason),
+            TxClass::TooBig => {
+                // Not forwarded; the edge answers with ICMP "fragmentation needed", which
+                // quotes only the header prefix already in hand.
+                self.core.counters.drop_packet(DropReason::TxOversize);
+                self.tx_edge.push(prefix[..want].to_vec());
+            }
             TxClass::Edge => self.copy_for_edge(view, frame_len),
             TxClass::Ipv4 { dst, total_len } => self.encapsulate(view, dst, total_len, now),
         }

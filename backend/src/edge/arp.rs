@@ -6,116 +6,89 @@
 //! address (duplicate address detection) and gratuitous announcements get no answer, so the
 //! guest never believes its address is taken.
 
-use std::net::Ipv4Addr;
+use vnp_protocol::wire::arp::{self, Packet};
+pub use vnp_protocol::wire::arp::{OP_REPLY, OP_REQUEST};
+use vnp_protocol::wire::ethernet::{self, ethertype, Frame};
 
-use super::wire::{self, EthernetFrame, Writer, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETH_MIN_FRAME_LEN};
 use super::{EdgeConfig, EdgeDrop};
 
-/// An Ethernet/IPv4 ARP packet: hardware type (2), protocol type (2), hardware length (1),
-/// protocol length (1), operation (2), sender MAC (6), sender IPv4 (4), target MAC (6),
-/// target IPv4 (4).
-pub const ARP_PACKET_LEN: usize = 28;
-/// ARP hardware type of Ethernet.
-const HTYPE_ETHERNET: u16 = 1;
-/// ARP operation: request.
-pub const OP_REQUEST: u16 = 1;
-/// ARP operation: reply.
-pub const OP_REPLY: u16 = 2;
+/// Length of an Ethernet/IPv4 ARP packet.
+pub const ARP_PACKET_LEN: usize = arp::PACKET_LEN;
 
-/// A checked view of an Ethernet/IPv4 ARP packet.
-#[derive(Debug, Clone, Copy)]
-pub struct ArpPacket<'a> {
-    bytes: &'a [u8],
-}
-
-impl<'a> ArpPacket<'a> {
-    /// Checks the length and that it is Ethernet/IPv4 ARP (the only kind a guest needs).
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, EdgeDrop> {
-        if bytes.len() < ARP_PACKET_LEN {
-            return Err(EdgeDrop::Truncated);
-        }
-        let htype = u16::from_be_bytes([bytes[0], bytes[1]]);
-        let ptype = u16::from_be_bytes([bytes[2], bytes[3]]);
-        if htype != HTYPE_ETHERNET || ptype != ETHERTYPE_IPV4 || bytes[4] != 6 || bytes[5] != 4 {
-            return Err(EdgeDrop::ArpUnsupported);
-        }
-        Ok(ArpPacket { bytes })
-    }
-
-    /// Operation (1 request, 2 reply, others are RARP/InARP).
-    pub fn operation(&self) -> u16 {
-        u16::from_be_bytes([self.bytes[6], self.bytes[7]])
-    }
-
-    /// Sender hardware address.
-    pub fn sender_mac(&self) -> [u8; 6] {
-        wire::mac_at(self.bytes, 8)
-    }
-
-    /// Sender protocol address (0.0.0.0 in an RFC 5227 probe).
-    pub fn sender_ip(&self) -> Ipv4Addr {
-        wire::ipv4_at(self.bytes, 14)
-    }
-
-    /// Target hardware address (ignored in requests).
-    pub fn target_mac(&self) -> [u8; 6] {
-        wire::mac_at(self.bytes, 18)
-    }
-
-    /// Target protocol address: whose MAC the sender wants.
-    pub fn target_ip(&self) -> Ipv4Addr {
-        wire::ipv4_at(self.bytes, 24)
-    }
-}
-
-/// Answers an ARP frame from the guest; see the module documentation for the policy.
+/// Answers an ARP packet (`payload`: the Ethernet payload) from the guest; see the module
+/// documentation for the policy.
 pub fn respond(
     cfg: &EdgeConfig,
-    eth: &EthernetFrame<'_>,
+    payload: &[u8],
     out: &mut [u8],
 ) -> Result<Option<usize>, EdgeDrop> {
-    let arp = ArpPacket::parse(eth.payload())?;
-    match arp.operation() {
+    let request = Packet::new_checked(payload).map_err(|_| EdgeDrop::Truncated)?;
+    if !request.is_ethernet_ipv4() {
+        return Err(EdgeDrop::ArpUnsupported);
+    }
+    match request.operation() {
         OP_REQUEST => {}
         // The guest answering someone: nobody asks it anything, nothing to do.
         OP_REPLY => return Ok(None),
         _ => return Err(EdgeDrop::ArpUnsupported),
     }
-    if arp.sender_mac() != cfg.vm_mac {
+    if request.sender_hardware_addr() != cfg.vm_mac {
         return Err(EdgeDrop::ForeignSourceMac);
     }
-    let target = arp.target_ip();
+    let target = request.target_protocol_addr();
     // Gratuitous ARP (sender == target) announces, and a request for the guest's own address
     // checks for a duplicate: in both cases silence is the right answer.
-    if target == arp.sender_ip() || target == cfg.vm_ip {
+    if target == request.sender_protocol_addr() || target == cfg.vm_ip {
         return Ok(None);
     }
-    let mut w = Writer::new(out);
-    wire::put_ethernet(&mut w, arp.sender_mac(), cfg.router_mac, ETHERTYPE_ARP)?;
-    w.put(&HTYPE_ETHERNET.to_be_bytes())?;
-    w.put(&ETHERTYPE_IPV4.to_be_bytes())?;
-    w.put(&[6, 4])?;
-    w.put(&OP_REPLY.to_be_bytes())?;
-    w.put(&cfg.router_mac)?;
-    w.put(&target.octets())?;
-    w.put(&arp.sender_mac())?;
-    w.put(&arp.sender_ip().octets())?;
-    w.pad_to(ETH_MIN_FRAME_LEN)?;
-    Ok(Some(w.len()))
+    let frame = out
+        .get_mut(..ethernet::MIN_FRAME_LEN)
+        .ok_or(EdgeDrop::ReplyBufferTooSmall)?;
+    frame.fill(0);
+    let mut eth = Frame::new_unchecked(&mut frame[..]);
+    eth.set_dst_addr(request.sender_hardware_addr());
+    eth.set_src_addr(cfg.router_mac);
+    eth.set_ethertype(ethertype::ARP);
+    let mut reply = Packet::new_unchecked(eth.payload_mut());
+    reply.set_ethernet_ipv4();
+    reply.set_operation(OP_REPLY);
+    reply.set_sender_hardware_addr(cfg.router_mac);
+    reply.set_sender_protocol_addr(target);
+    reply.set_target_hardware_addr(request.sender_hardware_addr());
+    reply.set_target_protocol_addr(request.sender_protocol_addr());
+    Ok(Some(ethernet::MIN_FRAME_LEN))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::tests::test_config;
-    use super::super::{respond as edge_respond, ROUTER_MAC};
+    use super::super::{EdgeKind, ROUTER_MAC};
     use super::*;
+    use std::net::Ipv4Addr;
+    use vnp_protocol::wire::ethernet::MIN_FRAME_LEN as ETH_MIN_FRAME_LEN;
+
+    /// The edge's answer to an ARP frame.
+    fn edge_respond(
+        cfg: &EdgeConfig,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<Option<usize>, EdgeDrop> {
+        super::super::respond(cfg, EdgeKind::Arp, frame, out)
+    }
+
+    /// The reply's Ethernet frame and ARP packet.
+    fn parse(reply: &[u8]) -> (Frame<&[u8]>, Packet<&[u8]>) {
+        let eth = Frame::new_checked(reply).unwrap();
+        let arp = Packet::new_checked(&reply[14..]).unwrap();
+        (eth, arp)
+    }
 
     /// An ARP frame from `sender` (MAC, IP) asking for `target`.
     pub(crate) fn arp_frame(op: u16, mac: [u8; 6], sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
         let mut f = Vec::new();
-        f.extend_from_slice(&wire::BROADCAST_MAC);
+        f.extend_from_slice(&ethernet::BROADCAST);
         f.extend_from_slice(&mac);
-        f.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        f.extend_from_slice(&ethertype::ARP.to_be_bytes());
         f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4]);
         f.extend_from_slice(&op.to_be_bytes());
         f.extend_from_slice(&mac);
@@ -132,16 +105,15 @@ pub(crate) mod tests {
         let mut out = [0u8; 128];
         let len = edge_respond(&cfg, &frame, &mut out).unwrap().unwrap();
         assert_eq!(len, ETH_MIN_FRAME_LEN);
-        let eth = EthernetFrame::parse(&out[..len]).unwrap();
-        assert_eq!(eth.dst(), cfg.vm_mac);
-        assert_eq!(eth.src(), ROUTER_MAC);
-        assert_eq!(eth.ethertype(), ETHERTYPE_ARP);
-        let reply = ArpPacket::parse(eth.payload()).unwrap();
+        let (eth, reply) = parse(&out[..len]);
+        assert_eq!(eth.dst_addr(), cfg.vm_mac);
+        assert_eq!(eth.src_addr(), ROUTER_MAC);
+        assert_eq!(eth.ethertype(), ethertype::ARP);
         assert_eq!(reply.operation(), OP_REPLY);
-        assert_eq!(reply.sender_mac(), ROUTER_MAC);
-        assert_eq!(reply.sender_ip(), cfg.router_ip);
-        assert_eq!(reply.target_mac(), cfg.vm_mac);
-        assert_eq!(reply.target_ip(), cfg.vm_ip);
+        assert_eq!(reply.sender_hardware_addr(), ROUTER_MAC);
+        assert_eq!(reply.sender_protocol_addr(), cfg.router_ip);
+        assert_eq!(reply.target_hardware_addr(), cfg.vm_mac);
+        assert_eq!(reply.target_protocol_addr(), cfg.vm_ip);
         assert!(
             out[14 + ARP_PACKET_LEN..len].iter().all(|b| *b == 0),
             "zero padding"
@@ -155,9 +127,9 @@ pub(crate) mod tests {
             let frame = arp_frame(OP_REQUEST, cfg.vm_mac, cfg.vm_ip, target);
             let mut out = [0u8; 60];
             let len = edge_respond(&cfg, &frame, &mut out).unwrap().unwrap();
-            let reply = ArpPacket::parse(&out[14..len]).unwrap();
+            let (_, reply) = parse(&out[..len]);
             assert_eq!(
-                (reply.sender_mac(), reply.sender_ip()),
+                (reply.sender_hardware_addr(), reply.sender_protocol_addr()),
                 (ROUTER_MAC, target)
             );
         }

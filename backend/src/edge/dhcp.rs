@@ -12,10 +12,19 @@
 //! go to the broadcast address when the client asked for it (flags bit) and for NAKs, to
 //! `ciaddr` when the client already has its address (renewal, INFORM), and otherwise unicast to
 //! the offered address and the client's MAC, as RFC 2131 section 4.1 describes.
+//!
+//! The DHCP message itself is decoded and encoded by the `dhcproto` crate; this module keeps
+//! the decision ([`decide`]) and the UDP/IPv4 framing (with the packet layer's views).
 
 use std::net::Ipv4Addr;
 
-use super::wire::{self, Ipv4Udp, Writer, BROADCAST_MAC, ETHERTYPE_IPV4};
+use dhcproto::v4::{self, DhcpOption, DhcpOptions, HType, Opcode};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use vnp_protocol::wire::ethernet::{self, BROADCAST as BROADCAST_MAC};
+use vnp_protocol::wire::ipv4::{self, protocol};
+use vnp_protocol::wire::udp;
+
+use super::reply::{ipv4_reply, ReplyHeaders};
 use super::{EdgeConfig, EdgeDrop};
 
 /// UDP port DHCP servers listen on.
@@ -32,13 +41,17 @@ const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
 const OPTIONS_AT: usize = BOOTP_FIXED_LEN + MAGIC_COOKIE.len();
 /// Old BOOTP relays and some clients drop BOOTP messages shorter than this (RFC 1542 2.1).
 const MIN_BOOTP_LEN: usize = 300;
-/// BOOTP op codes.
+/// BOOTP op codes (the first byte).
 const BOOTREQUEST: u8 = 1;
+#[cfg(test)]
 const BOOTREPLY: u8 = 2;
 /// BOOTP flags: the client cannot receive unicast before it is configured.
 const FLAG_BROADCAST: u16 = 0x8000;
 
-/// Option codes the server reads or writes (RFC 2132).
+/// Option codes the server reads or writes (RFC 2132), by number for the tests and sizes.
+/// Numbers outside `dhcproto`'s typed options: PAD and END frame the walk in
+/// [`decode_options`]; the others name options in the tests and in [`MAX_REPLY_LEN`].
+#[cfg_attr(not(test), allow(dead_code))]
 mod opt {
     pub const PAD: u8 = 0;
     pub const SUBNET_MASK: u8 = 1;
@@ -51,16 +64,15 @@ mod opt {
     pub const LEASE_TIME: u8 = 51;
     pub const MESSAGE_TYPE: u8 = 53;
     pub const SERVER_ID: u8 = 54;
-    pub const MESSAGE: u8 = 56;
     pub const RENEWAL_TIME: u8 = 58;
     pub const REBINDING_TIME: u8 = 59;
     pub const END: u8 = 255;
 }
 
 /// Largest reply [`respond`] writes: headers, BOOTP, every option with a 255-byte hostname.
-pub const MAX_REPLY_LEN: usize = wire::ETH_HEADER_LEN
-    + wire::IPV4_MIN_HEADER_LEN
-    + wire::UDP_HEADER_LEN
+pub const MAX_REPLY_LEN: usize = ethernet::HEADER_LEN
+    + ipv4::MIN_HEADER_LEN
+    + udp::HEADER_LEN
     + OPTIONS_AT
     + 3 // message type
     + 6 // server id
@@ -71,7 +83,10 @@ pub const MAX_REPLY_LEN: usize = wire::ETH_HEADER_LEN
     + 2 + 255 // hostname
     + 1; // end
 
-/// DHCP message types (option 53).
+/// The text of a NAK's message option.
+const NAK_TEXT: &str = "requested address is not this VM's";
+
+/// DHCP message types (option 53) the server distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageType {
     /// Client looks for servers.
@@ -93,18 +108,22 @@ pub enum MessageType {
 }
 
 impl MessageType {
-    fn from_u8(value: u8) -> Option<Self> {
+    fn from_dhcproto(value: v4::MessageType) -> Option<Self> {
         Some(match value {
-            1 => MessageType::Discover,
-            2 => MessageType::Offer,
-            3 => MessageType::Request,
-            4 => MessageType::Decline,
-            5 => MessageType::Ack,
-            6 => MessageType::Nak,
-            7 => MessageType::Release,
-            8 => MessageType::Inform,
+            v4::MessageType::Discover => MessageType::Discover,
+            v4::MessageType::Offer => MessageType::Offer,
+            v4::MessageType::Request => MessageType::Request,
+            v4::MessageType::Decline => MessageType::Decline,
+            v4::MessageType::Ack => MessageType::Ack,
+            v4::MessageType::Nak => MessageType::Nak,
+            v4::MessageType::Release => MessageType::Release,
+            v4::MessageType::Inform => MessageType::Inform,
             _ => return None,
         })
+    }
+
+    fn to_dhcproto(self) -> v4::MessageType {
+        v4::MessageType::from(self as u8)
     }
 }
 
@@ -130,106 +149,98 @@ pub struct ClientMessage {
 }
 
 impl ClientMessage {
-    /// Parses a UDP payload as a BOOTREQUEST carrying DHCP options.
+    /// Parses a UDP payload as a BOOTREQUEST carrying DHCP options (decoded by `dhcproto`).
     ///
-    /// Options are walked to the END option or the end of the payload; an option whose length
-    /// runs past the payload makes the whole message malformed. Options of the wrong length for
-    /// their type, unknown options and the option-overload area are ignored (the server needs
-    /// none of them).
+    /// A message shorter than the fixed part is truncated; a server message (BOOTREPLY) is
+    /// unexpected; a hardware type other than Ethernet, a missing magic cookie or options that
+    /// `dhcproto` cannot decode (one running past the payload, say) make it malformed.
     pub fn parse(bootp: &[u8]) -> Result<Self, EdgeDrop> {
         if bootp.len() < OPTIONS_AT {
             return Err(EdgeDrop::Truncated);
         }
+        // Checked on the bytes before decoding: dhcproto accepts any op code and does not
+        // check the cookie, and a BOOTREPLY must be refused whatever its options hold.
         if bootp[0] != BOOTREQUEST {
             return Err(EdgeDrop::DhcpUnexpectedMessage);
         }
-        // Ethernet hardware type and address length: the only link the edge serves.
-        if bootp[1] != 1 || bootp[2] != 6 || bootp[BOOTP_FIXED_LEN..OPTIONS_AT] != MAGIC_COOKIE {
+        if bootp[BOOTP_FIXED_LEN..OPTIONS_AT] != MAGIC_COOKIE {
             return Err(EdgeDrop::DhcpMalformed);
         }
-        let mut message_type = None;
-        let mut requested_ip = None;
-        let mut server_id = None;
-        for option in Options::new(&bootp[OPTIONS_AT..]) {
-            let (code, value) = option?;
-            match (code, value.len()) {
-                (opt::MESSAGE_TYPE, 1) if message_type.is_none() => {
-                    message_type = Some(
-                        MessageType::from_u8(value[0]).ok_or(EdgeDrop::DhcpUnexpectedMessage)?,
-                    );
-                }
-                (opt::REQUESTED_IP, 4) if requested_ip.is_none() => {
-                    requested_ip = Some(wire::ipv4_at(value, 0));
-                }
-                (opt::SERVER_ID, 4) if server_id.is_none() => {
-                    server_id = Some(wire::ipv4_at(value, 0));
-                }
-                _ => {}
-            }
+        // The fixed part only: the options are walked by `decode_options`, which decodes just
+        // the ones the server reads.
+        let msg = v4::Message::decode(&mut Decoder::new(&bootp[..OPTIONS_AT]))
+            .map_err(|_| EdgeDrop::DhcpMalformed)?;
+        // Ethernet hardware type and address length: the only link the edge serves.
+        if msg.htype() != HType::Eth || msg.hlen() != 6 {
+            return Err(EdgeDrop::DhcpMalformed);
         }
-        let mut xid = [0u8; 4];
-        xid.copy_from_slice(&bootp[4..8]);
+        let options = decode_options(&bootp[OPTIONS_AT..])?;
+        let message_type = options
+            .iter()
+            .find_map(|o| match o {
+                DhcpOption::MessageType(t) => Some(*t),
+                _ => None,
+            })
+            .ok_or(EdgeDrop::DhcpNoMessageType)?;
+        let message_type =
+            MessageType::from_dhcproto(message_type).ok_or(EdgeDrop::DhcpUnexpectedMessage)?;
+        let mut chaddr = [0u8; 6];
+        chaddr.copy_from_slice(&msg.chaddr()[..6]);
         Ok(ClientMessage {
-            message_type: message_type.ok_or(EdgeDrop::DhcpNoMessageType)?,
-            xid,
-            flags: u16::from_be_bytes([bootp[10], bootp[11]]),
-            ciaddr: wire::ipv4_at(bootp, 12),
-            giaddr: wire::ipv4_at(bootp, 24),
-            chaddr: wire::mac_at(bootp, 28),
-            requested_ip,
-            server_id,
+            message_type,
+            xid: msg.xid().to_be_bytes(),
+            flags: msg.flags().into(),
+            ciaddr: msg.ciaddr(),
+            giaddr: msg.giaddr(),
+            chaddr,
+            requested_ip: options.iter().find_map(|o| match o {
+                DhcpOption::RequestedIpAddress(ip) => Some(*ip),
+                _ => None,
+            }),
+            server_id: options.iter().find_map(|o| match o {
+                DhcpOption::ServerIdentifier(ip) => Some(*ip),
+                _ => None,
+            }),
         })
     }
 }
 
-/// Iterator over DHCP options `(code, value)`; yields an error (then stops) when an option's
-/// length runs past the buffer.
-#[derive(Debug)]
-struct Options<'a> {
-    bytes: &'a [u8],
-    at: usize,
-    done: bool,
-}
+/// Decodes the options area up to END (or its end), first occurrence of a code first, keeping
+/// only the options the server reads (50, 53, 54), decoded by `dhcproto`.
+///
+/// `dhcproto`'s own loop stops silently at an option it cannot read; here an option whose
+/// length runs past the message makes the whole message malformed (it was cut or forged), and a
+/// well-framed option whose value `dhcproto` refuses (a wrong length for its type) is skipped.
+/// Other options are not decoded at all: the server needs none of them, and `dhcproto` 0.15
+/// panics (a `debug_assert`) on some well-framed ones, e.g. rapid commit (80) with a value.
+/// The options [`ClientMessage`] takes from a client message.
+const READ_OPTIONS: [u8; 3] = [opt::REQUESTED_IP, opt::MESSAGE_TYPE, opt::SERVER_ID];
 
-impl<'a> Options<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
-        Options {
-            bytes,
-            at: 0,
-            done: false,
+fn decode_options(mut bytes: &[u8]) -> Result<Vec<DhcpOption>, EdgeDrop> {
+    let mut options = Vec::new();
+    while let Some(&code) = bytes.first() {
+        match code {
+            opt::PAD => {
+                bytes = &bytes[1..];
+                continue;
+            }
+            opt::END => break,
+            _ => {}
         }
-    }
-}
-
-impl<'a> Iterator for Options<'a> {
-    type Item = Result<(u8, &'a [u8]), EdgeDrop>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        while !self.done {
-            let Some(&code) = self.bytes.get(self.at) else {
-                self.done = true;
-                break;
-            };
-            match code {
-                opt::PAD => self.at += 1,
-                opt::END => self.done = true,
-                _ => {
-                    let value = self
-                        .bytes
-                        .get(self.at + 1)
-                        .map(|len| self.at + 2..self.at + 2 + usize::from(*len))
-                        .and_then(|range| self.bytes.get(range));
-                    let Some(value) = value else {
-                        self.done = true;
-                        return Some(Err(EdgeDrop::DhcpMalformed));
-                    };
-                    self.at += 2 + value.len();
-                    return Some(Ok((code, value)));
-                }
+        let len = usize::from(*bytes.get(1).ok_or(EdgeDrop::DhcpMalformed)?);
+        let raw = bytes.get(..2 + len).ok_or(EdgeDrop::DhcpMalformed)?;
+        bytes = &bytes[2 + len..];
+        if !READ_OPTIONS.contains(&code) {
+            continue;
+        }
+        if let Ok(option) = DhcpOption::decode(&mut Decoder::new(raw)) {
+            let code = v4::OptionCode::from(&option);
+            if !options.iter().any(|o| v4::OptionCode::from(o) == code) {
+                options.push(option);
             }
         }
-        None
     }
+    Ok(options)
 }
 
 /// What to answer, decided from the message alone.
@@ -272,30 +283,47 @@ fn decide(cfg: &EdgeConfig, msg: &ClientMessage) -> Result<Answer, EdgeDrop> {
     })
 }
 
-/// Answers a DHCP datagram from the guest (already known to go to UDP port 67).
-pub fn respond(
-    cfg: &EdgeConfig,
-    datagram: &Ipv4Udp<'_>,
-    out: &mut [u8],
-) -> Result<Option<usize>, EdgeDrop> {
-    let msg = ClientMessage::parse(datagram.payload)?;
+/// The UDP payload of an unfragmented IPv4/UDP packet to the DHCP server port, with its
+/// lengths checked against each other: the IPv4 total length fits in the bytes (Ethernet
+/// padding after it is ignored), the UDP length fits in the IPv4 payload. Checksums are not
+/// verified: a guest using checksum offload legitimately leaves the UDP checksum partial, and a
+/// wrong one costs only a wrong DHCP answer to the guest that wrote it.
+fn dhcp_payload(packet: &[u8]) -> Result<&[u8], EdgeDrop> {
+    let ip = ipv4::Packet::new_checked(packet).map_err(|e| match e {
+        vnp_protocol::wire::WireError::Truncated => EdgeDrop::Truncated,
+        _ => EdgeDrop::BadLength,
+    })?;
+    ip.check_len(packet.len())
+        .map_err(|_| EdgeDrop::Truncated)?;
+    // More-fragments set or a non-zero offset: a fragment, which the edge never reassembles.
+    if ip.is_fragment() {
+        return Err(EdgeDrop::Fragmented);
+    }
+    if ip.protocol() != protocol::UDP {
+        return Err(EdgeDrop::NotEdgeTraffic);
+    }
+    let datagram = udp::Packet::new_checked(ip.payload()).map_err(|_| EdgeDrop::Truncated)?;
+    datagram
+        .check_len(ip.payload().len())
+        .map_err(|_| EdgeDrop::BadLength)?;
+    if datagram.dst_port() != SERVER_PORT {
+        return Err(EdgeDrop::NotEdgeTraffic);
+    }
+    let start = ip.header_len() + udp::HEADER_LEN;
+    Ok(&packet[start..ip.header_len() + datagram.len()])
+}
+
+/// Answers a DHCP packet from the guest (`packet`: the Ethernet payload, IPv4 onwards).
+pub fn respond(cfg: &EdgeConfig, packet: &[u8], out: &mut [u8]) -> Result<Option<usize>, EdgeDrop> {
+    let msg = ClientMessage::parse(dhcp_payload(packet)?)?;
     // The VM's identity comes from the registry: only its own MAC gets its address.
     if msg.chaddr != cfg.vm_mac {
         return Err(EdgeDrop::ForeignSourceMac);
     }
     let answer = decide(cfg, &msg)?;
-    let (message_type, yiaddr, ciaddr) = match answer {
-        Answer::Nothing => return Ok(None),
-        Answer::Offer => (MessageType::Offer, cfg.vm_ip, Ipv4Addr::UNSPECIFIED),
-        Answer::Ack { lease: true } => (MessageType::Ack, cfg.vm_ip, msg.ciaddr),
-        Answer::Ack { lease: false } => (MessageType::Ack, Ipv4Addr::UNSPECIFIED, msg.ciaddr),
-        Answer::Nak => (
-            MessageType::Nak,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-        ),
-    };
-
+    if answer == Answer::Nothing {
+        return Ok(None);
+    }
     // RFC 2131 4.1: NAKs are broadcast; a configured client gets unicast to ciaddr; a client
     // that asked for broadcast gets it; otherwise unicast to the new address and chaddr.
     let (dst_mac, dst_ip) = if answer == Answer::Nak
@@ -305,45 +333,78 @@ pub fn respond(
     } else if !msg.ciaddr.is_unspecified() {
         (msg.chaddr, msg.ciaddr)
     } else {
-        (msg.chaddr, yiaddr)
+        (msg.chaddr, offered_address(cfg, answer))
     };
+    let bootp = encode_reply(cfg, &msg, answer)?;
+    let headers = ReplyHeaders {
+        dst_mac,
+        dst_ip,
+        protocol: protocol::UDP,
+        payload_len: udp::HEADER_LEN + bootp.len(),
+    };
+    let (len, payload) = ipv4_reply(cfg, &headers, out)?;
+    let mut datagram = udp::Packet::new_unchecked(payload);
+    datagram.set_src_port(SERVER_PORT);
+    datagram.set_dst_port(CLIENT_PORT);
+    datagram.set_len(headers.payload_len as u16);
+    datagram.payload_mut().copy_from_slice(&bootp);
+    datagram.fill_checksum(cfg.router_ip, dst_ip);
+    Ok(Some(len))
+}
 
-    let mut w = Writer::new(out);
-    wire::put_ethernet(&mut w, dst_mac, cfg.router_mac, ETHERTYPE_IPV4)?;
-    let headers = wire::start_ipv4_udp(&mut w, cfg.router_ip, dst_ip, SERVER_PORT, CLIENT_PORT)?;
-    let bootp_at = w.len();
-    w.put(&[BOOTREPLY, 1, 6, 0])?;
-    w.put(&msg.xid)?;
-    w.put(&[0, 0])?; // secs
-    w.put(&msg.flags.to_be_bytes())?;
-    w.put(&ciaddr.octets())?;
-    w.put(&yiaddr.octets())?;
-    w.put(&[0; 4])?; // siaddr: no boot server
-    w.put(&msg.giaddr.octets())?;
-    w.put(&msg.chaddr)?;
-    w.zeros(16 - 6 + 64 + 128)?; // rest of chaddr, sname, file
-    w.put(&MAGIC_COOKIE)?;
-    w.put(&[opt::MESSAGE_TYPE, 1, message_type as u8])?;
-    w.put(&[opt::SERVER_ID, 4])?;
-    w.put(&cfg.router_ip.octets())?;
+/// yiaddr: the VM's address in an OFFER or a leasing ACK, none in a NAK or an INFORM's ACK.
+fn offered_address(cfg: &EdgeConfig, answer: Answer) -> Ipv4Addr {
+    match answer {
+        Answer::Offer | Answer::Ack { lease: true } => cfg.vm_ip,
+        Answer::Ack { lease: false } | Answer::Nak | Answer::Nothing => Ipv4Addr::UNSPECIFIED,
+    }
+}
+
+/// The BOOTREPLY for `answer`, encoded by `dhcproto` and zero-padded to [`MIN_BOOTP_LEN`].
+fn encode_reply(
+    cfg: &EdgeConfig,
+    msg: &ClientMessage,
+    answer: Answer,
+) -> Result<Vec<u8>, EdgeDrop> {
+    let (message_type, ciaddr) = match answer {
+        Answer::Offer => (MessageType::Offer, Ipv4Addr::UNSPECIFIED),
+        Answer::Ack { .. } => (MessageType::Ack, msg.ciaddr),
+        Answer::Nak | Answer::Nothing => (MessageType::Nak, Ipv4Addr::UNSPECIFIED),
+    };
+    let mut reply = v4::Message::new(
+        ciaddr,
+        offered_address(cfg, answer),
+        Ipv4Addr::UNSPECIFIED, // siaddr: no boot server
+        msg.giaddr,
+        &msg.chaddr,
+    );
+    reply
+        .set_opcode(Opcode::BootReply)
+        .set_xid(u32::from_be_bytes(msg.xid))
+        .set_flags(msg.flags.into());
+    let opts = reply.opts_mut();
+    opts.insert(DhcpOption::MessageType(message_type.to_dhcproto()));
+    opts.insert(DhcpOption::ServerIdentifier(cfg.router_ip));
     match answer {
         Answer::Nak => {
-            let text = b"requested address is not this VM's";
-            w.put(&[opt::MESSAGE, text.len() as u8])?;
-            w.put(text)?;
+            opts.insert(DhcpOption::Message(NAK_TEXT.to_string()));
         }
-        Answer::Offer => put_configuration(&mut w, cfg, true)?,
-        Answer::Ack { lease } => put_configuration(&mut w, cfg, lease)?,
+        Answer::Offer => configuration(opts, cfg, true),
+        Answer::Ack { lease } => configuration(opts, cfg, lease),
         Answer::Nothing => {}
     }
-    w.put(&[opt::END])?;
-    w.pad_to(bootp_at + MIN_BOOTP_LEN)?;
-    wire::finish_ipv4_udp(&mut w, headers)?;
-    Ok(Some(w.len()))
+    let mut bytes = Vec::with_capacity(MAX_REPLY_LEN);
+    reply
+        .encode(&mut Encoder::new(&mut bytes))
+        .map_err(|_| EdgeDrop::ReplyBufferTooSmall)?;
+    if bytes.len() < MIN_BOOTP_LEN {
+        bytes.resize(MIN_BOOTP_LEN, 0);
+    }
+    Ok(bytes)
 }
 
 /// The options that configure the guest (OFFER and ACK).
-fn put_configuration(w: &mut Writer<'_>, cfg: &EdgeConfig, lease: bool) -> Result<(), EdgeDrop> {
+fn configuration(opts: &mut DhcpOptions, cfg: &EdgeConfig, lease: bool) {
     if lease {
         let lease_secs = cfg.lease_secs;
         // Infinite leases have no renewal; otherwise the RFC 2131 defaults (50% and 87.5%).
@@ -352,47 +413,44 @@ fn put_configuration(w: &mut Writer<'_>, cfg: &EdgeConfig, lease: bool) -> Resul
         } else {
             (lease_secs / 2, (u64::from(lease_secs) * 7 / 8) as u32)
         };
-        for (code, value) in [
-            (opt::LEASE_TIME, lease_secs),
-            (opt::RENEWAL_TIME, t1),
-            (opt::REBINDING_TIME, t2),
-        ] {
-            w.put(&[code, 4])?;
-            w.put(&value.to_be_bytes())?;
-        }
+        opts.insert(DhcpOption::AddressLeaseTime(lease_secs));
+        opts.insert(DhcpOption::Renewal(t1));
+        opts.insert(DhcpOption::Rebinding(t2));
     }
     let mask = cfg.netmask();
     let broadcast = Ipv4Addr::from(u32::from(cfg.vm_ip) | !u32::from(mask));
-    for (code, addr) in [
-        (opt::SUBNET_MASK, mask),
-        (opt::ROUTER, cfg.router_ip),
-        (opt::BROADCAST, broadcast),
-    ] {
-        w.put(&[code, 4])?;
-        w.put(&addr.octets())?;
-    }
-    w.put(&[opt::INTERFACE_MTU, 2])?;
-    w.put(&cfg.mtu.to_be_bytes())?;
+    opts.insert(DhcpOption::SubnetMask(mask));
+    opts.insert(DhcpOption::Router(vec![cfg.router_ip]));
+    opts.insert(DhcpOption::BroadcastAddr(broadcast));
+    opts.insert(DhcpOption::InterfaceMtu(cfg.mtu));
     if let Some(dns) = cfg.dns {
-        w.put(&[opt::DNS, 4])?;
-        w.put(&dns.octets())?;
+        opts.insert(DhcpOption::DomainNameServer(vec![dns]));
     }
     // An option holds at most 255 bytes; EdgeConfig::validate refuses longer hostnames, the
     // clamp only keeps an unvalidated config from corrupting the reply.
-    let hostname = &cfg.hostname.as_bytes()[..cfg.hostname.len().min(255)];
-    if !hostname.is_empty() {
-        w.put(&[opt::HOSTNAME, hostname.len() as u8])?;
-        w.put(hostname)?;
+    let mut end = cfg.hostname.len().min(255);
+    while !cfg.hostname.is_char_boundary(end) {
+        end -= 1;
     }
-    Ok(())
+    if end > 0 {
+        opts.insert(DhcpOption::Hostname(cfg.hostname[..end].to_string()));
+    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::tests::test_config;
-    use super::super::{classify, respond as edge_respond, FrameKind, ROUTER_MAC};
+    use super::super::{EdgeKind, ROUTER_MAC};
     use super::*;
-    use crate::edge::wire::EthernetFrame;
+
+    /// The edge's answer to a DHCP frame.
+    fn edge_respond(
+        cfg: &EdgeConfig,
+        frame: &[u8],
+        out: &mut [u8],
+    ) -> Result<Option<usize>, EdgeDrop> {
+        super::super::respond(cfg, EdgeKind::Dhcp, frame, out)
+    }
 
     /// Builds a client DHCP frame the way udhcpc does (raw socket, broadcast, from 0.0.0.0).
     pub(crate) fn client_frame(
@@ -417,19 +475,29 @@ pub(crate) mod tests {
         bootp.extend_from_slice(extra_options);
         bootp.push(opt::END);
 
-        let mut buf = vec![0u8; 1024];
-        let mut w = Writer::new(&mut buf);
         let (src_ip, dst_ip) = if ciaddr.is_unspecified() {
             (Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST)
         } else {
             (ciaddr, Ipv4Addr::new(10, 1, 0, 1))
         };
-        wire::put_ethernet(&mut w, BROADCAST_MAC, mac, ETHERTYPE_IPV4).unwrap();
-        let h = wire::start_ipv4_udp(&mut w, src_ip, dst_ip, CLIENT_PORT, SERVER_PORT).unwrap();
-        w.put(&bootp).unwrap();
-        wire::finish_ipv4_udp(&mut w, h).unwrap();
-        let len = w.len();
-        buf.truncate(len);
+        let mut buf = ethernet::header(BROADCAST_MAC, mac, ethernet::ethertype::IPV4).to_vec();
+        let udp_len = udp::HEADER_LEN + bootp.len();
+        buf.resize(ethernet::HEADER_LEN + ipv4::MIN_HEADER_LEN + udp_len, 0);
+        let mut ip = ipv4::Packet::new_unchecked(&mut buf[ethernet::HEADER_LEN..]);
+        ipv4::Repr {
+            src_addr: src_ip,
+            dst_addr: dst_ip,
+            protocol: protocol::UDP,
+            payload_len: udp_len,
+            ttl: 64,
+        }
+        .emit(&mut ip);
+        let mut datagram = udp::Packet::new_unchecked(ip.payload_mut());
+        datagram.set_src_port(CLIENT_PORT);
+        datagram.set_dst_port(SERVER_PORT);
+        datagram.set_len(udp_len as u16);
+        datagram.payload_mut().copy_from_slice(&bootp);
+        datagram.fill_checksum(src_ip, dst_ip);
         buf
     }
 
@@ -457,7 +525,8 @@ pub(crate) mod tests {
             self.option(opt::MESSAGE_TYPE).unwrap()[0]
         }
         pub fn addr_option(&self, code: u8) -> Ipv4Addr {
-            wire::ipv4_at(self.option(code).unwrap(), 0)
+            let v = self.option(code).unwrap();
+            Ipv4Addr::new(v[0], v[1], v[2], v[3])
         }
         pub fn u32_option(&self, code: u8) -> u32 {
             let v = self.option(code).unwrap();
@@ -466,44 +535,47 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn parse_reply(frame: &[u8]) -> Reply {
-        let eth = EthernetFrame::parse(frame).unwrap();
-        let ip = eth.payload();
-        assert_eq!(wire::internet_checksum(&[&ip[..20]]), 0, "IPv4 checksum");
-        let udp = Ipv4Udp::parse(ip).unwrap();
-        assert_eq!((udp.src_port, udp.dst_port), (SERVER_PORT, CLIENT_PORT));
-        let mut pseudo = [0u8; 12];
-        pseudo[0..4].copy_from_slice(&udp.src_ip.octets());
-        pseudo[4..8].copy_from_slice(&udp.dst_ip.octets());
-        pseudo[9] = 17;
-        let udp_len = (udp.payload.len() + 8) as u16;
-        pseudo[10..12].copy_from_slice(&udp_len.to_be_bytes());
-        assert_eq!(
-            wire::internet_checksum(&[&pseudo, &ip[20..20 + usize::from(udp_len)]]),
-            0,
+        let eth = ethernet::Frame::new_checked(frame).unwrap();
+        let ip = ipv4::Packet::new_checked(eth.payload()).unwrap();
+        assert!(ip.verify_checksum(), "IPv4 checksum");
+        let udp = udp::Packet::new_checked(ip.payload()).unwrap();
+        udp.check_len(ip.payload().len()).unwrap();
+        assert_eq!((udp.src_port(), udp.dst_port()), (SERVER_PORT, CLIENT_PORT));
+        assert!(
+            udp.verify_checksum(ip.src_addr(), ip.dst_addr()),
             "UDP checksum"
         );
-        let b = udp.payload;
+        let b = udp.payload();
         assert!(b.len() >= MIN_BOOTP_LEN);
         assert_eq!(b[0], BOOTREPLY);
         assert_eq!(b[BOOTP_FIXED_LEN..OPTIONS_AT], MAGIC_COOKIE);
-        let options = Options::new(&b[OPTIONS_AT..])
-            .map(|o| o.map(|(c, v)| (c, v.to_vec())))
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
         Reply {
-            dst_mac: eth.dst(),
-            src_mac: eth.src(),
-            src_ip: udp.src_ip,
-            dst_ip: udp.dst_ip,
-            yiaddr: wire::ipv4_at(b, 16),
-            ciaddr: wire::ipv4_at(b, 12),
+            dst_mac: eth.dst_addr(),
+            src_mac: eth.src_addr(),
+            src_ip: ip.src_addr(),
+            dst_ip: ip.dst_addr(),
+            yiaddr: Ipv4Addr::new(b[16], b[17], b[18], b[19]),
+            ciaddr: Ipv4Addr::new(b[12], b[13], b[14], b[15]),
             xid: [b[4], b[5], b[6], b[7]],
-            options,
+            options: raw_options(b),
         }
     }
 
+    /// Every option of a BOOTP message as `(code, value bytes)`, decoded by `dhcproto` and
+    /// encoded back one by one.
+    fn raw_options(bootp: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let msg = v4::Message::decode(&mut Decoder::new(bootp)).unwrap();
+        msg.opts()
+            .iter()
+            .map(|(code, option)| {
+                let mut bytes = Vec::new();
+                option.encode(&mut Encoder::new(&mut bytes)).unwrap();
+                (u8::from(*code), bytes[2..].to_vec())
+            })
+            .collect()
+    }
+
     fn answer(cfg: &EdgeConfig, frame: &[u8]) -> Result<Option<Reply>, EdgeDrop> {
-        assert_eq!(classify(frame), FrameKind::Dhcp);
         let mut out = [0u8; MAX_REPLY_LEN];
         Ok(edge_respond(cfg, frame, &mut out)?.map(|len| parse_reply(&out[..len])))
     }
@@ -801,22 +873,54 @@ pub(crate) mod tests {
 
     #[test]
     fn options_overrunning_the_message_are_malformed() {
+        let types = |bytes: &[u8]| {
+            decode_options(bytes).map(|all| {
+                all.iter()
+                    .map(|o| u8::from(v4::OptionCode::from(o)))
+                    .collect::<Vec<_>>()
+            })
+        };
         // The last option claims more bytes than remain.
         let bytes = [opt::MESSAGE_TYPE, 1, 1, opt::HOSTNAME, 10, b'a', b'b'];
-        let all: Vec<_> = Options::new(&bytes).collect();
-        assert_eq!(all.len(), 2);
-        assert_eq!(all[0], Ok((opt::MESSAGE_TYPE, &[1u8][..])));
-        assert_eq!(all[1], Err(EdgeDrop::DhcpMalformed));
+        assert_eq!(types(&bytes), Err(EdgeDrop::DhcpMalformed));
         // A code byte with no length byte.
-        assert_eq!(
-            Options::new(&[opt::HOSTNAME]).collect::<Vec<_>>(),
-            vec![Err(EdgeDrop::DhcpMalformed)]
-        );
+        assert_eq!(types(&[opt::HOSTNAME]), Err(EdgeDrop::DhcpMalformed));
         // Pads and END: nothing after END is read.
         let bytes = [opt::PAD, opt::PAD, opt::END, opt::HOSTNAME, 200];
-        assert!(Options::new(&bytes).next().is_none());
+        assert_eq!(types(&bytes), Ok(vec![]));
         // Missing END is fine.
-        assert_eq!(Options::new(&[opt::MESSAGE_TYPE, 1, 3]).count(), 1);
+        assert_eq!(
+            types(&[opt::MESSAGE_TYPE, 1, 3]),
+            Ok(vec![opt::MESSAGE_TYPE])
+        );
+        // The first of two occurrences counts; a wrong-length value is skipped, and options
+        // the server does not read are not decoded (rapid commit with a value would make
+        // dhcproto 0.15 panic in a debug build).
+        let bytes = [
+            opt::MESSAGE_TYPE,
+            1,
+            3,
+            opt::MESSAGE_TYPE,
+            1,
+            1,
+            opt::REQUESTED_IP,
+            3,
+            1,
+            2,
+            3,
+            80,
+            1,
+            0,
+            opt::HOSTNAME,
+            2,
+            0xff,
+            0xfe,
+        ];
+        let decoded = decode_options(&bytes).unwrap();
+        assert_eq!(
+            decoded,
+            vec![DhcpOption::MessageType(v4::MessageType::Request)]
+        );
 
         let cfg = test_config();
         let frame = client_frame(

@@ -46,8 +46,11 @@ drop_reasons! {
     TxNonUnicast => "tx_non_unicast",
     /// TX: IPv4 source address is not the VM's own (spoofing).
     TxSpoofedSource => "tx_spoofed_source",
-    /// TX: ARP or DHCP the local edge refused to answer.
+    /// TX: ARP, DHCP or ICMP the local edge refused to answer.
     TxEdgeRefused => "tx_edge_refused",
+    /// TX: IPv4 to the virtual router's address that it does not answer (not DHCP, not an
+    /// ICMP echo request): a router does not forward what is addressed to itself.
+    TxToRouter => "tx_to_router",
     /// TX: no token yet and the per-destination pending queue was full.
     TxNoTokenQueueFull => "tx_no_token_queue_full",
     /// TX: the registry refused the pair (policy deny).
@@ -90,6 +93,9 @@ pub struct VmCounters {
     rx_packets: AtomicU64,
     rx_bytes: AtomicU64,
     edge_replies: AtomicU64,
+    icmp_echo_replies: AtomicU64,
+    icmp_frag_needed: AtomicU64,
+    icmp_rate_limited: AtomicU64,
     token_requests: AtomicU64,
     return_tokens_learned: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
@@ -106,8 +112,14 @@ pub struct CounterSnapshot {
     pub rx_packets: u64,
     /// Inner bytes delivered to the guest.
     pub rx_bytes: u64,
-    /// ARP and DHCP replies generated locally for the guest.
+    /// ARP, DHCP and ICMP replies generated locally and delivered to the guest.
     pub edge_replies: u64,
+    /// ICMP echo replies the virtual router generated (pings of the router address).
+    pub icmp_echo_replies: u64,
+    /// ICMP "fragmentation needed" the virtual router generated for oversize DF packets.
+    pub icmp_frag_needed: u64,
+    /// ICMP replies not generated because the VM's rate limit was reached.
+    pub icmp_rate_limited: u64,
     /// Token requests handed to the control plane.
     pub token_requests: u64,
     /// Return tokens accepted from peers' first packets.
@@ -168,6 +180,21 @@ impl VmCounters {
         self.edge_replies.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one ICMP echo reply generated.
+    pub fn icmp_echo_reply(&self) {
+        self.icmp_echo_replies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one ICMP "fragmentation needed" generated.
+    pub fn icmp_frag_needed(&self) {
+        self.icmp_frag_needed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one ICMP reply suppressed by the rate limit.
+    pub fn icmp_rate_limited(&self) {
+        self.icmp_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one token request to the control plane.
     pub fn token_request(&self) {
         self.token_requests.fetch_add(1, Ordering::Relaxed);
@@ -191,6 +218,9 @@ impl VmCounters {
             rx_packets: self.rx_packets.load(Ordering::Relaxed),
             rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
             edge_replies: self.edge_replies.load(Ordering::Relaxed),
+            icmp_echo_replies: self.icmp_echo_replies.load(Ordering::Relaxed),
+            icmp_frag_needed: self.icmp_frag_needed.load(Ordering::Relaxed),
+            icmp_rate_limited: self.icmp_rate_limited.load(Ordering::Relaxed),
             token_requests: self.token_requests.load(Ordering::Relaxed),
             return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
             drops: DropReason::ALL

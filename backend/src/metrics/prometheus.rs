@@ -68,8 +68,23 @@ const FAMILIES: &[Family] = &[
     ),
     (
         "vnpd_edge_replies_total",
-        "ARP and DHCP replies generated locally.",
+        "ARP, DHCP and ICMP replies generated locally.",
         |s| s.edge_replies,
+    ),
+    (
+        "vnpd_icmp_echo_replies_total",
+        "ICMP echo replies from the virtual router.",
+        |s| s.icmp_echo_replies,
+    ),
+    (
+        "vnpd_icmp_frag_needed_total",
+        "ICMP fragmentation-needed messages from the virtual router.",
+        |s| s.icmp_frag_needed,
+    ),
+    (
+        "vnpd_icmp_rate_limited_total",
+        "ICMP replies suppressed by the per-VM rate limit.",
+        |s| s.icmp_rate_limited,
     ),
     (
         "vnpd_token_requests_total",

@@ -1,4 +1,15 @@
-//! Zero-copy typed views over a VNP datagram (the UDP payload between two hosts).
+//! The packet layer: zero-copy typed views over packet bytes, in the style of smoltcp's `wire`
+//! module, and the one Internet checksum implementation. No I/O.
+//!
+//! - [`ethernet`], [`arp`], [`ipv4`], [`udp`], [`tcp`], [`icmpv4`]: a `Packet<T: AsRef<[u8]>>`
+//!   (a `Frame` for Ethernet) per protocol, with its field ranges as constants, `new_unchecked` /
+//!   `new_checked`, accessors, and setters when `T: AsMut<[u8]>`. `new_checked` checks that the
+//!   *header* fits, not that the payload is there: the data path sees only the first bytes of a
+//!   guest's descriptor chain. Where a length field must be checked against the real length,
+//!   a separate `check_len` does it.
+//! - [`checksum`]: ones' complement sum, fold, combine, pseudo header and RFC 1624's incremental
+//!   update.
+//! - This module and [`options`]: the VNP datagram itself (the UDP payload between two hosts).
 //!
 //! ```text
 //!  0                   1                   2                   3
@@ -25,8 +36,14 @@
 //! Options trail the inner packet (as in the patent's FIG. 5) for the same reason: their presence
 //! must not move the inner packet.
 
+pub mod arp;
+pub mod checksum;
+pub mod ethernet;
+pub mod icmpv4;
 pub mod ipv4;
 pub mod options;
+pub mod tcp;
+pub mod udp;
 
 use thiserror::Error;
 
@@ -71,6 +88,9 @@ pub enum WireError {
     /// Bytes follow the inner packet but the options flag is clear, or an option overruns.
     #[error("malformed options")]
     Options,
+    /// A header field is inconsistent (a length shorter than the header it covers, ...).
+    #[error("malformed header")]
+    Malformed,
 }
 
 /// A read (and, for mutable buffers, write) view of a VNP header.
@@ -164,6 +184,21 @@ fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
     out
 }
 
+/// The big-endian `u16` at `range` (two bytes) of `data`.
+pub(crate) fn field_u16(data: &[u8], range: core::ops::Range<usize>) -> u16 {
+    u16::from_be_bytes(array(&data[range]))
+}
+
+/// The big-endian `u32` at `range` (four bytes) of `data`.
+pub(crate) fn field_u32(data: &[u8], range: core::ops::Range<usize>) -> u32 {
+    u32::from_be_bytes(array(&data[range]))
+}
+
+/// Writes `value` big-endian at `range` (two bytes) of `data`.
+pub(crate) fn set_field_u16(data: &mut [u8], range: core::ops::Range<usize>, value: u16) {
+    data[range].copy_from_slice(&value.to_be_bytes());
+}
+
 /// The header's contents as plain values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VnpRepr {
@@ -214,7 +249,9 @@ impl<'a> VnpDatagram<'a> {
         let header = VnpHeader::new_checked(payload)?;
         let repr = VnpRepr::parse(&header);
         let rest = &payload[HEADER_LEN..];
-        let inner_len = ipv4::Ipv4View::new_checked(rest)?.total_len();
+        let inner = ipv4::Packet::new_checked(rest)?;
+        inner.check_len(rest.len())?;
+        let inner_len = inner.total_len();
         let (inner, options) = rest.split_at(inner_len);
         split_trailer(repr.has_options, options)?;
         Ok(Self {
