@@ -52,6 +52,44 @@ pub enum Step {
     GetVringBase(u32),
 }
 
+impl Step {
+    /// The request code this step sends.
+    pub fn request(self) -> FrontendReq {
+        match self {
+            Step::SetOwner => FrontendReq::SET_OWNER,
+            Step::GetFeatures => FrontendReq::GET_FEATURES,
+            Step::SetFeatures => FrontendReq::SET_FEATURES,
+            Step::GetProtocolFeatures => FrontendReq::GET_PROTOCOL_FEATURES,
+            Step::SetProtocolFeatures => FrontendReq::SET_PROTOCOL_FEATURES,
+            Step::GetQueueNum => FrontendReq::GET_QUEUE_NUM,
+            Step::SetMemTable => FrontendReq::SET_MEM_TABLE,
+            Step::SetVringNum(_) => FrontendReq::SET_VRING_NUM,
+            Step::SetVringBase(_) => FrontendReq::SET_VRING_BASE,
+            Step::SetVringAddr(_) => FrontendReq::SET_VRING_ADDR,
+            Step::SetVringKick(_) => FrontendReq::SET_VRING_KICK,
+            Step::SetVringCall(_) => FrontendReq::SET_VRING_CALL,
+            Step::SetVringErr(_) => FrontendReq::SET_VRING_ERR,
+            Step::SetVringEnable(..) => FrontendReq::SET_VRING_ENABLE,
+            Step::GetVringBase(_) => FrontendReq::GET_VRING_BASE,
+        }
+    }
+
+    /// The ring a ring message is about.
+    pub fn ring(self) -> Option<u32> {
+        match self {
+            Step::SetVringNum(q)
+            | Step::SetVringBase(q)
+            | Step::SetVringAddr(q)
+            | Step::SetVringKick(q)
+            | Step::SetVringCall(q)
+            | Step::SetVringErr(q)
+            | Step::SetVringEnable(q, _)
+            | Step::GetVringBase(q) => Some(q),
+            _ => None,
+        }
+    }
+}
+
 /// A request and whether the frontend asks for a `REPLY_ACK` answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Msg {
@@ -295,6 +333,11 @@ impl Replay {
     }
 
     fn encode(&mut self, guest: &Guest, step: Step) -> (FrontendReq, Vec<u8>, Vec<OwnedFd>) {
+        let (payload, fds) = self.payload(guest, step);
+        (step.request(), payload, fds)
+    }
+
+    fn payload(&mut self, guest: &Guest, step: Step) -> (Vec<u8>, Vec<OwnedFd>) {
         let u64_payload = |v: u64| VhostUserU64::new(v).as_slice().to_vec();
         let state = |q: u32, n: u32| VhostUserVringState::new(q, n).as_slice().to_vec();
         let fd = |e: &EventFd| {
@@ -304,13 +347,13 @@ impl Replay {
             vec![borrowed.try_clone_to_owned().unwrap()]
         };
         match step {
-            Step::SetOwner => (FrontendReq::SET_OWNER, vec![], vec![]),
-            Step::GetFeatures => (FrontendReq::GET_FEATURES, vec![], vec![]),
+            Step::SetOwner => (vec![], vec![]),
+            Step::GetFeatures => (vec![], vec![]),
             Step::SetFeatures => {
                 self.acked = self.offered & self.profile.features;
-                (FrontendReq::SET_FEATURES, u64_payload(self.acked), vec![])
+                (u64_payload(self.acked), vec![])
             }
-            Step::GetProtocolFeatures => (FrontendReq::GET_PROTOCOL_FEATURES, vec![], vec![]),
+            Step::GetProtocolFeatures => (vec![], vec![]),
             Step::SetProtocolFeatures => {
                 self.acked_protocol = match (self.offered_protocol, self.remembered_protocol) {
                     // A reconnect may skip GET_PROTOCOL_FEATURES and resend what was acked.
@@ -318,25 +361,14 @@ impl Replay {
                     (offered, _) => offered & self.profile.protocol.bits(),
                 };
                 let payload = u64_payload(self.acked_protocol);
-                (FrontendReq::SET_PROTOCOL_FEATURES, payload, vec![])
+                (payload, vec![])
             }
-            Step::GetQueueNum => (FrontendReq::GET_QUEUE_NUM, vec![], vec![]),
-            Step::SetMemTable => {
-                let (payload, fds) = guest.mem_table();
-                (FrontendReq::SET_MEM_TABLE, payload, fds)
-            }
-            Step::SetVringNum(q) => (
-                FrontendReq::SET_VRING_NUM,
-                state(q, u32::from(QUEUE_SIZE)),
-                vec![],
-            ),
+            Step::GetQueueNum => (vec![], vec![]),
+            Step::SetMemTable => guest.mem_table(),
+            Step::SetVringNum(q) => (state(q, u32::from(QUEUE_SIZE)), vec![]),
             Step::SetVringBase(q) => {
                 let base = guest.ring_index(q, self.profile.base_from);
-                (
-                    FrontendReq::SET_VRING_BASE,
-                    state(q, u32::from(base)),
-                    vec![],
-                )
+                (state(q, u32::from(base)), vec![])
             }
             Step::SetVringAddr(q) => {
                 let (desc, avail, used, _) = ring_layout(q as usize);
@@ -349,33 +381,13 @@ impl Replay {
                     available: host + avail,
                     log: 0,
                 };
-                (
-                    FrontendReq::SET_VRING_ADDR,
-                    addr.as_slice().to_vec(),
-                    vec![],
-                )
+                (addr.as_slice().to_vec(), vec![])
             }
-            Step::SetVringKick(q) => (
-                FrontendReq::SET_VRING_KICK,
-                u64_payload(q.into()),
-                fd(&guest.kicks[q as usize]),
-            ),
-            Step::SetVringCall(q) => (
-                FrontendReq::SET_VRING_CALL,
-                u64_payload(q.into()),
-                fd(&guest.calls[q as usize]),
-            ),
-            Step::SetVringErr(q) => (
-                FrontendReq::SET_VRING_ERR,
-                u64_payload(q.into()),
-                fd(&guest.errs[q as usize]),
-            ),
-            Step::SetVringEnable(q, on) => (
-                FrontendReq::SET_VRING_ENABLE,
-                state(q, u32::from(on)),
-                vec![],
-            ),
-            Step::GetVringBase(q) => (FrontendReq::GET_VRING_BASE, state(q, 0), vec![]),
+            Step::SetVringKick(q) => (u64_payload(q.into()), fd(&guest.kicks[q as usize])),
+            Step::SetVringCall(q) => (u64_payload(q.into()), fd(&guest.calls[q as usize])),
+            Step::SetVringErr(q) => (u64_payload(q.into()), fd(&guest.errs[q as usize])),
+            Step::SetVringEnable(q, on) => (state(q, u32::from(on)), vec![]),
+            Step::GetVringBase(q) => (state(q, 0), vec![]),
         }
     }
 
