@@ -304,16 +304,21 @@ struct PrivateSocketDir {
 
 impl PrivateSocketDir {
     /// Creates a fresh 0700 directory under the temp dir. `mkdir` fails on an existing name,
-    /// so a directory someone else prepared is never used.
+    /// so a directory someone else prepared is never used; the sticky temp dir keeps others
+    /// from renaming or removing ours.
     fn create(label: &str) -> io::Result<Self> {
         let label: String = label
             .chars()
             .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
             .collect();
+        // A random part, so that nobody can take the name first and make the relay fail.
+        let mut random = [0u8; 8];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
         let dir = std::env::temp_dir().join(format!(
-            "vnpd-relay-{}-{}-{label}",
+            "vnpd-relay-{}-{}-{:016x}-{label}",
             std::process::id(),
-            RELAY_SEQ.fetch_add(1, Ordering::Relaxed)
+            RELAY_SEQ.fetch_add(1, Ordering::Relaxed),
+            u64::from_ne_bytes(random)
         ));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
