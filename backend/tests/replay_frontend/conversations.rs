@@ -105,6 +105,13 @@ pub fn qemu_reconnect() -> Vec<Msg> {
     qemu_conversation(1, false)
 }
 
+/// QEMU 10 on an incoming live migration (from an strace of the destination's socket, in
+/// `docs/qemu-launch.md`): the boot handshake with its early enables while the device state
+/// loads, and no enable after `SET_FEATURES` (the device was already running on the source).
+pub fn qemu_incoming_migration() -> Vec<Msg> {
+    qemu_conversation(5, false)
+}
+
 /// cloud-hypervisor's `vhost-user-net` (`Net::new` offers CSUM/TSO/UFO/ECN, MRG_RXBUF, CTRL_VQ,
 /// EVENT_IDX, VERSION_1, PROTOCOL_FEATURES; vnpd takes only MRG_RXBUF, EVENT_IDX, VERSION_1 of
 /// those; MAC is masked out and MQ only asked for with more than one pair).
