@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vnp_registry_client::vnpd_admin::AdminResponse;
 use vnp_registry_client::{ClientConfig, RegistryClient, Role};
 use vnpd::admin::manager::Manager;
 use vnpd::admin::server::AdminServer;
@@ -17,6 +16,7 @@ use vnpd::admin::state::StateStore;
 use vnpd::config::{Overrides, VnpdConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONFIG_TOML};
 use vnpd::control::{ControlSettings, ControlThread};
 use vnpd::metrics::prometheus::{render, Exporter, VmSample};
+use vnpd_admin_api::AdminResponse;
 
 /// How often attachments that could not be restored are retried.
 const RESTORE_RETRY: Duration = Duration::from_secs(5);

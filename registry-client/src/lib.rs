@@ -16,7 +16,6 @@ pub mod net;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod token_cache;
-pub mod vnpd_admin;
 pub mod watcher;
 
 pub use api::*;

@@ -15,10 +15,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-use vnp_registry_client::vnpd_admin::{AttachmentInfo, VnpdAdminClient};
 use vnp_registry_client::{ClientConfig, RegistryClient, VmRecord, VmSpec};
 use vnp_testkit::netns::{Fabric, Netns, CORE_ADDR};
 use vnp_testkit::process::{ChildGuard, TempDir};
+use vnpd_admin_api::{AttachmentInfo, VnpdAdminClient};
 
 /// The registry's port on [`CORE_ADDR`].
 pub const REGISTRY_PORT: u16 = 7443;

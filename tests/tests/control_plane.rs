@@ -4,7 +4,7 @@
 //! Needs root (network namespaces). Run: `cargo test -p vnp-e2e --test control_plane`.
 
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
-use vnp_registry_client::vnpd_admin::{AdminClientError, AdminErrorCode};
+use vnpd_admin_api::{AdminClientError, AdminErrorCode};
 
 #[test]
 fn attach_persist_restart_detach() {

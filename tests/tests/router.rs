@@ -15,9 +15,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
-use vnp_registry_client::vnpd_admin::AttachmentInfo;
 use vnp_testkit::netns::{namespace_exists, Netns};
 use vnp_testkit::testpmd::{ForwardMode, TestPmd, TestPmdSpec};
+use vnpd_admin_api::AttachmentInfo;
 
 /// The guest's interface: the kernel side of testpmd's TAP port.
 const GUEST_IF: &str = "vg0";

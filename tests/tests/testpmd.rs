@@ -9,9 +9,9 @@
 
 use std::time::Duration;
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
-use vnp_registry_client::vnpd_admin::AttachmentInfo;
 use vnp_registry_client::MoveVm;
 use vnp_testkit::testpmd::{ForwardMode, TestPmd, TestPmdSpec};
+use vnpd_admin_api::AttachmentInfo;
 
 /// The tests of this file each run a whole cluster with busy-polling frontends or TCG guests;
 /// on a small machine they starve each other, so they take turns.
@@ -260,12 +260,8 @@ fn traffic_survives_a_registry_outage() {
     // The admin API answers; an attach fails with a clear registry error instead of hanging.
     assert_eq!(c.host(0).admin().list().unwrap().len(), 1);
     match c.host(1).admin().attach("vm-c", None, None) {
-        Err(vnp_registry_client::vnpd_admin::AdminClientError::Refused(f)) => {
-            assert_eq!(
-                f.code,
-                vnp_registry_client::vnpd_admin::AdminErrorCode::Registry,
-                "{f:?}"
-            );
+        Err(vnpd_admin_api::AdminClientError::Refused(f)) => {
+            assert_eq!(f.code, vnpd_admin_api::AdminErrorCode::Registry, "{f:?}");
         }
         other => panic!("attach during the outage: {other:?}"),
     }

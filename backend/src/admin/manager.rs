@@ -18,10 +18,10 @@ use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use vnp_registry_client::vnpd_admin::{
+use vnp_registry_client::{validate_id, ClientError, RegistryClient};
+use vnpd_admin_api::{
     AdminErrorCode, AdminFailure, AdminReply, AdminRequest, AttachmentInfo, VmStats,
 };
-use vnp_registry_client::{validate_id, ClientError, RegistryClient};
 
 /// Longest vhost-user socket path (sun_path holds 108 bytes with the NUL).
 pub const MAX_SOCKET_PATH: usize = 107;

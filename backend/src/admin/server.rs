@@ -1,5 +1,5 @@
 //! The admin socket: JSON lines over a unix stream socket (see
-//! `vnp_registry_client::vnpd_admin` for the protocol).
+//! `vnpd_admin_api` for the protocol).
 //!
 //! One thread accepts; each connection gets its own thread (at most [`MAX_CONNECTIONS`] at
 //! once) so that a slow or idle client cannot hold up others. A line longer than
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vnp_registry_client::vnpd_admin::{
+use vnpd_admin_api::{
     parse_request, AdminErrorCode, AdminFailure, AdminRequest, AdminResponse, MAX_LINE_LEN,
 };
 
@@ -202,7 +202,7 @@ fn serve_connection(stream: UnixStream, handler: &Handler) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vnp_registry_client::vnpd_admin::{AdminClientError, AdminReply, VnpdAdminClient};
+    use vnpd_admin_api::{AdminClientError, AdminReply, VnpdAdminClient};
 
     fn sock_path(tag: &str) -> PathBuf {
         std::env::temp_dir().join(format!("vnpd-admin-{tag}-{}.sock", std::process::id()))

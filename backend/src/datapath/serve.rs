@@ -97,18 +97,14 @@ pub(super) fn serve(
         };
         // QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES, which the vhost crate
         // refuses by dropping the connection; the relay absorbs those (see frontend_relay).
-        let (relay, mut relayed) = match FrontendRelay::start(frontend, &short(&core.vm_id)) {
+        let label = short(&core.vm_id);
+        let relay = match FrontendRelay::start(frontend, &label, |p| daemon.start_client(p)) {
             Ok(r) => r,
             Err(e) => {
                 log::error!("vm {}: cannot start frontend relay: {e}", core.vm_id);
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut relayed) {
-            log::warn!("vm {}: relayed accept failed: {e}", core.vm_id);
-            relay.join();
-            continue;
-        }
         *active.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         if stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();

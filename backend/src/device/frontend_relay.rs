@@ -1,48 +1,104 @@
 //! A message relay between a vhost-user frontend (QEMU) and vnpd's `VhostUserDaemon`.
 //!
-//! Why it exists: QEMU's virtio-net enables and disables the vhost-user rings of each queue pair
-//! (`peer_attach`/`peer_detach`, called when the guest driver writes its features) with
-//! `VHOST_USER_SET_VRING_ENABLE` as soon as the backend *offers* `VHOST_USER_F_PROTOCOL_FEATURES`,
-//! which is before QEMU sends `VHOST_USER_SET_FEATURES` (that comes with `vhost_net_start` at
-//! DRIVER_OK). The `vhost` crate refuses `SET_VRING_ENABLE` until `PROTOCOL_FEATURES` has been
-//! *acked* (`InactiveFeature`), and `vhost-user-backend` then drops the whole connection, so a
-//! QEMU guest never gets a working network.
+//! The crate behaviour it works around, exactly: in `vhost` 0.18,
+//! `src/vhost_user/backend_req_handler.rs`, `BackendReqHandler::handle_request` answers
+//! `FrontendReq::SET_VRING_ENABLE` with `self.check_feature(VhostUserVirtioFeatures::
+//! PROTOCOL_FEATURES)?`, which looks at `acked_virtio_features`, and that field is written only
+//! by `SET_FEATURES`. Before `SET_FEATURES` the message is refused with
+//! `Error::InactiveFeature(PROTOCOL_FEATURES)`, and `vhost-user-backend` 0.24's
+//! `VhostUserDaemon` (its request loop in `start_daemon`) ends the connection on that error.
+//! The test `backend/tests/frontend_replay_crate_pin.rs` pins this: the day it fails, the crate
+//! takes early enables and this relay can be deleted.
+//!
+//! Why that matters: QEMU's virtio-net enables and disables the rings of each queue pair
+//! (`peer_attach`/`peer_detach`, when the guest driver writes its features) with
+//! `SET_VRING_ENABLE` as soon as the backend *offers* `VHOST_USER_F_PROTOCOL_FEATURES`, which is
+//! before QEMU sends `SET_FEATURES` (that comes with `vhost_net_start` at DRIVER_OK). The
+//! vhost-user spec allows it; without the relay a QEMU guest never gets a working network.
 //!
 //! The relay passes every message and its file descriptors through unchanged, except those early
 //! `SET_VRING_ENABLE`s, which it holds back (answering them itself when the frontend asked for a
 //! reply) and replays, last state per ring, right after the `SET_FEATURES` that acks
-//! `PROTOCOL_FEATURES`, which is when the backend can take them. Nothing is lost: on a migration
-//! destination those early enables are the only ones QEMU sends. Frontends that send nothing
-//! early (DPDK's virtio-user, cloud-hypervisor) see no difference. Only the control channel goes through the relay: the data path lives in shared
-//! memory and eventfds, which pass through as descriptors.
+//! `PROTOCOL_FEATURES`. Nothing is lost: on a migration destination those early enables are the
+//! only ones QEMU sends. Frontends that send nothing early (DPDK's virtio-user, cloud-hypervisor)
+//! see no difference. Only the control channel goes through the relay: the data path lives in
+//! shared memory and eventfds, which pass through as descriptors. Every message is logged at
+//! debug level (`RUST_LOG=vnpd::device::frontend_relay=debug`), which is how the frontends'
+//! conversations in `docs/frontends.md` were captured.
+//!
+//! Its two ends: `vhost-user-backend` 0.24 starts a daemon only from a `Listener` or by
+//! connecting to a path (`VhostUserDaemon::start_client`), so a connected socketpair cannot be
+//! handed to it. The relay listens in a fresh 0700 directory of its own, lets the daemon
+//! connect, unlinks the socket at once and accepts only a peer whose `SO_PEERCRED` is this
+//! process; no name in the abstract namespace (which any local user can list, pre-bind or race).
+//!
+//! The message framing uses the `vhost` crate's request codes (`FrontendReq`), header flags,
+//! payload types and size limits; its header struct is private to the crate in 0.18, so the
+//! three-word header is declared here with the same layout.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserU64, VhostUserVringState, MAX_ATTACHED_FD_ENTRIES,
+    MAX_MSG_SIZE,
+};
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Size of a vhost-user message header: request, flags, payload size (all u32, little-endian).
-pub const HEADER_LEN: usize = 12;
-/// Largest payload the `vhost` crate accepts; anything larger is a broken frontend.
-pub const MAX_PAYLOAD: usize = 0x1000;
-/// Most descriptors one message carries (the `vhost` crate's limit).
-const MAX_FDS: usize = 32;
+/// The vhost-user message header: request code, flags, payload size (native byte order, which
+/// the spec fixes as little-endian on every host vnpd runs on).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MessageHeader {
+    /// Request code (`FrontendReq` for both requests and their replies).
+    pub request: u32,
+    /// Version (bits 0-1), `REPLY`, `NEED_REPLY`.
+    pub flags: u32,
+    /// Payload size in bytes.
+    pub size: u32,
+}
 
-const REQ_SET_FEATURES: u32 = 2;
-const REQ_SET_VRING_ENABLE: u32 = 18;
-const FLAG_VERSION_1: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
-const FLAG_NEED_REPLY: u32 = 0x8;
-const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+// SAFETY: three u32 fields with no padding; every bit pattern is a valid value.
+unsafe impl ByteValued for MessageHeader {}
 
-/// A whole vhost-user message with an 8-byte payload (a ring state or an ack).
+/// Size of a [`MessageHeader`] on the wire.
+pub const HEADER_LEN: usize = std::mem::size_of::<MessageHeader>();
+
+/// Protocol version 1, the only one there is.
+const VERSION_1: u32 = 0x1;
+
+impl MessageHeader {
+    /// A version-1 request header.
+    pub fn request(request: FrontendReq, flags: VhostUserHeaderFlag, size: usize) -> Self {
+        Self {
+            request: request.into(),
+            flags: VERSION_1 | flags.bits(),
+            size: size as u32,
+        }
+    }
+
+    /// The request code, if it is one the `vhost` crate knows.
+    pub fn code(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
+    /// Whether the sender asked for a `REPLY_ACK` answer.
+    pub fn needs_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+    }
+}
+
+/// A whole message with an 8-byte payload (a ring state or an ack), as sent on the wire.
 pub type SmallMessage = [u8; HEADER_LEN + 8];
 
 /// What to do with one frontend message.
@@ -53,7 +109,10 @@ pub enum Verdict {
     /// Pass it to the backend, then send it these held-back messages.
     ForwardThenReplay(Vec<SmallMessage>),
     /// Hold it back; send `reply` (if any) to the frontend.
-    Absorb { reply: Option<SmallMessage> },
+    Absorb {
+        /// The `REPLY_ACK` answer the frontend asked for, if it did.
+        reply: Option<SmallMessage>,
+    },
 }
 
 /// The relay's decision logic, kept free of I/O so that it can be tested message by message.
@@ -67,36 +126,46 @@ pub struct EarlyEnableFilter {
 
 impl EarlyEnableFilter {
     /// Judges a message from the frontend, given its header and payload.
-    pub fn on_frontend_message(&mut self, header: &[u8; HEADER_LEN], payload: &[u8]) -> Verdict {
-        let request = le_u32(&header[0..4]);
-        let flags = le_u32(&header[4..8]);
-        match request {
-            REQ_SET_FEATURES => {
-                if let Some(bytes) = payload.get(..8) {
-                    let mut features = [0u8; 8];
-                    features.copy_from_slice(bytes);
-                    self.protocol_features_acked =
-                        u64::from_le_bytes(features) & F_PROTOCOL_FEATURES != 0;
-                }
-                if self.protocol_features_acked && !self.held.is_empty() {
-                    let replay = std::mem::take(&mut self.held)
-                        .into_iter()
-                        .map(|(index, state)| vring_enable(index, state))
-                        .collect();
-                    return Verdict::ForwardThenReplay(replay);
-                }
-                Verdict::Forward
-            }
-            REQ_SET_VRING_ENABLE if !self.protocol_features_acked => {
+    pub fn on_frontend_message(&mut self, header: &MessageHeader, payload: &[u8]) -> Verdict {
+        match header.code() {
+            Some(FrontendReq::SET_FEATURES) => self.on_set_features(payload),
+            Some(FrontendReq::SET_VRING_ENABLE) if !self.protocol_features_acked => {
                 self.absorbed += 1;
-                if let Some(state) = payload.get(..8) {
-                    self.held.insert(le_u32(&state[0..4]), le_u32(&state[4..8]));
+                if let Some(state) = read_payload::<VhostUserVringState>(payload) {
+                    self.held.insert(state.index, state.num);
                 }
-                let reply = (flags & FLAG_NEED_REPLY != 0).then(|| ack(REQ_SET_VRING_ENABLE));
+                let reply = header
+                    .needs_reply()
+                    .then(|| ack(FrontendReq::SET_VRING_ENABLE));
                 Verdict::Absorb { reply }
             }
             _ => Verdict::Forward,
         }
+    }
+
+    fn on_set_features(&mut self, payload: &[u8]) -> Verdict {
+        // A truncated SET_FEATURES changes nothing here; the backend refuses it.
+        if let Some(features) = read_payload::<VhostUserU64>(payload) {
+            self.protocol_features_acked =
+                features.value & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        }
+        if !self.protocol_features_acked || self.held.is_empty() {
+            return Verdict::Forward;
+        }
+        let replay = std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|(index, state)| {
+                small_message(
+                    MessageHeader::request(
+                        FrontendReq::SET_VRING_ENABLE,
+                        VhostUserHeaderFlag::empty(),
+                        8,
+                    ),
+                    VhostUserVringState::new(index, state).as_slice(),
+                )
+            })
+            .collect();
+        Verdict::ForwardThenReplay(replay)
     }
 
     /// How many messages were absorbed so far.
@@ -105,54 +174,56 @@ impl EarlyEnableFilter {
     }
 }
 
+/// Reads a payload of exactly `T`'s size; `None` for any other length.
+fn read_payload<T: ByteValued>(payload: &[u8]) -> Option<T> {
+    let mut value = T::zeroed();
+    let bytes = value.as_mut_slice();
+    if payload.len() != bytes.len() {
+        return None;
+    }
+    bytes.copy_from_slice(payload);
+    Some(value)
+}
+
 /// A `REPLY_ACK` reply saying "success" for `request`.
-fn ack(request: u32) -> SmallMessage {
-    small_message(request, FLAG_VERSION_1 | FLAG_REPLY, [0; 8])
+fn ack(request: FrontendReq) -> SmallMessage {
+    let header = MessageHeader::request(request, VhostUserHeaderFlag::REPLY, 8);
+    small_message(header, VhostUserU64::new(0).as_slice())
 }
 
-/// A `SET_VRING_ENABLE` request for the backend, asking for no reply.
-fn vring_enable(index: u32, state: u32) -> SmallMessage {
-    let mut payload = [0u8; 8];
-    payload[0..4].copy_from_slice(&index.to_le_bytes());
-    payload[4..8].copy_from_slice(&state.to_le_bytes());
-    small_message(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, payload)
-}
-
-fn small_message(request: u32, flags: u32, payload: [u8; 8]) -> SmallMessage {
+fn small_message(header: MessageHeader, payload: &[u8]) -> SmallMessage {
     let mut out = [0u8; HEADER_LEN + 8];
-    out[0..4].copy_from_slice(&request.to_le_bytes());
-    out[4..8].copy_from_slice(&flags.to_le_bytes());
-    out[8..12].copy_from_slice(&8u32.to_le_bytes());
-    out[12..].copy_from_slice(&payload);
+    out[..HEADER_LEN].copy_from_slice(header.as_slice());
+    out[HEADER_LEN..].copy_from_slice(payload);
     out
 }
 
-fn le_u32(bytes: &[u8]) -> u32 {
-    let mut b = [0u8; 4];
-    b.copy_from_slice(bytes);
-    u32::from_le_bytes(b)
-}
-
 /// One vhost-user message with the descriptors that came with it.
-struct Message {
-    header: [u8; HEADER_LEN],
-    payload: Vec<u8>,
-    fds: Vec<OwnedFd>,
+#[derive(Debug)]
+pub struct Message {
+    /// Its header.
+    pub header: MessageHeader,
+    /// Its payload, `header.size` bytes.
+    pub payload: Vec<u8>,
+    /// Descriptors that came with its first bytes.
+    pub fds: Vec<OwnedFd>,
 }
 
-/// Reads one message; `Ok(None)` at a clean end of stream.
-fn read_message(stream: &UnixStream) -> io::Result<Option<Message>> {
-    let mut header = [0u8; HEADER_LEN];
-    let mut raw_fds = [-1 as RawFd; MAX_FDS];
+/// Reads one message; `Ok(None)` at a clean end of stream. A payload larger than the `vhost`
+/// crate's `MAX_MSG_SIZE` is an error (a broken or hostile frontend), never an allocation.
+pub fn read_message(stream: &UnixStream) -> io::Result<Option<Message>> {
+    let mut header = MessageHeader::default();
+    let mut raw_fds = [-1 as RawFd; MAX_ATTACHED_FD_ENTRIES];
+    let bytes = header.as_mut_slice();
     let mut iov = [libc::iovec {
-        iov_base: header.as_mut_ptr().cast(),
+        iov_base: bytes.as_mut_ptr().cast(),
         iov_len: HEADER_LEN,
     }];
     // SAFETY: the iovec points at `header`, which outlives the call and is HEADER_LEN bytes
-    // long; `raw_fds` has room for MAX_FDS descriptors, the most the call will write.
+    // long; `raw_fds` has room for MAX_ATTACHED_FD_ENTRIES descriptors, the most it writes.
     let received = unsafe { stream.recv_with_fds(&mut iov, &mut raw_fds) };
     let (got, nfds) = received.map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let fds = raw_fds[..nfds.min(MAX_FDS)]
+    let fds = raw_fds[..nfds.min(MAX_ATTACHED_FD_ENTRIES)]
         .iter()
         .map(|&fd| {
             // SAFETY: the kernel just installed these descriptors for us in SCM_RIGHTS; nothing
@@ -164,12 +235,12 @@ fn read_message(stream: &UnixStream) -> io::Result<Option<Message>> {
         return Ok(None);
     }
     let mut reader = stream;
-    reader.read_exact(&mut header[got..])?;
-    let size = le_u32(&header[8..12]) as usize;
-    if size > MAX_PAYLOAD {
+    reader.read_exact(&mut header.as_mut_slice()[got..])?;
+    let size = header.size as usize;
+    if size > MAX_MSG_SIZE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("vhost-user message payload of {size} bytes exceeds {MAX_PAYLOAD}"),
+            format!("vhost-user message payload of {size} bytes exceeds {MAX_MSG_SIZE}"),
         ));
     }
     let mut payload = vec![0u8; size];
@@ -181,10 +252,11 @@ fn read_message(stream: &UnixStream) -> io::Result<Option<Message>> {
     }))
 }
 
-/// Writes one message, its descriptors travelling with the first bytes.
-fn write_message(
+/// Writes one message (`bytes` = header, or header and payload), its descriptors travelling
+/// with the first bytes.
+pub fn write_message(
     stream: &UnixStream,
-    header: &[u8],
+    bytes: &[u8],
     payload: &[u8],
     fds: &[OwnedFd],
 ) -> io::Result<()> {
@@ -193,15 +265,124 @@ fn write_message(
         0
     } else {
         stream
-            .send_with_fds(&[header], &raw)
+            .send_with_fds(&[bytes], &raw)
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))?
     };
     let mut writer = stream;
-    writer.write_all(&header[sent..])?;
+    writer.write_all(&bytes[sent..])?;
     writer.write_all(payload)
 }
 
+/// One line of the debug log for a message: what a frontend's conversation looks like.
+fn describe(direction: &str, msg: &Message) -> String {
+    let name = match msg.header.code() {
+        Some(code) => format!("{code:?}"),
+        None => format!("request {}", msg.header.request),
+    };
+    let value = match msg.payload.len() {
+        8 => format!(
+            " value={:#x}",
+            read_payload::<VhostUserU64>(&msg.payload).map_or(0, |v| v.value)
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{direction} {name} flags={:#x} size={} fds={}{value}",
+        msg.header.flags,
+        msg.header.size,
+        msg.fds.len()
+    )
+}
+
 static RELAY_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A directory only this user can enter, for the relay's one-connection socket.
+struct PrivateSocketDir {
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl PrivateSocketDir {
+    /// Creates a fresh 0700 directory under the temp dir. `mkdir` fails on an existing name,
+    /// so a directory someone else prepared is never used; the sticky temp dir keeps others
+    /// from renaming or removing ours.
+    fn create(label: &str) -> io::Result<Self> {
+        let label: String = label
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        // A random part, so that nobody can take the name first and make the relay fail.
+        let mut random = [0u8; 8];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+        let dir = std::env::temp_dir().join(format!(
+            "vnpd-relay-{}-{}-{:016x}-{label}",
+            std::process::id(),
+            RELAY_SEQ.fetch_add(1, Ordering::Relaxed),
+            u64::from_ne_bytes(random)
+        ));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let socket = dir.join("backend.sock");
+        Ok(Self { dir, socket })
+    }
+
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Removes the socket's name (an accepted or queued connection does not need it).
+    fn remove(&self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Drop for PrivateSocketDir {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// The process id on the other end of a unix socket (`SO_PEERCRED`).
+fn peer_pid(stream: &UnixStream) -> io::Result<libc::pid_t> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes and `len` holds the size of `cred`, as
+    // SO_PEERCRED expects; the fd is a live socket borrowed from `stream`.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.pid)
+}
+
+/// Accepts the connection this process made to `listener`, dropping any other. The caller's
+/// connect has already completed, so its connection is queued: no waiting.
+fn accept_own_connection(listener: &UnixListener) -> io::Result<UnixStream> {
+    listener.set_nonblocking(true)?;
+    let own = std::process::id() as libc::pid_t;
+    loop {
+        let (stream, _) = listener.accept()?;
+        let pid = peer_pid(&stream)?;
+        if pid == own {
+            stream.set_nonblocking(false)?;
+            return Ok(stream);
+        }
+        log::warn!("frontend relay: refused a connection from pid {pid} on its private socket");
+    }
+}
 
 /// A running relay for one frontend connection.
 #[derive(Debug)]
@@ -210,20 +391,27 @@ pub struct FrontendRelay {
 }
 
 impl FrontendRelay {
-    /// Starts relaying `frontend` and returns a listener holding the backend's end of the
-    /// relay, ready for `VhostUserDaemon::start` to accept. The private socket lives in the
-    /// abstract namespace, so nothing is left on the filesystem.
-    pub fn start(frontend: UnixStream, label: &str) -> io::Result<(Self, Listener)> {
-        let name = format!(
-            "vnpd-relay-{}-{}-{}",
-            std::process::id(),
-            label,
-            RELAY_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-        let listener = UnixListener::bind_addr(&addr)?;
-        let backend = UnixStream::connect_addr(&addr)?;
+    /// Starts relaying `frontend` to a backend that `connect_backend` connects to the given
+    /// socket path (vnpd passes `|path| daemon.start_client(path)`).
+    pub fn start<E: Display>(
+        frontend: UnixStream,
+        label: &str,
+        connect_backend: impl FnOnce(&str) -> Result<(), E>,
+    ) -> io::Result<Self> {
+        let private = PrivateSocketDir::create(label)?;
+        let listener = UnixListener::bind(private.socket())?;
+        let path = private
+            .socket()
+            .to_str()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "temp dir is not UTF-8"))?;
+        connect_backend(path).map_err(|e| io::Error::other(format!("backend connect: {e}")))?;
+        private.remove();
+        let backend = accept_own_connection(&listener)?;
+        drop(listener);
+        Self::spawn_pumps(frontend, backend, label)
+    }
 
+    fn spawn_pumps(frontend: UnixStream, backend: UnixStream, label: &str) -> io::Result<Self> {
         let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let backend_reader = backend.try_clone()?;
         let to_backend = {
@@ -233,9 +421,14 @@ impl FrontendRelay {
                 .name(format!("relay-in-{label}"))
                 .spawn(move || {
                     let mut filter = EarlyEnableFilter::default();
-                    if let Err(e) =
-                        pump_from_frontend(&frontend, &backend, &frontend_writer, &mut filter)
-                    {
+                    let pumped = pump_from_frontend(
+                        &frontend,
+                        &backend,
+                        &frontend_writer,
+                        &mut filter,
+                        &label,
+                    );
+                    if let Err(e) = pumped {
                         log::debug!("vm {label}: frontend relay ended: {e}");
                     }
                     if filter.absorbed() > 0 {
@@ -248,12 +441,15 @@ impl FrontendRelay {
                     let _ = backend.shutdown(std::net::Shutdown::Both);
                 })?
         };
+        let label = label.to_owned();
         let to_frontend = std::thread::Builder::new()
             .name(format!("relay-out-{label}"))
             .spawn(move || {
                 while let Ok(Some(msg)) = read_message(&backend_reader) {
+                    log::debug!("vm {label}: {}", describe("backend ->", &msg));
                     let frontend = frontend_writer.lock().unwrap_or_else(|e| e.into_inner());
-                    if write_message(&frontend, &msg.header, &msg.payload, &msg.fds).is_err() {
+                    let header = msg.header.as_slice();
+                    if write_message(&frontend, header, &msg.payload, &msg.fds).is_err() {
                         break;
                     }
                 }
@@ -261,12 +457,9 @@ impl FrontendRelay {
                 let _ = frontend.shutdown(std::net::Shutdown::Both);
                 let _ = backend_reader.shutdown(std::net::Shutdown::Both);
             })?;
-        Ok((
-            Self {
-                threads: vec![to_backend, to_frontend],
-            },
-            Listener::from(listener),
-        ))
+        Ok(Self {
+            threads: vec![to_backend, to_frontend],
+        })
     }
 
     /// Waits for both directions to finish (after either side hung up).
@@ -282,17 +475,22 @@ fn pump_from_frontend(
     backend: &UnixStream,
     frontend_writer: &Mutex<UnixStream>,
     filter: &mut EarlyEnableFilter,
+    label: &str,
 ) -> io::Result<()> {
     while let Some(msg) = read_message(frontend)? {
+        log::debug!("vm {label}: {}", describe("frontend ->", &msg));
+        let header = msg.header.as_slice();
         match filter.on_frontend_message(&msg.header, &msg.payload) {
-            Verdict::Forward => write_message(backend, &msg.header, &msg.payload, &msg.fds)?,
+            Verdict::Forward => write_message(backend, header, &msg.payload, &msg.fds)?,
             Verdict::ForwardThenReplay(held) => {
-                write_message(backend, &msg.header, &msg.payload, &msg.fds)?;
+                write_message(backend, header, &msg.payload, &msg.fds)?;
                 for replayed in held {
+                    log::debug!("vm {label}: relay -> backend: held SET_VRING_ENABLE {replayed:?}");
                     write_message(backend, &replayed, &[], &[])?;
                 }
             }
             Verdict::Absorb { reply } => {
+                log::debug!("vm {label}: held back (before SET_FEATURES)");
                 if let Some(reply) = reply {
                     let w = frontend_writer.lock().unwrap_or_else(|e| e.into_inner());
                     write_message(&w, &reply, &[], &[])?;
@@ -304,186 +502,4 @@ fn pump_from_frontend(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header(request: u32, flags: u32, size: u32) -> [u8; HEADER_LEN] {
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(&request.to_le_bytes());
-        h[4..8].copy_from_slice(&flags.to_le_bytes());
-        h[8..12].copy_from_slice(&size.to_le_bytes());
-        h
-    }
-
-    fn enable(index: u32, on: u32) -> Vec<u8> {
-        let mut p = index.to_le_bytes().to_vec();
-        p.extend_from_slice(&on.to_le_bytes());
-        p
-    }
-
-    #[test]
-    fn absorbs_enable_before_features_and_answers_when_asked() {
-        let mut f = EarlyEnableFilter::default();
-        let quiet = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, 8);
-        assert_eq!(
-            f.on_frontend_message(&quiet, &enable(0, 1)),
-            Verdict::Absorb { reply: None }
-        );
-        let asking = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1 | FLAG_NEED_REPLY, 8);
-        let Verdict::Absorb { reply: Some(reply) } = f.on_frontend_message(&asking, &enable(1, 0))
-        else {
-            panic!("expected an absorbed message with a reply");
-        };
-        assert_eq!(le_u32(&reply[0..4]), REQ_SET_VRING_ENABLE);
-        assert_eq!(le_u32(&reply[4..8]), FLAG_VERSION_1 | FLAG_REPLY);
-        assert_eq!(le_u32(&reply[8..12]), 8);
-        assert_eq!(&reply[12..], &[0u8; 8], "zero means success");
-        assert_eq!(f.absorbed(), 2);
-    }
-
-    #[test]
-    fn replays_held_enables_after_features_last_state_per_ring() {
-        let mut f = EarlyEnableFilter::default();
-        let msg = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, 8);
-        f.on_frontend_message(&msg, &enable(0, 1));
-        f.on_frontend_message(&msg, &enable(1, 1));
-        f.on_frontend_message(&msg, &enable(3, 1));
-        f.on_frontend_message(&msg, &enable(3, 0));
-        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
-        let Verdict::ForwardThenReplay(replay) =
-            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features)
-        else {
-            panic!("expected the held enables to be replayed");
-        };
-        let states: Vec<(u32, u32)> = replay
-            .iter()
-            .map(|m| {
-                assert_eq!(le_u32(&m[0..4]), REQ_SET_VRING_ENABLE);
-                assert_eq!(le_u32(&m[4..8]), FLAG_VERSION_1, "no reply asked for");
-                assert_eq!(le_u32(&m[8..12]), 8);
-                (le_u32(&m[12..16]), le_u32(&m[16..20]))
-            })
-            .collect();
-        assert_eq!(states, vec![(0, 1), (1, 1), (3, 0)]);
-        // Replayed once: a later SET_FEATURES (e.g. toggling LOG_ALL) replays nothing.
-        assert_eq!(
-            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features),
-            Verdict::Forward
-        );
-    }
-
-    #[test]
-    fn forwards_enable_once_protocol_features_are_acked() {
-        let mut f = EarlyEnableFilter::default();
-        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
-        assert_eq!(
-            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features),
-            Verdict::Forward
-        );
-        let msg = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, 8);
-        assert_eq!(f.on_frontend_message(&msg, &enable(0, 1)), Verdict::Forward);
-        assert_eq!(f.absorbed(), 0);
-    }
-
-    #[test]
-    fn features_without_protocol_bit_keep_absorbing() {
-        // Without PROTOCOL_FEATURES the backend enables rings itself at SET_FEATURES, and a
-        // conforming frontend never sends SET_VRING_ENABLE; if one does, the crate would
-        // refuse it, so it is absorbed.
-        let mut f = EarlyEnableFilter::default();
-        let features = (1u64 << 32).to_le_bytes();
-        f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 8), &features);
-        let msg = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1, 8);
-        assert_eq!(
-            f.on_frontend_message(&msg, &enable(0, 1)),
-            Verdict::Absorb { reply: None }
-        );
-    }
-
-    #[test]
-    fn other_messages_pass() {
-        let mut f = EarlyEnableFilter::default();
-        for request in [1u32, 3, 5, 8, 9, 10, 11, 12, 15, 16, 17, 24, 25] {
-            assert_eq!(
-                f.on_frontend_message(&header(request, FLAG_VERSION_1, 0), &[]),
-                Verdict::Forward
-            );
-        }
-        // A truncated SET_FEATURES changes nothing and is left to the backend to refuse.
-        assert_eq!(
-            f.on_frontend_message(&header(REQ_SET_FEATURES, FLAG_VERSION_1, 4), &[0; 4]),
-            Verdict::Forward
-        );
-    }
-
-    #[test]
-    fn relays_messages_with_descriptors_and_absorbs_early_enable() {
-        let (frontend_side, relay_side) = UnixStream::pair().expect("socketpair");
-        let (relay, listener) = FrontendRelay::start(relay_side, "test").expect("relay");
-        let backend = listener.accept().expect("accept").expect("connection");
-
-        // An early enable that asks for a reply: answered by the relay, never seen by the backend.
-        let early = header(REQ_SET_VRING_ENABLE, FLAG_VERSION_1 | FLAG_NEED_REPLY, 8);
-        write_message(&frontend_side, &early, &enable(0, 1), &[]).expect("send");
-        let reply = read_message(&frontend_side).expect("read").expect("reply");
-        assert_eq!(le_u32(&reply.header[4..8]), FLAG_VERSION_1 | FLAG_REPLY);
-
-        // SET_FEATURES reaches the backend, followed by the held-back enable.
-        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
-        write_message(
-            &frontend_side,
-            &header(REQ_SET_FEATURES, FLAG_VERSION_1, 8),
-            &features,
-            &[],
-        )
-        .expect("send");
-        let got = read_message(&backend).expect("read").expect("features");
-        assert_eq!(le_u32(&got.header[0..4]), REQ_SET_FEATURES);
-        let got = read_message(&backend)
-            .expect("read")
-            .expect("replayed enable");
-        assert_eq!(le_u32(&got.header[0..4]), REQ_SET_VRING_ENABLE);
-        assert_eq!(got.payload, enable(0, 1));
-
-        // A message with a descriptor passes through, descriptor included.
-        let (probe_a, probe_b) = UnixStream::pair().expect("socketpair");
-        let set_call = header(13, FLAG_VERSION_1, 8);
-        write_message(
-            &frontend_side,
-            &set_call,
-            &0u64.to_le_bytes(),
-            &[OwnedFd::from(probe_a)],
-        )
-        .expect("send");
-        let got = read_message(&backend).expect("read").expect("message");
-        assert_eq!(le_u32(&got.header[0..4]), 13);
-        assert_eq!(got.fds.len(), 1);
-        let mut passed = UnixStream::from(got.fds.into_iter().next().expect("fd"));
-        passed.write_all(b"x").expect("write through passed fd");
-        let mut byte = [0u8; 1];
-        (&probe_b).read_exact(&mut byte).expect("read");
-        assert_eq!(&byte, b"x");
-
-        // Backend replies flow back.
-        let backend_reply = header(1, FLAG_VERSION_1 | FLAG_REPLY, 8);
-        write_message(&backend, &backend_reply, &7u64.to_le_bytes(), &[]).expect("send");
-        let back = read_message(&frontend_side).expect("read").expect("reply");
-        assert_eq!(back.payload, 7u64.to_le_bytes());
-
-        // The frontend hanging up ends both directions.
-        drop(frontend_side);
-        assert!(read_message(&backend).expect("read").is_none());
-        relay.join();
-    }
-
-    #[test]
-    fn oversized_payload_ends_the_connection() {
-        let (frontend_side, relay_side) = UnixStream::pair().expect("socketpair");
-        let (relay, listener) = FrontendRelay::start(relay_side, "big").expect("relay");
-        let backend = listener.accept().expect("accept").expect("connection");
-        let h = header(1, FLAG_VERSION_1, (MAX_PAYLOAD + 1) as u32);
-        (&frontend_side).write_all(&h).expect("send");
-        assert!(read_message(&backend).expect("read").is_none());
-        relay.join();
-    }
-}
+mod tests;

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 pub const QUEUE_SIZE: u16 = 256;
 pub const BUF_LEN: u64 = 2048;
 pub const VNET_HDR: usize = 12;
-const MEM_SIZE: usize = 8 << 20;
+pub const MEM_SIZE: usize = 8 << 20;
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
@@ -70,7 +70,7 @@ pub struct TestFrontend {
     pub features: u64,
 }
 
-fn memfd(size: usize) -> io::Result<File> {
+pub fn memfd(size: usize) -> io::Result<File> {
     // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is checked.
     let fd = unsafe { libc::memfd_create(c"vnp-test-guest".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -80,6 +80,18 @@ fn memfd(size: usize) -> io::Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size as u64)?;
     Ok(file)
+}
+
+/// Where queue `q`'s descriptor table, avail ring, used ring and buffers live in guest memory
+/// (guest-physical addresses; guest memory starts at 0).
+pub fn ring_layout(q: usize) -> (u64, u64, u64, u64) {
+    let base = 0x1_0000 + q as u64 * 0x1_0000;
+    (
+        base,
+        base + 0x1000,
+        base + 0x2000,
+        0x10_0000 + q as u64 * 0x8_0000,
+    )
 }
 
 pub fn connect_retry(path: &Path, queues: u64) -> Frontend {
@@ -183,6 +195,46 @@ impl TestFrontend {
         for q in 0..nq {
             fe.set_vring_enable(q, true).unwrap();
         }
+        TestFrontend {
+            fe,
+            mem,
+            rings,
+            kicks,
+            _calls: calls,
+            _file: file,
+            features,
+        }
+    }
+
+    /// Drives rings that another frontend (e.g. a replayed conversation in
+    /// `frontend_replay`) has already set up over `fe`'s connection, laid out in `mem` the way
+    /// [`TestFrontend::connect`] lays them out ([`ring_layout`]).
+    pub fn adopt(
+        fe: Frontend,
+        mem: GuestMemoryMmap<()>,
+        file: File,
+        kicks: Vec<EventFd>,
+        calls: Vec<EventFd>,
+        features: u64,
+    ) -> TestFrontend {
+        let rings = (0..kicks.len())
+            .map(|q| {
+                let (desc, avail, used, bufs) = ring_layout(q);
+                let read = |addr: u64| {
+                    u16::from_le(mem.load(GuestAddress(addr), Ordering::Acquire).unwrap())
+                };
+                let avail_idx = read(avail + 2);
+                Ring {
+                    desc,
+                    avail,
+                    used,
+                    bufs,
+                    avail_idx,
+                    used_seen: read(used + 2),
+                    next_desc: avail_idx % QUEUE_SIZE,
+                }
+            })
+            .collect();
         TestFrontend {
             fe,
             mem,

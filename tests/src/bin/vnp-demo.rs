@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vnp_e2e::cluster::{wait_dhcp, Cluster, ClusterOptions, NETWORK, NETWORK_CIDR};
-use vnp_registry_client::vnpd_admin::AttachmentInfo;
+use vnpd_admin_api::AttachmentInfo;
 
 /// What must be removed if the demo is interrupted: the cluster's directory (every process
 /// it started mentions it on its command line) and its namespaces.

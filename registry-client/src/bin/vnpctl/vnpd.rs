@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use vnp_registry_client::vnpd_admin::{AttachmentInfo, VmStats, VnpdAdminClient};
+use vnpd_admin_api::{AttachmentInfo, VmStats, VnpdAdminClient};
 
 /// Arguments of `vnpctl vnpd`.
 #[derive(Debug, clap::Args)]

@@ -14,8 +14,8 @@
 //! < {"error":{"code":"not_attached","message":"vm nope is not attached"}}
 //! ```
 //!
-//! The types live here (not in vnpd) so that `vnpctl` can use them without pulling in the data
-//! path.
+//! The protocol is a crate of its own so that vnpd's admin server and `vnpctl vnpd` share one
+//! definition while neither pulls in the other: `vnpctl` gets no data path, vnpd no registry CLI.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
