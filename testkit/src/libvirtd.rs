@@ -1,0 +1,264 @@
+//! `Libvirtd`: a private libvirt daemon (the distribution's `libvirtd`, unmodified) for one
+//! test, in its own mount namespace so that it shares no state with the system or with a
+//! second daemon of the same test (which live migration between two "hosts" needs).
+//!
+//! Inside the namespace, `/run`, `/var/lib/libvirt` and `/var/cache/libvirt` are fresh tmpfs
+//! mounts, and `/etc/libvirt` and `/var/log/libvirt` are bind mounts of directories under the
+//! fixture's `dir`; nothing is written to the system's libvirt paths. The daemon listens on
+//! `dir/sock/libvirt-sock` (outside the namespace, so `virsh -c` reaches it), has its own
+//! host UUID (libvirt refuses to migrate between two daemons with the same UUID), and runs
+//! QEMU as root without a security driver or cgroups (see [`QEMU_CONF`]).
+//!
+//! On drop: every domain is destroyed, libvirtd is stopped, and every process still in its
+//! mount namespace (the QEMUs libvirt daemonised) is killed. Only the caller's `dir` remains.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{ChildGuard, ProcessError};
+
+/// The QEMU driver's configuration. QEMU runs as root: the vhost-user sockets vnpd creates
+/// are root's (mode 0755 directory, socket owned by root), and libvirt's default user
+/// (`libvirt-qemu`) could not connect to them. No security driver (no AppArmor/SELinux
+/// here), no ownership changes of the test's files, no cgroups (no systemd in the test
+/// machine), no private /dev per domain, QEMU's log to a plain file instead of virtlogd.
+/// libvirt refuses loopback addresses for `migration_host` and `migration_address`, so a
+/// migration between two of these daemons passes them to `virsh migrate` instead
+/// (`--migrateuri tcp://127.0.0.1 --listen-address 127.0.0.1`).
+pub const QEMU_CONF: &str = r#"user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+stdio_handler = "file"
+"#;
+
+/// Mounts the private state directories and execs libvirtd. `$1` is the fixture's directory.
+const START_SCRIPT: &str = r#"set -e
+mount -t tmpfs vnp-libvirtd /run
+mount -t tmpfs vnp-libvirtd /var/lib/libvirt
+mount -t tmpfs vnp-libvirtd /var/cache/libvirt
+mount --bind "$1/log" /var/log/libvirt
+mount --bind "$1/etc" /etc/libvirt
+exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file "$1/libvirtd.pid"
+"#;
+
+/// How long libvirtd gets to answer (it probes QEMU's capabilities at start: seconds).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors of the libvirtd fixture.
+#[derive(Debug, thiserror::Error)]
+pub enum LibvirtdError {
+    /// Preparing the daemon's files.
+    #[error("libvirtd fixture: {context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Starting or waiting for the daemon.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// A `virsh` command failed.
+    #[error("virsh {args}: {detail}")]
+    Virsh {
+        /// The arguments.
+        args: String,
+        /// virsh's stderr.
+        detail: String,
+    },
+}
+
+/// A running private libvirtd.
+#[derive(Debug)]
+pub struct Libvirtd {
+    dir: PathBuf,
+    daemon: Option<ChildGuard>,
+    mount_namespace: Option<String>,
+}
+
+impl Libvirtd {
+    /// Starts a daemon with its files under `dir` (created; the caller removes it) and host
+    /// UUID `host_uuid`, and waits until `virsh version` answers.
+    pub fn start(dir: &Path, host_uuid: &str) -> Result<Self, LibvirtdError> {
+        write_config(dir, host_uuid)?;
+        let daemon = ChildGuard::spawn(
+            "libvirtd",
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg(START_SCRIPT)
+                .arg("libvirtd-start")
+                .arg(dir)
+                .stdout(std::process::Stdio::null()),
+            Some(&dir.join("libvirtd.log")),
+        )?;
+        let mount_namespace = namespace_of(daemon.pid());
+        let mut me = Self {
+            dir: dir.to_path_buf(),
+            daemon: Some(daemon),
+            mount_namespace,
+        };
+        let virsh = me.uri();
+        me.daemon_mut()
+            .wait_until("libvirtd to answer virsh", START_TIMEOUT, || {
+                virsh_at(&virsh, &["version"]).ok().map(|_| ())
+            })?;
+        // Read again: right after the spawn, unshare may not have entered the namespace yet.
+        me.mount_namespace = namespace_of(me.daemon_mut().pid());
+        Ok(me)
+    }
+
+    /// The URI for `virsh -c` and libvirt clients.
+    pub fn uri(&self) -> String {
+        format!(
+            "qemu:///system?socket={}",
+            self.dir.join("sock/libvirt-sock").display()
+        )
+    }
+
+    /// Where libvirt writes each domain's QEMU log (`NAME.log`).
+    pub fn qemu_log_dir(&self) -> PathBuf {
+        self.dir.join("log/qemu")
+    }
+
+    /// libvirtd's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(ChildGuard::pid)
+    }
+
+    /// Runs `virsh -c URI ARGS` and returns stdout.
+    pub fn virsh(&self, args: &[&str]) -> Result<String, LibvirtdError> {
+        virsh_at(&self.uri(), args)
+    }
+
+    /// pids of every process in the daemon's mount namespace (libvirtd and its QEMUs).
+    pub fn processes(&self) -> Vec<u32> {
+        match &self.mount_namespace {
+            Some(ns) => processes_in_namespace(ns),
+            None => Vec::new(),
+        }
+    }
+
+    /// The last lines libvirtd wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        self.daemon
+            .as_ref()
+            .map(ChildGuard::stderr_tail)
+            .unwrap_or_default()
+    }
+
+    /// Destroys every domain, stops libvirtd (SIGTERM) and kills what is left in its mount
+    /// namespace. Idempotent; also run on drop.
+    pub fn stop(&mut self) {
+        if self.daemon.is_none() {
+            return;
+        }
+        if let Ok(names) = self.virsh(&["list", "--name"]) {
+            for name in names.lines().filter(|l| !l.trim().is_empty()) {
+                let _ = self.virsh(&["destroy", name.trim()]);
+            }
+        }
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.terminate(Duration::from_secs(10));
+        }
+        // libvirt daemonises QEMU out of libvirtd's process group: find it by namespace.
+        for _ in 0..50 {
+            let left = self.processes();
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                kill(pid);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn daemon_mut(&mut self) -> &mut ChildGuard {
+        self.daemon.as_mut().expect("daemon running")
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_config(dir: &Path, host_uuid: &str) -> Result<(), LibvirtdError> {
+    let io = |context: &str| {
+        let context = format!("{context} in {}", dir.display());
+        move |source| LibvirtdError::Io { context, source }
+    };
+    for sub in ["etc/qemu", "log/qemu", "sock"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(io("creating directories"))?;
+    }
+    // Only root may connect: the socket directory is the test's, not /run/libvirt.
+    let conf = format!(
+        "unix_sock_dir = \"{sock}\"\n\
+         unix_sock_rw_perms = \"0700\"\n\
+         auth_unix_rw = \"none\"\n\
+         auth_unix_ro = \"none\"\n\
+         host_uuid = \"{host_uuid}\"\n\
+         log_outputs = \"3:stderr\"\n",
+        sock = dir.join("sock").display()
+    );
+    std::fs::write(dir.join("etc/libvirtd.conf"), conf).map_err(io("writing libvirtd.conf"))?;
+    std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF).map_err(io("writing qemu.conf"))?;
+    Ok(())
+}
+
+fn virsh_at(uri: &str, args: &[&str]) -> Result<String, LibvirtdError> {
+    let out = Command::new("virsh")
+        .args(["-c", uri])
+        .args(args)
+        .output()
+        .map_err(|source| LibvirtdError::Io {
+            context: "running virsh (libvirt-clients)".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LibvirtdError::Virsh {
+            args: args.join(" "),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The mount namespace of `pid` (`mnt:[inode]`), if it differs from ours.
+fn namespace_of(pid: u32) -> Option<String> {
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+    let ours = std::fs::read_link("/proc/self/ns/mnt").ok()?;
+    (theirs != ours).then(|| theirs.to_string_lossy().into_owned())
+}
+
+fn processes_in_namespace(ns: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                .map(|l| l.to_string_lossy() == ns)
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn kill(pid: u32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill(2) has no memory-safety preconditions. The pid was just seen in the
+    // fixture's private mount namespace, which only its own processes can have joined.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
