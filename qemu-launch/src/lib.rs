@@ -24,6 +24,7 @@ pub mod libvirt_domain;
 mod lines;
 pub mod migration;
 pub mod qmp;
+pub mod registry_env;
 mod spawn;
 pub mod spec;
 pub mod transfer;
