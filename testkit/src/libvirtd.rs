@@ -7,7 +7,8 @@
 //! fixture's `dir`; nothing is written to the system's libvirt paths. The daemon listens on
 //! `dir/sock/libvirt-sock` (outside the namespace, so `virsh -c` reaches it), has its own
 //! host UUID (libvirt refuses to migrate between two daemons with the same UUID), and runs
-//! QEMU as root without a security driver or cgroups (see [`QEMU_CONF`]).
+//! QEMU as the user the test chooses, without a security driver or cgroups (see
+//! [`qemu_conf`]).
 //!
 //! On drop: every domain is destroyed, libvirtd is stopped, and every process still in its
 //! mount namespace (the QEMUs libvirt daemonised) is killed. Only the caller's `dir` remains.
@@ -18,23 +19,29 @@ use std::time::Duration;
 
 use crate::process::{ChildGuard, ProcessError};
 
-/// The QEMU driver's configuration. QEMU runs as root: the vhost-user sockets vnpd creates
-/// are root's (mode 0755 directory, socket owned by root), and libvirt's default user
-/// (`libvirt-qemu`) could not connect to them. No security driver (no AppArmor/SELinux
-/// here), no ownership changes of the test's files, no cgroups (no systemd in the test
-/// machine), no private /dev per domain, QEMU's log to a plain file instead of virtlogd.
+/// The QEMU driver's configuration for QEMU running as `user` (and that user's group).
+/// libvirt opens the domain's console file and binds its serial sockets itself and hands QEMU
+/// the descriptors; the one path QEMU opens as `user` is the vhost-user socket, which it
+/// connects to (and reconnects to after a vnpd restart), so `user` must be allowed to connect
+/// to vnpd's socket. No security driver (no AppArmor/SELinux here), no ownership changes of
+/// the test's files, no cgroups (no systemd in the test machine), no private /dev per domain,
+/// QEMU's log to a plain file instead of virtlogd.
+///
 /// libvirt refuses loopback addresses for `migration_host` and `migration_address`, so a
 /// migration between two of these daemons passes them to `virsh migrate` instead
 /// (`--migrateuri tcp://127.0.0.1 --listen-address 127.0.0.1`).
-pub const QEMU_CONF: &str = r#"user = "root"
-group = "root"
-dynamic_ownership = 0
-remember_owner = 0
-security_driver = "none"
-cgroup_controllers = [ ]
-namespaces = [ ]
-stdio_handler = "file"
-"#;
+pub fn qemu_conf(user: &str) -> String {
+    format!(
+        "user = \"{user}\"\n\
+         group = \"{user}\"\n\
+         dynamic_ownership = 0\n\
+         remember_owner = 0\n\
+         security_driver = \"none\"\n\
+         cgroup_controllers = [ ]\n\
+         namespaces = [ ]\n\
+         stdio_handler = \"file\"\n"
+    )
+}
 
 /// Mounts the private state directories and execs libvirtd. `$1` is the fixture's directory.
 const START_SCRIPT: &str = r#"set -e
@@ -82,10 +89,11 @@ pub struct Libvirtd {
 }
 
 impl Libvirtd {
-    /// Starts a daemon with its files under `dir` (created; the caller removes it) and host
-    /// UUID `host_uuid`, and waits until `virsh version` answers.
-    pub fn start(dir: &Path, host_uuid: &str) -> Result<Self, LibvirtdError> {
-        write_config(dir, host_uuid)?;
+    /// Starts a daemon with its files under `dir` (created; the caller removes it), host
+    /// UUID `host_uuid` and its QEMUs running as `qemu_user` (`root`, or libvirt's usual
+    /// `libvirt-qemu`), and waits until `virsh version` answers.
+    pub fn start(dir: &Path, host_uuid: &str, qemu_user: &str) -> Result<Self, LibvirtdError> {
+        write_config(dir, host_uuid, qemu_user)?;
         let daemon = ChildGuard::spawn(
             "libvirtd",
             Command::new("unshare")
@@ -189,7 +197,7 @@ impl Drop for Libvirtd {
     }
 }
 
-fn write_config(dir: &Path, host_uuid: &str) -> Result<(), LibvirtdError> {
+fn write_config(dir: &Path, host_uuid: &str, qemu_user: &str) -> Result<(), LibvirtdError> {
     let io = |context: &str| {
         let context = format!("{context} in {}", dir.display());
         move |source| LibvirtdError::Io { context, source }
@@ -208,7 +216,8 @@ fn write_config(dir: &Path, host_uuid: &str) -> Result<(), LibvirtdError> {
         sock = dir.join("sock").display()
     );
     std::fs::write(dir.join("etc/libvirtd.conf"), conf).map_err(io("writing libvirtd.conf"))?;
-    std::fs::write(dir.join("etc/qemu.conf"), QEMU_CONF).map_err(io("writing qemu.conf"))?;
+    std::fs::write(dir.join("etc/qemu.conf"), qemu_conf(qemu_user))
+        .map_err(io("writing qemu.conf"))?;
     Ok(())
 }
 

@@ -2,8 +2,9 @@
 //! 10) boots the test guest from qemu-launch's domain XML (`<interface type='vhostuser'>` on
 //! vnpd's socket, memfd shared memory) with `virsh define`/`virsh start`; the guest gets its
 //! address by DHCP from vnpd and pings a peer on another vnpd host. Then a second libvirtd
-//! (own mount namespace, own host UUID) takes the guest over with `virsh migrate --live` onto
-//! the other vnpd host's socket, the guest keeps talking, and `virsh destroy` ends it.
+//! (own mount namespace, own host UUID, QEMU as `libvirt-qemu` instead of root) takes the
+//! guest over with `virsh migrate --live` onto the other vnpd host's socket, the guest keeps
+//! talking, and `virsh destroy` ends it.
 //!
 //! Needs root (network and mount namespaces), QEMU 10, libvirt 11 and the guest image
 //! (`scripts/setup`). Run: `cargo test -p vnp-e2e --test libvirt -- --nocapture`.
@@ -21,6 +22,9 @@ const CMD: Duration = Duration::from_secs(60);
 /// Distinct host UUIDs: libvirt refuses a migration between daemons that share one.
 const HOST_UUID_A: &str = "5f0c3e2a-7b1d-4c6e-9a8f-00000000000a";
 const HOST_UUID_B: &str = "5f0c3e2a-7b1d-4c6e-9a8f-00000000000b";
+/// The user (and group) Debian's libvirt runs QEMU as by default; the migration destination
+/// runs it so.
+const QEMU_USER: &str = "libvirt-qemu";
 
 fn step(what: &str) {
     eprintln!("[libvirt] {what}");
@@ -77,6 +81,44 @@ fn uid_of(pid: u32) -> u32 {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// `id FLAG NAME` (`-u`: uid, `-g`: primary gid).
+fn id_of(flag: &str, name: &str) -> u32 {
+    let out = std::process::Command::new("id")
+        .args([flag, name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "no user {name}: run scripts/setup (libvirt-daemon)"
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Lets `group` connect to a vnpd socket, as vnpd would with a socket group/mode setting. It
+/// has none yet: its sockets are root's with mode 0755 (umask), and connecting to a unix socket
+/// needs write permission, so only root's QEMU could connect.
+fn grant_socket_to_group(path: &Path, group: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let entry = std::process::Command::new("getent")
+        .args(["group", group])
+        .output()
+        .unwrap();
+    let entry = String::from_utf8_lossy(&entry.stdout).to_string();
+    let gid: u32 = entry
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no group {group}: run scripts/setup (libvirt-daemon)"));
+    let mode = std::fs::metadata(path).unwrap().permissions().mode();
+    eprintln!(
+        "  vnpd's socket {}: mode {:o}; granting group {group} rw",
+        path.display(),
+        mode & 0o777
+    );
+    std::os::unix::fs::chown(path, None, Some(gid)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).unwrap();
+}
+
 #[test]
 fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     let opts = ClusterOptions {
@@ -95,7 +137,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
 
     step("starting libvirtd a");
     let started = Instant::now();
-    let lv_a = Libvirtd::start(&dir.join("libvirt-a"), HOST_UUID_A).expect("libvirtd a");
+    let lv_a = Libvirtd::start(&dir.join("libvirt-a"), HOST_UUID_A, "root").expect("libvirtd a");
     eprintln!(
         "  libvirtd answered in {} ms",
         started.elapsed().as_millis()
@@ -164,8 +206,8 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
         c.logs()
     );
 
-    step("starting libvirtd b (own mount namespace, own host UUID)");
-    let lv_b = Libvirtd::start(&dir.join("libvirt-b"), HOST_UUID_B).expect("libvirtd b");
+    step("starting libvirtd b (own mount namespace, own host UUID, QEMU as libvirt-qemu)");
+    let lv_b = Libvirtd::start(&dir.join("libvirt-b"), HOST_UUID_B, QEMU_USER).expect("libvirtd b");
 
     step("vm-b pings vm-a (5/s) across the migration");
     gb.run_ok(
@@ -191,6 +233,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     })
     .unwrap();
     let att_a2 = c.attach(1, "vm-a").unwrap();
+    grant_socket_to_group(&att_a2.socket_path, QEMU_USER);
 
     step("virsh migrate --live to libvirtd b, onto host 1's socket");
     let dest_dir = dir.join("libvirt-vm-a-b");
@@ -213,9 +256,9 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     assert!(qemus_of(&lv_a).is_empty(), "source QEMU still runs");
     let dest_qemus = qemus_of(&lv_b);
     assert_eq!(dest_qemus.len(), 1, "{dest_qemus:?}");
-    assert!(dest_qemus[0]
-        .1
-        .contains(&*att_a2.socket_path.to_string_lossy()));
+    let (dest_pid, dest_line) = &dest_qemus[0];
+    assert!(dest_line.contains(&*att_a2.socket_path.to_string_lossy()));
+    assert_eq!(uid_of(*dest_pid), id_of("-u", QEMU_USER), "qemu.conf user");
     c.host(0).admin().detach("vm-a").unwrap();
 
     step("after the move");
