@@ -10,9 +10,15 @@
 //! QEMU as the user the test chooses, without a security driver or cgroups (see
 //! [`qemu_conf`]).
 //!
-//! On drop: every domain is destroyed, libvirtd is stopped, and every process still in its
-//! mount namespace (the QEMUs libvirt daemonised) is killed. Only the caller's `dir` remains.
+//! The daemon also gets its own PID namespace, whose init is the shell that started it: libvirt
+//! daemonises its QEMUs out of libvirtd's process group, and the kernel kills every process
+//! of a PID namespace when its init exits. So when libvirtd stops, or the test process dies
+//! (even by SIGKILL: `unshare --kill-child` and a parent-death signal), its QEMUs die too.
+//!
+//! On drop: every domain is destroyed, libvirtd is stopped, and anything still in its
+//! namespaces is killed. Only the caller's `dir` remains.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -43,14 +49,16 @@ pub fn qemu_conf(user: &str) -> String {
     )
 }
 
-/// Mounts the private state directories and execs libvirtd. `$1` is the fixture's directory.
+/// Mounts the private state directories and runs libvirtd. `$1` is the fixture's directory.
+/// No `exec`: the shell stays the PID namespace's init and reaps the QEMU helpers libvirt
+/// orphans (libvirtd as init would leave them as zombies it then fails to kill).
 const START_SCRIPT: &str = r#"set -e
 mount -t tmpfs vnp-libvirtd /run
 mount -t tmpfs vnp-libvirtd /var/lib/libvirt
 mount -t tmpfs vnp-libvirtd /var/cache/libvirt
 mount --bind "$1/log" /var/log/libvirt
 mount --bind "$1/etc" /etc/libvirt
-exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file "$1/libvirtd.pid"
+libvirtd --config /etc/libvirt/libvirtd.conf --pid-file "$1/libvirtd.pid"
 "#;
 
 /// How long libvirtd gets to answer (it probes QEMU's capabilities at start: seconds).
@@ -96,8 +104,10 @@ impl Libvirtd {
         write_config(dir, host_uuid, qemu_user)?;
         let daemon = ChildGuard::spawn(
             "libvirtd",
-            Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            die_with_parent(&mut Command::new("unshare"))
+                .args(["--mount", "--propagation", "private"])
+                .args(["--pid", "--fork", "--kill-child", "--mount-proc"])
+                .args(["--", "sh", "-c"])
                 .arg(START_SCRIPT)
                 .arg("libvirtd-start")
                 .arg(dir)
@@ -173,7 +183,8 @@ impl Libvirtd {
         if let Some(mut d) = self.daemon.take() {
             let _ = d.terminate(Duration::from_secs(10));
         }
-        // libvirt daemonises QEMU out of libvirtd's process group: find it by namespace.
+        // libvirtd's exit ends its PID namespace and with it the QEMUs; this is the backstop
+        // for anything that outlived it (found by mount namespace, which QEMU shares).
         for _ in 0..50 {
             let left = self.processes();
             if left.is_empty() {
@@ -195,6 +206,20 @@ impl Drop for Libvirtd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// SIGKILL for the child when the thread that started it dies (the test, however it ends).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    let set_death_signal = || {
+        // SAFETY: PR_SET_PDEATHSIG only sets an attribute of the calling process.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe and touches no memory of the parent.
+    unsafe { cmd.pre_exec(set_death_signal) }
 }
 
 fn write_config(dir: &Path, host_uuid: &str, qemu_user: &str) -> Result<(), LibvirtdError> {
