@@ -226,9 +226,7 @@ impl LibvirtDomain {
         if let Some(src_socket) = &self.vhost_user_socket {
             moves.push((src_socket.as_path(), dest_socket));
         }
-        let xml = moves.iter().fold(xml, |xml, (from, to)| {
-            xml.replace(&quoted_path(from), &quoted_path(to))
-        });
+        let xml = move_paths(xml, &moves);
         let xml_path = dest_dir.join("domain.xml");
         std::fs::write(&xml_path, xml)
             .map_err(|e| Error::io(format!("writing {}", xml_path.display()), e))?;
@@ -292,10 +290,13 @@ impl LibvirtDomain {
     }
 }
 
-/// A path as it appears in an attribute of libvirt's XML (quoted, so one path never matches
-/// inside a longer one).
-fn quoted_path(path: &Path) -> String {
-    format!("'{}'", xml_escape(&path.to_string_lossy()))
+/// Rewrites host paths in libvirt's XML: each `(from, to)` where `from` is a whole attribute
+/// value (libvirt quotes attributes with `'`), so one path never matches inside a longer one.
+pub fn move_paths(xml: String, moves: &[(&Path, &Path)]) -> String {
+    let quoted = |p: &Path| format!("'{}'", xml_escape(&p.to_string_lossy()));
+    moves.iter().fold(xml, |xml, (from, to)| {
+        xml.replace(&quoted(from), &quoted(to))
+    })
 }
 
 impl Drop for LibvirtDomain {
@@ -305,5 +306,33 @@ impl Drop for LibvirtDomain {
         self.channel = None;
         let _ = self.virsh.run(&["destroy", &self.name]);
         let _ = self.virsh.run(&["undefine", &self.name]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moving_paths_rewrites_whole_attribute_values_only() {
+        let xml = "<source path='/a/vm.sock' mode='client'/>\n\
+                   <source path='/a/vm.sock.old'/>\n\
+                   <source mode='bind' path='/a/cmd.sock'/>\n\
+                   <note>/a/vm.sock</note>"
+            .to_string();
+        let moved = move_paths(
+            xml,
+            &[
+                (Path::new("/a/vm.sock"), Path::new("/b/vm.sock")),
+                (Path::new("/a/cmd.sock"), Path::new("/b/it's.sock")),
+            ],
+        );
+        assert!(
+            moved.contains("<source path='/b/vm.sock' mode='client'/>"),
+            "{moved}"
+        );
+        assert!(moved.contains("<source path='/a/vm.sock.old'/>"), "{moved}");
+        assert!(moved.contains("path='/b/it&apos;s.sock'"), "{moved}");
+        assert!(moved.contains("<note>/a/vm.sock</note>"), "{moved}");
     }
 }
