@@ -1,8 +1,10 @@
 //! Command lines for a guest attached to vnpd: QEMU (what qemu-launch runs), and the
-//! cloud-hypervisor and libvirt equivalents operators use. Pure functions: no I/O.
+//! cloud-hypervisor equivalent operators use. Pure functions: no I/O. libvirt's XML is in
+//! [`crate::libvirt`] (re-exported here for existing callers).
 
 use std::path::{Path, PathBuf};
 
+pub use crate::libvirt::{libvirt_domain_xml, libvirt_interface_xml};
 use crate::spec::{Accel, GuestSpec, TestNetdev};
 
 /// The kernel and initramfs a guest boots.
@@ -192,101 +194,6 @@ pub fn cloud_hypervisor_args(
     a
 }
 
-/// A libvirt domain XML fragment: the shared-memory backing vhost-user needs, and the
-/// `<interface type='vhostuser'>` for vnpd's socket (QEMU is the client and reconnects).
-pub fn libvirt_interface_xml(spec: &GuestSpec) -> String {
-    let sock = spec
-        .vhost_user_socket
-        .as_deref()
-        .map(|p| xml_escape(&p.to_string_lossy()))
-        .unwrap_or_else(|| "/run/vnp/VM.sock".to_string());
-    format!(
-        "<!-- inside <domain>: guest RAM must be shareable with vnpd -->
-<memoryBacking>
-  <source type='memfd'/>
-  <access mode='shared'/>
-</memoryBacking>
-<!-- inside <devices> -->
-<interface type='vhostuser'>
-  <mac address='{mac}'/>
-  <source type='unix' path='{sock}' mode='client'>
-    <reconnect enabled='yes' timeout='{reconnect_s}'/>
-  </source>
-  <model type='virtio'/>
-  <driver queues='{queues}' rx_queue_size='{qs}' tx_queue_size='{qs}'/>
-</interface>
-",
-        mac = spec.mac,
-        queues = spec.queue_pairs,
-        reconnect_s = RECONNECT_MS.div_ceil(1000),
-        qs = QUEUE_SIZE,
-    )
-}
-
-/// A complete libvirt domain for the test guest on vnpd (kernel + initramfs boot, console to a
-/// file, the vhost-user NIC), for `virsh define`. Checked against libvirt's schema in tests.
-pub fn libvirt_domain_xml(spec: &GuestSpec, boot: &BootFiles, files: &GuestFiles) -> String {
-    let interface = libvirt_interface_xml(spec);
-    // Reuse the fragment's two parts, indented into place.
-    let indent = |s: &str, n: usize| {
-        s.lines()
-            .filter(|l| !l.trim_start().starts_with("<!--"))
-            .map(|l| format!("{}{l}\n", " ".repeat(n)))
-            .collect::<String>()
-    };
-    let (backing, nic) = match interface.find("<interface") {
-        Some(i) => (&interface[..i], &interface[i..]),
-        None => (interface.as_str(), ""),
-    };
-    let nic = if spec.vhost_user_socket.is_some() {
-        indent(nic, 4)
-    } else {
-        String::new()
-    };
-    let domain_type = match spec.accel {
-        Accel::Tcg => "qemu",
-        Accel::Kvm => "kvm",
-    };
-    format!(
-        "<domain type='{domain_type}'>
-  <name>{name}</name>
-  <memory unit='MiB'>{mem}</memory>
-  <vcpu>{cpus}</vcpu>
-{backing}  <os>
-    <type arch='x86_64' machine='q35'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>{cmdline}</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <serial type='file'>
-      <source path='{console}'/>
-      <target port='0'/>
-    </serial>
-{nic}  </devices>
-</domain>
-",
-        name = xml_escape(&spec.name),
-        mem = spec.memory_mib,
-        cpus = spec.cpus,
-        backing = indent(backing, 2),
-        kernel = xml_escape(&boot.kernel.to_string_lossy()),
-        initrd = xml_escape(&boot.initramfs.to_string_lossy()),
-        cmdline = xml_escape(&kernel_cmdline(spec)),
-        console = xml_escape(&files.console_log.to_string_lossy()),
-    )
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
-}
-
 /// Renders a command for a POSIX shell, quoting only where needed, one option per line.
 pub fn shell_command(program: &str, args: &[String]) -> String {
     let mut out = shell_quote(program);
@@ -436,34 +343,6 @@ mod tests {
             "vhost_user=true,socket=/run/vnp/vm-a.sock,vhost_mode=client,num_queues=4,queue_size=256,mac=02:00:00:00:00:0a"
         ));
         assert!(has_pair(&a, "--serial", "file=/w/console.log"));
-    }
-
-    #[test]
-    fn libvirt_snippet() {
-        let x = libvirt_interface_xml(&spec());
-        assert!(x.contains("<interface type='vhostuser'>"));
-        assert!(x.contains("<mac address='02:00:00:00:00:0a'/>"));
-        assert!(x.contains("<source type='unix' path='/run/vnp/vm-a.sock' mode='client'>"));
-        assert!(x.contains("<driver queues='2'"));
-        assert!(x.contains("<access mode='shared'/>"));
-        let mut s = spec();
-        s.vhost_user_socket = Some("/run/a'<b>.sock".into());
-        assert!(libvirt_interface_xml(&s).contains("path='/run/a&apos;&lt;b&gt;.sock'"));
-    }
-
-    #[test]
-    fn libvirt_domain_embeds_the_interface_and_shared_memory() {
-        let files = GuestFiles::in_dir(Path::new("/w"));
-        let x = libvirt_domain_xml(&spec(), &boot(), &files);
-        assert!(x.starts_with("<domain type='qemu'>"));
-        assert!(x.contains("    <interface type='vhostuser'>"));
-        assert!(x.contains("  <memoryBacking>"));
-        assert!(x.contains("<kernel>/g/vmlinuz</kernel>"));
-        assert!(x.contains("<source path='/w/console.log'/>"));
-        assert!(!x.contains("<!--"));
-        let mut s = spec();
-        s.vhost_user_socket = None;
-        assert!(!libvirt_domain_xml(&s, &boot(), &files).contains("<interface"));
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub enum Error {
         diagnostics: Box<Diagnostics>,
     },
 
+    #[error("{command} failed: {detail}")]
+    Libvirt { command: String, detail: String },
+
     #[error("migration {src} -> {dst} failed: {reason}\nsource guest:\n{src_diagnostics}\ndestination guest:\n{dst_diagnostics}")]
     Migration {
         src: String,

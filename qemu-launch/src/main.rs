@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qemu_launch::cmdline::{self, GuestFiles};
+use qemu_launch::registry_env::{RegistryArgs, RegistrySettings};
 use qemu_launch::{
     migrate, Accel, Guest, GuestImage, GuestSpec, MacAddr, MigrateOptions, TestNetdev,
 };
@@ -117,16 +118,22 @@ struct GuestArgs {
     #[arg(long, conflicts_with = "vm")]
     mac: Option<MacAddr>,
     /// VM id in the registry: the MAC comes from the registry's record.
-    #[arg(long, requires = "registry")]
+    #[arg(long)]
     vm: Option<String>,
-    /// Registry URL (https://...), with --registry-ca/--registry-cert/--registry-key.
-    #[arg(long, env = "VNP_REGISTRY_URL", requires_all = ["registry_ca", "registry_cert", "registry_key"])]
+    /// Registry URL (https://...), as for vnpctl. Deprecated: VNP_REGISTRY_URL.
+    #[arg(long, env = "VNP_REGISTRY")]
     registry: Option<String>,
-    #[arg(long, env = "VNP_REGISTRY_CA")]
+    /// Directory from `vnpctl ca init`: ca.pem, admin.pem, admin.key unless given one by one.
+    #[arg(long, env = "VNP_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+    /// CA certificate of the registry. Deprecated: VNP_REGISTRY_CA.
+    #[arg(long, env = "VNP_CA")]
     registry_ca: Option<PathBuf>,
-    #[arg(long, env = "VNP_REGISTRY_CERT")]
+    /// Client certificate. Deprecated: VNP_REGISTRY_CERT.
+    #[arg(long, env = "VNP_CERT")]
     registry_cert: Option<PathBuf>,
-    #[arg(long, env = "VNP_REGISTRY_KEY")]
+    /// Client key. Deprecated: VNP_REGISTRY_KEY.
+    #[arg(long, env = "VNP_KEY")]
     registry_key: Option<PathBuf>,
     /// A QEMU-only NIC instead of vnpd (tests, demos without vnpd).
     #[arg(long, value_enum)]
@@ -168,18 +175,14 @@ impl GuestArgs {
                 "give --mac, or --vm with --registry to take the MAC from the registry".into(),
             );
         };
-        let (Some(url), Some(ca), Some(cert), Some(key)) = (
-            &self.registry,
-            &self.registry_ca,
-            &self.registry_cert,
-            &self.registry_key,
-        ) else {
-            return Err(
-                "--vm needs --registry, --registry-ca, --registry-cert and --registry-key".into(),
-            );
-        };
-        let config = vnp_registry_client::client::ClientConfig::from_files(url, ca, cert, key)
-            .map_err(|e| format!("registry client config: {e}"))?;
+        let registry = self.registry_settings()?;
+        let config = vnp_registry_client::client::ClientConfig::from_files(
+            &registry.url,
+            &registry.ca,
+            &registry.cert,
+            &registry.key,
+        )
+        .map_err(|e| format!("registry client config: {e}"))?;
         let client = vnp_registry_client::client::RegistryClient::new(config)
             .map_err(|e| format!("registry client: {e}"))?;
         let record = client
@@ -190,6 +193,24 @@ impl GuestArgs {
             .to_string()
             .parse::<MacAddr>()
             .map_err(|e| format!("registry MAC of {vm}: {e}"))
+    }
+
+    /// The registry connection, from flags, vnpctl's variables, or (with a warning) the
+    /// variables qemu-launch read before.
+    fn registry_settings(&self) -> Result<RegistrySettings, String> {
+        let given = RegistryArgs {
+            url: self.registry.clone(),
+            tls_dir: self.tls_dir.clone(),
+            ca: self.registry_ca.clone(),
+            cert: self.registry_cert.clone(),
+            key: self.registry_key.clone(),
+        };
+        let (args, warnings) = given.with_deprecated(|name| std::env::var(name).ok());
+        for w in warnings {
+            log::warn!("{w}");
+        }
+        args.settings()
+            .map_err(|e| format!("--vm takes the MAC from the registry: {e}"))
     }
 
     fn spec(&self) -> Result<GuestSpec, String> {

@@ -155,3 +155,69 @@ fn a_closed_stdout_is_not_a_crash() {
     let o = child.wait_with_output().unwrap();
     assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
+
+/// `qemu-launch` with only the given `VNP_*` variables set.
+fn cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qemu-launch"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("VNP_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn registry_comes_from_vnpctls_variables_and_the_old_names_still_work() {
+    let by_vm = ["print", "--libvirt", "--name", "vm-a", "--vm", "vm-a"];
+
+    // vnpctl's VNP_REGISTRY without certificates: the error names the missing piece.
+    let o = cli_env(&by_vm, &[("VNP_REGISTRY", "https://127.0.0.1:9")]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("--registry-ca (VNP_CA)"), "{err}");
+    assert!(!err.contains("deprecated"), "{err}");
+
+    // The old names are used, with a warning each; the files are then read (and missing).
+    let o = cli_env(
+        &by_vm,
+        &[
+            ("VNP_REGISTRY_URL", "https://127.0.0.1:9"),
+            ("VNP_REGISTRY_CA", "/nonexistent/ca.pem"),
+            ("VNP_REGISTRY_CERT", "/nonexistent/admin.pem"),
+            ("VNP_REGISTRY_KEY", "/nonexistent/admin.key"),
+        ],
+    );
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("VNP_REGISTRY_URL is deprecated; use VNP_REGISTRY"),
+        "{err}"
+    );
+    assert!(
+        err.contains("VNP_REGISTRY_CA is deprecated; use VNP_CA"),
+        "{err}"
+    );
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+
+    // VNP_TLS_DIR supplies the files as for vnpctl.
+    let o = cli_env(
+        &by_vm,
+        &[
+            ("VNP_REGISTRY", "https://127.0.0.1:9"),
+            ("VNP_TLS_DIR", "/nonexistent/tls"),
+        ],
+    );
+    let (_, err) = text(&o);
+    assert!(err.contains("/nonexistent/tls/ca.pem"), "{err}");
+
+    // An exported VNP_REGISTRY does not get in the way of a plain --mac.
+    let mut args = vec!["print", "--libvirt"];
+    args.extend(VM);
+    let o = cli_env(&args, &[("VNP_REGISTRY", "https://127.0.0.1:9")]);
+    assert!(o.status.success(), "{}", text(&o).1);
+}

@@ -1,6 +1,6 @@
 //! The libvirt XML qemu-launch prints is valid against libvirt's own domain schema
-//! (`virt-xml-validate` from libvirt-clients; no libvirtd needed). Running it under libvirt
-//! needs a libvirtd with QEMU 10, which this machine does not run (see docs/qemu-launch.md).
+//! (`virt-xml-validate` from libvirt-clients; no libvirtd needed). Running it under a real
+//! libvirtd, on vnpd, is `tests/tests/libvirt.rs` in vnp-e2e.
 
 use std::path::Path;
 use std::process::Command;

@@ -1,5 +1,6 @@
 //! Test fixtures shared by vnp's integration tests. Everything here cleans up on drop.
 
+pub mod libvirtd;
 pub mod netns;
 pub mod process;
 pub mod testpmd;
