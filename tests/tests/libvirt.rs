@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{GuestImage, GuestSpec, LibvirtDomain, MacAddr, NetStatus, Virsh};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, GUEST_MTU};
-use vnp_registry_client::vnpd_admin::AttachmentInfo;
 use vnp_registry_client::MoveVm;
 use vnp_testkit::libvirtd::Libvirtd;
+use vnpd_admin_api::AttachmentInfo;
 
 const CMD: Duration = Duration::from_secs(60);
 /// Distinct host UUIDs: libvirt refuses a migration between daemons that share one.
