@@ -98,8 +98,12 @@ pub struct Model {
     pub by_ip: HashMap<(String, Ipv4Addr), String>,
     /// Change log, oldest first.
     pub changes: VecDeque<VmChange>,
-    /// Generation of the newest change (0 before any).
+    /// Generation of the newest change (0 before any). Stored with the change log, so it is
+    /// the same on every replica of a shared store.
     pub generation: u64,
+    /// The store revision this model reflects (see [`Store`](crate::store::Store)): writes
+    /// planned on it commit only if nothing was committed after it.
+    pub revision: u64,
 }
 
 impl Model {

@@ -1,23 +1,51 @@
 //! The registry service object: one in-memory model, one store, serialised writers.
+//!
+//! With a private store (redb) the registry applies its own commits. With a shared store
+//! (etcd) several replicas write, so each applies the model only from the store's feed
+//! (`crate::follow`), its own commits included, and a write waits until its commit has come
+//! back through the feed (read-your-writes).
 
 use crate::error::{refuse, ApiError};
-use crate::model::Model;
-
-use crate::store::Store;
+use crate::follow::Live;
+use crate::model::{Model, Op};
+use crate::store::{Store, StoreError};
 use crate::tokens::{self, TokenPolicy};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, RwLockReadGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::{ErrorCode, Identity, TokenGrant, TokenRequest};
+
+/// How often a write planned on an outdated model is re-planned before giving up with 409.
+const WRITE_ATTEMPTS: usize = 5;
+/// How long a writer waits for the feed to catch up with a commit.
+const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Options beyond the store and the token policy.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryOptions {
+    /// With a shared store: refuse tokens once this replica has not been confirmed current for
+    /// longer than this (its watch stalled or it lost etcd).
+    pub max_staleness: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            max_staleness: Duration::from_secs(5),
+        }
+    }
+}
 
 /// The registry. Reads (token requests, lookups) share a read lock on the model; writes are
 /// serialised, committed to the store first and applied to memory only after the commit.
 pub struct Registry {
-    model: RwLock<Model>,
+    live: Arc<Live>,
     store: Box<dyn Store>,
+    /// Whether the store is shared (the model follows the store's feed).
+    shared: bool,
     writer: Mutex<()>,
-    changed: tokio::sync::watch::Sender<u64>,
     token_policy: TokenPolicy,
+    options: RegistryOptions,
     metrics: crate::metrics::Metrics,
 }
 
@@ -25,6 +53,7 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("token_policy", &self.token_policy)
+            .field("shared", &self.shared)
             .finish_non_exhaustive()
     }
 }
@@ -51,72 +80,141 @@ pub fn fresh_secret() -> Result<VmSecret, ApiError> {
 
 impl Registry {
     /// Loads the state from `store`.
-    pub fn open(
+    pub fn open(store: Box<dyn Store>, token_policy: TokenPolicy) -> Result<Registry, StoreError> {
+        Self::open_with(store, token_policy, RegistryOptions::default())
+    }
+
+    /// Loads the state from `store`; a shared store is followed from the revision loaded.
+    pub fn open_with(
         store: Box<dyn Store>,
         token_policy: TokenPolicy,
-    ) -> Result<Registry, crate::store::StoreError> {
+        options: RegistryOptions,
+    ) -> Result<Registry, StoreError> {
         let model = store.load()?;
-        let (changed, _) = tokio::sync::watch::channel(model.generation);
+        let feed = store.follow(model.revision);
+        let live = Arc::new(Live::new(model));
+        let shared = feed.is_some();
+        if let Some(feed) = feed {
+            Live::follow(live.clone(), feed)
+                .map_err(|e| StoreError::Io(format!("follower thread: {e}")))?;
+        }
         Ok(Registry {
-            model: RwLock::new(model),
+            live,
             store,
+            shared,
             writer: Mutex::new(()),
-            changed,
             token_policy,
+            options,
             metrics: crate::metrics::Metrics::default(),
         })
     }
 
     /// A consistent view of the state.
     pub fn read(&self) -> RwLockReadGuard<'_, Model> {
-        // A poisoned lock means a panic while applying committed ops; the data on disk is
-        // still the truth, but in memory we can only carry on with what we have.
-        self.model.read().unwrap_or_else(|p| p.into_inner())
+        self.live.read()
     }
 
     /// Subscribes to generation changes (for long-poll watchers).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.live.subscribe()
     }
 
-    /// Plans a write against the current model, commits it durably, then applies it.
-    /// Blocking (it waits for `fsync`): call from a blocking thread.
+    /// How long ago this replica was last confirmed current (zero for a private store, which
+    /// is the truth itself).
+    pub fn staleness(&self) -> Duration {
+        if self.shared {
+            self.live.staleness()
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Plans a write against the current model, commits it durably, then applies it. A plan
+    /// made on a model that another replica has since changed is re-planned on the newer
+    /// model. Blocking (it waits for `fsync` or etcd): call from a blocking thread.
     pub fn write<T>(
         &self,
-        planner: impl FnOnce(&Model) -> Result<(Vec<crate::model::Op>, T), ApiError>,
+        planner: impl Fn(&Model) -> Result<(Vec<Op>, T), ApiError>,
     ) -> Result<T, ApiError> {
         let _serialised = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let planned = planner(&self.read());
-        let (ops, out) = planned.inspect_err(|e| self.metrics.write_refused(e.code))?;
-        if ops.is_empty() {
-            return Ok(out);
+        for _ in 0..WRITE_ATTEMPTS {
+            let (base, planned) = {
+                let model = self.read();
+                (model.revision, planner(&model))
+            };
+            let (ops, out) = planned.inspect_err(|e| self.metrics.write_refused(e.code))?;
+            if ops.is_empty() {
+                return Ok(out);
+            }
+            match self.store.commit(base, &ops) {
+                Ok(revision) => {
+                    self.committed(revision, &ops);
+                    self.metrics.write_committed();
+                    return Ok(out);
+                }
+                Err(StoreError::Conflict { latest }) if self.shared => {
+                    log::info!(
+                        "write planned on revision {base} lost to revision {latest}; re-planning"
+                    );
+                    self.live.wait_applied(latest, CATCH_UP);
+                }
+                Err(e) => return Err(self.storage_failed(&e)),
+            }
         }
-        if let Err(e) = self.store.commit(&ops) {
-            log::error!("store commit failed: {e}");
-            self.metrics.write_refused(ErrorCode::Storage);
-            return refuse(
-                ErrorCode::Storage,
-                "the registry could not store the change; nothing was changed",
-            );
+        self.metrics.write_refused(ErrorCode::Conflict);
+        refuse(
+            ErrorCode::Conflict,
+            "concurrent writes through other replicas kept changing what this write depends on; nothing was changed, try again",
+        )
+    }
+
+    fn committed(&self, revision: u64, ops: &[Op]) {
+        if !self.shared {
+            self.live.apply(revision, ops);
+        } else if !self.live.wait_applied(revision, CATCH_UP) {
+            log::warn!("commit {revision} is durable but not yet back through the store's feed");
         }
-        let generation = {
-            let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
-            model.apply(&ops);
-            model.generation
+    }
+
+    fn storage_failed(&self, e: &StoreError) -> ApiError {
+        log::error!("store commit failed: {e}");
+        self.metrics.write_refused(ErrorCode::Storage);
+        let message = match e {
+            StoreError::Indeterminate(_) => {
+                "the store did not confirm the change, which may or may not have been applied; read it back before retrying"
+            }
+            _ => "the registry could not store the change; nothing was changed",
         };
-        self.changed.send_replace(generation);
-        self.metrics.write_committed();
-        Ok(out)
+        ApiError::new(ErrorCode::Storage, message)
     }
 
     /// Decides and mints a token.
     pub fn token(&self, caller: &Identity, req: &TokenRequest) -> Result<TokenGrant, ApiError> {
-        let result = tokens::grant(&self.read(), caller, req, unix_now(), self.token_policy);
+        let result = self
+            .check_current()
+            .and_then(|()| tokens::grant(&self.read(), caller, req, unix_now(), self.token_policy));
         match &result {
             Ok(_) => self.metrics.token_granted(),
             Err(e) => self.metrics.token_refused(e.code),
         }
         result
+    }
+
+    /// Refuses (503) when this replica may have missed changes for longer than the bound: a
+    /// token minted from a stale model could carry a moved VM's old tuple or ignore a new deny.
+    fn check_current(&self) -> Result<(), ApiError> {
+        let age = self.staleness();
+        if age <= self.options.max_staleness {
+            return Ok(());
+        }
+        refuse(
+            ErrorCode::Unavailable,
+            format!(
+                "this registry replica has not been confirmed current for {} ms (bound {} ms); ask another replica",
+                age.as_millis(),
+                self.options.max_staleness.as_millis()
+            ),
+        )
     }
 
     /// The counters plus gauges of the current state, in Prometheus text format.
@@ -151,10 +249,10 @@ impl Registry {
     /// Convenience for writes that need a fresh secret.
     pub fn write_with_secret<T>(
         &self,
-        planner: impl FnOnce(&Model, VmSecret) -> Result<(Vec<crate::model::Op>, T), ApiError>,
+        planner: impl Fn(&Model, VmSecret) -> Result<(Vec<crate::model::Op>, T), ApiError>,
     ) -> Result<T, ApiError> {
         let secret = fresh_secret()?;
-        self.write(|m| planner(m, secret))
+        self.write(|m| planner(m, secret.clone()))
     }
 }
 
@@ -174,11 +272,11 @@ mod tests {
         fn load(&self) -> Result<Model, StoreError> {
             Ok(Model::default())
         }
-        fn commit(&self, _: &[Op]) -> Result<(), StoreError> {
+        fn commit(&self, base: u64, _: &[Op]) -> Result<u64, StoreError> {
             if self.0.load(Ordering::SeqCst) {
                 Err(StoreError::Io("No space left on device".into()))
             } else {
-                Ok(())
+                Ok(base + 1)
             }
         }
     }
@@ -191,8 +289,8 @@ mod tests {
             fn load(&self) -> Result<Model, StoreError> {
                 self.0.load()
             }
-            fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
-                self.0.commit(ops)
+            fn commit(&self, base: u64, ops: &[Op]) -> Result<u64, StoreError> {
+                self.0.commit(base, ops)
             }
         }
         let reg =
