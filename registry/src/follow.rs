@@ -146,7 +146,7 @@ impl Live {
                 while let Ok(event) = feed.recv() {
                     match event {
                         FeedEvent::Batch { revision, ops } => live.apply(revision, &ops),
-                        FeedEvent::Snapshot(model) => live.replace(model),
+                        FeedEvent::Snapshot(model) => live.replace(*model),
                         FeedEvent::Head {
                             revision,
                             probed_at,

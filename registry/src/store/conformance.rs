@@ -13,8 +13,11 @@ use std::net::Ipv4Addr;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::*;
 
+/// One case: panics on a violation.
+pub type Case = fn(&dyn Store);
+
 /// Every case, by name, for a runner that makes a fresh store per case.
-pub const CASES: &[(&str, fn(&dyn Store))] = &[
+pub const CASES: &[(&str, Case)] = &[
     ("round_trip", round_trip),
     ("stale_base_is_refused", stale_base_is_refused),
     ("deletes_and_trims", deletes_and_trims),

@@ -65,7 +65,7 @@ async fn reload(ctx: &Ctx, applied: &AtomicU64, tx: &Sender<FeedEvent>) -> bool 
         match ctx.load().await {
             Ok(model) => {
                 applied.store(model.revision, Ordering::SeqCst);
-                return tx.send(FeedEvent::Snapshot(model)).is_ok();
+                return tx.send(FeedEvent::Snapshot(Box::new(model))).is_ok();
             }
             Err(e) => {
                 log::warn!("reloading from etcd failed: {e}; retrying");

@@ -72,7 +72,7 @@ pub enum FeedEvent {
     Batch { revision: u64, ops: Vec<Op> },
     /// The follower fell behind what the store still remembers (compaction) or its stream
     /// stalled: here is the whole state again.
-    Snapshot(Model),
+    Snapshot(Box<Model>),
     /// The newest commit in the store was `revision` when asked at `probed_at`; a follower
     /// that has applied `revision` was current at that instant.
     Head { revision: u64, probed_at: Instant },
