@@ -7,9 +7,11 @@
 
 use crate::error::{refuse, ApiError};
 use crate::follow::Live;
-use crate::model::{Model, Op};
+use crate::model::{Model, Op, RememberedWrite, REMEMBER_WRITES_S};
 use crate::store::{Store, StoreError};
 use crate::tokens::{self, TokenPolicy};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::sync::{Arc, Mutex, RwLockReadGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vnp_protocol::token::VmSecret;
@@ -19,6 +21,39 @@ use vnp_registry_client::api::{ErrorCode, Identity, TokenGrant, TokenRequest};
 const WRITE_ATTEMPTS: usize = 5;
 /// How long a writer waits for the feed to catch up with a commit.
 const CATCH_UP: Duration = Duration::from_secs(10);
+
+/// Expired idempotency keys dropped per write.
+const FORGET_PER_WRITE: usize = 16;
+
+/// A write request's idempotency key plus what it was for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    /// The `Idempotency-Key` header.
+    pub id: String,
+    /// `"<caller> <METHOD> <path>"`.
+    pub request: String,
+}
+
+fn remembered<T: DeserializeOwned>(
+    key: &RequestKey,
+    prev: &RememberedWrite,
+) -> Result<T, ApiError> {
+    if prev.request != key.request {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!(
+                "idempotency key {} was used for another request ({})",
+                key.id, prev.request
+            ),
+        );
+    }
+    serde_json::from_str(&prev.response).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("remembered answer unreadable: {e}"),
+        )
+    })
+}
 
 /// Options beyond the store and the token policy.
 #[derive(Debug, Clone, Copy)]
@@ -166,6 +201,63 @@ impl Registry {
             ErrorCode::Conflict,
             "concurrent writes through other replicas kept changing what this write depends on; nothing was changed, try again",
         )
+    }
+
+    /// [`Registry::write`] for a request that carries an idempotency key: a key already
+    /// answered gets the remembered answer and writes nothing; otherwise the answer is
+    /// remembered in the same commit as the write. Retries of one request on several replicas
+    /// therefore write once (a concurrent retry loses the commit race, re-plans, and finds the
+    /// remembered answer).
+    pub fn write_once<T: Serialize + DeserializeOwned>(
+        &self,
+        key: Option<&RequestKey>,
+        planner: impl Fn(&Model) -> Result<(Vec<Op>, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let Some(key) = key else {
+            return self.write(planner);
+        };
+        self.write(|model| {
+            if let Some(prev) = model.requests.get(&key.id) {
+                return remembered(key, prev).map(|out| (vec![], out));
+            }
+            let (mut ops, out) = planner(model)?;
+            if ops.is_empty() {
+                return Ok((ops, out));
+            }
+            let response = serde_json::to_string(&out).map_err(|e| {
+                ApiError::new(ErrorCode::Internal, format!("answer not serialisable: {e}"))
+            })?;
+            let now = u64::from(unix_now());
+            ops.push(Op::RememberWrite(
+                key.id.clone(),
+                RememberedWrite {
+                    request: key.request.clone(),
+                    response,
+                    at: now,
+                },
+            ));
+            // Forget old keys a few at a time, so that no single commit grows large.
+            let cutoff = now.saturating_sub(REMEMBER_WRITES_S);
+            ops.extend(
+                model
+                    .requests
+                    .iter()
+                    .filter(|(_, w)| w.at < cutoff)
+                    .take(FORGET_PER_WRITE)
+                    .map(|(k, _)| Op::ForgetWrite(k.clone())),
+            );
+            Ok((ops, out))
+        })
+    }
+
+    /// [`Registry::write_once`] for writes that need a fresh secret.
+    pub fn write_once_with_secret<T: Serialize + DeserializeOwned>(
+        &self,
+        key: Option<&RequestKey>,
+        planner: impl Fn(&Model, VmSecret) -> Result<(Vec<Op>, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        let secret = fresh_secret()?;
+        self.write_once(key, |m| planner(m, secret.clone()))
     }
 
     fn committed(&self, revision: u64, ops: &[Op]) {
@@ -319,5 +411,58 @@ mod tests {
         reg.write(|m| plan::create_network(m, &spec)).unwrap();
         assert_eq!(reg.read().networks.len(), 1);
         assert!(rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn a_keyed_write_is_written_once_and_answered_again() {
+        let dir = std::env::temp_dir().join(format!("vnp-once-{}", std::process::id()));
+        let reg = Registry::open(
+            Box::new(crate::store::RedbStore::open(&dir).unwrap()),
+            TokenPolicy { ttl_s: 600 },
+        )
+        .unwrap();
+        let spec = |id: &str, cidr: &str| NetworkSpec {
+            id: id.into(),
+            vni: None,
+            cidr: cidr.parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        };
+        let key = RequestKey {
+            id: "0123456789abcdef".into(),
+            request: "admin:a POST /v1/networks".into(),
+        };
+        let n1 = spec("n1", "10.1.0.0/24");
+        let first = reg
+            .write_once(Some(&key), |m| plan::create_network(m, &n1))
+            .unwrap();
+        let revision = reg.read().revision;
+        // The retry (say, on another replica after a lost answer) gets the same answer.
+        let again = reg
+            .write_once(Some(&key), |m| plan::create_network(m, &n1))
+            .unwrap();
+        assert_eq!(again, first);
+        assert_eq!(
+            reg.read().revision,
+            revision,
+            "nothing written the second time"
+        );
+        // Without the key the same request is a second write, refused as a duplicate.
+        let err = reg.write(|m| plan::create_network(m, &n1)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Duplicate);
+        // The key for another request is refused rather than answered with the wrong thing.
+        let other = RequestKey {
+            request: "admin:a DELETE /v1/networks/n1".into(),
+            ..key.clone()
+        };
+        let n2 = spec("n2", "10.2.0.0/24");
+        let err = reg
+            .write_once(Some(&other), |m| plan::create_network(m, &n2))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadRequest);
+        assert!(!reg.read().networks.contains_key("n2"));
+        drop(reg);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

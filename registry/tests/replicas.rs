@@ -351,5 +351,35 @@ fn stale_replica_stops_minting_tokens(d: &mut Deployment) {
 }
 
 fn client_fails_over_when_its_replica_dies(d: &mut Deployment) {
-    let _ = d;
+    let all: Vec<String> = d.replicas.iter().map(|r| r.url.clone()).collect();
+    let mut config = d.replicas[0].config("h1");
+    config.url = all.join(",");
+    let h1 = RegistryClient::new(config).unwrap();
+    let mut config = d.replicas[0].config("admin");
+    config.url = all.join(",");
+    let admin = RegistryClient::new(config).unwrap();
+    let b_ip = Ipv4Addr::new(10, 1, 0, 3);
+    h1.request_token("a", b_ip).unwrap();
+    assert_eq!(h1.current_url(), all[0]);
+
+    // The replica this client uses dies without warning.
+    let _ = d.replicas[0].child.kill();
+    let _ = d.replicas[0].child.wait();
+    let t = Instant::now();
+    let g = h1.request_token("a", b_ip).unwrap();
+    eprintln!("token after failover took {:?}", t.elapsed());
+    assert_ne!(h1.current_url(), all[0], "moved to another replica");
+    let (sb, _) = d.client(1, "h2").get_vm_secret("b").unwrap();
+    assert!(verify(&sb, &g.fields(), &g.token_value().unwrap()));
+    // A write (not idempotent by itself) goes through another replica, exactly once.
+    let before = d.client(1, "admin").list_vms(None).unwrap().len();
+    let c = admin.create_vm(&vm("after-failover", "h1")).unwrap();
+    assert_ne!(admin.current_url(), all[0]);
+    within(VISIBLE_WITHIN, "write after failover on replica 2", || {
+        d.client(2, "admin").get_vm(&c.id).is_ok()
+    });
+    assert_eq!(
+        d.client(2, "admin").list_vms(None).unwrap().len(),
+        before + 1
+    );
 }

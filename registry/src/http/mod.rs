@@ -13,7 +13,7 @@ mod tokens;
 mod vms;
 
 use auth::PeerIdentity;
-pub use auth::{Caller, CertifiedCaller};
+pub use auth::{Caller, CertifiedCaller, Once};
 use inventory::*;
 pub use serve::serve;
 use tokens::*;

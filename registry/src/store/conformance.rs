@@ -7,7 +7,7 @@
 //! then proves it persists them.
 
 use super::{Store, StoreError};
-use crate::model::{Model, Op, SecretOwner};
+use crate::model::{Model, Op, RememberedWrite, SecretOwner};
 use crate::plan;
 use std::net::Ipv4Addr;
 use vnp_protocol::token::VmSecret;
@@ -110,6 +110,17 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
         b: Selector::External,
     };
     run(store, model, |m| plan::create_rule(m, &rule));
+    let remembered = RememberedWrite {
+        request: "admin:ops POST /v1/vms".into(),
+        response: "{}".into(),
+        at: 1,
+    };
+    run(store, model, |_| {
+        Ok((
+            vec![Op::RememberWrite("k-1".into(), remembered.clone())],
+            (),
+        ))
+    });
 }
 
 /// Everything a reload must give back.
@@ -122,6 +133,7 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.by_ip, expected.by_ip, "address index");
     assert_eq!(loaded.changes, expected.changes, "change log");
     assert_eq!(loaded.generation, expected.generation, "generation");
+    assert_eq!(loaded.requests, expected.requests, "remembered writes");
     let mut owners: Vec<&SecretOwner> = loaded.secrets.keys().collect();
     owners.sort();
     let mut want: Vec<&SecretOwner> = expected.secrets.keys().collect();
@@ -213,6 +225,9 @@ pub fn deletes_and_trims(store: &dyn Store) {
     run(store, &mut model, |m| plan::delete_vm(m, "a"));
     run(store, &mut model, |m| plan::delete_gateway(m, "g1"));
     run(store, &mut model, |m| plan::delete_rule(m, "r1"));
+    run(store, &mut model, |_| {
+        Ok((vec![Op::ForgetWrite("k-1".into())], ()))
+    });
     let first_kept = model.changes[2].generation;
     run(store, &mut model, |_| {
         Ok((vec![Op::TrimChanges(first_kept)], ()))

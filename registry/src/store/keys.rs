@@ -7,6 +7,7 @@
 //! | `P networks/<id>`, `hosts/<id>`, `gateways/<id>`, `vms/<id>`, `rules/<id>` | the record's JSON (as the API shows it) |
 //! | `P secrets/vm/<id>`, `secrets/gw/<id>` | secret + generation, sealed ([`super::sealing`]) |
 //! | `P changes/<generation, 20 digits>` | a change-log entry's JSON (sorted by generation) |
+//! | `P requests/<idempotency key>` | the answer to a write that carried that key |
 //! | `P version` | bumped by every commit; commits compare its `mod_revision` |
 
 use super::sealing::KeyRing;
@@ -98,6 +99,8 @@ impl Layout {
             Op::DeleteSecret(owner) => Delete(self.secret(owner)),
             Op::AppendChange(c) => Put(self.change(c.generation), json(c)?),
             Op::TrimChanges(below) => DeleteRange(self.change(0), self.change(*below)),
+            Op::RememberWrite(key, w) => Put(self.record("requests", key), json(w)?),
+            Op::ForgetWrite(key) => Delete(self.record("requests", key)),
         })
     }
 
@@ -124,6 +127,7 @@ impl Layout {
             "vms" => Op::PutVm(parse_json(key, value)?),
             "rules" => Op::PutRule(parse_json(key, value)?),
             "changes" => Op::AppendChange(parse_json(key, value)?),
+            "requests" => Op::RememberWrite(id.to_string(), parse_json(key, value)?),
             "secrets" => {
                 let owner =
                     SecretOwner::from_key(id).ok_or_else(|| corrupt("secret owner".into()))?;
@@ -157,6 +161,7 @@ impl Layout {
             "gateways" => Op::DeleteGateway(id),
             "vms" => Op::DeleteVm(id),
             "rules" => Op::DeleteRule(id),
+            "requests" => Op::ForgetWrite(id),
             "secrets" => Op::DeleteSecret(SecretOwner::from_key(&id)?),
             // The log is trimmed from its oldest end: forgetting generation g forgets all
             // before it as well.

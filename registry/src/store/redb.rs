@@ -21,6 +21,8 @@ const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 /// Key `vm/<id>` or `gw/<id>`; value: 32 secret bytes then the generation (u64 big endian).
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// Idempotency key -> the remembered answer (JSON).
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 /// Key `revision`: the number of commits so far (absent in files from before revisions).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
@@ -57,7 +59,7 @@ impl RedbStore {
         // Create every table once so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(io)?;
         {
-            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS] {
+            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS] {
                 txn.open_table(t).map_err(io)?;
             }
             txn.open_table(CHANGES).map_err(io)?;
@@ -163,6 +165,18 @@ impl Store for RedbStore {
                 ops.push(Op::AppendChange(change));
             }
         }
+        {
+            let table = txn.open_table(REQUESTS).map_err(io)?;
+            for row in table.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let w = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "requests",
+                    key: k.value().to_string(),
+                    detail: e.to_string(),
+                })?;
+                ops.push(Op::RememberWrite(k.value().to_string(), w));
+            }
+        }
         let mut model = Model::default();
         model.apply(&ops);
         model.revision = read_revision(&txn.open_table(META).map_err(io)?)?;
@@ -189,6 +203,7 @@ impl Store for RedbStore {
             let mut rules = txn.open_table(RULES).map_err(io)?;
             let mut secrets = txn.open_table(SECRETS).map_err(io)?;
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
+            let mut requests = txn.open_table(REQUESTS).map_err(io)?;
             for op in ops {
                 match op {
                     Op::PutNetwork(n) => drop(
@@ -238,6 +253,12 @@ impl Store for RedbStore {
                     Op::TrimChanges(below) => {
                         changes.retain_in(..*below, |_, _| false).map_err(io)?;
                     }
+                    Op::RememberWrite(key, w) => drop(
+                        requests
+                            .insert(key.as_str(), json(w)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::ForgetWrite(key) => drop(requests.remove(key.as_str()).map_err(io)?),
                 }
             }
         }

@@ -21,7 +21,7 @@ use vnp_registry_client::{ClientConfig, Deleted, RegistryClient};
 #[derive(Debug, Parser)]
 #[command(version, about = "vnp operator CLI")]
 struct Cli {
-    /// Registry URL.
+    /// Registry URL, or several replicas' URLs separated by commas (fails over between them).
     #[arg(
         long,
         env = "VNP_REGISTRY",
