@@ -533,6 +533,21 @@ impl RegistryClient {
         self.delete(&format!("/v1/policy/{}", path_seg(id)))
     }
 
+    // ---- backup ----
+
+    /// The whole registry, secrets sealed (admin; the registry needs `--secret-keys`).
+    pub fn export(&self) -> Result<crate::backup::Export, ClientError> {
+        self.get("/v1/export")
+    }
+
+    /// Loads an export into an empty registry (admin).
+    pub fn import(
+        &self,
+        export: &crate::backup::Export,
+    ) -> Result<crate::backup::ImportSummary, ClientError> {
+        self.post("/v1/import", export)
+    }
+
     // ---- tokens and watch ----
 
     /// Asks for a token from `src_vm` (which the calling host runs) to `dst_ip`.

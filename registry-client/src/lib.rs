@@ -1,6 +1,7 @@
 //! Registry API types and the client that hosts and gateways use; vnpctl.
 //!
 //! - [`api`]: every request and response of the registry's HTTPS+JSON API (`docs/registry.md`).
+//! - [`backup`]: the whole registry as one document (export/import).
 //! - [`net`]: CIDR, MAC and port-range value types with strict parsing.
 //! - [`client`]: a blocking mutual-TLS client for plain threads (vnpd's control thread), failing
 //!   over between registry replicas.
@@ -10,6 +11,7 @@
 //! Deliberately free of the server's dependencies (no async runtime, web framework or store).
 
 pub mod api;
+pub mod backup;
 pub mod client;
 pub mod error;
 pub mod grant;
@@ -19,6 +21,7 @@ pub mod pki;
 pub mod vnpd_admin;
 
 pub use api::*;
+pub use backup::{Export, ImportSummary, SealedSecret};
 pub use client::{ClientConfig, RegistryClient};
 pub use error::ClientError;
 pub use grant::BadToken;

@@ -9,8 +9,10 @@
 //! - [`store`]: the persistence trait, the redb default and the shared etcd store;
 //! - [`follow`]: the live model, kept current from a shared store's feed;
 //! - [`service`]: plan -> commit -> apply, and change notification for watchers;
+//! - [`backup`]: export/import of the whole model;
 //! - [`tls`], [`http`]: mutual TLS and the HTTPS+JSON API; [`metrics`]: counters.
 
+pub mod backup;
 pub mod error;
 pub mod follow;
 pub mod http;

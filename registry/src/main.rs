@@ -35,8 +35,8 @@ struct Args {
     /// Key prefix of this registry in etcd.
     #[arg(long, default_value = "/vnp/")]
     etcd_prefix: String,
-    /// Key file sealing secrets in etcd: `<id> <64 hex>` a line, the sealing key first
-    /// (`--store etcd`; etcd never sees these keys).
+    /// Key file sealing secrets in etcd and in exports: `<id> <64 hex>` a line, the sealing
+    /// key first (required with `--store etcd`; etcd never sees these keys).
     #[arg(
         long,
         env = "VNP_REGISTRY_SECRET_KEYS",
@@ -76,18 +76,14 @@ enum StoreKind {
     Etcd,
 }
 
-fn open_store(args: &Args) -> Result<Box<dyn Store>, String> {
+fn open_store(args: &Args, keys: Option<KeyRing>) -> Result<Box<dyn Store>, String> {
     Ok(match args.store {
         StoreKind::Redb => {
             let data = args.data.as_ref().ok_or("--store redb needs --data DIR")?;
             Box::new(RedbStore::open(data).map_err(|e| e.to_string())?)
         }
         StoreKind::Etcd => {
-            let file = args
-                .secret_keys
-                .as_ref()
-                .ok_or("--store etcd needs --secret-keys FILE")?;
-            let keys = KeyRing::from_file(file).map_err(|e| e.to_string())?;
+            let keys = keys.ok_or("--store etcd needs --secret-keys FILE")?;
             let mut config = EtcdConfig::new(args.etcd_endpoints.clone(), keys);
             config.prefix = args.etcd_prefix.clone();
             Box::new(EtcdStore::connect(config).map_err(|e| format!("etcd: {e}"))?)
@@ -111,7 +107,11 @@ fn run(args: Args) -> Result<(), String> {
     let cert = pick(args.cert.clone(), &args.tls_dir, "server.pem", "cert")?;
     let key = pick(args.key.clone(), &args.tls_dir, "server.key", "key")?;
     let tls = vnp_registry::tls::server_config(&ca, &cert, &key).map_err(|e| e.to_string())?;
-    let store = open_store(&args)?;
+    let keys = match &args.secret_keys {
+        Some(file) => Some(KeyRing::from_file(file).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let store = open_store(&args, keys.clone())?;
     let registry = Registry::open_with(
         store,
         TokenPolicy {
@@ -119,6 +119,7 @@ fn run(args: Args) -> Result<(), String> {
         },
         RegistryOptions {
             max_staleness: Duration::from_millis(args.max_staleness_ms),
+            backup_keys: keys,
         },
     )
     .map_err(|e| e.to_string())?;

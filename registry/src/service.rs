@@ -56,17 +56,20 @@ fn remembered<T: DeserializeOwned>(
 }
 
 /// Options beyond the store and the token policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegistryOptions {
     /// With a shared store: refuse tokens once this replica has not been confirmed current for
     /// longer than this (its watch stalled or it lost etcd).
     pub max_staleness: Duration,
+    /// Seals secrets in exports (`--secret-keys`); without it there is no export.
+    pub backup_keys: Option<crate::store::sealing::KeyRing>,
 }
 
 impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
             max_staleness: Duration::from_secs(5),
+            backup_keys: None,
         }
     }
 }
@@ -290,6 +293,38 @@ impl Registry {
             Err(e) => self.metrics.token_refused(e.code),
         }
         result
+    }
+
+    /// The whole model, secrets sealed with the backup keys.
+    pub fn export(&self) -> Result<vnp_registry_client::backup::Export, ApiError> {
+        crate::backup::export(&self.read(), self.backup_keys()?)
+    }
+
+    /// Loads an export into this (empty) registry, in commits of bounded size; the first
+    /// commit checks that the registry is empty. Blocking.
+    pub fn import(
+        &self,
+        export: &vnp_registry_client::backup::Export,
+    ) -> Result<vnp_registry_client::backup::ImportSummary, ApiError> {
+        let (batches, summary) = crate::backup::import_batches(export, self.backup_keys()?)?;
+        for (i, batch) in batches.iter().enumerate() {
+            self.write(|m| {
+                if i == 0 {
+                    crate::backup::check_empty(m)?;
+                }
+                Ok((batch.clone(), ()))
+            })?;
+        }
+        Ok(summary)
+    }
+
+    fn backup_keys(&self) -> Result<&crate::store::sealing::KeyRing, ApiError> {
+        self.options.backup_keys.as_ref().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "export and import seal secrets with the registry's --secret-keys, which this registry was started without",
+            )
+        })
     }
 
     /// Refuses (503) when this replica may have missed changes for longer than the bound: a
