@@ -43,6 +43,10 @@ struct Args {
         required_if_eq("store", "etcd")
     )]
     secret_keys: Option<PathBuf>,
+    /// Re-seal every secret in etcd with the first key of --secret-keys, then exit (key
+    /// rotation; replicas may keep serving meanwhile).
+    #[arg(long)]
+    reseal_secrets: bool,
     /// With `--store etcd`: refuse tokens once this replica has not been confirmed current
     /// for this many milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -103,10 +107,6 @@ fn pick(
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let ca = pick(args.ca.clone(), &args.tls_dir, "ca.pem", "ca")?;
-    let cert = pick(args.cert.clone(), &args.tls_dir, "server.pem", "cert")?;
-    let key = pick(args.key.clone(), &args.tls_dir, "server.key", "key")?;
-    let tls = vnp_registry::tls::server_config(&ca, &cert, &key).map_err(|e| e.to_string())?;
     let keys = match &args.secret_keys {
         Some(file) => Some(KeyRing::from_file(file).map_err(|e| e.to_string())?),
         None => None,
@@ -123,6 +123,20 @@ fn run(args: Args) -> Result<(), String> {
         },
     )
     .map_err(|e| e.to_string())?;
+    if args.reseal_secrets {
+        if args.store != StoreKind::Etcd {
+            return Err(
+                "--reseal-secrets is for --store etcd (redb keeps secrets in its 0600 file)".into(),
+            );
+        }
+        let n = registry.reseal_secrets().map_err(|e| e.message)?;
+        println!("resealed {n} secrets");
+        return Ok(());
+    }
+    let ca = pick(args.ca.clone(), &args.tls_dir, "ca.pem", "ca")?;
+    let cert = pick(args.cert.clone(), &args.tls_dir, "server.pem", "cert")?;
+    let key = pick(args.key.clone(), &args.tls_dir, "server.key", "key")?;
+    let tls = vnp_registry::tls::server_config(&ca, &cert, &key).map_err(|e| e.to_string())?;
     let registry = Arc::new(registry);
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();

@@ -318,6 +318,32 @@ impl Registry {
         Ok(summary)
     }
 
+    /// Writes every secret again, so that a shared store seals each with the current sealing
+    /// key (after a key rotation, before the old key leaves the key file). In commits of
+    /// bounded size, each re-planned if other replicas write meanwhile; returns how many.
+    /// Blocking.
+    pub fn reseal_secrets(&self) -> Result<usize, ApiError> {
+        let mut owners: Vec<crate::model::SecretOwner> =
+            self.read().secrets.keys().cloned().collect();
+        owners.sort();
+        let mut done = 0;
+        for chunk in owners.chunks(crate::backup::IMPORT_BATCH) {
+            done += self.write(|m| {
+                let ops: Vec<Op> = chunk
+                    .iter()
+                    .filter_map(|o| {
+                        m.secrets
+                            .get(o)
+                            .map(|e| Op::PutSecret(o.clone(), e.clone()))
+                    })
+                    .collect();
+                let n = ops.len();
+                Ok((ops, n))
+            })?;
+        }
+        Ok(done)
+    }
+
     fn backup_keys(&self) -> Result<&crate::store::sealing::KeyRing, ApiError> {
         self.options.backup_keys.as_ref().ok_or_else(|| {
             ApiError::new(

@@ -6,8 +6,10 @@ mod common;
 use common::etcd::EtcdCluster;
 use std::time::Duration;
 use vnp_registry::model::SecretOwner;
+use vnp_registry::service::Registry;
 use vnp_registry::store::sealing::KeyRing;
 use vnp_registry::store::{conformance, EtcdConfig, EtcdStore, FeedEvent, Store, StoreError};
+use vnp_registry::tokens::TokenPolicy;
 
 fn ring(id: &str, byte: u8) -> KeyRing {
     KeyRing::new(vec![(id.to_string(), [byte; 32])]).unwrap()
@@ -28,6 +30,7 @@ fn etcd_store() {
         case(&store(&cluster, &format!("/suite/{name}/"), ring("k1", 1)));
     }
     secrets_are_sealed_at_rest(&cluster);
+    reseal_moves_every_secret_to_the_new_key(&cluster);
     feed_delivers_other_writers_commits_and_survives_compaction(&cluster);
 }
 
@@ -116,4 +119,29 @@ fn feed_delivers_other_writers_commits_and_survives_compaction(cluster: &EtcdClu
         }
         other => panic!("expected a snapshot after compaction, got {other:?}"),
     }
+}
+
+fn reseal_moves_every_secret_to_the_new_key(cluster: &EtcdCluster) {
+    let s = store(cluster, "/reseal/", ring("k1", 1));
+    let mut model = s.load().unwrap();
+    conformance::populate(&s, &mut model);
+    drop(s);
+    let rotated = KeyRing::new(vec![("k2".into(), [2; 32]), ("k1".into(), [1; 32])]).unwrap();
+    let reg = Registry::open(
+        Box::new(store(cluster, "/reseal/", rotated)),
+        TokenPolicy { ttl_s: 600 },
+    )
+    .unwrap();
+    assert_eq!(reg.reseal_secrets().unwrap(), model.secrets.len());
+    let raw = cluster
+        .etcdctl(&["get", "--prefix", "/reseal/secrets/"])
+        .stdout;
+    assert!(
+        !raw.windows(7).any(|w| w == b"vnpe1\x02k1"),
+        "a secret still sealed with k1"
+    );
+    drop(reg);
+    // The old key can leave the key file now.
+    let loaded = store(cluster, "/reseal/", ring("k2", 2)).load().unwrap();
+    conformance::assert_same_state(&loaded, &model);
 }
