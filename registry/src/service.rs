@@ -372,7 +372,7 @@ impl Registry {
 
     /// The counters plus gauges of the current state, in Prometheus text format.
     pub fn render_metrics(&self) -> String {
-        let (networks, hosts, vms, rules, generation) = {
+        let (networks, hosts, vms, rules, generation, revision) = {
             let m = self.read();
             (
                 m.networks.len(),
@@ -380,8 +380,10 @@ impl Registry {
                 m.vms.len(),
                 m.rules.len(),
                 m.generation,
+                m.revision,
             )
         };
+        let staleness_ms = u64::try_from(self.staleness().as_millis()).unwrap_or(u64::MAX);
         self.metrics.render(&[
             ("vnp_registry_networks", "Networks.", networks as u64),
             ("vnp_registry_hosts", "Hosts.", hosts as u64),
@@ -395,6 +397,16 @@ impl Registry {
                 "vnp_registry_generation",
                 "Generation of the newest VM change.",
                 generation,
+            ),
+            (
+                "vnp_registry_store_revision",
+                "Store revision the in-memory model reflects.",
+                revision,
+            ),
+            (
+                "vnp_registry_staleness_ms",
+                "Milliseconds since this replica was last confirmed current (0 with redb).",
+                staleness_ms,
             ),
         ])
     }

@@ -269,6 +269,12 @@ fn conflicting_writes_on_two_replicas_have_one_winner(d: &Deployment) {
         ),
         "{lost:?}"
     );
+    let replanned: usize = d.replicas[..2]
+        .iter()
+        .map(|r| std::fs::read_to_string(&r.log).unwrap_or_default())
+        .map(|log| log.matches("re-planning").count())
+        .sum();
+    eprintln!("{replanned} of 6 races were decided by etcd's compare (the others by timing)");
 }
 
 fn losing_one_etcd_member_changes_nothing(d: &mut Deployment) {
@@ -339,14 +345,24 @@ fn stale_replica_stops_minting_tokens(d: &mut Deployment) {
         }
         other => panic!("{other:?}"),
     }
+    let metrics = d.client(2, "admin").metrics_text().unwrap();
+    let staleness: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vnp_registry_staleness_ms "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no staleness gauge in {metrics}"));
+    assert!(staleness > MAX_STALENESS_MS, "gauge says {staleness} ms");
     d.cluster.restart(1);
     d.cluster.restart(2);
     d.cluster.wait_healthy(Duration::from_secs(30));
-    within(
-        Duration::from_secs(15),
-        "tokens again with the quorum back",
-        || h1.request_token("a", b_ip).is_ok(),
-    );
+    for r in 0..3 {
+        let h1 = d.client(r, "h1");
+        within(
+            Duration::from_secs(15),
+            "tokens again with the quorum back",
+            || h1.request_token("a", b_ip).is_ok(),
+        );
+    }
     assert_eq!(code(h1.request_token("nope", b_ip)), ErrorCode::UnknownVm);
 }
 
