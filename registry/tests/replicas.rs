@@ -22,7 +22,7 @@ use vnp_registry_client::*;
 /// etcd's watch stream; on loopback it takes milliseconds).
 const VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 /// The replicas' `--max-staleness-ms`.
-const MAX_STALENESS_MS: u64 = 1500;
+const MAX_STALENESS_MS: u64 = 2000;
 
 struct Deployment {
     replicas: Vec<RegistryProc>,
@@ -278,25 +278,24 @@ fn conflicting_writes_on_two_replicas_have_one_winner(d: &Deployment) {
 }
 
 fn losing_one_etcd_member_changes_nothing(d: &mut Deployment) {
-    let leaderless_before = Instant::now();
-    d.cluster.kill(0);
+    // The hardest member to lose: the leader.
+    let leader = d.cluster.leader();
+    d.cluster.kill(leader);
+    let killed = Instant::now();
     let admin = d.client(1, "admin");
-    // Writes and tokens go on while two of three members remain (an election may take a
-    // moment if the leader died; the registry retries nothing itself, so allow that once).
-    let t = Instant::now();
-    let c = loop {
-        match admin.create_vm(&vm("after-kill", "h2")) {
-            Ok(v) => break v,
-            Err(e) if t.elapsed() < Duration::from_secs(10) => {
-                eprintln!("write during election: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("writes stopped with one etcd member down: {e}"),
-        }
-    };
+    // Writes go on once the two remaining members have elected a leader (about one election
+    // timeout, 1 s here). A commit caught in the election is sent again by the registry, which
+    // recognises its own commit if the first attempt landed after all: no error reaches the
+    // client, and nothing is written twice.
+    let c = admin.create_vm(&vm("after-kill", "h2")).unwrap();
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        killed.elapsed()
+    );
     eprintln!(
-        "first write after killing a member took {:?}",
-        leaderless_before.elapsed()
+        "killed the leader (member {leader}); writes went on after {:?}",
+        killed.elapsed()
     );
     for r in 0..3 {
         let h1 = d.client(r, "h1");
@@ -309,14 +308,31 @@ fn losing_one_etcd_member_changes_nothing(d: &mut Deployment) {
     for r in 0..3 {
         d.client(r, "h1").request_token("a", c.ip).unwrap();
     }
-    d.cluster.restart(0);
+    d.cluster.restart(leader);
     d.cluster.wait_healthy(Duration::from_secs(30));
+}
+
+/// The replica's `vnp_registry_staleness_ms` gauge.
+fn staleness_ms(d: &Deployment, replica: usize) -> u64 {
+    let metrics = d.client(replica, "admin").metrics_text().unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vnp_registry_staleness_ms "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no staleness gauge in {metrics}"))
 }
 
 fn stale_replica_stops_minting_tokens(d: &mut Deployment) {
     let b_ip = Ipv4Addr::new(10, 1, 0, 3);
     let h1 = d.client(2, "h1");
     h1.request_token("a", b_ip).unwrap();
+    for r in 0..3 {
+        let age = staleness_ms(d, r);
+        assert!(
+            age < MAX_STALENESS_MS,
+            "replica {r} is {age} ms stale with etcd healthy"
+        );
+    }
     // Without a quorum no replica can confirm it is current: after the bound, they refuse.
     d.cluster.kill(1);
     d.cluster.kill(2);
@@ -345,12 +361,7 @@ fn stale_replica_stops_minting_tokens(d: &mut Deployment) {
         }
         other => panic!("{other:?}"),
     }
-    let metrics = d.client(2, "admin").metrics_text().unwrap();
-    let staleness: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("vnp_registry_staleness_ms "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no staleness gauge in {metrics}"));
+    let staleness = staleness_ms(d, 2);
     assert!(staleness > MAX_STALENESS_MS, "gauge says {staleness} ms");
     d.cluster.restart(1);
     d.cluster.restart(2);

@@ -20,7 +20,7 @@ use etcd_client::{
 };
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How to reach etcd and how to follow it.
 #[derive(Debug, Clone)]
@@ -33,6 +33,10 @@ pub struct EtcdConfig {
     pub keys: KeyRing,
     /// Deadline of each etcd request.
     pub request_timeout: Duration,
+    /// Deadline of one attempt of a commit; a commit is sent again (safely, see
+    /// `Ctx::commit`) until `2 * request_timeout` have passed. Short, because a proposal made
+    /// while the etcd leader is being replaced is dropped and only times out.
+    pub commit_attempt: Duration,
     /// How often a follower asks etcd for its newest revision (the staleness probe).
     pub probe_interval: Duration,
     /// A follower whose watch has not delivered a revision the probe saw for this long
@@ -48,6 +52,7 @@ impl EtcdConfig {
             prefix: "/vnp/".into(),
             keys,
             request_timeout: Duration::from_secs(5),
+            commit_attempt: Duration::from_millis(1500),
             probe_interval: Duration::from_millis(500),
             stall_after: Duration::from_secs(3),
         }
@@ -183,10 +188,16 @@ impl Ctx {
             .map_or(0, |kv| kv.mod_revision().max(0) as u64))
     }
 
+    /// One guarded transaction. The version key's value is a fresh commit id, so that after
+    /// an answer got lost (a leader died mid-request) the same transaction can be sent again:
+    /// if the first one landed, the compare fails and the version key still names this commit,
+    /// which is then reported as done; otherwise the retry applies it. Either way it is applied
+    /// once.
     async fn commit(&self, base: u64, ops: &[Op]) -> Result<u64, StoreError> {
         let version = self.layout.version_key();
+        let commit_id = commit_id()?;
         let mut then = txn_ops(&self.layout, &self.ring, ops)?;
-        then.push(TxnOp::put(version.clone(), base.to_string(), None));
+        then.push(TxnOp::put(version.clone(), commit_id.clone(), None));
         let guard = i64::try_from(base).map_err(io)?.saturating_add(1);
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(
@@ -196,30 +207,50 @@ impl Ctx {
             )])
             .and_then(then)
             .or_else(vec![TxnOp::get(version, None)]);
-        let resp = match tokio::time::timeout(self.config.request_timeout, self.kv().txn(txn)).await
-        {
-            Ok(Ok(resp)) => resp,
-            // Refused before it was applied (bad request, no leader): nothing was written.
-            Ok(Err(e)) if is_refusal(&e) => return Err(io(e)),
-            Ok(Err(e)) => return Err(StoreError::Indeterminate(e.to_string())),
-            Err(_) => {
-                return Err(StoreError::Indeterminate(format!(
+        let started = Instant::now();
+        let mut kv = self.kv();
+        let resp = loop {
+            let attempt = tokio::time::timeout(self.config.commit_attempt, kv.txn(txn.clone()));
+            let why = match attempt.await {
+                Ok(Ok(resp)) => break resp,
+                // Refused before it was applied (bad request, too many operations).
+                Ok(Err(e)) if is_refusal(&e) => return Err(io(e)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!(
                     "etcd did not answer within {:?}",
-                    self.config.request_timeout
-                )))
+                    self.config.commit_attempt
+                ),
+            };
+            if started.elapsed() + self.config.commit_attempt > self.config.request_timeout * 2 {
+                return Err(StoreError::Indeterminate(why));
             }
+            log::warn!("commit on revision {base}: {why}; sending it again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         };
         if resp.succeeded() {
             return Ok(resp.header().map_or(0, |h| h.revision().max(0) as u64));
         }
-        let latest = resp.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision().max(0) as u64),
+        let current = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| (kv.mod_revision().max(0) as u64, kv.value().to_vec())),
             _ => None,
         });
-        Err(StoreError::Conflict {
-            latest: latest.unwrap_or(base + 1),
-        })
+        match current {
+            // An earlier attempt of this very commit landed.
+            Some((revision, id)) if id == commit_id.as_bytes() => Ok(revision),
+            Some((latest, _)) => Err(StoreError::Conflict { latest }),
+            None => Err(StoreError::Conflict { latest: base + 1 }),
+        }
     }
+}
+
+/// 128 random bits in hex, naming one commit.
+fn commit_id() -> Result<String, StoreError> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(io)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// gRPC statuses that mean etcd refused the request outright (it did not apply it).

@@ -144,6 +144,24 @@ impl EtcdCluster {
         }
     }
 
+    /// The index of the current leader (asks the running members).
+    pub fn leader(&self) -> usize {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("endpoint status: {e}: {:?}", out));
+        let rows = status.as_array().expect("status list");
+        let leader = rows[0]["Status"]["leader"].as_u64().expect("leader id");
+        let endpoint = rows
+            .iter()
+            .find(|r| r["Status"]["header"]["member_id"].as_u64() == Some(leader))
+            .and_then(|r| r["Endpoint"].as_str())
+            .expect("leader among the endpoints");
+        self.members
+            .iter()
+            .position(|m| m.client_url == endpoint)
+            .expect("leader is a member")
+    }
+
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
