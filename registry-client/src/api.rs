@@ -464,8 +464,12 @@ pub enum ErrorCode {
     PortOutsideRange,
     PoolExhausted,
     NotEmpty,
+    /// A concurrent write through another replica kept winning; nothing was changed.
+    Conflict,
     Storage,
     Internal,
+    /// This replica cannot answer now (it may be stale); another replica can.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -482,8 +486,9 @@ impl ErrorCode {
             UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
             | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
-            | DuplicateVni | PoolExhausted | NotEmpty => 409,
+            | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
             Storage | Internal => 500,
+            Unavailable => 503,
         }
     }
 

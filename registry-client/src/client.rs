@@ -2,6 +2,13 @@
 //!
 //! Built on `ureq`, whose agent keeps TLS connections alive and reuses them, so a control
 //! thread asking for many tokens pays for one handshake.
+//!
+//! Given several registry replicas (`url` = a comma-separated list), the client sticks to one
+//! and moves to the next on a connection failure or a 5xx answer, with backoff. Reads, token
+//! requests and endpoint registrations are safe to repeat; other writes (creating, deleting,
+//! moving, rotating) are repeated on another replica only because each carries an
+//! `Idempotency-Key`, with which the registry answers a repeat from memory instead of
+//! writing twice.
 
 use crate::api::*;
 use crate::error::ClientError;
@@ -9,15 +16,21 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use ureq::tls::{Certificate, ClientCert, PemItem, PrivateKey, RootCerts, TlsConfig};
 use ureq::Agent;
 use vnp_protocol::token::VmSecret;
 
+mod failover;
+use failover::{parse_bases, Repeat};
+
 /// How to reach and authenticate to the registry. All PEM material is held in memory.
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Base URL, e.g. `https://127.0.0.1:7443`.
+    /// Base URL, e.g. `https://127.0.0.1:7443`, or several replicas' URLs separated by
+    /// commas (`https://r1:7443,https://r2:7443`): the client fails over between them.
     pub url: String,
     /// The registry's CA certificate (PEM): the only root trusted for the server.
     pub ca_pem: Vec<u8>,
@@ -85,23 +98,21 @@ fn parse_key(pem: &[u8]) -> Result<PrivateKey<'static>, ClientError> {
     ))
 }
 
-/// A blocking client for one registry. Cheap to clone; clones share the connection pool.
+/// A blocking client for a registry (one or several replicas). Cheap to clone; clones share
+/// the connection pool and the replica they currently use.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
     agent: Agent,
-    base: String,
+    bases: Arc<[String]>,
+    /// Index into `bases` of the replica that answered last.
+    current: Arc<AtomicUsize>,
     timeout: Duration,
 }
 
 impl RegistryClient {
     /// Builds a client; fails early on unusable PEM material or URL.
     pub fn new(config: ClientConfig) -> Result<RegistryClient, ClientError> {
-        let base = config.url.trim_end_matches('/').to_string();
-        if !base.starts_with("https://") {
-            return Err(ClientError::Config(format!(
-                "registry URL {base:?} must start with https:// (the registry only speaks mTLS)"
-            )));
-        }
+        let bases = parse_bases(&config.url)?;
         let roots = parse_certs(&config.ca_pem, "CA certificate")?;
         let chain = parse_certs(&config.cert_pem, "client certificate")?;
         let key = parse_key(&config.key_pem)?;
@@ -124,26 +135,26 @@ impl RegistryClient {
             .build();
         Ok(RegistryClient {
             agent: Agent::new_with_config(agent_config),
-            base,
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             timeout: config.timeout,
         })
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
+    /// The replicas' base URLs, in the order given.
+    pub fn urls(&self) -> &[String] {
+        &self.bases
+    }
+
+    /// The base URL of the replica the next request goes to first.
+    pub fn current_url(&self) -> &str {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
     fn finish<T: DeserializeOwned>(
-        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        result: Result<(u16, Vec<u8>), ClientError>,
     ) -> Result<T, ClientError> {
-        let mut resp = result.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(16 * 1024 * 1024)
-            .read_to_vec()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let (status, body) = result?;
         if (200..300).contains(&status) {
             // The body may be a secret response: wipe the raw bytes once parsed. (serde_json's
             // error messages quote no input, so the Protocol error cannot leak it either.)
@@ -167,19 +178,31 @@ impl RegistryClient {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        Self::finish(self.agent.get(&self.url(path)).call())
+        Self::finish(self.exchange("GET", path, None, Repeat::Safe, None))
     }
 
     fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        Self::finish(self.agent.delete(&self.url(path)).call())
+        Self::finish(self.exchange("DELETE", path, None, Repeat::Keyed, None))
     }
 
+    /// POST of a write (repeated on another replica only with an idempotency key).
     fn post<B: Serialize, T: DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        Self::finish(self.agent.post(&self.url(path)).send_json(body))
+        let body = Self::json(body)?;
+        Self::finish(self.exchange("POST", path, Some(&body), Repeat::Keyed, None))
+    }
+
+    /// POST of something safe to repeat (token requests).
+    fn post_safe<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let body = Self::json(body)?;
+        Self::finish(self.exchange("POST", path, Some(&body), Repeat::Safe, None))
     }
 
     fn put<B: Serialize, T: DeserializeOwned>(
@@ -187,7 +210,14 @@ impl RegistryClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        Self::finish(self.agent.put(&self.url(path)).send_json(body))
+        let body = Self::json(body)?;
+        Self::finish(self.exchange("PUT", path, Some(&body), Repeat::Safe, None))
+    }
+
+    fn json<B: Serialize>(body: &B) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+        serde_json::to_vec(body)
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| ClientError::Config(format!("request body: {e}")))
     }
 
     /// Sends an arbitrary request and returns the status and body unparsed (debugging, tests
@@ -198,29 +228,11 @@ impl RegistryClient {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), ClientError> {
-        let url = self.url(path);
-        let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            ("POST", b) => self
-                .agent
-                .post(&url)
-                .content_type("application/json")
-                .send(b.unwrap_or_default()),
-            ("PUT", b) => self
-                .agent
-                .put(&url)
-                .content_type("application/json")
-                .send(b.unwrap_or_default()),
-            _ => return Err(ClientError::Config(format!("unsupported method {method}"))),
+        let repeat = match method {
+            "GET" | "PUT" => Repeat::Safe,
+            _ => Repeat::Keyed,
         };
-        let mut resp = result.map_err(|e| ClientError::Transport(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .read_to_vec()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
-        Ok((status, body))
+        self.exchange(method, path, body, repeat, None)
     }
 
     /// The registry's counters in Prometheus text format (admin).
@@ -378,11 +390,26 @@ impl RegistryClient {
         self.delete(&format!("/v1/policy/{}", path_seg(id)))
     }
 
+    // ---- backup ----
+
+    /// The whole registry, secrets sealed (admin; the registry needs `--secret-keys`).
+    pub fn export(&self) -> Result<crate::backup::Export, ClientError> {
+        self.get("/v1/export")
+    }
+
+    /// Loads an export into an empty registry (admin).
+    pub fn import(
+        &self,
+        export: &crate::backup::Export,
+    ) -> Result<crate::backup::ImportSummary, ClientError> {
+        self.post("/v1/import", export)
+    }
+
     // ---- tokens and watch ----
 
     /// Asks for a token from `src_vm` (which the calling host runs) to `dst_ip`.
     pub fn request_token(&self, src_vm: &str, dst_ip: Ipv4Addr) -> Result<TokenGrant, ClientError> {
-        self.post(
+        self.post_safe(
             "/v1/tokens",
             &TokenRequest {
                 src_vm: Some(src_vm.to_string()),
@@ -395,7 +422,7 @@ impl RegistryClient {
 
     /// Any token request (gateways use `src_gateway` + `src_ip`; admins may debug any pair).
     pub fn request_token_raw(&self, req: &TokenRequest) -> Result<TokenGrant, ClientError> {
-        self.post("/v1/tokens", req)
+        self.post_safe("/v1/tokens", req)
     }
 
     /// Long-polls for changes to `vms` (all VMs if empty) after generation `since`.
@@ -408,18 +435,18 @@ impl RegistryClient {
         timeout: Duration,
     ) -> Result<WatchResponse, ClientError> {
         let list: Vec<String> = vms.iter().map(|v| path_seg(v)).collect();
-        let url = self.url(&format!(
+        let path = format!(
             "/v1/watch?vms={}&since={since}&timeout_ms={}",
             list.join(","),
             timeout.as_millis()
-        ));
-        let req = self
-            .agent
-            .get(&url)
-            .config()
-            .timeout_recv_response(Some(timeout + self.timeout))
-            .build();
-        Self::finish(req.call())
+        );
+        Self::finish(self.exchange(
+            "GET",
+            &path,
+            None,
+            Repeat::Safe,
+            Some(timeout + self.timeout),
+        ))
     }
 }
 

@@ -6,11 +6,15 @@
 //! - [`model`]: the whole state in memory plus the [`model::Op`]s that change it;
 //! - [`plan`]: pure validation and allocation for every write;
 //! - [`policy`], [`tokens`]: pure pair policy and token decisions;
-//! - [`store`]: the persistence trait and the redb default;
+//! - [`store`]: the persistence trait, the redb default and the shared etcd store;
+//! - [`follow`]: the live model, kept current from a shared store's feed;
 //! - [`service`]: plan -> commit -> apply, and change notification for watchers;
+//! - [`backup`]: export/import of the whole model;
 //! - [`tls`], [`http`]: mutual TLS and the HTTPS+JSON API; [`metrics`]: counters.
 
+pub mod backup;
 pub mod error;
+pub mod follow;
 pub mod http;
 pub mod metrics;
 pub mod model;

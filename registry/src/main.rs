@@ -4,8 +4,10 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use vnp_registry::service::Registry;
-use vnp_registry::store::RedbStore;
+use std::time::Duration;
+use vnp_registry::service::{Registry, RegistryOptions};
+use vnp_registry::store::sealing::KeyRing;
+use vnp_registry::store::{EtcdConfig, EtcdStore, RedbStore, Store};
 use vnp_registry::tokens::TokenPolicy;
 
 /// The vnp VM registry: identities, secrets, pair policy, tokens and endpoints.
@@ -15,9 +17,40 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:7443", env = "VNP_REGISTRY_LISTEN")]
     listen: SocketAddr,
-    /// Directory for the database (created 0700; it holds every VM secret).
-    #[arg(long, env = "VNP_REGISTRY_DATA")]
-    data: PathBuf,
+    /// Where the state lives: `redb` (one embedded file, one process) or `etcd` (a cluster
+    /// shared by several registry replicas).
+    #[arg(long, value_enum, default_value_t = StoreKind::Redb, env = "VNP_REGISTRY_STORE")]
+    store: StoreKind,
+    /// Directory for the redb database (created 0700; it holds every VM secret).
+    #[arg(long, env = "VNP_REGISTRY_DATA", required_if_eq("store", "redb"))]
+    data: Option<PathBuf>,
+    /// etcd client URLs, comma-separated (`--store etcd`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "VNP_ETCD_ENDPOINTS",
+        required_if_eq("store", "etcd")
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of this registry in etcd.
+    #[arg(long, default_value = "/vnp/")]
+    etcd_prefix: String,
+    /// Key file sealing secrets in etcd and in exports: `<id> <64 hex>` a line, the sealing
+    /// key first (required with `--store etcd`; etcd never sees these keys).
+    #[arg(
+        long,
+        env = "VNP_REGISTRY_SECRET_KEYS",
+        required_if_eq("store", "etcd")
+    )]
+    secret_keys: Option<PathBuf>,
+    /// Re-seal every secret in etcd with the first key of --secret-keys, then exit (key
+    /// rotation; replicas may keep serving meanwhile).
+    #[arg(long)]
+    reseal_secrets: bool,
+    /// With `--store etcd`: refuse tokens once this replica has not been confirmed current
+    /// for this many milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    max_staleness_ms: u64,
     /// Directory laid out by `vnpctl ca init` (ca.pem, server.pem, server.key).
     #[arg(long, env = "VNP_TLS_DIR")]
     tls_dir: Option<PathBuf>,
@@ -41,6 +74,27 @@ struct Args {
     workers: Option<usize>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Redb,
+    Etcd,
+}
+
+fn open_store(args: &Args, keys: Option<KeyRing>) -> Result<Box<dyn Store>, String> {
+    Ok(match args.store {
+        StoreKind::Redb => {
+            let data = args.data.as_ref().ok_or("--store redb needs --data DIR")?;
+            Box::new(RedbStore::open(data).map_err(|e| e.to_string())?)
+        }
+        StoreKind::Etcd => {
+            let keys = keys.ok_or("--store etcd needs --secret-keys FILE")?;
+            let mut config = EtcdConfig::new(args.etcd_endpoints.clone(), keys);
+            config.prefix = args.etcd_prefix.clone();
+            Box::new(EtcdStore::connect(config).map_err(|e| format!("etcd: {e}"))?)
+        }
+    })
+}
+
 fn pick(
     explicit: Option<PathBuf>,
     dir: &Option<PathBuf>,
@@ -53,18 +107,36 @@ fn pick(
 }
 
 fn run(args: Args) -> Result<(), String> {
-    let ca = pick(args.ca, &args.tls_dir, "ca.pem", "ca")?;
-    let cert = pick(args.cert, &args.tls_dir, "server.pem", "cert")?;
-    let key = pick(args.key, &args.tls_dir, "server.key", "key")?;
-    let tls = vnp_registry::tls::server_config(&ca, &cert, &key).map_err(|e| e.to_string())?;
-    let store = RedbStore::open(&args.data).map_err(|e| e.to_string())?;
-    let registry = Registry::open(
-        Box::new(store),
+    let keys = match &args.secret_keys {
+        Some(file) => Some(KeyRing::from_file(file).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let store = open_store(&args, keys.clone())?;
+    let registry = Registry::open_with(
+        store,
         TokenPolicy {
             ttl_s: args.token_ttl,
         },
+        RegistryOptions {
+            max_staleness: Duration::from_millis(args.max_staleness_ms),
+            backup_keys: keys,
+        },
     )
     .map_err(|e| e.to_string())?;
+    if args.reseal_secrets {
+        if args.store != StoreKind::Etcd {
+            return Err(
+                "--reseal-secrets is for --store etcd (redb keeps secrets in its 0600 file)".into(),
+            );
+        }
+        let n = registry.reseal_secrets().map_err(|e| e.message)?;
+        println!("resealed {n} secrets");
+        return Ok(());
+    }
+    let ca = pick(args.ca.clone(), &args.tls_dir, "ca.pem", "ca")?;
+    let cert = pick(args.cert.clone(), &args.tls_dir, "server.pem", "cert")?;
+    let key = pick(args.key.clone(), &args.tls_dir, "server.key", "key")?;
+    let tls = vnp_registry::tls::server_config(&ca, &cert, &key).map_err(|e| e.to_string())?;
     let registry = Arc::new(registry);
 
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -80,7 +152,7 @@ fn run(args: Args) -> Result<(), String> {
         let local = listener.local_addr().map_err(|e| e.to_string())?;
         // Tests and scripts wait for this exact line.
         println!("vnp-registry listening on {local}");
-        log::info!("listening on {local}, data in {}", args.data.display());
+        log::info!("listening on {local}, store {:?}", args.store);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("SIGTERM handler: {e}"))?;
         // Every acknowledged write is already durable, so stopping needs no flush.

@@ -64,6 +64,21 @@ impl std::fmt::Debug for SecretEntry {
     }
 }
 
+/// The answer to a write that carried an idempotency key, kept so that a client retrying it
+/// (on this or another replica) gets the same answer instead of a second write.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RememberedWrite {
+    /// `"<caller> <METHOD> <path>"`: a key reused for another request is refused.
+    pub request: String,
+    /// The JSON the write answered.
+    pub response: String,
+    /// When (Unix seconds); forgotten after [`REMEMBER_WRITES_S`].
+    pub at: u64,
+}
+
+/// How long idempotency keys are remembered.
+pub const REMEMBER_WRITES_S: u64 = 3600;
+
 /// One persisted mutation. A write request is a `Vec<Op>` committed atomically.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -83,6 +98,10 @@ pub enum Op {
     AppendChange(VmChange),
     /// Forgets change-log entries with a generation below this.
     TrimChanges(u64),
+    /// Remembers the answer to a write under its idempotency key.
+    RememberWrite(String, RememberedWrite),
+    /// Forgets an idempotency key.
+    ForgetWrite(String),
 }
 
 /// The whole registry state.
@@ -98,8 +117,14 @@ pub struct Model {
     pub by_ip: HashMap<(String, Ipv4Addr), String>,
     /// Change log, oldest first.
     pub changes: VecDeque<VmChange>,
-    /// Generation of the newest change (0 before any).
+    /// Answers to writes by idempotency key.
+    pub requests: BTreeMap<String, RememberedWrite>,
+    /// Generation of the newest change (0 before any). Stored with the change log, so it is
+    /// the same on every replica of a shared store.
     pub generation: u64,
+    /// The store revision this model reflects (see [`Store`](crate::store::Store)): writes
+    /// planned on it commit only if nothing was committed after it.
+    pub revision: u64,
 }
 
 impl Model {
@@ -163,6 +188,12 @@ impl Model {
                 while self.changes.front().is_some_and(|c| c.generation < *below) {
                     self.changes.pop_front();
                 }
+            }
+            Op::RememberWrite(key, w) => {
+                self.requests.insert(key.clone(), w.clone());
+            }
+            Op::ForgetWrite(key) => {
+                self.requests.remove(key);
             }
         }
     }

@@ -1,9 +1,10 @@
 //! Integration tests over real mutual TLS on loopback: the real `vnp-registry` binary, the real
-//! blocking client, certificates from a throwaway CA.
+//! blocking client, certificates from a throwaway CA. Every test runs twice: on the embedded
+//! redb store (`redb::…`) and on a real one-member etcd cluster (`etcd::…`).
 
 mod common;
 
-use common::{Fixture, Pki, TempDir};
+use common::{Backend, Fixture, Pki, TempDir};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 use vnp_protocol::token::verify;
@@ -64,9 +65,8 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
     }
 }
 
-#[test]
-fn happy_path_token_endpoint_and_watch() {
-    let f = Fixture::new("happy");
+fn happy_path_token_endpoint_and_watch(backend: Backend) {
+    let f = Fixture::on(backend, "happy");
     let (a, b) = populate(&f);
     let (h1, h2) = (f.reg.client("h1"), f.reg.client("h2"));
     assert_eq!(
@@ -133,21 +133,15 @@ fn happy_path_token_endpoint_and_watch() {
     assert_eq!(w.changes[0].kind, ChangeKind::Endpoint);
     assert_eq!(w.changes[0].endpoint.unwrap().port, 41000);
     assert_eq!(w.generation, generation);
-    let mut cache = TokenCache::new(16);
-    cache.insert("a", g, now);
-    assert_eq!(
-        cache.apply_changes(&w.changes),
-        1,
-        "the cached a->b token is stale now"
-    );
+    // The change names the destination of the a->b token: a cache of it is stale now.
+    assert_eq!(w.changes[0].vm, g.dst_vm.clone().unwrap());
     let g2 = h1.request_token("a", b.ip).unwrap();
     assert_eq!(g2.dst_port, 41000);
     assert!(verify(&sb, &g2.fields(), &g2.token_value().unwrap()));
 }
 
-#[test]
-fn secrets_only_for_the_owning_host() {
-    let f = Fixture::new("secret");
+fn secrets_only_for_the_owning_host(backend: Backend) {
+    let f = Fixture::on(backend, "secret");
     populate(&f);
     add_gateway(&f);
     assert_eq!(
@@ -186,9 +180,8 @@ fn secrets_only_for_the_owning_host() {
     assert!(!log.contains(hex.as_str()), "secret leaked into the log");
 }
 
-#[test]
-fn token_only_for_vms_the_host_runs() {
-    let f = Fixture::new("tokowner");
+fn token_only_for_vms_the_host_runs(backend: Backend) {
+    let f = Fixture::on(backend, "tokowner");
     let (_, b) = populate(&f);
     add_gateway(&f);
     let h2 = f.reg.client("h2");
@@ -210,9 +203,8 @@ fn token_only_for_vms_the_host_runs() {
     );
 }
 
-#[test]
-fn policy_deny_default_deny_and_tags() {
-    let f = Fixture::new("policy");
+fn policy_deny_default_deny_and_tags(backend: Backend) {
+    let f = Fixture::on(backend, "policy");
     let (a, b) = populate(&f);
     let admin = f.reg.client("admin");
     let h1 = f.reg.client("h1");
@@ -291,9 +283,8 @@ fn policy_deny_default_deny_and_tags() {
     assert_eq!(code(h1.metrics_text()), ErrorCode::AdminRequired);
 }
 
-#[test]
-fn restart_after_crash_loses_nothing_acknowledged() {
-    let mut f = Fixture::new("restart");
+fn restart_after_crash_loses_nothing_acknowledged(backend: Backend) {
+    let mut f = Fixture::on(backend, "restart");
     let (a, b) = populate(&f);
     let admin = f.reg.client("admin");
     admin
@@ -351,9 +342,8 @@ fn restart_after_crash_loses_nothing_acknowledged() {
     assert_ne!(c.host_port, a.host_port);
 }
 
-#[test]
-fn concurrent_token_requests() {
-    let f = Fixture::new("concurrent");
+fn concurrent_token_requests(backend: Backend) {
+    let f = Fixture::on(backend, "concurrent");
     let admin = f.reg.client("admin");
     admin.create_network(&net("n1", "10.1.0.0/24")).unwrap();
     admin
@@ -413,9 +403,8 @@ fn concurrent_token_requests() {
     assert_eq!(n, 800);
 }
 
-#[test]
-fn gateway_tuple_for_outside_destinations() {
-    let f = Fixture::new("gateway");
+fn gateway_tuple_for_outside_destinations(backend: Backend) {
+    let f = Fixture::on(backend, "gateway");
     let (a, _) = populate(&f);
     let admin = f.reg.client("admin");
     let h1 = f.reg.client("h1");
@@ -477,9 +466,8 @@ fn gateway_tuple_for_outside_destinations() {
     );
 }
 
-#[test]
-fn migration_flow_and_long_poll() {
-    let f = Fixture::new("migrate");
+fn migration_flow_and_long_poll(backend: Backend) {
+    let f = Fixture::on(backend, "migrate");
     let (a, b) = populate(&f);
     let admin = f.reg.client("admin");
     let (h1, h2) = (f.reg.client("h1"), f.reg.client("h2"));
@@ -549,9 +537,8 @@ fn migration_flow_and_long_poll() {
     assert!(t.elapsed() >= Duration::from_millis(650));
 }
 
-#[test]
-fn bad_input_gets_clear_4xx_and_changes_nothing() {
-    let f = Fixture::new("badinput");
+fn bad_input_gets_clear_4xx_and_changes_nothing(backend: Backend) {
+    let f = Fixture::on(backend, "badinput");
     populate(&f);
     let admin = f.reg.client("admin");
     let before = admin.list_vms(None).unwrap();
@@ -715,9 +702,8 @@ fn bad_input_gets_clear_4xx_and_changes_nothing() {
     );
 }
 
-#[test]
-fn unknown_expired_and_identity_less_certificates_are_refused() {
-    let f = Fixture::new("certs");
+fn unknown_expired_and_identity_less_certificates_are_refused(backend: Backend) {
+    let f = Fixture::on(backend, "certs");
     use vnp_registry_client::pki::{Duration as D, OffsetDateTime};
     let now = OffsetDateTime::now_utc();
     // Signed by our CA but expired.
@@ -801,13 +787,44 @@ fn unknown_expired_and_identity_less_certificates_are_refused() {
     );
 }
 
-#[test]
-fn endpoint_watcher_follows_changes_without_gaps() {
-    let f = Fixture::new("watcher");
+/// What one long-poll of a follower that keeps `since` found (what vnpd's control thread does).
+#[derive(Debug, PartialEq, Eq)]
+enum WatchEvent {
+    Changes(Vec<VmChange>),
+    Resync,
+    Idle,
+}
+
+struct Follower {
+    vms: Vec<&'static str>,
+    since: Option<u64>,
+}
+
+impl Follower {
+    fn poll(&mut self, c: &RegistryClient, timeout: Duration) -> Result<WatchEvent, ClientError> {
+        let Some(since) = self.since else {
+            self.since = Some(c.watch(&self.vms, 0, Duration::ZERO)?.generation);
+            return Ok(WatchEvent::Resync);
+        };
+        let w = c.watch(&self.vms, since, timeout)?;
+        self.since = Some(w.generation);
+        Ok(match (w.resync, w.changes.is_empty()) {
+            (true, _) => WatchEvent::Resync,
+            (false, true) => WatchEvent::Idle,
+            (false, false) => WatchEvent::Changes(w.changes),
+        })
+    }
+}
+
+fn endpoint_watcher_follows_changes_without_gaps(backend: Backend) {
+    let f = Fixture::on(backend, "watcher");
     populate(&f);
     let admin = f.reg.client("admin");
     let h1 = f.reg.client("h1");
-    let mut w = EndpointWatcher::new(vec!["b".into()]);
+    let mut w = Follower {
+        vms: vec!["b"],
+        since: None,
+    };
     assert_eq!(
         w.poll(&h1, Duration::from_secs(1)).unwrap(),
         WatchEvent::Resync,
@@ -845,9 +862,8 @@ fn endpoint_watcher_follows_changes_without_gaps() {
     assert_eq!(generation, 2);
 }
 
-#[test]
-fn connection_limit_queues_instead_of_failing() {
-    let f = Fixture::with_args("connlimit", &["--max-connections", "1"]);
+fn connection_limit_queues_instead_of_failing(backend: Backend) {
+    let f = Fixture::on_with_args(backend, "connlimit", &["--max-connections", "1"]);
     let first = f.reg.client("admin");
     first.whoami().unwrap(); // its keep-alive connection now holds the only slot
     let mut cfg = f.reg.config("admin");
@@ -870,3 +886,36 @@ fn connection_limit_queues_instead_of_failing() {
         }
     }
 }
+
+/// Each test above, once per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(#[test]
+            fn $name() {
+                super::$name(super::Backend::Redb)
+            })*
+        }
+        mod etcd {
+            $(#[test]
+            fn $name() {
+                super::$name(super::Backend::Etcd)
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    happy_path_token_endpoint_and_watch,
+    secrets_only_for_the_owning_host,
+    token_only_for_vms_the_host_runs,
+    policy_deny_default_deny_and_tags,
+    restart_after_crash_loses_nothing_acknowledged,
+    concurrent_token_requests,
+    gateway_tuple_for_outside_destinations,
+    migration_flow_and_long_poll,
+    bad_input_gets_clear_4xx_and_changes_nothing,
+    unknown_expired_and_identity_less_certificates_are_refused,
+    endpoint_watcher_follows_changes_without_gaps,
+    connection_limit_queues_instead_of_failing,
+);

@@ -60,3 +60,37 @@ impl Caller {
         }
     }
 }
+
+/// Extractor: the request's `Idempotency-Key`, if any (`[A-Za-z0-9-]{8,64}`), bound to the
+/// caller, method and path, so that a retry of the write on another replica writes once.
+#[derive(Debug, Clone)]
+pub struct Once(pub Option<crate::service::RequestKey>);
+
+impl Once {
+    pub(super) fn key(&self) -> Option<&crate::service::RequestKey> {
+        self.0.as_ref()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Once {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(Once(None));
+        };
+        let id = value.to_str().unwrap_or_default().to_string();
+        let valid = (8..=64).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return refuse(
+                ErrorCode::BadRequest,
+                "Idempotency-Key must be 8-64 of [A-Za-z0-9-]",
+            );
+        }
+        let CertifiedCaller(caller) = CertifiedCaller::from_request_parts(parts, state).await?;
+        Ok(Once(Some(crate::service::RequestKey {
+            id,
+            request: format!("{caller} {} {}", parts.method, parts.uri.path()),
+        })))
+    }
+}

@@ -24,11 +24,15 @@ pub(super) async fn get_network(
 pub(super) async fn create_network(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     body: Bytes,
 ) -> ApiResult<Network> {
     c.admin()?;
     let spec: NetworkSpec = parse(&body)?;
-    let out = write(&reg, move |r| r.write(|m| plan::create_network(m, &spec))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::create_network(m, &spec))
+    })
+    .await?;
     log::info!(
         "{} created network {} ({}, vni {})",
         c.0,
@@ -42,13 +46,14 @@ pub(super) async fn create_network(
 pub(super) async fn delete_network(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Deleted> {
     c.admin()?;
     let cascade = flag(&q, "cascade")?;
     let out = write(&reg, move |r| {
-        r.write(|m| plan::delete_network(m, &id, cascade))
+        r.write_once(once.key(), |m| plan::delete_network(m, &id, cascade))
     })
     .await?;
     log::info!(
@@ -86,11 +91,15 @@ pub(super) async fn get_host(
 pub(super) async fn create_host(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     body: Bytes,
 ) -> ApiResult<Host> {
     c.admin()?;
     let spec: HostSpec = parse(&body)?;
-    let out = write(&reg, move |r| r.write(|m| plan::create_host(m, &spec))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::create_host(m, &spec))
+    })
+    .await?;
     log::info!("{} created host {} at {}", c.0, out.id, out.underlay_addr);
     Ok(Json(out))
 }
@@ -98,10 +107,14 @@ pub(super) async fn create_host(
 pub(super) async fn delete_host(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
 ) -> ApiResult<Deleted> {
     c.admin()?;
-    let out = write(&reg, move |r| r.write(|m| plan::delete_host(m, &id))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::delete_host(m, &id))
+    })
+    .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
     Ok(Json(out))
 }
@@ -149,12 +162,13 @@ pub(super) async fn get_gateway(
 pub(super) async fn create_gateway(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     body: Bytes,
 ) -> ApiResult<Gateway> {
     c.admin()?;
     let spec: GatewaySpec = parse(&body)?;
     let out = write(&reg, move |r| {
-        r.write_with_secret(|m, s| plan::create_gateway(m, &spec, s))
+        r.write_once_with_secret(once.key(), |m, s| plan::create_gateway(m, &spec, s))
     })
     .await?;
     log::info!(
@@ -169,10 +183,14 @@ pub(super) async fn create_gateway(
 pub(super) async fn delete_gateway(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
 ) -> ApiResult<Deleted> {
     c.admin()?;
-    let out = write(&reg, move |r| r.write(|m| plan::delete_gateway(m, &id))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::delete_gateway(m, &id))
+    })
+    .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
     Ok(Json(out))
 }
@@ -226,11 +244,15 @@ pub(super) async fn list_rules(
 pub(super) async fn create_rule(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     body: Bytes,
 ) -> ApiResult<PolicyRule> {
     c.admin()?;
     let spec: PolicyRuleSpec = parse(&body)?;
-    let out = write(&reg, move |r| r.write(|m| plan::create_rule(m, &spec))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::create_rule(m, &spec))
+    })
+    .await?;
     log::info!(
         "{} added rule {}: {} {} <-> {}",
         c.0,
@@ -245,10 +267,14 @@ pub(super) async fn create_rule(
 pub(super) async fn delete_rule(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
 ) -> ApiResult<Deleted> {
     c.admin()?;
-    let out = write(&reg, move |r| r.write(|m| plan::delete_rule(m, &id))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::delete_rule(m, &id))
+    })
+    .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
     Ok(Json(out))
 }

@@ -7,13 +7,14 @@
 //! - `serve`: the mutual-TLS accept loop.
 
 mod auth;
+mod backup;
 mod inventory;
 mod serve;
 mod tokens;
 mod vms;
 
 use auth::PeerIdentity;
-pub use auth::{Caller, CertifiedCaller};
+pub use auth::{Caller, CertifiedCaller, Once};
 use inventory::*;
 pub use serve::serve;
 use tokens::*;
@@ -41,6 +42,8 @@ use vnp_registry_client::api::*;
 
 /// Longest long-poll a watcher may ask for.
 pub const MAX_WATCH: Duration = Duration::from_secs(300);
+/// Largest import body accepted.
+pub const IMPORT_LIMIT: usize = 256 << 20;
 /// Long-poll time when the watcher does not say.
 pub const DEFAULT_WATCH: Duration = Duration::from_secs(30);
 
@@ -112,6 +115,12 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/policy", get(list_rules).post(create_rule))
         .route("/v1/policy/{id}", axum::routing::delete(delete_rule))
         .route("/v1/tokens", post(token))
+        .route("/v1/export", get(backup::export))
+        .route(
+            "/v1/import",
+            // A whole registry is larger than axum's default 2 MiB body limit.
+            post(backup::import).layer(axum::extract::DefaultBodyLimit::max(IMPORT_LIMIT)),
+        )
         .route("/v1/watch", get(watch))
         .fallback(|| async {
             ApiError::new(

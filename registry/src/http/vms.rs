@@ -67,12 +67,13 @@ pub(super) async fn get_vm(
 pub(super) async fn create_vm(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     body: Bytes,
 ) -> ApiResult<VmRecord> {
     c.admin()?;
     let spec: VmSpec = parse(&body)?;
     let out = write(&reg, move |r| {
-        r.write_with_secret(|m, s| plan::create_vm(m, &spec, s))
+        r.write_once_with_secret(once.key(), |m, s| plan::create_vm(m, &spec, s))
     })
     .await?;
     log::info!(
@@ -89,10 +90,14 @@ pub(super) async fn create_vm(
 pub(super) async fn delete_vm(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
 ) -> ApiResult<Deleted> {
     c.admin()?;
-    let out = write(&reg, move |r| r.write(|m| plan::delete_vm(m, &id))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::delete_vm(m, &id))
+    })
+    .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
     Ok(Json(out))
 }
@@ -100,12 +105,16 @@ pub(super) async fn delete_vm(
 pub(super) async fn move_vm(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<VmRecord> {
     c.admin()?;
     let req: MoveVm = parse(&body)?;
-    let out = write(&reg, move |r| r.write(|m| plan::move_vm(m, &id, &req))).await?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::move_vm(m, &id, &req))
+    })
+    .await?;
     log::info!(
         "{} moved VM {} to host {:?} port {:?}",
         c.0,
@@ -119,11 +128,12 @@ pub(super) async fn move_vm(
 pub(super) async fn rotate_secret(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
 ) -> ApiResult<VmRecord> {
     c.admin()?;
     let out = write(&reg, move |r| {
-        r.write_with_secret(|m, s| plan::rotate_vm_secret(m, &id, s))
+        r.write_once_with_secret(once.key(), |m, s| plan::rotate_vm_secret(m, &id, s))
     })
     .await?;
     log::info!(
@@ -175,6 +185,7 @@ pub(super) async fn vm_secret(
 pub(super) async fn register_endpoint(
     c: Caller,
     State(reg): State<Shared>,
+    once: Once,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<EndpointAck> {
@@ -191,7 +202,9 @@ pub(super) async fn register_endpoint(
     let host = c.0.id.clone();
     let vm = id.clone();
     let out = write(&reg, move |r| {
-        r.write(|m| plan::register_endpoint(m, &host, &vm, &update))
+        r.write_once(once.key(), |m| {
+            plan::register_endpoint(m, &host, &vm, &update)
+        })
     })
     .await?;
     log::info!(

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -162,9 +164,20 @@ impl Drop for RegistryProc {
     }
 }
 
-/// A registry with a PKI holding `admin`, hosts `h1` `h2`, gateway `g1`; dropped in order.
+/// Where a test registry keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default.
+    Redb,
+    /// A one-member etcd cluster of the fixture's own.
+    Etcd,
+}
+
+/// A registry with a PKI holding `admin`, hosts `h1` `h2`, gateway `g1`; dropped in order
+/// (registry, etcd, files).
 pub struct Fixture {
     pub reg: RegistryProc,
+    pub etcd: Option<etcd::EtcdCluster>,
     pub pki: Pki,
     pub dir: TempDir,
 }
@@ -175,13 +188,41 @@ impl Fixture {
     }
 
     pub fn with_args(tag: &str, extra: &[&str]) -> Fixture {
+        Self::on_with_args(Backend::Redb, tag, extra)
+    }
+
+    pub fn on(backend: Backend, tag: &str) -> Fixture {
+        Self::on_with_args(backend, tag, &[])
+    }
+
+    pub fn on_with_args(backend: Backend, tag: &str, extra: &[&str]) -> Fixture {
         let dir = TempDir::new(tag);
         let tls = dir.0.join("tls");
         let pki = Pki::new(&tls);
         pki.client("h1", Role::Host, "h1");
         pki.client("h2", Role::Host, "h2");
         pki.client("g1", Role::Gateway, "g1");
-        let reg = RegistryProc::start(&dir.0, &tls, extra);
-        Fixture { reg, pki, dir }
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let etcd = (backend == Backend::Etcd).then(|| {
+            let cluster = etcd::EtcdCluster::start(1, tag);
+            let keys = etcd::write_secret_keys(&dir.0);
+            args.extend([
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                cluster.endpoints(),
+                "--secret-keys".into(),
+                keys.display().to_string(),
+            ]);
+            cluster
+        });
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reg = RegistryProc::start(&dir.0, &tls, &args);
+        Fixture {
+            reg,
+            etcd,
+            pki,
+            dir,
+        }
     }
 }

@@ -16,12 +16,12 @@ mod vnpd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use vnp_registry_client::{ClientConfig, Deleted, RegistryClient};
+use vnp_registry_client::{ClientConfig, Deleted, Export, RegistryClient};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "vnp operator CLI")]
 struct Cli {
-    /// Registry URL.
+    /// Registry URL, or several replicas' URLs separated by commas (fails over between them).
     #[arg(
         long,
         env = "VNP_REGISTRY",
@@ -89,6 +89,17 @@ enum Cmd {
     },
     /// The registry's counters (Prometheus text format).
     Metrics,
+    /// Write the whole registry as JSON (secrets sealed with the registry's --secret-keys).
+    Export {
+        /// File to write (created 0600); stdout if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Load an export into an empty registry (either store; it needs the same secret key).
+    Import {
+        /// File written by `vnpctl export`.
+        file: PathBuf,
+    },
     /// A local vnpd, over its admin socket.
     Vnpd(vnpd::VnpdArgs),
 }
@@ -118,6 +129,30 @@ fn connect(cli: &Cli) -> Result<RegistryClient, String> {
     RegistryClient::new(config).map_err(|e| e.to_string())
 }
 
+fn export(client: &RegistryClient, out: Option<&std::path::Path>) -> Result<String, String> {
+    let export = client.export().map_err(|e| e.to_string())?;
+    let text = output::json(&export);
+    let Some(path) = out else {
+        return Ok(text);
+    };
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(format!(
+        "exported {} VMs and {} sealed secrets to {}\n",
+        export.vms.len(),
+        export.secrets.len(),
+        path.display()
+    ))
+}
+
 fn run(cli: &Cli) -> Result<String, String> {
     match &cli.cmd {
         Cmd::Ca(c) => pki::run_ca(c),
@@ -139,6 +174,17 @@ fn run(cli: &Cli) -> Result<String, String> {
         Cmd::Token(g) => token::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Watch { args, json } => token::watch(&connect(cli)?, args, *json),
         Cmd::Metrics => connect(cli)?.metrics_text().map_err(|e| e.to_string()),
+        Cmd::Export { out } => export(&connect(cli)?, out.as_deref()),
+        Cmd::Import { file } => {
+            let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let export: Export = serde_json::from_slice(&text)
+                .map_err(|e| format!("{}: not a registry export: {e}", file.display()))?;
+            let s = connect(cli)?.import(&export).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "imported {} networks, {} hosts, {} gateways, {} VMs, {} rules, {} secrets, {} changes\n",
+                s.networks, s.hosts, s.gateways, s.vms, s.rules, s.secrets, s.changes
+            ))
+        }
     }
 }
 

@@ -1,11 +1,9 @@
-//! Persistence behind a narrow trait: load everything at start, commit one batch of [`Op`]s
-//! atomically per write request.
-//!
-//! The trait is shaped for a future etcd backend: `commit` maps onto one etcd transaction (puts
-//! and deletes under a key prefix), `load` onto a prefix range read. The embedded default is
-//! [redb](https://docs.rs/redb): copy-on-write B-trees with a checksummed commit, `fsync`ed
-//! before `commit` returns, so an acknowledged write survives a crash or power loss.
+//! The embedded default store: [redb](https://docs.rs/redb), copy-on-write B-trees with a
+//! checksummed commit, `fsync`ed before `commit` returns, so an acknowledged write survives a
+//! crash or power loss. One process owns the file, so a conflict only arises from a caller
+//! planning on an outdated model (the revision guard catches that too).
 
+use super::{Store, StoreError};
 use crate::model::{Model, Op, SecretEntry, SecretOwner};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -15,27 +13,6 @@ use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::VmChange;
 use zeroize::Zeroize;
 
-/// Storage failures. Messages never contain secret bytes.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("storage I/O: {0}")]
-    Io(String),
-    #[error("stored record {table}/{key} is corrupt: {detail}")]
-    Corrupt {
-        table: &'static str,
-        key: String,
-        detail: String,
-    },
-}
-
-/// What the registry needs from a store.
-pub trait Store: Send + Sync {
-    /// Reads the complete state.
-    fn load(&self) -> Result<Model, StoreError>;
-    /// Persists `ops` all-or-nothing; returns only once they are durable.
-    fn commit(&self, ops: &[Op]) -> Result<(), StoreError>;
-}
-
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
@@ -44,6 +21,11 @@ const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 /// Key `vm/<id>` or `gw/<id>`; value: 32 secret bytes then the generation (u64 big endian).
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// Idempotency key -> the remembered answer (JSON).
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+/// Key `revision`: the number of commits so far (absent in files from before revisions).
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVISION: &str = "revision";
 
 fn io<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Io(e.to_string())
@@ -77,10 +59,11 @@ impl RedbStore {
         // Create every table once so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(io)?;
         {
-            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS] {
+            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS] {
                 txn.open_table(t).map_err(io)?;
             }
             txn.open_table(CHANGES).map_err(io)?;
+            txn.open_table(META).map_err(io)?;
         }
         txn.commit().map_err(io)?;
         Ok(RedbStore { db })
@@ -182,13 +165,36 @@ impl Store for RedbStore {
                 ops.push(Op::AppendChange(change));
             }
         }
+        {
+            let table = txn.open_table(REQUESTS).map_err(io)?;
+            for row in table.iter().map_err(io)? {
+                let (k, v) = row.map_err(io)?;
+                let w = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                    table: "requests",
+                    key: k.value().to_string(),
+                    detail: e.to_string(),
+                })?;
+                ops.push(Op::RememberWrite(k.value().to_string(), w));
+            }
+        }
         let mut model = Model::default();
         model.apply(&ops);
+        model.revision = read_revision(&txn.open_table(META).map_err(io)?)?;
         Ok(model)
     }
 
-    fn commit(&self, ops: &[Op]) -> Result<(), StoreError> {
+    fn commit(&self, base: u64, ops: &[Op]) -> Result<u64, StoreError> {
         let txn = self.db.begin_write().map_err(io)?;
+        let revision = {
+            let mut meta = txn.open_table(META).map_err(io)?;
+            let current = read_revision(&meta)?;
+            if current != base {
+                // Dropping the transaction aborts it: nothing is written.
+                return Err(StoreError::Conflict { latest: current });
+            }
+            meta.insert(REVISION, current + 1).map_err(io)?;
+            current + 1
+        };
         {
             let mut networks = txn.open_table(NETWORKS).map_err(io)?;
             let mut hosts = txn.open_table(HOSTS).map_err(io)?;
@@ -197,6 +203,7 @@ impl Store for RedbStore {
             let mut rules = txn.open_table(RULES).map_err(io)?;
             let mut secrets = txn.open_table(SECRETS).map_err(io)?;
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
+            let mut requests = txn.open_table(REQUESTS).map_err(io)?;
             for op in ops {
                 match op {
                     Op::PutNetwork(n) => drop(
@@ -246,13 +253,23 @@ impl Store for RedbStore {
                     Op::TrimChanges(below) => {
                         changes.retain_in(..*below, |_, _| false).map_err(io)?;
                     }
+                    Op::RememberWrite(key, w) => drop(
+                        requests
+                            .insert(key.as_str(), json(w)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::ForgetWrite(key) => drop(requests.remove(key.as_str()).map_err(io)?),
                 }
             }
         }
         // Durability::Immediate (the default): fsync before returning.
         txn.commit().map_err(io)?;
-        Ok(())
+        Ok(revision)
     }
+}
+
+fn read_revision(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64, StoreError> {
+    Ok(meta.get(REVISION).map_err(io)?.map_or(0, |v| v.value()))
 }
 
 #[cfg(test)]
@@ -269,7 +286,7 @@ mod tests {
         let store = RedbStore::open(&dir).unwrap();
         let mut m = Model::default();
         let run = |m: &mut Model, ops: Vec<Op>| {
-            store.commit(&ops).unwrap();
+            m.revision = store.commit(m.revision, &ops).unwrap();
             m.apply(&ops);
         };
         let n = NetworkSpec {
@@ -321,6 +338,17 @@ mod tests {
                 .id,
             "a"
         );
+    }
+
+    #[test]
+    fn passes_the_storage_suite() {
+        for (name, case) in crate::store::conformance::CASES {
+            let dir =
+                std::env::temp_dir().join(format!("vnp-store-suite-{}-{name}", std::process::id()));
+            let _cleanup = Cleanup(dir.clone());
+            eprintln!("redb: {name}");
+            case(&RedbStore::open(&dir).unwrap());
+        }
     }
 
     struct Cleanup(std::path::PathBuf);

@@ -1,0 +1,263 @@
+//! The storage test suite every [`Store`] backend must pass (redb in the unit tests, etcd in
+//! `tests/store_suite.rs` against a real cluster). Each case takes an empty store and panics
+//! with a message on a violation.
+//!
+//! Later registry state (gateways, forwarding rules, services, metadata, signing keys) plugs
+//! in by adding its ops to [`populate`] and its fields to [`assert_same_state`]: every backend
+//! then proves it persists them.
+
+use super::{Store, StoreError};
+use crate::model::{Model, Op, RememberedWrite, SecretOwner};
+use crate::plan;
+use std::net::Ipv4Addr;
+use vnp_protocol::token::VmSecret;
+use vnp_registry_client::api::*;
+
+/// One case: panics on a violation.
+pub type Case = fn(&dyn Store);
+
+/// Every case, by name, for a runner that makes a fresh store per case.
+pub const CASES: &[(&str, Case)] = &[
+    ("round_trip", round_trip),
+    ("stale_base_is_refused", stale_base_is_refused),
+    ("deletes_and_trims", deletes_and_trims),
+    ("cascade_in_one_commit", cascade_in_one_commit),
+];
+
+/// Plans with `planner` on `model`, commits at the model's revision and applies.
+fn run<T>(
+    store: &dyn Store,
+    model: &mut Model,
+    planner: impl FnOnce(&Model) -> Result<(Vec<Op>, T), crate::error::ApiError>,
+) -> T {
+    let (ops, out) = planner(model).unwrap_or_else(|e| panic!("plan refused: {e}"));
+    let revision = store
+        .commit(model.revision, &ops)
+        .unwrap_or_else(|e| panic!("commit failed: {e}"));
+    assert!(
+        revision > model.revision,
+        "revision {revision} did not advance past {}",
+        model.revision
+    );
+    model.apply(&ops);
+    model.revision = revision;
+    out
+}
+
+fn network(id: &str, cidr: &str) -> NetworkSpec {
+    NetworkSpec {
+        id: id.into(),
+        vni: None,
+        cidr: cidr.parse().expect("cidr"),
+        mtu: None,
+        default_policy: None,
+        nat_block: None,
+    }
+}
+
+fn vm(id: &str, net: &str, host: &str) -> VmSpec {
+    VmSpec {
+        id: id.into(),
+        network: net.into(),
+        host: Some(host.into()),
+        tags: vec!["web".into()],
+        ..VmSpec::default()
+    }
+}
+
+/// One of everything the registry stores, with a rotated secret and a registered endpoint.
+pub fn populate(store: &dyn Store, model: &mut Model) {
+    run(store, model, |m| {
+        plan::create_network(m, &network("n1", "10.1.0.0/24"))
+    });
+    let host = |id: &str, last| HostSpec {
+        id: id.into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, last),
+        port_range: None,
+    };
+    run(store, model, |m| plan::create_host(m, &host("h1", 1)));
+    run(store, model, |m| plan::create_host(m, &host("h2", 2)));
+    for (id, h, byte) in [("a", "h1", 5), ("b", "h2", 6)] {
+        let spec = vm(id, "n1", h);
+        run(store, model, |m| {
+            plan::create_vm(m, &spec, VmSecret::from_bytes([byte; 32]))
+        });
+    }
+    run(store, model, |m| {
+        plan::rotate_vm_secret(m, "a", VmSecret::from_bytes([9; 32]))
+    });
+    let update = EndpointUpdate {
+        host_addr: Ipv4Addr::new(198, 18, 0, 2),
+        port: 41000,
+    };
+    run(store, model, |m| {
+        plan::register_endpoint(m, "h2", "b", &update)
+    });
+    let gw = GatewaySpec {
+        id: "g1".into(),
+        network: "n1".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
+        port: 6081,
+    };
+    run(store, model, |m| {
+        plan::create_gateway(m, &gw, VmSecret::from_bytes([3; 32]))
+    });
+    let rule = PolicyRuleSpec {
+        id: "r1".into(),
+        network: "n1".into(),
+        action: PolicyAction::Deny,
+        a: Selector::Tag("web".into()),
+        b: Selector::External,
+    };
+    run(store, model, |m| plan::create_rule(m, &rule));
+    let remembered = RememberedWrite {
+        request: "admin:ops POST /v1/vms".into(),
+        response: "{}".into(),
+        at: 1,
+    };
+    run(store, model, |_| {
+        Ok((
+            vec![Op::RememberWrite("k-1".into(), remembered.clone())],
+            (),
+        ))
+    });
+}
+
+/// Everything a reload must give back.
+pub fn assert_same_state(loaded: &Model, expected: &Model) {
+    assert_eq!(loaded.networks, expected.networks, "networks");
+    assert_eq!(loaded.hosts, expected.hosts, "hosts");
+    assert_eq!(loaded.gateways, expected.gateways, "gateways");
+    assert_eq!(loaded.vms, expected.vms, "vms");
+    assert_eq!(loaded.rules, expected.rules, "rules");
+    assert_eq!(loaded.by_ip, expected.by_ip, "address index");
+    assert_eq!(loaded.changes, expected.changes, "change log");
+    assert_eq!(loaded.generation, expected.generation, "generation");
+    assert_eq!(loaded.requests, expected.requests, "remembered writes");
+    let mut owners: Vec<&SecretOwner> = loaded.secrets.keys().collect();
+    owners.sort();
+    let mut want: Vec<&SecretOwner> = expected.secrets.keys().collect();
+    want.sort();
+    assert_eq!(owners, want, "secret owners");
+    for (owner, s) in &expected.secrets {
+        let got = &loaded.secrets[owner];
+        assert_eq!(
+            got.secret.as_bytes(),
+            s.secret.as_bytes(),
+            "secret of {owner:?}"
+        );
+        assert_eq!(
+            got.generation, s.generation,
+            "secret generation of {owner:?}"
+        );
+    }
+}
+
+fn load(store: &dyn Store) -> Model {
+    store.load().unwrap_or_else(|e| panic!("load failed: {e}"))
+}
+
+/// Commit, reload: the same state, at the revision of the last commit or later.
+pub fn round_trip(store: &dyn Store) {
+    let mut model = load(store);
+    assert!(
+        model.vms.is_empty() && model.networks.is_empty(),
+        "store not empty"
+    );
+    populate(store, &mut model);
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(
+        loaded.revision >= model.revision,
+        "loaded revision went back"
+    );
+    let s = &loaded.secrets[&SecretOwner::Vm("a".into())];
+    assert_eq!((s.secret.as_bytes(), s.generation), (&[9u8; 32], 2));
+    assert_eq!(
+        loaded
+            .vm_by_ip("n1", Ipv4Addr::new(10, 1, 0, 3))
+            .map(|v| v.id.as_str()),
+        Some("b")
+    );
+}
+
+/// A batch planned on an outdated model is refused whole; the newer state stays.
+pub fn stale_base_is_refused(store: &dyn Store) {
+    let mut model = load(store);
+    run(store, &mut model, |m| {
+        plan::create_network(m, &network("n1", "10.1.0.0/24"))
+    });
+    let stale = model.clone();
+    run(store, &mut model, |m| {
+        plan::create_network(m, &network("n2", "10.2.0.0/24"))
+    });
+    // Planned on the model from before n2: overlaps nothing it knows of, names a new network.
+    let (ops, _) = plan::create_network(&stale, &network("n3", "10.2.0.0/16")).expect("plan");
+    match store.commit(stale.revision, &ops) {
+        Err(StoreError::Conflict { latest }) => {
+            assert!(
+                latest > stale.revision,
+                "conflict names revision {latest}, not newer than {}",
+                stale.revision
+            )
+        }
+        other => panic!("a commit on an outdated base must conflict, got {other:?}"),
+    }
+    let loaded = load(store);
+    assert!(
+        !loaded.networks.contains_key("n3"),
+        "refused batch was written"
+    );
+    assert_same_state(&loaded, &model);
+    // Re-planned on the current model, the same request is refused by the planner instead.
+    assert_eq!(
+        plan::create_network(&loaded, &network("n3", "10.2.0.0/16"))
+            .expect_err("overlap")
+            .code,
+        ErrorCode::Duplicate
+    );
+}
+
+/// Deleting records and secrets, and trimming the change log, survive a reload.
+pub fn deletes_and_trims(store: &dyn Store) {
+    let mut model = load(store);
+    populate(store, &mut model);
+    run(store, &mut model, |m| plan::delete_vm(m, "a"));
+    run(store, &mut model, |m| plan::delete_gateway(m, "g1"));
+    run(store, &mut model, |m| plan::delete_rule(m, "r1"));
+    run(store, &mut model, |_| {
+        Ok((vec![Op::ForgetWrite("k-1".into())], ()))
+    });
+    let first_kept = model.changes[2].generation;
+    run(store, &mut model, |_| {
+        Ok((vec![Op::TrimChanges(first_kept)], ()))
+    });
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(
+        !loaded.secrets.contains_key(&SecretOwner::Vm("a".into())),
+        "secret outlived its VM"
+    );
+    assert_eq!(
+        loaded.changes.front().map(|c| c.generation),
+        Some(first_kept)
+    );
+}
+
+/// Deleting a network with its VMs, gateway and rules is one commit, whole.
+pub fn cascade_in_one_commit(store: &dyn Store) {
+    let mut model = load(store);
+    populate(store, &mut model);
+    for i in 0..20 {
+        let spec = vm(&format!("v{i}"), "n1", "h1");
+        run(store, &mut model, |m| {
+            plan::create_vm(m, &spec, VmSecret::from_bytes([i; 32]))
+        });
+    }
+    let deleted = run(store, &mut model, |m| plan::delete_network(m, "n1", true));
+    assert_eq!(deleted.cascaded.len(), 22 + 1 + 1, "{:?}", deleted.cascaded);
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(loaded.vms.is_empty() && loaded.networks.is_empty() && loaded.secrets.is_empty());
+    assert_eq!(loaded.hosts.len(), 2);
+}

@@ -1,0 +1,193 @@
+//! A real etcd cluster on loopback (Debian's `etcd` binary): unique ports, a temporary data
+//! directory per member, every member killed and every directory removed on drop, also when a
+//! test fails.
+
+use super::TempDir;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One member process.
+pub struct Member {
+    pub name: String,
+    pub client_url: String,
+    peer_url: String,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A cluster of `n` members.
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    initial_cluster: String,
+    token: String,
+    pub dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    // Bound then released: good enough on loopback, and etcd says so loudly if it lost a race.
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers.
+    pub fn start(n: usize, tag: &str) -> EtcdCluster {
+        let dir = TempDir::new(&format!("etcd-{tag}"));
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_url: format!("http://127.0.0.1:{}", free_port()),
+                peer_url: format!("http://127.0.0.1:{}", free_port()),
+                data: dir.0.join(format!("m{i}.etcd")),
+                log: dir.0.join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial_cluster,
+            token: format!("vnp-{tag}-{}", std::process::id()),
+            dir,
+        };
+        for i in 0..n {
+            cluster.spawn(i, "new");
+        }
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args(["--listen-client-urls", &m.client_url])
+            .args(["--advertise-client-urls", &m.client_url])
+            .args(["--listen-peer-urls", &m.peer_url])
+            .args(["--initial-advertise-peer-urls", &m.peer_url])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", &self.token])
+            // Fast elections on loopback, so a killed leader costs about a second.
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd (Debian package etcd-server; scripts/setup installs it)");
+        m.child = Some(child);
+    }
+
+    /// All client URLs, comma-separated (what `--etcd-endpoints` takes).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client_url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcdctl` against the running members.
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        let live: Vec<&str> = self
+            .members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(|m| m.client_url.as_str())
+            .collect();
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", live.join(",")))
+            .args(["--command-timeout", "3s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl (Debian package etcd-client)")
+    }
+
+    /// Waits until every running member reports healthy.
+    pub fn wait_healthy(&self, limit: Duration) {
+        let t = Instant::now();
+        loop {
+            let out = self.etcdctl(&["endpoint", "health"]);
+            if out.status.success() {
+                return;
+            }
+            if t.elapsed() > limit {
+                let logs: String = self
+                    .members
+                    .iter()
+                    .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
+                    .map(|l| l.lines().rev().take(10).collect::<Vec<_>>().join("\n"))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n");
+                panic!(
+                    "etcd not healthy after {limit:?}: {}\n{logs}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The index of the current leader (asks the running members).
+    pub fn leader(&self) -> usize {
+        let out = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("endpoint status: {e}: {:?}", out));
+        let rows = status.as_array().expect("status list");
+        let leader = rows[0]["Status"]["leader"].as_u64().expect("leader id");
+        let endpoint = rows
+            .iter()
+            .find(|r| r["Status"]["header"]["member_id"].as_u64() == Some(leader))
+            .and_then(|r| r["Endpoint"].as_str())
+            .expect("leader among the endpoints");
+        self.members
+            .iter()
+            .position(|m| m.client_url == endpoint)
+            .expect("leader is a member")
+    }
+
+    /// SIGKILLs member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i, "existing");
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A secret-key file for `--secret-keys` in `dir`.
+pub fn write_secret_keys(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("secret.keys");
+    std::fs::write(&path, format!("test-k1 {}\n", "5a".repeat(32))).expect("key file");
+    path
+}
