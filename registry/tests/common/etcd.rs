@@ -18,6 +18,18 @@ pub struct Member {
     child: Option<Child>,
 }
 
+impl Member {
+    /// Whether its process has ended (it was started and is gone).
+    fn exited(&self) -> bool {
+        // `try_wait` needs `&mut`; a zero-signal probe of the pid does not.
+        self.child.as_ref().is_some_and(|c| {
+            !std::path::Path::new(&format!("/proc/{}", c.id())).exists()
+                || std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                    .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+        })
+    }
+}
+
 /// A cluster of `n` members.
 pub struct EtcdCluster {
     pub members: Vec<Member>,
@@ -35,8 +47,22 @@ fn free_port() -> u16 {
 }
 
 impl EtcdCluster {
-    /// Starts `n` members and waits until the cluster answers.
+    /// Starts `n` members and waits until the cluster answers. Ports are picked by binding
+    /// and releasing them, so another process can take one meanwhile: a member that exits at
+    /// start (address in use) makes the whole cluster start again on fresh ports.
     pub fn start(n: usize, tag: &str) -> EtcdCluster {
+        for attempt in 0..3 {
+            let cluster = Self::try_start(n, &format!("{tag}{attempt}"));
+            match cluster.wait_until_healthy(Duration::from_secs(30)) {
+                Ok(()) => return cluster,
+                Err(why) if attempt < 2 => eprintln!("etcd cluster did not start ({why}); again"),
+                Err(why) => panic!("etcd cluster did not start: {why}"),
+            }
+        }
+        unreachable!("the last attempt panics")
+    }
+
+    fn try_start(n: usize, tag: &str) -> EtcdCluster {
         let dir = TempDir::new(&format!("etcd-{tag}"));
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -62,7 +88,6 @@ impl EtcdCluster {
         for i in 0..n {
             cluster.spawn(i, "new");
         }
-        cluster.wait_healthy(Duration::from_secs(30));
         cluster
     }
 
@@ -121,27 +146,39 @@ impl EtcdCluster {
 
     /// Waits until every running member reports healthy.
     pub fn wait_healthy(&self, limit: Duration) {
+        if let Err(why) = self.wait_until_healthy(limit) {
+            panic!("{why}");
+        }
+    }
+
+    fn wait_until_healthy(&self, limit: Duration) -> Result<(), String> {
         let t = Instant::now();
         loop {
             let out = self.etcdctl(&["endpoint", "health"]);
             if out.status.success() {
-                return;
+                return Ok(());
             }
             if t.elapsed() > limit {
-                let logs: String = self
-                    .members
-                    .iter()
-                    .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
-                    .map(|l| l.lines().rev().take(10).collect::<Vec<_>>().join("\n"))
-                    .collect::<Vec<_>>()
-                    .join("\n---\n");
-                panic!(
-                    "etcd not healthy after {limit:?}: {}\n{logs}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                return Err(format!(
+                    "etcd not healthy after {limit:?}: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log_tails()
+                ));
+            }
+            if let Some(m) = self.members.iter().find(|m| m.exited()) {
+                return Err(format!("member {} exited:\n{}", m.name, self.log_tails()));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
+            .map(|l| l.lines().rev().take(10).collect::<Vec<_>>().join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
     }
 
     /// The index of the current leader (asks the running members).
