@@ -46,16 +46,17 @@ impl RedbStore {
     /// Opens (or creates) `dir/registry.redb`. The directory is created with mode 0700 because
     /// the file holds every VM secret.
     pub fn open(dir: &Path) -> Result<RedbStore, StoreError> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         let path = dir.join("registry.redb");
-        let db = Database::create(&path)
+        let file = open_private(&path)?;
+        let db = redb::Builder::new()
+            .create_file(file)
             .map_err(|e| StoreError::Io(format!("{}: {e}", path.display())))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         // Create every table once so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(io)?;
         {
@@ -68,6 +69,33 @@ impl RedbStore {
         txn.commit().map_err(io)?;
         Ok(RedbStore { db })
     }
+}
+
+/// Opens (or creates) the database file readable by its owner only. A new file is created
+/// with mode 0600 by `open(2)` itself, so there is no moment when another user could open it; a
+/// file left by an older version with wider permissions is narrowed through the open handle.
+fn open_private(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let at = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(at)?;
+    let mode = file.metadata().map_err(at)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        log::warn!(
+            "{}: mode {:o} lets other users read VM secrets; narrowing it to 0600",
+            path.display(),
+            mode & 0o777
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(at)?;
+    }
+    Ok(file)
 }
 
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -338,6 +366,91 @@ mod tests {
                 .id,
             "a"
         );
+    }
+
+    /// Watches `dir` for files created and attributes changed (inotify), to tell a file
+    /// created 0600 from one created wider and narrowed afterwards: the end state is the same,
+    /// but the chmod is an `IN_ATTRIB` event, and until it ran anyone could have opened it.
+    struct AttribWatch(std::fs::File);
+
+    impl AttribWatch {
+        fn new(dir: &Path) -> Self {
+            use std::os::fd::FromRawFd;
+            use std::os::unix::ffi::OsStrExt;
+            // SAFETY: inotify_init1 takes only flags; the result is checked.
+            let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+            assert!(
+                fd >= 0,
+                "inotify_init1: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh descriptor that nothing else owns.
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+            // SAFETY: fd is an inotify descriptor, path a valid NUL-terminated string.
+            let wd = unsafe {
+                libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_CREATE | libc::IN_ATTRIB)
+            };
+            assert!(
+                wd >= 0,
+                "inotify_add_watch: {}",
+                std::io::Error::last_os_error()
+            );
+            Self(file)
+        }
+
+        /// (mask, name) of every event so far.
+        fn events(&mut self) -> Vec<(u32, String)> {
+            use std::io::Read;
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = self.0.read(&mut buf).unwrap_or(0);
+            let mut out = Vec::new();
+            let mut at = 0;
+            let header = std::mem::size_of::<libc::inotify_event>();
+            while at + header <= n {
+                let field =
+                    |o: usize| u32::from_ne_bytes(buf[at + o..at + o + 4].try_into().unwrap());
+                let (mask, len) = (field(4), field(12) as usize);
+                let name = &buf[at + header..at + header + len];
+                let name = String::from_utf8_lossy(name)
+                    .trim_end_matches('\0')
+                    .to_string();
+                out.push((mask, name));
+                at += header + len;
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn database_file_is_created_owner_only_not_narrowed_afterwards() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("vnp-store-mode-{}", std::process::id()));
+        let _cleanup = Cleanup(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut watch = AttribWatch::new(&dir);
+        drop(RedbStore::open(&dir).unwrap());
+        let file = dir.join("registry.redb");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&file), 0o600);
+        let events = watch.events();
+        assert!(
+            events
+                .iter()
+                .any(|(m, n)| m & libc::IN_CREATE != 0 && n == "registry.redb"),
+            "{events:?}"
+        );
+        assert!(
+            !events
+                .iter()
+                .any(|(m, n)| m & libc::IN_ATTRIB != 0 && n == "registry.redb"),
+            "the file was created wider and narrowed afterwards: {events:?}"
+        );
+        // A file an older version left world-readable is narrowed when opened.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(RedbStore::open(&dir).unwrap());
+        assert_eq!(mode(&file), 0o600);
     }
 
     #[test]
