@@ -69,6 +69,17 @@ struct Args {
     /// Most client connections open at once.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// Most client connections open at once from one IP address; more are closed at once.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_ip: usize,
+    /// Seconds a client has to complete the TLS handshake.
+    #[arg(long, default_value_t = 5)]
+    tls_handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request head. The clock runs from when the registry waits
+    /// for a request, so it is also the idle timeout of kept-alive connections (keep it above
+    /// the clients' pool idle time, 15 s for vnpd and vnpctl).
+    #[arg(long, default_value_t = 20)]
+    header_read_timeout_secs: u64,
     /// Worker threads (default: one per core).
     #[arg(long)]
     workers: Option<usize>,
@@ -153,11 +164,17 @@ fn run(args: Args) -> Result<(), String> {
         // Tests and scripts wait for this exact line.
         println!("vnp-registry listening on {local}");
         log::info!("listening on {local}, store {:?}", args.store);
+        let limits = vnp_registry::http::ConnectionLimits {
+            max_connections: args.max_connections,
+            per_ip: args.max_connections_per_ip,
+            handshake_timeout: Duration::from_secs(args.tls_handshake_timeout_secs.max(1)),
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_secs.max(1)),
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| format!("SIGTERM handler: {e}"))?;
         // Every acknowledged write is already durable, so stopping needs no flush.
         tokio::select! {
-            r = vnp_registry::http::serve(listener, tls, registry, args.max_connections) => r.map_err(|e| e.to_string()),
+            r = vnp_registry::http::serve(listener, tls, registry, limits) => r.map_err(|e| e.to_string()),
             _ = tokio::signal::ctrl_c() => { log::info!("SIGINT; exiting"); Ok(()) }
             _ = term.recv() => { log::info!("SIGTERM; exiting"); Ok(()) }
         }

@@ -16,6 +16,7 @@ pub struct Metrics {
     tokens_refused: Mutex<BTreeMap<String, u64>>,
     writes_committed: AtomicU64,
     writes_refused: Mutex<BTreeMap<String, u64>>,
+    connections_refused_per_ip: AtomicU64,
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, code: ErrorCode) {
@@ -42,6 +43,12 @@ impl Metrics {
     /// A write was refused (validation or storage) for `code`.
     pub fn write_refused(&self, code: ErrorCode) {
         bump(&self.writes_refused, code);
+    }
+
+    /// A connection was closed at once: its address had too many open.
+    pub fn connection_refused_per_ip(&self) {
+        self.connections_refused_per_ip
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition, with gauges from the current model.
@@ -102,6 +109,16 @@ impl Metrics {
                 "vnp_registry_writes_refused_total{{code=\"{code}\"}} {n}"
             );
         }
+        counter(
+            &mut out,
+            "vnp_registry_connections_refused_per_ip_total",
+            "Connections closed at once because their address had --max-connections-per-ip open.",
+        );
+        let _ = writeln!(
+            out,
+            "vnp_registry_connections_refused_per_ip_total {}",
+            self.connections_refused_per_ip.load(Ordering::Relaxed)
+        );
         for (name, help, value) in gauges {
             let _ = writeln!(
                 out,

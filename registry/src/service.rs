@@ -370,6 +370,11 @@ impl Registry {
         )
     }
 
+    /// The process's counters.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
     /// The counters plus gauges of the current state, in Prometheus text format.
     pub fn render_metrics(&self) -> String {
         let (networks, hosts, vms, rules, generation, revision) = {

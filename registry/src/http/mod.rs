@@ -4,7 +4,7 @@
 //! - `auth`: the caller's identity (certificate, then registration);
 //! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
 //! - `tokens`: token requests and the long-poll watch;
-//! - `serve`: the mutual-TLS accept loop.
+//! - `serve`: the mutual-TLS accept loop and its connection limits.
 
 mod auth;
 mod backup;
@@ -16,7 +16,7 @@ mod vms;
 use auth::PeerIdentity;
 pub use auth::{Caller, CertifiedCaller, Once};
 use inventory::*;
-pub use serve::serve;
+pub use serve::{serve, ConnectionLimits};
 use tokens::*;
 use vms::*;
 
