@@ -175,6 +175,7 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
         ControlSettings {
             refresh_margin_secs: cfg.token_refresh_margin_secs,
             watch: true,
+            token_requests: cfg.token_requests,
         },
     )
     .map_err(|e| format!("cannot start the control thread: {e}"))?;

@@ -60,6 +60,7 @@ pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
         ("rx_bytes", s.rx_bytes),
         ("edge_replies", s.edge_replies),
         ("token_requests", s.token_requests),
+        ("token_requests_throttled", s.token_requests_throttled),
         ("return_tokens_learned", s.return_tokens_learned),
     ]
     .into_iter()
@@ -319,6 +320,7 @@ impl Manager {
                 max_ttl_secs: self.cfg.token_max_ttl_secs,
                 allow_never: self.cfg.accept_never_expiring_tokens,
             },
+            socket_access: self.cfg.vhost_user_socket,
             ..DataPathTuning::default()
         };
         let port = VmPort::start_with(att, control, tuning).map_err(|e| {

@@ -4,9 +4,15 @@
 //! every bad value has a unit-tested, clear error. Unknown keys are refused: a typo in an
 //! operator's file must not silently fall back to a default.
 
+mod sections;
+
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+use crate::control::fair::RequestRate;
+use crate::datapath::vhost_socket::SocketAccess;
+use sections::{RawTokenRequests, RawVhostUser};
 
 /// Default path of the configuration file.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vnp/vnpd.toml";
@@ -84,6 +90,10 @@ struct RawConfig {
     accept_never_expiring_tokens: Option<bool>,
     #[serde(default)]
     registry: RegistryConfig,
+    #[serde(default)]
+    vhost_user: RawVhostUser,
+    #[serde(default)]
+    token_requests: RawTokenRequests,
 }
 
 /// Embedded defaults, shown to operators by `vnpd --print-default-config`.
@@ -120,6 +130,21 @@ accept_never_expiring_tokens = false
 # ca_cert = "/etc/vnp/ca.pem"
 # client_cert = "/etc/vnp/host.pem"
 # client_key = "/etc/vnp/host-key.pem"
+
+[vhost_user]
+# Who may connect to the VMs' vhost-user sockets (connecting needs write permission), applied
+# each time vnpd creates a socket. The VMM must run as the owner or in the group: libvirt on
+# Debian runs QEMU as libvirt-qemu, so give it socket_group = "libvirt-qemu". Names or ids.
+socket_owner = "root"
+socket_group = "root"
+socket_mode = 0o660
+
+[token_requests]
+# Registry requests for new destinations, per VM: a bucket of `burst` requests refilled at
+# `per_sec`. A VM beyond it waits (its requests are counted as throttled); other VMs are served
+# in turn, and refreshes of tokens in use go first (docs/operations.md).
+per_sec = 20
+burst = 100
 "#;
 
 /// Validated vnpd configuration.
@@ -159,6 +184,10 @@ pub struct VnpdConfig {
     pub registry_client_cert: PathBuf,
     /// Host client key.
     pub registry_client_key: PathBuf,
+    /// Owner, group and mode of every vhost-user socket.
+    pub vhost_user_socket: SocketAccess,
+    /// Per-VM rate of registry requests for new destinations.
+    pub token_requests: RequestRate,
 }
 
 /// Command-line overrides (each `Some` replaces the file's value).
@@ -221,6 +250,8 @@ fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
             client_cert: over.registry.client_cert.or(base.registry.client_cert),
             client_key: over.registry.client_key.or(base.registry.client_key),
         },
+        vhost_user: base.vhost_user.merge(over.vhost_user),
+        token_requests: base.token_requests.merge(over.token_requests),
     }
 }
 
@@ -400,6 +431,8 @@ impl VnpdConfig {
             registry_ca_cert,
             registry_client_cert,
             registry_client_key,
+            vhost_user_socket: raw.vhost_user.validate()?,
+            token_requests: raw.token_requests.validate()?,
         })
     }
 
@@ -512,6 +545,57 @@ client_key = "/etc/vnp/host-key.pem"
         let e = load(&format!("underlay_mtu = \"big\"\n{MINIMAL}")).unwrap_err();
         let m = e.to_string();
         assert!(m.contains("/t/vnpd.toml") && m.contains("line 1"), "{m}");
+    }
+
+    #[test]
+    fn vhost_user_socket_access_and_token_rate() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(
+            c.vhost_user_socket,
+            SocketAccess {
+                owner: Some(0),
+                group: Some(0),
+                mode: 0o660
+            }
+        );
+        assert_eq!(c.token_requests, RequestRate::default());
+        let text = format!(
+            "{MINIMAL}\n[vhost_user]\nsocket_group = \"65534\"\nsocket_mode = 0o600\n\
+             [token_requests]\nper_sec = 5\nburst = 7\n"
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(
+            c.vhost_user_socket,
+            SocketAccess {
+                owner: Some(0),
+                group: Some(65534),
+                mode: 0o600
+            }
+        );
+        assert_eq!(
+            c.token_requests,
+            RequestRate {
+                per_sec: 5,
+                burst: 7
+            }
+        );
+        for (extra, key) in [
+            ("[vhost_user]\nsocket_mode = 0o4660", "socket_mode"),
+            (
+                "[vhost_user]\nsocket_group = \"no-such-group-vnp\"",
+                "socket_group",
+            ),
+            (
+                "[vhost_user]\nsocket_owner = \"no-such-user-vnp\"",
+                "socket_owner",
+            ),
+            ("[vhost_user]\nsocket_perms = 1", "socket_perms"),
+            ("[token_requests]\nper_sec = 0", "per_sec"),
+            ("[token_requests]\nburst = 0", "burst"),
+        ] {
+            let e = load(&format!("{MINIMAL}\n{extra}\n")).unwrap_err();
+            assert!(e.to_string().contains(key), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -1,15 +1,19 @@
-//! The control thread's bookkeeping, as pure data structures (the caller passes `now`).
+//! The control thread's bookkeeping, as pure data structures (the caller passes `now`, in
+//! milliseconds).
 //!
 //! - [`RequestBook`]: which (source VM, destination) pairs wait for a registry round trip, so
-//!   that a burst of packets to a new destination costs one request; which pairs were refused
-//!   recently, so that a guest hammering a denied destination does not hammer the registry;
-//!   when each pair was last fetched, so refreshes are rate-limited.
+//!   that a burst of packets to a new destination costs one request, and in which order they
+//!   are asked ([`super::fair::FairQueue`]: VMs take turns, refreshes first, each VM's new
+//!   destinations at its own rate); which pairs were refused recently, so that a guest
+//!   hammering a denied destination does not hammer the registry; when each pair was last
+//!   fetched, so refreshes are rate-limited.
 //! - [`PeerIndex`]: which destination address belongs to which registry VM id, so that a watch
 //!   event ("vm-b moved") can be turned into `forget_peer(10.0.0.3)` on the right ports.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
+use super::fair::{FairQueue, Kind, RequestRate};
 use crate::datapath::RefusalReason;
 
 /// A unidirectional pair as the data path names it.
@@ -31,12 +35,12 @@ impl PairKey {
     }
 }
 
-/// How long a refusal is remembered before the registry is asked again. Denials are
-/// operator decisions that change rarely; unavailability should be retried soon.
-pub fn hold_secs(why: RefusalReason) -> u64 {
+/// How long a refusal is remembered before the registry is asked again, in milliseconds.
+/// Denials are operator decisions that change rarely; unavailability should be retried soon.
+pub fn hold_ms(why: RefusalReason) -> u64 {
     match why {
-        RefusalReason::PolicyDenied | RefusalReason::UnknownDestination => 3,
-        RefusalReason::RegistryUnavailable => 1,
+        RefusalReason::PolicyDenied | RefusalReason::UnknownDestination => 3000,
+        RefusalReason::RegistryUnavailable => 1000,
     }
 }
 
@@ -45,6 +49,8 @@ pub fn hold_secs(why: RefusalReason) -> u64 {
 pub enum Admission {
     /// Queued: the control thread will ask the registry.
     Queued,
+    /// Queued, but the VM is beyond its request rate: it waits its turn (counted).
+    Throttled,
     /// Already queued: nothing to do, the pending answer covers it.
     Duplicate,
     /// Refused recently: answer with this refusal without asking the registry.
@@ -54,23 +60,43 @@ pub enum Admission {
 /// Most pairs waiting for the registry at once; beyond it requests are refused as unavailable
 /// (the data path drops and counts, and asks again with the next packet).
 pub const MAX_QUEUED: usize = 4096;
+/// Most pairs one VM may have waiting (more than the data path's 256 pending destinations,
+/// plus refreshes): one VM cannot take the whole queue.
+pub const MAX_QUEUED_PER_VM: usize = 1024;
 
 /// Requests waiting for the registry, recent refusals and last fetch times.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestBook {
-    queue: VecDeque<PairKey>,
+    queue: FairQueue,
+    /// Queued or being asked: a request for one of these is a duplicate.
     queued: HashSet<PairKey>,
     refused: HashMap<PairKey, (RefusalReason, u64)>,
     fetched: HashMap<PairKey, u64>,
 }
 
+impl Default for RequestBook {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestBook {
-    /// An empty book.
+    /// An empty book with the default per-VM request rate.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_rate(RequestRate::default())
     }
 
-    /// A data-path request for `key` at time `now` (seconds).
+    /// An empty book limiting each VM's requests for new destinations to `rate`.
+    pub fn with_rate(rate: RequestRate) -> Self {
+        Self {
+            queue: FairQueue::new(rate),
+            queued: HashSet::new(),
+            refused: HashMap::new(),
+            fetched: HashMap::new(),
+        }
+    }
+
+    /// A data-path request for `key` at time `now` (milliseconds).
     pub fn request(&mut self, key: PairKey, now: u64) -> Admission {
         if let Some((why, until)) = self.refused.get(&key) {
             if now < *until {
@@ -78,11 +104,11 @@ impl RequestBook {
             }
             self.refused.remove(&key);
         }
-        self.enqueue(key)
+        self.enqueue(key, Kind::Fetch, now)
     }
 
     /// A refresh of a token that is about to expire; skipped if the pair was fetched less
-    /// than `min_interval` seconds ago (a token whose lifetime is shorter than the refresh
+    /// than `min_interval` milliseconds ago (a token whose lifetime is shorter than the refresh
     /// margin would otherwise be fetched in a loop).
     pub fn refresh(&mut self, key: PairKey, now: u64, min_interval: u64) -> Admission {
         if let Some(at) = self.fetched.get(&key) {
@@ -97,33 +123,39 @@ impl RequestBook {
         {
             return Admission::Duplicate;
         }
-        self.enqueue(key)
+        self.enqueue(key, Kind::Refresh, now)
     }
 
-    fn enqueue(&mut self, key: PairKey) -> Admission {
+    fn enqueue(&mut self, key: PairKey, kind: Kind, now: u64) -> Admission {
         if self.queued.contains(&key) {
             return Admission::Duplicate;
         }
-        if self.queue.len() >= MAX_QUEUED {
+        if self.queue.len() >= MAX_QUEUED || self.queue.len_of(&key.src_vm) >= MAX_QUEUED_PER_VM {
             return Admission::Refused(RefusalReason::RegistryUnavailable);
         }
-        self.queued.insert(key.clone());
-        self.queue.push_back(key);
-        Admission::Queued
-    }
-
-    /// The next pair to ask the registry about (it stays "queued" until [`Self::finish`]).
-    pub fn next(&self) -> Option<&PairKey> {
-        self.queue.front()
-    }
-
-    /// Records the answer for the pair returned by [`Self::next`].
-    pub fn finish(&mut self, key: &PairKey, outcome: Result<(), RefusalReason>, now: u64) {
-        if self.queue.front() == Some(key) {
-            self.queue.pop_front();
+        let throttled = self.queue.push(&key, kind, now);
+        self.queued.insert(key);
+        if throttled {
+            Admission::Throttled
         } else {
-            self.queue.retain(|k| k != key);
+            Admission::Queued
         }
+    }
+
+    /// The next pair to ask the registry about at `now`, if one may go now (it stays
+    /// "queued", so that requests for it are duplicates, until [`Self::finish`]).
+    pub fn take(&mut self, now: u64) -> Option<PairKey> {
+        self.queue.pop(now).map(|(key, _)| key)
+    }
+
+    /// When [`Self::take`] will next return a pair (`None`: nothing is queued).
+    pub fn ready_at(&self, now: u64) -> Option<u64> {
+        self.queue.ready_at(now)
+    }
+
+    /// Records the answer for a pair returned by [`Self::take`].
+    pub fn finish(&mut self, key: &PairKey, outcome: Result<(), RefusalReason>, now: u64) {
+        self.queue.remove(key);
         self.queued.remove(key);
         match outcome {
             Ok(()) => {
@@ -133,14 +165,14 @@ impl RequestBook {
             Err(why) => {
                 self.fetched.remove(key);
                 self.refused
-                    .insert(key.clone(), (why, now.saturating_add(hold_secs(why))));
+                    .insert(key.clone(), (why, now.saturating_add(hold_ms(why))));
             }
         }
     }
 
     /// Forgets everything about pairs from `src_vm` (detached).
     pub fn forget_source(&mut self, src_vm: &str) {
-        self.queue.retain(|k| k.src_vm != src_vm);
+        self.queue.remove_source(src_vm);
         self.queued.retain(|k| k.src_vm != src_vm);
         self.refused.retain(|k, _| k.src_vm != src_vm);
         self.fetched.retain(|k, _| k.src_vm != src_vm);
@@ -157,9 +189,10 @@ impl RequestBook {
         self.refused.clear();
     }
 
-    /// Drops expired refusal entries so the maps stay small.
+    /// Drops expired refusal entries and refilled rate buckets so the maps stay small.
     pub fn purge(&mut self, now: u64) {
         self.refused.retain(|_, (_, until)| now < *until);
+        self.queue.prune(now);
     }
 
     /// Pairs waiting.
@@ -222,36 +255,38 @@ mod tests {
         // Another source to the same destination is its own pair.
         assert_eq!(b.request(PairKey::new("c", B), 0), Admission::Queued);
         assert_eq!(b.queued_len(), 2);
-        let k = b.next().unwrap().clone();
+        let k = b.take(0).unwrap();
         assert_eq!(k, PairKey::new("a", B));
-        b.finish(&k, Ok(()), 1);
-        assert_eq!(b.next(), Some(&PairKey::new("c", B)));
+        // Asked but not answered yet: still a duplicate.
+        assert_eq!(b.request(PairKey::new("a", B), 0), Admission::Duplicate);
+        b.finish(&k, Ok(()), 1000);
+        assert_eq!(b.take(1000), Some(PairKey::new("c", B)));
     }
 
     #[test]
     fn refusals_are_held_then_retried() {
         let mut b = RequestBook::new();
         let k = PairKey::new("a", B);
-        b.request(k.clone(), 10);
-        b.finish(&k, Err(RefusalReason::PolicyDenied), 10);
+        b.request(k.clone(), 10_000);
+        b.finish(&k, Err(RefusalReason::PolicyDenied), 10_000);
         assert_eq!(
-            b.request(k.clone(), 11),
+            b.request(k.clone(), 11_000),
             Admission::Refused(RefusalReason::PolicyDenied)
         );
-        assert_eq!(b.request(k.clone(), 13), Admission::Queued);
-        b.finish(&k, Err(RefusalReason::RegistryUnavailable), 13);
-        assert_eq!(b.request(k.clone(), 14), Admission::Queued);
+        assert_eq!(b.request(k.clone(), 13_000), Admission::Queued);
+        b.finish(&k, Err(RefusalReason::RegistryUnavailable), 13_000);
+        assert_eq!(b.request(k.clone(), 14_000), Admission::Queued);
     }
 
     #[test]
     fn refresh_is_rate_limited() {
         let mut b = RequestBook::new();
         let k = PairKey::new("a", B);
-        b.request(k.clone(), 100);
-        b.finish(&k, Ok(()), 100);
-        assert_eq!(b.refresh(k.clone(), 110, 15), Admission::Duplicate);
-        assert_eq!(b.refresh(k.clone(), 115, 15), Admission::Queued);
-        assert_eq!(b.refresh(k.clone(), 115, 15), Admission::Duplicate);
+        b.request(k.clone(), 100_000);
+        b.finish(&k, Ok(()), 100_000);
+        assert_eq!(b.refresh(k.clone(), 110_000, 15_000), Admission::Duplicate);
+        assert_eq!(b.refresh(k.clone(), 115_000, 15_000), Admission::Queued);
+        assert_eq!(b.refresh(k.clone(), 115_000, 15_000), Admission::Duplicate);
     }
 
     #[test]
@@ -266,12 +301,22 @@ mod tests {
         assert_eq!(b.queued_len(), 0);
     }
 
+    fn generous() -> RequestBook {
+        RequestBook::with_rate(RequestRate {
+            per_sec: 1000,
+            burst: 100_000,
+        })
+    }
+
     #[test]
     fn queue_is_bounded() {
-        let mut b = RequestBook::new();
+        // Spread over VMs so that no one VM reaches its own bound first.
+        let mut b = generous();
+        let vms: Vec<String> = (0..8).map(|n| format!("vm{n}")).collect();
         for i in 0..MAX_QUEUED as u32 {
+            let vm = &vms[i as usize % vms.len()];
             assert_eq!(
-                b.request(PairKey::new("a", Ipv4Addr::from(i)), 0),
+                b.request(PairKey::new(vm, Ipv4Addr::from(i)), 0),
                 Admission::Queued
             );
         }
@@ -279,6 +324,41 @@ mod tests {
             b.request(PairKey::new("a", Ipv4Addr::new(255, 1, 1, 1)), 0),
             Admission::Refused(RefusalReason::RegistryUnavailable)
         );
+    }
+
+    #[test]
+    fn one_vm_cannot_take_the_whole_queue() {
+        let mut b = generous();
+        for i in 0..MAX_QUEUED_PER_VM as u32 {
+            assert_eq!(
+                b.request(PairKey::new("scan", Ipv4Addr::from(i)), 0),
+                Admission::Queued
+            );
+        }
+        assert_eq!(
+            b.request(PairKey::new("scan", Ipv4Addr::new(255, 1, 1, 1)), 0),
+            Admission::Refused(RefusalReason::RegistryUnavailable)
+        );
+        assert_eq!(b.request(PairKey::new("other", B), 0), Admission::Queued);
+        // The other VM's request is the second one asked, not the 1025th.
+        assert_eq!(b.take(0).unwrap().src_vm, "scan");
+        assert_eq!(b.take(0), Some(PairKey::new("other", B)));
+    }
+
+    #[test]
+    fn beyond_its_rate_a_vm_is_throttled_and_waits() {
+        let mut b = RequestBook::with_rate(RequestRate {
+            per_sec: 2,
+            burst: 1,
+        });
+        assert_eq!(b.request(PairKey::new("a", B), 0), Admission::Queued);
+        let c = Ipv4Addr::new(10, 0, 0, 4);
+        assert_eq!(b.request(PairKey::new("a", c), 0), Admission::Throttled);
+        assert_eq!(b.take(0), Some(PairKey::new("a", B)));
+        assert_eq!(b.take(0), None);
+        assert_eq!(b.ready_at(0), Some(500));
+        assert_eq!(b.take(500), Some(PairKey::new("a", c)));
+        assert_eq!(b.ready_at(500), None);
     }
 
     #[test]

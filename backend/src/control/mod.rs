@@ -1,7 +1,8 @@
 //! The control plane of vnpd: everything that talks to the registry on behalf of the data path.
 //!
 //! - [`book`]: pure bookkeeping (request deduplication, refusal hold-down, refresh rate limit,
-//!   peer address index).
+//!   peer address index); [`fair`]: the order requests are asked in (VMs take turns, refreshes
+//!   first, a request rate per VM).
 //! - [`thread`]: the control thread and the registry watch thread.
 //!
 //! Dependencies point one way: the control thread drives the VMs' ports through
@@ -11,6 +12,7 @@
 //! [`crate::datapath::PeerToken`], refusals as [`crate::datapath::RefusalReason`].
 
 pub mod book;
+pub mod fair;
 pub mod thread;
 
 pub use thread::{ControlHandle, ControlSettings, ControlThread};

@@ -3,12 +3,14 @@
 //!
 //! The data path posts token requests through a [`ControlHandle`] (a channel send, never a
 //! wait). This thread deduplicates them ([`RequestBook`]), asks the registry one pair at a time
-//! with the blocking client, and answers the VM's port with a token or a refusal. Once a second
+//! with the blocking client, in a fair order across VMs (`super::fair`), and answers the VM's
+//! port with a token or a refusal. Once a second
 //! it asks every port which tokens expire within the refresh margin and fetches those again. A
 //! second thread long-polls the registry's watch API; when a peer VM's endpoint or secret
 //! changes, every port forgets that peer so that its next packet asks afresh.
 
 use super::book::{Admission, PairKey, PeerIndex, RequestBook};
+use super::fair::RequestRate;
 use crate::datapath::{ControlPlane, PeerToken, RefusalReason, VmPort};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use vnp_protocol::token::Expiry;
 use vnp_registry_client::{ChangeKind, ClientError, ErrorCode, RegistryClient, WatchResponse};
 
@@ -102,6 +104,8 @@ pub struct ControlSettings {
     pub refresh_margin_secs: u32,
     /// Watch the registry for peer changes.
     pub watch: bool,
+    /// Each VM's rate of requests for new destinations.
+    pub token_requests: RequestRate,
 }
 
 /// The running control thread (and its watch thread); stopped on drop.
@@ -120,9 +124,10 @@ impl ControlThread {
         let stop = Arc::new(AtomicBool::new(false));
         let worker_client = client.clone();
         let margin = settings.refresh_margin_secs;
+        let rate = settings.token_requests;
         let thread = std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || Worker::new(worker_client, margin).run(rx))?;
+            .spawn(move || Worker::new(worker_client, margin, rate).run(rx))?;
         let watcher = if settings.watch {
             let tx2 = tx.clone();
             let stop2 = Arc::clone(&stop);
@@ -163,12 +168,6 @@ impl Drop for ControlThread {
     }
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Maps a registry error to what the data path counts.
 pub fn refusal_for(e: &ClientError) -> RefusalReason {
     match e.code() {
@@ -192,33 +191,51 @@ struct Worker {
     ports: HashMap<String, Arc<VmPort>>,
     orphans: HashMap<String, Vec<Ipv4Addr>>,
     next_tick: Instant,
+    /// The book's clock (monotonic milliseconds) counts from here.
+    epoch: Instant,
 }
 
 impl Worker {
-    fn new(client: RegistryClient, margin: u32) -> Self {
+    fn new(client: RegistryClient, margin: u32, rate: RequestRate) -> Self {
         Self {
             client,
             margin,
-            book: RequestBook::new(),
+            book: RequestBook::with_rate(rate),
             peers: PeerIndex::new(),
             ports: HashMap::new(),
             orphans: HashMap::new(),
             next_tick: Instant::now() + TICK,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long to wait for messages: until the next tick, or less when a queued request may
+    /// go sooner (zero when one may go now).
+    fn wait_time(&self) -> Duration {
+        let now = self.now_ms();
+        let tick = self.next_tick.saturating_duration_since(Instant::now());
+        match self.book.ready_at(now) {
+            Some(at) => tick.min(Duration::from_millis(at.saturating_sub(now))),
+            None => tick,
         }
     }
 
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            // With work queued, only drain what is already there; otherwise sleep until the
-            // next message or tick.
-            let first = if self.book.next().is_some() {
+            // With a request ready, only drain what is already there; otherwise sleep until the
+            // next message, tick or rate refill.
+            let wait = self.wait_time();
+            let first = if wait.is_zero() {
                 match rx.try_recv() {
                     Ok(m) => Some(m),
                     Err(mpsc::TryRecvError::Empty) => None,
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 }
             } else {
-                let wait = self.next_tick.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(wait) {
                     Ok(m) => Some(m),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -239,7 +256,7 @@ impl Worker {
                 self.tick();
                 self.next_tick = Instant::now() + TICK;
             }
-            if let Some(key) = self.book.next().cloned() {
+            if let Some(key) = self.book.take(self.now_ms()) {
                 self.fetch(key);
             }
         }
@@ -277,8 +294,13 @@ impl Worker {
             }
             return;
         }
-        match self.book.request(key.clone(), now_secs()) {
+        match self.book.request(key.clone(), self.now_ms()) {
             Admission::Queued | Admission::Duplicate => {}
+            Admission::Throttled => {
+                if let Some(p) = self.ports.get(&key.src_vm) {
+                    p.counters().token_request_throttled();
+                }
+            }
             Admission::Refused(why) => {
                 if let Some(p) = self.ports.get(&key.src_vm) {
                     p.refuse_token(key.dst, why);
@@ -289,7 +311,7 @@ impl Worker {
 
     fn fetch(&mut self, key: PairKey) {
         let result = self.client.request_token(&key.src_vm, key.dst);
-        let now = now_secs();
+        let now = self.now_ms();
         let outcome = match result {
             Ok(grant) => match grant.token_value() {
                 Ok(token) => {
@@ -338,10 +360,12 @@ impl Worker {
     }
 
     fn tick(&mut self) {
-        let now = now_secs();
+        let now = self.now_ms();
         self.book.purge(now);
-        let horizon = u32::try_from(now.saturating_add(u64::from(self.margin))).unwrap_or(u32::MAX);
-        let min_interval = u64::from(self.margin / 4).max(1);
+        let unix_now = u64::from(crate::datapath::port::unix_now());
+        let horizon =
+            u32::try_from(unix_now.saturating_add(u64::from(self.margin))).unwrap_or(u32::MAX);
+        let min_interval = u64::from(self.margin / 4).max(1) * 1000;
         let mut due = Vec::new();
         for (vm, port) in &self.ports {
             for dst in port.tokens_expiring_before(Expiry(horizon)) {

@@ -16,7 +16,8 @@
 //! - [`worker`]: [`worker::PairWorker`], the device's handler of one queue pair: dispatch, edge
 //!   replies, handed-off packets; its TX half is in [`tx`], its RX half in [`rx`].
 //! - [`port`]: [`VmPort`]: start, stop, token installation from the control plane; [`serve`]:
-//!   the loop serving one frontend connection after another.
+//!   the loop serving one frontend connection after another; [`vhost_socket`]: the vhost-user
+//!   socket, created with its configured owner, group and mode.
 
 pub mod edge_link;
 pub mod frame;
@@ -28,6 +29,7 @@ pub mod rx_check;
 pub mod serve;
 pub mod tx;
 pub mod udp;
+pub mod vhost_socket;
 pub mod worker;
 
 use std::net::Ipv4Addr;

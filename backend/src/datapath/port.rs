@@ -19,6 +19,7 @@ use super::handoff::{HandedOff, Handoff};
 use super::peers::{Enqueued, PeerEntry, PeerTable, PendingLimits, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
+use super::vhost_socket::{self, SocketAccess};
 use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment};
 use crate::metrics::counters::{DropReason, VmCounters};
 
@@ -34,6 +35,8 @@ pub struct DataPathTuning {
     pub pending: PendingLimits,
     /// Largest virtqueue the device accepts.
     pub max_queue_size: u16,
+    /// Owner, group and mode of the vhost-user socket.
+    pub socket_access: SocketAccess,
 }
 
 impl Default for DataPathTuning {
@@ -42,6 +45,7 @@ impl Default for DataPathTuning {
             expiry: ExpiryPolicy::default(),
             pending: PendingLimits::default(),
             max_queue_size: 1024,
+            socket_access: SocketAccess::default(),
         }
     }
 }
@@ -263,8 +267,10 @@ impl VmPort {
         let want = SocketAddrV4::new(att.host_addr, att.udp_port);
         let (sockets, local) = udp::bind_port_sockets(want, usize::from(att.queue_pairs))
             .map_err(|source| PortError::Udp { addr: want, source })?;
-        let mut listener =
-            Listener::new(&att.socket_path, true).map_err(|e| PortError::Listen {
+        // Created with its configured access every time, whatever the umask.
+        let mut listener = vhost_socket::bind(&att.socket_path, tuning.socket_access)
+            .map(Listener::from)
+            .map_err(|e| PortError::Listen {
                 path: att.socket_path.clone(),
                 reason: e.to_string(),
             })?;

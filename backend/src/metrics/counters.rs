@@ -97,6 +97,7 @@ pub struct VmCounters {
     icmp_frag_needed: AtomicU64,
     icmp_rate_limited: AtomicU64,
     token_requests: AtomicU64,
+    token_requests_throttled: AtomicU64,
     return_tokens_learned: AtomicU64,
     drops: [AtomicU64; DropReason::COUNT],
 }
@@ -122,6 +123,9 @@ pub struct CounterSnapshot {
     pub icmp_rate_limited: u64,
     /// Token requests handed to the control plane.
     pub token_requests: u64,
+    /// Registry requests for new destinations that waited for the VM's request rate
+    /// (`[token_requests]` in vnpd's config): a guest asking for many destinations at once.
+    pub token_requests_throttled: u64,
     /// Return tokens accepted from peers' first packets.
     pub return_tokens_learned: u64,
     /// Drops by reason, indexed like [`DropReason::ALL`].
@@ -200,6 +204,12 @@ impl VmCounters {
         self.token_requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one registry request that has to wait for the VM's request rate.
+    pub fn token_request_throttled(&self) {
+        self.token_requests_throttled
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Counts one accepted return token.
     pub fn return_token_learned(&self) {
         self.return_tokens_learned.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +232,7 @@ impl VmCounters {
             icmp_frag_needed: self.icmp_frag_needed.load(Ordering::Relaxed),
             icmp_rate_limited: self.icmp_rate_limited.load(Ordering::Relaxed),
             token_requests: self.token_requests.load(Ordering::Relaxed),
+            token_requests_throttled: self.token_requests_throttled.load(Ordering::Relaxed),
             return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
             drops: DropReason::ALL
                 .iter()

@@ -92,6 +92,11 @@ const FAMILIES: &[Family] = &[
         |s| s.token_requests,
     ),
     (
+        "vnpd_token_requests_throttled_total",
+        "Registry requests that waited for the VM's request rate ([token_requests]).",
+        |s| s.token_requests_throttled,
+    ),
+    (
         "vnpd_return_tokens_learned_total",
         "Return tokens accepted from peers.",
         |s| s.return_tokens_learned,
