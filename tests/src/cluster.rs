@@ -45,6 +45,8 @@ pub struct ClusterOptions {
     pub vnpd_log: String,
     /// vnpd's `token_refresh_margin_secs` (its default when `None`).
     pub refresh_margin_secs: Option<u32>,
+    /// TOML tables appended to every vnpd's config file (e.g. `[vhost_user]` settings).
+    pub vnpd_config_tables: String,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +57,7 @@ impl Default for ClusterOptions {
             token_ttl_secs: 600,
             vnpd_log: "info".into(),
             refresh_margin_secs: None,
+            vnpd_config_tables: String::new(),
         }
     }
 }
@@ -275,6 +278,8 @@ impl Cluster {
             cert = tls.join(format!("host-{id}.pem")).display(),
             key = tls.join(format!("host-{id}.key")).display(),
         );
+        // After [registry]: only whole tables may follow it.
+        let text = format!("{text}{}", opts.vnpd_config_tables);
         std::fs::write(&config, text)?;
         Ok(Host {
             id: id.to_string(),

@@ -95,42 +95,30 @@ fn id_of(flag: &str, name: &str) -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-/// Lets `group` connect to a vnpd socket, as vnpd would with a socket group/mode setting. It
-/// has none yet: its sockets are root's with mode 0755 (umask), and connecting to a unix socket
-/// needs write permission, so only root's QEMU could connect.
-fn grant_socket_to_group(path: &Path, group: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    let entry = std::process::Command::new("getent")
-        .args(["group", group])
-        .output()
-        .unwrap();
-    let entry = String::from_utf8_lossy(&entry.stdout).to_string();
-    let gid: u32 = entry
-        .split(':')
-        .nth(2)
-        .and_then(|g| g.parse().ok())
-        .unwrap_or_else(|| panic!("no group {group}: run scripts/setup (libvirt-daemon)"));
-    let mode = std::fs::metadata(path).unwrap().permissions().mode();
-    eprintln!(
-        "  vnpd's socket {}: mode {:o}; granting group {group} rw",
-        path.display(),
-        mode & 0o777
-    );
-    std::os::unix::fs::chown(path, None, Some(gid)).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).unwrap();
+/// The socket vnpd created: its mode and group (what lets `libvirt-qemu`'s QEMU connect:
+/// connecting to a unix socket needs write permission).
+fn socket_access(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    (m.mode() & 0o777, m.gid())
 }
 
-/// (inode, mode) of a socket, to tell a recreated one from the old; `None` while absent.
-fn socket_identity(path: &Path) -> Option<(u64, u32)> {
+/// (inode, change time) of a socket, to tell a recreated one from the old (the inode number
+/// alone may be reused); `None` while absent.
+fn socket_identity(path: &Path) -> Option<(u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.ino(), m.mode()))
+    Some((m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 #[test]
 fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
+    // vnpd gives its vhost-user sockets to libvirt's QEMU user group, as an operator would.
     let opts = ClusterOptions {
         prefix: "vnplv".into(),
+        vnpd_config_tables: format!(
+            "[vhost_user]\nsocket_group = \"{QEMU_USER}\"\nsocket_mode = 0o660\n"
+        ),
         ..ClusterOptions::default()
     };
     let mut c = Cluster::start(&opts).expect("cluster");
@@ -243,7 +231,8 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     })
     .unwrap();
     let att_a2 = c.attach(1, "vm-a").unwrap();
-    grant_socket_to_group(&att_a2.socket_path, QEMU_USER);
+    let qemu_gid = id_of("-g", QEMU_USER);
+    assert_eq!(socket_access(&att_a2.socket_path), (0o660, qemu_gid));
 
     step("virsh migrate --live to libvirtd b, onto host 1's socket");
     let dest_dir = dir.join("libvirt-vm-a-b");
@@ -292,7 +281,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     eprintln!("  pings across the libvirt migration: {tx} sent, {rx} received");
     assert!(rx > 0 && rx <= tx, "{log}");
 
-    step("vnpd restart on host 1: libvirt's QEMU reconnects (once the new socket is granted)");
+    step("vnpd restart on host 1: libvirt's QEMU reconnects to the recreated socket");
     // <reconnect enabled='yes' timeout='1'/> becomes QEMU's reconnect-ms on the chardev.
     let chardev = dest_line
         .split(' ')
@@ -300,14 +289,14 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
         .unwrap_or_default();
     eprintln!("  libvirt's vhost-user chardev: {chardev}");
     assert!(chardev.contains("reconnect-ms=1000"), "{dest_line}");
-    let granted = socket_identity(&att_a2.socket_path);
+    let before_restart = socket_identity(&att_a2.socket_path);
     c.stop_vnpd(1).unwrap();
     c.start_vnpd(1).unwrap();
     let restarted = Instant::now();
-    // The new socket is vnpd's again (root's, 0755) until it is granted anew.
+    // vnpd creates the socket again, with the configured group and mode from the start.
     loop {
         let now = socket_identity(&att_a2.socket_path);
-        if now.is_some() && now != granted {
+        if now.is_some() && now != before_restart {
             break;
         }
         assert!(
@@ -316,7 +305,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    grant_socket_to_group(&att_a2.socket_path, QEMU_USER);
+    assert_eq!(socket_access(&att_a2.socket_path), (0o660, qemu_gid));
     let answered = (0..30).any(|_| {
         let out = da2
             .run(&format!("ping -c 1 -W 2 {}", rec_b.ip), CMD)
