@@ -7,6 +7,7 @@
 //! and then renamed onto its final path, which is atomic.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -43,7 +44,7 @@ pub fn bind(path: &Path, access: SocketAccess) -> io::Result<UnixListener> {
     };
     let staging = StagingDir::create(parent)?;
     let staged = staging.0.join("s");
-    let listener = UnixListener::bind(&staged)?;
+    let listener = staging.bind("s")?;
     if access.owner.is_some() || access.group.is_some() {
         std::os::unix::fs::chown(&staged, access.owner, access.group).map_err(|e| {
             io::Error::new(
@@ -80,6 +81,24 @@ impl StagingDir {
         ));
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Self(dir))
+    }
+}
+
+/// Longest path `bind(2)` takes (`sun_path` holds 108 bytes with the terminating NUL).
+const MAX_BIND_PATH: usize = 107;
+
+impl StagingDir {
+    /// Binds `name` in the directory. Its path is longer than the final one; when it is too
+    /// long for `sun_path`, the socket is bound through `/proc/self/fd`, which names the
+    /// directory in a few bytes.
+    fn bind(&self, name: &str) -> io::Result<UnixListener> {
+        let staged = self.0.join(name);
+        if staged.as_os_str().len() <= MAX_BIND_PATH {
+            return UnixListener::bind(&staged);
+        }
+        let dir = std::fs::File::open(&self.0)?;
+        let short = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+        UnixListener::bind(short)
     }
 }
 
@@ -133,6 +152,24 @@ mod tests {
         .unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_near_the_limit_still_binds() {
+        let dir = temp_dir("long");
+        // A final path of 107 bytes: the staging path next to it is longer than sun_path.
+        let base = dir.join("x");
+        let pad = 107 - base.as_os_str().len() - "/v.sock".len();
+        let deep = PathBuf::from(format!("{}{}", base.display(), "y".repeat(pad)));
+        std::fs::create_dir_all(&deep).unwrap();
+        let path = deep.join("v.sock");
+        assert_eq!(path.as_os_str().len(), 107);
+        let listener = bind(&path, SocketAccess::default()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o660);
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().is_ok());
+        assert_eq!(std::fs::read_dir(&deep).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
