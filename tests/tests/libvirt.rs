@@ -95,6 +95,19 @@ fn id_of(flag: &str, name: &str) -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// The id of group `name` (`getent group`; the user `libvirt-qemu`'s primary group differs).
+fn group_id(name: &str) -> u32 {
+    let out = std::process::Command::new("getent")
+        .args(["group", name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(2)
+        .and_then(|g| g.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no group {name}: run scripts/setup (libvirt-daemon)"))
+}
+
 /// The socket vnpd created: its mode and group (what lets `libvirt-qemu`'s QEMU connect:
 /// connecting to a unix socket needs write permission).
 fn socket_access(path: &Path) -> (u32, u32) {
@@ -231,7 +244,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     })
     .unwrap();
     let att_a2 = c.attach(1, "vm-a").unwrap();
-    let qemu_gid = id_of("-g", QEMU_USER);
+    let qemu_gid = group_id(QEMU_USER);
     assert_eq!(socket_access(&att_a2.socket_path), (0o660, qemu_gid));
 
     step("virsh migrate --live to libvirtd b, onto host 1's socket");
