@@ -15,6 +15,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -36,6 +37,9 @@ pub struct Negotiated {
     pub mrg_rxbuf: bool,
     /// `VHOST_F_LOG_ALL`: migration in progress, every guest write must reach the dirty log.
     pub log_all: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC`: chains may refer to indirect descriptor tables. Never
+    /// offered today, so always false; chains that use one anyway are dropped.
+    pub indirect_desc: bool,
 }
 
 impl Default for Negotiated {
@@ -44,6 +48,7 @@ impl Default for Negotiated {
             vnet_hdr_len: 12,
             mrg_rxbuf: false,
             log_all: false,
+            indirect_desc: false,
         }
     }
 }
@@ -66,8 +71,12 @@ pub trait QueuePairHandler: Send + 'static {
     fn set_features(&mut self, negotiated: Negotiated);
     /// Device reset: the rings are gone; forget everything taken from them.
     fn reset(&mut self);
-    /// The RX ring is stopping (GET_VRING_BASE): give every buffer taken from it back.
+    /// The RX ring is stopping (GET_VRING_BASE): give every buffer taken from it back. The
+    /// frontend sets it up again before it runs again, so a parked ring may be used again.
     fn stop_rx(&mut self);
+    /// The TX ring is stopping (GET_VRING_BASE); as for RX, a parked ring may be used again
+    /// once it is set up again.
+    fn stop_tx(&mut self);
     /// Handles `event` with guest memory `view`, the pair's RX and TX vrings.
     fn handle(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring);
 }
@@ -151,6 +160,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             vnet_hdr_len: vnet_header_len(features),
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             log_all: has_feature(features, VHOST_F_LOG_ALL),
+            indirect_desc: has_feature(features, VIRTIO_RING_F_INDIRECT_DESC),
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);
@@ -193,9 +203,11 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
-        if index % 2 == 0 {
-            if let Some(h) = self.handlers.get(index / 2) {
+        if let Some(h) = self.handlers.get(index / 2) {
+            if index % 2 == 0 {
                 lock(h).stop_rx();
+            } else {
+                lock(h).stop_tx();
             }
         }
         Ok(())

@@ -9,13 +9,18 @@
 use std::ops::Deref;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Most descriptors a TX chain may have. Linux uses at most MAX_SKB_FRAGS + 2 (19); DPDK one or
 /// two. A longer chain is a broken or hostile guest.
 pub const MAX_TX_DESCRIPTORS: usize = 64;
+/// Most descriptors an RX chain may have. A guest without mergeable buffers posts large
+/// receive chains of about 19 descriptors (Linux: MAX_SKB_FRAGS + 2); anything much longer is
+/// a broken or hostile guest making the device walk its table for nothing.
+pub const MAX_RX_DESCRIPTORS: usize = 64;
 /// Writable segments of one RX chain that we use; further segments are left unused (a device
 /// may use less than the whole buffer).
 pub const MAX_RX_SEGS: usize = 8;
@@ -45,12 +50,51 @@ pub enum ChainError {
     /// A descriptor's range is not inside guest memory.
     #[error("descriptor points outside guest memory")]
     OutsideMemory,
-    /// More descriptors than [`MAX_TX_DESCRIPTORS`].
+    /// More descriptors than [`MAX_TX_DESCRIPTORS`] (TX) or [`MAX_RX_DESCRIPTORS`] (RX).
     #[error("descriptor chain too long")]
     TooLong,
+    /// A descriptor refers to an indirect table, but `VIRTIO_RING_F_INDIRECT_DESC` was not
+    /// negotiated (virtio-queue follows indirect tables regardless).
+    #[error("indirect descriptor table without VIRTIO_RING_F_INDIRECT_DESC")]
+    Indirect,
     /// No usable bytes.
     #[error("descriptor chain has no usable bytes")]
     NoBytes,
+}
+
+/// A ring's descriptor table, to look at the flags virtio-queue's chain iterator hides: it
+/// follows a descriptor that refers to an indirect table without yielding it, whether or not
+/// `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+#[derive(Debug, Clone, Copy)]
+pub struct DescTable {
+    addr: GuestAddress,
+    size: u16,
+    indirect_allowed: bool,
+}
+
+impl DescTable {
+    /// The table of `queue`; `indirect_allowed`: the driver negotiated indirect descriptors.
+    pub fn of(queue: &Queue, indirect_allowed: bool) -> Self {
+        Self {
+            addr: GuestAddress(queue.desc_table()),
+            size: queue.size(),
+            indirect_allowed,
+        }
+    }
+
+    /// Whether descriptor `index` of the table may not be used: it refers to an indirect table
+    /// that was not negotiated. (An index out of range is the iterator's to refuse.)
+    fn forbids<B: Bitmap + 'static>(&self, mem: &GuestMemoryMmap<B>, index: u16) -> bool {
+        if self.indirect_allowed || index >= self.size {
+            return false;
+        }
+        // The flags are bytes 12..14 of the 16-byte descriptor.
+        let Some(at) = self.addr.0.checked_add(u64::from(index) * 16 + 12) else {
+            return false;
+        };
+        mem.read_obj::<u16>(GuestAddress(at))
+            .is_ok_and(|flags| u16::from_le(flags) & VRING_DESC_F_INDIRECT as u16 != 0)
+    }
 }
 
 /// The device-readable buffers of one TX descriptor chain, as guest segments and as host
@@ -105,6 +149,7 @@ impl TxChain {
     pub fn collect<M, B>(
         &mut self,
         chain: DescriptorChain<M>,
+        table: DescTable,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<usize, ChainError>
     where
@@ -118,11 +163,16 @@ impl TxChain {
         self.pieces.clear();
         let mut count = 0usize;
         let mut last_has_next = true;
+        let mut index = chain.head_index();
         for desc in chain {
             count += 1;
             if count > MAX_TX_DESCRIPTORS {
                 return Err(ChainError::TooLong);
             }
+            if table.forbids(mem, index) {
+                return Err(ChainError::Indirect);
+            }
+            index = desc.next();
             last_has_next = desc.has_next();
             if desc.is_write_only() {
                 return Err(ChainError::WrongDirection);
@@ -240,6 +290,7 @@ impl RxBuf {
 /// used (the device may fill less than the whole chain).
 pub fn collect_rx_chain<M, B>(
     chain: DescriptorChain<M>,
+    table: DescTable,
     mem: &GuestMemoryMmap<B>,
 ) -> Result<RxBuf, ChainError>
 where
@@ -258,8 +309,16 @@ where
     };
     let mut count = 0usize;
     let mut last_has_next = true;
+    let mut index = head;
     for desc in chain {
         count += 1;
+        if count > MAX_RX_DESCRIPTORS {
+            return Err(ChainError::TooLong);
+        }
+        if table.forbids(mem, index) {
+            return Err(ChainError::Indirect);
+        }
+        index = desc.next();
         last_has_next = desc.has_next();
         if !desc.is_write_only() {
             return Err(ChainError::WrongDirection);
@@ -355,7 +414,9 @@ pub fn push_piece_iovecs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_bindings::bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -385,9 +446,12 @@ mod tests {
     fn tx(descs: &[RawDescriptor]) -> Result<(usize, Vec<GuestSeg>), ChainError> {
         let mem = memory();
         let mut q = queue_with(&mem, descs);
+        let table = DescTable::of(&q, false);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let mut tx = TxChain::new();
-        let r = tx.collect(chain, &mem).map(|n| (n, tx.segs().to_vec()));
+        let r = tx
+            .collect(chain, table, &mem)
+            .map(|n| (n, tx.segs().to_vec()));
         if let Ok((n, _)) = &r {
             let mut iovs = Vec::new();
             assert_eq!(tx.push_iovecs(0, *n, &mut iovs), *n);
@@ -399,8 +463,9 @@ mod tests {
     fn rx(descs: &[RawDescriptor]) -> Result<RxBuf, ChainError> {
         let mem = memory();
         let mut q = queue_with(&mem, descs);
+        let table = DescTable::of(&q, false);
         let chain = q.iter(&mem).unwrap().next().unwrap();
-        collect_rx_chain(chain, &mem)
+        collect_rx_chain(chain, table, &mem)
     }
 
     #[test]
@@ -467,8 +532,12 @@ mod tests {
         vq.avail().ring().ref_at(0).unwrap().store(40u16.to_le());
         vq.avail().idx().store(1u16.to_le());
         let mut q: Queue = vq.create_queue().unwrap();
+        let table = DescTable::of(&q, false);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
-        assert_eq!(TxChain::new().collect(chain, &mem), Err(ChainError::Empty));
+        assert_eq!(
+            TxChain::new().collect(chain, table, &mem),
+            Err(ChainError::Empty)
+        );
     }
 
     #[test]
@@ -485,10 +554,81 @@ mod tests {
         vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
         vq.avail().idx().store(1u16.to_le());
         let mut q: Queue = vq.create_queue().unwrap();
+        let table = DescTable::of(&q, false);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         assert_eq!(
-            TxChain::new().collect(chain, &mem),
+            TxChain::new().collect(chain, table, &mem),
             Err(ChainError::TooLong)
+        );
+    }
+
+    /// A 256-entry queue with one chain of `n` descriptors of `flags` (plus NEXT).
+    fn long_chain(mem: &GuestMemoryMmap<()>, n: u16, flags: u32) -> Queue {
+        let vq = MockSplitQueue::new(mem, 256);
+        for i in 0..n {
+            let next = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
+            vq.desc_table()
+                .store(i, desc(0x8000 + u64::from(i) * 16, 16, flags | next, i + 1))
+                .unwrap();
+        }
+        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
+        vq.avail().idx().store(1u16.to_le());
+        vq.create_queue().unwrap()
+    }
+
+    #[test]
+    fn rx_chains_are_capped_above_what_guests_without_mergeable_buffers_post() {
+        let mem = memory();
+        for (n, ok) in [(19u16, true), (64, true), (65, false), (200, false)] {
+            let mut q = long_chain(&mem, n, VRING_DESC_F_WRITE);
+            let table = DescTable::of(&q, false);
+            let chain = q.pop_descriptor_chain(&mem).unwrap();
+            let got = collect_rx_chain(chain, table, &mem);
+            if ok {
+                assert_eq!(got.unwrap().cap, 16 * MAX_RX_SEGS as u32, "{n} descriptors");
+            } else {
+                assert_eq!(got, Err(ChainError::TooLong), "{n} descriptors");
+            }
+        }
+    }
+
+    #[test]
+    fn indirect_tables_only_when_negotiated() {
+        let mem = memory();
+        // Head -> an indirect table of two readable descriptors at 0x9000.
+        let indirect = [
+            desc(0x2000, 12, VRING_DESC_F_NEXT, 1),
+            desc(0x3000, 100, 0, 0),
+        ];
+        for (i, d) in indirect.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(0x9000 + i as u64 * 16))
+                .unwrap();
+        }
+        let head = desc(0x9000, 32, VRING_DESC_F_INDIRECT, 0);
+        for allowed in [false, true] {
+            let mut q = queue_with(&mem, &[head]);
+            let table = DescTable::of(&q, allowed);
+            let chain = q.pop_descriptor_chain(&mem).unwrap();
+            let got = TxChain::new().collect(chain, table, &mem);
+            if allowed {
+                assert_eq!(got, Ok(112));
+            } else {
+                assert_eq!(got, Err(ChainError::Indirect));
+            }
+        }
+        // Also behind a first, ordinary descriptor, and on RX.
+        let mut q = queue_with(
+            &mem,
+            &[
+                desc(0x2000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+                desc(0x9000, 32, VRING_DESC_F_INDIRECT, 0),
+            ],
+        );
+        let table = DescTable::of(&q, false);
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert_eq!(
+            collect_rx_chain(chain, table, &mem),
+            Err(ChainError::Indirect)
         );
     }
 
