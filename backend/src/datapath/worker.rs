@@ -24,7 +24,7 @@ use super::handoff::HandedOff;
 use super::peers::SendInfo;
 use super::port::{unix_now, PortCore};
 use crate::device::features::rx_vnet_header;
-use crate::device::{Negotiated, PairEvent, QueuePairHandler};
+use crate::device::{BrokenRings, Negotiated, PairEvent, QueuePairHandler};
 use crate::metrics::counters::DropReason;
 use crate::ring::batch::MsgBatch;
 use crate::ring::vring::{is_live, notify};
@@ -71,6 +71,8 @@ pub struct PairWorker {
     tx_parked: Option<ParkedRing>,
     /// When this worker last logged a ring fault.
     last_fault_log: Option<Instant>,
+    /// Rings parked since the device last asked (it tells the frontend).
+    newly_broken: BrokenRings,
     /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
     /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
     pub(super) rx_hint: usize,
@@ -146,6 +148,10 @@ impl QueuePairHandler for PairWorker {
             PairEvent::External(n) => log::debug!("vm {}: unknown event {n}", self.core.vm_id),
         }
     }
+
+    fn take_broken(&mut self) -> BrokenRings {
+        std::mem::take(&mut self.newly_broken)
+    }
 }
 
 impl PairWorker {
@@ -161,6 +167,7 @@ impl PairWorker {
             rx_parked: None,
             tx_parked: None,
             last_fault_log: None,
+            newly_broken: BrokenRings::default(),
             rx_hint: super::rx::MIN_RX_SLOTS,
             tx_chain: TxChain::new(),
             tx_heads: Vec::with_capacity(TX_BATCH),
@@ -219,8 +226,14 @@ impl PairWorker {
     pub(super) fn park(&mut self, side: Side, fault: RingFault, queue: &virtio_queue::Queue) {
         let parked = ParkedRing::new(fault, queue);
         match side {
-            Side::Rx => self.rx_parked = Some(parked),
-            Side::Tx => self.tx_parked = Some(parked),
+            Side::Rx => {
+                self.rx_parked = Some(parked);
+                self.newly_broken.rx = true;
+            }
+            Side::Tx => {
+                self.tx_parked = Some(parked);
+                self.newly_broken.tx = true;
+            }
         }
         self.core.counters.drop_packet(match side {
             Side::Rx => DropReason::RxRingBroken,
