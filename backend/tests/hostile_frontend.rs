@@ -7,6 +7,7 @@
 
 mod dataplane_common;
 mod dataplane_frontend;
+mod replay_frontend;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use dataplane_common::*;
 use dataplane_frontend::{ethernet, Desc, Next, TestFrontend, QUEUE_SIZE, VNET_HDR};
+use replay_frontend::conversations::{self as conv, DPDK_22_11};
+use replay_frontend::{Guest, Replay};
 use vnp_protocol::token::{Expiry, Token, VmSecret};
 use vnp_protocol::wire::options::ReturnToken;
 use vnpd::datapath::VmPort;
@@ -178,8 +181,8 @@ fn tx_avail_index_jump_parks_the_ring_until_the_driver_resets_it() {
     let mut p = Pair::new("hj");
     let err = p.fa.set_err_fd(TX_Q);
     p.fa.jump_avail_idx(TX_Q, QUEUE_SIZE + 1);
-    counted(&p.a, DropReason::TxRingBroken, 1);
     assert_no_cpu_burnt("TX avail index jump");
+    counted(&p.a, DropReason::TxRingBroken, 1);
     assert!(
         err.read().is_ok(),
         "the frontend was told on its error eventfd"
@@ -506,6 +509,11 @@ fn rejected_datagrams_leave_nothing_in_guest_memory() {
     )
     .unwrap();
     counted(&a, DropReason::RxWrongVm, 1);
+    // (Checked now: the next datagram lands in the same buffer, which stays first in line.)
+    assert!(
+        !guest_memory_contains(&fa, start_addr, len, secret_for_another_vm),
+        "another VM's traffic left in the guest's receive buffers"
+    );
     // A forged datagram whose return-token option must not be seen either.
     let forged = ipv4_udp(src_vm, a.ip, b"FORGED-PAYLOAD-0123456789");
     let planted = ReturnToken {
@@ -524,7 +532,7 @@ fn rejected_datagrams_leave_nothing_in_guest_memory() {
     )
     .unwrap();
     counted(&a, DropReason::RxBadToken, 1);
-    for needle in [&secret_for_another_vm[..], b"FORGED-PAYLOAD", b"PLANTED!"] {
+    for needle in [&b"FORGED-PAYLOAD"[..], b"PLANTED!"] {
         assert!(
             !guest_memory_contains(&fa, start_addr, len, needle),
             "{:?} left in the guest's receive buffers",
@@ -562,6 +570,49 @@ fn a_stopped_rx_ring_is_not_written() {
     let started = Instant::now();
     raw.send_to(&good_datagram(raw_addr, &a, &late), to)
         .unwrap();
+    while started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fa.rx_used(0), used, "the stopped ring's used index moved");
+    }
+    let (start_addr, len) = fa.rx_buffer_area(0);
+    assert!(!guest_memory_contains(
+        &fa,
+        start_addr,
+        len,
+        b"AFTER-THE-STOP"
+    ));
+    assert_eq!(a.port.counters().snapshot().rx_packets, 1);
+}
+
+#[test]
+fn after_dpdks_stop_sequence_no_datagram_enters_the_ring() {
+    let control = MintingControl::new();
+    let a = start(&control, "hd", 2);
+    let b = start(&control, "hdb", 3);
+    let guest = Guest::new(2);
+    let mut r = Replay::connect(&a.socket, DPDK_22_11);
+    r.run(&guest, &conv::dpdk_start());
+    let mut fa = guest.driver(&r);
+    let mut fb = TestFrontend::connect(&b.socket, 1);
+    fa.post_rx(0, 8, 2048);
+    fb.post_rx(0, 8, 2048);
+    // Traffic both ways, so that each side has the other's token.
+    fa.send(0, &a.frame_to(b.ip, b"a->b"));
+    assert_eq!(fb.recv(0, 1, T).len(), 1);
+    fb.send(0, &b.frame_to(a.ip, b"b->a"));
+    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    fa.wait_tx_completed(0, 1, T);
+    // testpmd's port stop: both rings disabled, then GET_VRING_BASE for both.
+    r.run(&guest, &conv::dpdk_stop());
+    let used = fa.rx_used(0);
+    for i in 0..5 {
+        fb.send(
+            0,
+            &b.frame_to(a.ip, format!("AFTER-THE-STOP-{i}").as_bytes()),
+        );
+    }
+    fb.wait_tx_completed(0, 6, T);
+    let started = Instant::now();
     while started.elapsed() < Duration::from_secs(1) {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(fa.rx_used(0), used, "the stopped ring's used index moved");
