@@ -539,13 +539,25 @@ fn rejected_datagrams_leave_nothing_in_guest_memory() {
             String::from_utf8_lossy(needle)
         );
     }
-    // The buffers still serve a genuine datagram.
+    // The buffers still serve a genuine datagram; the return-token option it carries is
+    // vnpd's business and is not left behind the frame either.
     let inner = ipv4_udp(src_vm, a.ip, b"genuine");
-    raw.send_to(&good_datagram(raw_addr, &a, &inner), to)
+    let expiry = Expiry(now() + 300);
+    let token = token_for(raw_addr, src_vm, to, a.ip, &a.secret, NETWORK, expiry);
+    let option = ReturnToken {
+        token: Token::from_bytes(*b"RETTOKEN"),
+        expiry: Expiry(now() + 600),
+    };
+    raw.send_to(&datagram(NETWORK, token, expiry, &inner, Some(option)), to)
         .unwrap();
     let got = fa.recv(0, 1, T);
-    assert_eq!(got.len(), 1);
+    assert_eq!(got.len(), 1, "{:?}", a.port.counters().snapshot());
     assert_eq!(&got[0].2[VNET_HDR + 14..], &inner[..]);
+    assert_eq!(a.port.counters().snapshot().return_tokens_learned, 1);
+    assert!(
+        !guest_memory_contains(&fa, start_addr, len, b"RETTOKEN"),
+        "the return-token option left in the guest's buffer"
+    );
 }
 
 #[test]

@@ -167,6 +167,10 @@ impl PairWorker {
         }
         let src = udp::from_sockaddr_in(&msg.name).ok_or(DropReason::RxMalformed)?;
         let (inner_len, learned) = self.check(view, &msg.head, len, src, now)?;
+        if written > inner_len {
+            // The option trailer (a return token) is vnpd's, not part of the frame.
+            self.zero_guest_bytes(view, off + inner_len, written - inner_len);
+        }
         let frame_len = off + inner_len;
         let spans = self.pool.spans(&slot, frame_len);
         let hdr = self.features.vnet_hdr_len;
@@ -195,12 +199,16 @@ impl PairWorker {
         }
         self.rx_segs.clear();
         self.pool.segs(&self.rx_slots[i], &mut self.rx_segs);
+        self.zero_guest_bytes(view, self.inner_offset(), written);
+    }
+
+    /// Zeroes `len` bytes at `offset` of the buffers in `self.rx_segs`.
+    fn zero_guest_bytes(&self, view: GuestView<'_>, offset: usize, len: usize) {
         const ZEROS: [u8; 2048] = [0; 2048];
-        let off = self.inner_offset();
         let mut done = 0usize;
-        while done < written {
-            let n = (written - done).min(ZEROS.len());
-            if view.write(&self.rx_segs, off + done, &ZEROS[..n]) != n {
+        while done < len {
+            let n = (len - done).min(ZEROS.len());
+            if view.write(&self.rx_segs, offset + done, &ZEROS[..n]) != n {
                 break;
             }
             done += n;
