@@ -394,6 +394,32 @@ mod tests {
     }
 
     #[test]
+    fn ring_faults_are_reported_not_popped_past() {
+        let mem = test_memory();
+        let view = GuestView::new(&mem, false);
+        let (vq, mut q) = rx_queue(&mem, 2, 2048);
+        let mut pool = RxPool::new();
+        let mut slots = Vec::new();
+        // A head out of range after the two good chains.
+        vq.avail().ring().ref_at(2).unwrap().store(16u16.to_le());
+        vq.avail().idx().store(3u16.to_le());
+        let a = pool.assign(&mut q, view, 4, 1500, &mut slots);
+        assert_eq!(a.frames, 2);
+        assert!(matches!(
+            a.fault,
+            Some(RingFault::HeadOutOfRange { head: 16, size: 16 })
+        ));
+        assert_eq!(used_idx(&vq), 0, "nothing returned for the bad head");
+        // An index jump: nothing popped, the fault reported.
+        let mut pool = RxPool::new();
+        let (vq, mut q) = rx_queue(&mem, 1, 2048);
+        vq.avail().idx().store(40u16.to_le());
+        let a = pool.assign(&mut q, view, 4, 1500, &mut slots);
+        assert_eq!(a.frames, 0);
+        assert!(matches!(a.fault, Some(RingFault::AvailIndexJump { .. })));
+    }
+
+    #[test]
     fn iovecs_skip_the_header_room_and_use_cached_addresses() {
         let mem = test_memory();
         let view = GuestView::new(&mem, false);
