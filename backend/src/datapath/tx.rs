@@ -96,7 +96,7 @@ impl PairWorker {
     fn pop_tx_chains(&mut self, view: GuestView<'_>, tx: &Vring, now: Now) {
         let mut state = tx.get_mut();
         let queue = state.get_queue_mut();
-        let table = DescTable::of(queue, self.features.indirect_desc);
+        let table = DescTable::of(queue, self.features.indirect_desc, view.mem());
         while self.tx_heads.len() < TX_BATCH {
             let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
                 if let Some(fault) = avail_index_jump(queue, view.mem()) {

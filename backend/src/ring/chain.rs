@@ -65,20 +65,46 @@ pub enum ChainError {
 /// A ring's descriptor table, to look at the flags virtio-queue's chain iterator hides: it
 /// follows a descriptor that refers to an indirect table without yielding it, whether or not
 /// `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+///
+/// Made once per batch, for one snapshot of guest memory: it keeps the table's host address
+/// when the whole table lies in one piece of that snapshot's mapping, so that looking at a
+/// descriptor's flags costs one load, not a region lookup.
 #[derive(Debug, Clone, Copy)]
 pub struct DescTable {
     addr: GuestAddress,
     size: u16,
     indirect_allowed: bool,
+    /// Host address of the whole table in the snapshot, 2-byte aligned; 0 when unknown.
+    host: usize,
 }
 
 impl DescTable {
-    /// The table of `queue`; `indirect_allowed`: the driver negotiated indirect descriptors.
-    pub fn of(queue: &Queue, indirect_allowed: bool) -> Self {
+    /// The table of `queue` in `mem` (the pass's snapshot, which must stay alive while this
+    /// value is used); `indirect_allowed`: the driver negotiated indirect descriptors.
+    pub fn of<B: Bitmap + 'static>(
+        queue: &Queue,
+        indirect_allowed: bool,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Self {
+        let addr = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let len = usize::from(size) * 16;
+        let mut host = 0usize;
+        if !indirect_allowed && len > 0 {
+            let mut slices = GuestMemoryBackend::get_slices(mem, addr, len);
+            if let (Some(Ok(slice)), None) = (slices.next(), slices.next()) {
+                let at = slice.ptr_guard().as_ptr() as usize;
+                // A misaligned table (a hostile driver) is read through vm-memory instead.
+                if slice.len() == len && at % 2 == 0 {
+                    host = at;
+                }
+            }
+        }
         Self {
-            addr: GuestAddress(queue.desc_table()),
-            size: queue.size(),
+            addr,
+            size,
             indirect_allowed,
+            host,
         }
     }
 
@@ -89,11 +115,24 @@ impl DescTable {
             return false;
         }
         // The flags are bytes 12..14 of the 16-byte descriptor.
-        let Some(at) = self.addr.0.checked_add(u64::from(index) * 16 + 12) else {
-            return false;
+        let offset = usize::from(index) * 16 + 12;
+        let flags = if self.host != 0 {
+            // SAFETY: `host` is the start of the whole table (`size` descriptors) in one piece
+            // of the snapshot's mapping, checked in `of`; the caller keeps that snapshot alive
+            // while it uses this value; `index < size`, so the two bytes lie inside the table;
+            // `host` is 2-byte aligned and `offset` even. A volatile load, because the guest
+            // may write its table at any time (as vm-memory's own accessors do).
+            unsafe { std::ptr::read_volatile((self.host + offset) as *const u16) }
+        } else {
+            let Some(at) = self.addr.0.checked_add(offset as u64) else {
+                return false;
+            };
+            match mem.read_obj::<u16>(GuestAddress(at)) {
+                Ok(flags) => flags,
+                Err(_) => return false,
+            }
         };
-        mem.read_obj::<u16>(GuestAddress(at))
-            .is_ok_and(|flags| u16::from_le(flags) & VRING_DESC_F_INDIRECT as u16 != 0)
+        u16::from_le(flags) & VRING_DESC_F_INDIRECT as u16 != 0
     }
 }
 

@@ -115,7 +115,7 @@ impl RxPool {
         slots.clear();
         let mut out = Assigned::default();
         let cache = self.snapshot.as_ref().is_some_and(|s| view.is_snapshot(s));
-        let table = DescTable::of(queue, self.indirect_allowed);
+        let table = DescTable::of(queue, self.indirect_allowed, view.mem());
         let mut next = 0usize;
         'frames: while slots.len() < frames {
             let start = next;

@@ -33,7 +33,7 @@ fn queue_with(mem: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> Queue {
 fn tx(descs: &[RawDescriptor]) -> Result<(usize, Vec<GuestSeg>), ChainError> {
     let mem = memory();
     let mut q = queue_with(&mem, descs);
-    let table = DescTable::of(&q, false);
+    let table = DescTable::of(&q, false, &mem);
     let chain = q.pop_descriptor_chain(&mem).unwrap();
     let mut tx = TxChain::new();
     let r = tx
@@ -50,7 +50,7 @@ fn tx(descs: &[RawDescriptor]) -> Result<(usize, Vec<GuestSeg>), ChainError> {
 fn rx(descs: &[RawDescriptor]) -> Result<RxBuf, ChainError> {
     let mem = memory();
     let mut q = queue_with(&mem, descs);
-    let table = DescTable::of(&q, false);
+    let table = DescTable::of(&q, false, &mem);
     let chain = q.iter(&mem).unwrap().next().unwrap();
     collect_rx_chain(chain, table, &mem)
 }
@@ -119,7 +119,7 @@ fn tx_empty_chain() {
     vq.avail().ring().ref_at(0).unwrap().store(40u16.to_le());
     vq.avail().idx().store(1u16.to_le());
     let mut q: Queue = vq.create_queue().unwrap();
-    let table = DescTable::of(&q, false);
+    let table = DescTable::of(&q, false, &mem);
     let chain = q.pop_descriptor_chain(&mem).unwrap();
     assert_eq!(
         TxChain::new().collect(chain, table, &mem),
@@ -141,7 +141,7 @@ fn tx_too_long() {
     vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
     vq.avail().idx().store(1u16.to_le());
     let mut q: Queue = vq.create_queue().unwrap();
-    let table = DescTable::of(&q, false);
+    let table = DescTable::of(&q, false, &mem);
     let chain = q.pop_descriptor_chain(&mem).unwrap();
     assert_eq!(
         TxChain::new().collect(chain, table, &mem),
@@ -168,7 +168,7 @@ fn rx_chains_are_capped_above_what_guests_without_mergeable_buffers_post() {
     let mem = memory();
     for (n, ok) in [(19u16, true), (64, true), (65, false), (200, false)] {
         let mut q = long_chain(&mem, n, VRING_DESC_F_WRITE);
-        let table = DescTable::of(&q, false);
+        let table = DescTable::of(&q, false, &mem);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let got = collect_rx_chain(chain, table, &mem);
         if ok {
@@ -194,7 +194,7 @@ fn indirect_tables_only_when_negotiated() {
     let head = desc(0x9000, 32, VRING_DESC_F_INDIRECT, 0);
     for allowed in [false, true] {
         let mut q = queue_with(&mem, &[head]);
-        let table = DescTable::of(&q, allowed);
+        let table = DescTable::of(&q, allowed, &mem);
         let chain = q.pop_descriptor_chain(&mem).unwrap();
         let got = TxChain::new().collect(chain, table, &mem);
         if allowed {
@@ -211,7 +211,7 @@ fn indirect_tables_only_when_negotiated() {
             desc(0x9000, 32, VRING_DESC_F_INDIRECT, 0),
         ],
     );
-    let table = DescTable::of(&q, false);
+    let table = DescTable::of(&q, false, &mem);
     let chain = q.pop_descriptor_chain(&mem).unwrap();
     assert_eq!(
         collect_rx_chain(chain, table, &mem),
@@ -263,5 +263,44 @@ fn rx_outside_memory_and_loop() {
     assert_eq!(
         rx(&[desc(0x4000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]),
         Err(ChainError::Broken)
+    );
+}
+
+#[test]
+fn indirect_flags_are_found_in_a_table_straddling_two_regions() {
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+            .unwrap();
+    let mut q = Queue::new(16).unwrap();
+    q.set_size(16);
+    q.try_set_desc_table_address(GuestAddress(0xf80)).unwrap();
+    let table = DescTable::of(&q, false, &mem);
+    assert_eq!(table.host, 0, "not in one piece: read through vm-memory");
+    // Descriptor 2 (in the first region) and 12 (in the second) refer to indirect tables.
+    for i in [2u64, 12] {
+        mem.write_obj(
+            (VRING_DESC_F_INDIRECT as u16).to_le(),
+            GuestAddress(0xf80 + i * 16 + 12),
+        )
+        .unwrap();
+    }
+    let forbidden: Vec<u16> = (0..16).filter(|&i| table.forbids(&mem, i)).collect();
+    assert_eq!(forbidden, vec![2, 12]);
+    // In one piece: the cached address gives the same answers.
+    let one: GuestMemoryMmap<()> = memory();
+    for i in [2u64, 12] {
+        one.write_obj(
+            (VRING_DESC_F_INDIRECT as u16).to_le(),
+            GuestAddress(0xf80 + i * 16 + 12),
+        )
+        .unwrap();
+    }
+    let table = DescTable::of(&q, false, &one);
+    assert_ne!(table.host, 0);
+    let forbidden: Vec<u16> = (0..16).filter(|&i| table.forbids(&one, i)).collect();
+    assert_eq!(forbidden, vec![2, 12]);
+    assert!(
+        !DescTable::of(&q, true, &one).forbids(&one, 2),
+        "negotiated"
     );
 }
