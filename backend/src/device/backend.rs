@@ -72,6 +72,13 @@ pub trait QueuePairHandler: Send + 'static {
     fn handle(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring);
 }
 
+/// Called when the frontend acks its features (`VHOST_USER_SET_FEATURES`). QEMU sends that
+/// from `vhost_dev_start`, which runs only while the VM runs: on a live-migration destination
+/// it is the first message after the whole device state has loaded, i.e. the resume. The live
+/// migration code relies on it to register a migrated VM's endpoint (see
+/// `docs/architecture.md`, "Live migration").
+pub type DeviceStartHook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// The device's fixed properties.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceConfig {
@@ -90,6 +97,7 @@ pub struct NetBackend<H: QueuePairHandler> {
     acked: AtomicU64,
     config: [u8; CONFIG_LEN],
     max_queue_size: usize,
+    on_start: Option<DeviceStartHook>,
 }
 
 impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
@@ -117,7 +125,14 @@ impl<H: QueuePairHandler> NetBackend<H> {
             acked: AtomicU64::new(0),
             config: config_space(config.mac, pairs as u16, config.mtu),
             max_queue_size: usize::from(config.max_queue_size),
+            on_start: None,
         }
+    }
+
+    /// Calls `hook` each time the frontend acks its features (see [`DeviceStartHook`]).
+    pub fn with_start_hook(mut self, hook: Option<DeviceStartHook>) -> Self {
+        self.on_start = hook;
+        self
     }
 
     /// Epoll data value under which a handler's own file descriptor number `n` is watched
@@ -154,6 +169,9 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);
+        }
+        if let Some(hook) = &self.on_start {
+            hook();
         }
     }
 
