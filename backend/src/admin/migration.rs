@@ -177,7 +177,9 @@ pub fn departure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler};
+    use crate::device::{
+        BrokenRings, DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler,
+    };
     use crate::ring::{GuestMem, GuestView, Vring};
     use std::sync::atomic::AtomicUsize;
     use vhost_user_backend::VhostUserBackend;
@@ -258,7 +260,11 @@ mod tests {
         fn set_features(&mut self, _negotiated: Negotiated) {}
         fn reset(&mut self) {}
         fn stop_rx(&mut self) {}
+        fn stop_tx(&mut self) {}
         fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
+        fn take_broken(&mut self) -> BrokenRings {
+            BrokenRings::default()
+        }
     }
 
     #[test]

@@ -12,5 +12,6 @@ pub mod features;
 pub mod frontend_relay;
 
 pub use backend::{
-    DeviceConfig, DeviceStartHook, Negotiated, NetBackend, PairEvent, QueuePairHandler,
+    BrokenRings, DeviceConfig, DeviceStartHook, Negotiated, NetBackend, PairEvent,
+    QueuePairHandler, VringErrors,
 };
