@@ -42,6 +42,10 @@ pub enum AdminRequest {
         /// Queue pairs of the device; default from vnpd's config.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         queue_pairs: Option<u16>,
+        /// Live-migration destination: prepare the port but leave the endpoint where it is;
+        /// vnpd registers it when the migrated VM's device starts here (its resume).
+        #[serde(default, skip_serializing_if = "is_false")]
+        incoming: bool,
     },
     /// Detach a VM: closes its socket and UDP port and forgets the attachment.
     Detach {
@@ -56,6 +60,10 @@ pub enum AdminRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm_id: Option<String>,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// An attached VM as vnpd serves it.
@@ -281,10 +289,23 @@ impl VnpdAdminClient {
         socket_path: Option<PathBuf>,
         queue_pairs: Option<u16>,
     ) -> Result<AttachmentInfo, AdminClientError> {
+        self.attach_with(vm_id, socket_path, queue_pairs, false)
+    }
+
+    /// Attaches `vm_id`; `incoming`: as the destination of a live migration (see
+    /// [`AdminRequest::Attach`]).
+    pub fn attach_with(
+        &self,
+        vm_id: &str,
+        socket_path: Option<PathBuf>,
+        queue_pairs: Option<u16>,
+        incoming: bool,
+    ) -> Result<AttachmentInfo, AdminClientError> {
         match self.call(&AdminRequest::Attach {
             vm_id: vm_id.to_string(),
             socket_path,
             queue_pairs,
+            incoming,
         })? {
             AdminReply::Attached { attachment } => Ok(attachment),
             other => Err(self.unexpected(&other)),
@@ -339,9 +360,20 @@ mod tests {
             AdminRequest::Attach {
                 vm_id: "vm-a".into(),
                 socket_path: None,
-                queue_pairs: Some(2)
+                queue_pairs: Some(2),
+                incoming: false,
             }
         );
+        let r = parse_request(r#"{"op":"attach","vm_id":"vm-a","incoming":true}"#).unwrap();
+        assert!(matches!(r, AdminRequest::Attach { incoming: true, .. }));
+        let line = serde_json::to_string(&AdminRequest::Attach {
+            vm_id: "vm-a".into(),
+            socket_path: None,
+            queue_pairs: None,
+            incoming: false,
+        })
+        .unwrap();
+        assert!(!line.contains("incoming"), "{line}");
         assert_eq!(
             parse_request("{\"op\":\"list\"}\n").unwrap(),
             AdminRequest::List

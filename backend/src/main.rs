@@ -20,6 +20,8 @@ use vnpd_admin_api::AdminResponse;
 
 /// How often attachments that could not be restored are retried.
 const RESTORE_RETRY: Duration = Duration::from_secs(5);
+/// How often vnpd asks the registry whether a VM it serves migrated away (live migration).
+const DEPARTURE_CHECK: Duration = Duration::from_secs(1);
 
 /// vnpd: vhost-user-net backend carrying guest traffic over VNP/UDP.
 #[derive(Debug, Parser)]
@@ -231,10 +233,16 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
     ])
     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let mut next_retry = Instant::now() + RESTORE_RETRY;
+    let mut next_departure_check = Instant::now() + DEPARTURE_CHECK;
     loop {
         if let Some(sig) = signals.pending().next() {
             log::info!("signal {sig}: shutting down");
             break;
+        }
+        if Instant::now() >= next_departure_check {
+            let mut m = manager.lock().unwrap_or_else(|e| e.into_inner());
+            m.check_departures();
+            next_departure_check = Instant::now() + DEPARTURE_CHECK;
         }
         if Instant::now() >= next_retry {
             let mut m = manager.lock().unwrap_or_else(|e| e.into_inner());

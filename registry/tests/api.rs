@@ -518,8 +518,16 @@ fn migration_flow_and_long_poll(backend: Backend) {
         "old host lost the secret"
     );
     h1.get_vm_secret("b").unwrap();
+    // The old host may still read the record while the endpoint is its own (that is how its
+    // vnpd learns the endpoint moved), and no longer once it has moved.
+    let seen = h2.get_vm("b").unwrap();
+    assert_eq!(
+        seen.endpoint.map(|e| e.host_addr),
+        Some(Ipv4Addr::new(198, 18, 0, 2))
+    );
     h1.register_endpoint("b", Ipv4Addr::new(198, 18, 0, 1), 42000)
         .unwrap();
+    assert_eq!(code(h2.get_vm("b")), ErrorCode::NotOwner);
     let g = h1.request_token("a", b.ip).unwrap();
     assert_eq!(
         (g.dst_host, g.dst_port),

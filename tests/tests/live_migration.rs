@@ -1,17 +1,30 @@
-//! Live migration of a real guest between two vnpd hosts: QEMU moves from host a's vhost-user
-//! socket to host b's while a peer on host b pings it; reports QEMU's downtime and the pings
-//! lost across the move.
+//! Live migration of a real guest between two vnpd hosts with no operator step between QEMU's
+//! migrate command and traffic flowing again: host b attaches the VM as *incoming* (its
+//! endpoint stays on host a), QEMU migrates, host b's vnpd registers the endpoint when the
+//! migrated device starts (`SET_FEATURES` on resume), and host a's vnpd sees the endpoint
+//! move and detaches the VM by itself after its grace period.
+//!
+//! Across the move a peer on host b pings the guest 50 times a second (the longest run of
+//! lost pings is the network blackout, to one ping interval) and a TCP stream of numbered
+//! lines runs from the guest to the peer; every line must arrive, in order, on the one
+//! connection.
 //!
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test live_migration -- --nocapture`.
 
 use std::time::{Duration, Instant};
 
-use qemu_launch::{migrate, MigrateOptions};
+use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
-use vnp_registry_client::MoveVm;
+use vnp_registry_client::{Endpoint, MoveVm};
 
 const CMD: Duration = Duration::from_secs(60);
+/// The peer's ping interval (busybox ping sends on a timer, also while replies are missing).
+const PING_INTERVAL_MS: u64 = 20;
+const PINGS: u32 = 2500;
+/// The source keeps a migrated VM this long (`vnpd::admin::migration::DEPARTURE_GRACE`), then
+/// detaches it; the test allows for load on top.
+const SOURCE_DETACH_WITHIN: Duration = Duration::from_secs(90);
 
 fn step(what: &str) {
     eprintln!("[live_migration] {what}");
@@ -24,6 +37,75 @@ fn ping_counts(output: &str) -> Option<(u32, u32)> {
     let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
     let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
     Some((tx, rx))
+}
+
+/// Sequence numbers of the echo replies in a busybox ping log (`... seq=N ttl=...`).
+fn reply_seqs(output: &str) -> Vec<u32> {
+    let mut seqs: Vec<u32> = output
+        .lines()
+        .filter_map(|l| {
+            l.split("seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    seqs
+}
+
+/// The longest run of missing sequence numbers between two replies: (last seq before, first
+/// seq after). The blackout lasted `after - before` ping intervals, give or take one.
+fn longest_gap(seqs: &[u32]) -> Option<(u32, u32)> {
+    seqs.windows(2)
+        .map(|w| (w[0], w[1]))
+        .filter(|(a, b)| b - a > 1)
+        .max_by_key(|(a, b)| b - a)
+}
+
+/// The numbered lines of the TCP stream are exactly 0, 1, ..., n-1.
+fn stream_is_complete(received: &str, n: u64) -> bool {
+    let mut count = 0u64;
+    for (i, line) in received.lines().enumerate() {
+        if line.trim().parse::<u64>() != Ok(i as u64) {
+            return false;
+        }
+        count += 1;
+    }
+    count == n
+}
+
+#[test]
+fn ping_gap_and_stream_checks() {
+    let log = "PING x\n64 bytes from 1.2.3.4: seq=0 ttl=64 time=1 ms\n\
+               64 bytes from 1.2.3.4: seq=1 ttl=64 time=1 ms\n\
+               64 bytes from 1.2.3.4: seq=5 ttl=64 time=1 ms\n\
+               64 bytes from 1.2.3.4: seq=6 ttl=64 time=1 ms\n";
+    assert_eq!(reply_seqs(log), vec![0, 1, 5, 6]);
+    assert_eq!(longest_gap(&reply_seqs(log)), Some((1, 5)));
+    assert_eq!(longest_gap(&[0, 1, 2]), None);
+    assert!(stream_is_complete("0\n1\n2\n", 3));
+    assert!(!stream_is_complete("0\n2\n", 2));
+    assert!(!stream_is_complete("0\n1\n", 3));
+}
+
+/// Waits for `cmd`'s output in `g` to satisfy `done`; returns the last output.
+fn poll_guest(g: &mut Guest, cmd: &str, within: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = g.run(cmd, CMD).map(|o| o.stdout).unwrap_or_default();
+        if done(&out) || Instant::now() > deadline {
+            return out;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn endpoint_of(c: &Cluster, vm: &'static str) -> Option<Endpoint> {
+    c.registry(move |r| r.get_vm(vm)).unwrap().endpoint
 }
 
 #[test]
@@ -57,18 +139,49 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         c.logs()
     );
 
-    step("vm-b pings vm-a continuously (5/s) across the migration");
+    step("a TCP stream of numbered lines vm-a -> vm-b, and vm-b pings vm-a 50/s");
+    // busybox nc half-closes when its stdin ends, and its peer exits on that: the listener's
+    // stdin is a pipe that stays open (the command channel gives /dev/null).
+    gb.run_ok(
+        "sleep 100000 | nc -l -p 5001 > /tmp/tcp.log 2>/tmp/nc.err &",
+        CMD,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    ga.run_ok(
+        &format!(
+            "(i=0; while [ ! -e /tmp/stop ]; do echo $i; i=$((i+1)); usleep 20000; done; \
+             echo $i > /tmp/sent) | nc {} 5001 2>/tmp/nc.err &",
+            rec_b.ip
+        ),
+        CMD,
+    )
+    .unwrap();
     gb.run_ok(
         &format!(
-            "ping -i 0.2 -c 150 -W 1 {} > /tmp/ping.log 2>&1 &",
+            "ping -i 0.{PING_INTERVAL_MS:03} -c {PINGS} -W 1 {} > /tmp/ping.log 2>&1 &",
             rec_a.ip
         ),
         CMD,
     )
     .unwrap();
     std::thread::sleep(Duration::from_secs(3));
+    let lines = |g: &mut Guest| -> u64 {
+        let out = g.run_ok("wc -l < /tmp/tcp.log", CMD).unwrap();
+        out.trim().parse().unwrap_or(0)
+    };
+    let first = lines(&mut gb);
+    std::thread::sleep(Duration::from_secs(2));
+    let lines_before = lines(&mut gb);
+    assert!(
+        first > 0 && lines_before > first,
+        "TCP stream not flowing: {first}, then {lines_before} lines\n{}",
+        c.logs()
+    );
 
-    step("registry: vm-a moves to host 1; host 1 attaches it");
+    step("registry: vm-a moves to host 1; host 1 attaches it as incoming");
+    let before = endpoint_of(&c, "vm-a").expect("endpoint registered by host 0");
+    assert_eq!(before.host_addr, c.host(0).addr);
     let h1 = c.host(1).id.clone();
     c.registry(move |r| {
         r.move_vm(
@@ -81,10 +194,18 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     })
     .unwrap();
     let att_a2 = c
-        .attach(1, "vm-a")
+        .host(1)
+        .admin()
+        .attach_with("vm-a", None, None, true)
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        endpoint_of(&c, "vm-a"),
+        Some(before),
+        "an incoming attach must not take the endpoint"
+    );
 
-    step("migrating QEMU to host 1's socket");
+    step("migrating QEMU to host 1's socket; nothing else is done");
     let mut dst_spec = ga.spec().clone();
     dst_spec.name = "vm-a-dst".into();
     dst_spec.vhost_user_socket = Some(att_a2.socket_path.clone());
@@ -93,12 +214,26 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     let started = Instant::now();
     let (mut ga2, report) = migrate(&mut ga, dst_spec, &MigrateOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let migrated_ms = started.elapsed().as_millis();
+    drop(ga);
+    let moved = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match endpoint_of(&c, "vm-a") {
+                Some(ep) if ep.host_addr == c.host(1).addr => break ep,
+                _ if Instant::now() > deadline => {
+                    panic!("host 1 did not register vm-a on resume\n{}", c.logs())
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
     eprintln!(
-        "  {report:?} (harness wall {} ms)",
+        "  {report:?} (harness wall {migrated_ms} ms; endpoint on host 1 at {} ms)",
         started.elapsed().as_millis()
     );
-    drop(ga);
-    c.host(0).admin().detach("vm-a").unwrap();
+    assert!(moved.generation > before.generation, "{moved:?} {before:?}");
+    assert_eq!(moved.port, att_a2.udp_port);
 
     step("after the move");
     let out = ga2
@@ -111,21 +246,84 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         out.stdout,
         c.logs()
     );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let log = loop {
-        let o = gb.run("cat /tmp/ping.log", CMD).unwrap();
-        if o.stdout.contains("packets transmitted") || Instant::now() > deadline {
-            break o.stdout;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    };
-    let (tx, rx) = ping_counts(&log).unwrap_or_else(|| panic!("no ping summary:\n{log}"));
+
+    step("the TCP stream: still the same connection, every line in order");
+    std::thread::sleep(Duration::from_secs(3));
+    ga2.run_ok("touch /tmp/stop", CMD).unwrap();
+    let sent = poll_guest(&mut ga2, "cat /tmp/sent", Duration::from_secs(30), |o| {
+        o.trim().parse::<u64>().is_ok()
+    });
+    let sent: u64 = sent.trim().parse().unwrap_or_else(|_| {
+        let err = ga2.run("cat /tmp/nc.err", CMD).map(|o| o.stdout);
+        panic!(
+            "the sender did not finish (broken connection?): {err:?}\n{}",
+            c.logs()
+        )
+    });
+    let received = poll_guest(&mut gb, "cat /tmp/tcp.log", Duration::from_secs(30), |o| {
+        o.lines().count() as u64 >= sent
+    });
+    assert!(
+        stream_is_complete(&received, sent),
+        "TCP stream: {sent} lines sent, {} received (last: {:?})",
+        received.lines().count(),
+        received.lines().last()
+    );
+    assert!(
+        sent > lines_before,
+        "{sent} lines sent, {lines_before} before the move"
+    );
     eprintln!(
-        "  pings across migration: {tx} sent, {rx} received, {} lost; downtime {} ms",
+        "  TCP stream: {sent} lines ({lines_before} before the move), all received in order on \
+         one connection"
+    );
+
+    step("the ping stream: blackout");
+    let log = poll_guest(
+        &mut gb,
+        "cat /tmp/ping.log",
+        Duration::from_secs(120),
+        |o| o.contains("packets transmitted"),
+    );
+    let (tx, rx) = ping_counts(&log).unwrap_or_else(|| panic!("no ping summary:\n{log}"));
+    let gap = longest_gap(&reply_seqs(&log));
+    let blackout_ms = gap.map_or(0, |(a, b)| u64::from(b - a) * PING_INTERVAL_MS);
+    eprintln!(
+        "  pings across migration: {tx} sent, {rx} received, {} lost; longest gap {gap:?} = \
+         blackout about {blackout_ms} ms (+-{PING_INTERVAL_MS}); QEMU downtime {} ms",
         tx - rx,
         report.downtime_ms
     );
     assert!(rx > 0 && rx <= tx, "{log}");
+    assert!(
+        blackout_ms < 5_000,
+        "blackout {blackout_ms} ms: did traffic wait for something?\n{}",
+        c.logs()
+    );
+
+    step("host 0 detaches vm-a by itself");
+    let deadline = Instant::now() + SOURCE_DETACH_WITHIN;
+    while c
+        .host(0)
+        .admin()
+        .list()
+        .unwrap()
+        .iter()
+        .any(|a| a.vm_id == "vm-a")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "host 0 still serves vm-a\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let on_b: Vec<_> = c.host(1).admin().list().unwrap();
+    assert!(on_b.iter().any(|a| a.vm_id == "vm-a"), "{on_b:?}");
+    eprintln!(
+        "  host 0 detached vm-a {} ms after the migration began",
+        started.elapsed().as_millis()
+    );
 
     drop(ga2);
     drop(gb);

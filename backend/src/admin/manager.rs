@@ -8,6 +8,7 @@
 //! Attachments that could not be restored at start (registry down, say) stay persisted and are
 //! retried by [`Manager::retry_restores`].
 
+use super::migration::{departure, ResumeRegistration, Whereabouts, DEPARTURE_GRACE};
 use super::state::{PersistedAttachment, StateStore};
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
 use crate::control::ControlHandle;
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use vnp_registry_client::{validate_id, ClientError, RegistryClient};
 use vnpd_admin_api::{
     AdminErrorCode, AdminFailure, AdminReply, AdminRequest, AttachmentInfo, VmStats,
@@ -81,6 +83,17 @@ pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
 struct Attached {
     info: AttachmentInfo,
     port: Arc<VmPort>,
+    /// Attached as a live-migration destination: registers the endpoint on resume.
+    resume: Option<ResumeRegistration>,
+}
+
+impl Attached {
+    /// The registry's endpoint is (or was) this host's: not an incoming VM still waiting.
+    fn serving(&self) -> bool {
+        self.resume
+            .as_ref()
+            .is_none_or(ResumeRegistration::registered)
+    }
 }
 
 /// Owns every attachment of this vnpd.
@@ -93,6 +106,8 @@ pub struct Manager {
     board: Arc<CounterBoard>,
     attached: BTreeMap<String, Attached>,
     unrestored: BTreeMap<String, PersistedAttachment>,
+    /// VMs whose endpoint moved to another host, since when (detached after a grace period).
+    departing: BTreeMap<String, Instant>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -131,6 +146,7 @@ impl Manager {
             board: Arc::new(CounterBoard::default()),
             attached: BTreeMap::new(),
             unrestored: BTreeMap::new(),
+            departing: BTreeMap::new(),
         }
     }
 
@@ -146,8 +162,9 @@ impl Manager {
                 vm_id,
                 socket_path,
                 queue_pairs,
+                incoming,
             } => self
-                .attach(&vm_id, socket_path, queue_pairs, true)
+                .attach(&vm_id, socket_path, queue_pairs, incoming, true)
                 .map(|attachment| AdminReply::Attached { attachment }),
             AdminRequest::Detach { vm_id } => {
                 self.detach(&vm_id).map(|()| AdminReply::Detached { vm_id })
@@ -183,17 +200,21 @@ impl Manager {
                 vm_id: a.info.vm_id.clone(),
                 socket_path: a.info.socket_path.clone(),
                 queue_pairs: a.info.queue_pairs,
+                incoming: a.resume.is_some(),
             })
             .chain(self.unrestored.values().cloned())
             .collect()
     }
 
     /// Attaches `vm_id`; `persist` is false while restoring (the entry is already stored).
+    /// `incoming`: as a live-migration destination, registering the endpoint only when the
+    /// device starts (see [`super::migration`]).
     pub fn attach(
         &mut self,
         vm_id: &str,
         socket_path: Option<PathBuf>,
         queue_pairs: Option<u16>,
+        incoming: bool,
         persist: bool,
     ) -> Result<AttachmentInfo, AdminFailure> {
         validate_id(vm_id).map_err(|e| fail(AdminErrorCode::BadRequest, e))?;
@@ -323,7 +344,11 @@ impl Manager {
             socket_access: self.cfg.vhost_user_socket,
             ..DataPathTuning::default()
         };
-        let port = VmPort::start_with(att, control, tuning).map_err(|e| {
+        let resume = incoming.then(|| {
+            ResumeRegistration::new(self.client.clone(), vm_id, self.cfg.underlay_addr, udp_port)
+        });
+        let hook = resume.as_ref().map(ResumeRegistration::hook);
+        let port = VmPort::start_with_hook(att, control, tuning, hook).map_err(|e| {
             fail(
                 AdminErrorCode::Port,
                 format!("starting the port of vm {vm_id}: {e}"),
@@ -331,10 +356,13 @@ impl Manager {
         })?;
         let port = Arc::new(port);
         self.control.add_port(vm_id, Arc::clone(&port));
-        if let Err(e) = self
-            .client
-            .register_endpoint(vm_id, self.cfg.underlay_addr, udp_port)
-        {
+        let registered = match incoming {
+            true => Ok(0),
+            false => self
+                .client
+                .register_endpoint(vm_id, self.cfg.underlay_addr, udp_port),
+        };
+        if let Err(e) = registered {
             self.stop_port(vm_id, port);
             return Err(registry_failure(
                 &format!("registering the endpoint of vm {vm_id}"),
@@ -347,6 +375,7 @@ impl Manager {
             Attached {
                 info: info.clone(),
                 port,
+                resume,
             },
         );
         self.unrestored.remove(vm_id);
@@ -360,7 +389,8 @@ impl Manager {
             }
         }
         log::info!(
-            "attached vm {vm_id} ({} on network {} vni {}) at {} udp {}:{udp_port}",
+            "attached vm {vm_id}{} ({} on network {} vni {}) at {} udp {}:{udp_port}",
+            if incoming { " (incoming)" } else { "" },
             info.vm_ip,
             info.network,
             info.network_id,
@@ -391,6 +421,10 @@ impl Manager {
             return Err(fail(AdminErrorCode::Persist, e.to_string()));
         }
         self.board.remove(vm_id);
+        self.departing.remove(vm_id);
+        if let Some(r) = &a.resume {
+            r.cancel();
+        }
         self.stop_port(vm_id, a.port);
         log::info!("detached vm {vm_id}");
         Ok(())
@@ -423,6 +457,7 @@ impl Manager {
                 &p.vm_id,
                 Some(p.socket_path.clone()),
                 Some(p.queue_pairs),
+                p.incoming,
                 false,
             ) {
                 Ok(_) => log::info!("restored attachment of vm {}", p.vm_id),
@@ -434,6 +469,39 @@ impl Manager {
             }
         }
         self.unrestored.len()
+    }
+
+    /// Source side of a live migration: asks the registry where each VM served here is, and
+    /// detaches one whose endpoint moved to another host [`DEPARTURE_GRACE`] after first
+    /// seeing it (the registry down: keeps serving). Returns the VMs detached.
+    pub fn check_departures(&mut self) -> Vec<String> {
+        let serving: Vec<(String, u16)> = self
+            .attached
+            .values()
+            .filter(|a| a.serving())
+            .map(|a| (a.info.vm_id.clone(), a.info.udp_port))
+            .collect();
+        let mut gone = Vec::new();
+        for (vm_id, port) in serving {
+            let answer = self.client.get_vm(&vm_id);
+            match departure(&answer, self.cfg.underlay_addr, port) {
+                Whereabouts::Here => {
+                    self.departing.remove(&vm_id);
+                }
+                Whereabouts::Unknown => {}
+                Whereabouts::Moved => {
+                    let since = *self.departing.entry(vm_id.clone()).or_insert_with(|| {
+                        log::info!("vm {vm_id}: its endpoint moved to another host");
+                        Instant::now()
+                    });
+                    if since.elapsed() >= DEPARTURE_GRACE && self.detach(&vm_id).is_ok() {
+                        log::info!("vm {vm_id}: migrated away; detached after the grace period");
+                        gone.push(vm_id);
+                    }
+                }
+            }
+        }
+        gone
     }
 
     /// Stops every port without forgetting the attachments (vnpd is shutting down).

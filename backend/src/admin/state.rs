@@ -26,6 +26,10 @@ pub struct PersistedAttachment {
     pub socket_path: PathBuf,
     /// Queue pairs.
     pub queue_pairs: u16,
+    /// Attached as a live-migration destination: a restore registers the endpoint only when
+    /// the device starts (re-registering the endpoint this host already holds is harmless).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -163,6 +167,7 @@ mod tests {
             vm_id: id.into(),
             socket_path: format!("/run/vnp/sockets/{id}.sock").into(),
             queue_pairs: 1,
+            incoming: false,
         }
     }
 

@@ -21,6 +21,7 @@ use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
 use super::vhost_socket::{self, SocketAccess};
 use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment};
+use crate::device::DeviceStartHook;
 use crate::metrics::counters::{DropReason, VmCounters};
 
 /// Return tokens we mint are valid this long.
@@ -76,6 +77,8 @@ pub struct PortCore {
     /// One per queue pair: packets that waited for a token, for that pair's worker to send.
     pub(crate) handoffs: Vec<Handoff>,
     edge: EdgeLink,
+    /// Given to each connection's device (live migration: the resume on a destination).
+    pub(crate) device_start: Option<DeviceStartHook>,
 }
 
 impl std::fmt::Debug for PortCore {
@@ -256,6 +259,16 @@ impl VmPort {
         control: Arc<dyn ControlPlane>,
         tuning: DataPathTuning,
     ) -> Result<VmPort, PortError> {
+        Self::start_with_hook(att, control, tuning, None)
+    }
+
+    /// [`VmPort::start_with`], calling `device_start` whenever a frontend acks its features.
+    pub fn start_with_hook(
+        att: VmAttachment,
+        control: Arc<dyn ControlPlane>,
+        tuning: DataPathTuning,
+        device_start: Option<DeviceStartHook>,
+    ) -> Result<VmPort, PortError> {
         validate(&att)?;
         // Everything that can fail on bad input before anything is bound.
         let edge = EdgeLink::new(&att)
@@ -301,6 +314,7 @@ impl VmPort {
             max_queue_size: tuning.max_queue_size,
             handoffs,
             edge,
+            device_start,
         });
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));

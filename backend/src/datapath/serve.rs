@@ -30,7 +30,9 @@ fn new_daemon(core: &Arc<PortCore>) -> Option<(VhostUserDaemon<Arc<Device>>, Arc
     let workers = (0..usize::from(core.queue_pairs.max(1)))
         .map(|pair| PairWorker::new(core.clone(), pair))
         .collect();
-    let backend = Arc::new(NetBackend::new(config, workers, mem.clone()));
+    let backend = Arc::new(
+        NetBackend::new(config, workers, mem.clone()).with_start_hook(core.device_start.clone()),
+    );
     let daemon = match VhostUserDaemon::new(
         format!("vhost-{}", short(&core.vm_id)),
         backend.clone(),

@@ -125,6 +125,13 @@ pub trait QueuePairHandler: Send + 'static {
     fn take_broken(&mut self) -> BrokenRings;
 }
 
+/// Called when the frontend acks its features (`VHOST_USER_SET_FEATURES`). QEMU sends that
+/// from `vhost_dev_start`, which runs only while the VM runs: on a live-migration destination
+/// it is the first message after the whole device state has loaded, i.e. the resume. The live
+/// migration code relies on it to register a migrated VM's endpoint (see
+/// `docs/architecture.md`, "Live migration").
+pub type DeviceStartHook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
 /// The device's fixed properties.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceConfig {
@@ -144,6 +151,7 @@ pub struct NetBackend<H: QueuePairHandler> {
     config: [u8; CONFIG_LEN],
     max_queue_size: usize,
     errors: Arc<VringErrors>,
+    on_start: Option<DeviceStartHook>,
 }
 
 impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
@@ -172,7 +180,14 @@ impl<H: QueuePairHandler> NetBackend<H> {
             config: config_space(config.mac, pairs as u16, config.mtu),
             max_queue_size: usize::from(config.max_queue_size),
             errors: Arc::default(),
+            on_start: None,
         }
+    }
+
+    /// Calls `hook` each time the frontend acks its features (see [`DeviceStartHook`]).
+    pub fn with_start_hook(mut self, hook: Option<DeviceStartHook>) -> Self {
+        self.on_start = hook;
+        self
     }
 
     /// Where the frontend relay puts the error eventfds the frontend gives.
@@ -215,6 +230,9 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);
+        }
+        if let Some(hook) = &self.on_start {
+            hook();
         }
     }
 

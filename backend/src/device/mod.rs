@@ -12,5 +12,6 @@ pub mod features;
 pub mod frontend_relay;
 
 pub use backend::{
-    BrokenRings, DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler, VringErrors,
+    BrokenRings, DeviceConfig, DeviceStartHook, Negotiated, NetBackend, PairEvent,
+    QueuePairHandler, VringErrors,
 };

@@ -52,7 +52,16 @@ pub(super) async fn get_vm(
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
     let allowed = match c.0.role {
         Role::Admin => true,
-        Role::Host => vm.host.as_deref() == Some(c.0.id.as_str()),
+        // The owner, and during a live migration the previous host while the endpoint is
+        // still its own: it learns from the record when the endpoint has moved.
+        Role::Host => {
+            vm.host.as_deref() == Some(c.0.id.as_str())
+                || vm.endpoint.is_some_and(|ep| {
+                    m.hosts
+                        .get(&c.0.id)
+                        .is_some_and(|h| h.underlay_addr == ep.host_addr)
+                })
+        }
         Role::Gateway => m
             .gateways
             .get(&c.0.id)

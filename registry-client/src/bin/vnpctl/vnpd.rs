@@ -1,7 +1,7 @@
 //! `vnpctl vnpd ...`: drives a local vnpd over its admin socket.
 //!
 //! ```text
-//! vnpctl vnpd attach vm-a [--socket-path P] [--queue-pairs N]
+//! vnpctl vnpd attach vm-a [--socket-path P] [--queue-pairs N] [--incoming]
 //! vnpctl vnpd detach vm-a
 //! vnpctl vnpd list
 //! vnpctl vnpd stats [vm-a] [--all]
@@ -38,6 +38,10 @@ pub enum VnpdCmd {
         /// Queue pairs of the virtio-net device.
         #[arg(long)]
         queue_pairs: Option<u16>,
+        /// Live-migration destination: prepare the VM here without taking over its endpoint;
+        /// vnpd registers the endpoint itself when the migrated VM resumes on this host.
+        #[arg(long)]
+        incoming: bool,
     },
     /// Detach a VM.
     Detach {
@@ -64,16 +68,18 @@ pub fn run(args: &VnpdArgs) -> Result<String, String> {
             vm_id,
             socket_path,
             queue_pairs,
+            incoming,
         } => {
             let a = client
-                .attach(vm_id, socket_path.clone(), *queue_pairs)
+                .attach_with(vm_id, socket_path.clone(), *queue_pairs, *incoming)
                 .map_err(|e| e.to_string())?;
             Ok(if args.json {
                 json(&a)
             } else {
                 format!(
-                    "attached {} ({}/{} on {}) socket {} udp {}:{}\n",
+                    "attached {}{} ({}/{} on {}) socket {} udp {}:{}\n",
                     a.vm_id,
+                    if *incoming { " (incoming)" } else { "" },
                     a.vm_ip,
                     a.prefix_len,
                     a.network,

@@ -1,0 +1,288 @@
+//! Live migration, vnpd's part (the flow is in `docs/architecture.md`, "Live migration").
+//!
+//! - Destination: an attach with `incoming` starts the VM's port (socket, UDP port, secret)
+//!   but leaves the endpoint where the registry has it, so peers keep sending to the source
+//!   during the pre-copy. [`ResumeRegistration`] registers the endpoint when the migrated VM's
+//!   device starts here: QEMU sends `VHOST_USER_SET_FEATURES` from `vhost_dev_start`, which on
+//!   a migration destination runs only once the whole state has loaded and the VM resumes (see
+//!   [`crate::device::DeviceStartHook`]). A cancelled or failed migration never starts the
+//!   device here, so nothing is registered and the source keeps serving.
+//! - Source: [`departure`] tells from the registry's record whether the endpoint still points
+//!   at this host; the manager detaches a VM whose endpoint moved away after a grace period.
+
+use crate::device::DeviceStartHook;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vnp_registry_client::{ClientError, ErrorCode, RegistryClient, VmRecord};
+
+/// How long the source keeps a VM whose endpoint moved to another host: datagrams senders
+/// sent before they learned the new endpoint still arrive meanwhile, and an operator flow that
+/// detaches the source by hand right after the migration finds it still attached.
+pub const DEPARTURE_GRACE: Duration = Duration::from_secs(30);
+
+/// First pause between registration attempts while the registry cannot be reached.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest pause between registration attempts.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+struct Inner {
+    client: RegistryClient,
+    vm_id: String,
+    host_addr: Ipv4Addr,
+    port: u16,
+    /// A registration thread is running.
+    running: AtomicBool,
+    /// The registry accepted the endpoint.
+    registered: AtomicBool,
+    /// The VM was detached: stop trying.
+    cancelled: AtomicBool,
+}
+
+/// Registers an incoming VM's endpoint when its device starts on this host.
+#[derive(Clone)]
+pub struct ResumeRegistration {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ResumeRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResumeRegistration")
+            .field("vm_id", &self.inner.vm_id)
+            .field("registered", &self.registered())
+            .finish()
+    }
+}
+
+impl ResumeRegistration {
+    /// Registration of `vm_id` at (`host_addr`, `port`), armed by [`Self::hook`].
+    pub fn new(client: RegistryClient, vm_id: &str, host_addr: Ipv4Addr, port: u16) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                vm_id: vm_id.to_string(),
+                host_addr,
+                port,
+                running: AtomicBool::new(false),
+                registered: AtomicBool::new(false),
+                cancelled: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The hook for the VM's device. It runs on the vhost-user request thread, so the
+    /// registry call goes to a thread of its own: QEMU waits for nothing.
+    pub fn hook(&self) -> DeviceStartHook {
+        let inner = Arc::clone(&self.inner);
+        Arc::new(move || {
+            if inner.registered.load(Ordering::Acquire)
+                || inner.running.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            log::info!(
+                "vm {}: device started on this host: registering its endpoint",
+                inner.vm_id
+            );
+            let worker = Arc::clone(&inner);
+            let spawned = std::thread::Builder::new()
+                .name("vnpd-resume".into())
+                .spawn(move || register_until_done(&worker));
+            if let Err(e) = spawned {
+                log::error!("vm {}: cannot start registration: {e}", inner.vm_id);
+                inner.running.store(false, Ordering::Release);
+            }
+        })
+    }
+
+    /// The registry took the endpoint: this host serves the VM now.
+    pub fn registered(&self) -> bool {
+        self.inner.registered.load(Ordering::Acquire)
+    }
+
+    /// The VM is detached: a running registration gives up at its next attempt.
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::Release);
+    }
+}
+
+/// Registers with growing pauses while the registry is unreachable; a refusal ends the try
+/// (the next device start tries again).
+fn register_until_done(inner: &Inner) {
+    let mut pause = RETRY_FIRST;
+    while !inner.cancelled.load(Ordering::Acquire) {
+        match inner
+            .client
+            .register_endpoint(&inner.vm_id, inner.host_addr, inner.port)
+        {
+            Ok(generation) => {
+                inner.registered.store(true, Ordering::Release);
+                log::info!(
+                    "vm {}: endpoint {}:{} registered after resume (generation {generation})",
+                    inner.vm_id,
+                    inner.host_addr,
+                    inner.port
+                );
+                break;
+            }
+            Err(e @ ClientError::Api { .. }) => {
+                log::error!("vm {}: registry refused the endpoint: {e}", inner.vm_id);
+                break;
+            }
+            Err(e) => {
+                log::warn!(
+                    "vm {}: registering after resume: {e}; retrying",
+                    inner.vm_id
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+        }
+    }
+    inner.running.store(false, Ordering::Release);
+}
+
+/// Where the registry says a VM this host serves at (`host_addr`, `port`) is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whereabouts {
+    /// The endpoint still points here.
+    Here,
+    /// The endpoint points elsewhere, or the VM is gone or no longer readable by this host.
+    Moved,
+    /// The registry did not answer: keep serving.
+    Unknown,
+}
+
+/// Interprets the registry's answer to `GET /v1/vms/ID` for a VM served here. Pure.
+pub fn departure(
+    answer: &Result<VmRecord, ClientError>,
+    host_addr: Ipv4Addr,
+    port: u16,
+) -> Whereabouts {
+    match answer {
+        Ok(rec) => match rec.endpoint {
+            Some(ep) if ep.host_addr == host_addr && ep.port == port => Whereabouts::Here,
+            // Not registered anywhere yet (an attach in progress): nothing moved.
+            None if rec.host.is_some() => Whereabouts::Here,
+            _ => Whereabouts::Moved,
+        },
+        Err(e) => match e.code() {
+            Some(ErrorCode::NotOwner | ErrorCode::UnknownVm) => Whereabouts::Moved,
+            _ => Whereabouts::Unknown,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{
+        BrokenRings, DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler,
+    };
+    use crate::ring::{GuestMem, GuestView, Vring};
+    use std::sync::atomic::AtomicUsize;
+    use vhost_user_backend::VhostUserBackend;
+    use vm_memory::GuestMemoryAtomic;
+    use vnp_registry_client::{Endpoint, MacAddr, PortRange};
+
+    fn record(endpoint: Option<(Ipv4Addr, u16)>) -> VmRecord {
+        VmRecord {
+            id: "vm-a".into(),
+            network: "n".into(),
+            vni: 7,
+            ip: Ipv4Addr::new(10, 0, 0, 2),
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            hostname: "vm-a".into(),
+            host: Some("h1".into()),
+            host_port: Some(7000),
+            nat_ports: PortRange {
+                first: 20000,
+                last: 20063,
+            },
+            service_account: "default".into(),
+            tags: vec![],
+            secret_generation: 1,
+            endpoint: endpoint.map(|(host_addr, port)| Endpoint {
+                host_addr,
+                port,
+                generation: 3,
+            }),
+        }
+    }
+
+    fn refusal(code: ErrorCode) -> ClientError {
+        ClientError::Api {
+            status: 403,
+            code,
+            message: "no".into(),
+        }
+    }
+
+    #[test]
+    fn endpoint_here_elsewhere_or_unknown() {
+        let me = Ipv4Addr::new(198, 18, 0, 1);
+        let other = Ipv4Addr::new(198, 18, 0, 2);
+        assert_eq!(
+            departure(&Ok(record(Some((me, 7000)))), me, 7000),
+            Whereabouts::Here
+        );
+        assert_eq!(
+            departure(&Ok(record(Some((other, 7000)))), me, 7000),
+            Whereabouts::Moved
+        );
+        assert_eq!(
+            departure(&Ok(record(Some((me, 7001)))), me, 7000),
+            Whereabouts::Moved
+        );
+        assert_eq!(departure(&Ok(record(None)), me, 7000), Whereabouts::Here);
+        assert_eq!(
+            departure(&Err(refusal(ErrorCode::NotOwner)), me, 7000),
+            Whereabouts::Moved
+        );
+        assert_eq!(
+            departure(&Err(refusal(ErrorCode::UnknownVm)), me, 7000),
+            Whereabouts::Moved
+        );
+        assert_eq!(
+            departure(&Err(ClientError::Transport("down".into())), me, 7000),
+            Whereabouts::Unknown
+        );
+        assert_eq!(
+            departure(&Err(refusal(ErrorCode::Internal)), me, 7000),
+            Whereabouts::Unknown
+        );
+    }
+
+    struct Idle;
+
+    impl QueuePairHandler for Idle {
+        fn set_features(&mut self, _negotiated: Negotiated) {}
+        fn reset(&mut self) {}
+        fn stop_rx(&mut self) {}
+        fn stop_tx(&mut self) {}
+        fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
+        fn take_broken(&mut self) -> BrokenRings {
+            BrokenRings::default()
+        }
+    }
+
+    #[test]
+    fn the_device_calls_its_start_hook_on_set_features() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&calls);
+        let config = DeviceConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            max_queue_size: 256,
+        };
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let device =
+            NetBackend::new(config, vec![Idle], mem).with_start_hook(Some(Arc::new(move || {
+                seen.fetch_add(1, Ordering::SeqCst);
+            })));
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "not before SET_FEATURES");
+        device.acked_features(1 << 32);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
