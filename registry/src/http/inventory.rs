@@ -217,7 +217,7 @@ pub(super) async fn gateway_secret(
         entry.generation
     );
     Ok(Json(SecretResponse {
-        secret: entry.secret.to_hex().to_string(),
+        secret: SecretHex::from_secret(&entry.secret),
         generation: entry.generation,
     }))
 }
