@@ -444,6 +444,8 @@ pub enum ErrorCode {
     DuplicateIp,
     DuplicateMac,
     DuplicatePort,
+    /// The host port was another VM's until recently and is in quarantine.
+    PortQuarantined,
     DuplicateVni,
     AddressOutsideCidr,
     AddressReserved,
@@ -472,7 +474,7 @@ impl ErrorCode {
             UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
             | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
-            | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
+            | PortQuarantined | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
             Storage | Internal => 500,
             Unavailable => 503,
         }
