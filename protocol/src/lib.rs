@@ -12,6 +12,7 @@
 //! in [`vectors`] check.
 
 pub mod hex;
+mod keyed_hmac;
 pub mod token;
 pub mod vectors;
 pub mod wire;

@@ -4,6 +4,7 @@
 //! defined exactly once. See `docs/registry.md` for the endpoint reference.
 
 use crate::net::{Ipv4Cidr, MacAddr, PortRange};
+pub use crate::secret::SecretHex;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -254,11 +255,11 @@ pub struct MoveVm {
 
 /// `GET /v1/vms/{id}/secret` (owning host only) and `GET /v1/gateways/{id}/secret` (that gateway).
 ///
-/// `secret` is 64 hex characters. Convert with [`SecretResponse::into_secret`] and drop the
-/// response promptly; the client never logs it.
+/// `secret` is 64 hex characters, held in a [`SecretHex`] (zeroized on drop, never printed).
+/// Convert it and drop the response promptly; the client never logs it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SecretResponse {
-    pub secret: String,
+    pub secret: SecretHex,
     pub generation: u64,
 }
 
@@ -269,21 +270,6 @@ impl fmt::Debug for SecretResponse {
             .field("generation", &self.generation)
             .finish()
     }
-}
-
-impl Drop for SecretResponse {
-    fn drop(&mut self) {
-        zeroize_string(&mut self.secret);
-    }
-}
-
-/// Overwrites a string's bytes before it is freed.
-pub(crate) fn zeroize_string(s: &mut String) {
-    // Replacing every byte with '0' keeps the String valid UTF-8 throughout.
-    let len = s.len();
-    s.clear();
-    s.extend(std::iter::repeat_n('0', len));
-    s.clear();
 }
 
 /// `PUT /v1/vms/{id}/endpoint`: "VM id is now served at (host_addr, port)".
@@ -458,6 +444,8 @@ pub enum ErrorCode {
     DuplicateIp,
     DuplicateMac,
     DuplicatePort,
+    /// The host port was another VM's until recently and is in quarantine.
+    PortQuarantined,
     DuplicateVni,
     AddressOutsideCidr,
     AddressReserved,
@@ -486,7 +474,7 @@ impl ErrorCode {
             UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
             | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
-            | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
+            | PortQuarantined | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
             Storage | Internal => 500,
             Unavailable => 503,
         }
@@ -585,7 +573,7 @@ mod tests {
     #[test]
     fn secret_response_debug_redacts() {
         let s = SecretResponse {
-            secret: "ab".repeat(32),
+            secret: "ab".repeat(32).into(),
             generation: 1,
         };
         assert!(!format!("{s:?}").contains("abab"));

@@ -451,10 +451,13 @@ impl RegistryClient {
 }
 
 fn decode_secret(resp: SecretResponse) -> Result<(VmSecret, u64), ClientError> {
-    let secret = VmSecret::from_hex(&resp.secret).map_err(|_| ClientError::Protocol {
-        status: 200,
-        detail: "registry sent a malformed secret".into(),
-    })?;
+    let secret = resp
+        .secret
+        .to_secret()
+        .ok_or_else(|| ClientError::Protocol {
+            status: 200,
+            detail: "registry sent a malformed secret".into(),
+        })?;
     Ok((secret, resp.generation))
 }
 

@@ -18,6 +18,7 @@ pub mod grant;
 pub mod net;
 #[cfg(feature = "pki")]
 pub mod pki;
+pub mod secret;
 
 pub use api::*;
 pub use backup::{Export, ImportSummary, SealedSecret};
@@ -25,3 +26,4 @@ pub use client::{ClientConfig, RegistryClient};
 pub use error::ClientError;
 pub use grant::BadToken;
 pub use net::{Ipv4Cidr, MacAddr, NetParseError, PortRange};
+pub use secret::SecretHex;

@@ -20,6 +20,11 @@ use vnp_registry::plan;
 use vnp_registry::tokens::{grant, TokenPolicy};
 use vnp_registry_client::*;
 
+const REUSE: plan::PortReuse = plan::PortReuse {
+    now: 1000,
+    quarantine_secs: 600,
+};
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -99,7 +104,7 @@ fn bench_mint() {
             host: Some(if i % 2 == 0 { "h1" } else { "h2" }.into()),
             ..VmSpec::default()
         };
-        let ops = plan::create_vm(&m, &s, VmSecret::from_bytes([i as u8; 32]))
+        let ops = plan::create_vm(&m, &s, VmSecret::from_bytes([i as u8; 32]), REUSE)
             .unwrap()
             .0;
         apply(&mut m, ops);

@@ -66,6 +66,10 @@ struct Args {
     /// Token lifetime in seconds; 0 mints tokens that never expire.
     #[arg(long, default_value_t = 600)]
     token_ttl: u32,
+    /// Seconds a VM's UDP port on a host stays out of reach of other VMs after the VM left it
+    /// (deleted or moved), so traffic for the previous VM cannot land in the next one.
+    #[arg(long, default_value_t = vnp_registry::plan::DEFAULT_PORT_QUARANTINE_SECS)]
+    port_quarantine_secs: u64,
     /// Most client connections open at once.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
@@ -131,6 +135,7 @@ fn run(args: Args) -> Result<(), String> {
         RegistryOptions {
             max_staleness: Duration::from_millis(args.max_staleness_ms),
             backup_keys: keys,
+            port_quarantine: Duration::from_secs(args.port_quarantine_secs),
         },
     )
     .map_err(|e| e.to_string())?;

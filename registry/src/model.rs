@@ -76,6 +76,37 @@ pub struct RememberedWrite {
     pub at: u64,
 }
 
+/// A VM's UDP port on a host that the VM gave up (deleted, moved, re-registered elsewhere):
+/// no other VM gets it before `until`, so traffic still addressed to the previous VM (late,
+/// replayed, from peers with old tokens) cannot land in the next one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuarantinedPort {
+    pub host: String,
+    pub port: u16,
+    /// The VM that had it; it may take it back at once.
+    pub vm: String,
+    /// Unix seconds when the port becomes free.
+    pub until: u64,
+}
+
+impl QuarantinedPort {
+    /// Key used by stores: `<host>/<port>` (host ids have no `/`).
+    pub fn key(&self) -> String {
+        port_key(&self.host, self.port)
+    }
+}
+
+/// Store key of a host port: `<host>/<port>`.
+pub fn port_key(host: &str, port: u16) -> String {
+    format!("{host}/{port}")
+}
+
+/// Inverse of [`port_key`].
+pub fn parse_port_key(key: &str) -> Option<(String, u16)> {
+    let (host, port) = key.rsplit_once('/')?;
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 /// How long idempotency keys are remembered.
 pub const REMEMBER_WRITES_S: u64 = 3600;
 
@@ -102,6 +133,10 @@ pub enum Op {
     RememberWrite(String, RememberedWrite),
     /// Forgets an idempotency key.
     ForgetWrite(String),
+    /// Keeps a host port from other VMs for a while.
+    QuarantinePort(QuarantinedPort),
+    /// Ends a port's quarantine (expired, or its host is gone): `(host, port)`.
+    ReleasePort(String, u16),
 }
 
 /// The whole registry state.
@@ -119,6 +154,8 @@ pub struct Model {
     pub changes: VecDeque<VmChange>,
     /// Answers to writes by idempotency key.
     pub requests: BTreeMap<String, RememberedWrite>,
+    /// Host ports in quarantine, by (host, port).
+    pub quarantined: BTreeMap<(String, u16), QuarantinedPort>,
     /// Generation of the newest change (0 before any). Stored with the change log, so it is
     /// the same on every replica of a shared store.
     pub generation: u64,
@@ -195,6 +232,12 @@ impl Model {
             Op::ForgetWrite(key) => {
                 self.requests.remove(key);
             }
+            Op::QuarantinePort(q) => {
+                self.quarantined.insert((q.host.clone(), q.port), q.clone());
+            }
+            Op::ReleasePort(host, port) => {
+                self.quarantined.remove(&(host.clone(), *port));
+            }
         }
     }
 
@@ -203,6 +246,19 @@ impl Model {
         self.by_ip
             .get(&(network.to_string(), ip))
             .and_then(|id| self.vms.get(id))
+    }
+
+    /// The quarantine keeping `port` on `host` from VMs other than `vm` at `now`, if any.
+    pub fn port_quarantine(
+        &self,
+        host: &str,
+        port: u16,
+        vm: &str,
+        now: u64,
+    ) -> Option<&QuarantinedPort> {
+        self.quarantined
+            .get(&(host.to_string(), port))
+            .filter(|q| q.vm != vm && q.until > now)
     }
 
     /// The gateway of `network`, if one is registered.

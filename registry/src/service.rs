@@ -63,6 +63,8 @@ pub struct RegistryOptions {
     pub max_staleness: Duration,
     /// Seals secrets in exports (`--secret-keys`); without it there is no export.
     pub backup_keys: Option<crate::store::sealing::KeyRing>,
+    /// A host port a VM gave up goes to no other VM for this long (`--port-quarantine-secs`).
+    pub port_quarantine: Duration,
 }
 
 impl Default for RegistryOptions {
@@ -70,6 +72,7 @@ impl Default for RegistryOptions {
         RegistryOptions {
             max_staleness: Duration::from_secs(5),
             backup_keys: None,
+            port_quarantine: Duration::from_secs(crate::plan::DEFAULT_PORT_QUARANTINE_SECS),
         }
     }
 }
@@ -145,6 +148,14 @@ impl Registry {
             options,
             metrics: crate::metrics::Metrics::default(),
         })
+    }
+
+    /// The clock and quarantine rule for planners that hand out or give up host ports.
+    pub fn port_reuse(&self) -> crate::plan::PortReuse {
+        crate::plan::PortReuse {
+            now: u64::from(unix_now()),
+            quarantine_secs: self.options.port_quarantine.as_secs(),
+        }
     }
 
     /// A consistent view of the state.

@@ -287,6 +287,10 @@ mod tests {
     use vnp_registry_client::api::*;
 
     const P: TokenPolicy = TokenPolicy { ttl_s: 600 };
+    const REUSE: plan::PortReuse = plan::PortReuse {
+        now: 1000,
+        quarantine_secs: 600,
+    };
 
     fn host(id: &str) -> Identity {
         Identity {
@@ -324,7 +328,7 @@ mod tests {
                 host: Some(h.into()),
                 ..VmSpec::default()
             };
-            let ops = plan::create_vm(&m, &s, VmSecret::from_bytes([b; 32]))
+            let ops = plan::create_vm(&m, &s, VmSecret::from_bytes([b; 32]), REUSE)
                 .unwrap()
                 .0;
             run(&mut m, ops);
@@ -518,7 +522,7 @@ mod tests {
                 host_port: Some(port),
                 ..VmSpec::default()
             };
-            let ops = plan::create_vm(&m, &s, VmSecret::from_bytes(TOKEN_VECTORS[v].secret))
+            let ops = plan::create_vm(&m, &s, VmSecret::from_bytes(TOKEN_VECTORS[v].secret), REUSE)
                 .unwrap()
                 .0;
             m.apply(&ops);
@@ -563,7 +567,9 @@ mod tests {
             host_addr: Ipv4Addr::new(198, 18, 0, 1),
             port: 40000,
         };
-        let ops = plan::register_endpoint(&m, "h1", "a", &up).unwrap().0;
+        let ops = plan::register_endpoint(&m, "h1", "a", &up, REUSE)
+            .unwrap()
+            .0;
         m.apply(&ops);
         let ops = plan::move_vm(
             &m,
@@ -572,6 +578,7 @@ mod tests {
                 host: Some("h2".into()),
                 host_port: None,
             },
+            REUSE,
         )
         .unwrap()
         .0;

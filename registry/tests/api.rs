@@ -895,6 +895,61 @@ fn connection_limit_queues_instead_of_failing(backend: Backend) {
     }
 }
 
+/// A deleted or moved VM's host port goes to no other VM until `--port-quarantine-secs` has
+/// passed; the quarantine is registry state (it holds across a restart).
+fn host_ports_are_quarantined_after_a_vm_leaves(backend: Backend) {
+    const QUARANTINE_S: u64 = 6;
+    let mut f = Fixture::on_with_args(backend, "quarantine", &["--port-quarantine-secs", "6"]);
+    let (a, b) = populate(&f);
+    let admin = f.reg.client("admin");
+    let port_a = a.host_port.unwrap();
+    admin.delete_vm("a").unwrap();
+    let left = Instant::now();
+    let on_port = |id: &str, port| VmSpec {
+        host_port: Some(port),
+        ..vm(id, "n1", "h1")
+    };
+    assert_eq!(
+        code(admin.create_vm(&on_port("c", port_a))),
+        ErrorCode::PortQuarantined
+    );
+    // Without a wish, a new VM gets another port.
+    let d = admin.create_vm(&vm("d", "n1", "h1")).unwrap();
+    assert_ne!(d.host_port, Some(port_a));
+    // Moving b away from h2 quarantines its port there too.
+    let port_b = b.host_port.unwrap();
+    admin
+        .move_vm(
+            "b",
+            &MoveVm {
+                host: Some("h1".into()),
+                host_port: None,
+            },
+        )
+        .unwrap();
+    let to_h2 = VmSpec {
+        host_port: Some(port_b),
+        ..vm("e", "n1", "h2")
+    };
+    assert_eq!(code(admin.create_vm(&to_h2)), ErrorCode::PortQuarantined);
+    // Stored state: still refused after a restart.
+    f.reg.crash_and_restart();
+    let admin = f.reg.client("admin");
+    assert!(
+        left.elapsed() < Duration::from_secs(QUARANTINE_S - 1),
+        "the restart took longer than this test's quarantine"
+    );
+    assert_eq!(
+        code(admin.create_vm(&on_port("c", port_a))),
+        ErrorCode::PortQuarantined
+    );
+    // Once the period has passed, the port is free again.
+    std::thread::sleep(Duration::from_secs(QUARANTINE_S + 1).saturating_sub(left.elapsed()));
+    let c = admin.create_vm(&on_port("c", port_a)).unwrap();
+    assert_eq!(c.host_port, Some(port_a));
+    admin.create_vm(&to_h2).unwrap();
+}
+
 /// Each test above, once per backend.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
@@ -926,4 +981,5 @@ on_both_backends!(
     unknown_expired_and_identity_less_certificates_are_refused,
     endpoint_watcher_follows_changes_without_gaps,
     connection_limit_queues_instead_of_failing,
+    host_ports_are_quarantined_after_a_vm_leaves,
 );

@@ -57,11 +57,26 @@ pub const MAX_REFUSALS: usize = 4096;
 pub const TOKEN_USE_MARGIN_SECS: u32 = 2;
 /// The first packet to a peer, and then one packet at least this often, carries a return token.
 pub const RETURN_TOKEN_INTERVAL_SECS: u32 = 60;
+/// Return tokens we mint are valid this long, and a learned one is trusted at most this long
+/// from when it arrived, whatever expiry it claims (the option is not covered by the token, so
+/// an on-path attacker can plant one).
+pub const RETURN_TOKEN_TTL_SECS: u32 = 600;
+
+/// Where a token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOrigin {
+    /// Granted by the registry: authoritative.
+    Registry,
+    /// Learned from a return-token option on a peer's datagram: a hint that saves a registry
+    /// round trip, never allowed to override what the registry said.
+    Learned,
+}
 
 /// How to reach one destination VM.
 #[derive(Debug)]
 pub struct PeerEntry {
     token: PeerToken,
+    origin: TokenOrigin,
     /// Unix seconds when we last attached a return token for this peer (0 = never).
     return_sent_at: AtomicU32,
 }
@@ -91,6 +106,11 @@ impl PeerEntry {
     fn usable(&self, now: u32) -> bool {
         let e = self.token.expiry;
         e.is_never() || u64::from(e.0) > u64::from(now) + u64::from(TOKEN_USE_MARGIN_SECS)
+    }
+
+    /// Where the token came from.
+    pub fn origin(&self) -> TokenOrigin {
+        self.origin
     }
 
     /// Send parameters.
@@ -247,9 +267,20 @@ impl PeerTable {
         token: PeerToken,
         hand_off: impl FnOnce(&PeerEntry, Vec<WaitingPacket>),
     ) {
+        self.put(dst, token, TokenOrigin::Registry, hand_off);
+    }
+
+    fn put(
+        &self,
+        dst: Ipv4Addr,
+        token: PeerToken,
+        origin: TokenOrigin,
+        hand_off: impl FnOnce(&PeerEntry, Vec<WaitingPacket>),
+    ) {
         let mut pending = lock(&self.pending);
         let entry = PeerEntry {
             token,
+            origin,
             return_sent_at: AtomicU32::new(0),
         };
         pending.refused.remove(&dst);
@@ -262,27 +293,38 @@ impl PeerTable {
             .insert(dst, entry);
     }
 
-    /// Installs a return token learned from a peer's packet unless a token at least as fresh is
-    /// already there (then returns false), like [`PeerTable::install`].
+    /// Installs a return token learned from a peer's packet at `now` (Unix seconds), like
+    /// [`PeerTable::install`], and returns whether it was taken. Its expiry is capped at
+    /// `now + RETURN_TOKEN_TTL_SECS`. It is not taken while the registry's token for `dst` is
+    /// still usable (the option is not authenticated: a planted one must not cut the pair off),
+    /// nor when a learned token for the same endpoint is at least as fresh.
     pub fn learn(
         &self,
         dst: Ipv4Addr,
-        token: PeerToken,
+        mut token: PeerToken,
+        now: u32,
         hand_off: impl FnOnce(&PeerEntry, Vec<WaitingPacket>),
     ) -> bool {
+        let cap = now.saturating_add(RETURN_TOKEN_TTL_SECS);
+        if token.expiry.is_never() || token.expiry.0 > cap {
+            token.expiry = Expiry(cap);
+        }
         {
             let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
             if let Some(current) = tokens.get(&dst) {
+                if current.origin == TokenOrigin::Registry && current.usable(now) {
+                    return false;
+                }
                 let same_endpoint = current.token.dst_host == token.dst_host
                     && current.token.dst_port == token.dst_port;
-                let fresher = current.token.expiry.is_never()
-                    || (!token.expiry.is_never() && current.token.expiry.0 >= token.expiry.0);
-                if same_endpoint && fresher {
+                let fresher =
+                    current.token.expiry.is_never() || current.token.expiry.0 >= token.expiry.0;
+                if current.origin == TokenOrigin::Learned && same_endpoint && fresher {
                     return false;
                 }
             }
         }
-        self.install(dst, token, hand_off);
+        self.put(dst, token, TokenOrigin::Learned, hand_off);
         true
     }
 
@@ -352,8 +394,13 @@ mod tests {
         out
     }
 
+    /// Learns at a time where the cap on learned expiries does not matter.
     fn learn(t: &PeerTable, dst: Ipv4Addr, token: PeerToken) -> Option<()> {
-        t.learn(dst, token, |_, _| {}).then_some(())
+        learn_at(t, dst, token, 2000)
+    }
+
+    fn learn_at(t: &PeerTable, dst: Ipv4Addr, token: PeerToken, now: u32) -> Option<()> {
+        t.learn(dst, token, now, |_, _| {}).then_some(())
     }
 
     fn token(expiry: u32, port: u16) -> PeerToken {
@@ -496,5 +543,75 @@ mod tests {
         assert!(e.claim_return_token(100 + RETURN_TOKEN_INTERVAL_SECS));
         e.unclaim_return_token();
         assert!(e.claim_return_token(200));
+    }
+
+    /// A planted return-token option (random token, far expiry) on a replayed datagram.
+    fn planted(port: u16) -> PeerToken {
+        PeerToken {
+            token: Token::from_bytes([0xee; 8]),
+            ..token(u32::MAX - 1, port)
+        }
+    }
+
+    #[test]
+    fn learned_token_never_replaces_a_usable_registry_token() {
+        let t = PeerTable::new(PendingLimits::default());
+        install(&t, DST, token(5000, 5));
+        // Neither for the same endpoint nor for another one (the registry says where it is).
+        assert!(learn_at(&t, DST, planted(5), 1000).is_none());
+        assert!(learn_at(&t, DST, planted(6), 1000).is_none());
+        let view = t.view();
+        let kept = view.get(DST, 1000).expect("registry token kept");
+        assert_eq!(kept.origin(), TokenOrigin::Registry);
+        assert_eq!(kept.send_info(), SendInfo::from(&token(5000, 5)));
+        drop(view);
+        // Once the registry's token is no longer usable, a return token may stand in for it.
+        assert!(learn_at(&t, DST, token(5500, 5), 4999).is_some());
+        assert_eq!(
+            t.view().get(DST, 4999).unwrap().origin(),
+            TokenOrigin::Learned
+        );
+        // And the registry's answer always replaces a learned token.
+        install(&t, DST, token(9000, 5));
+        assert_eq!(
+            t.view().get(DST, 5000).unwrap().origin(),
+            TokenOrigin::Registry
+        );
+    }
+
+    #[test]
+    fn learned_expiry_is_capped_at_the_return_token_lifetime() {
+        let t = PeerTable::new(PendingLimits::default());
+        let now = 1_000_000;
+        assert!(learn_at(&t, DST, planted(5), now).is_some());
+        let cap = now + RETURN_TOKEN_TTL_SECS;
+        assert_eq!(
+            t.view().get(DST, now).unwrap().send_info().expiry,
+            Expiry(cap)
+        );
+        assert_eq!(t.expiring_before(Expiry(cap + 1)), vec![DST]);
+        // A never-expiring one is capped the same way.
+        t.forget(DST);
+        let never = PeerToken {
+            expiry: Expiry::NEVER,
+            ..planted(5)
+        };
+        assert!(learn_at(&t, DST, never, now).is_some());
+        assert_eq!(
+            t.view().get(DST, now).unwrap().send_info().expiry,
+            Expiry(cap)
+        );
+        // The peer's next genuine return token (minted later) replaces the planted one.
+        assert!(learn_at(
+            &t,
+            DST,
+            token(now + 60 + RETURN_TOKEN_TTL_SECS, 5),
+            now + 60
+        )
+        .is_some());
+        assert_eq!(
+            t.view().get(DST, now + 60).unwrap().send_info().token,
+            Token::from_bytes([7; 8])
+        );
     }
 }

@@ -24,8 +24,7 @@ use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment
 use crate::device::DeviceStartHook;
 use crate::metrics::counters::{DropReason, VmCounters};
 
-/// Return tokens we mint are valid this long.
-pub const RETURN_TOKEN_TTL_SECS: u32 = 600;
+pub use super::peers::RETURN_TOKEN_TTL_SECS;
 
 /// Knobs of the data path with sensible defaults.
 #[derive(Debug, Clone, Copy)]
@@ -151,7 +150,7 @@ impl PortCore {
             token: rt.token,
             expiry: rt.expiry,
         };
-        if self.peers.learn(src_vm, token, |entry, packets| {
+        if self.peers.learn(src_vm, token, now, |entry, packets| {
             self.hand_off(src_vm, entry, packets, now)
         }) {
             self.counters.return_token_learned();

@@ -53,7 +53,8 @@ pub(super) async fn delete_network(
     c.admin()?;
     let cascade = flag(&q, "cascade")?;
     let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_network(m, &id, cascade))
+        let reuse = r.port_reuse();
+        r.write_once(once.key(), |m| plan::delete_network(m, &id, cascade, reuse))
     })
     .await?;
     log::info!(
@@ -217,7 +218,7 @@ pub(super) async fn gateway_secret(
         entry.generation
     );
     Ok(Json(SecretResponse {
-        secret: entry.secret.to_hex().to_string(),
+        secret: SecretHex::from_secret(&entry.secret),
         generation: entry.generation,
     }))
 }

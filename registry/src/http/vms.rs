@@ -82,7 +82,8 @@ pub(super) async fn create_vm(
     c.admin()?;
     let spec: VmSpec = parse(&body)?;
     let out = write(&reg, move |r| {
-        r.write_once_with_secret(once.key(), |m, s| plan::create_vm(m, &spec, s))
+        let reuse = r.port_reuse();
+        r.write_once_with_secret(once.key(), |m, s| plan::create_vm(m, &spec, s, reuse))
     })
     .await?;
     log::info!(
@@ -104,7 +105,8 @@ pub(super) async fn delete_vm(
 ) -> ApiResult<Deleted> {
     c.admin()?;
     let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_vm(m, &id))
+        let reuse = r.port_reuse();
+        r.write_once(once.key(), |m| plan::delete_vm(m, &id, reuse))
     })
     .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
@@ -121,7 +123,8 @@ pub(super) async fn move_vm(
     c.admin()?;
     let req: MoveVm = parse(&body)?;
     let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::move_vm(m, &id, &req))
+        let reuse = r.port_reuse();
+        r.write_once(once.key(), |m| plan::move_vm(m, &id, &req, reuse))
     })
     .await?;
     log::info!(
@@ -186,7 +189,7 @@ pub(super) async fn vm_secret(
         entry.generation
     );
     Ok(Json(SecretResponse {
-        secret: entry.secret.to_hex().to_string(),
+        secret: SecretHex::from_secret(&entry.secret),
         generation: entry.generation,
     }))
 }
@@ -211,8 +214,9 @@ pub(super) async fn register_endpoint(
     let host = c.0.id.clone();
     let vm = id.clone();
     let out = write(&reg, move |r| {
+        let reuse = r.port_reuse();
         r.write_once(once.key(), |m| {
-            plan::register_endpoint(m, &host, &vm, &update)
+            plan::register_endpoint(m, &host, &vm, &update, reuse)
         })
     })
     .await?;

@@ -41,7 +41,7 @@ pub fn create_host(model: &Model, spec: &HostSpec) -> Planned<Host> {
     Ok((vec![Op::PutHost(host.clone())], host))
 }
 
-/// Deletes a host; refuses while VMs are assigned to it.
+/// Deletes a host; refuses while VMs are assigned to it. Its port quarantines go with it.
 pub fn delete_host(model: &Model, id: &str) -> Planned<Deleted> {
     if !model.hosts.contains_key(id) {
         return refuse(ErrorCode::UnknownHost, format!("no host {id}"));
@@ -61,8 +61,15 @@ pub fn delete_host(model: &Model, id: &str) -> Planned<Deleted> {
             ),
         );
     }
+    let mut ops = vec![Op::DeleteHost(id.to_string())];
+    ops.extend(
+        model
+            .quarantined
+            .range((id.to_string(), 0)..=(id.to_string(), u16::MAX))
+            .map(|(_, q)| Op::ReleasePort(q.host.clone(), q.port)),
+    );
     Ok((
-        vec![Op::DeleteHost(id.to_string())],
+        ops,
         Deleted {
             deleted: format!("host/{id}"),
             cascaded: vec![],

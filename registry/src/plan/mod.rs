@@ -3,7 +3,7 @@
 //! input is unit-tested here.
 
 use crate::error::{refuse, ApiError};
-use crate::model::{Model, Op, SecretEntry, SecretOwner, CHANGE_LOG_RETAIN};
+use crate::model::{Model, Op, QuarantinedPort, SecretEntry, SecretOwner, CHANGE_LOG_RETAIN};
 use std::net::Ipv4Addr;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::*;
@@ -22,6 +22,82 @@ pub const DEFAULT_HOST_PORTS: PortRange = PortRange {
 };
 
 pub type Planned<T> = Result<(Vec<Op>, T), ApiError>;
+
+/// How long a host port stays out of reach of other VMs after its VM gave it up, unless the
+/// registry is told otherwise (`--port-quarantine-secs`).
+pub const DEFAULT_PORT_QUARANTINE_SECS: u64 = 600;
+
+/// The clock and the rule for reusing host ports, given to every planner that hands out or
+/// gives up a VM's host port (planners read no clock themselves).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortReuse {
+    /// Unix seconds.
+    pub now: u64,
+    /// A port a VM gave up goes to no other VM for this long.
+    pub quarantine_secs: u64,
+}
+
+/// Ops for `vm` giving up `port` on `host`: the port goes into quarantine, and quarantines on
+/// that host that have run out are forgotten (except for ports a VM holds again: this batch
+/// may quarantine those for another VM it releases).
+pub(crate) fn release_port_ops(
+    model: &Model,
+    host: &str,
+    port: u16,
+    vm: &str,
+    reuse: PortReuse,
+) -> Vec<Op> {
+    let held = |p: u16| {
+        model
+            .vms
+            .values()
+            .any(|v| v.host.as_deref() == Some(host) && v.host_port == Some(p))
+    };
+    let mut ops: Vec<Op> = model
+        .quarantined
+        .range((host.to_string(), 0)..=(host.to_string(), u16::MAX))
+        .filter(|(_, q)| q.until <= reuse.now && q.port != port && !held(q.port))
+        .map(|(_, q)| Op::ReleasePort(q.host.clone(), q.port))
+        .collect();
+    if reuse.quarantine_secs > 0 {
+        ops.push(Op::QuarantinePort(QuarantinedPort {
+            host: host.to_string(),
+            port,
+            vm: vm.to_string(),
+            until: reuse.now.saturating_add(reuse.quarantine_secs),
+        }));
+    }
+    ops
+}
+
+/// [`release_port_ops`] for whatever port `vm` holds now, if it holds one.
+pub(crate) fn release_vm_port_ops(model: &Model, vm: &VmRecord, reuse: PortReuse) -> Vec<Op> {
+    match (&vm.host, vm.host_port) {
+        (Some(host), Some(port)) => release_port_ops(model, host, port, &vm.id, reuse),
+        _ => Vec::new(),
+    }
+}
+
+/// Refuses `port` on `host` for `vm` while it is in another VM's quarantine.
+pub(crate) fn check_not_quarantined(
+    model: &Model,
+    host: &str,
+    port: u16,
+    vm: &str,
+    now: u64,
+) -> Result<(), ApiError> {
+    match model.port_quarantine(host, port, vm, now) {
+        Some(q) => refuse(
+            ErrorCode::PortQuarantined,
+            format!(
+                "port {port} on host {host} was VM {}'s and is quarantined for {} s more",
+                q.vm,
+                q.until - now
+            ),
+        ),
+        None => Ok(()),
+    }
+}
 
 pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     validate_id(id).map_err(|m| ApiError::new(ErrorCode::InvalidId, m))

@@ -73,7 +73,12 @@ pub fn create_network(model: &Model, spec: &NetworkSpec) -> Planned<Network> {
 }
 
 /// Deletes a network; with `cascade` also its VMs, gateway and rules.
-pub fn delete_network(model: &Model, id: &str, cascade: bool) -> Planned<Deleted> {
+pub fn delete_network(
+    model: &Model,
+    id: &str,
+    cascade: bool,
+    reuse: PortReuse,
+) -> Planned<Deleted> {
     if !model.networks.contains_key(id) {
         return refuse(ErrorCode::UnknownNetwork, format!("no network {id}"));
     }
@@ -101,6 +106,7 @@ pub fn delete_network(model: &Model, id: &str, cascade: bool) -> Planned<Deleted
     for (generation, vm) in (model.generation + 1..).zip(vms) {
         ops.push(Op::DeleteVm(vm.id.clone()));
         ops.push(Op::DeleteSecret(SecretOwner::Vm(vm.id.clone())));
+        ops.extend(release_vm_port_ops(model, vm, reuse));
         ops.push(Op::AppendChange(VmChange {
             generation,
             vm: vm.id.clone(),

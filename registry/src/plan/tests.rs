@@ -6,6 +6,20 @@ fn secret() -> VmSecret {
     VmSecret::from_bytes([7; 32])
 }
 
+/// Unix seconds at which the tests plan.
+const NOW: u64 = 1_000_000;
+
+fn reuse() -> PortReuse {
+    reuse_at(NOW)
+}
+
+fn reuse_at(now: u64) -> PortReuse {
+    PortReuse {
+        now,
+        quarantine_secs: 600,
+    }
+}
+
 macro_rules! apply {
     ($m:ident, $planned:expr) => {{
         let (ops, out) = $planned.expect("planned");
@@ -50,7 +64,7 @@ fn code<T: std::fmt::Debug>(r: Planned<T>) -> ErrorCode {
 #[test]
 fn allocation_skips_reserved_and_is_deterministic() {
     let mut m = base();
-    let a = apply!(m, create_vm(&m, &vm_spec("a"), secret()));
+    let a = apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
     assert_eq!(a.ip, Ipv4Addr::new(10, 1, 0, 2));
     assert_eq!(a.mac.to_string(), "02:01:0a:01:00:02");
     assert_eq!(a.host_port, Some(40000));
@@ -62,12 +76,12 @@ fn allocation_skips_reserved_and_is_deterministic() {
         }
     );
     assert_eq!(a.hostname, "a");
-    let b = apply!(m, create_vm(&m, &vm_spec("b"), secret()));
+    let b = apply!(m, create_vm(&m, &vm_spec("b"), secret(), reuse()));
     assert_eq!(b.ip, Ipv4Addr::new(10, 1, 0, 3));
     assert_eq!(b.host_port, Some(40001));
     assert_eq!(b.nat_ports.first, 2048);
     assert_eq!(
-        code(create_vm(&m, &vm_spec("c"), secret())),
+        code(create_vm(&m, &vm_spec("c"), secret(), reuse())),
         ErrorCode::PoolExhausted,
         "host ports used up"
     );
@@ -78,11 +92,11 @@ fn allocation_skips_reserved_and_is_deterministic() {
 #[test]
 fn bad_vm_input_is_refused() {
     let mut m = base();
-    apply!(m, create_vm(&m, &vm_spec("a"), secret()));
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
     let with = |f: &dyn Fn(&mut VmSpec)| {
         let mut s = vm_spec("z");
         f(&mut s);
-        code(create_vm(&m, &s, secret()))
+        code(create_vm(&m, &s, secret(), reuse()))
     };
     assert_eq!(
         with(&|s| s.ip = Some(Ipv4Addr::new(10, 2, 0, 5))),
@@ -163,10 +177,13 @@ fn network_rules() {
 #[test]
 fn delete_network_refuses_unless_cascade() {
     let mut m = base();
-    apply!(m, create_vm(&m, &vm_spec("a"), secret()));
-    assert_eq!(code(delete_network(&m, "n1", false)), ErrorCode::NotEmpty);
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
+    assert_eq!(
+        code(delete_network(&m, "n1", false, reuse())),
+        ErrorCode::NotEmpty
+    );
     assert_eq!(code(delete_host(&m, "h1")), ErrorCode::NotEmpty);
-    let d = apply!(m, delete_network(&m, "n1", true));
+    let d = apply!(m, delete_network(&m, "n1", true, reuse()));
     assert_eq!(d.cascaded, vec!["vm/a".to_string()]);
     assert!(m.vms.is_empty() && m.secrets.is_empty() && m.by_ip.is_empty());
     assert_eq!(m.changes.back().unwrap().kind, ChangeKind::Deleted);
@@ -175,7 +192,7 @@ fn delete_network_refuses_unless_cascade() {
 #[test]
 fn endpoint_only_from_owner_and_own_address() {
     let mut m = base();
-    apply!(m, create_vm(&m, &vm_spec("a"), secret()));
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
     let h2 = HostSpec {
         id: "h2".into(),
         underlay_addr: Ipv4Addr::new(198, 18, 0, 2),
@@ -187,11 +204,11 @@ fn endpoint_only_from_owner_and_own_address() {
         port: 40000,
     };
     assert_eq!(
-        code(register_endpoint(&m, "h2", "a", &up)),
+        code(register_endpoint(&m, "h2", "a", &up, reuse())),
         ErrorCode::NotOwner
     );
     assert_eq!(
-        code(register_endpoint(&m, "h1", "a", &up)),
+        code(register_endpoint(&m, "h1", "a", &up, reuse())),
         ErrorCode::WrongHost
     );
     // Migration: admin moves, destination registers, generation bumps.
@@ -203,12 +220,13 @@ fn endpoint_only_from_owner_and_own_address() {
             &MoveVm {
                 host: Some("h2".into()),
                 host_port: None
-            }
+            },
+            reuse()
         )
     );
-    let ack = apply!(m, register_endpoint(&m, "h2", "a", &up));
+    let ack = apply!(m, register_endpoint(&m, "h2", "a", &up, reuse()));
     assert_eq!(ack.generation, m.generation);
-    let (ops, again) = register_endpoint(&m, "h2", "a", &up).unwrap();
+    let (ops, again) = register_endpoint(&m, "h2", "a", &up, reuse()).unwrap();
     assert!(ops.is_empty(), "same endpoint again changes nothing");
     assert_eq!(again, ack);
     let vm = &m.vms["a"];
@@ -224,7 +242,7 @@ fn endpoint_only_from_owner_and_own_address() {
 #[test]
 fn rotation_bumps_generation() {
     let mut m = base();
-    apply!(m, create_vm(&m, &vm_spec("a"), secret()));
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
     let vm = apply!(m, rotate_vm_secret(&m, "a", VmSecret::from_bytes([9; 32])));
     assert_eq!(vm.secret_generation, 2);
     let e = &m.secrets[&SecretOwner::Vm("a".into())];
@@ -235,7 +253,7 @@ fn rotation_bumps_generation() {
 #[test]
 fn change_log_is_trimmed_and_resync_reported() {
     let mut m = base();
-    apply!(m, create_vm(&m, &vm_spec("a"), secret()));
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
     for _ in 0..CHANGE_LOG_RETAIN + 5 {
         apply!(m, rotate_vm_secret(&m, "a", secret()));
     }
@@ -245,4 +263,158 @@ fn change_log_is_trimmed_and_resync_reported() {
     let (changes, resync) = m.changes_since(m.generation - 1, &[]);
     assert!(!resync);
     assert_eq!(changes.len(), 1);
+}
+
+fn h2() -> HostSpec {
+    HostSpec {
+        id: "h2".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 2),
+        port_range: Some("40000-40001".parse().unwrap()),
+    }
+}
+
+fn with_port(id: &str, port: u16) -> VmSpec {
+    VmSpec {
+        host_port: Some(port),
+        ..vm_spec(id)
+    }
+}
+
+#[test]
+fn a_deleted_vms_port_goes_to_no_other_vm_until_the_quarantine_ends() {
+    let mut m = base();
+    let a = apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
+    assert_eq!(a.host_port, Some(40000));
+    apply!(m, delete_vm(&m, "a", reuse()));
+    let q = &m.quarantined[&("h1".to_string(), 40000)];
+    assert_eq!((q.vm.as_str(), q.until), ("a", NOW + 600));
+    // Picked: the next port, not the quarantined one.
+    let b = apply!(
+        m,
+        create_vm(&m, &vm_spec("b"), secret(), reuse_at(NOW + 599))
+    );
+    assert_eq!(b.host_port, Some(40001));
+    // Asked for: refused with a clear code, even after the other port ran out.
+    assert_eq!(
+        code(create_vm(
+            &m,
+            &with_port("c", 40000),
+            secret(),
+            reuse_at(NOW + 599)
+        )),
+        ErrorCode::PortQuarantined
+    );
+    assert_eq!(
+        code(create_vm(&m, &vm_spec("c"), secret(), reuse_at(NOW + 599))),
+        ErrorCode::PoolExhausted
+    );
+    // Once the period has passed the port is free again.
+    let c = apply!(
+        m,
+        create_vm(&m, &vm_spec("c"), secret(), reuse_at(NOW + 600))
+    );
+    assert_eq!(c.host_port, Some(40000));
+}
+
+#[test]
+fn a_moved_vms_old_port_is_quarantined_but_the_vm_may_come_back_to_it() {
+    let mut m = base();
+    apply!(m, create_host(&m, &h2()));
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
+    let to = |host: &str| MoveVm {
+        host: Some(host.into()),
+        host_port: None,
+    };
+    apply!(m, move_vm(&m, "a", &to("h2"), reuse()));
+    assert_eq!(
+        code(create_vm(&m, &with_port("b", 40000), secret(), reuse())),
+        ErrorCode::PortQuarantined
+    );
+    // Moving within the same host to the same port releases nothing.
+    let (ops, _) = move_vm(&m, "a", &to("h2"), reuse()).unwrap();
+    assert!(!ops.iter().any(|o| matches!(o, Op::QuarantinePort(_))));
+    // The VM that had the port may take it back at once.
+    let back = MoveVm {
+        host: Some("h1".into()),
+        host_port: Some(40000),
+    };
+    let a = apply!(m, move_vm(&m, "a", &back, reuse_at(NOW + 1)));
+    assert_eq!(a.host_port, Some(40000));
+    // Detaching quarantines the port it held.
+    let off = MoveVm {
+        host: None,
+        host_port: None,
+    };
+    apply!(m, move_vm(&m, "a", &off, reuse_at(NOW + 2)));
+    assert_eq!(m.quarantined[&("h1".to_string(), 40000)].until, NOW + 602);
+}
+
+#[test]
+fn endpoint_on_a_quarantined_port_is_refused_and_a_changed_port_is_quarantined() {
+    let mut m = base();
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
+    apply!(m, create_vm(&m, &vm_spec("b"), secret(), reuse()));
+    apply!(m, delete_vm(&m, "a", reuse()));
+    let at = |port| EndpointUpdate {
+        host_addr: Ipv4Addr::new(198, 18, 0, 1),
+        port,
+    };
+    assert_eq!(
+        code(register_endpoint(&m, "h1", "b", &at(40000), reuse())),
+        ErrorCode::PortQuarantined
+    );
+    // b registers on another port (outside the range: vnpd bound what it could): b's old
+    // port goes into quarantine.
+    apply!(m, register_endpoint(&m, "h1", "b", &at(41000), reuse()));
+    assert_eq!(m.quarantined[&("h1".to_string(), 40001)].vm, "b");
+}
+
+#[test]
+fn cascades_quarantine_every_port_and_expired_quarantines_are_forgotten() {
+    let mut m = base();
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), reuse()));
+    apply!(m, create_vm(&m, &vm_spec("b"), secret(), reuse()));
+    apply!(m, delete_network(&m, "n1", true, reuse()));
+    assert_eq!(m.quarantined.len(), 2);
+    // Later releases on the host forget quarantines that have run out.
+    let n = NetworkSpec {
+        id: "n2".into(),
+        vni: None,
+        cidr: "10.2.0.0/24".parse().unwrap(),
+        mtu: None,
+        default_policy: None,
+        nat_block: None,
+    };
+    apply!(m, create_network(&m, &n));
+    let later = reuse_at(NOW + 700);
+    let spec = VmSpec {
+        network: "n2".into(),
+        ..vm_spec("c")
+    };
+    let c = apply!(m, create_vm(&m, &spec, secret(), later));
+    assert_eq!(c.host_port, Some(40000));
+    apply!(m, delete_vm(&m, "c", later));
+    let left: Vec<_> = m
+        .quarantined
+        .values()
+        .map(|q| (q.port, q.vm.clone()))
+        .collect();
+    assert_eq!(left, vec![(40000, "c".to_string())]);
+    // Deleting the host forgets its quarantines.
+    apply!(m, delete_host(&m, "h1"));
+    assert!(m.quarantined.is_empty());
+}
+
+#[test]
+fn zero_quarantine_hands_ports_on_at_once() {
+    let mut m = base();
+    let none = PortReuse {
+        now: NOW,
+        quarantine_secs: 0,
+    };
+    apply!(m, create_vm(&m, &vm_spec("a"), secret(), none));
+    apply!(m, delete_vm(&m, "a", none));
+    assert!(m.quarantined.is_empty());
+    let b = apply!(m, create_vm(&m, &vm_spec("b"), secret(), none));
+    assert_eq!(b.host_port, Some(40000));
 }

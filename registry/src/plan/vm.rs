@@ -81,11 +81,13 @@ fn pick_mac(
 }
 
 /// Port for `vm_id` on `host`: the wanted one if free and in range, else the lowest free one.
+/// A port in another VM's quarantine is not free.
 fn pick_host_port(
     model: &Model,
     host: &Host,
     vm_id: &str,
     wanted: Option<u16>,
+    now: u64,
 ) -> Result<u16, ApiError> {
     let taken = |p: u16| {
         model.vms.values().find(|v| {
@@ -108,10 +110,11 @@ fn pick_host_port(
                 format!("port {p} on host {} is used by VM {}", host.id, other.id),
             );
         }
+        check_not_quarantined(model, &host.id, p, vm_id, now)?;
         return Ok(p);
     }
     (host.port_range.first..=host.port_range.last)
-        .find(|p| taken(*p).is_none())
+        .find(|p| taken(*p).is_none() && model.port_quarantine(&host.id, *p, vm_id, now).is_none())
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::PoolExhausted,
@@ -144,7 +147,12 @@ fn pick_nat_block(model: &Model, net: &Network) -> Result<PortRange, ApiError> {
 }
 
 /// Creates a VM with a fresh secret, allocating whatever the spec leaves open.
-pub fn create_vm(model: &Model, spec: &VmSpec, secret: VmSecret) -> Planned<VmRecord> {
+pub fn create_vm(
+    model: &Model,
+    spec: &VmSpec,
+    secret: VmSecret,
+    reuse: PortReuse,
+) -> Planned<VmRecord> {
     check_id(&spec.id)?;
     if model.vms.contains_key(&spec.id) {
         return refuse(
@@ -181,7 +189,13 @@ pub fn create_vm(model: &Model, spec: &VmSpec, secret: VmSecret) -> Planned<VmRe
                 .ok_or_else(|| ApiError::new(ErrorCode::UnknownHost, format!("no host {h}")))?;
             (
                 Some(h.clone()),
-                Some(pick_host_port(model, host, &spec.id, spec.host_port)?),
+                Some(pick_host_port(
+                    model,
+                    host,
+                    &spec.id,
+                    spec.host_port,
+                    reuse.now,
+                )?),
             )
         }
         None if spec.host_port.is_some() => {
@@ -220,13 +234,14 @@ fn get_vm<'m>(model: &'m Model, id: &str) -> Result<&'m VmRecord, ApiError> {
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))
 }
 
-/// Deletes a VM and its secret.
-pub fn delete_vm(model: &Model, id: &str) -> Planned<Deleted> {
+/// Deletes a VM and its secret; its host port goes into quarantine.
+pub fn delete_vm(model: &Model, id: &str, reuse: PortReuse) -> Planned<Deleted> {
     let vm = get_vm(model, id)?;
     let mut ops = vec![
         Op::DeleteVm(id.to_string()),
         Op::DeleteSecret(SecretOwner::Vm(id.to_string())),
     ];
+    ops.extend(release_vm_port_ops(model, vm, reuse));
     let mut gone = vm.clone();
     gone.endpoint = None;
     ops.extend(change_ops(model, &gone, ChangeKind::Deleted));
@@ -240,9 +255,11 @@ pub fn delete_vm(model: &Model, id: &str) -> Planned<Deleted> {
 }
 
 /// Hands a VM to another host (or detaches it). The endpoint stays where it was until the new
-/// host registers, so packets keep flowing to the old host during a migration.
-pub fn move_vm(model: &Model, id: &str, req: &MoveVm) -> Planned<VmRecord> {
-    let mut vm = get_vm(model, id)?.clone();
+/// host registers, so packets keep flowing to the old host during a migration. A port it gives
+/// up goes into quarantine.
+pub fn move_vm(model: &Model, id: &str, req: &MoveVm, reuse: PortReuse) -> Planned<VmRecord> {
+    let before = get_vm(model, id)?;
+    let mut vm = before.clone();
     match &req.host {
         Some(h) => {
             let host = model
@@ -254,7 +271,8 @@ pub fn move_vm(model: &Model, id: &str, req: &MoveVm) -> Planned<VmRecord> {
             } else {
                 None
             };
-            vm.host_port = Some(pick_host_port(model, host, id, req.host_port.or(keep))?);
+            let wanted = req.host_port.or(keep);
+            vm.host_port = Some(pick_host_port(model, host, id, wanted, reuse.now)?);
             vm.host = Some(h.clone());
         }
         None => {
@@ -266,6 +284,9 @@ pub fn move_vm(model: &Model, id: &str, req: &MoveVm) -> Planned<VmRecord> {
         }
     }
     let mut ops = vec![Op::PutVm(vm.clone())];
+    if (&before.host, before.host_port) != (&vm.host, vm.host_port) {
+        ops.extend(release_vm_port_ops(model, before, reuse));
+    }
     ops.extend(change_ops(model, &vm, ChangeKind::Moved));
     Ok((ops, vm))
 }
@@ -285,12 +306,14 @@ pub fn rotate_vm_secret(model: &Model, id: &str, secret: VmSecret) -> Planned<Vm
     Ok((ops, vm))
 }
 
-/// "VM `id` is now served at `update`", from host `caller`.
+/// "VM `id` is now served at `update`", from host `caller`. If that changes the VM's port, the
+/// new one must not be in another VM's quarantine and the old one goes into quarantine.
 pub fn register_endpoint(
     model: &Model,
     caller: &str,
     id: &str,
     update: &EndpointUpdate,
+    reuse: PortReuse,
 ) -> Planned<EndpointAck> {
     let mut vm = get_vm(model, id)?.clone();
     if vm.host.as_deref() != Some(caller) {
@@ -342,6 +365,11 @@ pub fn register_endpoint(
             ));
         }
     }
+    check_not_quarantined(model, caller, update.port, id, reuse.now)?;
+    let mut ops = Vec::new();
+    if vm.host_port != Some(update.port) {
+        ops.extend(release_vm_port_ops(model, &vm, reuse));
+    }
     let generation = model.generation + 1;
     vm.host_port = Some(update.port);
     vm.endpoint = Some(Endpoint {
@@ -349,7 +377,7 @@ pub fn register_endpoint(
         port: update.port,
         generation,
     });
-    let mut ops = vec![Op::PutVm(vm.clone())];
+    ops.push(Op::PutVm(vm.clone()));
     ops.extend(change_ops(model, &vm, ChangeKind::Endpoint));
     Ok((ops, EndpointAck { generation }))
 }

@@ -22,7 +22,14 @@ pub const CASES: &[(&str, Case)] = &[
     ("stale_base_is_refused", stale_base_is_refused),
     ("deletes_and_trims", deletes_and_trims),
     ("cascade_in_one_commit", cascade_in_one_commit),
+    ("port_quarantine_persists", port_quarantine_persists),
 ];
+
+/// The planners' clock in this suite.
+const REUSE: plan::PortReuse = plan::PortReuse {
+    now: 1_000_000,
+    quarantine_secs: 600,
+};
 
 /// Plans with `planner` on `model`, commits at the model's revision and applies.
 fn run<T>(
@@ -80,7 +87,7 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
     for (id, h, byte) in [("a", "h1", 5), ("b", "h2", 6)] {
         let spec = vm(id, "n1", h);
         run(store, model, |m| {
-            plan::create_vm(m, &spec, VmSecret::from_bytes([byte; 32]))
+            plan::create_vm(m, &spec, VmSecret::from_bytes([byte; 32]), REUSE)
         });
     }
     run(store, model, |m| {
@@ -91,7 +98,7 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
         port: 41000,
     };
     run(store, model, |m| {
-        plan::register_endpoint(m, "h2", "b", &update)
+        plan::register_endpoint(m, "h2", "b", &update, REUSE)
     });
     let gw = GatewaySpec {
         id: "g1".into(),
@@ -121,6 +128,12 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
             (),
         ))
     });
+    // A VM that came and went: its host port is in quarantine.
+    let gone = vm("gone", "n1", "h1");
+    run(store, model, |m| {
+        plan::create_vm(m, &gone, VmSecret::from_bytes([4; 32]), REUSE)
+    });
+    run(store, model, |m| plan::delete_vm(m, "gone", REUSE));
 }
 
 /// Everything a reload must give back.
@@ -134,6 +147,7 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.changes, expected.changes, "change log");
     assert_eq!(loaded.generation, expected.generation, "generation");
     assert_eq!(loaded.requests, expected.requests, "remembered writes");
+    assert_eq!(loaded.quarantined, expected.quarantined, "port quarantines");
     let mut owners: Vec<&SecretOwner> = loaded.secrets.keys().collect();
     owners.sort();
     let mut want: Vec<&SecretOwner> = expected.secrets.keys().collect();
@@ -222,7 +236,7 @@ pub fn stale_base_is_refused(store: &dyn Store) {
 pub fn deletes_and_trims(store: &dyn Store) {
     let mut model = load(store);
     populate(store, &mut model);
-    run(store, &mut model, |m| plan::delete_vm(m, "a"));
+    run(store, &mut model, |m| plan::delete_vm(m, "a", REUSE));
     run(store, &mut model, |m| plan::delete_gateway(m, "g1"));
     run(store, &mut model, |m| plan::delete_rule(m, "r1"));
     run(store, &mut model, |_| {
@@ -251,13 +265,69 @@ pub fn cascade_in_one_commit(store: &dyn Store) {
     for i in 0..20 {
         let spec = vm(&format!("v{i}"), "n1", "h1");
         run(store, &mut model, |m| {
-            plan::create_vm(m, &spec, VmSecret::from_bytes([i; 32]))
+            plan::create_vm(m, &spec, VmSecret::from_bytes([i; 32]), REUSE)
         });
     }
-    let deleted = run(store, &mut model, |m| plan::delete_network(m, "n1", true));
+    let deleted = run(store, &mut model, |m| {
+        plan::delete_network(m, "n1", true, REUSE)
+    });
     assert_eq!(deleted.cascaded.len(), 22 + 1 + 1, "{:?}", deleted.cascaded);
     let loaded = load(store);
     assert_same_state(&loaded, &model);
     assert!(loaded.vms.is_empty() && loaded.networks.is_empty() && loaded.secrets.is_empty());
     assert_eq!(loaded.hosts.len(), 2);
+}
+
+/// Port quarantines survive a reload, and so does their end.
+pub fn port_quarantine_persists(store: &dyn Store) {
+    let mut model = load(store);
+    populate(store, &mut model);
+    let key = ("h1".to_string(), 40001);
+    let q = model
+        .quarantined
+        .get(&key)
+        .expect("populate quarantines a port");
+    assert_eq!((q.vm.as_str(), q.until), ("gone", REUSE.now + 600));
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(
+        plan::create_vm(
+            &loaded,
+            &VmSpec {
+                host_port: Some(40001),
+                ..vm("c", "n1", "h1")
+            },
+            VmSecret::from_bytes([1; 32]),
+            REUSE
+        )
+        .is_err(),
+        "a reloaded quarantine must still hold"
+    );
+    // After the period, releasing another port on h1 forgets the expired quarantine.
+    let later = plan::PortReuse {
+        now: REUSE.now + 601,
+        ..REUSE
+    };
+    run(store, &mut model, |m| plan::delete_vm(m, "a", later));
+    assert!(
+        !model.quarantined.contains_key(&key),
+        "expired quarantine kept"
+    );
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    let on_h1: Vec<&(String, u16)> = loaded
+        .quarantined
+        .keys()
+        .filter(|(h, _)| h == "h1")
+        .collect();
+    assert_eq!(on_h1, vec![&("h1".to_string(), 40000)], "a's port only");
+    // Deleting the host forgets its quarantines, durably.
+    run(store, &mut model, |m| plan::delete_host(m, "h1"));
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(
+        loaded.quarantined.keys().all(|(h, _)| h != "h1"),
+        "{:?}",
+        loaded.quarantined
+    );
 }

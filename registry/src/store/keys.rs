@@ -8,11 +8,12 @@
 //! | `P secrets/vm/<id>`, `secrets/gw/<id>` | secret + generation, sealed ([`super::sealing`]) |
 //! | `P changes/<generation, 20 digits>` | a change-log entry's JSON (sorted by generation) |
 //! | `P requests/<idempotency key>` | the answer to a write that carried that key |
+//! | `P quarantine/<host>/<port>` | a host port's quarantine (JSON) |
 //! | `P version` | bumped by every commit; commits compare its `mod_revision` |
 
 use super::sealing::KeyRing;
 use super::StoreError;
-use crate::model::{Op, SecretEntry, SecretOwner};
+use crate::model::{parse_port_key, port_key, Op, SecretEntry, SecretOwner};
 use serde::Serialize;
 use vnp_protocol::token::VmSecret;
 use zeroize::Zeroize;
@@ -101,6 +102,10 @@ impl Layout {
             Op::TrimChanges(below) => DeleteRange(self.change(0), self.change(*below)),
             Op::RememberWrite(key, w) => Put(self.record("requests", key), json(w)?),
             Op::ForgetWrite(key) => Delete(self.record("requests", key)),
+            Op::QuarantinePort(q) => Put(self.record("quarantine", &q.key()), json(q)?),
+            Op::ReleasePort(host, port) => {
+                Delete(self.record("quarantine", &port_key(host, *port)))
+            }
         })
     }
 
@@ -128,6 +133,7 @@ impl Layout {
             "rules" => Op::PutRule(parse_json(key, value)?),
             "changes" => Op::AppendChange(parse_json(key, value)?),
             "requests" => Op::RememberWrite(id.to_string(), parse_json(key, value)?),
+            "quarantine" => Op::QuarantinePort(parse_json(key, value)?),
             "secrets" => {
                 let owner =
                     SecretOwner::from_key(id).ok_or_else(|| corrupt("secret owner".into()))?;
@@ -162,6 +168,10 @@ impl Layout {
             "vms" => Op::DeleteVm(id),
             "rules" => Op::DeleteRule(id),
             "requests" => Op::ForgetWrite(id),
+            "quarantine" => {
+                let (host, port) = parse_port_key(&id)?;
+                Op::ReleasePort(host, port)
+            }
             "secrets" => Op::DeleteSecret(SecretOwner::from_key(&id)?),
             // The log is trimmed from its oldest end: forgetting generation g forgets all
             // before it as well.

@@ -4,7 +4,7 @@
 //! planning on an outdated model (the revision guard catches that too).
 
 use super::{Store, StoreError};
-use crate::model::{Model, Op, SecretEntry, SecretOwner};
+use crate::model::{port_key, Model, Op, SecretEntry, SecretOwner};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -23,6 +23,8 @@ const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// Idempotency key -> the remembered answer (JSON).
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
+/// Key `<host>/<port>` -> the port's quarantine (JSON).
+const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
 /// Key `revision`: the number of commits so far (absent in files from before revisions).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
@@ -60,7 +62,9 @@ impl RedbStore {
         // Create every table once so that read transactions never meet a missing table.
         let txn = db.begin_write().map_err(io)?;
         {
-            for t in [NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS] {
+            for t in [
+                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS, QUARANTINE,
+            ] {
                 txn.open_table(t).map_err(io)?;
             }
             txn.open_table(CHANGES).map_err(io)?;
@@ -205,6 +209,11 @@ impl Store for RedbStore {
                 ops.push(Op::RememberWrite(k.value().to_string(), w));
             }
         }
+        ops.extend(
+            read_json_table(&txn, QUARANTINE, "quarantine")?
+                .into_iter()
+                .map(Op::QuarantinePort),
+        );
         let mut model = Model::default();
         model.apply(&ops);
         model.revision = read_revision(&txn.open_table(META).map_err(io)?)?;
@@ -232,6 +241,7 @@ impl Store for RedbStore {
             let mut secrets = txn.open_table(SECRETS).map_err(io)?;
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
             let mut requests = txn.open_table(REQUESTS).map_err(io)?;
+            let mut quarantine = txn.open_table(QUARANTINE).map_err(io)?;
             for op in ops {
                 match op {
                     Op::PutNetwork(n) => drop(
@@ -287,6 +297,16 @@ impl Store for RedbStore {
                             .map_err(io)?,
                     ),
                     Op::ForgetWrite(key) => drop(requests.remove(key.as_str()).map_err(io)?),
+                    Op::QuarantinePort(q) => drop(
+                        quarantine
+                            .insert(q.key().as_str(), json(q)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::ReleasePort(host, port) => drop(
+                        quarantine
+                            .remove(port_key(host, *port).as_str())
+                            .map_err(io)?,
+                    ),
                 }
             }
         }
@@ -304,6 +324,12 @@ fn read_revision(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64, St
 mod tests {
     use super::*;
     use crate::plan;
+    use crate::plan::PortReuse;
+
+    const REUSE: PortReuse = PortReuse {
+        now: 1000,
+        quarantine_secs: 600,
+    };
     use std::net::Ipv4Addr;
     use vnp_registry_client::api::*;
 
@@ -341,7 +367,7 @@ mod tests {
             tags: vec!["web".into()],
             ..VmSpec::default()
         };
-        let ops = plan::create_vm(&m, &v, VmSecret::from_bytes([5; 32]))
+        let ops = plan::create_vm(&m, &v, VmSecret::from_bytes([5; 32]), REUSE)
             .unwrap()
             .0;
         run(&mut m, ops);
