@@ -113,7 +113,11 @@ fn etcd_revision(cluster: &EtcdCluster) -> u64 {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     status
         .as_array()
-        .and_then(|rows| rows.iter().map(|r| r["Status"]["header"]["revision"].as_u64()).max())
+        .and_then(|rows| {
+            rows.iter()
+                .map(|r| r["Status"]["header"]["revision"].as_u64())
+                .max()
+        })
         .flatten()
         .expect("revision in endpoint status")
 }
@@ -191,7 +195,10 @@ fn replica_with_a_stalled_watch_stops_minting_then_resyncs() {
     );
     eprintln!("replica a minted again {back:?} after its etcd member came back");
     let g = h1_on_a.request_token("a", b_ip).unwrap();
-    assert_eq!(g.dst_port, 41000, "token leads to the endpoint set meanwhile");
+    assert_eq!(
+        g.dst_port, 41000,
+        "token leads to the endpoint set meanwhile"
+    );
     let (secret_b, _) = a.client("h2").get_vm_secret("b").unwrap();
     assert!(verify(&secret_b, &g.fields(), &g.token_value().unwrap()));
     assert_eq!(a.client("admin").get_vm("during").unwrap(), during);
@@ -205,7 +212,10 @@ fn replica_with_a_stalled_watch_stops_minting_then_resyncs() {
     assert!(w.generation > endpoint_gen, "{w:?}");
     assert_eq!(
         w.generation,
-        b.client("admin").watch(&[], 0, Duration::ZERO).unwrap().generation
+        b.client("admin")
+            .watch(&[], 0, Duration::ZERO)
+            .unwrap()
+            .generation
     );
     assert!(staleness_ms(&a) < MAX_STALENESS.as_millis() as u64);
     // A's watch did not just wake up: it was given up (the client's keep-alive noticed the
