@@ -184,7 +184,15 @@ fn run(created: &Created) -> Result<()> {
         bail!("ping lost packets\n{}", cluster.logs());
     }
 
-    say("7. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
+    say("7. vm-a pings its router: vnpd answers ICMP echo itself (the virtual router)");
+    let router = att_a.router_ip;
+    let out = guest_cmd(&mut ga, &format!("ping -c 2 -W 5 {router}"))?;
+    print!("{}", indent(&out));
+    if !out.contains(" 0% packet loss") {
+        bail!("the virtual router did not answer\n{}", cluster.logs());
+    }
+
+    say("8. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
     let spec = TcpTransferSpec {
         bytes: TRANSFER_BYTES,
         ..TcpTransferSpec::default()
@@ -202,7 +210,7 @@ fn run(created: &Created) -> Result<()> {
         transfer.elapsed.as_secs_f64()
     );
 
-    say("8. Counters (vnpd's Prometheus export, non-zero lines)");
+    say("9. Counters (vnpd's Prometheus export, non-zero lines)");
     for i in 0..2 {
         let text = cluster.scrape(i)?;
         println!("   host {}:", cluster.host(i).id);
@@ -217,7 +225,7 @@ fn run(created: &Created) -> Result<()> {
         "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
     );
 
-    say("9. Cleaning up: guests, vnpd, registry, namespaces, files");
+    say("10. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
     drop(ga);
     drop(gb);
