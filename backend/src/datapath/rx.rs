@@ -17,11 +17,11 @@ use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
 use super::port::unix_now;
 use super::rx_check::{check_datagram, parse_options};
 use super::udp;
-use super::worker::{PairWorker, RX_BATCH};
+use super::worker::{PairWorker, Side, RX_BATCH};
 use crate::device::features::rx_vnet_header;
 use crate::metrics::counters::DropReason;
 use crate::ring::chain::MAX_RX_SEGS;
-use crate::ring::vring::{is_live, notify};
+use crate::ring::vring::notify;
 use crate::ring::{GuestView, Vring};
 
 /// Fewest datagrams a `recvmmsg` is prepared for.
@@ -38,8 +38,9 @@ impl PairWorker {
     /// socket has data and the guest has buffers.
     pub(super) fn run_rx(&mut self, view: GuestView<'_>, rx: &Vring) {
         loop {
-            if !is_live(rx) {
-                // Datagrams stay in the socket buffer until the ring is enabled.
+            if !self.in_service(Side::Rx, rx, view.mem()) {
+                // Datagrams stay in the socket buffer until the ring is enabled (or set up
+                // again after the guest broke it).
                 self.rx_backlog = true;
                 return;
             }
@@ -50,6 +51,10 @@ impl PairWorker {
             }
             // Out of guest buffers with data left: ask the guest to kick when it adds some.
             self.rx_backlog = true;
+            if self.is_parked(Side::Rx) {
+                // A broken ring always "has work": re-enabling would loop forever.
+                return;
+            }
             match rx.enable_notification() {
                 Ok(true) => continue,
                 _ => return,
@@ -70,6 +75,7 @@ impl PairWorker {
             let now = unix_now();
             for i in 0..received.min(slots) {
                 if let Err(reason) = self.accept_datagram(view, i, now) {
+                    self.scrub(view, i);
                     self.core.counters.drop_packet(reason);
                 }
             }
@@ -90,13 +96,14 @@ impl PairWorker {
         let frame_bytes = self.inner_offset() + usize::from(self.core.net.mtu);
         let assigned = {
             let mut state = rx.get_mut();
-            self.pool.assign(
-                state.get_queue_mut(),
-                view,
-                self.rx_hint,
-                frame_bytes,
-                &mut self.rx_slots,
-            )
+            let queue = state.get_queue_mut();
+            let assigned =
+                self.pool
+                    .assign(queue, view, self.rx_hint, frame_bytes, &mut self.rx_slots);
+            if let Some(fault) = assigned.fault {
+                self.park(Side::Rx, fault, queue);
+            }
+            assigned
         };
         self.count_bad_rx_chains(assigned.bad_chains);
         if assigned.bad_chains > 0 {
@@ -160,6 +167,10 @@ impl PairWorker {
         }
         let src = udp::from_sockaddr_in(&msg.name).ok_or(DropReason::RxMalformed)?;
         let (inner_len, learned) = self.check(view, &msg.head, len, src, now)?;
+        if written > inner_len {
+            // The option trailer (a return token) is vnpd's, not part of the frame.
+            self.zero_guest_bytes(view, off + inner_len, written - inner_len);
+        }
         let frame_len = off + inner_len;
         let spans = self.pool.spans(&slot, frame_len);
         let hdr = self.features.vnet_hdr_len;
@@ -173,6 +184,35 @@ impl PairWorker {
         self.core.counters.rx(inner_len);
         self.rx_learned.extend(learned);
         Ok(())
+    }
+
+    /// Zeroes what the kernel wrote into the guest buffers of rejected datagram `i`. Those
+    /// bytes (traffic for another VM, a forged datagram's return-token option) must never be
+    /// readable by the guest: the buffers stay first in line and may be kept by the guest
+    /// (stop, reset) without ever being written again. Only rejected datagrams pay for it.
+    fn scrub(&mut self, view: GuestView<'_>, i: usize) {
+        let (len, _) = self.rx_batch.result(i);
+        let msg = self.rx_batch.msg(i);
+        let written = len.saturating_sub(HEADER_LEN).min(msg.guest_len);
+        if written == 0 {
+            return;
+        }
+        self.rx_segs.clear();
+        self.pool.segs(&self.rx_slots[i], &mut self.rx_segs);
+        self.zero_guest_bytes(view, self.inner_offset(), written);
+    }
+
+    /// Zeroes `len` bytes at `offset` of the buffers in `self.rx_segs`.
+    fn zero_guest_bytes(&self, view: GuestView<'_>, offset: usize, len: usize) {
+        const ZEROS: [u8; 2048] = [0; 2048];
+        let mut done = 0usize;
+        while done < len {
+            let n = (len - done).min(ZEROS.len());
+            if view.write(&self.rx_segs, offset + done, &ZEROS[..n]) != n {
+                break;
+            }
+            done += n;
+        }
     }
 
     /// The receive checks of one datagram (in `self.rx_segs`) on local copies of its headers;

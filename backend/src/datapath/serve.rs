@@ -14,13 +14,13 @@ use vmm_sys_util::epoll::EventSet;
 use super::port::{short, PortCore};
 use super::worker::{PairWorker, HANDOFF_EVENT, SOCKET_EVENT};
 use crate::device::frontend_relay::FrontendRelay;
-use crate::device::{DeviceConfig, NetBackend};
+use crate::device::{DeviceConfig, NetBackend, VringErrors};
 
 type Device = NetBackend<PairWorker>;
 
 /// A fresh device for one connection, its daemon, and each pair's own file descriptors
 /// registered in that pair's epoll.
-fn new_daemon(core: &Arc<PortCore>) -> Option<VhostUserDaemon<Arc<Device>>> {
+fn new_daemon(core: &Arc<PortCore>) -> Option<(VhostUserDaemon<Arc<Device>>, Arc<VringErrors>)> {
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let config = DeviceConfig {
         mac: core.mac,
@@ -69,7 +69,7 @@ fn new_daemon(core: &Arc<PortCore>) -> Option<VhostUserDaemon<Arc<Device>>> {
             );
         }
     }
-    Some(daemon)
+    Some((daemon, backend.vring_errors()))
 }
 
 /// Serves one frontend connection after another until stopped.
@@ -80,7 +80,7 @@ pub(super) fn serve(
     active: &Mutex<Option<ShutdownHandle>>,
 ) {
     while !stop.load(Ordering::SeqCst) {
-        let Some(mut daemon) = new_daemon(&core) else {
+        let Some((mut daemon, errors)) = new_daemon(&core) else {
             std::thread::sleep(Duration::from_secs(1));
             continue;
         };
@@ -98,7 +98,10 @@ pub(super) fn serve(
         // QEMU's virtio-net sends SET_VRING_ENABLE before SET_FEATURES, which the vhost crate
         // refuses by dropping the connection; the relay absorbs those (see frontend_relay).
         let label = short(&core.vm_id);
-        let relay = match FrontendRelay::start(frontend, &label, |p| daemon.start_client(p)) {
+        // It also hands the device the frontend's error eventfds (told when a ring breaks).
+        let started =
+            FrontendRelay::start_with_errors(frontend, &label, errors, |p| daemon.start_client(p));
+        let relay = match started {
             Ok(r) => r,
             Err(e) => {
                 log::error!("vm {}: cannot start frontend relay: {e}", core.vm_id);

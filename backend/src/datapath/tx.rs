@@ -21,10 +21,11 @@ use super::frame::{classify_tx, TxClass, CLASSIFY_PREFIX, ETH_HLEN};
 use super::peers::{Enqueued, SendInfo};
 use super::port::unix_now;
 use super::udp;
-use super::worker::{PairWorker, TX_BATCH};
+use super::worker::{PairWorker, Side, TX_BATCH};
 use crate::metrics::counters::DropReason;
-use crate::ring::vring::{is_live, notify};
-use crate::ring::{GuestView, Vring};
+use crate::ring::park::{avail_index_jump, head_out_of_range};
+use crate::ring::vring::notify;
+use crate::ring::{DescTable, GuestView, Vring};
 
 /// Largest ARP/DHCP frame handed to the edge.
 const MAX_EDGE_FRAME: usize = 1514;
@@ -42,11 +43,15 @@ impl PairWorker {
     /// Handles a TX kick: sends everything the guest queued.
     pub(super) fn run_tx(&mut self, view: GuestView<'_>, rx: &Vring, tx: &Vring) {
         loop {
-            if !is_live(tx) {
+            if !self.in_service(Side::Tx, tx, view.mem()) {
                 return;
             }
             let _ = tx.disable_notification();
             while self.tx_batch(view, rx, tx) {}
+            if self.is_parked(Side::Tx) {
+                // A broken ring always "has work": re-enabling would loop forever.
+                return;
+            }
             match tx.enable_notification() {
                 Ok(true) => continue,
                 _ => return,
@@ -86,16 +91,26 @@ impl PairWorker {
         self.tx_heads.len() == TX_BATCH
     }
 
-    /// Pops up to a batch of chains and handles each frame.
+    /// Pops up to a batch of chains and handles each frame; parks the ring when the guest
+    /// broke it.
     fn pop_tx_chains(&mut self, view: GuestView<'_>, tx: &Vring, now: Now) {
         let mut state = tx.get_mut();
         let queue = state.get_queue_mut();
+        let table = DescTable::of(queue, self.features.indirect_desc, view.mem());
         while self.tx_heads.len() < TX_BATCH {
             let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
+                if let Some(fault) = avail_index_jump(queue, view.mem()) {
+                    self.park(Side::Tx, fault, queue);
+                }
                 break;
             };
+            if let Some(fault) = head_out_of_range(queue, chain.head_index()) {
+                // No descriptor to give back: the used ring cannot stay in step.
+                self.park(Side::Tx, fault, queue);
+                break;
+            }
             self.tx_heads.push(chain.head_index());
-            match self.tx_chain.collect(chain, view.mem()) {
+            match self.tx_chain.collect(chain, table, view.mem()) {
                 Ok(_) => self.tx_frame(view, now),
                 Err(e) => {
                     log::debug!("vm {}: tx chain dropped: {e}", self.core.vm_id);
@@ -116,19 +131,30 @@ impl PairWorker {
             return;
         }
         let frame_len = total - hdr;
-        let mut prefix = [0u8; CLASSIFY_PREFIX];
+        // One read for the virtio-net header and the frame's first bytes (local copies: the
+        // guest can change its buffers at any time).
+        let mut head = [0u8; 12 + CLASSIFY_PREFIX];
         let want = frame_len.min(CLASSIFY_PREFIX);
-        if view.read(self.tx_chain.segs(), hdr, &mut prefix[..want]) != want {
+        if view.read(self.tx_chain.segs(), 0, &mut head[..hdr + want]) != hdr + want {
             self.core.counters.drop_packet(DropReason::TxBadChain);
             return;
         }
-        match classify_tx(&self.core.net, &prefix[..want], frame_len) {
+        // flags and gso_type: no offload was negotiated, so a packet whose header asks for
+        // one (a checksum left to fill in, a super-packet) is not a complete packet.
+        if head[0] != 0 || head[1] != 0 {
+            self.core
+                .counters
+                .drop_packet(DropReason::TxOffloadRequested);
+            return;
+        }
+        let prefix = &head[hdr..hdr + want];
+        match classify_tx(&self.core.net, prefix, frame_len) {
             TxClass::Drop(reason) => self.core.counters.drop_packet(reason),
             TxClass::TooBig => {
                 // Not forwarded; the edge answers with ICMP "fragmentation needed", which
                 // quotes only the header prefix already in hand.
                 self.core.counters.drop_packet(DropReason::TxOversize);
-                self.tx_edge.push(prefix[..want].to_vec());
+                self.tx_edge.push(prefix.to_vec());
             }
             TxClass::Edge => self.copy_for_edge(view, frame_len),
             TxClass::Ipv4 { dst, total_len } => self.encapsulate(view, dst, total_len, now),

@@ -13,6 +13,7 @@
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
 use vnp_protocol::wire::options::ReturnToken;
@@ -23,11 +24,11 @@ use super::handoff::HandedOff;
 use super::peers::SendInfo;
 use super::port::{unix_now, PortCore};
 use crate::device::features::rx_vnet_header;
-use crate::device::{Negotiated, PairEvent, QueuePairHandler};
+use crate::device::{BrokenRings, Negotiated, PairEvent, QueuePairHandler};
 use crate::metrics::counters::DropReason;
 use crate::ring::batch::MsgBatch;
 use crate::ring::vring::{is_live, notify};
-use crate::ring::{GuestSeg, GuestView, RxPool, TxChain, Vring};
+use crate::ring::{GuestMem, GuestSeg, GuestView, ParkedRing, RingFault, RxPool, TxChain, Vring};
 
 /// Packets per `sendmmsg`.
 pub const TX_BATCH: usize = 32;
@@ -37,6 +38,16 @@ pub const RX_BATCH: usize = 32;
 pub const SOCKET_EVENT: u64 = 0;
 /// The pair's hand-off eventfd.
 pub const HANDOFF_EVENT: u64 = 1;
+/// Least time between two log lines about broken rings from one worker: a guest can break and
+/// reset its rings in a loop, the log must not follow it.
+const RING_FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Which ring of the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    Rx,
+    Tx,
+}
 
 /// A VNP datagram being sent: VNP header, guest packet, return-token option.
 pub(super) type TxBatch = MsgBatch<HEADER_LEN, { ReturnToken::WIRE_LEN }>;
@@ -54,6 +65,14 @@ pub struct PairWorker {
     pub(super) rx_backlog: bool,
     /// A clone of the RX vring, to give held buffers back when the ring stops.
     rx_vring: Option<Vring>,
+    /// The RX ring, parked after the guest broke it (see `ring::park`).
+    rx_parked: Option<ParkedRing>,
+    /// The TX ring, parked likewise.
+    tx_parked: Option<ParkedRing>,
+    /// When this worker last logged a ring fault.
+    last_fault_log: Option<Instant>,
+    /// Rings parked since the device last asked (it tells the frontend).
+    newly_broken: BrokenRings,
     /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
     /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
     pub(super) rx_hint: usize,
@@ -86,15 +105,23 @@ impl QueuePairHandler for PairWorker {
     fn set_features(&mut self, negotiated: Negotiated) {
         self.features = negotiated;
         self.pool.set_mergeable(negotiated.mrg_rxbuf);
+        self.pool.set_indirect_allowed(negotiated.indirect_desc);
     }
 
     fn reset(&mut self) {
         self.pool.clear();
         self.rx_backlog = false;
         self.rx_vring = None;
+        self.rx_parked = None;
+        self.tx_parked = None;
+    }
+
+    fn stop_tx(&mut self) {
+        self.tx_parked = None;
     }
 
     fn stop_rx(&mut self) {
+        self.rx_parked = None;
         let heads = self.pool.take_all();
         let Some(rx) = self.rx_vring.clone() else {
             return;
@@ -121,6 +148,10 @@ impl QueuePairHandler for PairWorker {
             PairEvent::External(n) => log::debug!("vm {}: unknown event {n}", self.core.vm_id),
         }
     }
+
+    fn take_broken(&mut self) -> BrokenRings {
+        std::mem::take(&mut self.newly_broken)
+    }
 }
 
 impl PairWorker {
@@ -133,6 +164,10 @@ impl PairWorker {
             pool: RxPool::new(),
             rx_backlog: false,
             rx_vring: None,
+            rx_parked: None,
+            tx_parked: None,
+            last_fault_log: None,
+            newly_broken: BrokenRings::default(),
             rx_hint: super::rx::MIN_RX_SLOTS,
             tx_chain: TxChain::new(),
             tx_heads: Vec::with_capacity(TX_BATCH),
@@ -150,6 +185,73 @@ impl PairWorker {
     /// Whether the socket had data the guest had no room for.
     pub fn rx_backlog(&self) -> bool {
         self.rx_backlog
+    }
+
+    /// Whether ring `side` is parked (its fault stands).
+    pub(super) fn is_parked(&self, side: Side) -> bool {
+        match side {
+            Side::Rx => self.rx_parked.is_some(),
+            Side::Tx => self.tx_parked.is_some(),
+        }
+    }
+
+    /// Whether ring `side` may be used: live, and not parked, or parked but set up again by
+    /// the frontend since (a driver reset), which ends the parking.
+    pub(super) fn in_service(&mut self, side: Side, ring: &Vring, mem: &GuestMem) -> bool {
+        if !is_live(ring) {
+            return false;
+        }
+        let parked = match side {
+            Side::Rx => &mut self.rx_parked,
+            Side::Tx => &mut self.tx_parked,
+        };
+        let Some(p) = parked else {
+            return true;
+        };
+        if p.still_parked(ring.get_ref().get_queue(), mem) {
+            return false;
+        }
+        log::info!(
+            "vm {}: pair {} {side:?} ring set up again, back in service",
+            self.core.vm_id,
+            self.pair
+        );
+        *parked = None;
+        true
+    }
+
+    /// Parks ring `side` of `queue` after `fault`: counted once (`rx_ring_broken`, `tx_ring_broken`), logged at most
+    /// every [`RING_FAULT_LOG_INTERVAL`]. The ring is no longer popped nor its notifications
+    /// re-enabled until the frontend sets it up again, so a broken ring costs no CPU.
+    pub(super) fn park(&mut self, side: Side, fault: RingFault, queue: &virtio_queue::Queue) {
+        let parked = ParkedRing::new(fault, queue);
+        match side {
+            Side::Rx => {
+                self.rx_parked = Some(parked);
+                self.newly_broken.rx = true;
+            }
+            Side::Tx => {
+                self.tx_parked = Some(parked);
+                self.newly_broken.tx = true;
+            }
+        }
+        self.core.counters.drop_packet(match side {
+            Side::Rx => DropReason::RxRingBroken,
+            Side::Tx => DropReason::TxRingBroken,
+        });
+        let now = Instant::now();
+        if self
+            .last_fault_log
+            .is_none_or(|t| now.duration_since(t) >= RING_FAULT_LOG_INTERVAL)
+        {
+            self.last_fault_log = Some(now);
+            log::warn!(
+                "vm {}: pair {} {side:?} ring broken by the guest ({fault}); parked until the \
+                 driver resets it",
+                self.core.vm_id,
+                self.pair
+            );
+        }
     }
 
     pub(super) fn socket(&self) -> &std::net::UdpSocket {
@@ -227,7 +329,7 @@ impl PairWorker {
     /// Writes a locally generated Ethernet frame (an edge reply) into the guest's RX queue.
     /// Returns false when the guest has no buffer for it.
     pub(super) fn deliver_frame(&mut self, view: GuestView<'_>, rx: &Vring, frame: &[u8]) -> bool {
-        if !is_live(rx) {
+        if !self.in_service(Side::Rx, rx, view.mem()) {
             return false;
         }
         let hdr = self.features.vnet_hdr_len;
@@ -237,6 +339,9 @@ impl PairWorker {
             let mut state = rx.get_mut();
             let queue = state.get_queue_mut();
             let assigned = self.pool.assign(queue, view, 1, need, &mut slots);
+            if let Some(fault) = assigned.fault {
+                self.park(Side::Rx, fault, queue);
+            }
             // Without MRG_RXBUF a single buffer must hold the frame.
             let fits = slots.first().filter(|s| self.pool.capacity(s) >= need);
             let delivered = if let Some(slot) = fits {

@@ -7,14 +7,17 @@
 //! [`GuestView`]. A handler may watch file descriptors of its own (a socket, an eventfd) in
 //! the pair's epoll under [`NetBackend::external_event_id`].
 
-use std::io;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -36,6 +39,9 @@ pub struct Negotiated {
     pub mrg_rxbuf: bool,
     /// `VHOST_F_LOG_ALL`: migration in progress, every guest write must reach the dirty log.
     pub log_all: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC`: chains may refer to indirect descriptor tables. Never
+    /// offered today, so always false; chains that use one anyway are dropped.
+    pub indirect_desc: bool,
 }
 
 impl Default for Negotiated {
@@ -44,6 +50,7 @@ impl Default for Negotiated {
             vnet_hdr_len: 12,
             mrg_rxbuf: false,
             log_all: false,
+            indirect_desc: false,
         }
     }
 }
@@ -60,16 +67,62 @@ pub enum PairEvent {
     External(u64),
 }
 
+/// Which rings of a pair broke since the device last asked (see `ring::park`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokenRings {
+    /// The RX ring (queue `2i`).
+    pub rx: bool,
+    /// The TX ring (queue `2i + 1`).
+    pub tx: bool,
+}
+
+/// The error eventfds the frontend gave per ring (`VHOST_USER_SET_VRING_ERR`). The
+/// vhost-user-backend crate keeps the ones it receives to itself, so the frontend relay, which
+/// sees every message, hands the device a copy of each.
+#[derive(Debug, Default)]
+pub struct VringErrors {
+    fds: Mutex<BTreeMap<u8, File>>,
+}
+
+impl VringErrors {
+    /// Ring `index`'s error eventfd is now `fd` (`None`: the frontend took it away).
+    pub fn set(&self, index: u8, fd: Option<File>) {
+        let mut fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        match fd {
+            Some(fd) => fds.insert(index, fd),
+            None => fds.remove(&index),
+        };
+    }
+
+    /// Tells the frontend that ring `index` is broken, if it gave an error eventfd for it;
+    /// returns whether it did.
+    pub fn signal(&self, index: u8) -> bool {
+        let fds = self.fds.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut fd) = fds.get(&index) else {
+            return false;
+        };
+        // An eventfd takes 8-byte native-endian counts.
+        fd.write_all(&1u64.to_ne_bytes()).is_ok()
+    }
+}
+
 /// The packet side of one queue pair. Called on that pair's worker thread only.
 pub trait QueuePairHandler: Send + 'static {
     /// The driver acked its features.
     fn set_features(&mut self, negotiated: Negotiated);
     /// Device reset: the rings are gone; forget everything taken from them.
     fn reset(&mut self);
-    /// The RX ring is stopping (GET_VRING_BASE): give every buffer taken from it back.
+    /// The RX ring is stopping (GET_VRING_BASE): give every buffer taken from it back. The
+    /// frontend sets it up again before it runs again, so a parked ring may be used again.
     fn stop_rx(&mut self);
+    /// The TX ring is stopping (GET_VRING_BASE); as for RX, a parked ring may be used again
+    /// once it is set up again.
+    fn stop_tx(&mut self);
     /// Handles `event` with guest memory `view`, the pair's RX and TX vrings.
     fn handle(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring);
+    /// The rings that broke (and were parked) since the last call: the device tells the
+    /// frontend.
+    fn take_broken(&mut self) -> BrokenRings;
 }
 
 /// The device's fixed properties.
@@ -90,6 +143,7 @@ pub struct NetBackend<H: QueuePairHandler> {
     acked: AtomicU64,
     config: [u8; CONFIG_LEN],
     max_queue_size: usize,
+    errors: Arc<VringErrors>,
 }
 
 impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
@@ -117,7 +171,13 @@ impl<H: QueuePairHandler> NetBackend<H> {
             acked: AtomicU64::new(0),
             config: config_space(config.mac, pairs as u16, config.mtu),
             max_queue_size: usize::from(config.max_queue_size),
+            errors: Arc::default(),
         }
+    }
+
+    /// Where the frontend relay puts the error eventfds the frontend gives.
+    pub fn vring_errors(&self) -> Arc<VringErrors> {
+        self.errors.clone()
     }
 
     /// Epoll data value under which a handler's own file descriptor number `n` is watched
@@ -151,6 +211,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             vnet_hdr_len: vnet_header_len(features),
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             log_all: has_feature(features, VHOST_F_LOG_ALL),
+            indirect_desc: has_feature(features, VIRTIO_RING_F_INDIRECT_DESC),
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);
@@ -193,9 +254,11 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
-        if index % 2 == 0 {
-            if let Some(h) = self.handlers.get(index / 2) {
+        if let Some(h) = self.handlers.get(index / 2) {
+            if index % 2 == 0 {
                 lock(h).stop_rx();
+            } else {
+                lock(h).stop_tx();
             }
         }
         Ok(())
@@ -225,7 +288,18 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
         // One snapshot of guest memory for the whole pass.
         let snapshot = self.mem.memory().into_inner();
         let log_all = has_feature(self.acked.load(Ordering::Relaxed), VHOST_F_LOG_ALL);
-        lock(handler).handle(event, GuestView::new(&snapshot, log_all), rx, tx);
+        let broken = {
+            let mut handler = lock(handler);
+            handler.handle(event, GuestView::new(&snapshot, log_all), rx, tx);
+            handler.take_broken()
+        };
+        let pair = thread_id as u8;
+        if broken.rx && !self.errors.signal(pair * 2) {
+            log::debug!("pair {thread_id}: RX ring broken, no error eventfd to tell");
+        }
+        if broken.tx && !self.errors.signal(pair * 2 + 1) {
+            log::debug!("pair {thread_id}: TX ring broken, no error eventfd to tell");
+        }
         Ok(())
     }
 }

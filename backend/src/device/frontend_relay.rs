@@ -53,6 +53,8 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::VhostUserVirtioFeatures;
 use vm_memory::ByteValued;
+
+use super::backend::VringErrors;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// The vhost-user message header: request code, flags, payload size (native byte order, which
@@ -398,6 +400,17 @@ impl FrontendRelay {
         label: &str,
         connect_backend: impl FnOnce(&str) -> Result<(), E>,
     ) -> io::Result<Self> {
+        Self::start_with_errors(frontend, label, Arc::default(), connect_backend)
+    }
+
+    /// As [`FrontendRelay::start`], and puts a copy of each error eventfd the frontend gives
+    /// (`SET_VRING_ERR`) in `errors`, for the device to tell the frontend when a ring breaks.
+    pub fn start_with_errors<E: Display>(
+        frontend: UnixStream,
+        label: &str,
+        errors: Arc<VringErrors>,
+        connect_backend: impl FnOnce(&str) -> Result<(), E>,
+    ) -> io::Result<Self> {
         let private = PrivateSocketDir::create(label)?;
         let listener = UnixListener::bind(private.socket())?;
         let path = private
@@ -408,10 +421,15 @@ impl FrontendRelay {
         private.remove();
         let backend = accept_own_connection(&listener)?;
         drop(listener);
-        Self::spawn_pumps(frontend, backend, label)
+        Self::spawn_pumps(frontend, backend, label, errors)
     }
 
-    fn spawn_pumps(frontend: UnixStream, backend: UnixStream, label: &str) -> io::Result<Self> {
+    fn spawn_pumps(
+        frontend: UnixStream,
+        backend: UnixStream,
+        label: &str,
+        errors: Arc<VringErrors>,
+    ) -> io::Result<Self> {
         let frontend_writer = Arc::new(Mutex::new(frontend.try_clone()?));
         let backend_reader = backend.try_clone()?;
         let to_backend = {
@@ -426,7 +444,7 @@ impl FrontendRelay {
                         &backend,
                         &frontend_writer,
                         &mut filter,
-                        &label,
+                        (&label, &errors),
                     );
                     if let Err(e) = pumped {
                         log::debug!("vm {label}: frontend relay ended: {e}");
@@ -475,10 +493,13 @@ fn pump_from_frontend(
     backend: &UnixStream,
     frontend_writer: &Mutex<UnixStream>,
     filter: &mut EarlyEnableFilter,
-    label: &str,
+    (label, errors): (&str, &VringErrors),
 ) -> io::Result<()> {
     while let Some(msg) = read_message(frontend)? {
         log::debug!("vm {label}: {}", describe("frontend ->", &msg));
+        if msg.header.code() == Some(FrontendReq::SET_VRING_ERR) {
+            keep_error_fd(&msg, errors);
+        }
         let header = msg.header.as_slice();
         match filter.on_frontend_message(&msg.header, &msg.payload) {
             Verdict::Forward => write_message(backend, header, &msg.payload, &msg.fds)?,
@@ -499,6 +520,24 @@ fn pump_from_frontend(
         }
     }
     Ok(())
+}
+
+/// `SET_VRING_ERR` payload bit saying the message carries no descriptor (the ring's error
+/// eventfd is taken away).
+const VRING_NOFD: u64 = 0x100;
+
+/// Keeps a copy of the error eventfd a `SET_VRING_ERR` carries (the message itself goes on to
+/// the backend unchanged).
+fn keep_error_fd(msg: &Message, errors: &VringErrors) {
+    let Some(value) = read_payload::<VhostUserU64>(&msg.payload).map(|v| v.value) else {
+        return;
+    };
+    let index = (value & 0xff) as u8;
+    let fd = match msg.fds.first() {
+        Some(fd) if value & VRING_NOFD == 0 => fd.try_clone().ok().map(std::fs::File::from),
+        _ => None,
+    };
+    errors.set(index, fd);
 }
 
 #[cfg(test)]

@@ -11,4 +11,6 @@ pub mod backend;
 pub mod features;
 pub mod frontend_relay;
 
-pub use backend::{DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler};
+pub use backend::{
+    BrokenRings, DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler, VringErrors,
+};

@@ -83,6 +83,15 @@ drop_reasons! {
     RxBadChain => "rx_bad_chain",
     /// RX: a locally generated frame (ARP/DHCP reply) found no guest receive buffer.
     RxNoBuffer => "rx_no_buffer",
+    /// RX: the guest broke its whole RX ring (`avail->idx` more than the queue size ahead, or
+    /// a head index out of range); the ring is parked until the driver resets it. Counted once
+    /// per fault, not per packet.
+    RxRingBroken => "rx_ring_broken",
+    /// TX: the same for the TX ring.
+    TxRingBroken => "tx_ring_broken",
+    /// TX: the virtio-net header asks for checksum or segmentation offload (non-zero `flags`
+    /// or `gso_type`), which vnpd never negotiates.
+    TxOffloadRequested => "tx_offload_requested",
 }
 
 /// Counters of one attached VM. Shared (`Arc`) between the data-path workers and readers.

@@ -9,13 +9,18 @@
 use std::ops::Deref;
 
 use thiserror::Error;
-use virtio_queue::DescriptorChain;
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Most descriptors a TX chain may have. Linux uses at most MAX_SKB_FRAGS + 2 (19); DPDK one or
 /// two. A longer chain is a broken or hostile guest.
 pub const MAX_TX_DESCRIPTORS: usize = 64;
+/// Most descriptors an RX chain may have. A guest without mergeable buffers posts large
+/// receive chains of about 19 descriptors (Linux: MAX_SKB_FRAGS + 2); anything much longer is
+/// a broken or hostile guest making the device walk its table for nothing.
+pub const MAX_RX_DESCRIPTORS: usize = 64;
 /// Writable segments of one RX chain that we use; further segments are left unused (a device
 /// may use less than the whole buffer).
 pub const MAX_RX_SEGS: usize = 8;
@@ -45,12 +50,90 @@ pub enum ChainError {
     /// A descriptor's range is not inside guest memory.
     #[error("descriptor points outside guest memory")]
     OutsideMemory,
-    /// More descriptors than [`MAX_TX_DESCRIPTORS`].
+    /// More descriptors than [`MAX_TX_DESCRIPTORS`] (TX) or [`MAX_RX_DESCRIPTORS`] (RX).
     #[error("descriptor chain too long")]
     TooLong,
+    /// A descriptor refers to an indirect table, but `VIRTIO_RING_F_INDIRECT_DESC` was not
+    /// negotiated (virtio-queue follows indirect tables regardless).
+    #[error("indirect descriptor table without VIRTIO_RING_F_INDIRECT_DESC")]
+    Indirect,
     /// No usable bytes.
     #[error("descriptor chain has no usable bytes")]
     NoBytes,
+}
+
+/// A ring's descriptor table, to look at the flags virtio-queue's chain iterator hides: it
+/// follows a descriptor that refers to an indirect table without yielding it, whether or not
+/// `VIRTIO_RING_F_INDIRECT_DESC` was negotiated.
+///
+/// Made once per batch, for one snapshot of guest memory: it keeps the table's host address
+/// when the whole table lies in one piece of that snapshot's mapping, so that looking at a
+/// descriptor's flags costs one load, not a region lookup.
+#[derive(Debug, Clone, Copy)]
+pub struct DescTable {
+    addr: GuestAddress,
+    size: u16,
+    indirect_allowed: bool,
+    /// Host address of the whole table in the snapshot, 2-byte aligned; 0 when unknown.
+    host: usize,
+}
+
+impl DescTable {
+    /// The table of `queue` in `mem` (the pass's snapshot, which must stay alive while this
+    /// value is used); `indirect_allowed`: the driver negotiated indirect descriptors.
+    pub fn of<B: Bitmap + 'static>(
+        queue: &Queue,
+        indirect_allowed: bool,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Self {
+        let addr = GuestAddress(queue.desc_table());
+        let size = queue.size();
+        let len = usize::from(size) * 16;
+        let mut host = 0usize;
+        if !indirect_allowed && len > 0 {
+            let mut slices = GuestMemoryBackend::get_slices(mem, addr, len);
+            if let (Some(Ok(slice)), None) = (slices.next(), slices.next()) {
+                let at = slice.ptr_guard().as_ptr() as usize;
+                // A misaligned table (a hostile driver) is read through vm-memory instead.
+                if slice.len() == len && at % 2 == 0 {
+                    host = at;
+                }
+            }
+        }
+        Self {
+            addr,
+            size,
+            indirect_allowed,
+            host,
+        }
+    }
+
+    /// Whether descriptor `index` of the table may not be used: it refers to an indirect table
+    /// that was not negotiated. (An index out of range is the iterator's to refuse.)
+    fn forbids<B: Bitmap + 'static>(&self, mem: &GuestMemoryMmap<B>, index: u16) -> bool {
+        if self.indirect_allowed || index >= self.size {
+            return false;
+        }
+        // The flags are bytes 12..14 of the 16-byte descriptor.
+        let offset = usize::from(index) * 16 + 12;
+        let flags = if self.host != 0 {
+            // SAFETY: `host` is the start of the whole table (`size` descriptors) in one piece
+            // of the snapshot's mapping, checked in `of`; the caller keeps that snapshot alive
+            // while it uses this value; `index < size`, so the two bytes lie inside the table;
+            // `host` is 2-byte aligned and `offset` even. A volatile load, because the guest
+            // may write its table at any time (as vm-memory's own accessors do).
+            unsafe { std::ptr::read_volatile((self.host + offset) as *const u16) }
+        } else {
+            let Some(at) = self.addr.0.checked_add(offset as u64) else {
+                return false;
+            };
+            match mem.read_obj::<u16>(GuestAddress(at)) {
+                Ok(flags) => flags,
+                Err(_) => return false,
+            }
+        };
+        u16::from_le(flags) & VRING_DESC_F_INDIRECT as u16 != 0
+    }
 }
 
 /// The device-readable buffers of one TX descriptor chain, as guest segments and as host
@@ -105,6 +188,7 @@ impl TxChain {
     pub fn collect<M, B>(
         &mut self,
         chain: DescriptorChain<M>,
+        table: DescTable,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<usize, ChainError>
     where
@@ -118,11 +202,16 @@ impl TxChain {
         self.pieces.clear();
         let mut count = 0usize;
         let mut last_has_next = true;
+        let mut index = chain.head_index();
         for desc in chain {
             count += 1;
             if count > MAX_TX_DESCRIPTORS {
                 return Err(ChainError::TooLong);
             }
+            if table.forbids(mem, index) {
+                return Err(ChainError::Indirect);
+            }
+            index = desc.next();
             last_has_next = desc.has_next();
             if desc.is_write_only() {
                 return Err(ChainError::WrongDirection);
@@ -240,6 +329,7 @@ impl RxBuf {
 /// used (the device may fill less than the whole chain).
 pub fn collect_rx_chain<M, B>(
     chain: DescriptorChain<M>,
+    table: DescTable,
     mem: &GuestMemoryMmap<B>,
 ) -> Result<RxBuf, ChainError>
 where
@@ -258,8 +348,16 @@ where
     };
     let mut count = 0usize;
     let mut last_has_next = true;
+    let mut index = head;
     for desc in chain {
         count += 1;
+        if count > MAX_RX_DESCRIPTORS {
+            return Err(ChainError::TooLong);
+        }
+        if table.forbids(mem, index) {
+            return Err(ChainError::Indirect);
+        }
+        index = desc.next();
         last_has_next = desc.has_next();
         if !desc.is_write_only() {
             return Err(ChainError::WrongDirection);
@@ -353,189 +451,4 @@ pub fn push_piece_iovecs(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueOwnedT, QueueT};
-
-    const MEM_SIZE: u64 = 0x10_0000;
-
-    fn memory() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-    }
-
-    /// Builds a queue holding exactly the given descriptor table (starting at index 0) with one
-    /// available chain whose head is descriptor 0.
-    fn queue_with(mem: &GuestMemoryMmap<()>, descs: &[RawDescriptor]) -> Queue {
-        let vq = MockSplitQueue::new(mem, 16);
-        for (i, d) in descs.iter().enumerate() {
-            vq.desc_table().store(i as u16, *d).unwrap();
-        }
-        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
-        vq.avail().idx().store(1u16.to_le());
-        vq.create_queue().unwrap()
-    }
-
-    fn tx(descs: &[RawDescriptor]) -> Result<(usize, Vec<GuestSeg>), ChainError> {
-        let mem = memory();
-        let mut q = queue_with(&mem, descs);
-        let chain = q.pop_descriptor_chain(&mem).unwrap();
-        let mut tx = TxChain::new();
-        let r = tx.collect(chain, &mem).map(|n| (n, tx.segs().to_vec()));
-        if let Ok((n, _)) = &r {
-            let mut iovs = Vec::new();
-            assert_eq!(tx.push_iovecs(0, *n, &mut iovs), *n);
-            assert_eq!(tx.len(), *n);
-        }
-        r
-    }
-
-    fn rx(descs: &[RawDescriptor]) -> Result<RxBuf, ChainError> {
-        let mem = memory();
-        let mut q = queue_with(&mem, descs);
-        let chain = q.iter(&mem).unwrap().next().unwrap();
-        collect_rx_chain(chain, &mem)
-    }
-
-    #[test]
-    fn tx_good_chain_of_two() {
-        let (n, segs) = tx(&[
-            desc(0x2000, 12, VRING_DESC_F_NEXT, 1),
-            desc(0x3000, 100, 0, 0),
-        ])
-        .unwrap();
-        assert_eq!(n, 112);
-        assert_eq!(segs.len(), 2);
-        assert_eq!(segs[1].addr, GuestAddress(0x3000));
-    }
-
-    #[test]
-    fn tx_loop_is_broken() {
-        assert_eq!(
-            tx(&[
-                desc(0x2000, 12, VRING_DESC_F_NEXT, 1),
-                desc(0x3000, 100, VRING_DESC_F_NEXT, 0),
-            ]),
-            Err(ChainError::Broken)
-        );
-    }
-
-    #[test]
-    fn tx_next_out_of_range_is_broken() {
-        assert_eq!(
-            tx(&[desc(0x2000, 12, VRING_DESC_F_NEXT, 200)]),
-            Err(ChainError::Broken)
-        );
-    }
-
-    #[test]
-    fn tx_outside_memory() {
-        assert_eq!(
-            tx(&[desc(MEM_SIZE - 8, 64, 0, 0)]),
-            Err(ChainError::OutsideMemory)
-        );
-        assert_eq!(
-            tx(&[desc(u64::MAX - 4, 64, 0, 0)]),
-            Err(ChainError::OutsideMemory)
-        );
-    }
-
-    #[test]
-    fn tx_writable_descriptor_is_wrong_direction() {
-        assert_eq!(
-            tx(&[desc(0x2000, 64, VRING_DESC_F_WRITE, 0)]),
-            Err(ChainError::WrongDirection)
-        );
-    }
-
-    #[test]
-    fn tx_zero_length_chain_has_no_bytes() {
-        assert_eq!(tx(&[desc(0x2000, 0, 0, 0)]), Err(ChainError::NoBytes));
-    }
-
-    #[test]
-    fn tx_empty_chain() {
-        let mem = memory();
-        let vq = MockSplitQueue::new(&mem, 16);
-        // Head index beyond the queue size: the chain yields nothing.
-        vq.avail().ring().ref_at(0).unwrap().store(40u16.to_le());
-        vq.avail().idx().store(1u16.to_le());
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(&mem).unwrap();
-        assert_eq!(TxChain::new().collect(chain, &mem), Err(ChainError::Empty));
-    }
-
-    #[test]
-    fn tx_too_long() {
-        // A 256-entry queue with one chain of 100 descriptors.
-        let mem = memory();
-        let vq = MockSplitQueue::new(&mem, 256);
-        for i in 0..100u16 {
-            let flags = if i < 99 { VRING_DESC_F_NEXT } else { 0 };
-            vq.desc_table()
-                .store(i, desc(0x8000 + u64::from(i) * 16, 16, flags, i + 1))
-                .unwrap();
-        }
-        vq.avail().ring().ref_at(0).unwrap().store(0u16.to_le());
-        vq.avail().idx().store(1u16.to_le());
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(&mem).unwrap();
-        assert_eq!(
-            TxChain::new().collect(chain, &mem),
-            Err(ChainError::TooLong)
-        );
-    }
-
-    #[test]
-    fn rx_good_chain_resolves_to_host_pieces() {
-        let buf = rx(&[
-            desc(0x4000, 10, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
-            desc(0x5000, 30, VRING_DESC_F_WRITE, 0),
-        ])
-        .unwrap();
-        assert_eq!(buf.cap, 40);
-        assert_eq!(buf.segs().len(), 2);
-        assert!(buf.pieces().is_none(), "not resolved yet");
-        let mem = memory();
-        let mut resolved = buf;
-        resolved.resolve(&mem);
-        let pieces = resolved.pieces().unwrap();
-        assert_eq!(pieces.len(), 2);
-        assert_eq!(
-            pieces[1].addr,
-            mem.get_host_address(GuestAddress(0x5000)).unwrap() as usize
-        );
-        // Bytes 8..40 of the buffer: the last 2 of the first segment, all of the second.
-        let mut iovs = Vec::new();
-        assert_eq!(push_piece_iovecs(pieces, 8, 100, &mut iovs), 32);
-        assert_eq!((iovs[0].iov_len, iovs[1].iov_len), (2, 30));
-        resolved.unresolve();
-        assert!(resolved.pieces().is_none());
-    }
-
-    #[test]
-    fn rx_readable_descriptor_is_wrong_direction() {
-        assert_eq!(
-            rx(&[desc(0x4000, 64, 0, 0)]),
-            Err(ChainError::WrongDirection)
-        );
-    }
-
-    #[test]
-    fn rx_outside_memory_and_loop() {
-        assert_eq!(
-            rx(&[desc(MEM_SIZE, 64, VRING_DESC_F_WRITE, 0)]),
-            Err(ChainError::OutsideMemory)
-        );
-        assert_eq!(
-            rx(&[desc(0x4000, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 0)]),
-            Err(ChainError::Broken)
-        );
-    }
-}
+mod tests;

@@ -11,11 +11,13 @@
 //!   published (or kept) after the caller's checks.
 //! - [`batch`]: [`MsgBatch`], the `mmsghdr`s and iovecs of one `sendmmsg`/`recvmmsg`, reused
 //!   from batch to batch.
+//! - [`park`]: faults that break a whole ring (index jump, head out of range) and parking it.
 //! - [`vring`]: notification decisions on a vring.
 
 pub mod batch;
 pub mod chain;
 pub mod memory;
+pub mod park;
 pub mod pool;
 pub mod vring;
 
@@ -24,8 +26,9 @@ use vhost_user_backend::VringRwLock;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use batch::MsgBatch;
-pub use chain::{ChainError, GuestSeg, RxBuf, TxChain};
+pub use chain::{ChainError, DescTable, GuestSeg, RxBuf, TxChain};
 pub use memory::GuestView;
+pub use park::{ParkedRing, RingFault};
 pub use pool::RxPool;
 
 /// Guest memory as vnpd maps it: every write through vm-memory lands in the dirty log once

@@ -17,8 +17,9 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::chain::{collect_rx_chain, push_piece_iovecs, GuestSeg, RxBuf};
+use super::chain::{collect_rx_chain, push_piece_iovecs, DescTable, GuestSeg, RxBuf};
 use super::memory::GuestView;
+use super::park::{avail_index_jump, head_out_of_range, RingFault};
 use super::GuestMem;
 
 /// RX buffers taken from the avail ring and not yet used.
@@ -28,6 +29,8 @@ pub struct RxPool {
     /// The snapshot the cached host addresses of `held` point into.
     snapshot: Option<Arc<GuestMem>>,
     mergeable: bool,
+    /// `VIRTIO_RING_F_INDIRECT_DESC` negotiated: chains may use indirect tables.
+    indirect_allowed: bool,
     /// `accepted[i]`: `held[i]` goes to the used ring at the next commit.
     accepted: Vec<bool>,
     /// Used entries (head, bytes written) of the next commit, in order.
@@ -41,6 +44,8 @@ pub struct Assigned {
     pub frames: usize,
     /// Broken chains met on the way: returned to the driver unused (length 0).
     pub bad_chains: usize,
+    /// The ring itself is broken: the caller parks it (see `ring::park`).
+    pub fault: Option<RingFault>,
 }
 
 impl RxPool {
@@ -52,6 +57,11 @@ impl RxPool {
     /// Whether a frame may span several chains (`VIRTIO_NET_F_MRG_RXBUF` acked).
     pub fn set_mergeable(&mut self, mergeable: bool) {
         self.mergeable = mergeable;
+    }
+
+    /// Whether chains may use indirect tables (`VIRTIO_RING_F_INDIRECT_DESC` acked).
+    pub fn set_indirect_allowed(&mut self, allowed: bool) {
+        self.indirect_allowed = allowed;
     }
 
     /// Buffers held.
@@ -105,6 +115,7 @@ impl RxPool {
         slots.clear();
         let mut out = Assigned::default();
         let cache = self.snapshot.as_ref().is_some_and(|s| view.is_snapshot(s));
+        let table = DescTable::of(queue, self.indirect_allowed, view.mem());
         let mut next = 0usize;
         'frames: while slots.len() < frames {
             let start = next;
@@ -112,10 +123,15 @@ impl RxPool {
             loop {
                 if next == self.held.len() {
                     let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
+                        out.fault = avail_index_jump(queue, view.mem());
                         break 'frames;
                     };
                     let head = chain.head_index();
-                    match collect_rx_chain(chain, view.mem()) {
+                    if let Some(fault) = head_out_of_range(queue, head) {
+                        out.fault = Some(fault);
+                        break 'frames;
+                    }
+                    match collect_rx_chain(chain, table, view.mem()) {
                         Ok(mut b) => {
                             if cache {
                                 b.resolve(view.mem());
@@ -305,7 +321,8 @@ mod tests {
             a,
             Assigned {
                 frames: 3,
-                bad_chains: 0
+                bad_chains: 0,
+                fault: None
             }
         );
         assert_eq!(slots, vec![0..1, 1..2, 2..3]);
@@ -367,12 +384,39 @@ mod tests {
             a,
             Assigned {
                 frames: 1,
-                bad_chains: 2
+                bad_chains: 2,
+                fault: None
             }
         );
         assert_eq!(used_idx(&vq), 2);
         assert_eq!(used_entry(&vq, 0), (0, 0));
         assert_eq!(used_entry(&vq, 1), (2, 0));
+    }
+
+    #[test]
+    fn ring_faults_are_reported_not_popped_past() {
+        let mem = test_memory();
+        let view = GuestView::new(&mem, false);
+        let (vq, mut q) = rx_queue(&mem, 2, 2048);
+        let mut pool = RxPool::new();
+        let mut slots = Vec::new();
+        // A head out of range after the two good chains.
+        vq.avail().ring().ref_at(2).unwrap().store(16u16.to_le());
+        vq.avail().idx().store(3u16.to_le());
+        let a = pool.assign(&mut q, view, 4, 1500, &mut slots);
+        assert_eq!(a.frames, 2);
+        assert!(matches!(
+            a.fault,
+            Some(RingFault::HeadOutOfRange { head: 16, size: 16 })
+        ));
+        assert_eq!(used_idx(&vq), 0, "nothing returned for the bad head");
+        // An index jump: nothing popped, the fault reported.
+        let mut pool = RxPool::new();
+        let (vq, mut q) = rx_queue(&mem, 1, 2048);
+        vq.avail().idx().store(40u16.to_le());
+        let a = pool.assign(&mut q, view, 4, 1500, &mut slots);
+        assert_eq!(a.frames, 0);
+        assert!(matches!(a.fault, Some(RingFault::AvailIndexJump { .. })));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+#[allow(unused_imports)] // used by some of the test crates that include this module
 pub use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -29,6 +30,7 @@ pub const MEM_SIZE: usize = 8 << 20;
 
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
+pub const F_INDIRECT: u16 = 4;
 
 /// Where a descriptor's `next` points.
 #[derive(Debug, Clone, Copy)]
@@ -286,7 +288,9 @@ impl TestFrontend {
         self.mem.write_slice(&d, at).unwrap();
     }
 
-    fn publish(&mut self, q: usize, head: u16) {
+    /// Puts `head` in the next avail entry of queue `q` as is (it may be out of range: a
+    /// hostile driver), moves `avail->idx` past it and kicks.
+    pub fn publish(&mut self, q: usize, head: u16) {
         let r = &mut self.rings[q];
         let slot = GuestAddress(r.avail + 4 + u64::from(r.avail_idx % QUEUE_SIZE) * 2);
         self.mem.write_obj(head.to_le(), slot).unwrap();
@@ -297,6 +301,139 @@ impl TestFrontend {
             .store(idx.to_le(), GuestAddress(avail + 2), Ordering::Release)
             .unwrap();
         self.kicks[q].write(1).unwrap();
+    }
+
+    /// Moves queue `q`'s `avail->idx` `by` entries ahead without posting anything (a hostile
+    /// driver) and kicks.
+    pub fn jump_avail_idx(&mut self, q: usize, by: u16) {
+        let r = &mut self.rings[q];
+        r.avail_idx = r.avail_idx.wrapping_add(by);
+        let (idx, avail) = (r.avail_idx, r.avail);
+        self.mem
+            .store(idx.to_le(), GuestAddress(avail + 2), Ordering::Release)
+            .unwrap();
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// Kicks queue `q` without posting anything.
+    pub fn kick(&self, q: usize) {
+        self.kicks[q].write(1).unwrap();
+    }
+
+    /// Gives queue `q` an error eventfd (`SET_VRING_ERR`), returned to read.
+    pub fn set_err_fd(&mut self, q: usize) -> EventFd {
+        let err = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.fe.set_vring_err(q, &err).unwrap();
+        // SET_VRING_ERR asks for no reply: a round trip makes sure vnpd has it.
+        self.fe.get_features().unwrap();
+        err
+    }
+
+    /// Stops queue `q` the way frontends do (DPDK's port stop, a guest reset): ring disabled,
+    /// then `GET_VRING_BASE`, whose answer is returned.
+    pub fn stop_queue(&mut self, q: usize) -> u32 {
+        self.fe.set_vring_enable(q, false).unwrap();
+        self.fe.get_vring_base(q).unwrap()
+    }
+
+    /// A guest driver reset of queue `q`: stopped (`GET_VRING_BASE`), its rings zeroed and set
+    /// up afresh at index 0 (`SET_VRING_NUM`/`ADDR`/`BASE`, new kick and call eventfds), then
+    /// enabled again.
+    pub fn reset_queue(&mut self, q: usize) {
+        self.stop_queue(q);
+        let host = self.mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+        let r = &mut self.rings[q];
+        self.mem
+            .write_slice(&[0u8; 0x1000], GuestAddress(r.avail))
+            .unwrap();
+        self.mem
+            .write_slice(&[0u8; 0x1000], GuestAddress(r.used))
+            .unwrap();
+        r.avail_idx = 0;
+        r.used_seen = 0;
+        r.next_desc = 0;
+        let (desc, avail, used) = (r.desc, r.avail, r.used);
+        self.fe.set_vring_num(q, QUEUE_SIZE).unwrap();
+        self.fe
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: QUEUE_SIZE,
+                    queue_size: QUEUE_SIZE,
+                    flags: 0,
+                    desc_table_addr: host + desc,
+                    used_ring_addr: host + used,
+                    avail_ring_addr: host + avail,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+        self.fe.set_vring_base(q, 0).unwrap();
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        self.fe.set_vring_call(q, &call).unwrap();
+        self.fe.set_vring_kick(q, &kick).unwrap();
+        self._calls[q] = call;
+        self.kicks[q] = kick;
+        self.fe.set_vring_enable(q, true).unwrap();
+    }
+
+    /// Sends a chain on pair `pair`'s TX queue whose head descriptor refers to an indirect table
+    /// of `entries` written at `table` (`Next::Rel(n)`/`Abs(n)` index the table).
+    pub fn send_indirect(&mut self, pair: usize, table: u64, entries: &[Desc]) {
+        self.post_indirect(pair * 2 + 1, table, entries);
+    }
+
+    /// The same on pair `pair`'s RX queue.
+    pub fn post_rx_indirect(&mut self, pair: usize, table: u64, entries: &[Desc]) {
+        self.post_indirect(pair * 2, table, entries);
+    }
+
+    fn post_indirect(&mut self, q: usize, table: u64, entries: &[Desc]) {
+        for (i, d) in entries.iter().enumerate() {
+            let (flags, next) = match d.next {
+                Next::End => (0, 0),
+                Next::Rel(n) | Next::Abs(n) => (F_NEXT, n),
+            };
+            let flags = flags | if d.write { F_WRITE } else { 0 };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            self.write(table + i as u64 * 16, &raw);
+        }
+        let head = self.rings[q].next_desc;
+        self.rings[q].next_desc = (head + 1) % QUEUE_SIZE;
+        self.write_desc(q, head, table, entries.len() as u32 * 16, F_INDIRECT, 0);
+        self.publish(q, head);
+    }
+
+    /// Sends `frame` on pair `pair`'s TX queue behind the virtio-net header `header`.
+    pub fn send_with_header(&mut self, pair: usize, header: [u8; VNET_HDR], frame: &[u8]) {
+        let s = self.scratch(40);
+        self.write(s, &header);
+        self.write(s + VNET_HDR as u64, frame);
+        self.send_chain(
+            pair,
+            &[Desc {
+                addr: s,
+                len: (VNET_HDR + frame.len()) as u32,
+                write: false,
+                next: Next::End,
+            }],
+        );
+    }
+
+    /// Guest-physical start and length of the area [`TestFrontend::post_rx`] takes pair
+    /// `pair`'s receive buffers from.
+    pub fn rx_buffer_area(&self, pair: usize) -> (u64, u64) {
+        (self.rings[pair * 2].bufs, u64::from(QUEUE_SIZE) * BUF_LEN)
+    }
+
+    /// How many RX buffers vnpd has used so far on `pair` (its used index).
+    pub fn rx_used(&self, pair: usize) -> u16 {
+        self.used_idx(pair * 2)
     }
 
     fn buf_addr(&self, q: usize, desc: u16) -> u64 {

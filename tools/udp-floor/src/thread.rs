@@ -92,7 +92,11 @@ mod tests {
             }
             spent = thread_cpu_time().unwrap() - before;
         }
-        assert!(spent >= Duration::from_millis(20), "{spent:?} after {:?}", start.elapsed());
+        assert!(
+            spent >= Duration::from_millis(20),
+            "{spent:?} after {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

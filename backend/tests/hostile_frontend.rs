@@ -1,0 +1,640 @@
+//! vnpd against a hostile vhost-user frontend (issue 8, items 1-3 and 9): the test frontend of
+//! `dataplane_frontend` (the `vhost` crate's frontend side, rings written by hand) posts every
+//! class of malformed chain and virtio-net header, breaks whole rings, and reads the guest
+//! memory vnpd wrote. After each attack vnpd must have counted it by reason and still carry a
+//! good packet; a broken ring is parked (no CPU burnt, the frontend told through its error
+//! eventfd) until the driver resets it, then carries again. Loopback only.
+
+mod dataplane_common;
+mod dataplane_frontend;
+mod replay_frontend;
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataplane_common::*;
+use dataplane_frontend::{ethernet, Desc, Next, TestFrontend, QUEUE_SIZE, VNET_HDR};
+use replay_frontend::conversations::{self as conv, DPDK_22_11};
+use replay_frontend::{Guest, Replay};
+use vnp_protocol::token::{Expiry, Token, VmSecret};
+use vnp_protocol::wire::options::ReturnToken;
+use vnpd::datapath::VmPort;
+use vnpd::edge::ROUTER_MAC;
+use vnpd::metrics::counters::DropReason;
+
+const T: Duration = Duration::from_secs(10);
+const RX_Q: usize = 0;
+const TX_Q: usize = 1;
+const MEM_END: u64 = 8 << 20;
+
+struct Vm {
+    port: Arc<VmPort>,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    secret: VmSecret,
+    socket: std::path::PathBuf,
+}
+
+fn start(control: &Arc<MintingControl>, name: &str, octet: u8) -> Vm {
+    let (att, secret) = vm(name, octet, octet.wrapping_mul(13), 1);
+    let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
+    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
+    control.register(&port, ip, &secret);
+    Vm {
+        port,
+        ip,
+        mac,
+        secret,
+        socket,
+    }
+}
+
+impl Vm {
+    fn drops(&self, r: DropReason) -> u64 {
+        self.port.counters().snapshot().drops(r)
+    }
+
+    fn frame_to(&self, to: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        ethernet(
+            ROUTER_MAC,
+            self.mac,
+            0x0800,
+            &ipv4_udp(self.ip, to, payload),
+        )
+    }
+}
+
+fn d(addr: u64, len: u32, write: bool, next: Next) -> Desc {
+    Desc {
+        addr,
+        len,
+        write,
+        next,
+    }
+}
+
+/// A sender and a receiver VM, both connected, the receiver with buffers posted, and one packet
+/// carried (so the token is in place).
+struct Pair {
+    _control: Arc<MintingControl>,
+    a: Vm,
+    b: Vm,
+    fa: TestFrontend,
+    fb: TestFrontend,
+    sent: u16,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Pair {
+        let control = MintingControl::new();
+        let a = start(&control, &format!("{tag}a"), 2);
+        let b = start(&control, &format!("{tag}b"), 3);
+        let fa = TestFrontend::connect(&a.socket, 1);
+        let mut fb = TestFrontend::connect(&b.socket, 1);
+        fb.post_rx(0, 200, 2048);
+        let mut p = Pair {
+            _control: control,
+            a,
+            b,
+            fa,
+            fb,
+            sent: 0,
+        };
+        p.carries("first");
+        p
+    }
+
+    /// Sends a chain of A's (counted as one TX chain handed to vnpd).
+    fn send_chain(&mut self, descs: &[Desc]) {
+        self.fa.send_chain(0, descs);
+        self.sent += 1;
+    }
+
+    /// A good packet from A reaches B.
+    fn carries(&mut self, what: &str) {
+        let payload = format!("good packet after {what}");
+        let frame = self.a.frame_to(self.b.ip, payload.as_bytes());
+        self.fa.send(0, &frame);
+        self.sent += 1;
+        let got = self.fb.recv(0, 1, T);
+        assert_eq!(got.len(), 1, "after {what}: B received {got:?}");
+        assert_eq!(&got[0].2[VNET_HDR + 14..], &frame[14..], "after {what}");
+        self.fa.wait_tx_completed(0, self.sent, T);
+    }
+}
+
+/// Per thread of this process named `name`: CPU time used so far, in clock ticks.
+fn thread_cpu_ticks(name: &str) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        // After the name: state (field 3), ... utime (14), stime (15).
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        out.insert(entry.file_name().to_string_lossy().into_owned(), ticks);
+    }
+    out
+}
+
+/// The most CPU time any one vhost-user worker thread of the process used during `window`.
+fn busiest_worker_cpu(window: Duration) -> Duration {
+    let before = thread_cpu_ticks("vring_worker");
+    std::thread::sleep(window);
+    let after = thread_cpu_ticks("vring_worker");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let most = after
+        .iter()
+        .map(|(tid, t)| t - before.get(tid).copied().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    Duration::from_millis(most * 1000 / hz)
+}
+
+/// Waits until counter `r` of `vm` reached `n`, and checks it stays there a moment.
+fn counted(vm: &Vm, r: DropReason, n: u64) {
+    wait_for(&format!("{r:?} = {n}"), T, || vm.drops(r) >= n);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.drops(r), n, "{r:?}");
+}
+
+fn assert_no_cpu_burnt(what: &str) {
+    let busiest = busiest_worker_cpu(Duration::from_secs(3));
+    assert!(
+        busiest < Duration::from_millis(300),
+        "{what}: a worker used {busiest:?} of CPU in 3 s"
+    );
+}
+
+#[test]
+fn tx_avail_index_jump_parks_the_ring_until_the_driver_resets_it() {
+    let mut p = Pair::new("hj");
+    let err = p.fa.set_err_fd(TX_Q);
+    p.fa.jump_avail_idx(TX_Q, QUEUE_SIZE + 1);
+    assert_no_cpu_burnt("TX avail index jump");
+    counted(&p.a, DropReason::TxRingBroken, 1);
+    assert!(
+        err.read().is_ok(),
+        "the frontend was told on its error eventfd"
+    );
+    // More kicks on the parked ring: no more counts, no CPU.
+    for _ in 0..20 {
+        p.fa.kick(TX_Q);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.a.drops(DropReason::TxRingBroken), 1, "counted once");
+    assert!(err.read().is_err(), "told once");
+    // A driver reset brings the ring back.
+    p.fa.reset_queue(TX_Q);
+    p.sent = 0;
+    p.carries("a TX driver reset");
+}
+
+#[test]
+fn tx_head_out_of_range_parks_the_ring_until_the_driver_resets_it() {
+    let mut p = Pair::new("hh");
+    p.fa.publish(TX_Q, QUEUE_SIZE + 7);
+    counted(&p.a, DropReason::TxRingBroken, 1);
+    assert_no_cpu_burnt("TX head out of range");
+    // Packets posted behind it are not taken while parked.
+    let frame = p.a.frame_to(p.b.ip, b"behind a broken ring");
+    p.fa.send(0, &frame);
+    assert!(p.fb.recv(0, 1, Duration::from_millis(500)).is_empty());
+    p.fa.reset_queue(TX_Q);
+    p.sent = 0;
+    p.carries("a TX driver reset");
+    assert_eq!(p.a.drops(DropReason::TxRingBroken), 1);
+}
+
+#[test]
+fn rx_ring_faults_park_the_ring_until_the_driver_resets_it() {
+    let mut p = Pair::new("hr");
+    let err = p.fb.set_err_fd(RX_Q);
+    // Both RX faults, one after the other, each ended by a driver reset.
+    for fault in ["avail index jump", "head out of range"] {
+        let before = p.b.drops(DropReason::RxRingBroken);
+        p.fb.reset_queue(RX_Q);
+        match fault {
+            "avail index jump" => p.fb.jump_avail_idx(RX_Q, QUEUE_SIZE + 1),
+            _ => p.fb.publish(RX_Q, u16::MAX),
+        }
+        // A datagram makes vnpd look for buffers.
+        let frame = p.a.frame_to(p.b.ip, b"into a broken ring");
+        p.fa.send(0, &frame);
+        p.sent += 1;
+        counted(&p.b, DropReason::RxRingBroken, before + 1);
+        assert_no_cpu_burnt(fault);
+        assert!(err.read().is_ok(), "{fault}: the frontend was told");
+        // Reset with fresh buffers: the datagram that waited in the socket arrives.
+        p.fb.reset_queue(RX_Q);
+        p.fb.post_rx(0, 32, 2048);
+        let got = p.fb.recv(0, 1, T);
+        assert_eq!(
+            got.len(),
+            1,
+            "{fault}: the waiting datagram after the reset"
+        );
+        assert_eq!(&got[0].2[VNET_HDR + 14..], &frame[14..]);
+        p.carries(fault);
+    }
+}
+
+#[test]
+fn reconnect_brings_a_broken_ring_back() {
+    let Pair {
+        _control,
+        a,
+        b,
+        mut fa,
+        mut fb,
+        ..
+    } = Pair::new("hc");
+    fa.jump_avail_idx(TX_Q, QUEUE_SIZE + 1);
+    counted(&a, DropReason::TxRingBroken, 1);
+    drop(fa);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    let frame = a.frame_to(b.ip, b"after a reconnect");
+    fa.send(0, &frame);
+    let got = fb.recv(0, 1, T);
+    assert_eq!(got.len(), 1, "B received {got:?}");
+    assert_eq!(&got[0].2[VNET_HDR + 14..], &frame[14..]);
+}
+
+#[test]
+fn malformed_tx_chains_and_headers_are_counted_and_the_ring_keeps_serving() {
+    let mut p = Pair::new("ht");
+    let s0 = p.fa.scratch(0);
+    let s1 = p.fa.scratch(1);
+    let good = p.a.frame_to(p.b.ip, b"x");
+    let mut body = vec![0u8; VNET_HDR];
+    body.extend_from_slice(&good);
+    p.fa.write(s0, &body);
+    p.fa.write(s1, &body);
+    let n = body.len() as u32;
+    type Attack = (&'static str, DropReason, Vec<Desc>);
+    let attacks: Vec<Attack> = vec![
+        (
+            "beyond guest memory",
+            DropReason::TxBadChain,
+            vec![d(1 << 40, n, false, Next::End)],
+        ),
+        (
+            "straddling the end",
+            DropReason::TxBadChain,
+            vec![d(MEM_END - 10, n, false, Next::End)],
+        ),
+        (
+            "wrapping address",
+            DropReason::TxBadChain,
+            vec![d(u64::MAX - 10, n, false, Next::End)],
+        ),
+        (
+            "zero length",
+            DropReason::TxBadChain,
+            vec![d(s0, 0, false, Next::End)],
+        ),
+        (
+            "huge length",
+            DropReason::TxBadChain,
+            vec![d(s0, u32::MAX, false, Next::End)],
+        ),
+        (
+            "loop",
+            DropReason::TxBadChain,
+            vec![d(s0, 8, false, Next::Rel(1)), d(s0, 8, false, Next::Rel(0))],
+        ),
+        (
+            "next out of range",
+            DropReason::TxBadChain,
+            vec![d(s0, n, false, Next::Abs(9999))],
+        ),
+        (
+            "device-writable",
+            DropReason::TxBadChain,
+            vec![d(s0, n, true, Next::End)],
+        ),
+        (
+            "short header",
+            DropReason::TxTruncatedHeader,
+            vec![d(s0, 5, false, Next::End)],
+        ),
+        (
+            "header without Ethernet",
+            DropReason::TxTruncatedHeader,
+            vec![d(s0, VNET_HDR as u32 + 4, false, Next::End)],
+        ),
+    ];
+    for (what, reason, chain) in attacks {
+        let before = p.a.drops(reason);
+        p.send_chain(&chain);
+        counted(&p.a, reason, before + 1);
+        p.carries(what);
+    }
+    // Indirect tables: never negotiated, so refused, well-formed or not.
+    let table = p.fa.scratch(10);
+    let indirect: [(&str, Vec<Desc>); 3] = [
+        ("good indirect table", vec![d(s0, n, false, Next::End)]),
+        (
+            "indirect table with a loop",
+            vec![d(s0, 8, false, Next::Abs(1)), d(s1, 8, false, Next::Abs(0))],
+        ),
+        (
+            "indirect table beyond memory",
+            vec![d(1 << 40, n, false, Next::End)],
+        ),
+    ];
+    for (what, entries) in indirect {
+        let before = p.a.drops(DropReason::TxBadChain);
+        p.fa.send_indirect(0, table, &entries);
+        p.sent += 1;
+        counted(&p.a, DropReason::TxBadChain, before + 1);
+        p.carries(what);
+    }
+    // Checksum and segmentation requests in the virtio-net header: no offload negotiated.
+    let mut csum = [0u8; VNET_HDR];
+    csum[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
+    let mut gso = [0u8; VNET_HDR];
+    gso[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
+    for (what, header) in [("NEEDS_CSUM", csum), ("GSO_TCPV4", gso)] {
+        let before = p.a.drops(DropReason::TxOffloadRequested);
+        p.fa.send_with_header(0, header, &good);
+        p.sent += 1;
+        counted(&p.a, DropReason::TxOffloadRequested, before + 1);
+        p.carries(what);
+    }
+    assert_eq!(p.a.drops(DropReason::TxRingBroken), 0);
+}
+
+/// A datagram from `raw` for `to` with a valid token.
+fn good_datagram(raw: SocketAddrV4, to: &Vm, inner: &[u8]) -> Vec<u8> {
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    let expiry = Expiry(now() + 300);
+    let token = token_for(
+        raw,
+        src_vm,
+        to.port.udp_addr(),
+        to.ip,
+        &to.secret,
+        NETWORK,
+        expiry,
+    );
+    datagram(NETWORK, token, expiry, inner, None)
+}
+
+#[test]
+fn malformed_rx_chains_are_counted_and_the_ring_keeps_serving() {
+    let control = MintingControl::new();
+    let a = start(&control, "hx", 2);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    let (raw, raw_addr) = raw_peer();
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    let s = |i| fa.scratch(i);
+    let (s0, s1, table) = (s(0), s(1), s(10));
+    let long: Vec<Desc> = (0..65)
+        .map(|i| d(s0 + i * 32, 32, true, Next::Rel(i as u16 + 1)))
+        .collect();
+    let mut long = long;
+    long.last_mut().unwrap().next = Next::End;
+    let attacks: Vec<(&str, Vec<Desc>)> = vec![
+        ("readable descriptor", vec![d(s0, 2048, false, Next::End)]),
+        (
+            "beyond guest memory",
+            vec![d(1 << 40, 2048, true, Next::End)],
+        ),
+        (
+            "wrapping address",
+            vec![d(u64::MAX - 10, 2048, true, Next::End)],
+        ),
+        ("zero length", vec![d(s0, 0, true, Next::End)]),
+        (
+            "loop",
+            vec![d(s0, 64, true, Next::Rel(1)), d(s1, 64, true, Next::Rel(0))],
+        ),
+        ("next out of range", vec![d(s0, 64, true, Next::Abs(9999))]),
+        ("65 descriptors", long),
+    ];
+    let mut delivered = 0u16;
+    for (what, chain) in attacks {
+        let before = a.drops(DropReason::RxBadChain);
+        fa.post_rx_chain(0, &chain);
+        fa.post_rx(0, 1, 2048);
+        let inner = ipv4_udp(src_vm, a.ip, what.as_bytes());
+        raw.send_to(&good_datagram(raw_addr, &a, &inner), a.port.udp_addr())
+            .unwrap();
+        let got = fa.recv(0, 2, T);
+        delivered += 1;
+        counted(&a, DropReason::RxBadChain, before + 1);
+        let data: Vec<_> = got.iter().filter(|g| g.1 > 0).collect();
+        assert_eq!(data.len(), 1, "{what}: {got:?}");
+        assert_eq!(&data[0].2[VNET_HDR + 14..], &inner[..], "{what}");
+    }
+    // Indirect RX tables: never negotiated.
+    let before = a.drops(DropReason::RxBadChain);
+    fa.post_rx_indirect(0, table, &[d(s0, 2048, true, Next::End)]);
+    fa.post_rx(0, 1, 2048);
+    let inner = ipv4_udp(src_vm, a.ip, b"after an indirect RX table");
+    raw.send_to(&good_datagram(raw_addr, &a, &inner), a.port.udp_addr())
+        .unwrap();
+    let got = fa.recv(0, 2, T);
+    counted(&a, DropReason::RxBadChain, before + 1);
+    assert!(got
+        .iter()
+        .any(|g| g.1 > 0 && g.2[VNET_HDR + 14..] == inner[..]));
+    delivered += 1;
+    assert_eq!(
+        a.port.counters().snapshot().rx_packets,
+        u64::from(delivered)
+    );
+    // A long chain within the cap (19 descriptors, as guests without mergeable buffers post;
+    // the first 8 hold a full frame).
+    let chain: Vec<Desc> = (0..19u64)
+        .map(|i| {
+            d(
+                s0 + i * 256,
+                256,
+                true,
+                if i < 18 {
+                    Next::Rel(i as u16 + 1)
+                } else {
+                    Next::End
+                },
+            )
+        })
+        .collect();
+    fa.post_rx_chain(0, &chain);
+    let inner = ipv4_udp(src_vm, a.ip, b"into nineteen descriptors");
+    raw.send_to(&good_datagram(raw_addr, &a, &inner), a.port.udp_addr())
+        .unwrap();
+    let got = fa.recv(0, 1, T);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].1 as usize, VNET_HDR + 14 + inner.len());
+    assert_eq!(a.drops(DropReason::RxBadChain), before + 1);
+}
+
+/// Whether `needle` occurs in guest memory `start..start + len`.
+fn guest_memory_contains(f: &TestFrontend, start: u64, len: u64, needle: &[u8]) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut bytes = vec![0u8; len as usize];
+    f.mem.read_slice(&mut bytes, GuestAddress(start)).unwrap();
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn rejected_datagrams_leave_nothing_in_guest_memory() {
+    let control = MintingControl::new();
+    let a = start(&control, "hs", 2);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.post_rx(0, 8, 2048);
+    let (raw, raw_addr) = raw_peer();
+    let to = a.port.udp_addr();
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    let (start_addr, len) = fa.rx_buffer_area(0);
+    // Traffic for another VM (its inner destination is not A).
+    let secret_for_another_vm = b"SECRET-FOR-VM-10.77.0.9";
+    let other = ipv4_udp(src_vm, Ipv4Addr::new(10, 77, 0, 9), secret_for_another_vm);
+    let expiry = Expiry(now() + 300);
+    raw.send_to(
+        &datagram(NETWORK, Token::from_bytes([1; 8]), expiry, &other, None),
+        to,
+    )
+    .unwrap();
+    counted(&a, DropReason::RxWrongVm, 1);
+    // (Checked now: the next datagram lands in the same buffer, which stays first in line.)
+    assert!(
+        !guest_memory_contains(&fa, start_addr, len, secret_for_another_vm),
+        "another VM's traffic left in the guest's receive buffers"
+    );
+    // A forged datagram whose return-token option must not be seen either.
+    let forged = ipv4_udp(src_vm, a.ip, b"FORGED-PAYLOAD-0123456789");
+    let planted = ReturnToken {
+        token: Token::from_bytes(*b"PLANTED!"),
+        expiry: Expiry(now() + 3000),
+    };
+    raw.send_to(
+        &datagram(
+            NETWORK,
+            Token::from_bytes([2; 8]),
+            expiry,
+            &forged,
+            Some(planted),
+        ),
+        to,
+    )
+    .unwrap();
+    counted(&a, DropReason::RxBadToken, 1);
+    for needle in [&b"FORGED-PAYLOAD"[..], b"PLANTED!"] {
+        assert!(
+            !guest_memory_contains(&fa, start_addr, len, needle),
+            "{:?} left in the guest's receive buffers",
+            String::from_utf8_lossy(needle)
+        );
+    }
+    // The buffers still serve a genuine datagram; the return-token option it carries is
+    // vnpd's business and is not left behind the frame either.
+    let inner = ipv4_udp(src_vm, a.ip, b"genuine");
+    let expiry = Expiry(now() + 300);
+    let token = token_for(raw_addr, src_vm, to, a.ip, &a.secret, NETWORK, expiry);
+    let option = ReturnToken {
+        token: Token::from_bytes(*b"RETTOKEN"),
+        expiry: Expiry(now() + 600),
+    };
+    raw.send_to(&datagram(NETWORK, token, expiry, &inner, Some(option)), to)
+        .unwrap();
+    let got = fa.recv(0, 1, T);
+    assert_eq!(got.len(), 1, "{:?}", a.port.counters().snapshot());
+    assert_eq!(&got[0].2[VNET_HDR + 14..], &inner[..]);
+    assert_eq!(a.port.counters().snapshot().return_tokens_learned, 1);
+    assert!(
+        !guest_memory_contains(&fa, start_addr, len, b"RETTOKEN"),
+        "the return-token option left in the guest's buffer"
+    );
+}
+
+#[test]
+fn a_stopped_rx_ring_is_not_written() {
+    let control = MintingControl::new();
+    let a = start(&control, "hp", 2);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.post_rx(0, 8, 2048);
+    let (raw, raw_addr): (UdpSocket, _) = raw_peer();
+    let to = a.port.udp_addr();
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    let inner = ipv4_udp(src_vm, a.ip, b"before the stop");
+    raw.send_to(&good_datagram(raw_addr, &a, &inner), to)
+        .unwrap();
+    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    // DPDK's stop sequence: disabled, then GET_VRING_BASE. Held buffers come back (length 0)
+    // before the answer; after it, nothing may touch the ring.
+    fa.stop_queue(RX_Q);
+    fa.stop_queue(TX_Q);
+    let used = fa.rx_used(0);
+    let late = ipv4_udp(src_vm, a.ip, b"AFTER-THE-STOP");
+    let started = Instant::now();
+    raw.send_to(&good_datagram(raw_addr, &a, &late), to)
+        .unwrap();
+    while started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fa.rx_used(0), used, "the stopped ring's used index moved");
+    }
+    let (start_addr, len) = fa.rx_buffer_area(0);
+    assert!(!guest_memory_contains(
+        &fa,
+        start_addr,
+        len,
+        b"AFTER-THE-STOP"
+    ));
+    assert_eq!(a.port.counters().snapshot().rx_packets, 1);
+}
+
+#[test]
+fn after_dpdks_stop_sequence_no_datagram_enters_the_ring() {
+    let control = MintingControl::new();
+    let a = start(&control, "hd", 2);
+    let b = start(&control, "hdb", 3);
+    let guest = Guest::new(2);
+    let mut r = Replay::connect(&a.socket, DPDK_22_11);
+    r.run(&guest, &conv::dpdk_start());
+    let mut fa = guest.driver(&r);
+    let mut fb = TestFrontend::connect(&b.socket, 1);
+    fa.post_rx(0, 8, 2048);
+    fb.post_rx(0, 8, 2048);
+    // Traffic both ways, so that each side has the other's token.
+    fa.send(0, &a.frame_to(b.ip, b"a->b"));
+    assert_eq!(fb.recv(0, 1, T).len(), 1);
+    fb.send(0, &b.frame_to(a.ip, b"b->a"));
+    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    fa.wait_tx_completed(0, 1, T);
+    // testpmd's port stop: both rings disabled, then GET_VRING_BASE for both.
+    r.run(&guest, &conv::dpdk_stop());
+    let used = fa.rx_used(0);
+    for i in 0..5 {
+        fb.send(
+            0,
+            &b.frame_to(a.ip, format!("AFTER-THE-STOP-{i}").as_bytes()),
+        );
+    }
+    fb.wait_tx_completed(0, 6, T);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(fa.rx_used(0), used, "the stopped ring's used index moved");
+    }
+    let (start_addr, len) = fa.rx_buffer_area(0);
+    assert!(!guest_memory_contains(
+        &fa,
+        start_addr,
+        len,
+        b"AFTER-THE-STOP"
+    ));
+    assert_eq!(a.port.counters().snapshot().rx_packets, 1);
+}
