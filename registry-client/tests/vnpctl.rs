@@ -345,3 +345,271 @@ fn vnpctl_drives_a_registry_end_to_end() {
     ctl.ok(&["host", "delete", "h1"]);
     assert_eq!(ctl.ok(&["host", "list"]).lines().count(), 2, "header + h2");
 }
+
+/// A one-member etcd on a free loopback port (Debian's `etcd`), killed and removed on drop.
+struct Etcd {
+    child: Child,
+    url: String,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Etcd {
+        let port = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap()
+        };
+        let (client, peer) = (port(0), port(1));
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "m0", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("m0={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("spawn etcd (Debian package etcd-server; scripts/setup installs it)");
+        let etcd = Etcd { child, url };
+        let t = std::time::Instant::now();
+        loop {
+            let out = Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &etcd.url, "endpoint", "health"])
+                .output()
+                .expect("run etcdctl (Debian package etcd-client)");
+            if out.status.success() {
+                return etcd;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "etcd did not start: {}",
+                std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed on drop.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the registry binary on a free port with `args`; returns it and its URL.
+fn start_registry(bin: &Path, tls: &Path, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(tls)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vnp-registry");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let Some(addr) = line.trim().strip_prefix("vnp-registry listening on ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("registry did not start: {line:?}");
+    };
+    let url = format!("https://{addr}");
+    (child, url)
+}
+
+/// The export document without what legitimately differs between two registries holding the
+/// same model: sealed secrets are sealed again (a fresh data key) on every write, so only
+/// their owners are compared.
+fn model_of(export: &serde_json::Value) -> serde_json::Value {
+    let mut model = export.clone();
+    let owners: Vec<serde_json::Value> = export["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["owner"].clone())
+        .collect();
+    model["secrets"] = owners.into();
+    model
+}
+
+/// `vnpctl export` from a registry on redb, `vnpctl import` into one on etcd: the whole model
+/// is the same afterwards, and tokens (which depend on the secrets) are identical.
+#[test]
+fn vnpctl_exports_from_redb_and_imports_into_etcd() {
+    let dir = std::env::temp_dir().join(format!("vnpctl-backup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut guard = Cleanup {
+        dir: dir.clone(),
+        registry: None,
+    };
+    let tls = dir.join("tls");
+    let keys = dir.join("registry.keys");
+    std::fs::write(&keys, format!("k1 {}\n", "7e".repeat(32))).unwrap();
+    let keys = keys.to_str().unwrap();
+    let setup = Ctl {
+        url: String::new(),
+        tls: tls.clone(),
+    };
+    setup.ok(&["ca", "init", "--dir", tls.to_str().unwrap()]);
+    let bin = registry_binary();
+    // Tokens that never expire, so that two registries mint the very same token.
+    let data = dir.join("data");
+    let (child, url) = start_registry(
+        &bin,
+        &tls,
+        &[
+            "--data",
+            data.to_str().unwrap(),
+            "--secret-keys",
+            keys,
+            "--token-ttl",
+            "0",
+        ],
+    );
+    guard.registry = Some(child);
+    let src = Ctl {
+        url,
+        tls: tls.clone(),
+    };
+    src.ok(&[
+        "network",
+        "create",
+        "n1",
+        "--cidr",
+        "10.1.0.0/24",
+        "--vni",
+        "7",
+    ]);
+    src.ok(&["host", "create", "h1", "--addr", "198.18.0.1"]);
+    src.ok(&[
+        "host",
+        "create",
+        "h2",
+        "--addr",
+        "198.18.0.2",
+        "--ports",
+        "41000-41999",
+    ]);
+    src.ok(&[
+        "vm",
+        "create",
+        "vm-a",
+        "--network",
+        "n1",
+        "--host",
+        "h1",
+        "--tag",
+        "web",
+    ]);
+    src.ok(&["vm", "create", "vm-b", "--network", "n1", "--host", "h2"]);
+    src.ok(&["vm", "create", "vm-c", "--network", "n1"]);
+    src.ok(&["vm", "rotate-secret", "vm-b"]);
+    src.ok(&["vm", "move", "vm-c", "--host", "h1"]);
+    src.ok(&[
+        "gateway",
+        "create",
+        "gw1",
+        "--network",
+        "n1",
+        "--addr",
+        "198.18.0.9",
+        "--port",
+        "6081",
+    ]);
+    src.ok(&[
+        "policy",
+        "add",
+        "no-c",
+        "--network",
+        "n1",
+        "--deny",
+        "vm:vm-c",
+        "external",
+    ]);
+    let token_args = [
+        "token", "issue", "--src-vm", "vm-a", "--dst", "10.1.0.3", "--json",
+    ];
+    let token = src.json(&token_args);
+
+    let file = dir.join("backup.json");
+    let said = src.ok(&["export", "--out", file.to_str().unwrap()]);
+    assert!(
+        said.contains("3 VMs") && said.contains("4 sealed secrets"),
+        "{said}"
+    );
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the export holds sealed secrets");
+
+    // The target: a registry on etcd, empty.
+    let etcd = Etcd::start(&dir);
+    let (child, url) = start_registry(
+        &bin,
+        &tls,
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.url,
+            "--secret-keys",
+            keys,
+            "--token-ttl",
+            "0",
+        ],
+    );
+    let _etcd_registry = Killed(child);
+    let dst = Ctl {
+        url,
+        tls: tls.clone(),
+    };
+    let said = dst.ok(&["import", file.to_str().unwrap()]);
+    assert!(
+        said.contains("1 networks, 2 hosts, 1 gateways, 3 VMs, 1 rules, 4 secrets"),
+        "{said}"
+    );
+    let reexported: serde_json::Value = serde_json::from_str(&dst.ok(&["export"])).unwrap();
+    assert_eq!(model_of(&reexported), model_of(&exported));
+    for list in [
+        &["network", "list", "--json"][..],
+        &["host", "list", "--json"],
+        &["vm", "list", "--json"],
+        &["gateway", "list", "--json"],
+        &["policy", "list", "--json"],
+    ] {
+        assert_eq!(dst.json(list), src.json(list), "{list:?}");
+    }
+    // Same secrets: the same (never-expiring) token; same policy: the same refusal.
+    assert_eq!(dst.json(&token_args), token);
+    let denied = ["token", "issue", "--src-vm", "vm-c", "--dst", "203.0.113.9"];
+    assert!(dst.fails(&denied).contains("policy_denied"));
+    // Only into an empty registry.
+    assert!(dst
+        .fails(&["import", file.to_str().unwrap()])
+        .contains("not_empty"));
+}

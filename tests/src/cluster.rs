@@ -8,6 +8,7 @@
 //! panics.
 
 use crate::bins::{bins, Bins};
+use crate::registries::{spawn_registry, ReplicatedRegistry, Replication};
 use anyhow::{anyhow, bail, Context, Result};
 use qemu_launch::{Guest, GuestSpec, MacAddr as GuestMac, NetStatus};
 use std::io::{Read, Write};
@@ -47,6 +48,8 @@ pub struct ClusterOptions {
     pub refresh_margin_secs: Option<u32>,
     /// TOML tables appended to every vnpd's config file (e.g. `[vhost_user]` settings).
     pub vnpd_config_tables: String,
+    /// Registry replicas on etcd instead of the one redb registry (see [`crate::registries`]).
+    pub replication: Option<Replication>,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +61,7 @@ impl Default for ClusterOptions {
             vnpd_log: "info".into(),
             refresh_margin_secs: None,
             vnpd_config_tables: String::new(),
+            replication: None,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Host {
 pub struct Cluster {
     hosts: Vec<Host>,
     registry: Option<ChildGuard>,
+    replicated: Option<ReplicatedRegistry>,
     admin: RegistryClient,
     fabric: Fabric,
     bins: Bins,
@@ -132,44 +137,6 @@ fn run_tool(cmd: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Starts the registry in the core namespace (data in `<dir>/registry`, log in
-/// `<dir>/registry.log`, appended across restarts) and waits until it accepts connections.
-fn spawn_registry(
-    fabric: &Fabric,
-    bins: &Bins,
-    dir: &Path,
-    tls_dir: &Path,
-    token_ttl_secs: u32,
-) -> Result<ChildGuard> {
-    let mut registry = ChildGuard::spawn(
-        "vnp-registry",
-        fabric
-            .core()
-            .command(&bins.registry)
-            .arg("--listen")
-            .arg(format!("{CORE_ADDR}:{REGISTRY_PORT}"))
-            .arg("--data")
-            .arg(dir.join("registry"))
-            .arg("--tls-dir")
-            .arg(tls_dir)
-            .arg("--token-ttl")
-            .arg(token_ttl_secs.to_string())
-            .stdout(std::process::Stdio::null())
-            .env("RUST_LOG", "info"),
-        Some(&dir.join("registry.log")),
-    )?;
-    let core_addr = SocketAddr::from((CORE_ADDR, REGISTRY_PORT));
-    registry.wait_until("the registry to listen", Duration::from_secs(30), || {
-        fabric
-            .core()
-            .enter(move || TcpStream::connect_timeout(&core_addr, Duration::from_millis(200)))
-            .ok()
-            .and_then(Result::ok)
-            .map(|_| ())
-    })?;
-    Ok(registry)
 }
 
 impl Cluster {
@@ -202,9 +169,32 @@ impl Cluster {
             host_ids.push(id);
         }
 
-        let registry = spawn_registry(&fabric, &bins, dir.path(), &tls_dir, opts.token_ttl_secs)?;
+        let replicated = match &opts.replication {
+            Some(r) => Some(ReplicatedRegistry::start(
+                fabric.core(),
+                &bins,
+                dir.path(),
+                &tls_dir,
+                opts.token_ttl_secs,
+                r,
+            )?),
+            None => None,
+        };
+        let registry = match replicated {
+            Some(_) => None,
+            None => Some(spawn_registry(
+                &fabric,
+                &bins,
+                dir.path(),
+                &tls_dir,
+                opts.token_ttl_secs,
+            )?),
+        };
+        let url = replicated.as_ref().map_or_else(
+            || format!("https://{CORE_ADDR}:{REGISTRY_PORT}"),
+            ReplicatedRegistry::urls,
+        );
 
-        let url = format!("https://{CORE_ADDR}:{REGISTRY_PORT}");
         let admin = RegistryClient::new(
             ClientConfig::from_files(
                 &url,
@@ -218,7 +208,8 @@ impl Cluster {
 
         let mut cluster = Cluster {
             hosts: Vec::new(),
-            registry: Some(registry),
+            registry,
+            replicated,
             admin,
             fabric,
             bins,
@@ -350,6 +341,11 @@ impl Cluster {
             )?);
         }
         Ok(())
+    }
+
+    /// The registry replicas, when the cluster was started with [`ClusterOptions::replication`].
+    pub fn replicated(&mut self) -> Option<&mut ReplicatedRegistry> {
+        self.replicated.as_mut()
     }
 
     /// Host `i`.
@@ -495,6 +491,7 @@ impl Cluster {
                     .as_ref()
                     .map(|r| format!("--- registry ---\n{}\n", r.stderr_tail())),
             )
+            .chain(self.replicated.as_ref().map(ReplicatedRegistry::logs))
             .collect()
     }
 
@@ -573,12 +570,19 @@ impl Drop for Cluster {
                 .unwrap_or_else(|| std::ffi::OsStr::new("cluster")),
         );
         let _ = std::fs::create_dir_all(&dest);
-        let _ = std::fs::copy(
-            self.dir.path().join("registry.log"),
-            dest.join("registry.log"),
-        );
         for h in &self.hosts {
             let _ = std::fs::copy(&h.vnpd_log, dest.join(format!("vnpd-{}.log", h.id)));
+        }
+        // The registry's log, or (with `replication`) the replicas' and etcd members'.
+        for entry in std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name();
+            if name.to_string_lossy().ends_with(".log") {
+                let _ = std::fs::copy(entry.path(), dest.join(name));
+            }
         }
         eprintln!("cluster logs kept in {}", dest.display());
     }

@@ -7,3 +7,4 @@
 pub mod bins;
 pub mod cluster;
 pub mod forge;
+pub mod registries;

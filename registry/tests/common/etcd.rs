@@ -16,6 +16,8 @@ pub struct Member {
     data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Stopped with SIGSTOP (see [`EtcdCluster::pause`]): alive but answering nothing.
+    paused: bool,
 }
 
 impl Member {
@@ -72,6 +74,7 @@ impl EtcdCluster {
                 data: dir.0.join(format!("m{i}.etcd")),
                 log: dir.0.join(format!("m{i}.log")),
                 child: None,
+                paused: false,
             })
             .collect();
         let initial_cluster = members
@@ -132,7 +135,7 @@ impl EtcdCluster {
         let live: Vec<&str> = self
             .members
             .iter()
-            .filter(|m| m.child.is_some())
+            .filter(|m| m.child.is_some() && !m.paused)
             .map(|m| m.client_url.as_str())
             .collect();
         Command::new("etcdctl")
@@ -201,10 +204,33 @@ impl EtcdCluster {
 
     /// SIGKILLs member `i`.
     pub fn kill(&mut self, i: usize) {
+        self.members[i].paused = false;
         if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Freezes member `i` (SIGSTOP): its connections stay open but nothing answers, like a
+    /// member stuck on a dead disk. [`Self::resume`] lets it go on.
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, "-STOP");
+        self.members[i].paused = true;
+    }
+
+    /// Lets a paused member go on (SIGCONT).
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, "-CONT");
+        self.members[i].paused = false;
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.members[i].child.as_ref().expect("member runs").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
     }
 
     /// Starts member `i` again on its data directory.
