@@ -19,7 +19,7 @@ fn every_corpus_file_replays_without_a_panic() {
             .collect();
         files.sort();
         assert!(
-            files.len() >= 5,
+            !files.is_empty(),
             "corpus of {} has {} files",
             target.name,
             files.len()
