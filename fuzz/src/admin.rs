@@ -1,5 +1,5 @@
 //! The vnpd admin protocol target: request lines as the admin socket reads them
-//! (`vnp_registry_client::vnpd_admin::parse_request`, after the server's UTF-8 check) and the
+//! (`vnpd_admin_api::parse_request`, after the server's UTF-8 check) and the
 //! persisted attachment state file (`vnpd::admin::state::parse_state`).
 //!
 //! Input: bytes, split into lines; each line is one request. The whole input is also parsed as
@@ -8,8 +8,8 @@
 //! Invariants asserted: a parsed request serializes to a line that parses back to the same
 //! request; a parsed state file renders to text that parses back to the same attachments.
 
-use vnp_registry_client::vnpd_admin::parse_request;
 use vnpd::admin::state::{parse_state, render_state};
+use vnpd_admin_api::parse_request;
 
 /// Runs one input.
 pub fn run(data: &[u8]) {

@@ -57,6 +57,13 @@ pub fn run(data: &[u8]) {
     }
 }
 
+/// A fixed clock and the default quarantine: the planners' port-reuse rule is exercised the
+/// same way on every run (a target must be deterministic).
+const REUSE: plan::PortReuse = plan::PortReuse {
+    now: 1_800_000_000,
+    quarantine_secs: 600,
+};
+
 /// Applies one request line; returns whether it was accepted.
 ///
 /// `N body` network, `H body` host, `G body` gateway, `V body` VM, `R body` policy rule,
@@ -73,15 +80,20 @@ pub fn request(model: &mut Model, line: &str) -> bool {
         "N" => parse(arg(0)).map(|s| ops(plan::create_network(m, &s))),
         "H" => parse(arg(0)).map(|s| ops(plan::create_host(m, &s))),
         "G" => parse(arg(0)).map(|s| ops(plan::create_gateway(m, &s, secret()))),
-        "V" => parse(arg(0)).map(|s| ops(plan::create_vm(m, &s, secret()))),
+        "V" => parse(arg(0)).map(|s| ops(plan::create_vm(m, &s, secret(), REUSE))),
         "R" => parse(arg(0)).map(|s| ops(plan::create_rule(m, &s))),
-        "M" => parse(arg(1)).map(|s| ops(plan::move_vm(m, arg(0), &s))),
-        "E" => parse(arg(2)).map(|s| ops(plan::register_endpoint(m, arg(0), arg(1), &s))),
+        "M" => parse(arg(1)).map(|s| ops(plan::move_vm(m, arg(0), &s, REUSE))),
+        "E" => parse(arg(2)).map(|s| ops(plan::register_endpoint(m, arg(0), arg(1), &s, REUSE))),
         "S" => Some(ops(plan::rotate_vm_secret(m, arg(0), secret()))),
-        "n" => Some(ops(plan::delete_network(m, arg(0), arg(1) == "cascade"))),
+        "n" => Some(ops(plan::delete_network(
+            m,
+            arg(0),
+            arg(1) == "cascade",
+            REUSE,
+        ))),
         "h" => Some(ops(plan::delete_host(m, arg(0)))),
         "g" => Some(ops(plan::delete_gateway(m, arg(0)))),
-        "v" => Some(ops(plan::delete_vm(m, arg(0)))),
+        "v" => Some(ops(plan::delete_vm(m, arg(0), REUSE))),
         "r" => Some(ops(plan::delete_rule(m, arg(0)))),
         "T" => return token(m, arg(0), arg(1), arg(2)),
         _ => None,
