@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vnp_registry_client::{ClientConfig, RegistryClient, Role};
-use vnpd::admin::manager::Manager;
+use vnpd::admin::manager::{CounterBoard, Manager};
 use vnpd::admin::server::AdminServer;
 use vnpd::admin::state::StateStore;
 use vnpd::config::{Overrides, VnpdConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONFIG_TOML};
@@ -135,6 +135,58 @@ fn main() -> ExitCode {
 }
 
 fn run(cfg: VnpdConfig) -> Result<(), String> {
+    let (client, host_id) = connect_registry(&cfg)?;
+    let store = StateStore::open(&cfg.state_dir).map_err(|e| e.to_string())?;
+    let control = ControlThread::start(
+        client.clone(),
+        ControlSettings {
+            refresh_margin_secs: cfg.token_refresh_margin_secs,
+            watch: true,
+            token_requests: cfg.token_requests,
+        },
+    )
+    .map_err(|e| format!("cannot start the control thread: {e}"))?;
+    let mut manager = Manager::new(
+        cfg.clone(),
+        host_id.clone(),
+        client,
+        control.handle(),
+        store,
+    );
+    manager.restore().map_err(|e| e.to_string())?;
+    let board = manager.board();
+    let manager = Arc::new(Mutex::new(manager));
+    let exporter = match cfg.metrics_listen {
+        Some(addr) => Some(start_exporter(addr, board, host_id.clone())?),
+        None => None,
+    };
+    let m = Arc::clone(&manager);
+    let admin = AdminServer::start(
+        &cfg.admin_socket,
+        Arc::new(move |req| {
+            let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
+            AdminResponse::from(m.handle(req))
+        }),
+    )
+    .map_err(|e| e.to_string())?;
+    log::info!(
+        "vnpd ready: host {host_id}, underlay {} (mtu {}), admin {}",
+        cfg.underlay_addr,
+        cfg.underlay_mtu,
+        cfg.admin_socket.display()
+    );
+    serve_until_signalled(&manager)?;
+    drop(admin);
+    manager.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    drop(exporter);
+    drop(control);
+    log::info!("vnpd stopped");
+    Ok(())
+}
+
+/// The registry client, and this host's id as the registry knows it (its client certificate);
+/// the configured id is only a fallback for when the registry cannot be reached at start.
+fn connect_registry(cfg: &VnpdConfig) -> Result<(RegistryClient, String), String> {
     let mut client_cfg = ClientConfig::from_files(
         &cfg.registry_url,
         &cfg.registry_ca_cert,
@@ -144,8 +196,6 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     client_cfg.timeout = Duration::from_secs(u64::from(cfg.registry_timeout_secs));
     let client = RegistryClient::new(client_cfg).map_err(|e| e.to_string())?;
-    // The registry decides who this host is (its client certificate); the configured id is
-    // only a fallback for when the registry cannot be reached at start.
     let host_id = match client.whoami() {
         Ok(id) if id.role == Role::Host => {
             if id.id != cfg.host_id {
@@ -171,62 +221,28 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
             cfg.host_id.clone()
         }
     };
-    let store = StateStore::open(&cfg.state_dir).map_err(|e| e.to_string())?;
-    let control = ControlThread::start(
-        client.clone(),
-        ControlSettings {
-            refresh_margin_secs: cfg.token_refresh_margin_secs,
-            watch: true,
-            token_requests: cfg.token_requests,
-        },
-    )
-    .map_err(|e| format!("cannot start the control thread: {e}"))?;
-    let mut manager = Manager::new(
-        cfg.clone(),
-        host_id.clone(),
-        client,
-        control.handle(),
-        store,
-    );
-    manager.restore().map_err(|e| e.to_string())?;
-    let board = manager.board();
-    let manager = Arc::new(Mutex::new(manager));
+    Ok((client, host_id))
+}
 
-    let exporter = match cfg.metrics_listen {
-        Some(addr) => {
-            let board = Arc::clone(&board);
-            let host = host_id.clone();
-            Some(
-                Exporter::start(addr, move || {
-                    let samples: Vec<VmSample> = board
-                        .snapshot()
-                        .into_iter()
-                        .map(|(vm_id, counters)| VmSample { vm_id, counters })
-                        .collect();
-                    render(&host, &samples)
-                })
-                .map_err(|e| e.to_string())?,
-            )
-        }
-        None => None,
-    };
+/// The Prometheus exporter, reading the counters without the manager's lock.
+fn start_exporter(
+    addr: std::net::SocketAddr,
+    board: Arc<CounterBoard>,
+    host: String,
+) -> Result<Exporter, String> {
+    Exporter::start(addr, move || {
+        let samples: Vec<VmSample> = board
+            .snapshot()
+            .into_iter()
+            .map(|(vm_id, counters)| VmSample { vm_id, counters })
+            .collect();
+        render(&host, &samples)
+    })
+    .map_err(|e| e.to_string())
+}
 
-    let m = Arc::clone(&manager);
-    let admin = AdminServer::start(
-        &cfg.admin_socket,
-        Arc::new(move |req| {
-            let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
-            AdminResponse::from(m.handle(req))
-        }),
-    )
-    .map_err(|e| e.to_string())?;
-    log::info!(
-        "vnpd ready: host {host_id}, underlay {} (mtu {}), admin {}",
-        cfg.underlay_addr,
-        cfg.underlay_mtu,
-        cfg.admin_socket.display()
-    );
-
+/// Runs the periodic duties (departed VMs, attachments not yet restored) until SIGTERM/SIGINT.
+fn serve_until_signalled(manager: &Mutex<Manager>) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -237,7 +253,7 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
     loop {
         if let Some(sig) = signals.pending().next() {
             log::info!("signal {sig}: shutting down");
-            break;
+            return Ok(());
         }
         if Instant::now() >= next_departure_check {
             let mut m = manager.lock().unwrap_or_else(|e| e.into_inner());
@@ -251,10 +267,4 @@ fn run(cfg: VnpdConfig) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    drop(admin);
-    manager.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
-    drop(exporter);
-    drop(control);
-    log::info!("vnpd stopped");
-    Ok(())
 }

@@ -18,25 +18,7 @@ fn code(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
 }
 
 fn populate(admin: &RegistryClient) {
-    admin
-        .create_network(&NetworkSpec {
-            id: "n1".into(),
-            vni: Some(7),
-            cidr: "10.1.0.0/24".parse().unwrap(),
-            mtu: None,
-            default_policy: None,
-            nat_block: None,
-        })
-        .unwrap();
-    for (h, last) in [("h1", 1), ("h2", 2)] {
-        admin
-            .create_host(&HostSpec {
-                id: h.into(),
-                underlay_addr: Ipv4Addr::new(198, 18, 0, last),
-                port_range: None,
-            })
-            .unwrap();
-    }
+    common::network_and_two_hosts(admin, Some(7));
     for (id, host) in [("a", "h1"), ("b", "h2")] {
         admin
             .create_vm(&VmSpec {

@@ -32,25 +32,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn populate(f: &Fixture) -> (VmRecord, VmRecord) {
     let admin = f.reg.client("admin");
-    admin
-        .create_network(&NetworkSpec {
-            id: "n1".into(),
-            vni: None,
-            cidr: "10.1.0.0/24".parse().unwrap(),
-            mtu: None,
-            default_policy: None,
-            nat_block: None,
-        })
-        .unwrap();
-    for (h, last) in [("h1", 1), ("h2", 2)] {
-        admin
-            .create_host(&HostSpec {
-                id: h.into(),
-                underlay_addr: Ipv4Addr::new(198, 18, 0, last),
-                port_range: None,
-            })
-            .unwrap();
-    }
+    common::network_and_two_hosts(&admin, None);
     let vm = |id: &str, host: &str| VmSpec {
         id: id.into(),
         network: "n1".into(),

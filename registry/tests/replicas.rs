@@ -112,25 +112,7 @@ fn replicas_on_a_three_member_etcd_cluster() {
 
 fn writes_are_visible_everywhere(d: &Deployment) {
     let admin = d.client(0, "admin");
-    admin
-        .create_network(&NetworkSpec {
-            id: "n1".into(),
-            vni: None,
-            cidr: "10.1.0.0/24".parse().unwrap(),
-            mtu: None,
-            default_policy: None,
-            nat_block: None,
-        })
-        .unwrap();
-    for (h, last) in [("h1", 1), ("h2", 2)] {
-        admin
-            .create_host(&HostSpec {
-                id: h.into(),
-                underlay_addr: Ipv4Addr::new(198, 18, 0, last),
-                port_range: None,
-            })
-            .unwrap();
-    }
+    common::network_and_two_hosts(&admin, None);
     admin.create_vm(&vm("a", "h1")).unwrap();
     let b = admin.create_vm(&vm("b", "h2")).unwrap();
     for r in 1..3 {

@@ -8,6 +8,8 @@
 //! Attachments that could not be restored at start (registry down, say) stay persisted and are
 //! retried by [`Manager::retry_restores`].
 
+mod attach;
+
 use super::migration::{departure, ResumeRegistration, Whereabouts, DEPARTURE_GRACE};
 use super::state::{PersistedAttachment, StateStore};
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
@@ -15,6 +17,7 @@ use crate::control::ControlHandle;
 use crate::datapath::rx_check::ExpiryPolicy;
 use crate::datapath::{ControlPlane, DataPathTuning, VmAttachment, VmPort};
 use crate::metrics::counters::{CounterSnapshot, VmCounters};
+use attach::prepare_socket_dir;
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -220,182 +223,45 @@ impl Manager {
         validate_id(vm_id).map_err(|e| fail(AdminErrorCode::BadRequest, e))?;
         let socket_path = socket_path.unwrap_or_else(|| self.cfg.default_socket_path(vm_id));
         let queue_pairs = queue_pairs.unwrap_or(self.cfg.default_queue_pairs);
-        check_socket_path(&socket_path)?;
-        if !(1..=MAX_QUEUE_PAIRS).contains(&queue_pairs) {
-            return Err(fail(
-                AdminErrorCode::BadRequest,
-                format!("queue_pairs {queue_pairs} is outside 1..={MAX_QUEUE_PAIRS}"),
-            ));
+        if let Some(same) = self.check_attach(vm_id, &socket_path, queue_pairs)? {
+            return Ok(same);
         }
-        if let Some(a) = self.attached.get(vm_id) {
-            if a.info.socket_path == socket_path && a.info.queue_pairs == queue_pairs {
-                return Ok(a.info.clone());
-            }
-            return Err(fail(
-                AdminErrorCode::Conflict,
-                format!(
-                    "vm {vm_id} is already attached on {} with {} queue pair(s); detach it first",
-                    a.info.socket_path.display(),
-                    a.info.queue_pairs
-                ),
-            ));
-        }
-        if let Some(other) = self
-            .attached
-            .values()
-            .find(|a| a.info.socket_path == socket_path)
-        {
-            return Err(fail(
-                AdminErrorCode::Conflict,
-                format!(
-                    "socket {} is used by vm {}",
-                    socket_path.display(),
-                    other.info.vm_id
-                ),
-            ));
-        }
-
-        let record = self
-            .client
-            .get_vm(vm_id)
-            .map_err(|e| registry_failure(&format!("reading vm {vm_id}"), &e))?;
-        match record.host.as_deref() {
-            Some(h) if h == self.host_id => {}
-            Some(h) => {
-                return Err(fail(
-                    AdminErrorCode::Conflict,
-                    format!(
-                        "vm {vm_id} is assigned to host {h}, not to this host ({})",
-                        self.host_id
-                    ),
-                ))
-            }
-            None => {
-                return Err(fail(
-                    AdminErrorCode::Conflict,
-                    format!(
-                        "vm {vm_id} is not assigned to any host; assign it to {} first",
-                        self.host_id
-                    ),
-                ))
-            }
-        }
-        let udp_port = record.host_port.ok_or_else(|| {
-            fail(
-                AdminErrorCode::Registry,
-                format!("vm {vm_id} has no UDP port on this host in the registry"),
-            )
-        })?;
-        let network = self
-            .client
-            .get_network(&record.network)
-            .map_err(|e| registry_failure(&format!("reading network {}", record.network), &e))?;
-        let (secret, _generation) = self
-            .client
-            .get_vm_secret(vm_id)
-            .map_err(|e| registry_failure(&format!("reading the secret of vm {vm_id}"), &e))?;
-        let guest_mtu = self.cfg.guest_mtu().min(network.mtu);
-        let info = AttachmentInfo {
-            vm_id: vm_id.to_string(),
-            network: record.network.clone(),
-            network_id: record.vni,
-            vm_ip: record.ip,
-            prefix_len: network.cidr.prefix(),
-            router_ip: network.router,
-            mac: record.mac.to_string(),
-            hostname: record.hostname.clone(),
-            guest_mtu,
-            host_addr: self.cfg.underlay_addr,
-            udp_port,
-            socket_path: socket_path.clone(),
-            queue_pairs,
-        };
-        remove_stale_socket(&socket_path)?;
-        if let Some(dir) = socket_path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                fail(
-                    AdminErrorCode::Port,
-                    format!("creating {}: {e}", dir.display()),
-                )
-            })?;
-        }
-        let att = VmAttachment {
-            vm_id: vm_id.to_string(),
-            network_vni: record.vni,
-            vm_ip: record.ip,
-            prefix_len: info.prefix_len,
-            router_ip: info.router_ip,
-            mac: record.mac.0,
-            hostname: record.hostname.clone(),
-            guest_mtu,
-            secret,
-            host_addr: self.cfg.underlay_addr,
-            udp_port,
-            socket_path: socket_path.clone(),
-            queue_pairs,
-        };
-        let control: Arc<dyn ControlPlane> = Arc::new(self.control.clone());
-        let tuning = DataPathTuning {
-            expiry: ExpiryPolicy {
-                skew_secs: self.cfg.token_clock_skew_secs,
-                max_ttl_secs: self.cfg.token_max_ttl_secs,
-                allow_never: self.cfg.accept_never_expiring_tokens,
-            },
-            socket_access: self.cfg.vhost_user_socket,
-            ..DataPathTuning::default()
-        };
+        let vm = self.read_vm_for_attach(vm_id)?;
+        let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
+        prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {
-            ResumeRegistration::new(self.client.clone(), vm_id, self.cfg.underlay_addr, udp_port)
-        });
-        let hook = resume.as_ref().map(ResumeRegistration::hook);
-        let port = VmPort::start_with_hook(att, control, tuning, hook).map_err(|e| {
-            fail(
-                AdminErrorCode::Port,
-                format!("starting the port of vm {vm_id}: {e}"),
+            ResumeRegistration::new(
+                self.client.clone(),
+                vm_id,
+                self.cfg.underlay_addr,
+                info.udp_port,
             )
-        })?;
-        let port = Arc::new(port);
-        self.control.add_port(vm_id, Arc::clone(&port));
-        let registered = match incoming {
-            true => Ok(0),
-            false => self
-                .client
-                .register_endpoint(vm_id, self.cfg.underlay_addr, udp_port),
-        };
-        if let Err(e) = registered {
-            self.stop_port(vm_id, port);
-            return Err(registry_failure(
-                &format!("registering the endpoint of vm {vm_id}"),
-                &e,
-            ));
-        }
-        self.board.insert(vm_id, port.counters());
-        self.attached.insert(
-            vm_id.to_string(),
-            Attached {
-                info: info.clone(),
-                port,
-                resume,
-            },
-        );
-        self.unrestored.remove(vm_id);
-        if persist {
-            if let Err(e) = self.store.save(&self.persisted()) {
-                if let Some(a) = self.attached.remove(vm_id) {
-                    self.board.remove(vm_id);
-                    self.stop_port(vm_id, a.port);
-                }
-                return Err(fail(AdminErrorCode::Persist, e.to_string()));
+        });
+        let port = self.start_port(vm_id, att, resume.as_ref())?;
+        // An incoming VM's endpoint is registered when its device starts (after the
+        // migration), not now: the source still serves it.
+        if !incoming {
+            let registered =
+                self.client
+                    .register_endpoint(vm_id, self.cfg.underlay_addr, info.udp_port);
+            if let Err(e) = registered {
+                self.stop_port(vm_id, port);
+                return Err(registry_failure(
+                    &format!("registering the endpoint of vm {vm_id}"),
+                    &e,
+                ));
             }
         }
+        self.keep_attachment(vm_id, &info, port, resume, persist)?;
         log::info!(
-            "attached vm {vm_id}{} ({} on network {} vni {}) at {} udp {}:{udp_port}",
+            "attached vm {vm_id}{} ({} on network {} vni {}) at {} udp {}:{}",
             if incoming { " (incoming)" } else { "" },
             info.vm_ip,
             info.network,
             info.network_id,
-            socket_path.display(),
-            info.host_addr
+            info.socket_path.display(),
+            info.host_addr,
+            info.udp_port
         );
         Ok(info)
     }

@@ -314,33 +314,8 @@ impl VnpdConfig {
     }
 
     fn validate(raw: RawConfig, fallback_host_id: &str) -> Result<Self, ConfigError> {
-        let invalid = |key, reason: String| ConfigError::Invalid { key, reason };
-        let host_id = raw.host_id.unwrap_or_else(|| fallback_host_id.to_string());
-        if host_id.is_empty() || host_id.len() > 64 || host_id.chars().any(char::is_control) {
-            return Err(invalid(
-                "host_id",
-                "must be 1..=64 printable characters".into(),
-            ));
-        }
-        let underlay_addr = raw
-            .underlay_addr
-            .ok_or(ConfigError::Missing("underlay_addr", "underlay-addr"))?;
-        if underlay_addr.is_unspecified()
-            || underlay_addr.is_multicast()
-            || underlay_addr.is_broadcast()
-        {
-            return Err(invalid(
-                "underlay_addr",
-                format!("{underlay_addr} is not a unicast host address"),
-            ));
-        }
-        let underlay_mtu = raw.underlay_mtu.unwrap_or(1500);
-        if !(MIN_UNDERLAY_MTU..=MAX_UNDERLAY_MTU).contains(&underlay_mtu) {
-            return Err(invalid(
-                "underlay_mtu",
-                format!("{underlay_mtu} is outside {MIN_UNDERLAY_MTU}..={MAX_UNDERLAY_MTU}"),
-            ));
-        }
+        let host_id = checked_host_id(raw.host_id, fallback_host_id)?;
+        let (underlay_addr, underlay_mtu) = checked_underlay(raw.underlay_addr, raw.underlay_mtu)?;
         let default_queue_pairs = raw.default_queue_pairs.unwrap_or(1);
         if !(1..=MAX_QUEUE_PAIRS).contains(&default_queue_pairs) {
             return Err(invalid(
@@ -348,16 +323,6 @@ impl VnpdConfig {
                 format!("{default_queue_pairs} is outside 1..={MAX_QUEUE_PAIRS}"),
             ));
         }
-        let metrics_listen = match raw.metrics_listen.as_deref() {
-            None | Some("off") | Some("") => None,
-            Some(s) => Some(s.parse::<SocketAddr>().map_err(|_| {
-                invalid(
-                    "metrics_listen",
-                    format!("{s:?} is not ADDRESS:PORT (or \"off\")"),
-                )
-            })?),
-        };
-        let token_refresh_margin_secs = raw.token_refresh_margin_secs.unwrap_or(60);
         let registry_timeout_secs = raw.registry_timeout_secs.unwrap_or(5);
         if registry_timeout_secs == 0 {
             return Err(invalid(
@@ -365,54 +330,9 @@ impl VnpdConfig {
                 "must be at least 1".into(),
             ));
         }
-        let token_clock_skew_secs = raw.token_clock_skew_secs.unwrap_or(5);
-        let token_max_ttl_secs = raw.token_max_ttl_secs.unwrap_or(3600);
-        if token_max_ttl_secs == 0 {
-            return Err(invalid(
-                "token_max_ttl_secs",
-                "must be at least 1 (never-expiring tokens: accept_never_expiring_tokens)".into(),
-            ));
-        }
-        if token_clock_skew_secs > token_max_ttl_secs {
-            return Err(invalid(
-                "token_clock_skew_secs",
-                format!(
-                    "{token_clock_skew_secs} is more than token_max_ttl_secs \
-                     ({token_max_ttl_secs}): expiry would check nothing"
-                ),
-            ));
-        }
-        let accept_never_expiring_tokens = raw.accept_never_expiring_tokens.unwrap_or(false);
-        let registry_url = raw
-            .registry
-            .url
-            .ok_or(ConfigError::Missing("registry.url", "registry-url"))?;
-        if !registry_url.starts_with("https://") {
-            return Err(invalid(
-                "registry.url",
-                format!("{registry_url:?} must be an https:// URL (mutual TLS)"),
-            ));
-        }
-        let registry_ca_cert = raw
-            .registry
-            .ca_cert
-            .ok_or(ConfigError::Missing("registry.ca_cert", "registry-ca-cert"))?;
-        let registry_client_cert = raw.registry.client_cert.ok_or(ConfigError::Missing(
-            "registry.client_cert",
-            "registry-client-cert",
-        ))?;
-        let registry_client_key = raw.registry.client_key.ok_or(ConfigError::Missing(
-            "registry.client_key",
-            "registry-client-key",
-        ))?;
-        let path_or = |key: &'static str, p: Option<PathBuf>, default: &str| {
-            let p = p.unwrap_or_else(|| PathBuf::from(default));
-            if p.as_os_str().is_empty() {
-                Err(invalid(key, "must not be empty".into()))
-            } else {
-                Ok(p)
-            }
-        };
+        let (token_clock_skew_secs, token_max_ttl_secs) =
+            checked_expiry_window(raw.token_clock_skew_secs, raw.token_max_ttl_secs)?;
+        let registry = checked_registry(raw.registry)?;
         Ok(Self {
             host_id,
             underlay_addr,
@@ -420,17 +340,17 @@ impl VnpdConfig {
             socket_dir: path_or("socket_dir", raw.socket_dir, "/run/vnp/sockets")?,
             state_dir: path_or("state_dir", raw.state_dir, "/var/lib/vnp")?,
             admin_socket: path_or("admin_socket", raw.admin_socket, "/run/vnp/vnpd.sock")?,
-            metrics_listen,
+            metrics_listen: checked_metrics_listen(raw.metrics_listen.as_deref())?,
             default_queue_pairs,
-            token_refresh_margin_secs,
+            token_refresh_margin_secs: raw.token_refresh_margin_secs.unwrap_or(60),
             registry_timeout_secs,
             token_clock_skew_secs,
             token_max_ttl_secs,
-            accept_never_expiring_tokens,
-            registry_url,
-            registry_ca_cert,
-            registry_client_cert,
-            registry_client_key,
+            accept_never_expiring_tokens: raw.accept_never_expiring_tokens.unwrap_or(false),
+            registry_url: registry.url,
+            registry_ca_cert: registry.ca_cert,
+            registry_client_cert: registry.client_cert,
+            registry_client_key: registry.client_key,
             vhost_user_socket: raw.vhost_user.validate()?,
             token_requests: raw.token_requests.validate()?,
         })
@@ -446,6 +366,124 @@ impl VnpdConfig {
     pub fn default_socket_path(&self, vm_id: &str) -> PathBuf {
         self.socket_dir.join(format!("{vm_id}.sock"))
     }
+}
+
+fn invalid(key: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { key, reason }
+}
+
+fn checked_host_id(host_id: Option<String>, fallback: &str) -> Result<String, ConfigError> {
+    let host_id = host_id.unwrap_or_else(|| fallback.to_string());
+    if host_id.is_empty() || host_id.len() > 64 || host_id.chars().any(char::is_control) {
+        return Err(invalid(
+            "host_id",
+            "must be 1..=64 printable characters".into(),
+        ));
+    }
+    Ok(host_id)
+}
+
+fn checked_underlay(
+    addr: Option<Ipv4Addr>,
+    mtu: Option<u16>,
+) -> Result<(Ipv4Addr, u16), ConfigError> {
+    let addr = addr.ok_or(ConfigError::Missing("underlay_addr", "underlay-addr"))?;
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() {
+        return Err(invalid(
+            "underlay_addr",
+            format!("{addr} is not a unicast host address"),
+        ));
+    }
+    let mtu = mtu.unwrap_or(1500);
+    if !(MIN_UNDERLAY_MTU..=MAX_UNDERLAY_MTU).contains(&mtu) {
+        return Err(invalid(
+            "underlay_mtu",
+            format!("{mtu} is outside {MIN_UNDERLAY_MTU}..={MAX_UNDERLAY_MTU}"),
+        ));
+    }
+    Ok((addr, mtu))
+}
+
+fn checked_metrics_listen(value: Option<&str>) -> Result<Option<SocketAddr>, ConfigError> {
+    match value {
+        None | Some("off") | Some("") => Ok(None),
+        Some(s) => s.parse::<SocketAddr>().map(Some).map_err(|_| {
+            invalid(
+                "metrics_listen",
+                format!("{s:?} is not ADDRESS:PORT (or \"off\")"),
+            )
+        }),
+    }
+}
+
+/// The receive checks' expiry window: clock skew allowed, and the longest TTL accepted.
+fn checked_expiry_window(
+    skew: Option<u32>,
+    max_ttl: Option<u32>,
+) -> Result<(u32, u32), ConfigError> {
+    let skew = skew.unwrap_or(5);
+    let max_ttl = max_ttl.unwrap_or(3600);
+    if max_ttl == 0 {
+        return Err(invalid(
+            "token_max_ttl_secs",
+            "must be at least 1 (never-expiring tokens: accept_never_expiring_tokens)".into(),
+        ));
+    }
+    if skew > max_ttl {
+        return Err(invalid(
+            "token_clock_skew_secs",
+            format!(
+                "{skew} is more than token_max_ttl_secs ({max_ttl}): expiry would check nothing"
+            ),
+        ));
+    }
+    Ok((skew, max_ttl))
+}
+
+/// The registry's URL(s) and the mutual-TLS files, all required.
+struct RegistrySettings {
+    url: String,
+    ca_cert: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn checked_registry(raw: RegistryConfig) -> Result<RegistrySettings, ConfigError> {
+    let url = raw
+        .url
+        .ok_or(ConfigError::Missing("registry.url", "registry-url"))?;
+    if !url.starts_with("https://") {
+        return Err(invalid(
+            "registry.url",
+            format!("{url:?} must be an https:// URL (mutual TLS)"),
+        ));
+    }
+    Ok(RegistrySettings {
+        url,
+        ca_cert: raw
+            .ca_cert
+            .ok_or(ConfigError::Missing("registry.ca_cert", "registry-ca-cert"))?,
+        client_cert: raw.client_cert.ok_or(ConfigError::Missing(
+            "registry.client_cert",
+            "registry-client-cert",
+        ))?,
+        client_key: raw.client_key.ok_or(ConfigError::Missing(
+            "registry.client_key",
+            "registry-client-key",
+        ))?,
+    })
+}
+
+fn path_or(
+    key: &'static str,
+    path: Option<PathBuf>,
+    default: &str,
+) -> Result<PathBuf, ConfigError> {
+    let path = path.unwrap_or_else(|| PathBuf::from(default));
+    if path.as_os_str().is_empty() {
+        return Err(invalid(key, "must not be empty".into()));
+    }
+    Ok(path)
 }
 
 #[cfg(test)]

@@ -226,3 +226,28 @@ impl Fixture {
         }
     }
 }
+
+/// Network `n1` (10.1.0.0/24, the given VNI) and hosts `h1` (198.18.0.1) and `h2`
+/// (198.18.0.2): the state most registry tests start from.
+pub fn network_and_two_hosts(admin: &vnp_registry_client::RegistryClient, vni: Option<u32>) {
+    use vnp_registry_client::{HostSpec, NetworkSpec};
+    admin
+        .create_network(&NetworkSpec {
+            id: "n1".into(),
+            vni,
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        })
+        .unwrap();
+    for (h, last) in [("h1", 1), ("h2", 2)] {
+        admin
+            .create_host(&HostSpec {
+                id: h.into(),
+                underlay_addr: std::net::Ipv4Addr::new(198, 18, 0, last),
+                port_range: None,
+            })
+            .unwrap();
+    }
+}
