@@ -24,32 +24,9 @@ use vnp_protocol::token::{Expiry, Token, VmSecret};
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::VnpDatagram;
 use vnpd::datapath::port::RETURN_TOKEN_TTL_SECS;
-use vnpd::datapath::VmPort;
 use vnpd::edge::ROUTER_MAC;
 
 const T: Duration = Duration::from_secs(5);
-
-struct Vm {
-    port: Arc<VmPort>,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    secret: VmSecret,
-    socket: std::path::PathBuf,
-}
-
-fn start(control: &Arc<MintingControl>, name: &str, octet: u8) -> Vm {
-    let (att, secret) = vm(name, octet, octet.wrapping_mul(17), 1);
-    let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
-    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
-    control.register(&port, ip, &secret);
-    Vm {
-        port,
-        ip,
-        mac,
-        secret,
-        socket,
-    }
-}
 
 /// Stops `vm`'s port and binds its UDP address: the attacker's (and the observer's) socket.
 fn take_over(vm: Vm) -> UdpSocket {
@@ -95,8 +72,8 @@ fn next_header(socket: &UdpSocket) -> (Token, Expiry) {
 #[test]
 fn a_planted_return_token_does_not_replace_the_registry_token() {
     let control = MintingControl::new();
-    let a = start(&control, "ta", 2);
-    let b = start(&control, "tb", 3);
+    let a = start_vm(&control, "ta", 2, 1);
+    let b = start_vm(&control, "tb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fa.post_rx(0, 8, 2048);
@@ -141,8 +118,8 @@ fn a_planted_return_token_does_not_replace_the_registry_token() {
 #[test]
 fn a_learned_return_token_expires_within_the_return_token_lifetime() {
     let control = MintingControl::new();
-    let a = start(&control, "ua", 2);
-    let b = start(&control, "ub", 3);
+    let a = start_vm(&control, "ua", 2, 1);
+    let b = start_vm(&control, "ub", 3, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fb.post_rx(0, 8, 2048);
     let (a_addr, b_addr, a_ip) = (a.port.udp_addr(), b.port.udp_addr(), a.ip);

@@ -17,34 +17,12 @@ use std::time::Duration;
 
 use dataplane_common::*;
 use dataplane_frontend::{arp_request, ethernet, Desc, Next, TestFrontend, VNET_HDR};
-use vnp_protocol::token::{Expiry, VmSecret};
+use vnp_protocol::token::Expiry;
 use vnpd::datapath::VmPort;
 use vnpd::edge::ROUTER_MAC;
 use vnpd::metrics::counters::DropReason;
 
 const T: Duration = Duration::from_secs(5);
-
-struct Vm {
-    port: Arc<VmPort>,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    secret: VmSecret,
-    socket: std::path::PathBuf,
-}
-
-fn start(control: &Arc<MintingControl>, name: &str, octet: u8, pairs: u16) -> Vm {
-    let (att, secret) = vm(name, octet, octet.wrapping_mul(17), pairs);
-    let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
-    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
-    control.register(&port, ip, &secret);
-    Vm {
-        port,
-        ip,
-        mac,
-        secret,
-        socket,
-    }
-}
 
 fn ip_frame(from: &Vm, to: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
     ethernet(
@@ -58,7 +36,7 @@ fn ip_frame(from: &Vm, to: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
 #[test]
 fn config_space_and_negotiated_features() {
     let control = MintingControl::new();
-    let a = start(&control, "cfg", 2, 2);
+    let a = start_vm(&control, "cfg", 2, 2);
     let mut fa = TestFrontend::connect(&a.socket, 2);
     let c = fa.config();
     assert_eq!(&c[0..6], &a.mac);
@@ -76,8 +54,8 @@ fn config_space_and_negotiated_features() {
 #[test]
 fn ping_and_reply_with_return_token_and_correct_headers() {
     let control = MintingControl::new();
-    let a = start(&control, "pa", 2, 1);
-    let b = start(&control, "pb", 3, 1);
+    let a = start_vm(&control, "pa", 2, 1);
+    let b = start_vm(&control, "pb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fa.post_rx(0, 32, 2048);
@@ -121,8 +99,8 @@ fn ping_and_reply_with_return_token_and_correct_headers() {
 #[test]
 fn broken_tx_chains_cost_only_their_own_packet() {
     let control = MintingControl::new();
-    let a = start(&control, "ba", 2, 1);
-    let b = start(&control, "bb", 3, 1);
+    let a = start_vm(&control, "ba", 2, 1);
+    let b = start_vm(&control, "bb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fb.post_rx(0, 32, 2048);
@@ -209,7 +187,7 @@ fn dhcp_discover(mac: [u8; 6]) -> Vec<u8> {
 #[test]
 fn arp_and_dhcp_are_answered_by_the_edge_and_other_ethertypes_dropped() {
     let control = MintingControl::new();
-    let a = start(&control, "ea", 2, 1);
+    let a = start_vm(&control, "ea", 2, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     fa.post_rx(0, 8, 2048);
 
@@ -247,8 +225,8 @@ fn arp_and_dhcp_are_answered_by_the_edge_and_other_ethertypes_dropped() {
 #[test]
 fn refused_and_unknown_destinations_are_counted_drops() {
     let control = MintingControl::new();
-    let a = start(&control, "ra", 2, 1);
-    let b = start(&control, "rb", 3, 1);
+    let a = start_vm(&control, "ra", 2, 1);
+    let b = start_vm(&control, "rb", 3, 1);
     control.deny(a.port.vm_id(), b.ip);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
@@ -276,8 +254,8 @@ fn refused_and_unknown_destinations_are_counted_drops() {
 #[test]
 fn multiqueue_pairs_carry_traffic() {
     let control = MintingControl::new();
-    let a = start(&control, "ma", 2, 2);
-    let b = start(&control, "mb", 3, 1);
+    let a = start_vm(&control, "ma", 2, 2);
+    let b = start_vm(&control, "mb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 2);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fa.post_rx(0, 16, 2048);
@@ -305,8 +283,8 @@ fn multiqueue_pairs_carry_traffic() {
 #[test]
 fn a_reconnecting_frontend_gets_a_fresh_device() {
     let control = MintingControl::new();
-    let a = start(&control, "ca", 2, 1);
-    let b = start(&control, "cb", 3, 1);
+    let a = start_vm(&control, "ca", 2, 1);
+    let b = start_vm(&control, "cb", 3, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fb.post_rx(0, 16, 2048);
     for round in 0..3u8 {
@@ -322,8 +300,8 @@ fn a_reconnecting_frontend_gets_a_fresh_device() {
 #[test]
 fn unusable_rx_chains_are_returned_and_counted() {
     let control = MintingControl::new();
-    let a = start(&control, "ua", 2, 1);
-    let b = start(&control, "ub", 3, 1);
+    let a = start_vm(&control, "ua", 2, 1);
+    let b = start_vm(&control, "ub", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     let s = fb.scratch(0);
@@ -361,8 +339,8 @@ fn unusable_rx_chains_are_returned_and_counted() {
 #[test]
 fn datagrams_wait_in_the_socket_until_the_guest_posts_buffers() {
     let control = MintingControl::new();
-    let a = start(&control, "wa", 2, 1);
-    let b = start(&control, "wb", 3, 1);
+    let a = start_vm(&control, "wa", 2, 1);
+    let b = start_vm(&control, "wb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     for i in 0..5u8 {
@@ -383,7 +361,7 @@ fn datagrams_wait_in_the_socket_until_the_guest_posts_buffers() {
 #[test]
 fn oversize_datagram_is_dropped_not_truncated_into_the_guest() {
     let control = MintingControl::new();
-    let b = start(&control, "ob", 3, 1);
+    let b = start_vm(&control, "ob", 3, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     fb.post_rx(0, 8, 2048);
     let (raw, raw_addr) = raw_peer();
@@ -408,7 +386,7 @@ fn oversize_datagram_is_dropped_not_truncated_into_the_guest() {
 #[test]
 fn stopping_a_port_removes_its_socket_and_frees_its_udp_port() {
     let control = MintingControl::new();
-    let a = start(&control, "sa", 2, 1);
+    let a = start_vm(&control, "sa", 2, 1);
     let fa = TestFrontend::connect(&a.socket, 1);
     let udp = a.port.udp_addr();
     let socket = a.socket.clone();
@@ -422,8 +400,8 @@ fn stopping_a_port_removes_its_socket_and_frees_its_udp_port() {
 fn guest_writes_reach_the_dirty_log_while_migrating() {
     use dataplane_frontend::FileExt;
     let control = MintingControl::new();
-    let a = start(&control, "la", 2, 1);
-    let b = start(&control, "lb", 3, 1);
+    let a = start_vm(&control, "la", 2, 1);
+    let b = start_vm(&control, "lb", 3, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let mut fb = TestFrontend::connect(&b.socket, 1);
     let log = fb.start_dirty_log();

@@ -18,9 +18,8 @@ use dataplane_common::*;
 use dataplane_frontend::{ethernet, Desc, Next, TestFrontend, QUEUE_SIZE, VNET_HDR};
 use replay_frontend::conversations::{self as conv, DPDK_22_11};
 use replay_frontend::{Guest, Replay};
-use vnp_protocol::token::{Expiry, Token, VmSecret};
+use vnp_protocol::token::{Expiry, Token};
 use vnp_protocol::wire::options::ReturnToken;
-use vnpd::datapath::VmPort;
 use vnpd::edge::ROUTER_MAC;
 use vnpd::metrics::counters::DropReason;
 
@@ -28,28 +27,6 @@ const T: Duration = Duration::from_secs(10);
 const RX_Q: usize = 0;
 const TX_Q: usize = 1;
 const MEM_END: u64 = 8 << 20;
-
-struct Vm {
-    port: Arc<VmPort>,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    secret: VmSecret,
-    socket: std::path::PathBuf,
-}
-
-fn start(control: &Arc<MintingControl>, name: &str, octet: u8) -> Vm {
-    let (att, secret) = vm(name, octet, octet.wrapping_mul(13), 1);
-    let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
-    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
-    control.register(&port, ip, &secret);
-    Vm {
-        port,
-        ip,
-        mac,
-        secret,
-        socket,
-    }
-}
 
 impl Vm {
     fn drops(&self, r: DropReason) -> u64 {
@@ -89,8 +66,8 @@ struct Pair {
 impl Pair {
     fn new(tag: &str) -> Pair {
         let control = MintingControl::new();
-        let a = start(&control, &format!("{tag}a"), 2);
-        let b = start(&control, &format!("{tag}b"), 3);
+        let a = start_vm(&control, &format!("{tag}a"), 2, 1);
+        let b = start_vm(&control, &format!("{tag}b"), 3, 1);
         let fa = TestFrontend::connect(&a.socket, 1);
         let mut fb = TestFrontend::connect(&b.socket, 1);
         fb.post_rx(0, 200, 2048);
@@ -394,7 +371,7 @@ fn good_datagram(raw: SocketAddrV4, to: &Vm, inner: &[u8]) -> Vec<u8> {
 #[test]
 fn malformed_rx_chains_are_counted_and_the_ring_keeps_serving() {
     let control = MintingControl::new();
-    let a = start(&control, "hx", 2);
+    let a = start_vm(&control, "hx", 2, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     let (raw, raw_addr) = raw_peer();
     let src_vm = Ipv4Addr::new(10, 77, 0, 50);
@@ -492,7 +469,7 @@ fn guest_memory_contains(f: &TestFrontend, start: u64, len: u64, needle: &[u8]) 
 #[test]
 fn rejected_datagrams_leave_nothing_in_guest_memory() {
     let control = MintingControl::new();
-    let a = start(&control, "hs", 2);
+    let a = start_vm(&control, "hs", 2, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     fa.post_rx(0, 8, 2048);
     let (raw, raw_addr) = raw_peer();
@@ -563,7 +540,7 @@ fn rejected_datagrams_leave_nothing_in_guest_memory() {
 #[test]
 fn a_stopped_rx_ring_is_not_written() {
     let control = MintingControl::new();
-    let a = start(&control, "hp", 2);
+    let a = start_vm(&control, "hp", 2, 1);
     let mut fa = TestFrontend::connect(&a.socket, 1);
     fa.post_rx(0, 8, 2048);
     let (raw, raw_addr): (UdpSocket, _) = raw_peer();
@@ -599,8 +576,8 @@ fn a_stopped_rx_ring_is_not_written() {
 #[test]
 fn after_dpdks_stop_sequence_no_datagram_enters_the_ring() {
     let control = MintingControl::new();
-    let a = start(&control, "hd", 2);
-    let b = start(&control, "hdb", 3);
+    let a = start_vm(&control, "hd", 2, 1);
+    let b = start_vm(&control, "hdb", 3, 1);
     let guest = Guest::new(2);
     let mut r = Replay::connect(&a.socket, DPDK_22_11);
     r.run(&guest, &conv::dpdk_start());

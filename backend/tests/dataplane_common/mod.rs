@@ -59,6 +59,31 @@ pub fn vm(
     (att, secret)
 }
 
+/// A started VM port of the test network, with what tests address it by.
+pub struct Vm {
+    pub port: Arc<VmPort>,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub secret: VmSecret,
+    pub socket: PathBuf,
+}
+
+/// Starts VM `name` (address 10.77.0.`octet`) with `pairs` queue pairs and registers it with
+/// `control`, so that peers get tokens for it.
+pub fn start_vm(control: &Arc<MintingControl>, name: &str, octet: u8, pairs: u16) -> Vm {
+    let (att, secret) = vm(name, octet, octet.wrapping_mul(17), pairs);
+    let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
+    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
+    control.register(&port, ip, &secret);
+    Vm {
+        port,
+        ip,
+        mac,
+        secret,
+        socket,
+    }
+}
+
 pub fn now() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
