@@ -241,6 +241,29 @@ pub struct VmRecord {
     pub secret_generation: u64,
     /// Last endpoint registered by a host; `None` until the owning host registers.
     pub endpoint: Option<Endpoint>,
+    /// A live migration under way: the host the VM is going to and the port reserved there.
+    /// That host may read the secret; its endpoint registration makes it the owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingMigration>,
+}
+
+/// Where a migrating VM is going (`VmRecord::incoming`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingMigration {
+    pub host: String,
+    pub host_port: u16,
+}
+
+/// `POST /v1/vms/{id}/migration`: announce a live migration of the VM to `host`. The VM stays
+/// owned by its current host (which keeps sending and receiving) until `host` registers the
+/// endpoint when the migrated VM resumes there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartMigration {
+    pub host: String,
+    /// UDP port on `host`; allocated from its range when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
 }
 
 /// `POST /v1/vms/{id}/move`: hand the VM to another host (the first step of a migration).

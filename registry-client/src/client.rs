@@ -346,6 +346,14 @@ impl RegistryClient {
     pub fn move_vm(&self, id: &str, req: &MoveVm) -> Result<VmRecord, ClientError> {
         self.post(&format!("/v1/vms/{}/move", path_seg(id)), req)
     }
+    /// Announces a live migration of the VM to another host (admin): see [`StartMigration`].
+    pub fn start_migration(&self, id: &str, req: &StartMigration) -> Result<VmRecord, ClientError> {
+        self.post(&format!("/v1/vms/{}/migration", path_seg(id)), req)
+    }
+    /// Forgets a migration under way (admin): the VM stays on its host.
+    pub fn cancel_migration(&self, id: &str) -> Result<VmRecord, ClientError> {
+        self.delete(&format!("/v1/vms/{}/migration", path_seg(id)))
+    }
     /// Replaces the VM's secret with a fresh one (admin); returns the new record.
     pub fn rotate_vm_secret(&self, id: &str) -> Result<VmRecord, ClientError> {
         self.post(

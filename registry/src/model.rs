@@ -248,6 +248,18 @@ impl Model {
             .and_then(|id| self.vms.get(id))
     }
 
+    /// The VM other than `except` that holds `port` on `host`: as its current port, or reserved
+    /// for a migration to `host` under way.
+    pub fn vm_on_port(&self, host: &str, port: u16, except: &str) -> Option<&VmRecord> {
+        self.vms.values().find(|v| {
+            v.id != except
+                && ((v.host.as_deref() == Some(host) && v.host_port == Some(port))
+                    || v.incoming
+                        .as_ref()
+                        .is_some_and(|i| i.host == host && i.host_port == port))
+        })
+    }
+
     /// The quarantine keeping `port` on `host` from VMs other than `vm` at `now`, if any.
     pub fn port_quarantine(
         &self,

@@ -92,6 +92,7 @@ mod tests {
             tags: tags.iter().map(|t| t.to_string()).collect(),
             secret_generation: 1,
             endpoint: None,
+            incoming: None,
         }
     }
 

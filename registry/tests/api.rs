@@ -545,6 +545,101 @@ fn migration_flow_and_long_poll(backend: Backend) {
     assert!(t.elapsed() >= Duration::from_millis(650));
 }
 
+/// `vnpctl vm migrate`: the source stays the owner (secret, tokens for the VM's own traffic)
+/// during the pre-copy; the destination may prepare the VM and becomes the owner by registering
+/// the endpoint when the VM resumes there; a cancelled migration changes nothing.
+fn announced_migration_moves_ownership_at_registration(backend: Backend) {
+    let f = Fixture::on(backend, "announced");
+    let (a, b) = populate(&f);
+    let admin = f.reg.client("admin");
+    let (h1, h2) = (f.reg.client("h1"), f.reg.client("h2"));
+    let (addr1, addr2) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2));
+    let old_port = b.host_port.unwrap();
+    h2.register_endpoint("b", addr2, old_port).unwrap();
+    assert_eq!(code(h1.get_vm_secret("b")), ErrorCode::NotOwner);
+
+    let going = StartMigration {
+        host: "h1".into(),
+        host_port: None,
+    };
+    let started = admin.start_migration("b", &going).unwrap();
+    let arrival = started.incoming.clone().expect("migration recorded");
+    assert_eq!(
+        (arrival.host.as_str(), started.host.as_deref()),
+        ("h1", Some("h2"))
+    );
+    // Pre-copy: both hosts read the record and hold the secret; the source still sends for b,
+    // peers still reach it.
+    assert_eq!(h1.get_vm("b").unwrap().incoming, Some(arrival.clone()));
+    assert_eq!(
+        h1.get_vm_secret("b").unwrap(),
+        h2.get_vm_secret("b").unwrap()
+    );
+    h2.request_token("b", a.ip).unwrap();
+    assert_eq!(h1.request_token("a", b.ip).unwrap().dst_host, addr2);
+    // The reserved port is nobody else's, and the destination must register on it.
+    let on_h1 = VmSpec {
+        host_port: Some(arrival.host_port),
+        ..vm("c", "n1", "h1")
+    };
+    assert_eq!(code(admin.create_vm(&on_h1)), ErrorCode::DuplicatePort);
+    assert_eq!(
+        code(h1.register_endpoint("b", addr1, arrival.host_port + 1)),
+        ErrorCode::BadRequest
+    );
+
+    // Resume on h1: its registration moves the owner and the endpoint in one step.
+    h1.register_endpoint("b", addr1, arrival.host_port).unwrap();
+    let now = admin.get_vm("b").unwrap();
+    assert_eq!(now.host.as_deref(), Some("h1"));
+    assert_eq!(now.host_port, Some(arrival.host_port));
+    assert_eq!(now.incoming, None);
+    let g = h1.request_token("a", b.ip).unwrap();
+    assert_eq!((g.dst_host, g.dst_port), (addr1, arrival.host_port));
+    assert_eq!(code(h2.request_token("b", a.ip)), ErrorCode::NotOwner);
+    assert_eq!(code(h2.get_vm_secret("b")), ErrorCode::NotOwner);
+    // The source's old port is quarantined like after a move.
+    let back_on_h2 = VmSpec {
+        host_port: Some(old_port),
+        ..vm("d", "n1", "h2")
+    };
+    assert_eq!(
+        code(admin.create_vm(&back_on_h2)),
+        ErrorCode::PortQuarantined
+    );
+
+    // A cancelled migration leaves the VM where it was.
+    let to_h2 = StartMigration {
+        host: "h2".into(),
+        host_port: None,
+    };
+    admin.start_migration("a", &to_h2).unwrap();
+    h2.get_vm_secret("a").unwrap();
+    let cancelled = admin.cancel_migration("a").unwrap();
+    assert_eq!(
+        (cancelled.host.as_deref(), cancelled.incoming),
+        (Some("h1"), None)
+    );
+    assert_eq!(code(h2.get_vm_secret("a")), ErrorCode::NotOwner);
+    assert_eq!(
+        code(h2.register_endpoint("a", addr2, 40000)),
+        ErrorCode::NotOwner
+    );
+    // Refusals: to its own host, by a host.
+    let to_h1 = StartMigration {
+        host: "h1".into(),
+        host_port: None,
+    };
+    assert_eq!(
+        code(admin.start_migration("a", &to_h1)),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        code(h1.start_migration("a", &to_h2)),
+        ErrorCode::AdminRequired
+    );
+}
+
 fn bad_input_gets_clear_4xx_and_changes_nothing(backend: Backend) {
     let f = Fixture::on(backend, "badinput");
     populate(&f);
@@ -977,6 +1072,7 @@ on_both_backends!(
     concurrent_token_requests,
     gateway_tuple_for_outside_destinations,
     migration_flow_and_long_poll,
+    announced_migration_moves_ownership_at_registration,
     bad_input_gets_clear_4xx_and_changes_nothing,
     unknown_expired_and_identity_less_certificates_are_refused,
     endpoint_watcher_follows_changes_without_gaps,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
-use vnp_registry_client::{Endpoint, MoveVm};
+use vnp_registry_client::{Endpoint, StartMigration};
 
 const CMD: Duration = Duration::from_secs(60);
 /// The peer's ping interval (busybox ping sends on a timer, also while replies are missing).
@@ -179,15 +179,15 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         c.logs()
     );
 
-    step("registry: vm-a moves to host 1; host 1 attaches it as incoming");
+    step("registry: vm-a migrates to host 1 (host 0 stays the owner); host 1 attaches it as incoming");
     let before = endpoint_of(&c, "vm-a").expect("endpoint registered by host 0");
     assert_eq!(before.host_addr, c.host(0).addr);
     let h1 = c.host(1).id.clone();
     c.registry(move |r| {
-        r.move_vm(
+        r.start_migration(
             "vm-a",
-            &MoveVm {
-                host: Some(h1),
+            &StartMigration {
+                host: h1,
                 host_port: None,
             },
         )

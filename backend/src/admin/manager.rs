@@ -226,7 +226,7 @@ impl Manager {
         if let Some(same) = self.check_attach(vm_id, &socket_path, queue_pairs)? {
             return Ok(same);
         }
-        let vm = self.read_vm_for_attach(vm_id)?;
+        let vm = self.read_vm_for_attach(vm_id, incoming)?;
         let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
         prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {

@@ -208,6 +208,7 @@ mod tests {
                 port,
                 generation: 3,
             }),
+            incoming: None,
         }
     }
 

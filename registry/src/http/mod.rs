@@ -111,6 +111,10 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/vms/{id}/secret", get(vm_secret))
         .route("/v1/vms/{id}/secret/rotate", post(rotate_secret))
         .route("/v1/vms/{id}/move", post(move_vm))
+        .route(
+            "/v1/vms/{id}/migration",
+            post(start_migration).delete(cancel_migration),
+        )
         .route("/v1/vms/{id}/endpoint", put(register_endpoint))
         .route("/v1/policy", get(list_rules).post(create_rule))
         .route("/v1/policy/{id}", axum::routing::delete(delete_rule))

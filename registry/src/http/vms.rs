@@ -52,10 +52,11 @@ pub(super) async fn get_vm(
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
     let allowed = match c.0.role {
         Role::Admin => true,
-        // The owner, and during a live migration the previous host while the endpoint is
-        // still its own: it learns from the record when the endpoint has moved.
+        // The owner, the host a live migration goes to, and the previous host while the
+        // endpoint is still its own: it learns from the record when the endpoint has moved.
         Role::Host => {
             vm.host.as_deref() == Some(c.0.id.as_str())
+                || vm.incoming.as_ref().is_some_and(|i| i.host == c.0.id)
                 || vm.endpoint.is_some_and(|ep| {
                     m.hosts
                         .get(&c.0.id)
@@ -110,6 +111,46 @@ pub(super) async fn delete_vm(
     })
     .await?;
     log::info!("{} deleted {}", c.0, out.deleted);
+    Ok(Json(out))
+}
+
+/// `POST /v1/vms/{id}/migration` (admin): a live migration to another host begins.
+pub(super) async fn start_migration(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<VmRecord> {
+    c.admin()?;
+    let req: StartMigration = parse(&body)?;
+    let out = write(&reg, move |r| {
+        let now = r.port_reuse().now;
+        r.write_once(once.key(), |m| plan::start_migration(m, &id, &req, now))
+    })
+    .await?;
+    log::info!(
+        "{} started migrating VM {} to {:?}",
+        c.0,
+        out.id,
+        out.incoming
+    );
+    Ok(Json(out))
+}
+
+/// `DELETE /v1/vms/{id}/migration` (admin): the migration was cancelled or failed.
+pub(super) async fn cancel_migration(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+) -> ApiResult<VmRecord> {
+    c.admin()?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::cancel_migration(m, &id))
+    })
+    .await?;
+    log::info!("{} cancelled the migration of VM {}", c.0, out.id);
     Ok(Json(out))
 }
 
@@ -169,7 +210,10 @@ pub(super) async fn vm_secret(
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
     // Only the host that runs the VM; not even an admin (the secret never needs to leave the
     // registry except to the one host that verifies the VM's incoming tokens).
-    if !(c.0.role == Role::Host && vm.host.as_deref() == Some(c.0.id.as_str())) {
+    // The host a migration goes to too: it verifies the VM's tokens once the VM resumes there.
+    let runs_or_receives = vm.host.as_deref() == Some(c.0.id.as_str())
+        || vm.incoming.as_ref().is_some_and(|i| i.host == c.0.id);
+    if !(c.0.role == Role::Host && runs_or_receives) {
         log::warn!("refused secret of VM {id} to {}", c.0);
         return refuse(
             ErrorCode::NotOwner,

@@ -136,7 +136,10 @@ mod vm;
 pub use host::{create_gateway, create_host, delete_gateway, delete_host};
 pub use network::{create_network, delete_network};
 pub use policy::{create_rule, delete_rule};
-pub use vm::{create_vm, delete_vm, move_vm, register_endpoint, rotate_vm_secret};
+pub use vm::{
+    cancel_migration, create_vm, delete_vm, move_vm, register_endpoint, rotate_vm_secret,
+    start_migration,
+};
 
 #[cfg(test)]
 mod tests;

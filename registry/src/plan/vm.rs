@@ -89,11 +89,7 @@ fn pick_host_port(
     wanted: Option<u16>,
     now: u64,
 ) -> Result<u16, ApiError> {
-    let taken = |p: u16| {
-        model.vms.values().find(|v| {
-            v.id != vm_id && v.host.as_deref() == Some(host.id.as_str()) && v.host_port == Some(p)
-        })
-    };
+    let taken = |p: u16| model.vm_on_port(&host.id, p, vm_id);
     if let Some(p) = wanted {
         if !host.port_range.contains(p) {
             return refuse(
@@ -218,6 +214,7 @@ pub fn create_vm(
         tags,
         secret_generation: 1,
         endpoint: None,
+        incoming: None,
     };
     let mut ops = vec![
         Op::PutVm(vm.clone()),
@@ -283,6 +280,8 @@ pub fn move_vm(model: &Model, id: &str, req: &MoveVm, reuse: PortReuse) -> Plann
             vm.host_port = None;
         }
     }
+    // A move replaces any migration under way.
+    vm.incoming = None;
     let mut ops = vec![Op::PutVm(vm.clone())];
     if (&before.host, before.host_port) != (&vm.host, vm.host_port) {
         ops.extend(release_vm_port_ops(model, before, reuse));
@@ -316,7 +315,22 @@ pub fn register_endpoint(
     reuse: PortReuse,
 ) -> Planned<EndpointAck> {
     let mut vm = get_vm(model, id)?.clone();
-    if vm.host.as_deref() != Some(caller) {
+    let before = vm.clone();
+    if let Some(arrival) = vm.incoming.take().filter(|i| i.host == caller) {
+        // The migrated VM resumed on `caller`: ownership moves with this registration. The old
+        // host's port goes into quarantine below (host_port differs from `before`'s).
+        vm.host = Some(arrival.host);
+        vm.host_port = Some(arrival.host_port);
+        if update.port != arrival.host_port {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "VM {id} migrates to port {} on host {caller}, not {}",
+                    arrival.host_port, update.port
+                ),
+            );
+        }
+    } else if vm.host.as_deref() != Some(caller) {
         let owner = vm.host.as_deref().unwrap_or("no host");
         return refuse(
             ErrorCode::NotOwner,
@@ -341,9 +355,7 @@ pub fn register_endpoint(
     if update.port == 0 {
         return refuse(ErrorCode::BadRequest, "endpoint port must not be 0");
     }
-    if let Some(other) = model.vms.values().find(|v| {
-        v.id != id && v.host.as_deref() == Some(caller) && v.host_port == Some(update.port)
-    }) {
+    if let Some(other) = model.vm_on_port(caller, update.port, id) {
         return refuse(
             ErrorCode::DuplicatePort,
             format!(
@@ -367,8 +379,8 @@ pub fn register_endpoint(
     }
     check_not_quarantined(model, caller, update.port, id, reuse.now)?;
     let mut ops = Vec::new();
-    if vm.host_port != Some(update.port) {
-        ops.extend(release_vm_port_ops(model, &vm, reuse));
+    if (&before.host, before.host_port) != (&vm.host, Some(update.port)) {
+        ops.extend(release_vm_port_ops(model, &before, reuse));
     }
     let generation = model.generation + 1;
     vm.host_port = Some(update.port);
@@ -380,4 +392,56 @@ pub fn register_endpoint(
     ops.push(Op::PutVm(vm.clone()));
     ops.extend(change_ops(model, &vm, ChangeKind::Endpoint));
     Ok((ops, EndpointAck { generation }))
+}
+
+/// Announces a live migration of VM `id` to `req.host`: reserves its port there and lets that
+/// host read the secret. Ownership stays with the current host until the new one registers the
+/// endpoint (when the migrated VM resumes), so the VM keeps its tokens during the pre-copy.
+pub fn start_migration(
+    model: &Model,
+    id: &str,
+    req: &StartMigration,
+    now: u64,
+) -> Planned<VmRecord> {
+    let mut vm = get_vm(model, id)?.clone();
+    let Some(owner) = vm.host.clone() else {
+        return refuse(
+            ErrorCode::Conflict,
+            format!("VM {id} runs on no host; assign it with a move instead"),
+        );
+    };
+    if owner == req.host {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("VM {id} already runs on host {owner}"),
+        );
+    }
+    let host = model
+        .hosts
+        .get(&req.host)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownHost, format!("no host {}", req.host)))?;
+    let keep = vm
+        .incoming
+        .as_ref()
+        .filter(|i| i.host == req.host)
+        .map(|i| i.host_port);
+    let host_port = pick_host_port(model, host, id, req.host_port.or(keep), now)?;
+    vm.incoming = Some(IncomingMigration {
+        host: req.host.clone(),
+        host_port,
+    });
+    let mut ops = vec![Op::PutVm(vm.clone())];
+    ops.extend(change_ops(model, &vm, ChangeKind::Moved));
+    Ok((ops, vm))
+}
+
+/// Forgets the migration under way (cancelled or failed): the VM stays where it is.
+pub fn cancel_migration(model: &Model, id: &str) -> Planned<VmRecord> {
+    let mut vm = get_vm(model, id)?.clone();
+    if vm.incoming.take().is_none() {
+        return Ok((vec![], vm));
+    }
+    let mut ops = vec![Op::PutVm(vm.clone())];
+    ops.extend(change_ops(model, &vm, ChangeKind::Moved));
+    Ok((ops, vm))
 }

@@ -50,39 +50,19 @@ impl Manager {
         Ok(None)
     }
 
-    /// The VM's record, network and secret from the registry; the VM must be assigned here.
-    pub(super) fn read_vm_for_attach(&self, vm_id: &str) -> Result<VmFromRegistry, AdminFailure> {
+    /// The VM's record, network and secret from the registry. The VM must be assigned here or,
+    /// for an `incoming` attach, be migrating here (`vnpctl vm migrate`): then its port is the
+    /// one the registry reserved for the migration.
+    pub(super) fn read_vm_for_attach(
+        &self,
+        vm_id: &str,
+        incoming: bool,
+    ) -> Result<VmFromRegistry, AdminFailure> {
         let record = self
             .client
             .get_vm(vm_id)
             .map_err(|e| registry_failure(&format!("reading vm {vm_id}"), &e))?;
-        match record.host.as_deref() {
-            Some(h) if h == self.host_id => {}
-            Some(h) => {
-                return Err(fail(
-                    AdminErrorCode::Conflict,
-                    format!(
-                        "vm {vm_id} is assigned to host {h}, not to this host ({})",
-                        self.host_id
-                    ),
-                ))
-            }
-            None => {
-                return Err(fail(
-                    AdminErrorCode::Conflict,
-                    format!(
-                        "vm {vm_id} is not assigned to any host; assign it to {} first",
-                        self.host_id
-                    ),
-                ))
-            }
-        }
-        let udp_port = record.host_port.ok_or_else(|| {
-            fail(
-                AdminErrorCode::Registry,
-                format!("vm {vm_id} has no UDP port on this host in the registry"),
-            )
-        })?;
+        let udp_port = self.port_for_attach(&record, incoming)?;
         let network = self
             .client
             .get_network(&record.network)
@@ -97,6 +77,47 @@ impl Manager {
             secret,
             udp_port,
         })
+    }
+
+    /// This host's UDP port for `record`, or why the VM cannot be attached here.
+    fn port_for_attach(&self, record: &VmRecord, incoming: bool) -> Result<u16, AdminFailure> {
+        let vm_id = &record.id;
+        if let Some(arrival) = record.incoming.as_ref().filter(|i| i.host == self.host_id) {
+            if incoming {
+                return Ok(arrival.host_port);
+            }
+            return Err(fail(
+                AdminErrorCode::Conflict,
+                format!("vm {vm_id} is migrating to this host: attach it with --incoming"),
+            ));
+        }
+        match record.host.as_deref() {
+            Some(h) if h == self.host_id => record.host_port.ok_or_else(|| {
+                fail(
+                    AdminErrorCode::Registry,
+                    format!("vm {vm_id} has no UDP port on this host in the registry"),
+                )
+            }),
+            Some(h) => Err(fail(
+                AdminErrorCode::Conflict,
+                format!(
+                    "vm {vm_id} is assigned to host {h}, not to this host ({}){}",
+                    self.host_id,
+                    if incoming {
+                        "; announce the migration first: vnpctl vm migrate VM --host THIS-HOST"
+                    } else {
+                        ""
+                    }
+                ),
+            )),
+            None => Err(fail(
+                AdminErrorCode::Conflict,
+                format!(
+                    "vm {vm_id} is not assigned to any host; assign it to {} first",
+                    self.host_id
+                ),
+            )),
+        }
     }
 
     /// What the admin API reports, and what the data path needs, for one attachment.

@@ -1,8 +1,8 @@
-//! `vnpctl vm create|list|show|delete|move|rotate-secret`.
+//! `vnpctl vm create|list|show|delete|move|migrate|rotate-secret`.
 
 use crate::output::{fields, json as to_json, opt, table};
 use std::net::Ipv4Addr;
-use vnp_registry_client::{MacAddr, MoveVm, RegistryClient, VmRecord, VmSpec};
+use vnp_registry_client::{MacAddr, MoveVm, RegistryClient, StartMigration, VmRecord, VmSpec};
 
 /// `vnpctl vm` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -50,6 +50,19 @@ pub enum VmCmd {
         #[arg(long)]
         detach: bool,
     },
+    /// Announce a live migration to HOST: HOST may prepare the VM (`vnpctl vnpd attach
+    /// --incoming`); it becomes the owner when the migrated VM resumes there. `--cancel` forgets
+    /// a migration that was cancelled or failed.
+    Migrate {
+        id: String,
+        #[arg(long, conflicts_with = "cancel", required_unless_present = "cancel")]
+        host: Option<String>,
+        /// UDP port on HOST (allocated when absent).
+        #[arg(long, requires = "host")]
+        port: Option<u16>,
+        #[arg(long)]
+        cancel: bool,
+    },
     /// Replace the VM's secret (its host must fetch the new one).
     RotateSecret { id: String },
 }
@@ -67,6 +80,12 @@ fn show(v: &VmRecord) -> String {
         ("host", opt(&v.host)),
         ("host port", opt(&v.host_port)),
         ("endpoint", endpoint),
+        (
+            "migrating to",
+            v.incoming
+                .as_ref()
+                .map_or("-".into(), |i| format!("{} port {}", i.host, i.host_port)),
+        ),
         ("nat ports", v.nat_ports.to_string()),
         ("service account", v.service_account.clone()),
         (
@@ -158,6 +177,19 @@ pub fn run(c: &RegistryClient, cmd: &VmCmd, json: bool) -> Result<String, String
             };
             Ok(one(c.move_vm(id, &req).map_err(e)?))
         }
+        VmCmd::Migrate {
+            id,
+            host: Some(host),
+            port,
+            cancel: false,
+        } => {
+            let req = StartMigration {
+                host: host.clone(),
+                host_port: *port,
+            };
+            Ok(one(c.start_migration(id, &req).map_err(e)?))
+        }
+        VmCmd::Migrate { id, .. } => Ok(one(c.cancel_migration(id).map_err(e)?)),
         VmCmd::RotateSecret { id } => Ok(one(c.rotate_vm_secret(id).map_err(e)?)),
     }
 }
