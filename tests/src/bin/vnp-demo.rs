@@ -5,11 +5,12 @@
 //! Needs root, QEMU 10 and the guest image (`scripts/demo` runs `scripts/setup` first).
 
 use anyhow::{bail, Context, Result};
-use qemu_launch::{tcp_transfer, Guest, TcpTransferSpec};
+use qemu_launch::{migrate, tcp_transfer, Guest, MigrateOptions, TcpTransferSpec};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vnp_e2e::cluster::{wait_dhcp, Cluster, ClusterOptions, NETWORK, NETWORK_CIDR};
+use vnp_registry_client::StartMigration;
 use vnpd_admin_api::AttachmentInfo;
 
 /// What must be removed if the demo is interrupted: the cluster's directory (every process
@@ -210,7 +211,10 @@ fn run(created: &Created) -> Result<()> {
         transfer.elapsed.as_secs_f64()
     );
 
-    say("9. Counters (vnpd's Prometheus export, non-zero lines)");
+    say("9. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
+    let ga = live_migrate(&cluster, ga, &mut gb, &rec_a.ip.to_string())?;
+
+    say("10. Counters (vnpd's Prometheus export, non-zero lines)");
     for i in 0..2 {
         let text = cluster.scrape(i)?;
         println!("   host {}:", cluster.host(i).id);
@@ -225,7 +229,7 @@ fn run(created: &Created) -> Result<()> {
         "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
     );
 
-    say("10. Cleaning up: guests, vnpd, registry, namespaces, files");
+    say("11. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
     drop(ga);
     drop(gb);
@@ -235,6 +239,76 @@ fn run(created: &Created) -> Result<()> {
         bail!("{} was not removed", dir.display());
     }
     Ok(())
+}
+
+/// `vnpctl vm migrate`, an incoming attach on host b, QEMU's migration, and nothing else: host
+/// b's vnpd registers the endpoint when the VM resumes there. Returns the migrated guest.
+fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) -> Result<Guest> {
+    gb.run_ok(
+        &format!("ping -i 0.05 -c 200 -W 1 {a_ip} > /tmp/mig-ping.log 2>&1 &"),
+        CMD,
+    )?;
+    let h1 = cluster.host(1).id.clone();
+    let to = h1.clone();
+    cluster.registry(move |r| {
+        r.start_migration(
+            "vm-a",
+            &StartMigration {
+                host: to,
+                host_port: None,
+            },
+        )
+    })?;
+    println!(
+        "   vnpctl vm migrate vm-a --host {h1}: host a stays the owner until vm-a resumes on {h1}"
+    );
+    let att = cluster
+        .host(1)
+        .admin()
+        .attach_with("vm-a", None, None, true)
+        .map_err(|e| anyhow::anyhow!("incoming attach: {e}"))?;
+    println!(
+        "   vnpctl vnpd attach vm-a --incoming on {h1}: {}",
+        att.socket_path.display()
+    );
+    let mut spec = ga.spec().clone();
+    spec.name = "vm-a-migrated".into();
+    spec.vhost_user_socket = Some(att.socket_path.clone());
+    let work = cluster.dir().join("guest-vm-a-migrated");
+    std::fs::create_dir_all(&work)?;
+    spec.work_dir = Some(work);
+    let (ga2, report) = migrate(&mut ga, spec, &MigrateOptions::default())
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    drop(ga);
+    println!(
+        "   QEMU migrated: {} ms total, {} ms downtime, {} MiB of RAM sent",
+        report.total_ms,
+        report.downtime_ms,
+        report.ram_transferred_bytes >> 20
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let endpoint = loop {
+        let ep = cluster.registry(|r| r.get_vm("vm-a"))?.endpoint;
+        match ep {
+            Some(ep) if ep.host_addr == cluster.host(1).addr => break ep,
+            _ if Instant::now() > deadline => {
+                bail!("host b did not register vm-a\n{}", cluster.logs())
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    println!(
+        "   host b's vnpd registered vm-a at {}:{} (generation {}) when it resumed",
+        endpoint.host_addr, endpoint.port, endpoint.generation
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    let log = gb.run_ok("tail -3 /tmp/mig-ping.log", CMD)?;
+    println!("   vm-b's 20 pings a second to vm-a across the migration:");
+    print!("{}", indent(&log));
+    if !log.contains("packets transmitted") {
+        bail!("the ping across the migration did not finish:\n{log}");
+    }
+    Ok(ga2)
 }
 
 fn print_attachment(a: &AttachmentInfo) {
