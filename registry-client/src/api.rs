@@ -427,6 +427,10 @@ pub struct VmChange {
     pub host: Option<String>,
     pub endpoint: Option<Endpoint>,
     pub secret_generation: u64,
+    /// The VM's address: hosts that only ever learned a return token from the VM (and so never
+    /// asked the registry about it) forget that token by address when the VM moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// Answer of `GET /v1/watch?vms=a,b&since=G&timeout_ms=T`.

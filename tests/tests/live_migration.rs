@@ -325,8 +325,73 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         started.elapsed().as_millis()
     );
 
+    step("back to host 0 while vm-b pings vm-a, which now only answers");
+    let ga3 = migrate_back_answering_only(&c, &mut ga2, &mut gb, &rec_a.ip.to_string(), &dir);
+
     drop(ga2);
+    drop(ga3);
     drop(gb);
     drop(c);
     assert_nothing_left(&dir, &namespaces);
+}
+
+/// Migrates vm-a from host 1 back to host 0 while vm-b pings it and vm-a sends nothing else.
+/// vm-b's host never asked the registry about vm-a (it learned a return token from vm-a's
+/// traffic): the registry's change for vm-a must still make it forget that token, or every
+/// ping goes to the old endpoint until the learned token expires (600 s).
+fn migrate_back_answering_only(
+    c: &Cluster,
+    ga2: &mut Guest,
+    gb: &mut Guest,
+    a_ip: &str,
+    dir: &std::path::Path,
+) -> Guest {
+    const BACK_PINGS: u32 = 500;
+    gb.run_ok(
+        &format!(
+            "ping -i 0.{PING_INTERVAL_MS:03} -c {BACK_PINGS} -W 1 {a_ip} > /tmp/ping2.log 2>&1 &"
+        ),
+        CMD,
+    )
+    .unwrap();
+    let h0 = c.host(0).id.clone();
+    c.registry(move |r| {
+        r.start_migration(
+            "vm-a",
+            &StartMigration {
+                host: h0,
+                host_port: None,
+            },
+        )
+    })
+    .unwrap();
+    let att = c
+        .host(0)
+        .admin()
+        .attach_with("vm-a", None, None, true)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let mut spec = ga2.spec().clone();
+    spec.name = "vm-a-back".into();
+    spec.vhost_user_socket = Some(att.socket_path.clone());
+    spec.work_dir = Some(dir.join("guest-vm-a-back"));
+    std::fs::create_dir_all(spec.work_dir.as_ref().unwrap()).unwrap();
+    let (ga3, report) = migrate(ga2, spec, &MigrateOptions::default())
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let log = poll_guest(gb, "cat /tmp/ping2.log", Duration::from_secs(60), |o| {
+        o.contains("packets transmitted")
+    });
+    let (tx, rx) = ping_counts(&log).unwrap_or_else(|| panic!("no ping summary:\n{log}"));
+    let gap = longest_gap(&reply_seqs(&log));
+    let blackout_ms = gap.map_or(0, |(a, b)| u64::from(b - a) * PING_INTERVAL_MS);
+    eprintln!(
+        "  pings across the way back: {tx} sent, {rx} received; blackout about {blackout_ms} ms; \
+         QEMU downtime {} ms",
+        report.downtime_ms
+    );
+    assert!(
+        rx >= tx * 8 / 10 && blackout_ms < 5_000,
+        "vm-b lost vm-a after it moved back ({rx} of {tx} answered, blackout {blackout_ms} ms)\n{}",
+        c.logs()
+    );
+    ga3
 }

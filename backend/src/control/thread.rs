@@ -393,9 +393,14 @@ impl Worker {
                 | ChangeKind::Moved
                 | ChangeKind::SecretRotated
                 | ChangeKind::Deleted => {
-                    let ips = self.peers.take(&c.vm);
+                    let mut ips = self.peers.take(&c.vm);
                     if !ips.is_empty() {
                         log::info!("control: peer {} changed ({:?}): re-asking", c.vm, c.kind);
+                    }
+                    // A peer this host only ever answered holds a learned return token bound to
+                    // the old endpoint, and the book does not know it: forget it by address.
+                    if let Some(ip) = c.ip.filter(|ip| !ips.contains(ip)) {
+                        ips.push(ip);
                     }
                     self.forget(&ips);
                 }

@@ -114,6 +114,7 @@ pub(crate) fn change_ops(model: &Model, vm: &VmRecord, kind: ChangeKind) -> Vec<
         host: vm.host.clone(),
         endpoint: vm.endpoint,
         secret_generation: vm.secret_generation,
+        ip: Some(vm.ip),
     }));
     if model.changes.len() >= CHANGE_LOG_RETAIN {
         let drop_to = model.changes.len() + 1 - CHANGE_LOG_RETAIN;

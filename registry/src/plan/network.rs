@@ -114,6 +114,7 @@ pub fn delete_network(
             host: vm.host.clone(),
             endpoint: None,
             secret_generation: vm.secret_generation,
+            ip: Some(vm.ip),
         }));
         cascaded.push(format!("vm/{}", vm.id));
     }

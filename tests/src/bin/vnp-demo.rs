@@ -19,6 +19,8 @@ type Created = Arc<Mutex<Option<(PathBuf, Vec<String>)>>>;
 
 const CMD: Duration = Duration::from_secs(60);
 const TRANSFER_BYTES: u64 = 10 * 1024 * 1024;
+/// Pings (20 a second) vm-b sends vm-a across its migration.
+const PINGS: u32 = 400;
 
 fn say(step: &str) {
     println!("\n== {step}");
@@ -245,7 +247,7 @@ fn run(created: &Created) -> Result<()> {
 /// b's vnpd registers the endpoint when the VM resumes there. Returns the migrated guest.
 fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) -> Result<Guest> {
     gb.run_ok(
-        &format!("ping -i 0.05 -c 200 -W 1 {a_ip} > /tmp/mig-ping.log 2>&1 &"),
+        &format!("ping -i 0.05 -c {PINGS} -W 1 {a_ip} > /tmp/mig-ping.log 2>&1 &"),
         CMD,
     )?;
     let h1 = cluster.host(1).id.clone();
@@ -301,12 +303,25 @@ fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) ->
         "   host b's vnpd registered vm-a at {}:{} (generation {}) when it resumed",
         endpoint.host_addr, endpoint.port, endpoint.generation
     );
-    std::thread::sleep(Duration::from_secs(12));
-    let log = gb.run_ok("tail -3 /tmp/mig-ping.log", CMD)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = gb.run_ok("tail -3 /tmp/mig-ping.log", CMD)?;
+        if log.contains("packets transmitted") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     println!("   vm-b's 20 pings a second to vm-a across the migration:");
     print!("{}", indent(&log));
-    if !log.contains("packets transmitted") {
-        bail!("the ping across the migration did not finish:\n{log}");
+    let received = log
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" packets received"))
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if received.is_none_or(|n| n < PINGS * 9 / 10) {
+        bail!(
+            "the ping across the migration lost too much:\n{log}\n{}",
+            cluster.logs()
+        );
     }
     Ok(ga2)
 }
