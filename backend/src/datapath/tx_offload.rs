@@ -133,12 +133,15 @@ impl PairWorker {
         }
         // NAT hook (later issue): rewrite `frame.headers` (the local copy) here; the checksums
         // below are computed over the rewritten headers, so nothing needs "fixing".
-        let sent = match frame.mss {
+        let added = match frame.mss {
             None => self.add_checksummed(&frame, info, with_return, now),
             Some(mss) => self.add_segments(&frame, mss, info),
         };
-        if !sent {
-            self.core.counters.drop_packet(DropReason::TxBadChain);
+        let counters = &self.core.counters;
+        match (added, frame.mss) {
+            (false, _) => counters.drop_packet(DropReason::TxBadChain),
+            (true, None) => counters.tx_csum_frame(),
+            (true, Some(_)) => counters.tx_tso_frame(),
         }
     }
 

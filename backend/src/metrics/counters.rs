@@ -124,6 +124,8 @@ pub struct VmCounters {
     token_requests: AtomicU64,
     token_requests_throttled: AtomicU64,
     return_tokens_learned: AtomicU64,
+    tx_csum_frames: AtomicU64,
+    tx_tso_frames: AtomicU64,
     drops: DropCounts,
 }
 
@@ -163,6 +165,10 @@ pub struct CounterSnapshot {
     pub token_requests_throttled: u64,
     /// Return tokens accepted from peers' first packets.
     pub return_tokens_learned: u64,
+    /// TX frames whose partial checksum vnpd completed (virtio-net `NEEDS_CSUM`).
+    pub tx_csum_frames: u64,
+    /// TX TCP super-packets (TSO, `GSO_TCPV4`) vnpd cut into segments.
+    pub tx_tso_frames: u64,
     /// Drops by reason, indexed like [`DropReason::ALL`].
     pub drops: Vec<(DropReason, u64)>,
 }
@@ -257,6 +263,16 @@ impl VmCounters {
         self.return_tokens_learned.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one TX frame whose checksum was completed.
+    pub fn tx_csum_frame(&self) {
+        self.tx_csum_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one TX super-packet cut into segments.
+    pub fn tx_tso_frame(&self) {
+        self.tx_tso_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Drops for one reason so far.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops.0[reason as usize].load(Ordering::Relaxed)
@@ -276,6 +292,8 @@ impl VmCounters {
             token_requests: self.token_requests.load(Ordering::Relaxed),
             token_requests_throttled: self.token_requests_throttled.load(Ordering::Relaxed),
             return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
+            tx_csum_frames: self.tx_csum_frames.load(Ordering::Relaxed),
+            tx_tso_frames: self.tx_tso_frames.load(Ordering::Relaxed),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (*r, self.drops(*r)))
