@@ -580,6 +580,11 @@ fn offloaded_frames_leave_complete_and_bad_offload_headers_are_counted() {
             Repr { gso_size: 0, ..tso },
         ),
         (
+            "gso_size 1: 3000 segments",
+            DropReason::TxBadGsoSize,
+            Repr { gso_size: 1, ..tso },
+        ),
+        (
             "gso_size beyond the MTU",
             DropReason::TxBadGsoSize,
             Repr {

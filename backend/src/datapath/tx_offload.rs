@@ -33,6 +33,10 @@ use crate::ring::GuestView;
 /// longest TCP header.
 pub const OFFLOAD_PREFIX: usize = ETH_HLEN + MAX_INNER_HEADERS;
 
+/// Messages the offload batch may hold before it is sent mid-batch: bounds its memory when a
+/// guest hands over many small-MSS super-packets.
+const MAX_OFFLOAD_MSGS: usize = 64;
+
 /// The counted drop reason of each way a header can fail validation.
 pub fn drop_reason(error: OffloadError) -> DropReason {
     match error {
@@ -142,6 +146,10 @@ impl PairWorker {
             (false, _) => counters.drop_packet(DropReason::TxBadChain),
             (true, None) => counters.tx_csum_frame(),
             (true, Some(_)) => counters.tx_tso_frame(),
+        }
+        if self.tx_offload.msgs().len() >= MAX_OFFLOAD_MSGS {
+            self.send_handed_off(false);
+            self.send_offload_batch();
         }
     }
 

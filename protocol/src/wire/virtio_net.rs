@@ -27,6 +27,9 @@ use super::{tcp, udp, WireError};
 pub const HEADER_LEN: usize = 12;
 /// Header length of a legacy driver without VERSION_1 or MRG_RXBUF.
 pub const LEGACY_HEADER_LEN: usize = 10;
+/// Most segments one super-packet may be cut into: 64 KB at an MSS of 64 bytes. A tiny
+/// `gso_size` would otherwise let one descriptor chain make the device send 65 535 datagrams.
+pub const MAX_TSO_SEGMENTS: usize = 1024;
 
 /// Bits of the `flags` field.
 pub mod flags {
@@ -231,7 +234,7 @@ pub enum OffloadError {
     #[error("csum_offset is not the transport checksum field")]
     CsumOffset,
     /// `gso_size` is zero, or one segment of it would not fit the network MTU, or there is no
-    /// payload to segment.
+    /// payload to segment, or it would make more than [`MAX_TSO_SEGMENTS`] segments.
     #[error("bad gso_size")]
     GsoSize,
     /// `hdr_len` is beyond the frame.
@@ -323,6 +326,9 @@ impl TxOffload {
         let mss = usize::from(repr.gso_size);
         let headers = l4.payload_start - ethernet::HEADER_LEN;
         if mss == 0 || headers + mss > mtu || l4.payload_start >= frame_len {
+            return Err(OffloadError::GsoSize);
+        }
+        if (frame_len - l4.payload_start).div_ceil(mss) > MAX_TSO_SEGMENTS {
             return Err(OffloadError::GsoSize);
         }
         Ok(Self::TcpSegments {
@@ -529,6 +535,9 @@ mod tests {
         assert_eq!(bad(tso(0)), OffloadError::GsoSize);
         // 20 + 32 header bytes + 1401 > 1452.
         assert_eq!(bad(tso(1401)), OffloadError::GsoSize);
+        // 3000 bytes in 1-byte segments: more than MAX_TSO_SEGMENTS.
+        assert_eq!(bad(tso(1)), OffloadError::GsoSize);
+        assert!(check(&tso(3), &f).is_ok(), "1000 segments");
         assert!(check(&tso(1400), &f).is_ok());
         assert_eq!(
             bad(Repr {
