@@ -20,6 +20,7 @@ use replay_frontend::conversations::{self as conv, DPDK_22_11};
 use replay_frontend::{Guest, Replay};
 use vnp_protocol::token::{Expiry, Token};
 use vnp_protocol::wire::options::ReturnToken;
+use vnpd::datapath::DataPathTuning;
 use vnpd::edge::ROUTER_MAC;
 use vnpd::metrics::counters::DropReason;
 
@@ -70,8 +71,13 @@ impl Pair {
 
     /// A pair whose sender's frontend also acks the feature bits `extra`.
     fn acking(tag: &str, extra: u64) -> Pair {
+        Self::acking_with(tag, extra, DataPathTuning::default())
+    }
+
+    /// [`Pair::acking`], the sender's port started with `tuning`.
+    fn acking_with(tag: &str, extra: u64, tuning: DataPathTuning) -> Pair {
         let control = MintingControl::new();
-        let a = start_vm(&control, &format!("{tag}a"), 2, 1);
+        let a = start_vm_with(&control, &format!("{tag}a"), 2, 1, tuning);
         let b = start_vm(&control, &format!("{tag}b"), 3, 1);
         let fa = TestFrontend::connect_acking(&a.socket, 1, extra);
         let mut fb = TestFrontend::connect(&b.socket, 1);
@@ -621,6 +627,47 @@ fn offloaded_frames_leave_complete_and_bad_offload_headers_are_counted() {
         p.carries(what);
     }
     assert_eq!(p.a.drops(DropReason::TxRingBroken), 0);
+}
+
+/// A 64 KB TSO frame: with UDP GSO two messages of one `sendmmsg` (44 + 2 segments, each
+/// message under 64 KB), without it (as on a kernel before 4.18) one datagram per segment. The
+/// receiver sees the same 46 complete segments either way.
+#[test]
+fn a_64_kb_tso_frame_arrives_as_46_segments_with_and_without_udp_gso() {
+    use vnp_protocol::wire::tcp;
+    for udp_gso in [true, false] {
+        let tuning = DataPathTuning {
+            udp_gso,
+            ..DataPathTuning::default()
+        };
+        let tag = if udp_gso { "hg" } else { "hn" };
+        let mut p = Pair::acking_with(tag, TX_OFFLOADS, tuning);
+        let payload: Vec<u8> = (0..64000u32).map(|i| (i * 11 + 5) as u8).collect();
+        let frame = tcp_frame(&p.a, p.b.ip, &payload);
+        p.fa.send_with_header(0, offload_header(Some(1400)).to_bytes(), &frame);
+        p.sent += 1;
+        let got = p.fb.recv(0, 46, T);
+        let segs = tcp_segments(&got, p.a.ip, p.b.ip);
+        assert_eq!(segs.len(), 46, "udp_gso {udp_gso}");
+        let joined: Vec<u8> = segs
+            .iter()
+            .flat_map(|s| {
+                tcp::Packet::new_checked(&s[20..])
+                    .unwrap()
+                    .payload()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(joined, payload, "udp_gso {udp_gso}");
+        let c = p.a.port.counters().snapshot();
+        assert_eq!(
+            (c.tx_tso_frames, c.tx_packets),
+            (1, 1 + 46),
+            "udp_gso {udp_gso}"
+        );
+        assert_eq!(c.drops(DropReason::TxSendError), 0);
+        p.carries("a 64 KB TSO frame");
+    }
 }
 
 /// A datagram from `raw` for `to` with a valid token.

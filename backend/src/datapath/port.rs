@@ -39,6 +39,9 @@ pub struct DataPathTuning {
     pub socket_access: SocketAccess,
     /// Offer the guest checksum and segmentation offloads (vnpd's `offloads` setting).
     pub offloads: bool,
+    /// Send TSO segments with UDP GSO when the kernel has it (false: one datagram per segment,
+    /// the path taken on kernels without it; for tests).
+    pub udp_gso: bool,
 }
 
 impl Default for DataPathTuning {
@@ -49,6 +52,7 @@ impl Default for DataPathTuning {
             max_queue_size: 1024,
             socket_access: SocketAccess::default(),
             offloads: true,
+            udp_gso: true,
         }
     }
 }
@@ -286,7 +290,7 @@ impl VmPort {
         let want = SocketAddrV4::new(att.host_addr, att.udp_port);
         let (sockets, local) = udp::bind_port_sockets(want, usize::from(att.queue_pairs))
             .map_err(|source| PortError::Udp { addr: want, source })?;
-        let udp_gso = tuning.offloads && udp::supports_gso(&sockets[0]);
+        let udp_gso = tuning.offloads && tuning.udp_gso && udp::supports_gso(&sockets[0]);
         // Created with its configured access every time, whatever the umask.
         let mut listener = vhost_socket::bind(&att.socket_path, tuning.socket_access)
             .map(Listener::from)
