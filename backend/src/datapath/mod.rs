@@ -26,6 +26,8 @@ pub mod peers;
 pub mod port;
 pub mod rx;
 pub mod rx_check;
+pub mod rx_coalesce;
+pub mod rx_gro;
 pub mod serve;
 pub mod tx;
 pub mod udp;

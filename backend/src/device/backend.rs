@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
@@ -42,6 +44,11 @@ pub struct Negotiated {
     /// `VIRTIO_RING_F_INDIRECT_DESC`: chains may refer to indirect descriptor tables. Never
     /// offered today, so always false; chains that use one anyway are dropped.
     pub indirect_desc: bool,
+    /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts frames with a partial checksum or
+    /// `DATA_VALID`.
+    pub guest_csum: bool,
+    /// `VIRTIO_NET_F_GUEST_TSO4`: the driver accepts TCP/IPv4 super-packets.
+    pub guest_tso4: bool,
 }
 
 impl Default for Negotiated {
@@ -51,6 +58,8 @@ impl Default for Negotiated {
             mrg_rxbuf: false,
             log_all: false,
             indirect_desc: false,
+            guest_csum: false,
+            guest_tso4: false,
         }
     }
 }
@@ -227,6 +236,8 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             log_all: has_feature(features, VHOST_F_LOG_ALL),
             indirect_desc: has_feature(features, VIRTIO_RING_F_INDIRECT_DESC),
+            guest_csum: has_feature(features, VIRTIO_NET_F_GUEST_CSUM),
+            guest_tso4: has_feature(features, VIRTIO_NET_F_GUEST_TSO4),
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);
