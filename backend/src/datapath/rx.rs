@@ -297,8 +297,10 @@ impl PairWorker {
             return;
         }
         self.pool.accept(slot, frame_len);
-        let inner: usize = frame_packet_len(frame, &self.rx.packets);
-        self.core.counters.rx(inner);
+        // Counted per inner packet, coalesced or not.
+        for p in &self.rx.packets[frame.first..frame.first + frame.count] {
+            self.core.counters.rx(p.len());
+        }
     }
 
     /// Commits the accepted frames to the used ring and tells the guest (also when only
