@@ -22,6 +22,7 @@
 pub mod edge_link;
 pub mod frame;
 pub mod handoff;
+pub mod offload_batch;
 pub mod peers;
 pub mod port;
 pub mod rx;
@@ -29,7 +30,9 @@ pub mod rx_check;
 pub mod rx_coalesce;
 pub mod rx_gro;
 pub mod serve;
+pub mod tso;
 pub mod tx;
+pub mod tx_offload;
 pub mod udp;
 pub mod vhost_socket;
 pub mod worker;

@@ -114,12 +114,12 @@ impl TestFrontend {
     /// Connects to vnpd's socket and brings up `pairs` queue pairs (features: VERSION_1, MAC,
     /// MTU, STATUS, MRG_RXBUF, EVENT_IDX, MQ).
     pub fn connect(path: &Path, pairs: u16) -> TestFrontend {
-        Self::connect_with_features(path, pairs, 0)
+        Self::connect_acking(path, pairs, 0)
     }
 
-    /// [`TestFrontend::connect`], also acking the feature bits `extra` where vnpd offers them
-    /// (e.g. the receive offloads `GUEST_CSUM`, `GUEST_TSO4`).
-    pub fn connect_with_features(path: &Path, pairs: u16, extra: u64) -> TestFrontend {
+    /// [`TestFrontend::connect`], also acking the feature bits `extra` when vnpd offers them
+    /// (e.g. the checksum and TSO offloads).
+    pub fn connect_acking(path: &Path, pairs: u16, extra: u64) -> TestFrontend {
         let nq = usize::from(pairs) * 2;
         let mut fe = connect_retry(path, nq as u64);
         fe.set_owner().unwrap();
