@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use dataplane_common::*;
 use qemu_launch::{tcp_transfer, Guest, GuestSpec, MacAddr, NetStatus, TcpTransferSpec};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF};
 use vnpd::datapath::VmPort;
 
 const CMD: Duration = Duration::from_secs(60);
@@ -57,6 +58,8 @@ fn two_qemu_guests_get_dhcp_ping_and_move_10_mib_over_tcp() {
     let out = gb.run(&format!("ping -c 3 -W 5 {ip_a}"), CMD).unwrap();
     assert!(out.success(), "B -> A ping failed: {}", out.stdout);
 
+    let frames_before = rx_frames(&mut gb);
+    let segments_before = port_b.counters().snapshot().rx_packets;
     let transfer = tcp_transfer(&mut ga, &mut gb, ip_b, TcpTransferSpec::default()).unwrap();
     eprintln!("{transfer} ({:.1} MiB/s)", transfer.mib_per_sec());
     assert!(
@@ -65,4 +68,34 @@ fn two_qemu_guests_get_dhcp_ping_and_move_10_mib_over_tcp() {
         port_a.counters().snapshot(),
         port_b.counters().snapshot()
     );
+    // QEMU's guest negotiates the receive offloads by default: vnpd B hands it runs of the
+    // flow's segments as one coalesced segment each, which it took (the transfer is intact).
+    let frames = rx_frames(&mut gb) - frames_before;
+    let segments = port_b.counters().snapshot().rx_packets - segments_before;
+    eprintln!("guest B received {segments} inner packets as {frames} frames");
+    let features = gb
+        .run_ok("cat /sys/class/net/eth0/device/features", CMD)
+        .unwrap();
+    let has_bit = |bit: usize| {
+        features
+            .lines()
+            .any(|l| l.as_bytes().get(bit) == Some(&b'1'))
+    };
+    assert!(
+        has_bit(VIRTIO_NET_F_GUEST_TSO4 as usize) && has_bit(VIRTIO_NET_F_MRG_RXBUF as usize),
+        "guest B negotiated GUEST_TSO4 and MRG_RXBUF: {features}"
+    );
+    assert!(
+        frames * 2 <= segments,
+        "coalesced: {frames} frames for {segments} packets"
+    );
+}
+
+/// Frames guest `g`'s virtio-net driver received (coalesced segments count once).
+fn rx_frames(g: &mut Guest) -> u64 {
+    g.run_ok("cat /sys/class/net/eth0/statistics/rx_packets", CMD)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("rx_packets")
 }
