@@ -183,6 +183,11 @@ impl PairWorker {
                 self.core.counters.drop_packet(DropReason::RxOversize);
                 continue;
             }
+            if m.data.is_empty() {
+                // An empty datagram has no segment to check.
+                self.core.counters.drop_packet(DropReason::RxTruncated);
+                continue;
+            }
             let Some(src) = m.src else {
                 self.core.counters.drop_packet(DropReason::RxMalformed);
                 continue;
