@@ -75,9 +75,10 @@ fn recv_train(rx: &UdpSocket, slot: &mut [u8]) -> (usize, usize) {
     // SAFETY: the kernel filled `control` and set `msg_controllen`; the CMSG macros stay inside.
     let c = unsafe { libc::CMSG_FIRSTHDR(&m) };
     if !c.is_null() {
-        // SAFETY: a non-null header lies inside `control`; its data is one c_int (UDP_GRO).
-        gso =
-            unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) } as usize;
+        // SAFETY: CMSG_DATA only offsets the non-null header pointer.
+        let data = unsafe { libc::CMSG_DATA(c) }.cast::<libc::c_int>();
+        // SAFETY: the header lies inside `control`; its data is one c_int (UDP_GRO).
+        gso = unsafe { std::ptr::read_unaligned(data) } as usize;
     }
     (n as usize, gso)
 }
