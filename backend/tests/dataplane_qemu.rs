@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use dataplane_common::*;
 use qemu_launch::{tcp_transfer, Guest, GuestSpec, MacAddr, NetStatus, TcpTransferSpec};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MRG_RXBUF};
 use vnpd::datapath::{DataPathTuning, VmPort};
 use vnpd::metrics::counters::DropReason;
 
@@ -60,6 +61,8 @@ fn two_qemu_guests_get_dhcp_ping_and_move_10_mib_over_tcp() {
     let out = gb.run(&format!("ping -c 3 -W 5 {ip_a}"), CMD).unwrap();
     assert!(out.success(), "B -> A ping failed: {}", out.stdout);
 
+    let frames_before = rx_frames(&mut gb);
+    let segments_before = port_b.counters().snapshot().rx_packets;
     let transfer = tcp_transfer(&mut ga, &mut gb, ip_b, TcpTransferSpec::default()).unwrap();
     eprintln!("{transfer} ({:.1} MiB/s)", transfer.mib_per_sec());
     let (a, b) = (port_a.counters().snapshot(), port_b.counters().snapshot());
@@ -75,6 +78,27 @@ fn two_qemu_guests_get_dhcp_ping_and_move_10_mib_over_tcp() {
     for s in [&a, &b] {
         assert_eq!(offload_drops(s), 0, "{s:?}");
     }
+    // QEMU's guest negotiates the receive offloads by default: vnpd B hands it runs of the
+    // flow's segments as one coalesced segment each, which it took (the transfer is intact).
+    let frames = rx_frames(&mut gb) - frames_before;
+    let segments = port_b.counters().snapshot().rx_packets - segments_before;
+    eprintln!("guest B received {segments} inner packets as {frames} frames");
+    let features = gb
+        .run_ok("cat /sys/class/net/eth0/device/features", CMD)
+        .unwrap();
+    let has_bit = |bit: usize| {
+        features
+            .lines()
+            .any(|l| l.as_bytes().get(bit) == Some(&b'1'))
+    };
+    assert!(
+        has_bit(VIRTIO_NET_F_GUEST_TSO4 as usize) && has_bit(VIRTIO_NET_F_MRG_RXBUF as usize),
+        "guest B negotiated GUEST_TSO4 and MRG_RXBUF: {features}"
+    );
+    assert!(
+        frames * 2 <= segments,
+        "coalesced: {frames} frames for {segments} packets"
+    );
 }
 
 /// Drops of frames whose virtio-net header asked for something wrong or not negotiated.
@@ -154,4 +178,69 @@ fn guests_without_offloads_and_mixed_pairs_move_tcp_intact() {
     for s in &snaps {
         assert_eq!(offload_drops(s), 0, "{s:?}");
     }
+}
+
+/// A guest with offloads (port A) and one whose port offers none (B, `offloads = false`): TCP
+/// both ways stays intact; B's guest gets every segment as its own frame (A segments its
+/// large sends for it), A's guest gets B's segments coalesced.
+#[test]
+fn a_mixed_pair_with_and_without_offloads_interoperates() {
+    let control = MintingControl::new();
+    let (att_a, secret_a) = vm("ma", 4, 0x3c, 1);
+    let (att_b, secret_b) = vm("mb", 5, 0x4d, 1);
+    let (ip_a, ip_b, mac_a, mac_b) = (att_a.vm_ip, att_b.vm_ip, att_a.mac, att_b.mac);
+    let (sock_a, sock_b) = (att_a.socket_path.clone(), att_b.socket_path.clone());
+    let port_a = Arc::new(VmPort::start(att_a, control.clone()).expect("port A"));
+    let plain = DataPathTuning {
+        offloads: false,
+        ..DataPathTuning::default()
+    };
+    let port_b = Arc::new(VmPort::start_with(att_b, control.clone(), plain).expect("port B"));
+    control.register(&port_a, ip_a, &secret_a);
+    control.register(&port_b, ip_b, &secret_b);
+    let mut ga = boot("dp-ma", mac_a, &sock_a);
+    let mut gb = boot("dp-mb", mac_b, &sock_b);
+    for g in [&mut ga, &mut gb] {
+        let status = g.wait_network(Duration::from_secs(90)).expect("network");
+        assert!(matches!(status, NetStatus::Bound { .. }), "{status:?}");
+    }
+    assert!(
+        !negotiated(&mut gb, VIRTIO_NET_F_GUEST_TSO4),
+        "B offers no offloads"
+    );
+    for (from, to, port_to, ip_to) in [(0, 1, &port_b, ip_b), (1, 0, &port_a, ip_a)] {
+        let mut guests = [&mut ga, &mut gb];
+        let frames_before = rx_frames(guests[to]);
+        let packets_before = port_to.counters().snapshot().rx_packets;
+        let [g0, g1] = &mut guests;
+        let (sender, receiver) = if from == 0 { (g0, g1) } else { (g1, g0) };
+        let spec = TcpTransferSpec::default();
+        let transfer = tcp_transfer(sender, receiver, ip_to, spec).unwrap();
+        assert!(transfer.intact(), "{from} -> {to}: {transfer}");
+        let frames = rx_frames(guests[to]) - frames_before;
+        let packets = port_to.counters().snapshot().rx_packets - packets_before;
+        eprintln!("{from} -> {to}: {transfer}; {packets} packets as {frames} frames");
+        if to == 1 {
+            assert!(frames >= packets, "B takes no coalesced frames");
+        } else {
+            assert!(frames * 2 <= packets, "A's guest gets coalesced segments");
+        }
+    }
+}
+
+/// Whether guest `g`'s virtio-net device negotiated feature `bit`.
+fn negotiated(g: &mut Guest, bit: u32) -> bool {
+    let features = g
+        .run_ok("cat /sys/class/net/eth0/device/features", CMD)
+        .unwrap();
+    features.trim().as_bytes().get(bit as usize) == Some(&b'1')
+}
+
+/// Frames guest `g`'s virtio-net driver received (coalesced segments count once).
+fn rx_frames(g: &mut Guest) -> u64 {
+    g.run_ok("cat /sys/class/net/eth0/statistics/rx_packets", CMD)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("rx_packets")
 }

@@ -27,6 +27,8 @@ pub mod peers;
 pub mod port;
 pub mod rx;
 pub mod rx_check;
+pub mod rx_coalesce;
+pub mod rx_gro;
 pub mod serve;
 pub mod tso;
 pub mod tx;

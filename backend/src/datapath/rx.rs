@@ -1,37 +1,87 @@
 //! RX, VNP/UDP -> guest: the RX half of [`PairWorker`].
 //!
-//! One round: the pool assigns guest RX buffers to up to `rx_hint` datagrams; one `recvmmsg`
-//! with iovecs `[VNP header (local)] [guest buffers, after room for the virtio-net + Ethernet
-//! headers]` lands each inner packet straight in the guest's buffer; the receive checks run on
-//! *local copies* of the headers (the guest can write its RX buffers at any time); only the
-//! datagrams that passed get their virtio-net and Ethernet headers written and are committed
-//! to the used ring. Buffers of dropped datagrams stay in the pool for the next datagram.
+//! One round: one `recvmmsg` into vnpd's own buffers (UDP GRO: a message may be a train of
+//! datagrams, `rx_gro`); the receive checks run per datagram on those buffers, with the token
+//! computed once per (pair, expiry) and batch (`rx_check::TokenCache`); the inner packets that
+//! passed are planned into frames (one per packet, or for a guest that takes them, coalesced
+//! runs of one TCP flow, `rx_coalesce`) and copied into the guest's RX buffers, headers first;
+//! the frames are committed to the used ring. Nothing reaches guest memory before its checks
+//! passed, so rejected bytes are never visible to the guest. Frames the guest had no buffers
+//! for wait in vnpd (one batch at most) and go first when it adds buffers.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
 
 use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::HEADER_LEN;
 
 use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
 use super::port::unix_now;
-use super::rx_check::{check_datagram, parse_options};
-use super::udp;
+use super::rx_check::{check_datagram_cached, parse_options, Datagram, TokenCache, MIN_INNER};
+use super::rx_coalesce::{emit_coalesced_headers, plan_frames, rx_vnet_header, Planned};
+use super::rx_gro::{segment_ranges, RecvBatch};
 use super::worker::{PairWorker, Side, RX_BATCH};
-use crate::device::features::rx_vnet_header;
 use crate::metrics::counters::DropReason;
-use crate::ring::chain::MAX_RX_SEGS;
 use crate::ring::vring::notify;
 use crate::ring::{GuestView, Vring};
 
-/// Fewest datagrams a `recvmmsg` is prepared for.
+/// Fewest messages a `recvmmsg` is prepared for.
 pub(super) const MIN_RX_SLOTS: usize = 4;
 /// Longest option trailer we read from a datagram.
 const MAX_OPTIONS: usize = 512;
+/// Frames given buffers at once.
+const FRAMES_PER_ASSIGN: usize = 64;
+/// Room for the virtio-net, Ethernet, IPv4 and TCP headers of a frame.
+const MAX_FRAME_HEAD: usize = 12 + ETH_HLEN + 60 + 60;
 
 /// A return token carried by an accepted datagram: the sender's VM, the sender's underlay
 /// address, the token.
 pub(super) type Learned = (Ipv4Addr, SocketAddrV4, ReturnToken);
+
+/// The RX state of one pair: receive buffers and what the last batch left to deliver.
+#[derive(Debug)]
+pub(super) struct RxState {
+    recv: RecvBatch,
+    tokens: TokenCache,
+    /// The inner packets of the datagrams that passed, as ranges of `recv`'s buffer.
+    packets: Vec<Range<usize>>,
+    /// Frames planned from `packets`; `frames[next_frame..]` wait for guest buffers.
+    frames: Vec<Planned>,
+    next_frame: usize,
+    learned: Vec<Learned>,
+    /// How many messages to receive next: follows the arrival rate, so that a wake-up for one
+    /// datagram does not touch 32 buffers.
+    hint: usize,
+}
+
+impl RxState {
+    pub(super) fn new() -> Self {
+        Self {
+            recv: RecvBatch::new(RX_BATCH),
+            tokens: TokenCache::new(),
+            packets: Vec::with_capacity(RX_BATCH),
+            frames: Vec::with_capacity(RX_BATCH),
+            next_frame: 0,
+            learned: Vec::new(),
+            hint: MIN_RX_SLOTS,
+        }
+    }
+
+    /// Frames received and checked that no guest buffer took yet.
+    pub(super) fn waiting(&self) -> usize {
+        self.frames.len() - self.next_frame
+    }
+
+    /// Forgets the waiting frames (device reset); returns how many packets they held.
+    pub(super) fn discard_waiting(&mut self) -> usize {
+        let n = self.frames[self.next_frame..].iter().map(|f| f.count).sum();
+        self.frames.clear();
+        self.next_frame = 0;
+        n
+    }
+}
 
 impl PairWorker {
     /// Handles socket readiness or an RX kick: moves datagrams into the guest while both the
@@ -66,78 +116,53 @@ impl PairWorker {
     /// buffers (returns false).
     fn rx_rounds(&mut self, view: GuestView<'_>, rx: &Vring) -> bool {
         loop {
-            let slots = self.assign_rx_buffers(view, rx);
-            if slots == 0 {
+            // What an earlier round could not place goes first; nothing new is read before.
+            if !self.deliver_frames(view, rx) {
                 return false;
             }
-            self.build_rx_batch(view);
-            let received = self.receive();
-            let now = unix_now();
-            for i in 0..received.min(slots) {
-                if let Err(reason) = self.accept_datagram(view, i, now) {
-                    self.scrub(view, i);
-                    self.core.counters.drop_packet(reason);
-                }
+            let wanted = self.rx.hint;
+            let received = self.receive(wanted);
+            if received == 0 {
+                return true;
             }
-            self.publish_rx(view, rx);
-            for (src_vm, from, rt) in self.rx_learned.drain(..) {
+            self.check_batch(unix_now());
+            let coalesce = self.coalesce_rx();
+            let state = &mut self.rx;
+            let (recv, packets) = (&state.recv, &state.packets);
+            plan_frames(
+                packets.len(),
+                |i| recv.bytes(packets[i].clone()),
+                coalesce,
+                &mut state.frames,
+            );
+            state.next_frame = 0;
+            let delivered = self.deliver_frames(view, rx);
+            let now = unix_now();
+            for (src_vm, from, rt) in self.rx.learned.drain(..) {
                 self.core.learn_return_token(src_vm, from, rt, now);
             }
             // Prepare for twice what arrived: grows fast under load, shrinks when idle.
-            self.rx_hint = (received * 2).clamp(MIN_RX_SLOTS, RX_BATCH);
-            if received < slots {
+            self.rx.hint = (received * 2).clamp(MIN_RX_SLOTS, RX_BATCH);
+            if !delivered {
+                return false;
+            }
+            if received < wanted {
                 return true;
             }
         }
     }
 
-    /// Assigns guest buffers to up to `rx_hint` datagrams; returns how many got buffers.
-    fn assign_rx_buffers(&mut self, view: GuestView<'_>, rx: &Vring) -> usize {
-        let frame_bytes = self.inner_offset() + usize::from(self.core.net.mtu);
-        let assigned = {
-            let mut state = rx.get_mut();
-            let queue = state.get_queue_mut();
-            let assigned =
-                self.pool
-                    .assign(queue, view, self.rx_hint, frame_bytes, &mut self.rx_slots);
-            if let Some(fault) = assigned.fault {
-                self.park(Side::Rx, fault, queue);
-            }
-            assigned
-        };
-        self.count_bad_rx_chains(assigned.bad_chains);
-        if assigned.bad_chains > 0 {
-            notify(rx, view.mem());
-        }
-        assigned.frames
+    /// Whether received TCP segments are coalesced for this guest: it negotiated receive
+    /// segmentation offload for IPv4 TCP, partial checksums and mergeable RX buffers.
+    fn coalesce_rx(&self) -> bool {
+        let f = &self.features;
+        f.mrg_rxbuf && f.guest_tso4 && f.guest_csum
     }
 
-    /// One message per slot: the VNP header into a local buffer, the rest into the slot's
-    /// guest buffers after room for the virtio-net and Ethernet headers.
-    fn build_rx_batch(&mut self, view: GuestView<'_>) {
-        let skip = self.inner_offset();
-        self.rx_batch.clear();
-        for slot in &self.rx_slots {
-            // SAFETY: sockaddr_in is a plain C struct; all-zero is a valid value (the kernel
-            // fills it in).
-            self.rx_batch.open(unsafe { std::mem::zeroed() });
-            let iovs = self.rx_batch.guest_iovecs();
-            let limit = iovs.len() + MAX_RX_SEGS * 4;
-            let covered = self.pool.push_iovecs(slot, skip, view, iovs, limit);
-            self.rx_batch.close(covered);
-        }
-    }
-
-    /// One `recvmmsg`; returns how many datagrams arrived.
-    fn receive(&mut self) -> usize {
+    /// One `recvmmsg` of up to `n` messages; returns how many arrived.
+    fn receive(&mut self, n: usize) -> usize {
         let socket = &self.core.sockets[self.pair % self.core.sockets.len()];
-        let mmsgs = self.rx_batch.prepare();
-        // SAFETY: addresses, headers and iovec arrays live in `self.rx_batch`, borrowed for the
-        // whole call; the guest iovecs point into buffers the driver gave the device for
-        // writing, checked against guest memory when collected, and resolved in the snapshot
-        // the pass's `GuestView` holds alive (the pool only uses cached addresses of that same
-        // snapshot, which it also keeps alive).
-        match unsafe { udp::recv_batch(socket, mmsgs) } {
+        match self.rx.recv.receive(socket, n) {
             Ok(n) => n,
             Err(e) => {
                 log::warn!("vm {}: recvmmsg: {e}", self.core.vm_id);
@@ -146,127 +171,193 @@ impl PairWorker {
         }
     }
 
-    /// Checks datagram `i`; when it passes, writes its headers and accepts its buffers.
-    fn accept_datagram(
-        &mut self,
-        view: GuestView<'_>,
-        i: usize,
-        now: u32,
-    ) -> Result<(), DropReason> {
-        let (len, flags) = self.rx_batch.result(i);
-        let msg = *self.rx_batch.msg(i);
-        let slot = self.rx_slots[i].clone();
-        let off = self.inner_offset();
-        self.rx_segs.clear();
-        self.pool.segs(&slot, &mut self.rx_segs);
-        // The kernel wrote these bytes behind vm-memory's back: log them for migration.
-        let written = len.saturating_sub(HEADER_LEN).min(msg.guest_len);
-        view.kernel_wrote(&self.rx_segs, off, written);
-        if flags & libc::MSG_TRUNC != 0 {
-            return Err(DropReason::RxOversize);
+    /// Splits every received message into its datagrams and checks each; the inner packets of
+    /// those that passed go to `rx.packets`, the others are counted by reason.
+    fn check_batch(&mut self, now: u32) {
+        self.rx.packets.clear();
+        self.rx.tokens.clear();
+        let mtu = usize::from(self.core.net.mtu);
+        for i in 0..self.rx.recv.len() {
+            let m = self.rx.recv.message(i);
+            if m.truncated {
+                self.core.counters.drop_packet(DropReason::RxOversize);
+                continue;
+            }
+            if m.data.is_empty() {
+                // An empty datagram has no segment to check.
+                self.core.counters.drop_packet(DropReason::RxTruncated);
+                continue;
+            }
+            let Some(src) = m.src else {
+                self.core.counters.drop_packet(DropReason::RxMalformed);
+                continue;
+            };
+            let base = RecvBatch::offset_of(i);
+            for r in segment_ranges(m.data.len(), m.gso_size) {
+                let datagram = &m.data[r.clone()];
+                let core = &*self.core;
+                match check_one(core, &mut self.rx.tokens, datagram, src, now, mtu) {
+                    Ok((inner_len, learned)) => {
+                        let start = base + r.start + HEADER_LEN;
+                        self.rx.packets.push(start..start + inner_len);
+                        self.rx.learned.extend(learned);
+                    }
+                    Err(reason) => core.counters.drop_packet(reason),
+                }
+            }
         }
-        let src = udp::from_sockaddr_in(&msg.name).ok_or(DropReason::RxMalformed)?;
-        let (inner_len, learned) = self.check(view, &msg.head, len, src, now)?;
-        if written > inner_len {
-            // The option trailer (a return token) is vnpd's, not part of the frame.
-            self.zero_guest_bytes(view, off + inner_len, written - inner_len);
+    }
+
+    /// Copies the waiting frames into guest buffers and commits them; returns false when the
+    /// guest ran out of buffers with frames left.
+    fn deliver_frames(&mut self, view: GuestView<'_>, rx: &Vring) -> bool {
+        while self.rx.waiting() > 0 {
+            let want = self.rx.waiting().min(FRAMES_PER_ASSIGN);
+            let head = self.inner_offset();
+            let mut slots = std::mem::take(&mut self.rx_slots);
+            let (assigned, stuck) = {
+                let mut state = rx.get_mut();
+                let queue = state.get_queue_mut();
+                let (frames, first) = (&self.rx.frames, self.rx.next_frame);
+                let a = self.pool.assign_sized(
+                    queue,
+                    view,
+                    want,
+                    |k| head + frame_packet_len(&frames[first + k], &self.rx.packets),
+                    &mut slots,
+                );
+                if let Some(fault) = a.fault {
+                    self.park(Side::Rx, fault, queue);
+                }
+                // A frame larger than every buffer the ring can ever hold would wait forever.
+                let stuck = a.frames == 0 && self.pool.len() >= usize::from(queue.size());
+                (a, stuck)
+            };
+            self.count_bad_rx_chains(assigned.bad_chains);
+            for (k, slot) in slots.iter().enumerate() {
+                let frame = self.rx.frames[self.rx.next_frame + k];
+                self.write_frame(view, slot, &frame);
+            }
+            self.rx.next_frame += slots.len();
+            self.rx_slots = slots;
+            if stuck {
+                let frame = self.rx.frames[self.rx.next_frame];
+                self.core
+                    .counters
+                    .drop_packets(DropReason::RxOversize, frame.count as u64);
+                self.rx.next_frame += 1;
+            }
+            self.publish_rx(view, rx, assigned.bad_chains > 0);
+            if assigned.frames < want && !stuck {
+                return false;
+            }
         }
-        let frame_len = off + inner_len;
-        let spans = self.pool.spans(&slot, frame_len);
+        true
+    }
+
+    /// Writes one frame (virtio-net and Ethernet headers, then the packet or the coalesced
+    /// run) into the buffers of `slot` and accepts it; a frame larger than a buffer of a guest
+    /// without mergeable buffers is dropped (`rx_oversize`) and the buffer stays.
+    fn write_frame(&mut self, view: GuestView<'_>, slot: &Range<usize>, frame: &Planned) {
         let hdr = self.features.vnet_hdr_len;
-        let mut head = [0u8; 12 + ETH_HLEN];
-        head[..hdr].copy_from_slice(&rx_vnet_header(spans)[..hdr]);
+        let off = self.inner_offset();
+        let first = self.rx.packets[frame.first].clone();
+        let frame_len = off + frame_packet_len(frame, &self.rx.packets);
+        if self.pool.capacity(slot) < frame_len {
+            self.core
+                .counters
+                .drop_packets(DropReason::RxOversize, frame.count as u64);
+            return;
+        }
+        let spans = self.pool.spans(slot, frame_len);
+        let mut head = [0u8; MAX_FRAME_HEAD];
+        head[..hdr].copy_from_slice(&rx_vnet_header(frame.gso.as_ref(), spans)[..hdr]);
         head[hdr..hdr + 6].copy_from_slice(&self.core.mac);
         head[hdr + 6..hdr + 12].copy_from_slice(&self.core.router_mac);
         head[hdr + 12..hdr + 14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        view.write(&self.rx_segs, 0, &head[..off]);
-        self.pool.accept(&slot, frame_len);
-        self.core.counters.rx(inner_len);
-        self.rx_learned.extend(learned);
-        Ok(())
-    }
-
-    /// Zeroes what the kernel wrote into the guest buffers of rejected datagram `i`. Those
-    /// bytes (traffic for another VM, a forged datagram's return-token option) must never be
-    /// readable by the guest: the buffers stay first in line and may be kept by the guest
-    /// (stop, reset) without ever being written again. Only rejected datagrams pay for it.
-    fn scrub(&mut self, view: GuestView<'_>, i: usize) {
-        let (len, _) = self.rx_batch.result(i);
-        let msg = self.rx_batch.msg(i);
-        let written = len.saturating_sub(HEADER_LEN).min(msg.guest_len);
-        if written == 0 {
-            return;
-        }
         self.rx_segs.clear();
-        self.pool.segs(&self.rx_slots[i], &mut self.rx_segs);
-        self.zero_guest_bytes(view, self.inner_offset(), written);
-    }
-
-    /// Zeroes `len` bytes at `offset` of the buffers in `self.rx_segs`.
-    fn zero_guest_bytes(&self, view: GuestView<'_>, offset: usize, len: usize) {
-        const ZEROS: [u8; 2048] = [0; 2048];
-        let mut done = 0usize;
-        while done < len {
-            let n = (len - done).min(ZEROS.len());
-            if view.write(&self.rx_segs, offset + done, &ZEROS[..n]) != n {
-                break;
+        self.pool.segs(slot, &mut self.rx_segs);
+        let recv = &self.rx.recv;
+        let written = match &frame.gso {
+            None => {
+                view.write(&self.rx_segs, 0, &head[..off])
+                    + view.write(&self.rx_segs, off, recv.bytes(first))
             }
-            done += n;
-        }
-    }
-
-    /// The receive checks of one datagram (in `self.rx_segs`) on local copies of its headers;
-    /// on success the inner length and the return token it carried.
-    fn check(
-        &self,
-        view: GuestView<'_>,
-        header: &[u8; HEADER_LEN],
-        len: usize,
-        src: SocketAddrV4,
-        now: u32,
-    ) -> Result<(usize, Option<Learned>), DropReason> {
-        if len < HEADER_LEN {
-            return Err(DropReason::RxTruncated);
-        }
-        let off = self.inner_offset();
-        // Checks run on local copies: the guest can write its RX buffers at any time.
-        let mut ip = [0u8; 20];
-        let want = (len - HEADER_LEN).min(20);
-        let got = view.read(&self.rx_segs, off, &mut ip[..want]);
-        let core = &*self.core;
-        let acc = check_datagram(
-            &core.rx_ctx,
-            &core.minter,
-            header,
-            len,
-            &ip[..got],
-            src,
-            now,
-        )?;
-        if acc.options_len == 0 {
-            return Ok((acc.inner_len, None));
-        }
-        if acc.options_len > MAX_OPTIONS {
-            return Err(DropReason::RxMalformed);
-        }
-        let mut opts = [0u8; MAX_OPTIONS];
-        let o = &mut opts[..acc.options_len];
-        if view.read(&self.rx_segs, off + acc.inner_len, o) != acc.options_len {
-            return Err(DropReason::RxTruncated);
-        }
-        let learned = parse_options(o)?.map(|t| (acc.src_vm, src, t));
-        Ok((acc.inner_len, learned))
-    }
-
-    /// Commits the accepted datagrams to the used ring and tells the guest.
-    fn publish_rx(&mut self, view: GuestView<'_>, rx: &Vring) {
-        if !self.pool.has_accepted() {
+            Some(gso) => {
+                let end = off + gso.hdr_len;
+                emit_coalesced_headers(recv.bytes(first), gso, &mut head[off..end]);
+                let mut at = view.write(&self.rx_segs, 0, &head[..end]);
+                for p in &self.rx.packets[frame.first..frame.first + frame.count] {
+                    at += view.write(&self.rx_segs, at, recv.bytes(p.start + gso.hdr_len..p.end));
+                }
+                at
+            }
+        };
+        if written != frame_len {
+            // The buffers were checked against guest memory when collected; a remap in
+            // between is the only way here. The frame is lost, the buffers stay.
+            self.core
+                .counters
+                .drop_packets(DropReason::RxBadChain, frame.count as u64);
             return;
         }
-        {
+        self.pool.accept(slot, frame_len);
+        // Counted per inner packet, coalesced or not.
+        for p in &self.rx.packets[frame.first..frame.first + frame.count] {
+            self.core.counters.rx(p.len());
+        }
+    }
+
+    /// Commits the accepted frames to the used ring and tells the guest (also when only
+    /// broken chains were returned: `returned`).
+    fn publish_rx(&mut self, view: GuestView<'_>, rx: &Vring, returned: bool) {
+        if self.pool.has_accepted() {
             let mut state = rx.get_mut();
             self.pool.commit(state.get_queue_mut(), view.mem());
+        } else if !returned {
+            return;
         }
         notify(rx, view.mem());
     }
+}
+
+/// Length of the IPv4 packet a frame hands the guest.
+fn frame_packet_len(frame: &Planned, packets: &[Range<usize>]) -> usize {
+    match &frame.gso {
+        Some(g) => g.packet_len(),
+        None => packets[frame.first].len(),
+    }
+}
+
+/// The receive checks of one datagram (in vnpd's buffer, which the guest cannot write); on
+/// success the inner length and the return token it carried.
+fn check_one(
+    core: &super::port::PortCore,
+    tokens: &mut TokenCache,
+    datagram: &[u8],
+    src: SocketAddrV4,
+    now: u32,
+    mtu: usize,
+) -> Result<(usize, Option<Learned>), DropReason> {
+    let Some((header, rest)) = datagram.split_first_chunk::<HEADER_LEN>() else {
+        return Err(DropReason::RxTruncated);
+    };
+    let d = Datagram {
+        header,
+        len: datagram.len(),
+        inner_prefix: &rest[..rest.len().min(MIN_INNER)],
+        src,
+    };
+    let acc = check_datagram_cached(&core.rx_ctx, &core.minter, tokens, &d, now)?;
+    if acc.inner_len > mtu {
+        return Err(DropReason::RxOversize);
+    }
+    if acc.options_len == 0 {
+        return Ok((acc.inner_len, None));
+    }
+    if acc.options_len > MAX_OPTIONS {
+        return Err(DropReason::RxMalformed);
+    }
+    let learned = parse_options(&rest[acc.inner_len..])?.map(|t| (acc.src_vm, src, t));
+    Ok((acc.inner_len, learned))
 }

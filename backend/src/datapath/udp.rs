@@ -22,7 +22,12 @@ fn bind_one(addr: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket> {
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     s.bind(&addr.into())?;
-    Ok(s.into())
+    let s: UdpSocket = s.into();
+    // Trains of datagrams arrive as one message (see `rx_gro`); without it, one each.
+    if let Err(e) = super::rx_gro::enable_gro(&s) {
+        log::debug!("UDP_GRO: {e}");
+    }
+    Ok(s)
 }
 
 /// Binds `count` sockets to `addr` (port 0 picks one port for all of them) and returns them with

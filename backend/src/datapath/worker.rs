@@ -52,8 +52,6 @@ pub(super) enum Side {
 
 /// A VNP datagram being sent: VNP header, guest packet, return-token option.
 pub(super) type TxBatch = MsgBatch<HEADER_LEN, { ReturnToken::WIRE_LEN }>;
-/// A VNP datagram being received: VNP header, then straight into guest buffers.
-pub(super) type RxBatch = MsgBatch<HEADER_LEN, 0>;
 
 /// State of one queue pair's worker.
 pub struct PairWorker {
@@ -74,9 +72,6 @@ pub struct PairWorker {
     last_fault_log: Option<Instant>,
     /// Rings parked since the device last asked (it tells the frontend).
     newly_broken: BrokenRings,
-    /// How many datagrams to prepare guest buffers for in the next `recvmmsg`: follows the
-    /// recent arrival rate, so that a wake-up for one datagram does not map 32 buffers.
-    pub(super) rx_hint: usize,
     // Per-batch scratch, reused so that a wake-up costs no allocation.
     pub(super) tx_chain: TxChain,
     pub(super) tx_heads: Vec<u16>,
@@ -89,10 +84,10 @@ pub struct PairWorker {
     /// The last destination of this TX batch and its send parameters (consecutive packets
     /// mostly go to the same peer).
     pub(super) tx_last_peer: Option<(Ipv4Addr, SendInfo)>,
-    pub(super) rx_batch: RxBatch,
+    /// Receive buffers and the frames of the last batch that wait for guest buffers.
+    pub(super) rx: super::rx::RxState,
     pub(super) rx_slots: Vec<Range<usize>>,
     pub(super) rx_segs: Vec<GuestSeg>,
-    pub(super) rx_learned: Vec<super::rx::Learned>,
     handed_off: Vec<HandedOff>,
 }
 
@@ -115,6 +110,13 @@ impl QueuePairHandler for PairWorker {
 
     fn reset(&mut self) {
         self.pool.clear();
+        let lost = self.rx.discard_waiting();
+        if lost > 0 {
+            // Received and checked, but the guest that had no room for them is gone.
+            self.core
+                .counters
+                .drop_packets(DropReason::RxNoBuffer, lost as u64);
+        }
         self.rx_backlog = false;
         self.rx_vring = None;
         self.rx_parked = None;
@@ -174,7 +176,6 @@ impl PairWorker {
             tx_parked: None,
             last_fault_log: None,
             newly_broken: BrokenRings::default(),
-            rx_hint: super::rx::MIN_RX_SLOTS,
             tx_chain: TxChain::new(),
             tx_heads: Vec::with_capacity(TX_BATCH),
             tx_batch: TxBatch::with_capacity(TX_BATCH, 4),
@@ -182,10 +183,9 @@ impl PairWorker {
             udp_gso,
             tx_edge: Vec::new(),
             tx_last_peer: None,
-            rx_batch: RxBatch::with_capacity(RX_BATCH, 4),
+            rx: super::rx::RxState::new(),
             rx_slots: Vec::with_capacity(RX_BATCH),
             rx_segs: Vec::new(),
-            rx_learned: Vec::new(),
             handed_off: Vec::new(),
         }
     }

@@ -112,6 +112,22 @@ impl RxPool {
         frame_bytes: usize,
         slots: &mut Vec<Range<usize>>,
     ) -> Assigned {
+        self.assign_sized(queue, view, frames, |_| frame_bytes, slots)
+    }
+
+    /// Like [`RxPool::assign`], with frame `i` of `frame_bytes(i)` bytes: with
+    /// `VIRTIO_NET_F_MRG_RXBUF` each frame gets as many chains as it needs (a coalesced
+    /// 64 KiB segment spans dozens), without it one chain each (the caller checks that the
+    /// frame fits, [`RxPool::capacity`]). A frame the ring cannot complete yet gets no slot;
+    /// the chains taken for it stay held, first in line.
+    pub fn assign_sized(
+        &mut self,
+        queue: &mut Queue,
+        view: GuestView<'_>,
+        frames: usize,
+        frame_bytes: impl Fn(usize) -> usize,
+        slots: &mut Vec<Range<usize>>,
+    ) -> Assigned {
         slots.clear();
         let mut out = Assigned::default();
         let cache = self.snapshot.as_ref().is_some_and(|s| view.is_snapshot(s));
@@ -119,6 +135,7 @@ impl RxPool {
         let mut next = 0usize;
         'frames: while slots.len() < frames {
             let start = next;
+            let want = frame_bytes(slots.len());
             let mut cap = 0usize;
             loop {
                 if next == self.held.len() {
@@ -148,7 +165,7 @@ impl RxPool {
                 }
                 cap += self.held[next].cap as usize;
                 next += 1;
-                if !self.mergeable || cap >= frame_bytes {
+                if !self.mergeable || cap >= want {
                     break;
                 }
             }
@@ -361,6 +378,37 @@ mod tests {
         assert_eq!(used_entry(&vq, 0), (0, 1000));
         assert_eq!(used_entry(&vq, 1), (1, 200));
         assert_eq!(pool.len(), 1, "the third buffer is kept");
+    }
+
+    #[test]
+    fn mergeable_frames_of_different_sizes_take_what_each_needs() {
+        let mem = test_memory();
+        let view = GuestView::new(&mem, false);
+        let (vq, mut q) = rx_queue(&mem, 10, 1000);
+        let mut pool = RxPool::new();
+        pool.set_mergeable(true);
+        let mut slots = Vec::new();
+        let sizes = [3000usize, 100, 5000, 2500];
+        let a = pool.assign_sized(&mut q, view, sizes.len(), |i| sizes[i], &mut slots);
+        // 3 + 1 + 5 chains; the last frame would need 3 more than the ring has: no slot, and
+        // the one chain taken for it stays first in line.
+        assert_eq!(a.frames, 3);
+        assert_eq!(slots, vec![0..3, 3..4, 4..9]);
+        assert_eq!(pool.len(), 10);
+        for (slot, size) in slots.iter().zip(sizes) {
+            pool.accept(slot, size);
+        }
+        assert_eq!(pool.commit(&mut q, &mem), 9);
+        assert_eq!(used_entry(&vq, 2), (2, 1000));
+        assert_eq!(used_entry(&vq, 3), (3, 100));
+        assert_eq!(used_entry(&vq, 8), (8, 1000));
+        assert_eq!(pool.len(), 1);
+        // Without MRG_RXBUF: one chain per frame, whatever the size.
+        let (_vq, mut q) = rx_queue(&mem, 3, 1000);
+        let mut pool = RxPool::new();
+        pool.assign_sized(&mut q, view, 3, |i| sizes[i], &mut slots);
+        assert_eq!(slots, vec![0..1, 1..2, 2..3]);
+        assert_eq!(pool.capacity(&slots[0]), 1000);
     }
 
     #[test]
