@@ -73,6 +73,12 @@ struct Args {
     /// The `iss` claim of those tokens (the same on every replica).
     #[arg(long, default_value = "vnp-registry")]
     token_issuer: String,
+    /// Guest attribute writes per VM and second (sustained; per replica).
+    #[arg(long, default_value_t = vnp_registry::service::GUEST_WRITES_PER_SEC)]
+    guest_writes_per_sec: f64,
+    /// Guest attribute writes per VM at once.
+    #[arg(long, default_value_t = vnp_registry::service::GUEST_WRITE_BURST)]
+    guest_write_burst: u32,
     /// Seconds a VM's UDP port on a host stays out of reach of other VMs after the VM left it
     /// (deleted or moved), so traffic for the previous VM cannot land in the next one.
     #[arg(long, default_value_t = vnp_registry::plan::DEFAULT_PORT_QUARANTINE_SECS)]
@@ -147,6 +153,7 @@ fn run(args: Args) -> Result<(), String> {
                 issuer: args.token_issuer.clone(),
                 ttl_s: args.credential_ttl_secs,
             },
+            guest_write_rate: (args.guest_writes_per_sec, args.guest_write_burst),
         },
     )
     .map_err(|e| e.to_string())?;

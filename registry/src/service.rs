@@ -70,6 +70,8 @@ pub struct RegistryOptions {
     pub port_quarantine: Duration,
     /// Issuer and lifetime of access and identity tokens.
     pub credentials: crate::credentials::CredentialPolicy,
+    /// Guest attribute writes per VM: sustained per second, and at once.
+    pub guest_write_rate: (f64, u32),
 }
 
 impl Default for RegistryOptions {
@@ -79,6 +81,7 @@ impl Default for RegistryOptions {
             backup_keys: None,
             port_quarantine: Duration::from_secs(crate::plan::DEFAULT_PORT_QUARANTINE_SECS),
             credentials: crate::credentials::CredentialPolicy::default(),
+            guest_write_rate: (GUEST_WRITES_PER_SEC, GUEST_WRITE_BURST),
         }
     }
 }
@@ -153,12 +156,12 @@ impl Registry {
             shared,
             writer: Mutex::new(()),
             token_policy,
-            options,
             metrics: crate::metrics::Metrics::default(),
             guest_writes: crate::ratelimit::RateLimiter::new(
-                GUEST_WRITES_PER_SEC,
-                GUEST_WRITE_BURST,
+                options.guest_write_rate.0,
+                options.guest_write_rate.1,
             ),
+            options,
         })
     }
 

@@ -26,9 +26,12 @@ pub(super) async fn list_signing_keys(
     Ok(Json(reg.signing_keys()))
 }
 
+/// The body (`{}`) is read although unused: hyper closes a connection whose request body
+/// was left unread, and a pooling client would then find it dead.
 pub(super) async fn rotate_signing_key(
     c: Caller,
     State(reg): State<Shared>,
+    _body: Bytes,
 ) -> ApiResult<Vec<SigningKeyInfo>> {
     c.admin()?;
     let keys = write(&reg, |r| r.rotate_signing_key()).await?;
@@ -87,10 +90,12 @@ pub(super) async fn vm_metadata(
     }
 }
 
+/// The body (`{}`) is read although unused (see [`rotate_signing_key`]).
 pub(super) async fn access_token(
     c: Caller,
     State(reg): State<Shared>,
     Path(id): Path<String>,
+    _body: Bytes,
 ) -> ApiResult<AccessToken> {
     reg.mint_access_token(&c.0, &id)
         .inspect_err(|e| log::info!("access token for {id} refused to {}: {}", c.0, e.message))
