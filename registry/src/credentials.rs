@@ -193,3 +193,135 @@ pub fn identity_claims(
     }
     Ok(claims)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{self, metadata as md, PortReuse};
+    use vnp_protocol::token::VmSecret;
+    use vnp_registry_client::api::{HostSpec, NetworkSpec, VmSpec};
+
+    const REUSE: PortReuse = PortReuse {
+        now: 1000,
+        quarantine_secs: 0,
+    };
+
+    fn apply<T>(m: &mut Model, planned: crate::plan::Planned<T>) -> T {
+        let (ops, out) = planned.unwrap();
+        m.apply(&ops);
+        out
+    }
+
+    /// n1 with h1 and VMs a, b on it.
+    fn model() -> Model {
+        let mut m = Model::default();
+        let net = NetworkSpec {
+            id: "n1".into(),
+            vni: None,
+            cidr: "10.1.0.0/24".parse().unwrap(),
+            mtu: None,
+            default_policy: None,
+            nat_block: None,
+        };
+        let p = plan::create_network(&m, &net);
+        apply(&mut m, p);
+        let host = HostSpec {
+            id: "h1".into(),
+            underlay_addr: "198.18.0.1".parse().unwrap(),
+            port_range: None,
+        };
+        let p = plan::create_host(&m, &host);
+        apply(&mut m, p);
+        for (id, b) in [("a", 1), ("b", 2)] {
+            let spec = VmSpec {
+                id: id.into(),
+                network: "n1".into(),
+                host: Some("h1".into()),
+                ..VmSpec::default()
+            };
+            let p = plan::create_vm(&m, &spec, VmSecret::from_bytes([b; 32]), REUSE);
+            apply(&mut m, p);
+        }
+        m
+    }
+
+    fn etag(m: &Model, vm: &str) -> String {
+        vm_metadata(m, &m.vms[vm]).unwrap().etag
+    }
+
+    #[test]
+    fn etag_changes_exactly_when_the_document_does() {
+        let mut m = model();
+        let first = etag(&m, "a");
+        assert_eq!(etag(&m, "a"), first);
+        assert_ne!(etag(&m, "b"), first, "documents of two VMs differ");
+        // Another VM's change leaves a's etag alone.
+        let p = md::set_vm_attribute(&m, "b", "k", Some("v"));
+        apply(&mut m, p);
+        assert_eq!(etag(&m, "a"), first);
+        // Each part of a's document changes it.
+        let p = md::set_vm_attribute(&m, "a", "k", Some("v"));
+        apply(&mut m, p);
+        let second = etag(&m, "a");
+        assert_ne!(second, first);
+        let p = md::put_guest_attribute(&m, "h1", "a", "ns", "k", "v");
+        apply(&mut m, p);
+        let third = etag(&m, "a");
+        assert_ne!(third, second);
+        let p = md::set_project_attribute(&m, "n1", "k", Some("v"));
+        apply(&mut m, p);
+        assert_ne!(etag(&m, "a"), third);
+        // Writing what is already there plans nothing.
+        assert!(md::set_vm_attribute(&m, "a", "k", Some("v"))
+            .unwrap()
+            .0
+            .is_empty());
+        assert!(md::put_guest_attribute(&m, "h1", "a", "ns", "k", "v")
+            .unwrap()
+            .0
+            .is_empty());
+    }
+
+    #[test]
+    fn identity_claims_and_caller_rules() {
+        let m = model();
+        let doc = vm_metadata(&m, &m.vms["a"]).unwrap();
+        assert_eq!(doc.instance.id, instance_id("a"));
+        assert!(
+            doc.instance.id.parse::<i64>().unwrap() >= 0,
+            "fits a signed 64-bit id"
+        );
+        assert_eq!(
+            doc.instance.service_account.email,
+            "default@n1.vnp.internal"
+        );
+        assert_eq!(service_account_email("x@y.example", "p"), "x@y.example");
+        let policy = CredentialPolicy::default();
+        let req = |audience: &str, format| IdentityTokenRequest {
+            audience: audience.into(),
+            format,
+        };
+        let full = identity_claims(&doc, &req("aud", IdentityFormat::Full), &policy, 100).unwrap();
+        assert_eq!(full["exp"], 100 + DEFAULT_CREDENTIAL_TTL_S);
+        assert_eq!(full["google"]["compute_engine"]["instance_name"], "a");
+        let std =
+            identity_claims(&doc, &req("aud", IdentityFormat::Standard), &policy, 100).unwrap();
+        assert!(std.get("google").is_none());
+        assert!(identity_claims(&doc, &req("a b", IdentityFormat::Standard), &policy, 1).is_err());
+        let host = |id: &str| Identity {
+            role: Role::Host,
+            id: id.into(),
+        };
+        assert!(vm_for_caller(&m, &host("h1"), "a").is_ok());
+        let gw = Identity {
+            role: Role::Gateway,
+            id: "g1".into(),
+        };
+        for caller in [host("h2"), gw] {
+            assert_eq!(
+                vm_for_caller(&m, &caller, "a").unwrap_err().code,
+                ErrorCode::NotOwner
+            );
+        }
+    }
+}

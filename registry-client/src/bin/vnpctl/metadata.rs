@@ -19,11 +19,17 @@ pub enum VmMetaCmd {
     /// Set an operator attribute the VM sees under instance/attributes/.
     SetAttr {
         id: String,
-        key: String,
+        // Not `key`: that is vnpctl's global `--key` (the client key file).
+        #[arg(value_name = "KEY")]
+        attr: String,
         value: String,
     },
     /// Remove an operator attribute.
-    UnsetAttr { id: String, key: String },
+    UnsetAttr {
+        id: String,
+        #[arg(value_name = "KEY")]
+        attr: String,
+    },
     /// Set the scopes of the VM's service account (none: back to the default).
     SetScopes { id: String, scopes: Vec<String> },
     /// Show what the VM's metadata server serves (the document and its etag).
@@ -111,10 +117,10 @@ pub fn host_keys(guest: &Attributes) -> Vec<(String, String, String)> {
 pub fn run_vm(c: &RegistryClient, cmd: &VmMetaCmd, json: bool) -> Result<String, String> {
     let attrs = |a: Attributes| if json { to_json(&a) } else { attributes(&a) };
     match cmd {
-        VmMetaCmd::SetAttr { id, key, value } => {
-            Ok(attrs(c.set_vm_attribute(id, key, value).map_err(e)?))
+        VmMetaCmd::SetAttr { id, attr, value } => {
+            Ok(attrs(c.set_vm_attribute(id, attr, value).map_err(e)?))
         }
-        VmMetaCmd::UnsetAttr { id, key } => Ok(attrs(c.unset_vm_attribute(id, key).map_err(e)?)),
+        VmMetaCmd::UnsetAttr { id, attr } => Ok(attrs(c.unset_vm_attribute(id, attr).map_err(e)?)),
         VmMetaCmd::SetScopes { id, scopes } => {
             let s = c.set_vm_scopes(id, scopes).map_err(e)?;
             Ok(if json {
@@ -191,11 +197,16 @@ pub enum ProjectCmd {
     /// Set a project attribute the network's VMs see under project/attributes/.
     SetAttr {
         network: String,
-        key: String,
+        #[arg(value_name = "KEY")]
+        attr: String,
         value: String,
     },
     /// Remove a project attribute.
-    UnsetAttr { network: String, key: String },
+    UnsetAttr {
+        network: String,
+        #[arg(value_name = "KEY")]
+        attr: String,
+    },
 }
 
 /// Runs a `vnpctl project` subcommand.
@@ -215,10 +226,10 @@ pub fn run_project(c: &RegistryClient, cmd: &ProjectCmd, json: bool) -> Result<S
         ),
         ProjectCmd::SetAttr {
             network,
-            key,
+            attr,
             value,
-        } => c.set_project_attribute(network, key, value),
-        ProjectCmd::UnsetAttr { network, key } => c.unset_project_attribute(network, key),
+        } => c.set_project_attribute(network, attr, value),
+        ProjectCmd::UnsetAttr { network, attr } => c.unset_project_attribute(network, attr),
     }
     .map_err(e)?;
     if json {
