@@ -44,7 +44,7 @@ fn bench_sign() {
         signs.push(N as f64 / t.elapsed().as_secs_f64());
         let t = Instant::now();
         for _ in 0..N {
-            black_box(jwt::verify(black_box(&last), &jwks, None, 1_800_000_001).unwrap());
+            black_box(jwt::verify(black_box(&last), &jwks, None, 1_800_005_000).unwrap());
         }
         verifies.push(N as f64 / t.elapsed().as_secs_f64());
     }
