@@ -558,7 +558,8 @@ fn vnpctl_exports_from_redb_and_imports_into_etcd() {
     let file = dir.join("backup.json");
     let said = src.ok(&["export", "--out", file.to_str().unwrap()]);
     assert!(
-        said.contains("3 VMs") && said.contains("4 sealed secrets"),
+        // 3 VMs', a gateway's and the signing key's.
+        said.contains("3 VMs") && said.contains("5 sealed secrets"),
         "{said}"
     );
     let exported: serde_json::Value =
@@ -590,7 +591,7 @@ fn vnpctl_exports_from_redb_and_imports_into_etcd() {
     };
     let said = dst.ok(&["import", file.to_str().unwrap()]);
     assert!(
-        said.contains("1 networks, 2 hosts, 1 gateways, 3 VMs, 1 rules, 4 secrets"),
+        said.contains("1 networks, 2 hosts, 1 gateways, 3 VMs, 1 rules, 5 secrets"),
         "{said}"
     );
     let reexported: serde_json::Value = serde_json::from_str(&dst.ok(&["export"])).unwrap();
@@ -612,4 +613,141 @@ fn vnpctl_exports_from_redb_and_imports_into_etcd() {
     assert!(dst
         .fails(&["import", file.to_str().unwrap()])
         .contains("not_empty"));
+}
+
+/// A public key from `ssh-keygen -t ed25519`; `ssh-keygen -lf` printed [`HOST_KEY_FP`].
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBJ9rai/pB9SD5mkGSKwxVequTRRNv/zce3O4i5RU8oJ root@a";
+const HOST_KEY_FP: &str = "SHA256:yFeY4zEehFtI0nzA1vvAHIr8GGo6YSM6LiyCt564Yv4";
+
+/// Metadata and credentials through vnpctl (issue #11): attributes and projects in the
+/// metadata document, host keys a guest published (written here through the host's
+/// certificate, as vnpd's service bridge does), tokens verified against the registry's JWKS
+/// and an exported JWKS file, key rotation.
+#[test]
+fn vnpctl_metadata_host_keys_and_tokens() {
+    use vnp_registry_client::{ClientConfig, RegistryClient};
+    let dir = std::env::temp_dir().join(format!("vnpctl-md-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut guard = Cleanup {
+        dir: dir.clone(),
+        registry: None,
+    };
+    let tls = dir.join("tls");
+    let setup = Ctl {
+        url: String::new(),
+        tls: tls.clone(),
+    };
+    setup.ok(&["ca", "init", "--dir", tls.to_str().unwrap()]);
+    setup.ok(&["cert", "host", "--dir", tls.to_str().unwrap(), "--id", "h1"]);
+    let data = dir.join("data");
+    let (child, url) = start_registry(
+        &registry_binary(),
+        &tls,
+        &["--data", data.to_str().unwrap()],
+    );
+    guard.registry = Some(child);
+    let ctl = Ctl {
+        url: url.clone(),
+        tls: tls.clone(),
+    };
+    ctl.ok(&["network", "create", "n1", "--cidr", "10.1.0.0/24"]);
+    ctl.ok(&["host", "create", "h1", "--addr", "198.18.0.1"]);
+    ctl.ok(&["vm", "create", "a", "--network", "n1", "--host", "h1"]);
+
+    // Attributes and the project show in the document the VM's metadata server serves.
+    assert!(ctl
+        .ok(&["vm", "set-attr", "a", "role", "web"])
+        .contains("role"));
+    ctl.ok(&["project", "set", "n1", "--project-id", "acme"]);
+    ctl.ok(&["project", "set-attr", "n1", "motd", "hello"]);
+    let md = ctl.json(&["vm", "metadata", "a", "--json"]);
+    assert_eq!(md["instance"]["attributes"]["role"], "web");
+    assert_eq!(md["project"]["project_id"], "acme");
+    assert_eq!(md["project"]["attributes"]["motd"], "hello");
+    assert!(ctl
+        .ok(&["vm", "metadata", "a"])
+        .contains("default@acme.vnp.internal"));
+    ctl.ok(&["vm", "unset-attr", "a", "role"]);
+    assert!(
+        ctl.json(&["vm", "metadata", "a", "--json"])["instance"]["attributes"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+
+    // Host keys: none yet, then the one the guest published, with its fingerprint.
+    assert!(ctl
+        .fails(&["vm", "host-keys", "a"])
+        .contains("no host keys"));
+    let host = RegistryClient::new(
+        ClientConfig::from_files(
+            &url,
+            &tls.join("ca.pem"),
+            &tls.join("host-h1.pem"),
+            &tls.join("host-h1.key"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    host.put_guest_attribute("a", "hostkeys", "ssh-ed25519", HOST_KEY)
+        .unwrap();
+    let shown = ctl.ok(&["vm", "host-keys", "a"]);
+    assert!(
+        shown.contains("ssh-ed25519") && shown.contains(HOST_KEY_FP),
+        "{shown}"
+    );
+    let known = ctl.ok(&["vm", "host-keys", "a", "--known-hosts"]);
+    let blob = HOST_KEY.split(' ').nth(1).unwrap();
+    assert_eq!(known, format!("a,10.1.0.2 ssh-ed25519 {blob}\n"));
+
+    // Tokens verify against the registry's JWKS and an exported copy, before and after a
+    // rotation; a wrong audience or a changed token does not.
+    let token = ctl.ok(&["vm", "identity-token", "a", "--audience", "svc", "--full"]);
+    let token = token.trim();
+    assert!(ctl
+        .ok(&["verify-token", token, "--audience", "svc"])
+        .contains("valid"));
+    assert!(ctl
+        .fails(&["verify-token", token, "--audience", "other"])
+        .contains("audience"));
+    let mut forged = token.to_string();
+    let last = forged.pop().unwrap();
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    assert!(ctl.fails(&["verify-token", &forged]).contains("refused"));
+    let jwks_file = dir.join("jwks.json");
+    ctl.ok(&["jwks", "--out", jwks_file.to_str().unwrap()]);
+    let offline = Ctl {
+        url: "https://127.0.0.1:1".into(),
+        tls: tls.clone(),
+    };
+    let claims = offline.json(&[
+        "verify-token",
+        token,
+        "--jwks",
+        jwks_file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(claims["google"]["compute_engine"]["project_id"], "acme");
+    let keys = ctl.json(&["keys", "rotate", "--json"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(ctl.ok(&["keys", "list"]).contains("retired"));
+    assert!(
+        ctl.ok(&["verify-token", token]).contains("valid"),
+        "old token after rotation"
+    );
+    let access = ctl.ok(&["vm", "access-token", "a"]);
+    assert!(
+        offline
+            .fails(&[
+                "verify-token",
+                access.trim(),
+                "--jwks",
+                jwks_file.to_str().unwrap()
+            ])
+            .contains("no key"),
+        "the new key is not in the old JWKS file"
+    );
+    assert!(ctl.ok(&["verify-token", access.trim()]).contains("valid"));
 }

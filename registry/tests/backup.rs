@@ -71,7 +71,11 @@ fn export_from_redb_import_into_etcd() {
         !text.contains(secret_b.to_hex().as_str()),
         "secret in the clear"
     );
-    assert_eq!(export.secrets.len(), 3, "two VMs and a gateway");
+    assert_eq!(
+        export.secrets.len(),
+        4,
+        "two VMs, a gateway and the signing key"
+    );
     assert_eq!(
         code(src.reg.client("h1").export()),
         ErrorCode::AdminRequired
@@ -80,7 +84,7 @@ fn export_from_redb_import_into_etcd() {
     let dst = Fixture::on(Backend::Etcd, "backup-dst");
     let target = dst.reg.client("admin");
     let summary = target.import(&export).unwrap();
-    assert_eq!((summary.vms, summary.secrets, summary.rules), (2, 3, 1));
+    assert_eq!((summary.vms, summary.secrets, summary.rules), (2, 4, 1));
     assert_eq!(
         target.list_vms(None).unwrap(),
         admin.list_vms(None).unwrap()

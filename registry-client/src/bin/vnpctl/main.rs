@@ -6,6 +6,7 @@
 
 mod gateway;
 mod host;
+mod metadata;
 mod network;
 mod output;
 mod pki;
@@ -102,6 +103,23 @@ enum Cmd {
     },
     /// A local vnpd, over its admin socket.
     Vnpd(vnpd::VnpdArgs),
+    /// Projects (each network is one): project id, zone, attributes.
+    Project(Group<metadata::ProjectCmd>),
+    /// The registry's signing keys for access and identity tokens.
+    Keys(Group<metadata::KeysCmd>),
+    /// Print the registry's public signing keys (JWKS), for services that verify its tokens.
+    Jwks {
+        /// File to write; stdout if absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify an access or identity token against the registry's JWKS (or a JWKS file).
+    VerifyToken {
+        #[command(flatten)]
+        args: metadata::VerifyArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// One-line acknowledgement of a delete.
@@ -175,14 +193,32 @@ fn run(cli: &Cli) -> Result<String, String> {
         Cmd::Watch { args, json } => token::watch(&connect(cli)?, args, *json),
         Cmd::Metrics => connect(cli)?.metrics_text().map_err(|e| e.to_string()),
         Cmd::Export { out } => export(&connect(cli)?, out.as_deref()),
+        Cmd::Project(g) => metadata::run_project(&connect(cli)?, &g.cmd, g.json),
+        Cmd::Keys(g) => metadata::run_keys(&connect(cli)?, &g.cmd, g.json),
+        Cmd::Jwks { out } => {
+            let text = output::json(&connect(cli)?.jwks().map_err(|e| e.to_string())?);
+            match out {
+                None => Ok(text),
+                Some(path) => std::fs::write(path, text)
+                    .map(|()| format!("wrote {}\n", path.display()))
+                    .map_err(|e| format!("{}: {e}", path.display())),
+            }
+        }
+        Cmd::VerifyToken { args, json } => {
+            let jwks = match &args.jwks {
+                Some(path) => metadata::read_jwks(path)?,
+                None => connect(cli)?.jwks().map_err(|e| e.to_string())?,
+            };
+            metadata::verify(args, &jwks, *json)
+        }
         Cmd::Import { file } => {
             let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
             let export: Export = serde_json::from_slice(&text)
                 .map_err(|e| format!("{}: not a registry export: {e}", file.display()))?;
             let s = connect(cli)?.import(&export).map_err(|e| e.to_string())?;
             Ok(format!(
-                "imported {} networks, {} hosts, {} gateways, {} VMs, {} rules, {} secrets, {} changes\n",
-                s.networks, s.hosts, s.gateways, s.vms, s.rules, s.secrets, s.changes
+                "imported {} networks, {} hosts, {} gateways, {} VMs, {} rules, {} secrets, {} changes, {} metadata records\n",
+                s.networks, s.hosts, s.gateways, s.vms, s.rules, s.secrets, s.changes, s.metadata
             ))
         }
     }

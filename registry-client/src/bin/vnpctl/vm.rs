@@ -65,6 +65,8 @@ pub enum VmCmd {
     },
     /// Replace the VM's secret (its host must fetch the new one).
     RotateSecret { id: String },
+    #[command(flatten)]
+    Meta(crate::metadata::VmMetaCmd),
 }
 
 fn show(v: &VmRecord) -> String {
@@ -191,5 +193,6 @@ pub fn run(c: &RegistryClient, cmd: &VmCmd, json: bool) -> Result<String, String
         }
         VmCmd::Migrate { id, .. } => Ok(one(c.cancel_migration(id).map_err(e)?)),
         VmCmd::RotateSecret { id } => Ok(one(c.rotate_vm_secret(id).map_err(e)?)),
+        VmCmd::Meta(m) => crate::metadata::run_vm(c, m, json),
     }
 }
