@@ -227,6 +227,7 @@ impl Manager {
             return Ok(same);
         }
         let vm = self.read_vm_for_attach(vm_id)?;
+        let nat_blocks = vm.nat_blocks();
         let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
         prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {
@@ -238,6 +239,7 @@ impl Manager {
             )
         });
         let port = self.start_port(vm_id, att, resume.as_ref())?;
+        port.set_nat_blocks(&nat_blocks);
         // An incoming VM's endpoint is registered when its device starts (after the
         // migration), not now: the source still serves it.
         if !incoming {

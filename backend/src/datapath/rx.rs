@@ -15,7 +15,7 @@ use vnp_protocol::wire::HEADER_LEN;
 
 use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
 use super::port::unix_now;
-use super::rx_check::{check_datagram, parse_options};
+use super::rx_check::{check_datagram_in_network, parse_options};
 use super::udp;
 use super::worker::{PairWorker, Side, RX_BATCH};
 use crate::device::features::rx_vnet_header;
@@ -167,6 +167,8 @@ impl PairWorker {
         }
         let src = udp::from_sockaddr_in(&msg.name).ok_or(DropReason::RxMalformed)?;
         let (inner_len, learned) = self.check(view, &msg.head, len, src, now)?;
+        // From the outside (through a gateway): reverse NAT, or dropped (`nat_hook`).
+        self.nat_inbound(view, off, inner_len)?;
         if written > inner_len {
             // The option trailer (a return token) is vnpd's, not part of the frame.
             self.zero_guest_bytes(view, off + inner_len, written - inner_len);
@@ -234,12 +236,11 @@ impl PairWorker {
         let want = (len - HEADER_LEN).min(20);
         let got = view.read(&self.rx_segs, off, &mut ip[..want]);
         let core = &*self.core;
-        let acc = check_datagram(
+        let acc = check_datagram_in_network(
             &core.rx_ctx,
+            core.net.prefix_len,
             &core.minter,
-            header,
-            len,
-            &ip[..got],
+            (header, len, &ip[..got]),
             src,
             now,
         )?;

@@ -89,6 +89,8 @@ pub struct PairWorker {
     pub(super) rx_segs: Vec<GuestSeg>,
     pub(super) rx_learned: Vec<super::rx::Learned>,
     handed_off: Vec<HandedOff>,
+    /// NAT header copies of this TX batch and answers for the guest.
+    pub(super) nat_scratch: super::nat_hook::NatScratch,
 }
 
 impl std::fmt::Debug for PairWorker {
@@ -179,6 +181,7 @@ impl PairWorker {
             rx_segs: Vec::new(),
             rx_learned: Vec::new(),
             handed_off: Vec::new(),
+            nat_scratch: Default::default(),
         }
     }
 
