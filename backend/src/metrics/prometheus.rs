@@ -164,7 +164,7 @@ fn render_nat(out: &mut String, vms: &[VmSample]) {
             );
         }
     }
-    let gauges: [(&str, &str, fn(&CounterSnapshot) -> u64); 2] = [
+    let gauges: [Family; 2] = [
         (
             "vnpd_nat_ports",
             "Ports in the VM's NAT blocks (each protocol has all of them).",
