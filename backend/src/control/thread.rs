@@ -399,7 +399,8 @@ impl Worker {
                     }
                     self.forget(&ips);
                 }
-                ChangeKind::Created => {}
+                // New NAT blocks and forwarding rules change nothing in the token cache.
+                ChangeKind::Created | ChangeKind::NatPorts | ChangeKind::Forwards => {}
             }
             if c.kind == ChangeKind::SecretRotated && self.ports.contains_key(&c.vm) {
                 log::warn!(

@@ -126,6 +126,10 @@ pub fn delete_network(
         ops.push(Op::DeleteRule(r.id.clone()));
         cascaded.push(format!("rule/{}", r.id));
     }
+    for f in model.forwards.values().filter(|f| f.network == id) {
+        ops.push(Op::DeleteForward(f.id.clone()));
+        cascaded.push(format!("forward/{}", f.id));
+    }
     ops.push(Op::DeleteNetwork(id.to_string()));
     Ok((
         ops,
