@@ -27,8 +27,8 @@ pub use packet::NatDrop;
 pub use table::{FlowView, NatRefusal, NatStats, NatTable};
 
 /// The "outside" wildcard of gateway-scoped tokens (`IP_VM` of the outside end, whatever the
-/// outside address is; `docs/protocol.md`). The same value as `vnp_protocol::OUTSIDE`.
-pub const OUTSIDE: Ipv4Addr = Ipv4Addr::UNSPECIFIED;
+/// outside address is; `docs/protocol.md`).
+pub use vnp_protocol::OUTSIDE;
 
 /// Whether `addr` is inside the network `vm_ip/prefix_len` (else it is reached through the
 /// gateway).

@@ -219,10 +219,7 @@ pub(super) struct VmFromRegistry {
 impl VmFromRegistry {
     /// The VM's NAT port blocks (the ports its flows to the outside leave from).
     pub(super) fn nat_blocks(&self) -> Vec<crate::nat::PortBlock> {
-        let r = self.record.nat_ports;
-        crate::nat::PortBlock::new(r.first, r.last)
-            .into_iter()
-            .collect()
+        crate::control::nat_blocks(&self.record.nat_ports)
     }
 }
 
