@@ -325,6 +325,13 @@ fn outbound_flows_are_mapped_and_replies_come_back() {
 
     let (table, now) = s.port.nat_snapshot();
     assert_eq!(table.flows(now).len(), 2);
+    // What `vnpctl vnpd nat` shows.
+    let info = vnpd::admin::manager::to_nat_info("vm-nat-udp", &table, now);
+    assert_eq!(info.blocks, vec![BLOCK]);
+    assert!(info
+        .flows
+        .iter()
+        .all(|f| f.proto == "udp" && f.local_port == 5353 && f.mapped.is_some_and(in_block)));
     assert_eq!(s.port.counters().snapshot().nat.mapped_flows[1], 2);
 }
 

@@ -56,6 +56,28 @@ impl CounterBoard {
     }
 }
 
+/// A VM's NAT table in the admin API's shape.
+pub fn to_nat_info(vm_id: &str, table: &crate::nat::NatTable, now: u64) -> vnpd_admin_api::NatInfo {
+    vnpd_admin_api::NatInfo {
+        vm_id: vm_id.to_string(),
+        blocks: table.blocks().iter().map(|b| (b.first, b.last)).collect(),
+        ports: table.stats().ports_total as u64,
+        flows: table
+            .flows(now)
+            .into_iter()
+            .map(|f| vnpd_admin_api::NatFlowInfo {
+                proto: f.key.proto.as_str().to_string(),
+                local_port: f.key.local_port,
+                remote: f.key.remote,
+                remote_port: f.key.remote_port,
+                mapped: f.mapped,
+                state: f.state.as_str().to_string(),
+                expires_in: f.expires_in,
+            })
+            .collect(),
+    }
+}
+
 /// Converts a counter snapshot to the admin API's stats shape.
 pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
     let counters = [
@@ -192,6 +214,18 @@ impl Manager {
                     .map(|(id, s)| to_vm_stats(id, s))
                     .collect();
                 Ok(AdminReply::Stats { vms })
+            }
+            AdminRequest::Nat { vm_id } => {
+                let a = self.attached.get(&vm_id).ok_or_else(|| {
+                    fail(
+                        AdminErrorCode::NotAttached,
+                        format!("vm {vm_id} is not attached"),
+                    )
+                })?;
+                let (table, now) = a.port.nat_snapshot();
+                Ok(AdminReply::Nat {
+                    nat: to_nat_info(&vm_id, &table, now),
+                })
             }
         }
     }
