@@ -269,8 +269,13 @@ impl PairWorker {
             let mut copy = vec![0u8; total_len];
             let got = view.read(segs, inner, &mut copy);
             copy.truncate(got);
-            if let Some(h) = nat_head.filter(|h| h.len() <= got) {
-                copy[..h.len()].copy_from_slice(h);
+            if let Some(h) = nat_head {
+                // Never a NATed packet with the guest's own headers (the chain cannot be
+                // shorter than when its headers were read; this only guards it).
+                match copy.get_mut(..h.len()) {
+                    Some(head) => head.copy_from_slice(h),
+                    None => copy.clear(),
+                }
             }
             copy
         });
