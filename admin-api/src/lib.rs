@@ -60,6 +60,11 @@ pub enum AdminRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         vm_id: Option<String>,
     },
+    /// One VM's NAT state: its port blocks and live flows to and from the outside.
+    Nat {
+        /// The VM's registry id.
+        vm_id: String,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -108,6 +113,38 @@ pub struct VmStats {
     pub drops: BTreeMap<String, u64>,
 }
 
+/// One NAT flow of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatFlowInfo {
+    /// `tcp`, `udp` or `icmp`.
+    pub proto: String,
+    /// The guest's port (ICMP: echo identifier).
+    pub local_port: u16,
+    /// The outside address.
+    pub remote: Ipv4Addr,
+    /// The outside port (0 for ICMP).
+    pub remote_port: u16,
+    /// The mapped port; `None` for an inbound (port-forwarded) flow, which is not remapped.
+    pub mapped: Option<u16>,
+    /// `handshake`, `established`, `half_closed`, `closed`, `udp`, `icmp`.
+    pub state: String,
+    /// Seconds until it expires if idle.
+    pub expires_in: u64,
+}
+
+/// One VM's NAT state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatInfo {
+    /// Registry id.
+    pub vm_id: String,
+    /// NAT port blocks, `(first, last)`.
+    pub blocks: Vec<(u16, u16)>,
+    /// Ports in the blocks (each protocol has all of them).
+    pub ports: u64,
+    /// Live flows, mapped first.
+    pub flows: Vec<NatFlowInfo>,
+}
+
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -131,6 +168,11 @@ pub enum AdminReply {
     Stats {
         /// Sorted by VM id.
         vms: Vec<VmStats>,
+    },
+    /// A VM's NAT state.
+    Nat {
+        /// The state.
+        nat: NatInfo,
     },
 }
 
@@ -336,6 +378,16 @@ impl VnpdAdminClient {
             vm_id: vm_id.map(str::to_string),
         })? {
             AdminReply::Stats { vms } => Ok(vms),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// One VM's NAT state.
+    pub fn nat(&self, vm_id: &str) -> Result<NatInfo, AdminClientError> {
+        match self.call(&AdminRequest::Nat {
+            vm_id: vm_id.to_string(),
+        })? {
+            AdminReply::Nat { nat } => Ok(nat),
             other => Err(self.unexpected(&other)),
         }
     }

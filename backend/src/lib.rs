@@ -7,6 +7,7 @@
 //! - [`device`]: the vhost-user-net device: feature negotiation, one handler per queue pair.
 //! - [`datapath`]: VNP encapsulation/decapsulation, receive checks, pending queue, UDP batching;
 //!   the device's queue-pair handler.
+//! - [`nat`]: per-VM NAT port remapping for traffic through the gateway (pure).
 //! - [`metrics`]: counters by VM and drop reason, Prometheus text rendering.
 //! - [`control`]: the control thread that talks to the registry (tokens, endpoints, secrets).
 //! - [`admin`]: the local admin API (unix socket) and persisted attachments.
@@ -18,4 +19,5 @@ pub mod datapath;
 pub mod device;
 pub mod edge;
 pub mod metrics;
+pub mod nat;
 pub mod ring;

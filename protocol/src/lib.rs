@@ -11,6 +11,11 @@
 //! `docs/protocol.md` specifies the same thing byte by byte, with test vectors that the unit tests
 //! in [`vectors`] check.
 
+/// The address that stands for "any address outside the network" in the token message of a
+/// pair where one end is a gateway (`docs/protocol.md`, *Tokens with a gateway*): the outside
+/// address is not part of such a token, so a new outside peer costs no registry request.
+pub const OUTSIDE: std::net::Ipv4Addr = std::net::Ipv4Addr::UNSPECIFIED;
+
 pub mod hex;
 mod keyed_hmac;
 pub mod token;

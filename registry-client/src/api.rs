@@ -129,7 +129,7 @@ pub struct NetworkSpec {
     /// Policy for pairs no rule matches; default `allow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_policy: Option<PolicyAction>,
-    /// Size of each VM's NAT source-port block; default 1024.
+    /// Size of each VM's NAT source-port block; default 512 (see `docs/gateway.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_block: Option<u16>,
 }
@@ -172,11 +172,17 @@ pub struct Host {
 #[serde(deny_unknown_fields)]
 pub struct GatewaySpec {
     pub id: String,
-    /// Network whose traffic to outside addresses this gateway carries (one gateway per network).
+    /// Network whose traffic to outside addresses this gateway carries (a network may have
+    /// several).
     pub network: String,
     /// Underlay address and UDP port the gateway receives VNP packets on.
     pub underlay_addr: Ipv4Addr,
     pub port: u16,
+    /// The address the gateway's NATed and forwarded traffic uses on the public side; default
+    /// `underlay_addr`. Gateways sharing a public address form one NAT pool (any of them can
+    /// carry a reply), so they must serve the same network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_addr: Option<Ipv4Addr>,
 }
 
 /// A gateway between a virtual network and the outside.
@@ -187,6 +193,8 @@ pub struct Gateway {
     pub vni: u32,
     pub underlay_addr: Ipv4Addr,
     pub port: u16,
+    /// Public address (source of NATed traffic, destination of forwarded traffic).
+    pub public_addr: Ipv4Addr,
     pub secret_generation: u64,
 }
 
@@ -234,8 +242,9 @@ pub struct VmRecord {
     pub hostname: String,
     pub host: Option<String>,
     pub host_port: Option<u16>,
-    /// This VM's block of NAT source ports at the gateway.
-    pub nat_ports: PortRange,
+    /// This VM's NAT source ports at its network's public addresses: disjoint blocks, in the
+    /// order they were handed out (`POST /v1/vms/{id}/nat-ports` adds one).
+    pub nat_ports: Vec<PortRange>,
     pub service_account: String,
     pub tags: Vec<String>,
     pub secret_generation: u64,
@@ -264,6 +273,13 @@ pub struct StartMigration {
     /// UDP port on `host`; allocated from its range when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_port: Option<u16>,
+}
+
+impl VmRecord {
+    /// True if `port` is one of this VM's NAT source ports.
+    pub fn owns_nat_port(&self, port: u16) -> bool {
+        self.nat_ports.iter().any(|b| b.contains(port))
+    }
 }
 
 /// `POST /v1/vms/{id}/move`: hand the VM to another host (the first step of a migration).
@@ -374,7 +390,9 @@ pub type PolicyRule = PolicyRuleSpec;
 /// `POST /v1/tokens`.
 ///
 /// A host asks on behalf of `src_vm` (a VM it runs). A gateway asks with `src_gateway` (itself)
-/// and `src_ip`, the outside address the packet comes from.
+/// and the VM's address as `dst_ip`; `src_ip` is optional and not part of the token (which
+/// carries [`vnp_protocol::OUTSIDE`] for the outside end: see
+/// `docs/protocol.md`, *Tokens with a gateway*), but if given it must be outside the network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
@@ -407,6 +425,118 @@ pub struct TokenGrant {
     pub src_ip: Ipv4Addr,
 }
 
+/// Transport protocol of a port-forwarding rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum L4Proto {
+    Tcp,
+    Udp,
+}
+
+impl L4Proto {
+    /// The IPv4 protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            L4Proto::Tcp => 6,
+            L4Proto::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for L4Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            L4Proto::Tcp => "tcp",
+            L4Proto::Udp => "udp",
+        })
+    }
+}
+
+impl std::str::FromStr for L4Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(L4Proto::Tcp),
+            "udp" => Ok(L4Proto::Udp),
+            _ => Err(format!("invalid protocol {s:?}: use tcp or udp")),
+        }
+    }
+}
+
+/// `POST /v1/forwards`: `public_addr:public_port/proto -> vm:vm_port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    pub id: String,
+    /// A public address of a gateway of the VM's network.
+    pub public_addr: Ipv4Addr,
+    pub public_port: u16,
+    pub proto: L4Proto,
+    pub vm: String,
+    pub vm_port: u16,
+}
+
+/// A stored port-forwarding rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRule {
+    pub id: String,
+    /// The VM's network (filled in by the registry).
+    pub network: String,
+    pub public_addr: Ipv4Addr,
+    pub public_port: u16,
+    pub proto: L4Proto,
+    pub vm: String,
+    pub vm_port: u16,
+}
+
+/// `POST /v1/vms/{id}/nat-ports`: add NAT port blocks to a VM (default one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatGrow {
+    #[serde(default = "one_block")]
+    pub blocks: u16,
+}
+
+fn one_block() -> u16 {
+    1
+}
+
+/// A VNP underlay address: where a VM is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnderlayAddr {
+    pub host_addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What a gateway needs to know about one VM of its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayPeer {
+    pub id: String,
+    pub ip: Ipv4Addr,
+    pub nat_ports: Vec<PortRange>,
+    /// Where the VM is reached (its endpoint, else its host's address and port); `None` while
+    /// it is on no host.
+    pub location: Option<UnderlayAddr>,
+    /// Whether pair policy lets the VM start connections to the outside (`{vm, external}`).
+    pub egress: bool,
+}
+
+/// `GET /v1/gateways/{id}/config`: everything a gateway runs on. Follow it with
+/// `GET /v1/watch` (any change of the network's VMs, including `nat_ports` and `forwards`) and
+/// fetch it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    /// The registry generation this answer reflects (pass it as the watch's `since`).
+    pub generation: u64,
+    pub gateway: Gateway,
+    pub network: Network,
+    /// The other gateways sharing this one's public address (one NAT pool).
+    pub pool: Vec<String>,
+    pub vms: Vec<GatewayPeer>,
+    /// Forwarding rules on this gateway's public address.
+    pub forwards: Vec<ForwardRule>,
+}
+
 /// What happened to a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -416,6 +546,10 @@ pub enum ChangeKind {
     Moved,
     SecretRotated,
     Deleted,
+    /// The VM's NAT port blocks grew.
+    NatPorts,
+    /// A port-forwarding rule towards the VM was added or removed.
+    Forwards,
 }
 
 /// One entry of the change log that `GET /v1/watch` returns.
@@ -463,6 +597,7 @@ pub enum ErrorCode {
     UnknownVm,
     UnknownGateway,
     UnknownRule,
+    UnknownForward,
     NotFound,
     NoSuchDestination,
     NoGateway,
@@ -477,6 +612,9 @@ pub enum ErrorCode {
     AddressOutsideCidr,
     AddressReserved,
     PortOutsideRange,
+    /// A forwarding rule's public port is inside a VM's NAT block, or a NAT block would cover
+    /// a forwarded port, or the same public port is forwarded twice.
+    PortInUse,
     PoolExhausted,
     NotEmpty,
     /// A concurrent write through another replica kept winning; nothing was changed.
@@ -504,10 +642,12 @@ impl ErrorCode {
             UnknownIdentity | Forbidden | AdminRequired | NotOwner | WrongHost | PolicyDenied => {
                 403
             }
-            UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule | NotFound
-            | NoSuchDestination => 404,
+            UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule
+            | UnknownForward | NotFound | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
-            | PortQuarantined | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
+            | PortQuarantined | DuplicateVni | PortInUse | PoolExhausted | NotEmpty | Conflict => {
+                409
+            }
             TooLarge => 413,
             TooMany => 409,
             RateLimited => 429,

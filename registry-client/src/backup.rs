@@ -5,7 +5,7 @@
 //! `--secret-keys` key (envelope encryption, bound to its owner), so a restore needs a registry
 //! holding that key.
 
-use crate::api::{Gateway, Host, Network, PolicyRule, VmChange, VmRecord};
+use crate::api::{ForwardRule, Gateway, Host, Network, PolicyRule, VmChange, VmRecord};
 use serde::{Deserialize, Serialize};
 
 /// The value of [`Export::format`].
@@ -22,6 +22,9 @@ pub struct Export {
     pub gateways: Vec<Gateway>,
     pub vms: Vec<VmRecord>,
     pub rules: Vec<PolicyRule>,
+    /// Port-forwarding rules (absent in exports from before they existed).
+    #[serde(default)]
+    pub forwards: Vec<ForwardRule>,
     pub secrets: Vec<SealedSecret>,
     /// The change log, oldest first (watchers resume across a restore).
     pub changes: Vec<VmChange>,
@@ -50,6 +53,8 @@ pub struct ImportSummary {
     pub gateways: usize,
     pub vms: usize,
     pub rules: usize,
+    #[serde(default)]
+    pub forwards: usize,
     pub secrets: usize,
     pub changes: usize,
     #[serde(default)]

@@ -318,6 +318,37 @@ impl RegistryClient {
         decode_secret(resp)
     }
 
+    /// What gateway `id` runs on: its network's VMs (NAT blocks, locations, egress) and the
+    /// forwarding rules on its public address (that gateway, or admin).
+    pub fn gateway_config(&self, id: &str) -> Result<GatewayConfig, ClientError> {
+        self.get(&format!("/v1/gateways/{}/config", path_seg(id)))
+    }
+
+    // ---- port forwarding and NAT ports ----
+
+    /// Adds a port-forwarding rule (admin).
+    pub fn create_forward(&self, spec: &ForwardSpec) -> Result<ForwardRule, ClientError> {
+        self.post("/v1/forwards", spec)
+    }
+    /// Lists forwarding rules, optionally of one network (admin).
+    pub fn list_forwards(&self, network: Option<&str>) -> Result<Vec<ForwardRule>, ClientError> {
+        match network {
+            Some(n) => self.get(&format!("/v1/forwards?network={}", path_seg(n))),
+            None => self.get("/v1/forwards"),
+        }
+    }
+    /// Removes a forwarding rule (admin).
+    pub fn delete_forward(&self, id: &str) -> Result<Deleted, ClientError> {
+        self.delete(&format!("/v1/forwards/{}", path_seg(id)))
+    }
+    /// Gives VM `id` `blocks` more NAT port blocks (admin); returns the record.
+    pub fn grow_nat_ports(&self, id: &str, blocks: u16) -> Result<VmRecord, ClientError> {
+        self.post(
+            &format!("/v1/vms/{}/nat-ports", path_seg(id)),
+            &NatGrow { blocks },
+        )
+    }
+
     // ---- VMs ----
 
     /// Creates a VM (admin); unset fields are allocated.
@@ -429,7 +460,25 @@ impl RegistryClient {
         )
     }
 
-    /// Any token request (gateways use `src_gateway` + `src_ip`; admins may debug any pair).
+    /// A gateway's token towards the VM with address `dst_ip` in its network (the outside end
+    /// is [`vnp_protocol::OUTSIDE`] in the token, whatever the outside address).
+    pub fn request_gateway_token(
+        &self,
+        gateway: &str,
+        dst_ip: Ipv4Addr,
+    ) -> Result<TokenGrant, ClientError> {
+        self.post_safe(
+            "/v1/tokens",
+            &TokenRequest {
+                src_vm: None,
+                src_gateway: Some(gateway.to_string()),
+                src_ip: None,
+                dst_ip,
+            },
+        )
+    }
+
+    /// Any token request (gateways use `src_gateway`; admins may debug any pair).
     pub fn request_token_raw(&self, req: &TokenRequest) -> Result<TokenGrant, ClientError> {
         self.post_safe("/v1/tokens", req)
     }

@@ -55,6 +55,7 @@ pub fn export(model: &Model, ring: &KeyRing) -> Result<Export, ApiError> {
         gateways: model.gateways.values().cloned().collect(),
         vms: model.vms.values().cloned().collect(),
         rules: model.rules.values().cloned().collect(),
+        forwards: model.forwards.values().cloned().collect(),
         secrets,
         changes: model.changes.iter().cloned().collect(),
         metadata: meta_records(model)?,
@@ -185,6 +186,17 @@ fn check_references(e: &Export) -> Result<(), ApiError> {
             r.id
         )));
     }
+    let vms: Vec<String> = e.vms.iter().map(|v| v.id.clone()).collect();
+    if let Some(f) = e
+        .forwards
+        .iter()
+        .find(|f| !has(&networks, &f.network) || !has(&vms, &f.vm))
+    {
+        return Err(bad(format!(
+            "forward {} names a network or VM not in the export",
+            f.id
+        )));
+    }
     Ok(())
 }
 
@@ -206,6 +218,7 @@ pub fn import_batches(
     ops.extend(export.gateways.iter().cloned().map(Op::PutGateway));
     ops.extend(export.vms.iter().cloned().map(Op::PutVm));
     ops.extend(export.rules.iter().cloned().map(Op::PutRule));
+    ops.extend(export.forwards.iter().cloned().map(Op::PutForward));
     for s in &export.secrets {
         ops.push(open_secret(s, ring)?);
     }
@@ -217,6 +230,7 @@ pub fn import_batches(
         gateways: export.gateways.len(),
         vms: export.vms.len(),
         rules: export.rules.len(),
+        forwards: export.forwards.len(),
         secrets: export.secrets.len(),
         changes: export.changes.len(),
         metadata: export.metadata.len(),

@@ -8,7 +8,9 @@ pub use crate::metastate::{MetaKey, MetaRecord, MetaState};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{TokenMinter, VmSecret};
-use vnp_registry_client::api::{Gateway, Host, Network, PolicyRule, VmChange, VmRecord};
+use vnp_registry_client::api::{
+    ForwardRule, Gateway, Host, Network, PolicyRule, VmChange, VmRecord,
+};
 
 /// How many change-log entries are kept for watchers; older ones force a resync.
 pub const CHANGE_LOG_RETAIN: usize = 10_000;
@@ -114,6 +116,17 @@ pub fn parse_port_key(key: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port.parse().ok()?))
 }
 
+/// FNV-1a over `vm`, a separator and `gateway`: stable across builds and replicas (unlike
+/// std's randomly keyed hasher), which is all rendezvous hashing needs.
+fn rendezvous(vm: &str, gateway: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vm.bytes().chain([0u8]).chain(gateway.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// How long idempotency keys are remembered.
 pub const REMEMBER_WRITES_S: u64 = 3600;
 
@@ -130,6 +143,8 @@ pub enum Op {
     DeleteVm(String),
     PutRule(PolicyRule),
     DeleteRule(String),
+    PutForward(ForwardRule),
+    DeleteForward(String),
     PutSecret(SecretOwner, SecretEntry),
     DeleteSecret(SecretOwner),
     /// Appends to the change log and advances the global generation to `change.generation`.
@@ -158,6 +173,8 @@ pub struct Model {
     pub gateways: BTreeMap<String, Gateway>,
     pub vms: BTreeMap<String, VmRecord>,
     pub rules: BTreeMap<String, PolicyRule>,
+    /// Port-forwarding rules by id.
+    pub forwards: BTreeMap<String, ForwardRule>,
     pub secrets: HashMap<SecretOwner, SecretEntry>,
     /// Index: (network id, VM address) -> VM id.
     pub by_ip: HashMap<(String, Ipv4Addr), String>,
@@ -223,6 +240,12 @@ impl Model {
             }
             Op::DeleteRule(id) => {
                 self.rules.remove(id);
+            }
+            Op::PutForward(f) => {
+                self.forwards.insert(f.id.clone(), f.clone());
+            }
+            Op::DeleteForward(id) => {
+                self.forwards.remove(id);
             }
             Op::PutSecret(owner, entry) => {
                 self.meta.secret_changed(owner, Some(entry));
@@ -290,9 +313,19 @@ impl Model {
             .filter(|q| q.vm != vm && q.until > now)
     }
 
-    /// The gateway of `network`, if one is registered.
-    pub fn gateway_of(&self, network: &str) -> Option<&Gateway> {
-        self.gateways.values().find(|g| g.network == network)
+    /// The gateways of `network`.
+    pub fn gateways_of<'m>(&'m self, network: &'m str) -> impl Iterator<Item = &'m Gateway> + 'm {
+        self.gateways.values().filter(move |g| g.network == network)
+    }
+
+    /// The gateway `vm` sends to for outside destinations: rendezvous hashing over the
+    /// network's gateways, so each VM sticks to one gateway (one token, one public address)
+    /// and adding or removing a gateway moves only the VMs that hashed to it.
+    pub fn gateway_for(&self, vm: &VmRecord) -> Option<&Gateway> {
+        self.gateways
+            .values()
+            .filter(|g| g.network == vm.network)
+            .max_by_key(|g| (rendezvous(&vm.id, &g.id), std::cmp::Reverse(g.id.clone())))
     }
 
     /// Where packets for `vm` go now: its registered endpoint, else its owning host's underlay

@@ -84,10 +84,10 @@ mod tests {
             hostname: id.into(),
             host: None,
             host_port: None,
-            nat_ports: PortRange {
+            nat_ports: vec![PortRange {
                 first: 1024,
                 last: 2047,
-            },
+            }],
             service_account: "default".into(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
             secret_generation: 1,

@@ -6,6 +6,7 @@ use crate::model::{Model, SecretOwner};
 use crate::policy::{self, Peer};
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{Expiry, TokenFields};
+use vnp_protocol::OUTSIDE;
 use vnp_registry_client::api::{
     ErrorCode, Identity, PolicyAction, Role, TokenGrant, TokenRequest, VmRecord,
 };
@@ -48,6 +49,11 @@ fn check_policy(model: &Model, vm: &VmRecord, other: Peer<'_>, what: &str) -> Re
     )
 }
 
+/// Whether pair policy lets `vm` start connections to outside addresses.
+pub fn egress_allowed(model: &Model, vm: &VmRecord) -> bool {
+    check_policy(model, vm, Peer::External, "egress").is_ok()
+}
+
 /// Decides and mints a token for `req` from `caller` at time `now` (Unix seconds).
 pub fn grant(
     model: &Model,
@@ -67,13 +73,7 @@ pub fn grant(
             grant_from_vm(model, caller, src, req.dst_ip, now, policy)
         }
         (None, Some(gw)) => {
-            let Some(src_ip) = req.src_ip else {
-                return refuse(
-                    ErrorCode::BadRequest,
-                    "a gateway request needs src_ip (the outside source address)",
-                );
-            };
-            grant_from_gateway(model, caller, gw, src_ip, req.dst_ip, now, policy)
+            grant_from_gateway(model, caller, gw, req.src_ip, req.dst_ip, now, policy)
         }
         _ => refuse(
             ErrorCode::BadRequest,
@@ -144,7 +144,7 @@ fn grant_from_vm(
         })?;
         (Some(dst.id.clone()), h, p, SecretOwner::Vm(dst.id.clone()))
     } else {
-        let gw = model.gateway_of(&net.id).ok_or_else(|| {
+        let gw = model.gateway_for(src).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::NoGateway,
                 format!(
@@ -153,12 +153,16 @@ fn grant_from_vm(
                 ),
             )
         })?;
-        check_policy(
-            model,
-            src,
-            Peer::External,
-            &format!("{} -> external {dst_ip}", src.id),
-        )?;
+        // Replies on port-forwarded connections need the pair even where egress is denied;
+        // the gateway then passes only those replies (see `gateway_peer_egress`).
+        if !model.forwards.values().any(|f| f.vm == src.id) {
+            check_policy(
+                model,
+                src,
+                Peer::External,
+                &format!("{} -> external {dst_ip}", src.id),
+            )?;
+        }
         (
             None,
             gw.underlay_addr,
@@ -166,6 +170,8 @@ fn grant_from_vm(
             SecretOwner::Gateway(gw.id.clone()),
         )
     };
+    // One token per (VM, gateway), whatever the outside address (docs/protocol.md).
+    let dst_ip = if dst_vm.is_none() { OUTSIDE } else { dst_ip };
     let secret = model
         .secrets
         .get(&owner)
@@ -191,7 +197,7 @@ fn grant_from_gateway(
     model: &Model,
     caller: &Identity,
     gw_id: &str,
-    src_ip: Ipv4Addr,
+    src_ip: Option<Ipv4Addr>,
     dst_ip: Ipv4Addr,
     now: u32,
     policy: TokenPolicy,
@@ -216,7 +222,7 @@ fn grant_from_gateway(
             format!("no network {}", gw.network),
         )
     })?;
-    if net.cidr.contains(src_ip) {
+    if let Some(src_ip) = src_ip.filter(|ip| net.cidr.contains(*ip)) {
         return refuse(
             ErrorCode::BadRequest,
             format!(
@@ -231,12 +237,17 @@ fn grant_from_gateway(
             format!("no VM has address {dst_ip} in network {}", net.id),
         )
     })?;
-    check_policy(
-        model,
-        dst,
-        Peer::External,
-        &format!("external {src_ip} -> {}", dst.id),
-    )?;
+    // Inbound traffic through a gateway is either a reply on a connection the VM started
+    // (needs egress) or forwarded by a rule the admin made; the gateway tells them apart per
+    // packet, the registry grants the pair if either can exist.
+    if !model.forwards.values().any(|f| f.vm == dst.id) {
+        check_policy(
+            model,
+            dst,
+            Peer::External,
+            &format!("external -> {}", dst.id),
+        )?;
+    }
     let (dst_host, dst_port) = model.location_of(dst).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NoEndpoint,
@@ -250,7 +261,7 @@ fn grant_from_gateway(
     let fields = TokenFields {
         src_host: gw.underlay_addr,
         src_port: gw.port,
-        src_vm: src_ip,
+        src_vm: OUTSIDE,
         dst_host,
         dst_port,
         dst_vm: dst_ip,
@@ -425,6 +436,7 @@ mod tests {
             network: "n1".into(),
             underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
             port: 6081,
+            public_addr: None,
         };
         let ops = plan::create_gateway(&m, &spec, VmSecret::from_bytes([9; 32]))
             .unwrap()

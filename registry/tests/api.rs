@@ -54,6 +54,7 @@ fn add_gateway(f: &Fixture) {
         network: "n1".into(),
         underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
         port: 6081,
+        public_addr: None,
     };
     f.reg.client("admin").create_gateway(&spec).unwrap();
 }
@@ -302,6 +303,7 @@ fn restart_after_crash_loses_nothing_acknowledged(backend: Backend) {
             network: "n1".into(),
             underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
             port: 6081,
+            public_addr: None,
         })
         .unwrap();
     let generation = f
@@ -416,12 +418,19 @@ fn gateway_tuple_for_outside_destinations(backend: Backend) {
             network: "n1".into(),
             underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
             port: 6081,
+            public_addr: None,
         })
         .unwrap();
     let g = h1.request_token("a", outside).unwrap();
+    // One grant per (VM, gateway): the outside address is not in the token.
     assert_eq!(
         (g.dst_vm.clone(), g.dst_host, g.dst_port, g.dst_ip),
-        (None, Ipv4Addr::new(198, 18, 0, 9), 6081, outside)
+        (
+            None,
+            Ipv4Addr::new(198, 18, 0, 9),
+            6081,
+            vnp_protocol::OUTSIDE
+        )
     );
     let gw = f.reg.client("g1");
     let (gw_secret, _) = gw.get_gateway_secret("g1").unwrap();
@@ -431,8 +440,15 @@ fn gateway_tuple_for_outside_destinations(backend: Backend) {
         ErrorCode::NotOwner
     );
 
-    // The gateway asks for the way back in, for an outside source.
-    let back = gw
+    // The gateway asks for the way back in: no outside address needed, none in the token.
+    let back = gw.request_gateway_token("g1", a.ip).unwrap();
+    let (sa, _) = h1.get_vm_secret("a").unwrap();
+    assert!(verify(&sa, &back.fields(), &back.token_value().unwrap()));
+    assert_eq!(
+        (back.src_host, back.src_port, back.src_ip),
+        (Ipv4Addr::new(198, 18, 0, 9), 6081, vnp_protocol::OUTSIDE)
+    );
+    let with_src = gw
         .request_token_raw(&TokenRequest {
             src_vm: None,
             src_gateway: Some("g1".into()),
@@ -440,12 +456,7 @@ fn gateway_tuple_for_outside_destinations(backend: Backend) {
             dst_ip: a.ip,
         })
         .unwrap();
-    let (sa, _) = h1.get_vm_secret("a").unwrap();
-    assert!(verify(&sa, &back.fields(), &back.token_value().unwrap()));
-    assert_eq!(
-        (back.src_host, back.src_port, back.src_ip),
-        (Ipv4Addr::new(198, 18, 0, 9), 6081, outside)
-    );
+    assert_eq!(with_src.src_ip, vnp_protocol::OUTSIDE);
     // Gateways read the VMs of their network (NAT blocks), and nothing else.
     assert_eq!(gw.list_vms(None).unwrap().len(), 2);
     assert_eq!(code(gw.list_hosts()), ErrorCode::AdminRequired);

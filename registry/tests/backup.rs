@@ -35,6 +35,7 @@ fn populate(admin: &RegistryClient) {
             network: "n1".into(),
             underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
             port: 6081,
+            public_addr: None,
         })
         .unwrap();
     admin
@@ -47,6 +48,17 @@ fn populate(admin: &RegistryClient) {
         })
         .unwrap();
     admin.rotate_vm_secret("b").unwrap();
+    admin.grow_nat_ports("a", 1).unwrap();
+    admin
+        .create_forward(&ForwardSpec {
+            id: "web".into(),
+            public_addr: Ipv4Addr::new(198, 18, 0, 9),
+            public_port: 80,
+            proto: L4Proto::Tcp,
+            vm: "b".into(),
+            vm_port: 8080,
+        })
+        .unwrap();
 }
 
 #[test]
@@ -84,7 +96,19 @@ fn export_from_redb_import_into_etcd() {
     let dst = Fixture::on(Backend::Etcd, "backup-dst");
     let target = dst.reg.client("admin");
     let summary = target.import(&export).unwrap();
-    assert_eq!((summary.vms, summary.secrets, summary.rules), (2, 4, 1));
+    assert_eq!(
+        (
+            summary.vms,
+            summary.secrets,
+            summary.rules,
+            summary.forwards
+        ),
+        (2, 4, 1, 1)
+    );
+    assert_eq!(
+        target.list_forwards(None).unwrap(),
+        admin.list_forwards(None).unwrap()
+    );
     assert_eq!(
         target.list_vms(None).unwrap(),
         admin.list_vms(None).unwrap()

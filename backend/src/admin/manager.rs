@@ -56,6 +56,28 @@ impl CounterBoard {
     }
 }
 
+/// A VM's NAT table in the admin API's shape.
+pub fn to_nat_info(vm_id: &str, table: &crate::nat::NatTable, now: u64) -> vnpd_admin_api::NatInfo {
+    vnpd_admin_api::NatInfo {
+        vm_id: vm_id.to_string(),
+        blocks: table.blocks().iter().map(|b| (b.first, b.last)).collect(),
+        ports: table.stats().ports_total as u64,
+        flows: table
+            .flows(now)
+            .into_iter()
+            .map(|f| vnpd_admin_api::NatFlowInfo {
+                proto: f.key.proto.as_str().to_string(),
+                local_port: f.key.local_port,
+                remote: f.key.remote,
+                remote_port: f.key.remote_port,
+                mapped: f.mapped,
+                state: f.state.as_str().to_string(),
+                expires_in: f.expires_in,
+            })
+            .collect(),
+    }
+}
+
 /// Converts a counter snapshot to the admin API's stats shape.
 pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
     let counters = [
@@ -195,6 +217,18 @@ impl Manager {
                     .collect();
                 Ok(AdminReply::Stats { vms })
             }
+            AdminRequest::Nat { vm_id } => {
+                let a = self.attached.get(&vm_id).ok_or_else(|| {
+                    fail(
+                        AdminErrorCode::NotAttached,
+                        format!("vm {vm_id} is not attached"),
+                    )
+                })?;
+                let (table, now) = a.port.nat_snapshot();
+                Ok(AdminReply::Nat {
+                    nat: to_nat_info(&vm_id, &table, now),
+                })
+            }
         }
     }
 
@@ -229,6 +263,7 @@ impl Manager {
             return Ok(same);
         }
         let vm = self.read_vm_for_attach(vm_id, incoming)?;
+        let nat_blocks = vm.nat_blocks();
         let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
         prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {
@@ -240,6 +275,7 @@ impl Manager {
             )
         });
         let port = self.start_port(vm_id, att, resume.as_ref())?;
+        port.set_nat_blocks(&nat_blocks);
         // An incoming VM's endpoint is registered when its device starts (after the
         // migration), not now: the source still serves it.
         if !incoming {

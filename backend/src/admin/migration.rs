@@ -196,10 +196,10 @@ mod tests {
             hostname: "vm-a".into(),
             host: Some("h1".into()),
             host_port: Some(7000),
-            nat_ports: PortRange {
+            nat_ports: vec![PortRange {
                 first: 20000,
                 last: 20063,
-            },
+            }],
             service_account: "default".into(),
             tags: vec![],
             secret_generation: 1,

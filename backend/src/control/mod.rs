@@ -15,4 +15,4 @@ pub mod book;
 pub mod fair;
 pub mod thread;
 
-pub use thread::{ControlHandle, ControlSettings, ControlThread};
+pub use thread::{nat_blocks, ControlHandle, ControlSettings, ControlThread};

@@ -168,6 +168,15 @@ impl Drop for ControlThread {
     }
 }
 
+/// The registry's NAT port ranges as blocks (ranges starting at port 0 left out: never a
+/// source port).
+pub fn nat_blocks(ranges: &[vnp_registry_client::PortRange]) -> Vec<crate::nat::PortBlock> {
+    ranges
+        .iter()
+        .filter_map(|r| crate::nat::PortBlock::new(r.first, r.last))
+        .collect()
+}
+
 /// Maps a registry error to what the data path counts.
 pub fn refusal_for(e: &ClientError) -> RefusalReason {
     match e.code() {
@@ -404,7 +413,9 @@ impl Worker {
                     }
                     self.forget(&ips);
                 }
-                ChangeKind::Created => {}
+                // New NAT blocks and forwarding rules change nothing in the token cache.
+                ChangeKind::NatPorts => self.refresh_nat_blocks(&c.vm),
+                ChangeKind::Created | ChangeKind::Forwards => {}
             }
             if c.kind == ChangeKind::SecretRotated && self.ports.contains_key(&c.vm) {
                 log::warn!(
@@ -412,6 +423,21 @@ impl Worker {
                     c.vm
                 );
             }
+        }
+    }
+
+    /// A local VM's NAT port blocks grew: the port gets them without a restart.
+    fn refresh_nat_blocks(&self, vm_id: &str) {
+        let Some(port) = self.ports.get(vm_id) else {
+            return;
+        };
+        match self.client.get_vm(vm_id) {
+            Ok(record) => {
+                let blocks = nat_blocks(&record.nat_ports);
+                log::info!("control: vm {vm_id} NAT blocks now {blocks:?}");
+                port.set_nat_blocks(&blocks);
+            }
+            Err(e) => log::warn!("control: reading the NAT blocks of vm {vm_id}: {e}"),
         }
     }
 

@@ -11,6 +11,7 @@
 //! - [`frame`]: what a guest frame is (pure).
 //! - [`rx_check`]: the receive checks of the patent's FIG. 6 (pure).
 //! - [`peers`]: tokens per destination and the bounded pending queues.
+//! - [`nat_hook`]: off-network traffic: NAT on TX and RX, to and from the gateway.
 //! - [`handoff`]: packets that waited for a token, on their way to the worker that queued them.
 //! - [`udp`]: sockets and the batched system calls.
 //! - [`worker`]: [`worker::PairWorker`], the device's handler of one queue pair: dispatch, edge
@@ -22,6 +23,7 @@
 pub mod edge_link;
 pub mod frame;
 pub mod handoff;
+pub mod nat_hook;
 pub mod offload_batch;
 pub mod peers;
 pub mod port;

@@ -87,6 +87,8 @@ pub struct PortCore {
     /// One per queue pair: packets that waited for a token, for that pair's worker to send.
     pub(crate) handoffs: Vec<Handoff>,
     edge: EdgeLink,
+    /// NAT for traffic through the gateway.
+    pub(crate) nat: super::nat_hook::NatState,
     /// Given to each connection's device (live migration: the resume on a destination).
     pub(crate) device_start: Option<DeviceStartHook>,
 }
@@ -327,6 +329,7 @@ impl VmPort {
             udp_gso,
             handoffs,
             edge,
+            nat: Default::default(),
             device_start,
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -391,6 +394,16 @@ impl VmPort {
         self.core
             .counters
             .drop_packets(DropReason::TxPendingDiscarded, n as u64);
+    }
+
+    /// The VM's NAT port blocks (at attach, and whenever the registry grows them).
+    pub fn set_nat_blocks(&self, blocks: &[crate::nat::PortBlock]) {
+        self.core.nat.set_blocks(blocks, &self.core.counters);
+    }
+
+    /// A copy of the VM's NAT table and the NAT clock's now (admin view, metrics).
+    pub fn nat_snapshot(&self) -> (crate::nat::NatTable, u64) {
+        (self.core.nat.snapshot(), self.core.nat.now())
     }
 
     /// The VM's counters.

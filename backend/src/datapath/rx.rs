@@ -18,6 +18,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::HEADER_LEN;
 
 use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
+use super::nat_hook::nat_inbound;
 use super::port::unix_now;
 use super::rx_check::{check_datagram_cached, parse_options, Datagram, TokenCache, MIN_INNER};
 use super::rx_coalesce::{emit_coalesced_headers, plan_frames, rx_vnet_header, Planned};
@@ -206,6 +207,22 @@ impl PairWorker {
                 }
             }
         }
+        self.nat_inbound_batch();
+    }
+
+    /// Reverse NAT for the accepted packets from outside the network (through a gateway), in
+    /// vnpd's buffer before they are planned into frames; a refused one is dropped and counted.
+    fn nat_inbound_batch(&mut self) {
+        let core = &*self.core;
+        let state = &mut self.rx;
+        let (recv, packets) = (&mut state.recv, &mut state.packets);
+        packets.retain(|r| match nat_inbound(core, recv.bytes_mut(r.clone())) {
+            Ok(()) => true,
+            Err(reason) => {
+                core.counters.drop_packet(reason);
+                false
+            }
+        });
     }
 
     /// Copies the waiting frames into guest buffers and commits them; returns false when the
@@ -347,6 +364,7 @@ fn check_one(
         len: datagram.len(),
         inner_prefix: &rest[..rest.len().min(MIN_INNER)],
         src,
+        prefix_len: core.net.prefix_len,
     };
     let acc = check_datagram_cached(&core.rx_ctx, &core.minter, tokens, &d, now)?;
     if acc.inner_len > mtu {

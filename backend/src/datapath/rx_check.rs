@@ -11,6 +11,7 @@ use vnp_protocol::wire::options::{OptionsIter, ReturnToken, VnpOption};
 use vnp_protocol::wire::{VnpHeader, VnpRepr, HEADER_LEN};
 
 use crate::metrics::counters::DropReason;
+use crate::nat::OUTSIDE;
 
 /// Smallest inner IPv4 header.
 pub const MIN_INNER: usize = ipv4::MIN_HEADER_LEN;
@@ -110,7 +111,9 @@ impl TokenCache {
 }
 
 /// Runs every check. `datagram_len` is the UDP payload length, `inner_prefix` a copy of the
-/// first bytes (at least 20 when available) of the inner packet, `src` the UDP source.
+/// first bytes (at least 20 when available) of the inner packet, `src` the UDP source. Every
+/// source address counts as inside the network (no OUTSIDE rule); see
+/// [`check_datagram_in_network`].
 pub fn check_datagram(
     ctx: &RxContext,
     minter: &TokenMinter,
@@ -125,6 +128,31 @@ pub fn check_datagram(
         len: datagram_len,
         inner_prefix,
         src,
+        prefix_len: 0,
+    };
+    check_datagram_cached(ctx, minter, &mut TokenCache::new(), &datagram, now)
+}
+
+/// [`check_datagram`] for a VM whose network has prefix length `prefix_len`, with the OUTSIDE
+/// rule of gateway-scoped tokens (`docs/protocol.md`): an inner source outside the network can
+/// only come from a gateway, whose tokens carry `0.0.0.0` as the outside end's address, so the
+/// token is checked with [`OUTSIDE`] as `IP_VM_a` (and [`Accepted::src_vm`] is `OUTSIDE`).
+/// `datagram` is the header, the UDP payload length and the inner packet's first bytes.
+pub fn check_datagram_in_network(
+    ctx: &RxContext,
+    prefix_len: u8,
+    minter: &TokenMinter,
+    datagram: (&[u8; HEADER_LEN], usize, &[u8]),
+    src: SocketAddrV4,
+    now: u32,
+) -> Result<Accepted, DropReason> {
+    let (header, len, inner_prefix) = datagram;
+    let datagram = Datagram {
+        header,
+        len,
+        inner_prefix,
+        src,
+        prefix_len,
     };
     check_datagram_cached(ctx, minter, &mut TokenCache::new(), &datagram, now)
 }
@@ -140,9 +168,12 @@ pub struct Datagram<'a> {
     pub inner_prefix: &'a [u8],
     /// The UDP source (the kernel's `msg_name`).
     pub src: SocketAddrV4,
+    /// Prefix length of the receiving VM's network: inner sources outside it are checked with
+    /// the OUTSIDE rule (0: every source counts as inside).
+    pub prefix_len: u8,
 }
 
-/// [`check_datagram`] with the batch's [`TokenCache`].
+/// The checks with the batch's [`TokenCache`] (one HMAC per pair and expiry and batch).
 pub fn check_datagram_cached(
     ctx: &RxContext,
     minter: &TokenMinter,
@@ -155,6 +186,7 @@ pub fn check_datagram_cached(
         len: datagram_len,
         inner_prefix,
         src,
+        prefix_len,
     } = *datagram;
     // Framing.
     if datagram_len < HEADER_LEN + MIN_INNER || inner_prefix.len() < MIN_INNER {
@@ -191,6 +223,11 @@ pub fn check_datagram_cached(
     })?;
     // Step 608: the destination VM is the one hosted behind this port.
     let (src_vm, dst_vm) = (ip.src_addr(), ip.dst_addr());
+    let src_vm = if crate::nat::in_network(ctx.vm_ip, prefix_len, src_vm) {
+        src_vm
+    } else {
+        OUTSIDE
+    };
     if dst_vm != ctx.vm_ip {
         return Err(DropReason::RxWrongVm);
     }
@@ -412,6 +449,7 @@ mod tests {
                 len: 120,
                 inner_prefix: &ip,
                 src: src(),
+                prefix_len: 0,
             };
             check_datagram_cached(&ctx(), &minter, cache, &d, NOW)
         };
@@ -462,5 +500,46 @@ mod tests {
             ),
             Err(DropReason::RxMalformed)
         );
+    }
+
+    /// The OUTSIDE rule: a datagram whose inner source is outside the VM's network verifies
+    /// only with a token over `0.0.0.0` (a gateway's), and only when the network is known.
+    #[test]
+    fn outside_sources_are_checked_with_the_outside_wildcard() {
+        let outside = Ipv4Addr::new(203, 0, 113, 5);
+        let token_for = |src_vm| {
+            mint(
+                &secret(),
+                &TokenFields {
+                    src_host: *src().ip(),
+                    src_port: src().port(),
+                    src_vm,
+                    dst_host: *ctx().local.ip(),
+                    dst_port: ctx().local.port(),
+                    dst_vm: ctx().vm_ip,
+                    network_id: 7,
+                    expiry: Expiry(NOW + 60),
+                },
+            )
+        };
+        let mut ip = inner(ctx().vm_ip, 20);
+        ipv4::Packet::new_unchecked(&mut ip[..]).set_src_addr(outside);
+        let check = |token, prefix_len| {
+            let h = header(token, NOW + 60, 7, false);
+            let minter = TokenMinter::new(&secret());
+            check_datagram_in_network(&ctx(), prefix_len, &minter, (&h, 40, &ip[..]), src(), NOW)
+        };
+        let accepted = check(token_for(OUTSIDE), 24).expect("gateway token accepted");
+        assert_eq!(accepted.src_vm, OUTSIDE);
+        // A token naming the outside address itself is not a gateway's: refused.
+        assert_eq!(check(token_for(outside), 24), Err(DropReason::RxBadToken));
+        // Without the network (the old check), the wildcard does not apply.
+        assert_eq!(check(token_for(OUTSIDE), 0), Err(DropReason::RxBadToken));
+        // An inside source keeps its own address in the token.
+        let inside = inner(ctx().vm_ip, 20);
+        let h = header(good_token(NOW + 60), NOW + 60, 7, false);
+        let minter = TokenMinter::new(&secret());
+        let ok = check_datagram_in_network(&ctx(), 24, &minter, (&h, 40, &inside[..]), src(), NOW);
+        assert_eq!(ok.map(|a| a.src_vm), Ok(Ipv4Addr::new(10, 0, 0, 2)));
     }
 }

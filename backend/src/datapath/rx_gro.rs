@@ -168,6 +168,12 @@ impl RecvBatch {
         &self.data[range]
     }
 
+    /// The bytes at `range`, writable: vnpd's own buffer, so rewriting an accepted packet's
+    /// headers (reverse NAT) never touches guest memory.
+    pub fn bytes_mut(&mut self, range: Range<usize>) -> &mut [u8] {
+        &mut self.data[range]
+    }
+
     /// Where message `i` starts in the flat buffer.
     pub fn offset_of(i: usize) -> usize {
         i * SLOT_BYTES

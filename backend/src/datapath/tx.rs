@@ -18,6 +18,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::VnpRepr;
 
 use super::frame::{classify_tx, TxClass, CLASSIFY_PREFIX, ETH_HLEN};
+use super::nat_hook::{is_outside, NatHead, OUTSIDE};
 use super::peers::{Enqueued, SendInfo};
 use super::port::unix_now;
 use super::udp;
@@ -68,6 +69,7 @@ impl PairWorker {
         self.tx_heads.clear();
         self.tx_batch.clear();
         self.tx_edge.clear();
+        self.nat_scratch.clear_batch();
         self.tx_last_peer = None;
         self.pop_tx_chains(view, tx, now);
         if self.tx_heads.is_empty() {
@@ -90,6 +92,7 @@ impl PairWorker {
             self.answer_edge(view, rx, &frame);
         }
         self.tx_edge = edge;
+        self.deliver_nat_answers(view, rx);
         self.tx_heads.len() == TX_BATCH
     }
 
@@ -178,10 +181,19 @@ impl PairWorker {
     /// Adds the inner packet (`total_len` bytes after the Ethernet header) to the batch, or
     /// queues a copy when there is no token for `dst` yet.
     fn encapsulate(&mut self, view: GuestView<'_>, dst: Ipv4Addr, total_len: usize, now: Now) {
-        // NAT hook (later issue): the source-port rewrite into the VM's port range belongs
-        // here, before the inner packet is referenced by the iovecs; it will need a private
-        // copy of the L4 header (the guest owns the original bytes).
-        let Some((info, with_return)) = self.peer_or_queue(view, dst, total_len, now) else {
+        let inner = self.features.vnet_hdr_len + ETH_HLEN;
+        // Off-network: NAT on a copy of the headers, to the gateway (`nat_hook`).
+        let nat = if is_outside(&self.core.net, dst) {
+            match self.nat_outbound(view, inner, total_len) {
+                Some(head) => Some(head),
+                None => return,
+            }
+        } else {
+            None
+        };
+        let peer = if nat.is_some() { OUTSIDE } else { dst };
+        let head = nat.as_ref().map(NatHead::as_slice);
+        let Some((info, with_return)) = self.peer_or_queue(view, peer, total_len, now, head) else {
             return;
         };
         // Packets of one TX queue leave in order: offloaded ones added before go first.
@@ -195,7 +207,7 @@ impl PairWorker {
         msg.tag = total_len;
         if with_return {
             msg.tail_len = core
-                .return_token(info.endpoint, dst, now.unix)
+                .return_token(info.endpoint, peer, now.unix)
                 .emit(&mut msg.tail)
                 .unwrap_or(0);
         }
@@ -206,10 +218,19 @@ impl PairWorker {
             has_options: msg.tail_len > 0,
         }
         .to_bytes();
-        let inner = self.features.vnet_hdr_len + ETH_HLEN;
-        let covered = self
-            .tx_chain
-            .push_iovecs(inner, total_len, batch.guest_iovecs());
+        let mut covered = 0;
+        if let Some(head) = &nat {
+            let Some(iov) = self.nat_scratch.keep(head) else {
+                batch.abandon();
+                core.counters.drop_packet(DropReason::TxBadChain);
+                return;
+            };
+            batch.guest_iovecs().push(iov);
+            covered = head.len;
+        }
+        covered +=
+            self.tx_chain
+                .push_iovecs(inner + covered, total_len - covered, batch.guest_iovecs());
         if covered == total_len {
             batch.close(total_len);
         } else {
@@ -219,13 +240,15 @@ impl PairWorker {
     }
 
     /// The send parameters for `dst` and whether this packet carries a return token; `None`
-    /// when the packet was queued for a token (or dropped, counted).
+    /// when the packet was queued for a token (or dropped, counted). A queued copy starts with
+    /// `nat_head` when NAT rewrote the headers.
     fn peer_or_queue(
         &mut self,
         view: GuestView<'_>,
         dst: Ipv4Addr,
         total_len: usize,
         now: Now,
+        nat_head: Option<&[u8]>,
     ) -> Option<(SendInfo, bool)> {
         if let Some(found) = self.known_peer(dst, total_len, true, now) {
             return Some(found);
@@ -237,6 +260,14 @@ impl PairWorker {
             let mut copy = vec![0u8; total_len];
             let got = view.read(segs, inner, &mut copy);
             copy.truncate(got);
+            if let Some(h) = nat_head {
+                // Never a NATed packet with the guest's own headers (the chain cannot be
+                // shorter than when its headers were read; this only guards it).
+                match copy.get_mut(..h.len()) {
+                    Some(head) => head.copy_from_slice(h),
+                    None => copy.clear(),
+                }
+            }
             copy
         });
         match outcome {
@@ -286,7 +317,9 @@ impl PairWorker {
         let socket = &self.core.sockets[self.pair % self.core.sockets.len()];
         let mmsgs = self.tx_batch.prepare();
         // SAFETY: every pointer in `mmsgs` points into `self.tx_batch` (addresses, headers,
-        // options, iovec arrays), borrowed for this whole call, or into guest memory through
+        // options, iovec arrays), borrowed for this whole call, into `self.nat_scratch`'s boxed
+        // header copies (kept until the next batch clears them; the box never moves), or into
+        // guest memory through
         // the iovecs of `self.tx_chain` collections: host addresses in the snapshot the pass's
         // `GuestView` holds alive (the device's guard outlives this call), each range checked
         // against the guest's memory regions when its chain was collected.

@@ -89,6 +89,8 @@ pub struct PairWorker {
     pub(super) rx_slots: Vec<Range<usize>>,
     pub(super) rx_segs: Vec<GuestSeg>,
     handed_off: Vec<HandedOff>,
+    /// NAT header copies of this TX batch and answers for the guest.
+    pub(super) nat_scratch: super::nat_hook::NatScratch,
 }
 
 impl std::fmt::Debug for PairWorker {
@@ -187,6 +189,7 @@ impl PairWorker {
             rx_slots: Vec::with_capacity(RX_BATCH),
             rx_segs: Vec::new(),
             handed_off: Vec::new(),
+            nat_scratch: Default::default(),
         }
     }
 

@@ -108,10 +108,33 @@ drop_reasons! {
     TxBadGsoSize => "tx_bad_gso_size",
     /// TX: `hdr_len` beyond the frame.
     TxBadHdrLen => "tx_bad_hdr_len",
+    /// TX: a new flow to the outside found no free port in the VM's NAT blocks (the guest got
+    /// a TCP RST or an ICMP unreachable).
+    TxNatPortsExhausted => "tx_nat_ports_exhausted",
+    /// TX: a TCP segment to the outside that is not a SYN and belongs to no flow.
+    TxNatNoFlow => "tx_nat_no_flow",
+    /// TX: a fragment to the outside (fragments carry no ports to map).
+    TxNatFragment => "tx_nat_fragment",
+    /// TX: to the outside, a protocol or ICMP type NAT does not translate (not TCP, UDP or
+    /// ICMP echo; an ICMP echo reply or error about no inbound flow).
+    TxNatUnsupported => "tx_nat_unsupported",
+    /// TX: headers too short for what NAT must read.
+    TxNatMalformed => "tx_nat_malformed",
+    /// RX: from the outside, a packet (or an ICMP error) for a mapped port with no flow, or
+    /// not from the flow's remote.
+    RxNatUnknownMapping => "rx_nat_unknown_mapping",
+    /// RX: too many inbound (port-forwarded) flows.
+    RxNatInboundFull => "rx_nat_inbound_full",
+    /// RX: a fragment from the outside.
+    RxNatFragment => "rx_nat_fragment",
+    /// RX: from the outside, a protocol or ICMP type NAT does not translate.
+    RxNatUnsupported => "rx_nat_unsupported",
+    /// RX: from the outside, headers too short for what NAT must read.
+    RxNatMalformed => "rx_nat_malformed",
 }
 
 /// Counters of one attached VM. Shared (`Arc`) between the data-path workers and readers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct VmCounters {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
@@ -127,6 +150,7 @@ pub struct VmCounters {
     tx_csum_frames: AtomicU64,
     tx_tso_frames: AtomicU64,
     drops: DropCounts,
+    nat: NatGauges,
 }
 
 /// One counter per [`DropReason`] (`Default` by hand: arrays derive it only up to 32).
@@ -137,6 +161,25 @@ impl Default for DropCounts {
     fn default() -> Self {
         Self(std::array::from_fn(|_| AtomicU64::new(0)))
     }
+}
+
+/// NAT gauges of one VM, set by the data path whenever its NAT table changes.
+#[derive(Debug, Default)]
+struct NatGauges {
+    mapped: [AtomicU64; 3],
+    inbound: AtomicU64,
+    ports: AtomicU64,
+}
+
+/// NAT gauges in a [`CounterSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NatGaugeSnapshot {
+    /// Mapped (outbound) flows: TCP, UDP, ICMP echo (each its own port space).
+    pub mapped_flows: [u64; 3],
+    /// Inbound (port-forwarded) flows.
+    pub inbound_flows: u64,
+    /// Ports in the VM's NAT blocks (per protocol).
+    pub ports: u64,
 }
 
 /// A point-in-time copy of [`VmCounters`].
@@ -171,6 +214,8 @@ pub struct CounterSnapshot {
     pub tx_tso_frames: u64,
     /// Drops by reason, indexed like [`DropReason::ALL`].
     pub drops: Vec<(DropReason, u64)>,
+    /// NAT gauges.
+    pub nat: NatGaugeSnapshot,
 }
 
 impl CounterSnapshot {
@@ -188,10 +233,32 @@ impl CounterSnapshot {
     }
 }
 
+impl Default for VmCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl VmCounters {
     /// All counters at zero.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            tx_packets: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            rx_bytes: AtomicU64::new(0),
+            edge_replies: AtomicU64::new(0),
+            icmp_echo_replies: AtomicU64::new(0),
+            icmp_frag_needed: AtomicU64::new(0),
+            icmp_rate_limited: AtomicU64::new(0),
+            token_requests: AtomicU64::new(0),
+            token_requests_throttled: AtomicU64::new(0),
+            return_tokens_learned: AtomicU64::new(0),
+            tx_csum_frames: AtomicU64::new(0),
+            tx_tso_frames: AtomicU64::new(0),
+            drops: DropCounts::default(),
+            nat: NatGauges::default(),
+        }
     }
 
     /// Counts one packet sent.
@@ -273,6 +340,16 @@ impl VmCounters {
         self.tx_tso_frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Sets the NAT gauges: mapped flows per protocol (TCP, UDP, ICMP), inbound flows, ports
+    /// in the blocks.
+    pub fn set_nat(&self, mapped: [usize; 3], inbound: usize, ports: usize) {
+        for (g, v) in self.nat.mapped.iter().zip(mapped) {
+            g.store(v as u64, Ordering::Relaxed);
+        }
+        self.nat.inbound.store(inbound as u64, Ordering::Relaxed);
+        self.nat.ports.store(ports as u64, Ordering::Relaxed);
+    }
+
     /// Drops for one reason so far.
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops.0[reason as usize].load(Ordering::Relaxed)
@@ -298,6 +375,11 @@ impl VmCounters {
                 .iter()
                 .map(|r| (*r, self.drops(*r)))
                 .collect(),
+            nat: NatGaugeSnapshot {
+                mapped_flows: std::array::from_fn(|i| self.nat.mapped[i].load(Ordering::Relaxed)),
+                inbound_flows: self.nat.inbound.load(Ordering::Relaxed),
+                ports: self.nat.ports.load(Ordering::Relaxed),
+            },
         }
     }
 }

@@ -134,6 +134,7 @@ pub fn render(host_id: &str, vms: &[VmSample]) -> String {
             );
         }
     }
+    render_nat(&mut out, vms);
     let _ = writeln!(
         out,
         "# HELP vnpd_drops_total Packets dropped, by VM and reason."
@@ -151,6 +152,48 @@ pub fn render(host_id: &str, vms: &[VmSample]) -> String {
         }
     }
     out
+}
+
+/// The NAT gauges: mapped flows by protocol (each protocol has the VM's whole port blocks),
+/// inbound flows, and the ports in the blocks (port-block use = mapped / ports).
+fn render_nat(out: &mut String, vms: &[VmSample]) {
+    let _ = writeln!(
+        out,
+        "# HELP vnpd_nat_mapped_flows Flows to the outside holding a NAT port, by protocol."
+    );
+    let _ = writeln!(out, "# TYPE vnpd_nat_mapped_flows gauge");
+    for vm in vms {
+        let id = escape_label(&vm.vm_id);
+        for (proto, n) in ["tcp", "udp", "icmp"]
+            .iter()
+            .zip(vm.counters.nat.mapped_flows)
+        {
+            let _ = writeln!(
+                out,
+                "vnpd_nat_mapped_flows{{vm=\"{id}\",proto=\"{proto}\"}} {n}"
+            );
+        }
+    }
+    let gauges: [Family; 2] = [
+        (
+            "vnpd_nat_ports",
+            "Ports in the VM's NAT blocks (each protocol has all of them).",
+            |s| s.nat.ports,
+        ),
+        (
+            "vnpd_nat_inbound_flows",
+            "Flows from the outside (port forwarding), not remapped.",
+            |s| s.nat.inbound_flows,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for vm in vms {
+            let id = escape_label(&vm.vm_id);
+            let _ = writeln!(out, "{name}{{vm=\"{id}\"}} {}", get(&vm.counters));
+        }
+    }
 }
 
 /// Parses one sample line of `text` back: the value of `metric` with exactly `labels`.
@@ -362,8 +405,34 @@ mod tests {
         }
         // Each family has exactly one TYPE line (the format forbids repeats).
         let types = text.lines().filter(|l| l.starts_with("# TYPE")).count();
-        assert_eq!(types, FAMILIES.len() + 2);
+        // attached_vms, drops_total and the three NAT gauges.
+        assert_eq!(types, FAMILIES.len() + 5);
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn renders_nat_gauges() {
+        let c = VmCounters::new();
+        c.set_nat([3, 1, 0], 2, 1024);
+        let vm = VmSample {
+            vm_id: "vm-n".into(),
+            counters: c.snapshot(),
+        };
+        let text = render("h", &[vm]);
+        let get = |m: &str, l: &[(&str, &str)]| sample_value(&text, m, l);
+        assert_eq!(
+            get("vnpd_nat_mapped_flows", &[("vm", "vm-n"), ("proto", "tcp")]),
+            Some(3)
+        );
+        assert_eq!(
+            get(
+                "vnpd_nat_mapped_flows",
+                &[("vm", "vm-n"), ("proto", "icmp")]
+            ),
+            Some(0)
+        );
+        assert_eq!(get("vnpd_nat_ports", &[("vm", "vm-n")]), Some(1024));
+        assert_eq!(get("vnpd_nat_inbound_flows", &[("vm", "vm-n")]), Some(2));
     }
 
     #[test]

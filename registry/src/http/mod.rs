@@ -10,6 +10,7 @@ mod auth;
 mod backup;
 mod inventory;
 mod metadata;
+mod public;
 mod serve;
 mod tokens;
 mod vms;
@@ -17,6 +18,7 @@ mod vms;
 use auth::PeerIdentity;
 pub use auth::{Caller, CertifiedCaller, Once};
 use inventory::*;
+use public::*;
 pub use serve::{serve, ConnectionLimits};
 use tokens::*;
 use vms::*;
@@ -107,6 +109,10 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/gateways", get(list_gateways).post(create_gateway))
         .route("/v1/gateways/{id}", get(get_gateway).delete(delete_gateway))
         .route("/v1/gateways/{id}/secret", get(gateway_secret))
+        .route("/v1/gateways/{id}/config", get(gateway_config))
+        .route("/v1/forwards", get(list_forwards).post(create_forward))
+        .route("/v1/forwards/{id}", axum::routing::delete(delete_forward))
+        .route("/v1/vms/{id}/nat-ports", post(grow_nat_ports))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{id}/secret", get(vm_secret))

@@ -77,7 +77,9 @@ pub fn delete_host(model: &Model, id: &str) -> Planned<Deleted> {
     ))
 }
 
-/// Registers a network's gateway with a fresh secret.
+/// Registers a gateway of a network with a fresh secret. A network may have several; gateways
+/// that share a public address form one NAT pool and must therefore serve the same network
+/// (the VMs' NAT blocks are disjoint within a network only).
 pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Planned<Gateway> {
     check_id(&spec.id)?;
     if model.gateways.contains_key(&spec.id) {
@@ -92,14 +94,36 @@ pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Pl
             format!("no network {}", spec.network),
         )
     })?;
-    if let Some(g) = model.gateway_of(&spec.network) {
-        return refuse(
-            ErrorCode::Duplicate,
-            format!("network {} already has gateway {}", spec.network, g.id),
-        );
-    }
     if spec.port == 0 {
         return refuse(ErrorCode::BadRequest, "gateway port must not be 0");
+    }
+    let public_addr = spec.public_addr.unwrap_or(spec.underlay_addr);
+    check_public_addr(public_addr)?;
+    if let Some(g) = model
+        .gateways
+        .values()
+        .find(|g| g.public_addr == public_addr && g.network != net.id)
+    {
+        return refuse(
+            ErrorCode::Duplicate,
+            format!(
+                "public address {public_addr} is gateway {}'s for network {}; a NAT pool serves one network",
+                g.id, g.network
+            ),
+        );
+    }
+    if let Some(g) = model
+        .gateways
+        .values()
+        .find(|g| (g.underlay_addr, g.port) == (spec.underlay_addr, spec.port))
+    {
+        return refuse(
+            ErrorCode::DuplicatePort,
+            format!(
+                "{}:{} is gateway {}'s VNP address",
+                spec.underlay_addr, spec.port, g.id
+            ),
+        );
     }
     let gw = Gateway {
         id: spec.id.clone(),
@@ -107,6 +131,7 @@ pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Pl
         vni: net.vni,
         underlay_addr: spec.underlay_addr,
         port: spec.port,
+        public_addr,
         secret_generation: 1,
     };
     let ops = vec![
@@ -119,20 +144,55 @@ pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Pl
     Ok((ops, gw))
 }
 
-/// Removes a gateway and its secret.
-pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
-    if !model.gateways.contains_key(id) {
-        return refuse(ErrorCode::UnknownGateway, format!("no gateway {id}"));
+fn check_public_addr(ip: Ipv4Addr) -> Result<(), ApiError> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+        return refuse(
+            ErrorCode::BadRequest,
+            format!("{ip} cannot be a gateway's public address"),
+        );
     }
-    let ops = vec![
+    Ok(())
+}
+
+/// Removes a gateway and its secret. The last gateway of a public address takes the
+/// forwarding rules on that address with it.
+pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
+    let Some(gw) = model.gateways.get(id) else {
+        return refuse(ErrorCode::UnknownGateway, format!("no gateway {id}"));
+    };
+    let mut ops = vec![
         Op::DeleteGateway(id.to_string()),
         Op::DeleteSecret(SecretOwner::Gateway(id.to_string())),
     ];
+    let shared = model
+        .gateways
+        .values()
+        .any(|g| g.id != id && g.public_addr == gw.public_addr);
+    let mut cascaded = Vec::new();
+    if !shared {
+        let mut generation = model.generation;
+        for f in model
+            .forwards
+            .values()
+            .filter(|f| f.public_addr == gw.public_addr)
+        {
+            generation += 1;
+            ops.push(Op::DeleteForward(f.id.clone()));
+            if let Some(vm) = model.vms.get(&f.vm) {
+                ops.push(Op::AppendChange(change_entry(
+                    vm,
+                    generation,
+                    ChangeKind::Forwards,
+                )));
+            }
+            cascaded.push(format!("forward/{}", f.id));
+        }
+    }
     Ok((
         ops,
         Deleted {
             deleted: format!("gateway/{id}"),
-            cascaded: vec![],
+            cascaded,
         },
     ))
 }

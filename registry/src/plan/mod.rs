@@ -11,8 +11,13 @@ use vnp_registry_client::net::{MacAddr, PortRange};
 
 /// Guest MTU when a network does not say: 1500 minus VNP encapsulation (48) and headroom.
 pub const DEFAULT_MTU: u16 = 1400;
-/// Ports each VM gets for NAT at the gateway unless the network says otherwise.
-pub const DEFAULT_NAT_BLOCK: u16 = 1024;
+/// Ports each VM's first NAT block holds unless the network says otherwise. The public ports
+/// 1024..=65535 (64512) of one address are shared by the VMs of its network: 512 ports per VM
+/// fit 126 VMs on one address (1024 fit only 63), and 512 concurrent flows per VM (vnpd maps
+/// endpoint-independently, so one port per flow) cover all but busy servers and crawlers,
+/// which grow by further blocks (`POST /v1/vms/{id}/nat-ports`) without any restart. Cloud
+/// NAT's 64 is too few for a browser or package manager. See `docs/gateway.md`.
+pub const DEFAULT_NAT_BLOCK: u16 = 512;
 /// First NAT source port handed out (below are well-known/registered low ports).
 pub const NAT_FIRST_PORT: u16 = 1024;
 /// Per-host UDP port range for VMs unless the host says otherwise.
@@ -106,16 +111,11 @@ pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
 /// Appends a change-log entry (and trims the log when it is full).
 pub(crate) fn change_ops(model: &Model, vm: &VmRecord, kind: ChangeKind) -> Vec<Op> {
     let mut ops = Vec::with_capacity(2);
-    let generation = model.generation + 1;
-    ops.push(Op::AppendChange(VmChange {
-        generation,
-        vm: vm.id.clone(),
+    ops.push(Op::AppendChange(change_entry(
+        vm,
+        model.generation + 1,
         kind,
-        host: vm.host.clone(),
-        endpoint: vm.endpoint,
-        secret_generation: vm.secret_generation,
-        ip: Some(vm.ip),
-    }));
+    )));
     if model.changes.len() >= CHANGE_LOG_RETAIN {
         let drop_to = model.changes.len() + 1 - CHANGE_LOG_RETAIN;
         if let Some(first_kept) = model.changes.get(drop_to) {
@@ -125,15 +125,32 @@ pub(crate) fn change_ops(model: &Model, vm: &VmRecord, kind: ChangeKind) -> Vec<
     ops
 }
 
+/// One change-log entry about `vm`.
+pub(crate) fn change_entry(vm: &VmRecord, generation: u64, kind: ChangeKind) -> VmChange {
+    VmChange {
+        generation,
+        vm: vm.id.clone(),
+        kind,
+        host: vm.host.clone(),
+        endpoint: vm.endpoint,
+        secret_generation: vm.secret_generation,
+        ip: Some(vm.ip),
+    }
+}
+
 pub(crate) fn check_name(what: &str, value: &str) -> Result<(), ApiError> {
     validate_id(value).map_err(|m| ApiError::new(ErrorCode::BadRequest, format!("{what}: {m}")))
 }
 
+mod forward;
 mod host;
 pub mod metadata;
 mod network;
 mod policy;
 mod vm;
+
+pub use forward::{create_forward, delete_forward, grow_nat_ports};
+pub(crate) use forward::{forwards_of_vm_ops, pick_nat_block};
 
 pub use host::{create_gateway, create_host, delete_gateway, delete_host};
 pub use network::{create_network, delete_network};
@@ -143,5 +160,7 @@ pub use vm::{
     start_migration,
 };
 
+#[cfg(test)]
+mod public_tests;
 #[cfg(test)]
 mod tests;

@@ -129,6 +129,10 @@ pub fn delete_network(
         cascaded.push(format!("rule/{}", r.id));
     }
     ops.extend(super::metadata::forget_project_ops(model, id));
+    for f in model.forwards.values().filter(|f| f.network == id) {
+        ops.push(Op::DeleteForward(f.id.clone()));
+        cascaded.push(format!("forward/{}", f.id));
+    }
     ops.push(Op::DeleteNetwork(id.to_string()));
     Ok((
         ops,

@@ -70,16 +70,16 @@ fn allocation_skips_reserved_and_is_deterministic() {
     assert_eq!(a.host_port, Some(40000));
     assert_eq!(
         a.nat_ports,
-        PortRange {
+        vec![PortRange {
             first: 1024,
-            last: 2047
-        }
+            last: 1535
+        }]
     );
     assert_eq!(a.hostname, "a");
     let b = apply!(m, create_vm(&m, &vm_spec("b"), secret(), reuse()));
     assert_eq!(b.ip, Ipv4Addr::new(10, 1, 0, 3));
     assert_eq!(b.host_port, Some(40001));
-    assert_eq!(b.nat_ports.first, 2048);
+    assert_eq!(b.nat_ports[0].first, 1536);
     assert_eq!(
         code(create_vm(&m, &vm_spec("c"), secret(), reuse())),
         ErrorCode::PoolExhausted,

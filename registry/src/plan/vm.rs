@@ -119,29 +119,6 @@ fn pick_host_port(
         })
 }
 
-fn pick_nat_block(model: &Model, net: &Network) -> Result<PortRange, ApiError> {
-    let size = u32::from(net.nat_block);
-    let mut first = u32::from(NAT_FIRST_PORT);
-    while first + size - 1 <= u32::from(u16::MAX) {
-        let block = PortRange {
-            first: first as u16,
-            last: (first + size - 1) as u16,
-        };
-        if !model
-            .vms
-            .values()
-            .any(|v| v.network == net.id && v.nat_ports.overlaps(&block))
-        {
-            return Ok(block);
-        }
-        first += size;
-    }
-    refuse(
-        ErrorCode::PoolExhausted,
-        format!("no free NAT port block of {size} in network {}", net.id),
-    )
-}
-
 /// Creates a VM with a fresh secret, allocating whatever the spec leaves open.
 pub fn create_vm(
     model: &Model,
@@ -199,7 +176,7 @@ pub fn create_vm(
         }
         None => (None, None),
     };
-    let nat_ports = pick_nat_block(model, net)?;
+    let nat_ports = vec![pick_nat_block(model, net)?];
     let vm = VmRecord {
         id: spec.id.clone(),
         network: net.id.clone(),
@@ -240,6 +217,7 @@ pub fn delete_vm(model: &Model, id: &str, reuse: PortReuse) -> Planned<Deleted> 
     ];
     ops.extend(super::metadata::forget_vm_ops(model, id));
     ops.extend(release_vm_port_ops(model, vm, reuse));
+    ops.extend(forwards_of_vm_ops(model, id));
     let mut gone = vm.clone();
     gone.endpoint = None;
     ops.extend(change_ops(model, &gone, ChangeKind::Deleted));

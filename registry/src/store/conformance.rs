@@ -108,10 +108,30 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
         network: "n1".into(),
         underlay_addr: Ipv4Addr::new(198, 18, 0, 9),
         port: 6081,
+        public_addr: Some(Ipv4Addr::new(203, 0, 113, 1)),
     };
     run(store, model, |m| {
         plan::create_gateway(m, &gw, VmSecret::from_bytes([3; 32]))
     });
+    // A second gateway of the same NAT pool, a grown NAT range, a forwarding rule.
+    let gw2 = GatewaySpec {
+        id: "g2".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 10),
+        ..gw.clone()
+    };
+    run(store, model, |m| {
+        plan::create_gateway(m, &gw2, VmSecret::from_bytes([8; 32]))
+    });
+    run(store, model, |m| plan::grow_nat_ports(m, "b", 2));
+    let fwd = ForwardSpec {
+        id: "f1".into(),
+        public_addr: Ipv4Addr::new(203, 0, 113, 1),
+        public_port: 443,
+        proto: L4Proto::Tcp,
+        vm: "b".into(),
+        vm_port: 8443,
+    };
+    run(store, model, |m| plan::create_forward(m, &fwd));
     let rule = PolicyRuleSpec {
         id: "r1".into(),
         network: "n1".into(),
@@ -192,6 +212,7 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.gateways, expected.gateways, "gateways");
     assert_eq!(loaded.vms, expected.vms, "vms");
     assert_eq!(loaded.rules, expected.rules, "rules");
+    assert_eq!(loaded.forwards, expected.forwards, "forwarding rules");
     assert_eq!(loaded.by_ip, expected.by_ip, "address index");
     assert_eq!(loaded.changes, expected.changes, "change log");
     assert_eq!(loaded.generation, expected.generation, "generation");
@@ -245,6 +266,8 @@ pub fn round_trip(store: &dyn Store) {
         loaded.revision >= model.revision,
         "loaded revision went back"
     );
+    assert_eq!(loaded.vms["b"].nat_ports.len(), 3, "grown NAT ports");
+    assert_eq!(loaded.forwards["f1"].network, "n1");
     let s = &loaded.secrets[&SecretOwner::Vm("a".into())];
     assert_eq!((s.secret.as_bytes(), s.generation), (&[9u8; 32], 2));
     assert_eq!(
@@ -299,6 +322,7 @@ pub fn deletes_and_trims(store: &dyn Store) {
     run(store, &mut model, |m| plan::delete_vm(m, "a", REUSE));
     run(store, &mut model, |m| plan::delete_gateway(m, "g1"));
     run(store, &mut model, |m| plan::delete_rule(m, "r1"));
+    run(store, &mut model, |m| plan::delete_forward(m, "f1"));
     run(store, &mut model, |_| {
         Ok((vec![Op::ForgetWrite("k-1".into())], ()))
     });
@@ -331,7 +355,13 @@ pub fn cascade_in_one_commit(store: &dyn Store) {
     let deleted = run(store, &mut model, |m| {
         plan::delete_network(m, "n1", true, REUSE)
     });
-    assert_eq!(deleted.cascaded.len(), 22 + 1 + 1, "{:?}", deleted.cascaded);
+    // 22 VMs, 2 gateways, 1 rule, 1 forward.
+    assert_eq!(
+        deleted.cascaded.len(),
+        22 + 2 + 1 + 1,
+        "{:?}",
+        deleted.cascaded
+    );
     let loaded = load(store);
     assert_same_state(&loaded, &model);
     assert!(loaded.vms.is_empty() && loaded.networks.is_empty());

@@ -4,7 +4,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P networks/<id>`, `hosts/<id>`, `gateways/<id>`, `vms/<id>`, `rules/<id>` | the record's JSON (as the API shows it) |
+//! | `P networks/<id>`, `hosts/<id>`, `gateways/<id>`, `vms/<id>`, `rules/<id>`, `forwards/<id>` | the record's JSON (as the API shows it) |
 //! | `P secrets/vm/<id>`, `secrets/gw/<id>` | secret + generation, sealed ([`super::sealing`]) |
 //! | `P changes/<generation, 20 digits>` | a change-log entry's JSON (sorted by generation) |
 //! | `P requests/<idempotency key>` | the answer to a write that carried that key |
@@ -90,6 +90,8 @@ impl Layout {
             Op::DeleteVm(id) => Delete(self.record("vms", id)),
             Op::PutRule(r) => Put(self.record("rules", &r.id), json(r)?),
             Op::DeleteRule(id) => Delete(self.record("rules", id)),
+            Op::PutForward(f) => Put(self.record("forwards", &f.id), json(f)?),
+            Op::DeleteForward(id) => Delete(self.record("forwards", id)),
             Op::PutSecret(owner, entry) => {
                 let key = self.secret(owner);
                 let mut plain = [0u8; 40];
@@ -135,6 +137,7 @@ impl Layout {
             "gateways" => Op::PutGateway(parse_json(key, value)?),
             "vms" => Op::PutVm(parse_json(key, value)?),
             "rules" => Op::PutRule(parse_json(key, value)?),
+            "forwards" => Op::PutForward(parse_json(key, value)?),
             "changes" => Op::AppendChange(parse_json(key, value)?),
             "requests" => Op::RememberWrite(id.to_string(), parse_json(key, value)?),
             "quarantine" => Op::QuarantinePort(parse_json(key, value)?),
@@ -172,6 +175,7 @@ impl Layout {
             "gateways" => Op::DeleteGateway(id),
             "vms" => Op::DeleteVm(id),
             "rules" => Op::DeleteRule(id),
+            "forwards" => Op::DeleteForward(id),
             "requests" => Op::ForgetWrite(id),
             "quarantine" => {
                 let (host, port) = parse_port_key(&id)?;

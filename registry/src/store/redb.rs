@@ -18,6 +18,8 @@ const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const GATEWAYS: TableDefinition<&str, &[u8]> = TableDefinition::new("gateways");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
+/// Port-forwarding rules by id (JSON).
+const FORWARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("forwards");
 /// Key `vm/<id>` or `gw/<id>`; value: 32 secret bytes then the generation (u64 big endian).
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
@@ -65,7 +67,8 @@ impl RedbStore {
         let txn = db.begin_write().map_err(io)?;
         {
             for t in [
-                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS, QUARANTINE, METADATA,
+                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, FORWARDS, SECRETS, REQUESTS, QUARANTINE,
+                METADATA,
             ] {
                 txn.open_table(t).map_err(io)?;
             }
@@ -163,6 +166,11 @@ impl Store for RedbStore {
                 .into_iter()
                 .map(Op::PutRule),
         );
+        ops.extend(
+            read_json_table(&txn, FORWARDS, "forwards")?
+                .into_iter()
+                .map(Op::PutForward),
+        );
         {
             let table = txn.open_table(SECRETS).map_err(io)?;
             for row in table.iter().map_err(io)? {
@@ -245,6 +253,7 @@ impl Store for RedbStore {
             let mut gateways = txn.open_table(GATEWAYS).map_err(io)?;
             let mut vms = txn.open_table(VMS).map_err(io)?;
             let mut rules = txn.open_table(RULES).map_err(io)?;
+            let mut forwards = txn.open_table(FORWARDS).map_err(io)?;
             let mut secrets = txn.open_table(SECRETS).map_err(io)?;
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
             let mut requests = txn.open_table(REQUESTS).map_err(io)?;
@@ -280,6 +289,12 @@ impl Store for RedbStore {
                             .map_err(io)?,
                     ),
                     Op::DeleteRule(id) => drop(rules.remove(id.as_str()).map_err(io)?),
+                    Op::PutForward(f) => drop(
+                        forwards
+                            .insert(f.id.as_str(), json(f)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteForward(id) => drop(forwards.remove(id.as_str()).map_err(io)?),
                     Op::PutSecret(owner, entry) => {
                         let mut bytes = encode_secret(entry);
                         let r = secrets

@@ -238,6 +238,13 @@ pub(super) struct VmFromRegistry {
     udp_port: u16,
 }
 
+impl VmFromRegistry {
+    /// The VM's NAT port blocks (the ports its flows to the outside leave from).
+    pub(super) fn nat_blocks(&self) -> Vec<crate::nat::PortBlock> {
+        crate::control::nat_blocks(&self.record.nat_ports)
+    }
+}
+
 /// Removes a stale socket file and creates the socket's directory.
 pub(super) fn prepare_socket_dir(socket_path: &Path) -> Result<(), AdminFailure> {
     remove_stale_socket(socket_path)?;

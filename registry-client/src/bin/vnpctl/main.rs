@@ -4,6 +4,7 @@
 //! the `VNP_*` environment variables), creates a development PKI (`ca`, `cert`), and drives a
 //! local vnpd (`vnpd`). Tables by default; `--json` after a command group prints JSON.
 
+mod forward;
 mod gateway;
 mod host;
 mod metadata;
@@ -79,6 +80,8 @@ enum Cmd {
     Policy(Group<policy::PolicyCmd>),
     /// Gateways to the outside.
     Gateway(Group<gateway::GatewayCmd>),
+    /// Port forwarding from a gateway's public address to a VM.
+    Forward(Group<forward::ForwardCmd>),
     /// Tokens (debugging).
     Token(Group<token::TokenCmd>),
     /// Wait for VM changes (one long-poll).
@@ -189,6 +192,7 @@ fn run(cli: &Cli) -> Result<String, String> {
         Cmd::Vm(g) => vm::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Policy(g) => policy::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Gateway(g) => gateway::run(&connect(cli)?, &g.cmd, g.json),
+        Cmd::Forward(g) => forward::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Token(g) => token::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Watch { args, json } => token::watch(&connect(cli)?, args, *json),
         Cmd::Metrics => connect(cli)?.metrics_text().map_err(|e| e.to_string()),

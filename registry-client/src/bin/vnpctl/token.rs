@@ -17,10 +17,10 @@ pub enum TokenCmd {
             required_unless_present = "src_gateway"
         )]
         src_vm: Option<String>,
-        /// Source gateway id (with --src-ip).
-        #[arg(long, requires = "src_ip")]
+        /// Source gateway id (towards a VM of its network).
+        #[arg(long)]
         src_gateway: Option<String>,
-        /// Outside source address (gateway requests).
+        /// Outside source address (gateway requests; optional, not part of the token).
         #[arg(long)]
         src_ip: Option<Ipv4Addr>,
         /// Destination address.

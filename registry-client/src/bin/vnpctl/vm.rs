@@ -67,6 +67,23 @@ pub enum VmCmd {
     RotateSecret { id: String },
     #[command(flatten)]
     Meta(crate::metadata::VmMetaCmd),
+    /// Give the VM more NAT source-port blocks (its host and gateways follow without restart).
+    NatGrow {
+        id: String,
+        /// How many blocks of the network's block size.
+        #[arg(long, default_value_t = 1)]
+        blocks: u16,
+    },
+}
+
+/// `1024-1535,3072-3583`.
+pub fn port_blocks(blocks: &[vnp_registry_client::PortRange]) -> String {
+    let list: Vec<String> = blocks.iter().map(ToString::to_string).collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(",")
+    }
 }
 
 fn show(v: &VmRecord) -> String {
@@ -88,7 +105,7 @@ fn show(v: &VmRecord) -> String {
                 .as_ref()
                 .map_or("-".into(), |i| format!("{} port {}", i.host, i.host_port)),
         ),
-        ("nat ports", v.nat_ports.to_string()),
+        ("nat ports", port_blocks(&v.nat_ports)),
         ("service account", v.service_account.clone()),
         (
             "tags",
@@ -194,5 +211,6 @@ pub fn run(c: &RegistryClient, cmd: &VmCmd, json: bool) -> Result<String, String
         VmCmd::Migrate { id, .. } => Ok(one(c.cancel_migration(id).map_err(e)?)),
         VmCmd::RotateSecret { id } => Ok(one(c.rotate_vm_secret(id).map_err(e)?)),
         VmCmd::Meta(m) => crate::metadata::run_vm(c, m, json),
+        VmCmd::NatGrow { id, blocks } => Ok(one(c.grow_nat_ports(id, *blocks).map_err(e)?)),
     }
 }

@@ -5,12 +5,13 @@
 //! vnpctl vnpd detach vm-a
 //! vnpctl vnpd list
 //! vnpctl vnpd stats [vm-a] [--all]
+//! vnpctl vnpd nat vm-a
 //! ```
 //! Output is a plain table; `--json` prints the admin API's JSON instead (for scripts).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use vnpd_admin_api::{AttachmentInfo, VmStats, VnpdAdminClient};
+use vnpd_admin_api::{AttachmentInfo, NatInfo, VmStats, VnpdAdminClient};
 
 /// Arguments of `vnpctl vnpd`.
 #[derive(Debug, clap::Args)]
@@ -57,6 +58,11 @@ pub enum VnpdCmd {
         /// Also show drop reasons that are zero.
         #[arg(long)]
         all: bool,
+    },
+    /// Show a VM's NAT port blocks and its flows to and from the outside.
+    Nat {
+        /// The VM's registry id.
+        vm_id: String,
     },
 }
 
@@ -116,7 +122,56 @@ pub fn run(args: &VnpdArgs) -> Result<String, String> {
                 format_stats(&stats, *all)
             })
         }
+        VnpdCmd::Nat { vm_id } => {
+            let nat = client.nat(vm_id).map_err(|e| e.to_string())?;
+            Ok(if args.json {
+                json(&nat)
+            } else {
+                format_nat(&nat)
+            })
+        }
     }
+}
+
+/// A VM's NAT blocks and flows (pure).
+pub fn format_nat(nat: &NatInfo) -> String {
+    let mut out = String::new();
+    let blocks: Vec<String> = nat.blocks.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+    let mapped = nat.flows.iter().filter(|f| f.mapped.is_some()).count();
+    let _ = writeln!(
+        out,
+        "{}: blocks {} ({} ports per protocol), {} mapped flows, {} inbound",
+        nat.vm_id,
+        if blocks.is_empty() {
+            "none".to_string()
+        } else {
+            blocks.join(",")
+        },
+        nat.ports,
+        mapped,
+        nat.flows.len() - mapped
+    );
+    if nat.flows.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<5} {:>6} {:>7} {:<21} {:<12} {:>8}",
+        "PROTO", "GUEST", "MAPPED", "REMOTE", "STATE", "EXPIRES"
+    );
+    for f in &nat.flows {
+        let _ = writeln!(
+            out,
+            "{:<5} {:>6} {:>7} {:<21} {:<12} {:>7}s",
+            f.proto,
+            f.local_port,
+            f.mapped.map_or("inbound".to_string(), |p| p.to_string()),
+            format!("{}:{}", f.remote, f.remote_port),
+            f.state,
+            f.expires_in
+        );
+    }
+    out
 }
 
 /// Pretty JSON plus a newline.
@@ -179,6 +234,37 @@ pub fn format_stats(stats: &[VmStats], all: bool) -> String {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn nat_table_shows_blocks_and_flows() {
+        let flow = |mapped, state: &str| vnpd_admin_api::NatFlowInfo {
+            proto: "tcp".into(),
+            local_port: 33000,
+            remote: "203.0.113.5".parse().unwrap(),
+            remote_port: 80,
+            mapped,
+            state: state.into(),
+            expires_in: 7439,
+        };
+        let nat = NatInfo {
+            vm_id: "vm-a".into(),
+            blocks: vec![(40000, 40511)],
+            ports: 512,
+            flows: vec![flow(Some(40007), "established"), flow(None, "handshake")],
+        };
+        let text = format_nat(&nat);
+        assert!(text.starts_with(
+            "vm-a: blocks 40000-40511 (512 ports per protocol), 1 mapped flows, 1 inbound"
+        ));
+        assert!(text.contains("40007") && text.contains("203.0.113.5:80"));
+        assert!(text.contains("inbound") && text.contains("established"));
+        let empty = NatInfo {
+            blocks: vec![],
+            flows: vec![],
+            ..nat
+        };
+        assert!(format_nat(&empty).contains("blocks none"));
+    }
 
     #[test]
     fn list_table_has_one_row_per_vm() {
