@@ -203,19 +203,27 @@ impl PairWorker {
             return None;
         };
         head.len = need;
+        // The checksum rule of NEEDS_CSUM frames (see `nat::packet`): frames with a checksum
+        // offload take the other path (`tx_offload`), so every frame here is complete.
+        self.nat_in_place(&mut head.bytes[..need], false)
+            .then_some(head)
+    }
+
+    /// NAT on a local copy of a packet's IPv4 and transport headers (at least what
+    /// `packet::needed_len` asks for); false when refused (counted; a new flow refused for want
+    /// of ports gets its answer queued for the guest). `needs_csum`: the L4 checksum is not a
+    /// complete one (it is recomputed later), so the port change must not adjust it.
+    pub(super) fn nat_in_place(&mut self, head: &mut [u8], needs_csum: bool) -> bool {
         let core = &*self.core;
         let now = core.nat.now();
-        // The checksum rule of NEEDS_CSUM frames (see `nat::packet`): no TX checksum offload
-        // is negotiated yet, so every frame here carries a complete checksum.
-        let needs_csum = false;
         let result = {
             let mut g = core.nat.table_at(now);
-            let r = packet::outbound(&mut g.table, &mut head.bytes[..need], needs_csum, now);
+            let r = packet::outbound(&mut g.table, head, needs_csum, now);
             NatState::publish(&g.table, &core.counters);
             r
         };
         match result {
-            Ok(_) => Some(head),
+            Ok(_) => true,
             Err(d) => {
                 core.counters.drop_packet(tx_drop_reason(d));
                 if d == NatDrop::Refused(NatRefusal::Exhausted) {
@@ -226,9 +234,9 @@ impl PairWorker {
                     };
                     self.nat_scratch
                         .answers
-                        .extend(exhaustion_answer(&addrs, &head.bytes[..need]));
+                        .extend(exhaustion_answer(&addrs, head));
                 }
-                None
+                false
             }
         }
     }

@@ -20,6 +20,7 @@ use vnp_protocol::wire::{tcp, VnpRepr, HEADER_LEN};
 
 use super::frame::{classify_tx, GuestNet, TxClass, CLASSIFY_PREFIX, ETH_HLEN};
 use super::handoff::HandedOff;
+use super::nat_hook::{is_outside, OUTSIDE};
 use super::offload_batch::sum_guest;
 use super::peers::{Enqueued, SendInfo};
 use super::tso::{complete_copy, segment_copy, InnerHeaders, TsoPlan, MAX_INNER_HEADERS};
@@ -123,7 +124,15 @@ impl PairWorker {
 
     /// Adds a validated offloaded frame to the offload batch (or queues complete copies when
     /// there is no token yet).
-    fn send_offloaded(&mut self, view: GuestView<'_>, frame: Offloaded, now: Now) {
+    fn send_offloaded(&mut self, view: GuestView<'_>, mut frame: Offloaded, now: Now) {
+        // Off-network: NAT on the local header copy (the checksums below are computed over
+        // the rewritten headers), then to the gateway under the one OUTSIDE grant.
+        if is_outside(&self.core.net, frame.dst) {
+            if !self.nat_in_place(frame.headers.bytes_mut(), true) {
+                return;
+            }
+            frame.dst = OUTSIDE;
+        }
         let may_carry_option = frame.mss.is_none();
         let Some((info, with_return)) =
             self.known_peer(frame.dst, frame.total_len, may_carry_option, now)
@@ -135,8 +144,6 @@ impl PairWorker {
         if !self.tx_batch.is_empty() {
             self.flush_plain();
         }
-        // NAT hook (later issue): rewrite `frame.headers` (the local copy) here; the checksums
-        // below are computed over the rewritten headers, so nothing needs "fixing".
         let added = match frame.mss {
             None => self.add_checksummed(&frame, info, with_return, now),
             Some(mss) => self.add_segments(&frame, mss, info),
