@@ -1,0 +1,20 @@
+//! The service bridge (issue #11): metadata, DNS and short-lived credentials served on the
+//! host, one per VM, never trusting the guest. See `docs/metadata.md`.
+//!
+//! - [`source`]: the registry calls behind a trait ([`MetadataSource`]).
+//! - [`http`], [`routes`], [`tree`]: the GCE-compatible metadata server, pure: request bytes
+//!   and state in, a response (or what to fetch first) out.
+//! - [`dns`]: answers for `metadata.google.internal` and the VM's own name, pure.
+
+pub mod dns;
+pub mod http;
+pub mod routes;
+pub mod source;
+pub mod tree;
+
+use std::net::Ipv4Addr;
+
+pub use source::MetadataSource;
+
+/// The metadata server's address (GCE's, link-local): also the resolver DHCP hands out.
+pub const METADATA_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
