@@ -13,6 +13,8 @@ use super::routes::{self, route, Decision, State};
 use super::server::{BridgeLimits, Job, Server};
 use super::source::SourceError;
 
+/// Most pipelined requests answered per connection per step.
+const PIPELINE: usize = 8;
 /// Most bytes buffered for one request.
 const MAX_BUFFERED: usize = http::MAX_HEAD + http::MAX_BODY;
 
@@ -108,16 +110,23 @@ impl Server {
         if self.timed_out(i, now) {
             return;
         }
-        match &self.conns[i].phase {
-            Phase::Reading => self.parse_next(i, now),
-            Phase::Waiting { deadline, .. } if now >= *deadline => {
+        if let Phase::Waiting { deadline, .. } = &self.conns[i].phase {
+            if now >= *deadline {
                 if let Phase::Waiting { request, .. } = std::mem::take(&mut self.conns[i].phase) {
                     self.handle_request(i, request, now, true);
                 }
             }
-            _ => {}
         }
-        self.flush(i, now);
+        // Pipelined requests: as many as are buffered, while their responses fit.
+        for _ in 0..PIPELINE {
+            if matches!(self.conns[i].phase, Phase::Reading) {
+                self.parse_next(i, now);
+            }
+            self.flush(i, now);
+            if !matches!(self.conns[i].phase, Phase::Reading) || self.conns[i].buf.is_empty() {
+                break;
+            }
+        }
     }
 
     /// Writes what fits of the pending response; closes after it when asked.

@@ -351,3 +351,6 @@ fn is_new_http_connection(packet: &[u8]) -> bool {
     seg.dst_port() == HTTP_PORT
         && seg.flags() & (tcp::flags::SYN | tcp::flags::ACK) == tcp::flags::SYN
 }
+
+#[cfg(test)]
+mod tests;

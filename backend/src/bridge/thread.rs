@@ -26,7 +26,7 @@ const METADATA_RETRY: Duration = Duration::from_secs(1);
 
 enum Msg {
     Packet(Vec<u8>),
-    Metadata(VmMetadata),
+    Metadata(Box<VmMetadata>),
     Done(JobDone),
     Stop,
 }
@@ -178,7 +178,7 @@ fn run(mut server: Server, rx: &Receiver<Msg>, jobs: &mpsc::Sender<Job>, deliver
             let now = Instant::now();
             match msg {
                 Msg::Packet(p) => server.packet_from_guest(p),
-                Msg::Metadata(md) => server.metadata(md, now),
+                Msg::Metadata(md) => server.metadata(*md, now),
                 Msg::Done(d) => server.job_done(d, now),
                 Msg::Stop => return,
             }
@@ -201,7 +201,7 @@ fn fetch_metadata(
             Ok(md) => {
                 if etag.as_deref() != Some(md.etag.as_str()) {
                     etag = Some(md.etag.clone());
-                    if tx.send(Msg::Metadata(md)).is_err() {
+                    if tx.send(Msg::Metadata(Box::new(md))).is_err() {
                         return;
                     }
                 }
