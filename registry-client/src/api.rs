@@ -458,6 +458,12 @@ pub enum ErrorCode {
     Internal,
     /// This replica cannot answer now (it may be stale); another replica can.
     Unavailable,
+    /// A value larger than its limit (guest attributes, VM and project attributes).
+    TooLarge,
+    /// Too many entries (guest attributes of one VM), or too many bytes in all of them.
+    TooMany,
+    /// Writes faster than the per-VM rate; try again later.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -475,6 +481,9 @@ impl ErrorCode {
             | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
             | PortQuarantined | DuplicateVni | PoolExhausted | NotEmpty | Conflict => 409,
+            TooLarge => 413,
+            TooMany => 409,
+            RateLimited => 429,
             Storage | Internal => 500,
             Unavailable => 503,
         }

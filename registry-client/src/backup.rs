@@ -25,13 +25,18 @@ pub struct Export {
     pub secrets: Vec<SealedSecret>,
     /// The change log, oldest first (watchers resume across a restore).
     pub changes: Vec<VmChange>,
+    /// Metadata records as stored (`{"kind": "vm"|"project"|"signing_key", ...}`): VM
+    /// attributes and guest attributes, projects, the signing keys' public halves (their
+    /// private halves are in `secrets`, as `sk/<kid>`). Absent in older exports.
+    #[serde(default)]
+    pub metadata: Vec<serde_json::Value>,
 }
 
 /// One VM's or gateway's secret, sealed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedSecret {
-    /// `vm/<id>` or `gw/<id>`.
+    /// `vm/<id>`, `gw/<id>` or `sk/<kid>` (a signing key).
     pub owner: String,
     /// The sealed secret and its generation, hex.
     pub sealed: String,
@@ -47,4 +52,6 @@ pub struct ImportSummary {
     pub rules: usize,
     pub secrets: usize,
     pub changes: usize,
+    #[serde(default)]
+    pub metadata: usize,
 }

@@ -24,6 +24,7 @@ use ureq::Agent;
 use vnp_protocol::token::VmSecret;
 
 mod failover;
+mod metadata;
 use failover::{parse_bases, Repeat};
 
 /// How to reach and authenticate to the registry. All PEM material is held in memory.

@@ -5,6 +5,8 @@
 //! - [`net`]: CIDR, MAC and port-range value types with strict parsing.
 //! - [`client`]: a blocking mutual-TLS client for plain threads (vnpd's control thread), failing
 //!   over between registry replicas.
+//! - [`metadata`]: the metadata and credential endpoints' types (issue #11); [`jwt`]: ES256
+//!   JWTs, signed by the registry and verified by `vnpctl verify-token`.
 //! - [`grant`]: a token grant as protocol values (token, the fields it was minted over).
 //! - `pki` (feature `pki`): the development CA behind `vnpctl ca` / `vnpctl cert`.
 //!
@@ -15,6 +17,8 @@ pub mod backup;
 pub mod client;
 pub mod error;
 pub mod grant;
+pub mod jwt;
+pub mod metadata;
 pub mod net;
 #[cfg(feature = "pki")]
 pub mod pki;
@@ -25,5 +29,6 @@ pub use backup::{Export, ImportSummary, SealedSecret};
 pub use client::{ClientConfig, RegistryClient};
 pub use error::ClientError;
 pub use grant::BadToken;
+pub use metadata::*;
 pub use net::{Ipv4Cidr, MacAddr, NetParseError, PortRange};
 pub use secret::SecretHex;

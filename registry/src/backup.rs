@@ -2,7 +2,7 @@
 //! restore, and moving a registry between stores (redb <-> etcd).
 
 use crate::error::{refuse, ApiError};
-use crate::model::{Model, Op, SecretEntry, SecretOwner};
+use crate::model::{MetaKey, MetaRecord, Model, Op, SecretEntry, SecretOwner};
 use crate::store::sealing::KeyRing;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::ErrorCode;
@@ -57,7 +57,77 @@ pub fn export(model: &Model, ring: &KeyRing) -> Result<Export, ApiError> {
         rules: model.rules.values().cloned().collect(),
         secrets,
         changes: model.changes.iter().cloned().collect(),
+        metadata: meta_records(model)?,
     })
+}
+
+/// Every metadata record, as stored.
+fn meta_records(model: &Model) -> Result<Vec<serde_json::Value>, ApiError> {
+    let m = &model.meta;
+    let records = m
+        .vms
+        .values()
+        .map(|r| MetaRecord::Vm(r.clone()))
+        .chain(m.projects.values().map(|r| MetaRecord::Project(r.clone())))
+        .chain(
+            m.signing_keys
+                .values()
+                .map(|r| MetaRecord::SigningKey(r.clone())),
+        );
+    records
+        .map(|r| {
+            serde_json::to_value(r).map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))
+        })
+        .collect()
+}
+
+/// The metadata records of an export, each checked against what else it holds.
+fn parse_meta(e: &Export) -> Result<Vec<MetaRecord>, ApiError> {
+    let mut out = Vec::with_capacity(e.metadata.len());
+    for value in &e.metadata {
+        let record: MetaRecord = serde_json::from_value(value.clone())
+            .map_err(|err| bad(format!("metadata record: {err}")))?;
+        let resolves = match &record {
+            MetaRecord::Vm(r) => e.vms.iter().any(|v| v.id == r.vm),
+            MetaRecord::Project(r) => e.networks.iter().any(|n| n.id == r.network),
+            MetaRecord::SigningKey(r) => {
+                let owner = SecretOwner::SigningKey(r.kid.clone()).key();
+                e.secrets.iter().any(|s| s.owner == owner)
+            }
+        };
+        if !resolves {
+            return Err(bad(format!(
+                "metadata record {} names a VM or network not in the export, or lacks its private key",
+                record.key().key()
+            )));
+        }
+        out.push(record);
+    }
+    Ok(out)
+}
+
+/// Ops that drop the signing keys of `model` when the export brings its own: an imported
+/// registry signs and publishes what the exported one did (the key the empty target made at
+/// its first start has signed nothing, as it had no VMs).
+pub fn replace_signing_keys_ops(model: &Model, export: &Export) -> Vec<Op> {
+    let brings_keys = export
+        .metadata
+        .iter()
+        .any(|v| v["kind"].as_str() == Some("signing_key"));
+    if !brings_keys {
+        return vec![];
+    }
+    model
+        .meta
+        .signing_keys
+        .keys()
+        .flat_map(|kid| {
+            [
+                Op::DeleteMeta(MetaKey::SigningKey(kid.clone())),
+                Op::DeleteSecret(SecretOwner::SigningKey(kid.clone())),
+            ]
+        })
+        .collect()
 }
 
 fn bad(message: String) -> ApiError {
@@ -140,6 +210,7 @@ pub fn import_batches(
         ops.push(open_secret(s, ring)?);
     }
     ops.extend(export.changes.iter().cloned().map(Op::AppendChange));
+    ops.extend(parse_meta(export)?.into_iter().map(Op::PutMeta));
     let summary = ImportSummary {
         networks: export.networks.len(),
         hosts: export.hosts.len(),
@@ -148,6 +219,7 @@ pub fn import_batches(
         rules: export.rules.len(),
         secrets: export.secrets.len(),
         changes: export.changes.len(),
+        metadata: export.metadata.len(),
     };
     Ok((
         ops.chunks(IMPORT_BATCH).map(<[Op]>::to_vec).collect(),

@@ -66,6 +66,13 @@ struct Args {
     /// Token lifetime in seconds; 0 mints tokens that never expire.
     #[arg(long, default_value_t = 600)]
     token_ttl: u32,
+    /// Lifetime in seconds of the access and identity tokens (JWTs) minted for VMs (60-3600).
+    #[arg(long, default_value_t = vnp_registry::credentials::DEFAULT_CREDENTIAL_TTL_S,
+          value_parser = clap::value_parser!(u64).range(60..=3600))]
+    credential_ttl_secs: u64,
+    /// The `iss` claim of those tokens (the same on every replica).
+    #[arg(long, default_value = "vnp-registry")]
+    token_issuer: String,
     /// Seconds a VM's UDP port on a host stays out of reach of other VMs after the VM left it
     /// (deleted or moved), so traffic for the previous VM cannot land in the next one.
     #[arg(long, default_value_t = vnp_registry::plan::DEFAULT_PORT_QUARANTINE_SECS)]
@@ -136,9 +143,20 @@ fn run(args: Args) -> Result<(), String> {
             max_staleness: Duration::from_millis(args.max_staleness_ms),
             backup_keys: keys,
             port_quarantine: Duration::from_secs(args.port_quarantine_secs),
+            credentials: vnp_registry::credentials::CredentialPolicy {
+                issuer: args.token_issuer.clone(),
+                ttl_s: args.credential_ttl_secs,
+            },
         },
     )
     .map_err(|e| e.to_string())?;
+    // The first start creates the signing key (replicas starting together create one).
+    if registry
+        .ensure_signing_key()
+        .map_err(|e| format!("signing key: {}", e.message))?
+    {
+        log::info!("created the first signing key");
+    }
     if args.reseal_secrets {
         if args.store != StoreKind::Etcd {
             return Err(

@@ -17,6 +17,7 @@ pub struct Metrics {
     writes_committed: AtomicU64,
     writes_refused: Mutex<BTreeMap<String, u64>>,
     connections_refused_per_ip: AtomicU64,
+    credentials_minted: AtomicU64,
 }
 
 fn bump(map: &Mutex<BTreeMap<String, u64>>, code: ErrorCode) {
@@ -28,6 +29,11 @@ impl Metrics {
     /// A token was minted.
     pub fn token_granted(&self) {
         self.tokens_granted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An access or identity token was signed.
+    pub fn credential_minted(&self) {
+        self.credentials_minted.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A token request was refused for `code`.
@@ -66,6 +72,16 @@ impl Metrics {
             out,
             "vnp_registry_tokens_granted_total {}",
             self.tokens_granted.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut out,
+            "vnp_registry_credentials_minted_total",
+            "Access and identity tokens (JWTs) signed.",
+        );
+        let _ = writeln!(
+            out,
+            "vnp_registry_credentials_minted_total {}",
+            self.credentials_minted.load(Ordering::Relaxed)
         );
         counter(
             &mut out,

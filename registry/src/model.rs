@@ -4,6 +4,7 @@
 //! [`Store`](crate::store::Store) in one transaction, and only then applied here. A failed commit
 //! therefore leaves both the disk and the memory as they were: nothing is half-written.
 
+pub use crate::metastate::{MetaKey, MetaRecord, MetaState};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{TokenMinter, VmSecret};
@@ -17,6 +18,8 @@ pub const CHANGE_LOG_RETAIN: usize = 10_000;
 pub enum SecretOwner {
     Vm(String),
     Gateway(String),
+    /// The private scalar of a registry signing key (by kid).
+    SigningKey(String),
 }
 
 impl SecretOwner {
@@ -25,6 +28,7 @@ impl SecretOwner {
         match self {
             SecretOwner::Vm(id) => format!("vm/{id}"),
             SecretOwner::Gateway(id) => format!("gw/{id}"),
+            SecretOwner::SigningKey(kid) => format!("sk/{kid}"),
         }
     }
 
@@ -32,6 +36,9 @@ impl SecretOwner {
     pub fn from_key(key: &str) -> Option<SecretOwner> {
         if let Some(id) = key.strip_prefix("vm/") {
             return Some(SecretOwner::Vm(id.to_string()));
+        }
+        if let Some(kid) = key.strip_prefix("sk/") {
+            return Some(SecretOwner::SigningKey(kid.to_string()));
         }
         key.strip_prefix("gw/")
             .map(|id| SecretOwner::Gateway(id.to_string()))
@@ -137,6 +144,10 @@ pub enum Op {
     QuarantinePort(QuarantinedPort),
     /// Ends a port's quarantine (expired, or its host is gone): `(host, port)`.
     ReleasePort(String, u16),
+    /// Stores a metadata record (VM attributes, project, signing key).
+    PutMeta(MetaRecord),
+    /// Deletes a metadata record.
+    DeleteMeta(MetaKey),
 }
 
 /// The whole registry state.
@@ -156,6 +167,8 @@ pub struct Model {
     pub requests: BTreeMap<String, RememberedWrite>,
     /// Host ports in quarantine, by (host, port).
     pub quarantined: BTreeMap<(String, u16), QuarantinedPort>,
+    /// Attributes, projects and signing keys.
+    pub meta: MetaState,
     /// Generation of the newest change (0 before any). Stored with the change log, so it is
     /// the same on every replica of a shared store.
     pub generation: u64,
@@ -212,9 +225,11 @@ impl Model {
                 self.rules.remove(id);
             }
             Op::PutSecret(owner, entry) => {
+                self.meta.secret_changed(owner, Some(entry));
                 self.secrets.insert(owner.clone(), entry.clone());
             }
             Op::DeleteSecret(owner) => {
+                self.meta.secret_changed(owner, None);
                 self.secrets.remove(owner);
             }
             Op::AppendChange(c) => {
@@ -238,6 +253,8 @@ impl Model {
             Op::ReleasePort(host, port) => {
                 self.quarantined.remove(&(host.clone(), *port));
             }
+            Op::PutMeta(record) => self.meta.put(record),
+            Op::DeleteMeta(key) => self.meta.delete(key),
         }
     }
 

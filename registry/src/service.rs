@@ -17,6 +17,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::{ErrorCode, Identity, TokenGrant, TokenRequest};
 
+mod meta;
+pub use meta::{GUEST_WRITES_PER_SEC, GUEST_WRITE_BURST};
+
 /// How often a write planned on an outdated model is re-planned before giving up with 409.
 const WRITE_ATTEMPTS: usize = 5;
 /// How long a writer waits for the feed to catch up with a commit.
@@ -65,6 +68,8 @@ pub struct RegistryOptions {
     pub backup_keys: Option<crate::store::sealing::KeyRing>,
     /// A host port a VM gave up goes to no other VM for this long (`--port-quarantine-secs`).
     pub port_quarantine: Duration,
+    /// Issuer and lifetime of access and identity tokens.
+    pub credentials: crate::credentials::CredentialPolicy,
 }
 
 impl Default for RegistryOptions {
@@ -73,6 +78,7 @@ impl Default for RegistryOptions {
             max_staleness: Duration::from_secs(5),
             backup_keys: None,
             port_quarantine: Duration::from_secs(crate::plan::DEFAULT_PORT_QUARANTINE_SECS),
+            credentials: crate::credentials::CredentialPolicy::default(),
         }
     }
 }
@@ -88,6 +94,8 @@ pub struct Registry {
     token_policy: TokenPolicy,
     options: RegistryOptions,
     metrics: crate::metrics::Metrics,
+    /// Guest attribute writes per VM.
+    guest_writes: crate::ratelimit::RateLimiter,
 }
 
 impl std::fmt::Debug for Registry {
@@ -147,6 +155,10 @@ impl Registry {
             token_policy,
             options,
             metrics: crate::metrics::Metrics::default(),
+            guest_writes: crate::ratelimit::RateLimiter::new(
+                GUEST_WRITES_PER_SEC,
+                GUEST_WRITE_BURST,
+            ),
         })
     }
 
@@ -320,10 +332,13 @@ impl Registry {
         let (batches, summary) = crate::backup::import_batches(export, self.backup_keys()?)?;
         for (i, batch) in batches.iter().enumerate() {
             self.write(|m| {
+                let mut ops = Vec::new();
                 if i == 0 {
                     crate::backup::check_empty(m)?;
+                    ops = crate::backup::replace_signing_keys_ops(m, export);
                 }
-                Ok((batch.clone(), ()))
+                ops.extend(batch.iter().cloned());
+                Ok((ops, ()))
             })?;
         }
         Ok(summary)

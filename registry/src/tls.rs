@@ -1,7 +1,10 @@
 //! Mutual TLS: the server configuration and reading the caller's identity from its certificate.
 //!
-//! Client certificates are mandatory and must chain to the registry's CA
-//! (`WebPkiClientVerifier`), so unknown and expired certificates fail the handshake. The role and
+//! Client certificates must chain to the registry's CA (`WebPkiClientVerifier`), so unknown
+//! and expired certificates fail the handshake. A client may also present none: such a
+//! connection has no identity, and every endpoint but the public `GET /v1/jwks` answers it
+//! `401 not_authenticated` (services that verify the registry's tokens need its keys without
+//! holding a registry certificate). The role and
 //! id come from a URI subject alternative name `vnp:<role>:<id>` (see
 //! [`Identity`](vnp_registry_client::api::Identity)).
 
@@ -43,7 +46,7 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError
 }
 
 /// Builds the rustls server configuration: our chain and key, and client certificates
-/// required and verified against `ca`.
+/// verified against `ca` (optional: see the module documentation).
 pub fn server_config(
     ca: &Path,
     cert: &Path,
@@ -55,6 +58,7 @@ pub fn server_config(
         roots.add(c).map_err(|e| file_err(ca, e))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| TlsSetupError::Config(e.to_string()))?;
     let chain = load_certs(cert)?;

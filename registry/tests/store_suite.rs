@@ -42,12 +42,19 @@ fn secrets_are_sealed_at_rest(cluster: &EtcdCluster) {
     assert!(out.status.success());
     let raw = out.stdout;
     assert!(!raw.is_empty(), "secrets are stored");
-    for secret in [[9u8; 32], [6u8; 32], [3u8; 32]] {
+    // VM a's, VM b's and the gateway's secrets, and the two signing keys' private scalars.
+    for secret in [[9u8; 32], [6u8; 32], [3u8; 32], [7u8; 32], [8u8; 32]] {
         assert!(
             !raw.windows(32).any(|w| w == secret),
             "a secret is in etcd in the clear"
         );
     }
+    let keys = cluster.etcdctl(&["get", "--prefix", "--keys-only", "/sealed/secrets/sk/"]);
+    let keys = String::from_utf8_lossy(&keys.stdout);
+    assert!(
+        keys.contains("/sealed/secrets/sk/k1") && keys.contains("/sealed/secrets/sk/k2"),
+        "signing keys are stored as sealed secrets: {keys}"
+    );
     assert!(
         raw.windows(7).any(|w| w == b"vnpe1\x02k"),
         "sealed values name their key"

@@ -9,6 +9,7 @@
 mod auth;
 mod backup;
 mod inventory;
+mod metadata;
 mod serve;
 mod tokens;
 mod vms;
@@ -122,6 +123,7 @@ pub fn router(reg: Shared) -> Router {
             post(backup::import).layer(axum::extract::DefaultBodyLimit::max(IMPORT_LIMIT)),
         )
         .route("/v1/watch", get(watch))
+        .merge(metadata_routes())
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -132,6 +134,35 @@ pub fn router(reg: Shared) -> Router {
             ApiError::new(ErrorCode::BadRequest, "method not allowed on this endpoint")
         })
         .with_state(reg)
+}
+
+/// Metadata and credentials (issue #11).
+fn metadata_routes() -> Router<Shared> {
+    use metadata::*;
+    Router::new()
+        .route("/v1/jwks", get(jwks))
+        .route("/v1/signing-keys", get(list_signing_keys))
+        .route("/v1/signing-keys/rotate", post(rotate_signing_key))
+        .route("/v1/vms/{id}/metadata", get(vm_metadata))
+        .route("/v1/vms/{id}/access-token", post(access_token))
+        .route("/v1/vms/{id}/identity-token", post(identity_token))
+        .route(
+            "/v1/vms/{id}/guest-attributes/{namespace}/{key}",
+            put(put_guest_attribute),
+        )
+        .route(
+            "/v1/vms/{id}/attributes/{key}",
+            put(set_vm_attribute).delete(unset_vm_attribute),
+        )
+        .route("/v1/vms/{id}/scopes", put(set_vm_scopes))
+        .route(
+            "/v1/networks/{id}/project",
+            get(get_project).put(update_project),
+        )
+        .route(
+            "/v1/networks/{id}/project/attributes/{key}",
+            put(set_project_attribute).delete(unset_project_attribute),
+        )
 }
 
 async fn whoami(CertifiedCaller(id): CertifiedCaller) -> Json<Identity> {

@@ -129,6 +129,7 @@ pub(crate) fn check_name(what: &str, value: &str) -> Result<(), ApiError> {
 }
 
 mod host;
+pub mod metadata;
 mod network;
 mod policy;
 mod vm;

@@ -106,6 +106,7 @@ pub fn delete_network(
     for (generation, vm) in (model.generation + 1..).zip(vms) {
         ops.push(Op::DeleteVm(vm.id.clone()));
         ops.push(Op::DeleteSecret(SecretOwner::Vm(vm.id.clone())));
+        ops.extend(super::metadata::forget_vm_ops(model, &vm.id));
         ops.extend(release_vm_port_ops(model, vm, reuse));
         ops.push(Op::AppendChange(VmChange {
             generation,
@@ -126,6 +127,7 @@ pub fn delete_network(
         ops.push(Op::DeleteRule(r.id.clone()));
         cascaded.push(format!("rule/{}", r.id));
     }
+    ops.extend(super::metadata::forget_project_ops(model, id));
     ops.push(Op::DeleteNetwork(id.to_string()));
     Ok((
         ops,

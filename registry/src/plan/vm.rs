@@ -241,6 +241,7 @@ pub fn delete_vm(model: &Model, id: &str, reuse: PortReuse) -> Planned<Deleted> 
         Op::DeleteVm(id.to_string()),
         Op::DeleteSecret(SecretOwner::Vm(id.to_string())),
     ];
+    ops.extend(super::metadata::forget_vm_ops(model, id));
     ops.extend(release_vm_port_ops(model, vm, reuse));
     let mut gone = vm.clone();
     gone.endpoint = None;

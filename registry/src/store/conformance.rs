@@ -12,6 +12,8 @@ use crate::plan;
 use std::net::Ipv4Addr;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::api::*;
+use vnp_registry_client::jwt::JwtSigner;
+use vnp_registry_client::metadata::{Jwks, ProjectUpdate};
 
 /// One case: panics on a violation.
 pub type Case = fn(&dyn Store);
@@ -23,6 +25,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("deletes_and_trims", deletes_and_trims),
     ("cascade_in_one_commit", cascade_in_one_commit),
     ("port_quarantine_persists", port_quarantine_persists),
+    ("metadata_persists", metadata_persists),
 ];
 
 /// The planners' clock in this suite.
@@ -134,6 +137,52 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
         plan::create_vm(m, &gone, VmSecret::from_bytes([4; 32]), REUSE)
     });
     run(store, model, |m| plan::delete_vm(m, "gone", REUSE));
+    populate_metadata(store, model);
+}
+
+/// A signing key from a fixed scalar (the suite draws no randomness).
+fn signing_key(kid: &str, byte: u8, now: u64) -> plan::metadata::NewSigningKey {
+    let signer = JwtSigner::from_scalar(kid, &[byte; 32]).expect("scalar");
+    plan::metadata::NewSigningKey {
+        kid: kid.into(),
+        jwk: signer.jwk(),
+        private: VmSecret::from_bytes([byte; 32]),
+        now,
+    }
+}
+
+/// Attributes of VMs and a project, guest attributes, scopes, and two signing keys (one
+/// retired by a rotation).
+fn populate_metadata(store: &dyn Store, model: &mut Model) {
+    use plan::metadata as md;
+    run(store, model, |m| {
+        md::set_vm_attribute(m, "a", "role", Some("web"))
+    });
+    run(store, model, |m| {
+        md::put_guest_attribute(
+            m,
+            "h1",
+            "a",
+            "hostkeys",
+            "ssh-ed25519",
+            "ssh-ed25519 AAAAC3 a",
+        )
+    });
+    run(store, model, |m| {
+        md::set_vm_scopes(m, "b", &["s1".into(), "s2".into()])
+    });
+    let project = ProjectUpdate {
+        project_id: Some("acme".into()),
+        zone: Some("zone-b".into()),
+    };
+    run(store, model, |m| md::update_project(m, "n1", &project));
+    run(store, model, |m| {
+        md::set_project_attribute(m, "n1", "ssh-keys", Some("ops:ssh-ed25519 AAAA"))
+    });
+    let first = signing_key("k1", 7, REUSE.now);
+    assert!(run(store, model, |m| md::ensure_signing_key(m, &first)));
+    let second = signing_key("k2", 8, REUSE.now + 10);
+    run(store, model, |m| md::rotate_signing_key(m, &second, 630));
 }
 
 /// Everything a reload must give back.
@@ -148,6 +197,17 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.generation, expected.generation, "generation");
     assert_eq!(loaded.requests, expected.requests, "remembered writes");
     assert_eq!(loaded.quarantined, expected.quarantined, "port quarantines");
+    assert_eq!(loaded.meta.vms, expected.meta.vms, "VM metadata");
+    assert_eq!(loaded.meta.projects, expected.meta.projects, "projects");
+    assert_eq!(
+        loaded.meta.signing_keys, expected.meta.signing_keys,
+        "signing keys"
+    );
+    let mut signers: Vec<&String> = loaded.meta.signers.keys().collect();
+    signers.sort();
+    let mut want: Vec<&String> = expected.meta.signers.keys().collect();
+    want.sort();
+    assert_eq!(signers, want, "loaded signers");
     let mut owners: Vec<&SecretOwner> = loaded.secrets.keys().collect();
     owners.sort();
     let mut want: Vec<&SecretOwner> = expected.secrets.keys().collect();
@@ -274,7 +334,18 @@ pub fn cascade_in_one_commit(store: &dyn Store) {
     assert_eq!(deleted.cascaded.len(), 22 + 1 + 1, "{:?}", deleted.cascaded);
     let loaded = load(store);
     assert_same_state(&loaded, &model);
-    assert!(loaded.vms.is_empty() && loaded.networks.is_empty() && loaded.secrets.is_empty());
+    assert!(loaded.vms.is_empty() && loaded.networks.is_empty());
+    assert!(
+        loaded
+            .secrets
+            .keys()
+            .all(|o| matches!(o, SecretOwner::SigningKey(_))),
+        "only the signing keys outlive the network"
+    );
+    assert!(
+        loaded.meta.vms.is_empty() && loaded.meta.projects.is_empty(),
+        "metadata outlived its VMs and network"
+    );
     assert_eq!(loaded.hosts.len(), 2);
 }
 
@@ -330,4 +401,58 @@ pub fn port_quarantine_persists(store: &dyn Store) {
         "{:?}",
         loaded.quarantined
     );
+}
+
+/// Metadata survives a reload: a reloaded registry signs with the key that signed before
+/// (its private half comes back from the secrets), publishes the retired one, and forgets a
+/// VM's attributes with the VM.
+pub fn metadata_persists(store: &dyn Store) {
+    let mut model = load(store);
+    populate(store, &mut model);
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    let a = &loaded.meta.vms["a"];
+    assert_eq!(a.attributes["role"], "web");
+    assert_eq!(
+        a.guest_attributes["hostkeys/ssh-ed25519"],
+        "ssh-ed25519 AAAAC3 a"
+    );
+    assert_eq!(
+        loaded.meta.projects["n1"].project_id.as_deref(),
+        Some("acme")
+    );
+    let signer = loaded.meta.active_signer().expect("a signer after reload");
+    assert_eq!(signer.kid(), "k2");
+    let k1 = &loaded.meta.signing_keys["k1"];
+    assert_eq!(
+        (k1.retired_at, k1.published_until),
+        (Some(REUSE.now + 10), Some(REUSE.now + 640))
+    );
+    let jwks = Jwks {
+        keys: loaded
+            .meta
+            .signing_keys
+            .values()
+            .map(|k| k.jwk.clone())
+            .collect(),
+    };
+    let token = signer.sign(&serde_json::json!({"exp": 2_000_000_000u64}));
+    vnp_registry_client::jwt::verify(&token, &jwks, None, 1_900_000_000).expect("verifies");
+    // A rotation after k1's publication ended forgets k1, record and private half.
+    let third = signing_key("k3", 9, REUSE.now + 700);
+    run(store, &mut model, |m| {
+        plan::metadata::rotate_signing_key(m, &third, 630)
+    });
+    run(store, &mut model, |m| plan::delete_vm(m, "a", REUSE));
+    let loaded = load(store);
+    assert_same_state(&loaded, &model);
+    assert!(!loaded.meta.signing_keys.contains_key("k1"), "k1 kept");
+    assert!(!loaded
+        .secrets
+        .contains_key(&SecretOwner::SigningKey("k1".into())));
+    assert!(
+        !loaded.meta.vms.contains_key("a"),
+        "a's metadata outlived it"
+    );
+    assert_eq!(loaded.meta.active_signer().map(|s| s.kid()), Some("k3"));
 }

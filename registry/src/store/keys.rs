@@ -9,11 +9,13 @@
 //! | `P changes/<generation, 20 digits>` | a change-log entry's JSON (sorted by generation) |
 //! | `P requests/<idempotency key>` | the answer to a write that carried that key |
 //! | `P quarantine/<host>/<port>` | a host port's quarantine (JSON) |
+//! | `P metadata/vm/<id>`, `metadata/project/<network>`, `metadata/signing-key/<kid>` | a metadata record (JSON) |
+//! | `P secrets/sk/<kid>` | a signing key's private scalar, sealed like the VM secrets |
 //! | `P version` | bumped by every commit; commits compare its `mod_revision` |
 
 use super::sealing::KeyRing;
 use super::StoreError;
-use crate::model::{parse_port_key, port_key, Op, SecretEntry, SecretOwner};
+use crate::model::{parse_port_key, port_key, MetaKey, Op, SecretEntry, SecretOwner};
 use serde::Serialize;
 use vnp_protocol::token::VmSecret;
 use zeroize::Zeroize;
@@ -106,6 +108,8 @@ impl Layout {
             Op::ReleasePort(host, port) => {
                 Delete(self.record("quarantine", &port_key(host, *port)))
             }
+            Op::PutMeta(r) => Put(self.record("metadata", &r.key().key()), json(r)?),
+            Op::DeleteMeta(k) => Delete(self.record("metadata", &k.key())),
         })
     }
 
@@ -134,6 +138,7 @@ impl Layout {
             "changes" => Op::AppendChange(parse_json(key, value)?),
             "requests" => Op::RememberWrite(id.to_string(), parse_json(key, value)?),
             "quarantine" => Op::QuarantinePort(parse_json(key, value)?),
+            "metadata" => Op::PutMeta(parse_json(key, value)?),
             "secrets" => {
                 let owner =
                     SecretOwner::from_key(id).ok_or_else(|| corrupt("secret owner".into()))?;
@@ -173,6 +178,7 @@ impl Layout {
                 Op::ReleasePort(host, port)
             }
             "secrets" => Op::DeleteSecret(SecretOwner::from_key(&id)?),
+            "metadata" => Op::DeleteMeta(MetaKey::from_key(&id)?),
             // The log is trimmed from its oldest end: forgetting generation g forgets all
             // before it as well.
             "changes" => Op::TrimChanges(id.parse::<u64>().ok()?.checked_add(1)?),

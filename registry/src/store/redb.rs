@@ -25,6 +25,8 @@ const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 /// Key `<host>/<port>` -> the port's quarantine (JSON).
 const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
+/// Key `vm/<id>`, `project/<network>` or `signing-key/<kid>` -> the metadata record (JSON).
+const METADATA: TableDefinition<&str, &[u8]> = TableDefinition::new("metadata");
 /// Key `revision`: the number of commits so far (absent in files from before revisions).
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
@@ -63,7 +65,7 @@ impl RedbStore {
         let txn = db.begin_write().map_err(io)?;
         {
             for t in [
-                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS, QUARANTINE,
+                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, SECRETS, REQUESTS, QUARANTINE, METADATA,
             ] {
                 txn.open_table(t).map_err(io)?;
             }
@@ -214,6 +216,11 @@ impl Store for RedbStore {
                 .into_iter()
                 .map(Op::QuarantinePort),
         );
+        ops.extend(
+            read_json_table(&txn, METADATA, "metadata")?
+                .into_iter()
+                .map(Op::PutMeta),
+        );
         let mut model = Model::default();
         model.apply(&ops);
         model.revision = read_revision(&txn.open_table(META).map_err(io)?)?;
@@ -242,6 +249,7 @@ impl Store for RedbStore {
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
             let mut requests = txn.open_table(REQUESTS).map_err(io)?;
             let mut quarantine = txn.open_table(QUARANTINE).map_err(io)?;
+            let mut metadata = txn.open_table(METADATA).map_err(io)?;
             for op in ops {
                 match op {
                     Op::PutNetwork(n) => drop(
@@ -307,6 +315,12 @@ impl Store for RedbStore {
                             .remove(port_key(host, *port).as_str())
                             .map_err(io)?,
                     ),
+                    Op::PutMeta(r) => drop(
+                        metadata
+                            .insert(r.key().key().as_str(), json(r)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteMeta(k) => drop(metadata.remove(k.key().as_str()).map_err(io)?),
                 }
             }
         }
