@@ -85,7 +85,11 @@ pub fn build(md: &VmMetadata) -> Node {
         user_keys: true,
     };
     let instance = dir([
-        ("id", text(&i.id)),
+        // GCE's instance id is a number; the registry's is one in decimal.
+        (
+            "id",
+            i.id.parse().map_or_else(|_| text(&i.id), Node::Number),
+        ),
         ("name", text(&i.name)),
         ("hostname", text(&i.hostname)),
         ("zone", text(&i.zone)),
