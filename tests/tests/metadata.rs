@@ -85,7 +85,10 @@ fn metadata_served_to_real_guests() {
     let (_, out, err) = sh(&mut ga, &format!("nslookup {}", rec_a.hostname));
     assert!(out.contains(&rec_a.ip.to_string()), "{out}{err}");
     let (_, out, err) = sh(&mut ga, "nslookup example.com");
-    assert!(!out.contains("Address: 93."), "other names are refused: {out}{err}");
+    assert!(
+        !out.contains("Address: 93."),
+        "other names are refused: {out}{err}"
+    );
 
     step("metadata paths");
     assert_eq!(md_get(&mut ga, "instance/hostname"), rec_a.hostname);
@@ -103,7 +106,10 @@ fn metadata_served_to_real_guests() {
         serde_json::from_str(&md_get(&mut ga, "instance/?recursive=true")).unwrap();
     assert_eq!(json["name"], "vm-a");
     assert_eq!(json["attributes"]["role"], "db");
-    let (_, head, _) = sh(&mut ga, "wget -S -q -O /dev/null http://169.254.169.254/ 2>&1");
+    let (_, head, _) = sh(
+        &mut ga,
+        "wget -S -q -O /dev/null http://169.254.169.254/ 2>&1",
+    );
     assert!(head.contains("Metadata-Flavor: Google"), "GET / {head}");
 
     step("the caller is the port: vm-b reads its own metadata");
@@ -120,11 +126,8 @@ fn metadata_served_to_real_guests() {
 
     step("credentials, verified against the registry's JWKS");
     let jwks = c.registry(|r| r.jwks()).unwrap();
-    let tok: serde_json::Value = serde_json::from_str(&md_get(
-        &mut ga,
-        "instance/service-accounts/default/token",
-    ))
-    .unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_str(&md_get(&mut ga, "instance/service-accounts/default/token")).unwrap();
     assert_eq!(tok["token_type"], "Bearer");
     let access = tok["access_token"].as_str().unwrap();
     jwt::verify(access, &jwks, None, unix_now()).expect("access token verifies");
@@ -136,11 +139,8 @@ fn metadata_served_to_real_guests() {
         .expect("identity token verifies");
     eprintln!("  identity claims: {verified:?}");
     // Served from the host's cache the second time: the same token.
-    let again: serde_json::Value = serde_json::from_str(&md_get(
-        &mut ga,
-        "instance/service-accounts/default/token",
-    ))
-    .unwrap();
+    let again: serde_json::Value =
+        serde_json::from_str(&md_get(&mut ga, "instance/service-accounts/default/token")).unwrap();
     assert_eq!(again["access_token"], tok["access_token"]);
 
     step("a hanging GET returns within 1 s of an operator's change");
@@ -167,7 +167,10 @@ fn metadata_served_to_real_guests() {
     eprintln!("  hanging GET waited {waited:.2} s (change made at 3 s)");
     assert_eq!(body, "web");
     assert!(waited >= 2.5, "it did not hang: {waited}");
-    assert!(waited < 4.0, "not answered within 1 s of the change: {waited}");
+    assert!(
+        waited < 4.0,
+        "not answered within 1 s of the change: {waited}"
+    );
 
     step("a host key published with nc reaches the registry");
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvnpdtest";
@@ -181,7 +184,9 @@ fn metadata_served_to_real_guests() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let md = c.registry(|r| r.vm_metadata("vm-a", None)).unwrap();
     assert_eq!(
-        md.guest_attributes.get("hostkeys/ssh-ed25519").map(String::as_str),
+        md.guest_attributes
+            .get("hostkeys/ssh-ed25519")
+            .map(String::as_str),
         Some(key)
     );
     assert_eq!(
