@@ -5,6 +5,8 @@
 //! `nc` publishes an SSH host key that the registry then holds; refused: no header,
 //! `X-Forwarded-For`, malformed and oversize requests, requests past the rate limit. A second
 //! VM on the same host gets its own metadata, never the first one's: the caller is the port.
+//! Then a namespace guest (a TAP behind `vnp-tap-frontend`, the host kernel's stack) reads it
+//! with curl and Python's `urllib`.
 //!
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`); guests run
 //! under TCG. Run: `cargo test -p vnp-e2e --test metadata -- --nocapture`.
@@ -43,6 +45,26 @@ fn raw(g: &mut Guest, printf_fmt: &str) -> String {
     let cmd = format!("printf '{printf_fmt}' | timeout 10 nc 169.254.169.254 80");
     sh(g, &cmd).1
 }
+
+/// A client on Python's `urllib` (no proxies): the hostname, a token, the flavor header on the
+/// answer, and the status of a request without the header, as JSON.
+const URLLIB_CLIENT: &str = r#"
+import json, urllib.request, urllib.error
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+base = "http://169.254.169.254/computeMetadata/v1/"
+def get(path, headers):
+    with opener.open(urllib.request.Request(base + path, headers=headers), timeout=10) as r:
+        return r.headers.get("Metadata-Flavor"), r.read().decode()
+flavor, hostname = get("instance/hostname", {"Metadata-Flavor": "Google"})
+_, token = get("instance/service-accounts/default/token", {"Metadata-Flavor": "Google"})
+try:
+    get("instance/hostname", {})
+    forbidden = 200
+except urllib.error.HTTPError as e:
+    forbidden = e.code
+print(json.dumps({"flavor": flavor, "hostname": hostname, "forbidden": forbidden,
+                  "access_token": json.loads(token)["access_token"]}))
+"#;
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -226,6 +248,55 @@ fn metadata_served_to_real_guests() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(md_get(&mut ga, "instance/name"), "vm-a");
 
+    step("a namespace guest with a full Linux stack: curl and Python urllib");
+    c.create_vm("vm-c", 0, &[]).unwrap();
+    let att_c = c.attach(0, "vm-c").unwrap();
+    let gc = c.tap_guest(&att_c, false).unwrap();
+    let curl = |args: &[&str]| {
+        let out = gc
+            .netns()
+            .command("curl")
+            .args(["-sS", "--noproxy", "*", "-m", "10"])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let name = curl(&[
+        "-H",
+        "Metadata-Flavor: Google",
+        "http://169.254.169.254/computeMetadata/v1/instance/name",
+    ]);
+    assert_eq!(name, "vm-c", "curl: {}", c.logs());
+    let code = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://169.254.169.254/computeMetadata/v1/instance/name",
+    ]);
+    assert_eq!(code, "403", "curl without the header");
+    let out = gc
+        .netns()
+        .command("python3")
+        .args(["-c", URLLIB_CLIENT])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "urllib: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["flavor"], "Google");
+    assert_eq!(report["hostname"], att_c.hostname.as_str());
+    assert_eq!(report["forbidden"], 403);
+    let token = report["access_token"].as_str().unwrap();
+    let claims = jwt::verify(token, &jwks, None, unix_now()).expect("urllib's token verifies");
+    eprintln!("  urllib token claims: {claims:?}");
+
+    drop(gc);
     drop(ga);
     drop(gb);
     drop(c);
