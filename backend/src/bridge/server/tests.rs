@@ -327,3 +327,33 @@ fn dns_over_udp() {
     assert_eq!(m.answers.len(), 1);
     assert_eq!(counters.get("dns_answered"), 1);
 }
+
+#[test]
+fn a_token_near_expiry_is_not_served_and_a_new_one_is_minted() {
+    let (mut srv, counters) = server(BridgeLimits::default());
+    let mut g = Guest::new();
+    let path = "/computeMetadata/v1/instance/service-accounts/default/token";
+    let mint = |srv: &mut Server, g: &mut Guest, value: &str| {
+        let h = g.connect(srv);
+        g.send(srv, h, get(path).as_bytes());
+        assert_eq!(srv.take_jobs(), vec![Job::Access]);
+        let token = AccessToken {
+            access_token: value.into(),
+            expires_in: 2,
+            token_type: "Bearer".into(),
+        };
+        srv.job_done(JobDone::Access(Ok(token)), Instant::now());
+        g.pump(srv);
+        g.received(h)
+    };
+    assert!(mint(&mut srv, &mut g, "first").contains("\"first\""));
+    // Valid 2 s, served until 0.5 s before expiry: still served at once...
+    let h = g.connect(&mut srv);
+    g.send(&mut srv, h, get(path).as_bytes());
+    assert!(g.received(h).contains("\"first\""));
+    assert!(srv.take_jobs().is_empty());
+    // ...and after that, a new one is minted and served.
+    std::thread::sleep(Duration::from_millis(1600));
+    assert!(mint(&mut srv, &mut g, "second").contains("\"second\""));
+    assert_eq!(counters.get("tokens_minted"), 2);
+}
