@@ -244,6 +244,25 @@ fn metadata_served_to_real_guests() {
     let limited: u32 = count.trim().parse().unwrap_or(0);
     eprintln!("  {limited} of 300 pipelined requests answered 429");
     assert!(limited > 0, "no rate limit: {count}");
+    let bridge = |event: &str| {
+        c.metric(
+            0,
+            "vnpd_bridge_events_total",
+            &[("vm", "vm-a"), ("event", event)],
+        )
+        .unwrap()
+    };
+    assert!(bridge("http_forbidden") >= 2, "403s counted");
+    assert!(bridge("http_malformed") >= 1, "malformed counted");
+    assert!(bridge("http_oversize") >= 1, "oversize counted");
+    assert_eq!(
+        bridge("http_rate_limited"),
+        u64::from(limited),
+        "429s counted"
+    );
+    assert!(bridge("tokens_minted") >= 2);
+    assert_eq!(bridge("guest_attributes_written"), 1);
+    assert!(bridge("dns_answered") >= 2 && bridge("dns_refused") >= 1);
     // The guest can still ask once the rate refilled.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(md_get(&mut ga, "instance/name"), "vm-a");

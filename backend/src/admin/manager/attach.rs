@@ -193,6 +193,9 @@ impl Manager {
         persist: bool,
     ) -> Result<(), AdminFailure> {
         self.board.insert(vm_id, port.counters());
+        if let Some(bridge) = port.bridge_counters() {
+            self.board.insert_bridge(vm_id, bridge);
+        }
         self.attached.insert(
             vm_id.to_string(),
             Attached {
