@@ -143,6 +143,8 @@ impl NetIf {
                     tcp::SocketBuffer::new(vec![0; TCP_RX]),
                     tcp::SocketBuffer::new(vec![0; TCP_TX]),
                 );
+                // Responses are written whole: no reason to hold a segment back for an ACK.
+                s.set_nagle_enabled(false);
                 let _ = s.listen(HTTP_PORT);
                 sockets.add(s)
             })
