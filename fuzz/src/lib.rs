@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod edge;
+pub mod metadata_http;
 pub mod registry;
 pub mod seeds;
 pub mod views;
@@ -43,6 +44,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "admin_protocol",
         run: admin::run,
+    },
+    Target {
+        name: "metadata_http",
+        run: metadata_http::run,
     },
 ];
 

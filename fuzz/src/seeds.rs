@@ -36,6 +36,9 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
             text.as_bytes().to_vec(),
         );
     }
+    for (name, bytes) in crate::metadata_http::seeds() {
+        add("metadata_http", &name, bytes);
+    }
     for (i, text) in admin_seeds().iter().enumerate() {
         add(
             "admin_protocol",
