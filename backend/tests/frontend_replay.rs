@@ -198,8 +198,14 @@ fn cloud_hypervisor_conversation_carries_traffic_across_a_memory_update() {
     let b = Vm::start(&control, "rcb", 3);
     let mut guest = Guest::new(2);
     let mut r = replay(&a, CLOUD_HYPERVISOR, &guest, &conv::cloud_hypervisor_boot());
-    // vnpd takes MRG_RXBUF, EVENT_IDX, VERSION_1 and PROTOCOL_FEATURES of what it offers.
-    assert_eq!(r.acked, (1 << 15) | (1 << 29) | (1 << 30) | (1 << 32));
+    // vnpd takes MRG_RXBUF, EVENT_IDX, VERSION_1 and PROTOCOL_FEATURES of what it offers, and
+    // the IPv4 offloads CSUM (0), GUEST_CSUM (1), GUEST_TSO4 (7), GUEST_ECN (9), HOST_TSO4
+    // (11), HOST_ECN (13): never TSO6 (8, 12) or UFO (10, 14).
+    let offloads = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 9) | (1 << 11) | (1 << 13);
+    assert_eq!(
+        r.acked,
+        (1 << 15) | (1 << 29) | (1 << 30) | (1 << 32) | offloads
+    );
     assert_eq!(r.acked_protocol, 0xb, "MQ, LOG_SHMFD, REPLY_ACK");
     assert_eq!(r.queue_num, Some(2));
     // Every message after SET_PROTOCOL_FEATURES asked for a reply and got a zero ack.

@@ -20,6 +20,7 @@ use replay_frontend::conversations::{self as conv, DPDK_22_11};
 use replay_frontend::{Guest, Replay};
 use vnp_protocol::token::{Expiry, Token};
 use vnp_protocol::wire::options::ReturnToken;
+use vnpd::datapath::DataPathTuning;
 use vnpd::edge::ROUTER_MAC;
 use vnpd::metrics::counters::DropReason;
 
@@ -65,10 +66,20 @@ struct Pair {
 
 impl Pair {
     fn new(tag: &str) -> Pair {
+        Self::acking(tag, 0)
+    }
+
+    /// A pair whose sender's frontend also acks the feature bits `extra`.
+    fn acking(tag: &str, extra: u64) -> Pair {
+        Self::acking_with(tag, extra, DataPathTuning::default())
+    }
+
+    /// [`Pair::acking`], the sender's port started with `tuning`.
+    fn acking_with(tag: &str, extra: u64, tuning: DataPathTuning) -> Pair {
         let control = MintingControl::new();
-        let a = start_vm(&control, &format!("{tag}a"), 2, 1);
+        let a = start_vm_with(&control, &format!("{tag}a"), 2, 1, tuning);
         let b = start_vm(&control, &format!("{tag}b"), 3, 1);
-        let fa = TestFrontend::connect(&a.socket, 1);
+        let fa = TestFrontend::connect_acking(&a.socket, 1, extra);
         let mut fb = TestFrontend::connect(&b.socket, 1);
         fb.post_rx(0, 200, 2048);
         let mut p = Pair {
@@ -350,6 +361,313 @@ fn malformed_tx_chains_and_headers_are_counted_and_the_ring_keeps_serving() {
         p.carries(what);
     }
     assert_eq!(p.a.drops(DropReason::TxRingBroken), 0);
+}
+
+/// Feature bits CSUM (0), HOST_TSO4 (11) and HOST_ECN (13).
+const TX_OFFLOADS: u64 = 1 << 0 | 1 << 11 | 1 << 13;
+
+/// An Ethernet frame of A holding a TCP/IPv4 packet to `to` with 12 option bytes and
+/// `payload`, its checksum field holding the pseudo-header sum (a partial checksum, as Linux
+/// leaves it), flags ACK|PSH.
+fn tcp_frame(a: &Vm, to: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    use vnp_protocol::wire::{checksum, ipv4, tcp};
+    let total = 20 + 32 + payload.len();
+    let mut p = vec![0u8; total];
+    {
+        let mut ip = ipv4::Packet::new_unchecked(&mut p[..20]);
+        ip.set_version_and_header_len(20);
+        ip.set_total_len(total as u16);
+        ip.set_ident(100);
+        ip.set_unfragmented(true);
+        ip.set_ttl(64);
+        ip.set_protocol(6);
+        ip.set_src_addr(a.ip);
+        ip.set_dst_addr(to);
+        ip.fill_checksum();
+    }
+    let mut t = tcp::Packet::new_unchecked(&mut p[20..52]);
+    t.set_src_port(40000);
+    t.set_dst_port(5201);
+    t.set_seq_number(1_000_000);
+    t.set_ack_number(1);
+    t.set_header_len(32);
+    t.set_flags(tcp::flags::ACK | tcp::flags::PSH);
+    t.set_window_len(500);
+    t.set_stored_checksum(checksum::pseudo_header(
+        a.ip,
+        to,
+        6,
+        (32 + payload.len()) as u16,
+    ));
+    p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+    p[52..].copy_from_slice(payload);
+    ethernet(ROUTER_MAC, a.mac, 0x0800, &p)
+}
+
+/// A virtio-net header asking for a TCP checksum (and, with `mss`, TSO).
+fn offload_header(mss: Option<u16>) -> vnp_protocol::wire::virtio_net::Repr {
+    use vnp_protocol::wire::virtio_net::{flags, gso, Repr};
+    Repr {
+        flags: flags::NEEDS_CSUM,
+        gso_type: if mss.is_some() { gso::TCPV4 } else { gso::NONE },
+        hdr_len: 66,
+        gso_size: mss.unwrap_or(0),
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    }
+}
+
+/// The inner TCP segments B received (after the virtio-net and Ethernet headers), each with
+/// complete, valid IPv4 and TCP checksums.
+fn tcp_segments(got: &[(u16, u32, Vec<u8>)], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<Vec<u8>> {
+    use vnp_protocol::wire::{checksum, ipv4, tcp};
+    got.iter()
+        .map(|(_, len, data)| {
+            let inner = &data[VNET_HDR + 14..*len as usize];
+            let ip = ipv4::Packet::new_checked(inner).unwrap();
+            assert_eq!(ip.total_len(), inner.len());
+            assert_eq!(checksum::checksum(&inner[..20]), 0, "IPv4 checksum");
+            let t = tcp::Packet::new_checked(&inner[20..]).unwrap();
+            assert!(t.verify_checksum(src, dst), "TCP checksum");
+            inner.to_vec()
+        })
+        .collect()
+}
+
+#[test]
+fn offloaded_frames_leave_complete_and_bad_offload_headers_are_counted() {
+    use vnp_protocol::wire::tcp;
+    use vnp_protocol::wire::virtio_net::{flags, gso, Repr};
+    let mut p = Pair::acking("ho", TX_OFFLOADS);
+    assert_eq!(p.fa.features & TX_OFFLOADS, TX_OFFLOADS, "vnpd offers them");
+    let payload: Vec<u8> = (0..3001u32).map(|i| (i * 7 + 1) as u8).collect();
+    let frame = tcp_frame(&p.a, p.b.ip, &payload);
+
+    // A partial checksum, the frame spread over descriptors cut at odd offsets: completed.
+    let (s0, s1, s2) = (p.fa.scratch(40), p.fa.scratch(43), p.fa.scratch(47));
+    let small = tcp_frame(&p.a, p.b.ip, &payload[..1001]);
+    p.fa.write(s0, &offload_header(None).to_bytes());
+    p.fa.write(s1, &small[..101]);
+    p.fa.write(s2, &small[101..]);
+    p.send_chain(&[
+        d(s0, VNET_HDR as u32, false, Next::Rel(1)),
+        d(s1, 101, false, Next::Rel(2)),
+        d(s2, (small.len() - 101) as u32, false, Next::End),
+    ]);
+    let got = p.fb.recv(0, 1, T);
+    let segs = tcp_segments(&got, p.a.ip, p.b.ip);
+    assert_eq!(segs.len(), 1);
+    assert_eq!(
+        &segs[0][..36],
+        &small[14..50],
+        "headers but the checksum unchanged"
+    );
+    assert_eq!(&segs[0][52..], &payload[..1001], "payload unchanged");
+    assert_eq!(p.a.drops(DropReason::TxOversize), 0);
+
+    // TSO: MTU-sized segments, each with its own headers, in order.
+    p.fa.write(s0, &offload_header(Some(1000)).to_bytes());
+    p.fa.write(s1, &frame[..101]);
+    p.fa.write(s2, &frame[101..]);
+    p.send_chain(&[
+        d(s0, VNET_HDR as u32, false, Next::Rel(1)),
+        d(s1, 101, false, Next::Rel(2)),
+        d(s2, (frame.len() - 101) as u32, false, Next::End),
+    ]);
+    let got = p.fb.recv(0, 4, T);
+    let segs = tcp_segments(&got, p.a.ip, p.b.ip);
+    assert_eq!(segs.len(), 4);
+    let mut joined = Vec::new();
+    for (i, s) in segs.iter().enumerate() {
+        let t = tcp::Packet::new_checked(&s[20..]).unwrap();
+        assert_eq!(t.seq_number(), 1_000_000 + 1000 * i as u32);
+        assert_eq!(
+            t.flags() & tcp::flags::PSH != 0,
+            i == 3,
+            "PSH on the last only"
+        );
+        assert_eq!(u16::from_be_bytes([s[4], s[5]]), 100 + i as u16, "IP id");
+        joined.extend_from_slice(t.payload());
+    }
+    assert_eq!(joined, payload);
+    p.fa.wait_tx_completed(0, p.sent, T);
+    let c = p.a.port.counters().snapshot();
+    assert_eq!((c.tx_csum_frames, c.tx_tso_frames), (1, 1));
+
+    // Every guest-controlled field that does not fit the packet: counted, dropped.
+    let tso = offload_header(Some(1000));
+    let attacks: Vec<(&str, DropReason, Repr)> = vec![
+        (
+            "DATA_VALID on TX",
+            DropReason::TxBadVnetFlags,
+            Repr {
+                flags: flags::NEEDS_CSUM | flags::DATA_VALID,
+                ..tso
+            },
+        ),
+        (
+            "unknown flag",
+            DropReason::TxBadVnetFlags,
+            Repr { flags: 0x81, ..tso },
+        ),
+        (
+            "GSO_UDP (UFO)",
+            DropReason::TxBadGsoType,
+            Repr {
+                gso_type: gso::UDP,
+                ..tso
+            },
+        ),
+        (
+            "GSO_TCPV6",
+            DropReason::TxBadGsoType,
+            Repr {
+                gso_type: gso::TCPV6,
+                ..tso
+            },
+        ),
+        (
+            "GSO_UDP_L4",
+            DropReason::TxBadGsoType,
+            Repr {
+                gso_type: gso::UDP_L4,
+                ..tso
+            },
+        ),
+        (
+            "GSO without NEEDS_CSUM",
+            DropReason::TxBadGsoType,
+            Repr { flags: 0, ..tso },
+        ),
+        (
+            "csum_start beyond the frame",
+            DropReason::TxBadCsumStart,
+            Repr {
+                csum_start: 0xfff0,
+                ..tso
+            },
+        ),
+        (
+            "csum_start in the IP header",
+            DropReason::TxBadCsumStart,
+            Repr {
+                csum_start: 14,
+                ..tso
+            },
+        ),
+        (
+            "csum_start in the payload",
+            DropReason::TxBadCsumStart,
+            Repr {
+                csum_start: 70,
+                ..tso
+            },
+        ),
+        (
+            "csum_offset beyond the frame",
+            DropReason::TxBadCsumOffset,
+            Repr {
+                csum_offset: 0xfff0,
+                ..tso
+            },
+        ),
+        (
+            "csum_offset not the TCP field",
+            DropReason::TxBadCsumOffset,
+            Repr {
+                csum_offset: 6,
+                ..tso
+            },
+        ),
+        (
+            "gso_size 0",
+            DropReason::TxBadGsoSize,
+            Repr { gso_size: 0, ..tso },
+        ),
+        (
+            "gso_size 1: 3000 segments",
+            DropReason::TxBadGsoSize,
+            Repr { gso_size: 1, ..tso },
+        ),
+        (
+            "gso_size beyond the MTU",
+            DropReason::TxBadGsoSize,
+            Repr {
+                gso_size: 1401,
+                ..tso
+            },
+        ),
+        (
+            "hdr_len beyond the frame",
+            DropReason::TxBadHdrLen,
+            Repr {
+                hdr_len: 0xffff,
+                ..tso
+            },
+        ),
+    ];
+    for (what, reason, header) in attacks {
+        let before = p.a.drops(reason);
+        p.fa.send_with_header(0, header.to_bytes(), &frame);
+        p.sent += 1;
+        counted(&p.a, reason, before + 1);
+        p.carries(what);
+    }
+    // A checksum request on a packet that is not TCP/UDP (ICMP), or whose IPv4 length lies.
+    let mut icmp = frame.clone();
+    icmp[14 + 9] = 1;
+    let mut lying = frame.clone();
+    lying[14 + 2..14 + 4].copy_from_slice(&2000u16.to_be_bytes());
+    for (what, bad) in [("ICMP", icmp), ("IPv4 length", lying)] {
+        let before = p.a.drops(DropReason::TxBadOffloadHeaders);
+        p.fa.send_with_header(0, tso.to_bytes(), &bad);
+        p.sent += 1;
+        counted(&p.a, DropReason::TxBadOffloadHeaders, before + 1);
+        p.carries(what);
+    }
+    assert_eq!(p.a.drops(DropReason::TxRingBroken), 0);
+}
+
+/// A 64 KB TSO frame: with UDP GSO two messages of one `sendmmsg` (44 + 2 segments, each
+/// message under 64 KB), without it (as on a kernel before 4.18) one datagram per segment. The
+/// receiver sees the same 46 complete segments either way.
+#[test]
+fn a_64_kb_tso_frame_arrives_as_46_segments_with_and_without_udp_gso() {
+    use vnp_protocol::wire::tcp;
+    for udp_gso in [true, false] {
+        let tuning = DataPathTuning {
+            udp_gso,
+            ..DataPathTuning::default()
+        };
+        let tag = if udp_gso { "hg" } else { "hn" };
+        let mut p = Pair::acking_with(tag, TX_OFFLOADS, tuning);
+        let payload: Vec<u8> = (0..64000u32).map(|i| (i * 11 + 5) as u8).collect();
+        let frame = tcp_frame(&p.a, p.b.ip, &payload);
+        p.fa.send_with_header(0, offload_header(Some(1400)).to_bytes(), &frame);
+        p.sent += 1;
+        let got = p.fb.recv(0, 46, T);
+        let segs = tcp_segments(&got, p.a.ip, p.b.ip);
+        assert_eq!(segs.len(), 46, "udp_gso {udp_gso}");
+        let joined: Vec<u8> = segs
+            .iter()
+            .flat_map(|s| {
+                tcp::Packet::new_checked(&s[20..])
+                    .unwrap()
+                    .payload()
+                    .to_vec()
+            })
+            .collect();
+        assert_eq!(joined, payload, "udp_gso {udp_gso}");
+        let c = p.a.port.counters().snapshot();
+        assert_eq!(
+            (c.tx_tso_frames, c.tx_packets),
+            (1, 1 + 46),
+            "udp_gso {udp_gso}"
+        );
+        assert_eq!(c.drops(DropReason::TxSendError), 0);
+        p.carries("a 64 KB TSO frame");
+    }
 }
 
 /// A datagram from `raw` for `to` with a valid token.

@@ -67,6 +67,8 @@ pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
         ("token_requests", s.token_requests),
         ("token_requests_throttled", s.token_requests_throttled),
         ("return_tokens_learned", s.return_tokens_learned),
+        ("tx_csum_frames", s.tx_csum_frames),
+        ("tx_tso_frames", s.tx_tso_frames),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -275,6 +275,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, 1],
             mtu: 1500,
             max_queue_size: 256,
+            offloads: true,
         };
         let mem = GuestMemoryAtomic::new(GuestMem::new());
         let device =

@@ -88,6 +88,7 @@ struct RawConfig {
     token_clock_skew_secs: Option<u32>,
     token_max_ttl_secs: Option<u32>,
     accept_never_expiring_tokens: Option<bool>,
+    offloads: Option<bool>,
     #[serde(default)]
     registry: RegistryConfig,
     #[serde(default)]
@@ -124,6 +125,10 @@ token_clock_skew_secs = 5
 token_max_ttl_secs = 3600
 # Accept tokens that never expire: only for a registry run with --token-ttl 0.
 accept_never_expiring_tokens = false
+# Offer guests checksum and TCP segmentation offloads (CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4,
+# HOST_ECN, GUEST_ECN; IPv4 only). Off: guests hand over and receive complete packets of at most
+# the MTU, one per ring entry. Takes effect for VMs attached (or frontends connecting) after.
+offloads = true
 
 [registry]
 # url = "https://198.18.0.1:7443"
@@ -176,6 +181,8 @@ pub struct VnpdConfig {
     pub token_max_ttl_secs: u32,
     /// Whether tokens that never expire are accepted.
     pub accept_never_expiring_tokens: bool,
+    /// Offer guests checksum and segmentation offloads (`offloads`).
+    pub offloads: bool,
     /// Registry URL.
     pub registry_url: String,
     /// Registry CA certificate.
@@ -244,6 +251,7 @@ fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
         accept_never_expiring_tokens: over
             .accept_never_expiring_tokens
             .or(base.accept_never_expiring_tokens),
+        offloads: over.offloads.or(base.offloads),
         registry: RegistryConfig {
             url: over.registry.url.or(base.registry.url),
             ca_cert: over.registry.ca_cert.or(base.registry.ca_cert),
@@ -347,6 +355,7 @@ impl VnpdConfig {
             token_clock_skew_secs,
             token_max_ttl_secs,
             accept_never_expiring_tokens: raw.accept_never_expiring_tokens.unwrap_or(false),
+            offloads: raw.offloads.unwrap_or(true),
             registry_url: registry.url,
             registry_ca_cert: registry.ca_cert,
             registry_client_cert: registry.client_cert,
@@ -520,6 +529,9 @@ client_key = "/etc/vnp/host-key.pem"
             c.default_socket_path("vm1"),
             PathBuf::from("/run/vnp/sockets/vm1.sock")
         );
+        assert!(c.offloads, "offloads are on by default");
+        let off = load(&format!("offloads = false\n{MINIMAL}")).unwrap();
+        assert!(!off.offloads);
     }
 
     #[test]

@@ -22,12 +22,15 @@
 pub mod edge_link;
 pub mod frame;
 pub mod handoff;
+pub mod offload_batch;
 pub mod peers;
 pub mod port;
 pub mod rx;
 pub mod rx_check;
 pub mod serve;
+pub mod tso;
 pub mod tx;
+pub mod tx_offload;
 pub mod udp;
 pub mod vhost_socket;
 pub mod worker;

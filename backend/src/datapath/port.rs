@@ -37,6 +37,11 @@ pub struct DataPathTuning {
     pub max_queue_size: u16,
     /// Owner, group and mode of the vhost-user socket.
     pub socket_access: SocketAccess,
+    /// Offer the guest checksum and segmentation offloads (vnpd's `offloads` setting).
+    pub offloads: bool,
+    /// Send TSO segments with UDP GSO when the kernel has it (false: one datagram per segment,
+    /// the path taken on kernels without it; for tests).
+    pub udp_gso: bool,
 }
 
 impl Default for DataPathTuning {
@@ -46,6 +51,8 @@ impl Default for DataPathTuning {
             pending: PendingLimits::default(),
             max_queue_size: 1024,
             socket_access: SocketAccess::default(),
+            offloads: true,
+            udp_gso: true,
         }
     }
 }
@@ -73,6 +80,10 @@ pub struct PortCore {
     pub(crate) rx_ctx: RxContext,
     pub(crate) queue_pairs: u16,
     pub(crate) max_queue_size: u16,
+    /// Offer the guest checksum and segmentation offloads.
+    pub(crate) offloads: bool,
+    /// The kernel takes `UDP_SEGMENT` (UDP GSO) on this port's sockets.
+    pub(crate) udp_gso: bool,
     /// One per queue pair: packets that waited for a token, for that pair's worker to send.
     pub(crate) handoffs: Vec<Handoff>,
     edge: EdgeLink,
@@ -279,6 +290,7 @@ impl VmPort {
         let want = SocketAddrV4::new(att.host_addr, att.udp_port);
         let (sockets, local) = udp::bind_port_sockets(want, usize::from(att.queue_pairs))
             .map_err(|source| PortError::Udp { addr: want, source })?;
+        let udp_gso = tuning.offloads && tuning.udp_gso && udp::supports_gso(&sockets[0]);
         // Created with its configured access every time, whatever the umask.
         let mut listener = vhost_socket::bind(&att.socket_path, tuning.socket_access)
             .map(Listener::from)
@@ -311,6 +323,8 @@ impl VmPort {
             },
             queue_pairs: att.queue_pairs,
             max_queue_size: tuning.max_queue_size,
+            offloads: tuning.offloads,
+            udp_gso,
             handoffs,
             edge,
             device_start,

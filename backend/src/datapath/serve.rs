@@ -26,6 +26,7 @@ fn new_daemon(core: &Arc<PortCore>) -> Option<(VhostUserDaemon<Arc<Device>>, Arc
         mac: core.mac,
         mtu: core.net.mtu,
         max_queue_size: core.max_queue_size,
+        offloads: core.offloads,
     };
     let workers = (0..usize::from(core.queue_pairs.max(1)))
         .map(|pair| PairWorker::new(core.clone(), pair))

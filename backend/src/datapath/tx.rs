@@ -32,11 +32,11 @@ const MAX_EDGE_FRAME: usize = 1514;
 
 /// The clocks of one batch.
 #[derive(Debug, Clone, Copy)]
-struct Now {
+pub(super) struct Now {
     /// Unix seconds (token expiries).
-    unix: u32,
+    pub(super) unix: u32,
     /// Monotonic (pending-queue retries).
-    mono: Instant,
+    pub(super) mono: Instant,
 }
 
 impl PairWorker {
@@ -75,7 +75,9 @@ impl PairWorker {
         }
         // Packets that waited for a token leave before anything of this batch (see handoff).
         self.send_handed_off(false);
+        // At most one of the two holds messages: adding to one flushes the other (order).
         self.send_tx_batch();
+        self.send_offload_batch();
         {
             let mut state = tx.get_mut();
             for head in &self.tx_heads {
@@ -139,12 +141,9 @@ impl PairWorker {
             self.core.counters.drop_packet(DropReason::TxBadChain);
             return;
         }
-        // flags and gso_type: no offload was negotiated, so a packet whose header asks for
-        // one (a checksum left to fill in, a super-packet) is not a complete packet.
+        // flags and gso_type: a checksum left to fill in or a super-packet (validated there).
         if head[0] != 0 || head[1] != 0 {
-            self.core
-                .counters
-                .drop_packet(DropReason::TxOffloadRequested);
+            self.tx_offloaded(view, frame_len, now);
             return;
         }
         let prefix = &head[hdr..hdr + want];
@@ -162,7 +161,7 @@ impl PairWorker {
     }
 
     /// Keeps a copy of an ARP/DHCP frame, answered after the batch is sent.
-    fn copy_for_edge(&mut self, view: GuestView<'_>, frame_len: usize) {
+    pub(super) fn copy_for_edge(&mut self, view: GuestView<'_>, frame_len: usize) {
         if frame_len > MAX_EDGE_FRAME {
             self.core.counters.drop_packet(DropReason::TxEdgeRefused);
             return;
@@ -185,6 +184,11 @@ impl PairWorker {
         let Some((info, with_return)) = self.peer_or_queue(view, dst, total_len, now) else {
             return;
         };
+        // Packets of one TX queue leave in order: offloaded ones added before go first.
+        if !self.tx_offload.is_empty() {
+            self.send_handed_off(false);
+            self.send_offload_batch();
+        }
         let core = &*self.core;
         let batch = &mut self.tx_batch;
         let msg = batch.open(udp::sockaddr_in(info.endpoint));
@@ -223,23 +227,10 @@ impl PairWorker {
         total_len: usize,
         now: Now,
     ) -> Option<(SendInfo, bool)> {
-        if let Some((last, info)) = self.tx_last_peer {
-            if last == dst {
-                return Some((info, false));
-            }
+        if let Some(found) = self.known_peer(dst, total_len, true, now) {
+            return Some(found);
         }
         let core = &*self.core;
-        // The option must still fit the guest MTU, so the outer datagram fits the underlay.
-        let fits = total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu);
-        let found = core
-            .peers
-            .view()
-            .get(dst, now.unix)
-            .map(|e| (e.send_info(), fits && e.claim_return_token(now.unix)));
-        if let Some((info, _)) = found {
-            self.tx_last_peer = Some((dst, info));
-            return found;
-        }
         let inner = self.features.vnet_hdr_len + ETH_HLEN;
         let segs = self.tx_chain.segs();
         let outcome = core.peers.enqueue(dst, self.pair, now.unix, now.mono, || {
@@ -258,8 +249,37 @@ impl PairWorker {
         }
     }
 
+    /// The send parameters for `dst` if there is a usable token, and whether this packet
+    /// carries a return token (only when `may_carry_option` and it fits).
+    pub(super) fn known_peer(
+        &mut self,
+        dst: Ipv4Addr,
+        total_len: usize,
+        may_carry_option: bool,
+        now: Now,
+    ) -> Option<(SendInfo, bool)> {
+        if let Some((last, info)) = self.tx_last_peer {
+            if last == dst {
+                return Some((info, false));
+            }
+        }
+        let core = &*self.core;
+        // The option must still fit the guest MTU, so the outer datagram fits the underlay.
+        let fits =
+            may_carry_option && total_len + ReturnToken::WIRE_LEN <= usize::from(core.net.mtu);
+        let found = core
+            .peers
+            .view()
+            .get(dst, now.unix)
+            .map(|e| (e.send_info(), fits && e.claim_return_token(now.unix)));
+        if let Some((info, _)) = found {
+            self.tx_last_peer = Some((dst, info));
+        }
+        found
+    }
+
     /// One `sendmmsg` for the batch; counts what the kernel took and refused.
-    fn send_tx_batch(&mut self) {
+    pub(super) fn send_tx_batch(&mut self) {
         if self.tx_batch.is_empty() {
             return;
         }

@@ -69,6 +69,70 @@ pub fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
     })
 }
 
+/// Whether the kernel knows UDP GSO (`UDP_SEGMENT`, Linux 4.18) on `socket`.
+pub fn supports_gso(socket: &UdpSocket) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals of the sizes given; the kernel writes at most
+    // `len` bytes into `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    rc == 0
+}
+
+/// One `UDP_SEGMENT` control message: the segment size of a UDP GSO send, laid out as the
+/// kernel reads it (`cmsghdr`, then the data at `CMSG_ALIGN(sizeof(cmsghdr))`).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct GsoControl {
+    hdr: libc::cmsghdr,
+    segment_size: u16,
+}
+
+impl std::fmt::Debug for GsoControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GsoControl")
+            .field("segment_size", &self.segment_size)
+            .finish()
+    }
+}
+
+impl Default for GsoControl {
+    fn default() -> Self {
+        Self {
+            hdr: libc::cmsghdr {
+                cmsg_len: 0,
+                cmsg_level: 0,
+                cmsg_type: 0,
+            },
+            segment_size: 0,
+        }
+    }
+}
+
+impl GsoControl {
+    /// `CMSG_LEN(2)`: the header and two bytes of data.
+    const LEN: usize = std::mem::size_of::<libc::cmsghdr>() + 2;
+
+    /// Fills in the control message for segments of `segment_size` bytes and points `hdr` at
+    /// it. `self` must not move until the system call that uses `hdr` has returned.
+    pub fn attach(&mut self, hdr: &mut libc::msghdr, segment_size: u16) {
+        self.hdr.cmsg_len = Self::LEN as _;
+        self.hdr.cmsg_level = libc::SOL_UDP;
+        self.hdr.cmsg_type = libc::UDP_SEGMENT;
+        self.segment_size = segment_size;
+        hdr.msg_control = (self as *mut Self).cast();
+        hdr.msg_controllen = std::mem::size_of::<Self>() as _;
+    }
+}
+
 /// Sends every message of `msgs` with `sendmmsg`, retrying after partial sends. A message the
 /// kernel refuses is skipped; returns how many were sent.
 ///
@@ -76,6 +140,19 @@ pub fn from_sockaddr_in(sa: &libc::sockaddr_in) -> Option<SocketAddrV4> {
 /// Every pointer in `msgs` (names, iovec arrays, iovec bases) must be valid for reads of the
 /// given lengths for the duration of the call.
 pub unsafe fn send_all(socket: &UdpSocket, msgs: &mut [libc::mmsghdr]) -> (usize, usize) {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { send_all_with(socket, msgs, |_, _| {}) }
+}
+
+/// [`send_all`], calling `refused(index, error)` for each message the kernel refused.
+///
+/// # Safety
+/// As for [`send_all`].
+pub unsafe fn send_all_with(
+    socket: &UdpSocket,
+    msgs: &mut [libc::mmsghdr],
+    mut refused: impl FnMut(usize, &io::Error),
+) -> (usize, usize) {
     let fd = socket.as_raw_fd();
     let mut start = 0usize;
     let mut sent = 0usize;
@@ -97,6 +174,7 @@ pub unsafe fn send_all(socket: &UdpSocket, msgs: &mut [libc::mmsghdr]) -> (usize
             }
             // This message cannot be sent (e.g. no route): skip it.
             log::debug!("sendmmsg: {err}");
+            refused(start, &err);
             failed += 1;
             start += 1;
             continue;
@@ -154,5 +232,28 @@ mod tests {
         }
         let sa = sockaddr_in(addr);
         assert_eq!(from_sockaddr_in(&sa), Some(addr));
+    }
+
+    #[test]
+    fn gso_control_has_the_kernels_layout() {
+        // SAFETY: pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE(2) } as usize;
+        // SAFETY: pure arithmetic.
+        let len = unsafe { libc::CMSG_LEN(2) } as usize;
+        assert_eq!(std::mem::size_of::<GsoControl>(), space);
+        assert_eq!(GsoControl::LEN, len);
+        let mut control = GsoControl::default();
+        // SAFETY: msghdr is a plain C struct for which all-zero bytes is a valid value.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        control.attach(&mut hdr, 1472);
+        // SAFETY: `hdr` points at `control`, alive; CMSG_FIRSTHDR only reads the header.
+        let first = unsafe { libc::CMSG_FIRSTHDR(&hdr) };
+        assert_eq!(first.cast::<GsoControl>(), &mut control as *mut GsoControl);
+        // SAFETY: `first` is `control`'s header, alive.
+        let data = unsafe { libc::CMSG_DATA(first) };
+        assert_eq!(
+            data as usize - first as usize,
+            std::mem::size_of::<libc::cmsghdr>()
+        );
     }
 }

@@ -21,6 +21,7 @@ use vnp_protocol::wire::{VnpRepr, HEADER_LEN};
 
 use super::frame::ETH_HLEN;
 use super::handoff::HandedOff;
+use super::offload_batch::OffloadBatch;
 use super::peers::SendInfo;
 use super::port::{unix_now, PortCore};
 use crate::device::features::rx_vnet_header;
@@ -80,6 +81,10 @@ pub struct PairWorker {
     pub(super) tx_chain: TxChain,
     pub(super) tx_heads: Vec<u16>,
     pub(super) tx_batch: TxBatch,
+    /// Offloaded frames (checksum completed, TSO segments), sent in their own `sendmmsg`.
+    pub(super) tx_offload: OffloadBatch,
+    /// Send TSO segments with UDP GSO (off when the kernel lacks or refuses it).
+    pub(super) udp_gso: bool,
     pub(super) tx_edge: Vec<Vec<u8>>,
     /// The last destination of this TX batch and its send parameters (consecutive packets
     /// mostly go to the same peer).
@@ -157,6 +162,7 @@ impl QueuePairHandler for PairWorker {
 impl PairWorker {
     /// A worker for queue pair `pair`.
     pub fn new(core: Arc<PortCore>, pair: usize) -> Self {
+        let udp_gso = core.udp_gso;
         Self {
             core,
             pair,
@@ -172,6 +178,8 @@ impl PairWorker {
             tx_chain: TxChain::new(),
             tx_heads: Vec::with_capacity(TX_BATCH),
             tx_batch: TxBatch::with_capacity(TX_BATCH, 4),
+            tx_offload: OffloadBatch::default(),
+            udp_gso,
             tx_edge: Vec::new(),
             tx_last_peer: None,
             rx_batch: RxBatch::with_capacity(RX_BATCH, 4),
@@ -279,7 +287,7 @@ impl PairWorker {
     }
 
     /// Sends one copied packet (off the hot path: one `send_to`).
-    fn send_copied(&self, p: HandedOff, now: u32) {
+    pub(super) fn send_copied(&self, p: HandedOff, now: u32) {
         let core = &*self.core;
         let mut options = [0u8; ReturnToken::WIRE_LEN];
         let mut options_len = 0;

@@ -16,17 +16,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::VhostUserBackend;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vnp_protocol::wire::virtio_net::TxAllowed;
 
 use super::features::{
-    config_space, config_window, device_features, has_feature, protocol_features, vnet_header_len,
-    CONFIG_LEN, VHOST_F_LOG_ALL,
+    config_space, config_window, device_features, has_feature, protocol_features, tx_allowed,
+    vnet_header_len, CONFIG_LEN, VHOST_F_LOG_ALL,
 };
 use crate::ring::{GuestMem, GuestView, Vring};
 
@@ -42,6 +46,15 @@ pub struct Negotiated {
     /// `VIRTIO_RING_F_INDIRECT_DESC`: chains may refer to indirect descriptor tables. Never
     /// offered today, so always false; chains that use one anyway are dropped.
     pub indirect_desc: bool,
+    /// What TX headers may ask for (`CSUM`, `HOST_TSO4`, `HOST_ECN`).
+    pub tx_offload: TxAllowed,
+    /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts frames with a partial checksum or
+    /// `DATA_VALID`.
+    pub guest_csum: bool,
+    /// `VIRTIO_NET_F_GUEST_TSO4`: the driver accepts TCP/IPv4 super-packets.
+    pub guest_tso4: bool,
+    /// `VIRTIO_NET_F_GUEST_ECN`: ... with the ECN bit.
+    pub guest_ecn: bool,
 }
 
 impl Default for Negotiated {
@@ -51,6 +64,10 @@ impl Default for Negotiated {
             mrg_rxbuf: false,
             log_all: false,
             indirect_desc: false,
+            tx_offload: TxAllowed::default(),
+            guest_csum: false,
+            guest_tso4: false,
+            guest_ecn: false,
         }
     }
 }
@@ -141,6 +158,8 @@ pub struct DeviceConfig {
     pub mtu: u16,
     /// Largest virtqueue the device accepts.
     pub max_queue_size: u16,
+    /// Offer the checksum and segmentation offloads (`features::OFFLOAD_FEATURES`).
+    pub offloads: bool,
 }
 
 /// The device of one VM for one frontend connection.
@@ -150,6 +169,7 @@ pub struct NetBackend<H: QueuePairHandler> {
     acked: AtomicU64,
     config: [u8; CONFIG_LEN],
     max_queue_size: usize,
+    offloads: bool,
     errors: Arc<VringErrors>,
     on_start: Option<DeviceStartHook>,
 }
@@ -179,6 +199,7 @@ impl<H: QueuePairHandler> NetBackend<H> {
             acked: AtomicU64::new(0),
             config: config_space(config.mac, pairs as u16, config.mtu),
             max_queue_size: usize::from(config.max_queue_size),
+            offloads: config.offloads,
             errors: Arc::default(),
             on_start: None,
         }
@@ -215,7 +236,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
     }
 
     fn features(&self) -> u64 {
-        device_features()
+        device_features(self.offloads)
     }
 
     fn acked_features(&self, features: u64) {
@@ -227,6 +248,10 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             log_all: has_feature(features, VHOST_F_LOG_ALL),
             indirect_desc: has_feature(features, VIRTIO_RING_F_INDIRECT_DESC),
+            tx_offload: tx_allowed(features),
+            guest_csum: has_feature(features, VIRTIO_NET_F_GUEST_CSUM),
+            guest_tso4: has_feature(features, VIRTIO_NET_F_GUEST_TSO4),
+            guest_ecn: has_feature(features, VIRTIO_NET_F_GUEST_ECN),
         };
         for h in &self.handlers {
             lock(h).set_features(negotiated);

@@ -4,10 +4,13 @@
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vnp_protocol::wire::virtio_net::TxAllowed;
 
 /// `VHOST_F_LOG_ALL`: the backend can log its writes to guest memory (live migration).
 /// QEMU refuses to migrate a vhost-user device that does not offer it.
@@ -17,14 +20,36 @@ pub const VHOST_F_LOG_ALL: u32 = 26;
 /// mtu (2).
 pub const CONFIG_LEN: usize = 12;
 
-/// Virtio features the device offers.
+/// The checksum and segmentation offloads offered when they are on (`offloads = true` in
+/// vnpd's configuration, the default): partial checksums and TCP/IPv4 super-packets (with ECN)
+/// in both directions. Never UFO (Linux no longer emits it), USO (guest kernels from 6.2 only)
+/// or the IPv6 variants (`HOST_TSO6`, `GUEST_TSO6`): a vnp network carries only IPv4.
+pub const OFFLOAD_FEATURES: [u32; 6] = [
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_GUEST_ECN,
+];
+
+/// Virtio features the device offers; with `offloads`, also [`OFFLOAD_FEATURES`].
 ///
-/// No checksum or segmentation offloads: the guest hands us complete IPv4 packets and we hand it
-/// complete ones, so no virtio-net header field needs interpreting beyond `num_buffers`.
+/// Without offloads the guest hands us complete IPv4 packets and we hand it complete ones, so
+/// no virtio-net header field needs interpreting beyond `num_buffers`. With them, every TX
+/// header is validated against its packet (`vnp_protocol::wire::virtio_net`).
 /// `GUEST_ANNOUNCE` and `MQ` rely on a control queue that the frontend (QEMU, virtio-user)
 /// emulates itself; the backend never sees it.
-pub fn device_features() -> u64 {
-    1u64 << VIRTIO_F_VERSION_1
+pub fn device_features(offloads: bool) -> u64 {
+    let offload_bits = if offloads {
+        OFFLOAD_FEATURES
+            .iter()
+            .fold(0u64, |acc, bit| acc | 1u64 << bit)
+    } else {
+        0
+    };
+    offload_bits
+        | 1u64 << VIRTIO_F_VERSION_1
         | 1u64 << VIRTIO_NET_F_MAC
         | 1u64 << VIRTIO_NET_F_MTU
         | 1u64 << VIRTIO_NET_F_STATUS
@@ -48,6 +73,15 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 /// Whether `features` (as acked by the driver) include feature bit `bit`.
 pub fn has_feature(features: u64, bit: u32) -> bool {
     features & (1u64 << bit) != 0
+}
+
+/// The TX offloads a driver's acked `features` allow its headers to ask for.
+pub fn tx_allowed(features: u64) -> TxAllowed {
+    TxAllowed {
+        csum: has_feature(features, VIRTIO_NET_F_CSUM),
+        tso4: has_feature(features, VIRTIO_NET_F_HOST_TSO4),
+        ecn: has_feature(features, VIRTIO_NET_F_HOST_ECN),
+    }
 }
 
 /// Length of the virtio-net header the driver expects in front of every frame: 12 bytes with
@@ -105,7 +139,7 @@ mod tests {
 
     #[test]
     fn offers_required_features() {
-        let f = device_features();
+        let f = device_features(true);
         for bit in [
             VIRTIO_F_VERSION_1,
             VIRTIO_NET_F_MAC,
@@ -117,15 +151,35 @@ mod tests {
         ] {
             assert!(has_feature(f, bit), "bit {bit}");
         }
-        // No offloads: guests must send complete packets.
-        assert!(!has_feature(
-            f,
-            virtio_bindings::virtio_net::VIRTIO_NET_F_CSUM
-        ));
-        assert!(!has_feature(
-            f,
-            virtio_bindings::virtio_net::VIRTIO_NET_F_HOST_TSO4
-        ));
+        for bit in OFFLOAD_FEATURES {
+            assert!(has_feature(f, bit), "offload bit {bit}");
+        }
+        // IPv4 only: no IPv6, UFO or USO offloads, ever.
+        use virtio_bindings::virtio_net as n;
+        for bit in [
+            n::VIRTIO_NET_F_HOST_TSO6,
+            n::VIRTIO_NET_F_GUEST_TSO6,
+            n::VIRTIO_NET_F_HOST_UFO,
+            n::VIRTIO_NET_F_GUEST_UFO,
+        ] {
+            assert!(!has_feature(f, bit), "bit {bit}");
+        }
+        // Offloads off: guests must send complete packets.
+        let off = device_features(false);
+        for bit in OFFLOAD_FEATURES {
+            assert!(!has_feature(off, bit), "offload bit {bit}");
+        }
+        assert_eq!(off | (f & !off), f);
+        assert!(has_feature(off, VIRTIO_NET_F_MRG_RXBUF));
+        assert_eq!(tx_allowed(off), TxAllowed::default());
+        assert_eq!(
+            tx_allowed(f),
+            TxAllowed {
+                csum: true,
+                tso4: true,
+                ecn: true
+            }
+        );
     }
 
     #[test]

@@ -89,9 +89,25 @@ drop_reasons! {
     RxRingBroken => "rx_ring_broken",
     /// TX: the same for the TX ring.
     TxRingBroken => "tx_ring_broken",
-    /// TX: the virtio-net header asks for checksum or segmentation offload (non-zero `flags`
-    /// or `gso_type`), which vnpd never negotiates.
+    /// TX: the virtio-net header asks for a checksum or segmentation offload the driver did not
+    /// negotiate (all of them when vnpd's `offloads` is off).
     TxOffloadRequested => "tx_offload_requested",
+    /// TX: unknown virtio-net header `flags` bits, or `DATA_VALID` (RX only).
+    TxBadVnetFlags => "tx_bad_vnet_flags",
+    /// TX: `gso_type` other than NONE or TCPV4 (UFO, USO, IPv6, unknown; ECN without TCP), or
+    /// GSO without NEEDS_CSUM.
+    TxBadGsoType => "tx_bad_gso_type",
+    /// TX: an offload request on a packet that is not an unfragmented IPv4 TCP/UDP packet with
+    /// all its headers (TCP for GSO), or whose IPv4 length is not the frame's.
+    TxBadOffloadHeaders => "tx_bad_offload_headers",
+    /// TX: `csum_start` is not where the packet's transport header starts.
+    TxBadCsumStart => "tx_bad_csum_start",
+    /// TX: `csum_offset` is not the transport's checksum field.
+    TxBadCsumOffset => "tx_bad_csum_offset",
+    /// TX: `gso_size` zero, a segment larger than the MTU, or nothing to segment.
+    TxBadGsoSize => "tx_bad_gso_size",
+    /// TX: `hdr_len` beyond the frame.
+    TxBadHdrLen => "tx_bad_hdr_len",
 }
 
 /// Counters of one attached VM. Shared (`Arc`) between the data-path workers and readers.
@@ -108,7 +124,19 @@ pub struct VmCounters {
     token_requests: AtomicU64,
     token_requests_throttled: AtomicU64,
     return_tokens_learned: AtomicU64,
-    drops: [AtomicU64; DropReason::COUNT],
+    tx_csum_frames: AtomicU64,
+    tx_tso_frames: AtomicU64,
+    drops: DropCounts,
+}
+
+/// One counter per [`DropReason`] (`Default` by hand: arrays derive it only up to 32).
+#[derive(Debug)]
+struct DropCounts([AtomicU64; DropReason::COUNT]);
+
+impl Default for DropCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
 }
 
 /// A point-in-time copy of [`VmCounters`].
@@ -137,6 +165,10 @@ pub struct CounterSnapshot {
     pub token_requests_throttled: u64,
     /// Return tokens accepted from peers' first packets.
     pub return_tokens_learned: u64,
+    /// TX frames whose partial checksum vnpd completed (virtio-net `NEEDS_CSUM`).
+    pub tx_csum_frames: u64,
+    /// TX TCP super-packets (TSO, `GSO_TCPV4`) vnpd cut into segments.
+    pub tx_tso_frames: u64,
     /// Drops by reason, indexed like [`DropReason::ALL`].
     pub drops: Vec<(DropReason, u64)>,
 }
@@ -169,6 +201,13 @@ impl VmCounters {
         self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Counts `packets` inner packets of `bytes` in all that left (segments of one frame).
+    #[inline]
+    pub fn tx_many(&self, packets: u64, bytes: u64) {
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// Counts one packet delivered to the guest.
     #[inline]
     pub fn rx(&self, bytes: usize) {
@@ -185,7 +224,7 @@ impl VmCounters {
     /// Counts `n` drops for the same reason.
     #[inline]
     pub fn drop_packets(&self, reason: DropReason, n: u64) {
-        self.drops[reason as usize].fetch_add(n, Ordering::Relaxed);
+        self.drops.0[reason as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Counts one locally generated edge reply.
@@ -224,9 +263,19 @@ impl VmCounters {
         self.return_tokens_learned.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one TX frame whose checksum was completed.
+    pub fn tx_csum_frame(&self) {
+        self.tx_csum_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one TX super-packet cut into segments.
+    pub fn tx_tso_frame(&self) {
+        self.tx_tso_frames.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Drops for one reason so far.
     pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[reason as usize].load(Ordering::Relaxed)
+        self.drops.0[reason as usize].load(Ordering::Relaxed)
     }
 
     /// A copy of every counter.
@@ -243,6 +292,8 @@ impl VmCounters {
             token_requests: self.token_requests.load(Ordering::Relaxed),
             token_requests_throttled: self.token_requests_throttled.load(Ordering::Relaxed),
             return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
+            tx_csum_frames: self.tx_csum_frames.load(Ordering::Relaxed),
+            tx_tso_frames: self.tx_tso_frames.load(Ordering::Relaxed),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (*r, self.drops(*r)))

@@ -101,6 +101,16 @@ const FAMILIES: &[Family] = &[
         "Return tokens accepted from peers.",
         |s| s.return_tokens_learned,
     ),
+    (
+        "vnpd_tx_csum_frames_total",
+        "TX frames whose partial checksum vnpd completed (checksum offload).",
+        |s| s.tx_csum_frames,
+    ),
+    (
+        "vnpd_tx_tso_frames_total",
+        "TX TCP super-packets vnpd cut into segments (TSO).",
+        |s| s.tx_tso_frames,
+    ),
 ];
 
 /// Renders all samples in the Prometheus text format (version 0.0.4). Every drop reason is

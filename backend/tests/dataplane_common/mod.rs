@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vnp_protocol::token::{mint, Expiry, Token, TokenFields, VmSecret};
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::VnpRepr;
-use vnpd::datapath::{ControlPlane, PeerToken, RefusalReason, VmAttachment, VmPort};
+use vnpd::datapath::{
+    ControlPlane, DataPathTuning, PeerToken, RefusalReason, VmAttachment, VmPort,
+};
 
 /// Network id of the test network.
 pub const NETWORK: u32 = 77;
@@ -71,9 +73,20 @@ pub struct Vm {
 /// Starts VM `name` (address 10.77.0.`octet`) with `pairs` queue pairs and registers it with
 /// `control`, so that peers get tokens for it.
 pub fn start_vm(control: &Arc<MintingControl>, name: &str, octet: u8, pairs: u16) -> Vm {
+    start_vm_with(control, name, octet, pairs, DataPathTuning::default())
+}
+
+/// [`start_vm`] with explicit data-path tuning.
+pub fn start_vm_with(
+    control: &Arc<MintingControl>,
+    name: &str,
+    octet: u8,
+    pairs: u16,
+    tuning: DataPathTuning,
+) -> Vm {
     let (att, secret) = vm(name, octet, octet.wrapping_mul(17), pairs);
     let (ip, mac, socket) = (att.vm_ip, att.mac, att.socket_path.clone());
-    let port = Arc::new(VmPort::start(att, control.clone()).expect("start port"));
+    let port = Arc::new(VmPort::start_with(att, control.clone(), tuning).expect("start port"));
     control.register(&port, ip, &secret);
     Vm {
         port,

@@ -114,6 +114,12 @@ impl TestFrontend {
     /// Connects to vnpd's socket and brings up `pairs` queue pairs (features: VERSION_1, MAC,
     /// MTU, STATUS, MRG_RXBUF, EVENT_IDX, MQ).
     pub fn connect(path: &Path, pairs: u16) -> TestFrontend {
+        Self::connect_acking(path, pairs, 0)
+    }
+
+    /// [`TestFrontend::connect`], also acking the feature bits `extra` when vnpd offers them
+    /// (e.g. the checksum and TSO offloads).
+    pub fn connect_acking(path: &Path, pairs: u16, extra: u64) -> TestFrontend {
         let nq = usize::from(pairs) * 2;
         let mut fe = connect_retry(path, nq as u64);
         fe.set_owner().unwrap();
@@ -125,7 +131,8 @@ impl TestFrontend {
             | (1 << 15)
             | (1 << 29)
             | (1 << 22)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | extra;
         let features = offered & want;
         fe.set_features(features).unwrap();
         let pf = fe.get_protocol_features().unwrap();

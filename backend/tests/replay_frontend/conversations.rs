@@ -113,8 +113,9 @@ pub fn qemu_incoming_migration() -> Vec<Msg> {
 }
 
 /// cloud-hypervisor's `vhost-user-net` (`Net::new` offers CSUM/TSO/UFO/ECN, MRG_RXBUF, CTRL_VQ,
-/// EVENT_IDX, VERSION_1, PROTOCOL_FEATURES; vnpd takes only MRG_RXBUF, EVENT_IDX, VERSION_1 of
-/// those; MAC is masked out and MQ only asked for with more than one pair).
+/// EVENT_IDX, VERSION_1, PROTOCOL_FEATURES; vnpd takes MRG_RXBUF, EVENT_IDX, VERSION_1 and the
+/// IPv4 checksum/TSO/ECN offloads of those, never UFO or the IPv6 ones; MAC is masked out and
+/// MQ only asked for with more than one pair).
 pub const CLOUD_HYPERVISOR: Profile = Profile {
     name: "cloud-hypervisor",
     features: VERSION_1 | PROTOCOL_FEATURES | EVENT_IDX | MRG_RXBUF | CH_OFFLOADS | CTRL_VQ,

@@ -7,6 +7,8 @@
 //!   *header* fits, not that the payload is there: the data path sees only the first bytes of a
 //!   guest's descriptor chain. Where a length field must be checked against the real length,
 //!   a separate `check_len` does it.
+//! - [`virtio_net`]: the virtio-net header in front of every guest frame, and the validation of
+//!   its guest-controlled offload fields against the packet.
 //! - [`checksum`]: ones' complement sum, fold, combine, pseudo header and RFC 1624's incremental
 //!   update.
 //! - This module and [`options`]: the VNP datagram itself (the UDP payload between two hosts).
@@ -44,6 +46,7 @@ pub mod ipv4;
 pub mod options;
 pub mod tcp;
 pub mod udp;
+pub mod virtio_net;
 
 use thiserror::Error;
 

@@ -162,6 +162,7 @@ impl Manager {
                 allow_never: self.cfg.accept_never_expiring_tokens,
             },
             socket_access: self.cfg.vhost_user_socket,
+            offloads: self.cfg.offloads,
             ..DataPathTuning::default()
         };
         let hook = resume.map(ResumeRegistration::hook);
