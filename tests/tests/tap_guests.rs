@@ -3,7 +3,9 @@
 //! address by DHCP from vnpd, pings the other, and moves a TCP stream whose bytes are checked
 //! at the far end. The guests' kernels are unmodified Linux: their TCP, busybox `udhcpc`,
 //! `ping` and python. vm-a asks for offloads, vm-b does not (a mixed pair once vnpd offers
-//! them; today vnpd offers none and both run without).
+//! them; today vnpd offers none and both run without). Then vnpd restarts under one guest (its
+//! fixture reconnects and traffic resumes) and stops under the other (its fixture exits with
+//! status 3).
 //!
 //! Needs root (namespaces, TAP), busybox and python3 (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test tap_guests -- --nocapture`.
@@ -11,9 +13,12 @@
 use std::io::Read;
 use std::process::Stdio;
 
+use std::time::{Duration, Instant};
+
+use vnp_e2e::bins::bins;
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
 use vnp_testkit::netns::namespace_exists;
-use vnp_testkit::tap_guest::TapGuest;
+use vnp_testkit::tap_guest::{TapGuest, TapGuestSpec};
 
 /// Bytes moved over TCP from vm-a to vm-b.
 const TRANSFER_BYTES: u64 = 32 << 20;
@@ -104,8 +109,8 @@ fn transfer(a: &TapGuest, b: &TapGuest, b_ip: &str) -> (String, String) {
 }
 
 #[test]
-fn namespace_guests_get_leases_ping_and_move_a_checked_tcp_stream() {
-    let c = Cluster::start(&ClusterOptions {
+fn namespace_guests_get_leases_ping_move_a_checked_tcp_stream_and_survive_a_vnpd_restart() {
+    let mut c = Cluster::start(&ClusterOptions {
         prefix: "vnptg".into(),
         ..ClusterOptions::default()
     })
@@ -117,7 +122,14 @@ fn namespace_guests_get_leases_ping_and_move_a_checked_tcp_stream() {
     let att_a = c.attach(0, "vm-a").unwrap();
     let att_b = c.attach(1, "vm-b").unwrap();
     let mut a = c.tap_guest(&att_a, true).expect("guest a");
-    let mut b = c.tap_guest(&att_b, false).expect("guest b");
+    // vm-b's fixture reconnects when vnpd restarts (step 4); vm-a's exits with status 3.
+    let mut spec = TapGuestSpec::new(bins().unwrap().tap_frontend, &att_b.socket_path, &att_b.mac);
+    spec.offloads = false;
+    spec.reconnect = true;
+    spec.log = Some(dir.join("tap-vm-b.log"));
+    let mut b = TapGuest::start(spec).unwrap_or_else(|e| panic!("guest b: {e}\n{}", c.logs()));
+    b.dhcp(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("guest b: {e}\n{}", c.logs()));
     let guest_namespaces = [a.netns().name().to_string(), b.netns().name().to_string()];
     eprintln!(
         "offloads: vm-a {} (features {:#x}), vm-b {}",
@@ -147,7 +159,7 @@ fn namespace_guests_get_leases_ping_and_move_a_checked_tcp_stream() {
     }
 
     // 3. TCP, bytes checked at the far end.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let (sent, received) = transfer(&a, &b, &ip_b);
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -160,17 +172,47 @@ fn namespace_guests_get_leases_ping_and_move_a_checked_tcp_stream() {
         "{sent}"
     );
 
-    // 4. The fixtures' own counters: frames both ways, no drop of any kind.
     let vnpd_rx_b = c
         .metric(1, "vnpd_rx_packets_total", &[("vm", "vm-b")])
         .unwrap();
-    for g in [&mut a, &mut b] {
+
+    // 4. vnpd b restarts under guest b: its fixture sets the device up again, the namespace
+    // keeps its address, and traffic flows again. vnpd a stops under guest a, whose fixture
+    // (no --reconnect) exits with status 3.
+    c.stop_vnpd(1).unwrap();
+    c.start_vnpd(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = ping(&a, &ip_b) {
+        assert!(
+            Instant::now() < deadline,
+            "no traffic after vnpd b restarted: {e}\nfixture b:\n{}\n{}",
+            b.fixture_stderr(),
+            c.logs()
+        );
+    }
+    assert!(
+        b.fixture_stderr().contains("reconnected"),
+        "{}",
+        b.fixture_stderr()
+    );
+    assert_eq!(b.fixture_exit().unwrap(), None, "fixture b exited");
+    c.stop_vnpd(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = a.fixture_exit().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "fixture a outlived vnpd a");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(3), "{}", a.fixture_stderr());
+
+    // 5. The fixtures' own counters (kept across b's reconnect): frames both ways, no drop of
+    // any kind.
+    for (g, code) in [(&mut a, 3), (&mut b, 0)] {
         let (stats, status) = g.stop_frontend().expect("fixture stats");
         eprintln!("{}: {status} {stats:?}", g.netns().name());
-        assert!(
-            status.success(),
-            "SIGTERM must stop the fixture cleanly: {status}"
-        );
+        assert_eq!(status.code(), Some(code), "{}", g.fixture_stderr());
         assert!(
             stats["tx_frames"] > 0 && stats["rx_frames"] > 0,
             "{stats:?}"

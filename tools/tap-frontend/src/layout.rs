@@ -34,7 +34,7 @@ impl Default for Layout {
     fn default() -> Self {
         Layout {
             rx_size: 1024,
-            tx_size: 256,
+            tx_size: 1024,
             rx_buf_len: 4096,
             tx_buf_len: TSO_TX_BUF,
         }
@@ -107,7 +107,7 @@ mod tests {
         assert_eq!(l.rx_buf(l.rx_size), l.tx_buf(0));
         assert_eq!(
             l.total(),
-            2 * RING_AREA + 1024 * 4096 + 256 * u64::from(TSO_TX_BUF)
+            2 * RING_AREA + 1024 * 4096 + 1024 * u64::from(TSO_TX_BUF)
         );
         assert!(l.fits_tso());
     }

@@ -31,6 +31,10 @@ struct Args {
     /// MTU of the interface (DHCP from vnpd sets the network's anyway).
     #[arg(long)]
     mtu: Option<u32>,
+    /// Transmit queue length of the TAP: frames the namespace may queue for the fixture
+    /// before the TAP drops them (the kernel's TCP does not see a TAP's queue fill up).
+    #[arg(long, default_value_t = 4096)]
+    txqueuelen: u32,
     /// Ask vnpd for no checksum or segmentation offload.
     #[arg(long)]
     no_offloads: bool,
@@ -50,9 +54,10 @@ struct Args {
     /// Bytes per RX buffer.
     #[arg(long, default_value_t = Layout::default().rx_buf_len)]
     rx_buf_len: u32,
-    /// Bytes per TX buffer (69632 holds a 64 KiB TSO frame).
-    #[arg(long, default_value_t = Layout::default().tx_buf_len)]
-    tx_buf_len: u32,
+    /// Bytes per TX buffer [default: 69632, which holds a 64 KiB TSO frame; 2048 with
+    /// --no-offloads].
+    #[arg(long)]
+    tx_buf_len: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -67,12 +72,17 @@ fn main() -> ExitCode {
         ifname: args.ifname,
         mac: args.mac,
         mtu: args.mtu,
+        txqueuelen: Some(args.txqueuelen),
         offloads: !args.no_offloads,
         layout: Layout {
             rx_size: args.rx_queue_size,
             tx_size: args.tx_queue_size,
             rx_buf_len: args.rx_buf_len,
-            tx_buf_len: args.tx_buf_len,
+            tx_buf_len: args.tx_buf_len.unwrap_or(if args.no_offloads {
+                2048
+            } else {
+                Layout::default().tx_buf_len
+            }),
         },
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
         reconnect: args.reconnect,

@@ -35,7 +35,9 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Creates and maps `len` bytes (rounded up to a page) of zeroed shared memory.
+    /// Creates and maps `len` bytes (rounded up to a page) of zeroed shared memory. Pages are
+    /// allocated when first touched (TX buffers sized for TSO frames mostly stay untouched
+    /// without offloads).
     pub fn new(len: usize) -> Result<GuestRam, MemoryError> {
         let len = len.div_ceil(4096) * 4096;
         let fail = |source| MemoryError::Create { size: len, source };
@@ -53,7 +55,7 @@ impl GuestRam {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
             )

@@ -41,6 +41,8 @@ pub struct Options {
     pub mac: Option<[u8; 6]>,
     /// MTU to give the interface (DHCP from vnpd sets the network's MTU anyway).
     pub mtu: Option<u32>,
+    /// Transmit queue length of the TAP.
+    pub txqueuelen: Option<u32>,
     /// Ask vnpd for checksum and segmentation offloads.
     pub offloads: bool,
     /// Ring and buffer sizes.
@@ -153,7 +155,7 @@ pub fn run(opts: &Options, ready: &mut dyn FnMut(u64)) -> Result<(Stopped, Stats
         crate::tap::enter_netns(ns)?;
     }
     let tap = Tap::open(&opts.ifname)?;
-    tap.configure(opts.mac, opts.mtu)?;
+    tap.configure(opts.mac, opts.mtu, opts.txqueuelen)?;
     let signals = signal_fd()?;
     let mut stats = Stats::default();
     let mut first = true;

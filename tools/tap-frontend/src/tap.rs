@@ -148,8 +148,15 @@ impl Tap {
         Ok(())
     }
 
-    /// Sets the interface's MAC address, optionally its MTU, and brings it up.
-    pub fn configure(&self, mac: Option<[u8; 6]>, mtu: Option<u32>) -> Result<(), TapError> {
+    /// Sets the interface's MAC address, optionally its MTU, its transmit queue length
+    /// (frames the namespace kernel may queue for the fixture before the TAP drops them), and
+    /// brings it up.
+    pub fn configure(
+        &self,
+        mac: Option<[u8; 6]>,
+        mtu: Option<u32>,
+        txqueuelen: Option<u32>,
+    ) -> Result<(), TapError> {
         // SAFETY: socket(2) with constant arguments; the result is checked.
         let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
@@ -178,6 +185,17 @@ impl Tap {
                 libc::SIOCSIFMTU,
                 req.as_mut_ptr().cast(),
                 "setting the MTU",
+            )?;
+        }
+        if let Some(qlen) = txqueuelen {
+            let mut req = ifreq(&self.name)?;
+            let qlen = libc::c_int::try_from(qlen).unwrap_or(libc::c_int::MAX);
+            req[16..20].copy_from_slice(&qlen.to_ne_bytes());
+            ioctl(
+                fd,
+                libc::SIOCSIFTXQLEN,
+                req.as_mut_ptr().cast(),
+                "setting the transmit queue length",
             )?;
         }
         let mut req = ifreq(&self.name)?;
