@@ -7,6 +7,8 @@
 //! `docs/fuzzing.md` describes the targets, the campaigns and their coverage.
 
 pub mod admin;
+pub mod chain;
+mod chain_model;
 pub mod edge;
 pub mod registry;
 pub mod seeds;
@@ -43,6 +45,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "admin_protocol",
         run: admin::run,
+    },
+    Target {
+        name: "descriptor_chain",
+        run: chain::run,
     },
 ];
 
