@@ -7,6 +7,8 @@
 //! `docs/fuzzing.md` describes the targets, the campaigns and their coverage.
 
 pub mod admin;
+pub mod chain;
+mod chain_model;
 pub mod edge;
 pub mod metadata_http;
 pub mod registry;
@@ -48,6 +50,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "metadata_http",
         run: metadata_http::run,
+    },
+    Target {
+        name: "descriptor_chain",
+        run: chain::run,
     },
 ];
 
