@@ -195,7 +195,10 @@ fn run(created: &Created) -> Result<()> {
         bail!("the virtual router did not answer\n{}", cluster.logs());
     }
 
-    say("8. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
+    say("8. Metadata: vm-a asks vnpd's service bridge, the way cloud guest agents do");
+    show_metadata(&cluster, &mut ga)?;
+
+    say("9. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
     let spec = TcpTransferSpec {
         bytes: TRANSFER_BYTES,
         ..TcpTransferSpec::default()
@@ -213,10 +216,10 @@ fn run(created: &Created) -> Result<()> {
         transfer.elapsed.as_secs_f64()
     );
 
-    say("9. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
+    say("10. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
     let ga = live_migrate(&cluster, ga, &mut gb, &rec_a.ip.to_string())?;
 
-    say("10. Counters (vnpd's Prometheus export, non-zero lines)");
+    say("11. Counters (vnpd's Prometheus export, non-zero lines)");
     for i in 0..2 {
         let text = cluster.scrape(i)?;
         println!("   host {}:", cluster.host(i).id);
@@ -231,7 +234,7 @@ fn run(created: &Created) -> Result<()> {
         "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
     );
 
-    say("11. Cleaning up: guests, vnpd, registry, namespaces, files");
+    say("12. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
     drop(ga);
     drop(gb);
@@ -240,6 +243,43 @@ fn run(created: &Created) -> Result<()> {
     if dir.exists() {
         bail!("{} was not removed", dir.display());
     }
+    Ok(())
+}
+
+/// DNS for `metadata.google.internal` and GETs with busybox `wget`, answered by vnpd on the
+/// host from the registry; the access token checked against the registry's published keys.
+fn show_metadata(cluster: &Cluster, g: &mut Guest) -> Result<()> {
+    const MD: &str = "http://metadata.google.internal/computeMetadata/v1";
+    let get = |g: &mut Guest, path: &str| -> Result<String> {
+        guest_cmd(
+            g,
+            &format!("wget -q -O - --header 'Metadata-Flavor: Google' '{MD}/{path}'"),
+        )
+    };
+    let resolved = guest_cmd(g, "nslookup metadata.google.internal | tail -2")?;
+    print!("{}", indent(&format!("$ nslookup metadata.google.internal\n{resolved}")));
+    for path in ["instance/hostname", "instance/network-interfaces/0/ip", "project/project-id"] {
+        let value = get(g, path)?;
+        println!("   GET {path} -> {}", value.trim());
+    }
+    let refused = guest_cmd(g, &format!("wget -q -O - '{MD}/instance/hostname' 2>&1; true"))?;
+    println!(
+        "   without the Metadata-Flavor header: {}",
+        refused.lines().next().unwrap_or("").trim()
+    );
+    let body = get(g, "instance/service-accounts/default/token")?;
+    let token: serde_json::Value = serde_json::from_str(&body).context("token JSON")?;
+    let access = token["access_token"].as_str().unwrap_or_default();
+    let jwks = cluster.registry(|r| r.jwks())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = vnp_registry_client::jwt::verify(access, &jwks, None, now)
+        .map_err(|e| anyhow::anyhow!("the access token does not verify: {e:?}"))?;
+    println!(
+        "   access token ({} s): ES256 JWT, verified with the registry's JWKS: {claims:?}",
+        token["expires_in"]
+    );
     Ok(())
 }
 
