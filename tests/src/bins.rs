@@ -1,5 +1,5 @@
 //! Finding (and, under `cargo test`, building) the binaries the end-to-end tests run:
-//! `vnpd`, `vnp-registry` and `vnpctl`.
+//! `vnpd`, `vnp-registry`, `vnpctl` and `vnp-gateway`.
 //!
 //! They belong to other workspace packages, so `cargo test -p vnp-e2e` would not build them on
 //! its own. The harness runs `cargo build --bins` for those packages once per test process
@@ -19,6 +19,8 @@ pub struct Bins {
     pub registry: PathBuf,
     /// The admin CLI.
     pub vnpctl: PathBuf,
+    /// The public-edge daemon.
+    pub gateway: PathBuf,
 }
 
 /// The directory cargo puts binaries in for the running executable's profile
@@ -56,6 +58,8 @@ fn build(dir: &Path) -> Result<()> {
             "vnp-registry",
             "-p",
             "vnp-registry-client",
+            "-p",
+            "vnp-gateway",
         ]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
@@ -65,7 +69,7 @@ fn build(dir: &Path) -> Result<()> {
         .context("running cargo build for the binaries")?;
     if !out.status.success() {
         bail!(
-            "cargo build of vnpd/vnp-registry/vnpctl failed:\n{}",
+            "cargo build of vnpd/vnp-registry/vnpctl/vnp-gateway failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -91,6 +95,7 @@ fn locate() -> Result<Bins> {
         vnpd: find("vnpd")?,
         registry: find("vnp-registry")?,
         vnpctl: find("vnpctl")?,
+        gateway: find("vnp-gateway")?,
     })
 }
 
