@@ -204,14 +204,23 @@ impl PublicEdge {
         self.public_procs[i].stderr_tail()
     }
 
-    /// The gateway's stderr tail, for failure messages.
-    pub fn logs(&self) -> String {
+    /// The gateway's stderr tail and its non-zero drop counters, for failure messages.
+    pub fn logs(&self, c: &Cluster) -> String {
         let tail = self
             .gateway
             .as_ref()
             .map(ChildGuard::stderr_tail)
             .unwrap_or_else(|| "(not running)".into());
-        format!("--- vnp-gateway {} ---\n{tail}\n", self.id)
+        let drops: String = self
+            .scrape(c)
+            .map(|text| {
+                text.lines()
+                    .filter(|l| l.starts_with("vnp_gateway_drops_total") && !l.ends_with(" 0"))
+                    .map(|l| format!("  {l}\n"))
+                    .collect()
+            })
+            .unwrap_or_else(|e| format!("  (no metrics: {e})\n"));
+        format!("--- vnp-gateway {} ---\n{tail}\n{drops}", self.id)
     }
 
     /// Names of the namespaces this edge owns (the gateway's belongs to the cluster).

@@ -130,7 +130,7 @@ fn guests_reach_the_public_network_through_nat_and_the_gateway() {
     let mut namespaces = c.namespace_names();
     namespaces.extend(edge.namespace_names());
     edge.start_gateway(&c, 2)
-        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs(&c)));
 
     let www = dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
@@ -163,7 +163,7 @@ fn guests_reach_the_public_network_through_nat_and_the_gateway() {
     for g in [&mut ga, &mut gb] {
         wait_dhcp(g).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     }
-    let logs = |c: &Cluster, edge: &PublicEdge| format!("{}{}", c.logs(), edge.logs());
+    let logs = |c: &Cluster, edge: &PublicEdge| format!("{}{}", c.logs(), edge.logs(c));
 
     step("1. vm-a fetches the file from the public server through NAT and the gateway");
     let url = format!("http://{PUBLIC_HOST}:{HTTP_PORT}/blob");
@@ -296,7 +296,7 @@ fn guests_reach_the_public_network_through_nat_and_the_gateway() {
     // Down long enough that the server's segments meet no reader and TCP retransmits.
     std::thread::sleep(Duration::from_secs(2));
     edge.start_gateway(&c, 2)
-        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs(&c)));
     eprintln!("gateway back after {:?}", killed_at.elapsed());
     let deadline = Instant::now() + Duration::from_secs(90);
     let rc = loop {
