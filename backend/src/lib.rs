@@ -13,6 +13,7 @@
 //! - [`admin`]: the local admin API (unix socket) and persisted attachments.
 
 pub mod admin;
+pub mod bridge;
 pub mod config;
 pub mod control;
 pub mod datapath;

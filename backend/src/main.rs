@@ -15,7 +15,7 @@ use vnpd::admin::server::AdminServer;
 use vnpd::admin::state::StateStore;
 use vnpd::config::{Overrides, VnpdConfig, DEFAULT_CONFIG_PATH, DEFAULT_CONFIG_TOML};
 use vnpd::control::{ControlSettings, ControlThread};
-use vnpd::metrics::prometheus::{render, Exporter, VmSample};
+use vnpd::metrics::prometheus::{render, render_bridge, Exporter, VmSample};
 use vnpd_admin_api::AdminResponse;
 
 /// How often attachments that could not be restored are retried.
@@ -236,7 +236,7 @@ fn start_exporter(
             .into_iter()
             .map(|(vm_id, counters)| VmSample { vm_id, counters })
             .collect();
-        render(&host, &samples)
+        render(&host, &samples) + &render_bridge(&board.bridge_snapshot())
     })
     .map_err(|e| e.to_string())
 }

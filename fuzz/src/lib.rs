@@ -7,7 +7,10 @@
 //! `docs/fuzzing.md` describes the targets, the campaigns and their coverage.
 
 pub mod admin;
+pub mod chain;
+mod chain_model;
 pub mod edge;
+pub mod metadata_http;
 pub mod registry;
 pub mod seeds;
 pub mod views;
@@ -43,6 +46,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "admin_protocol",
         run: admin::run,
+    },
+    Target {
+        name: "metadata_http",
+        run: metadata_http::run,
+    },
+    Target {
+        name: "descriptor_chain",
+        run: chain::run,
     },
 ];
 

@@ -36,12 +36,18 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
             text.as_bytes().to_vec(),
         );
     }
+    for (name, bytes) in crate::metadata_http::seeds() {
+        add("metadata_http", &name, bytes);
+    }
     for (i, text) in admin_seeds().iter().enumerate() {
         add(
             "admin_protocol",
             &format!("admin-{i}"),
             text.as_bytes().to_vec(),
         );
+    }
+    for (name, bytes) in chain_seeds() {
+        add("descriptor_chain", &name, bytes);
     }
     out
 }
@@ -258,4 +264,155 @@ fn admin_seeds() -> Vec<String> {
         "{\"op\":\"detach\",\"vm_id\":\"vm-a\"}\n{\"op\":\"list\"}\n{\"op\":\"stats\"}\n{\"op\":\"stats\",\"vm_id\":\"vm-a\"}\n".into(),
         "{\"version\":1,\"attachments\":[{\"vm_id\":\"a\",\"socket_path\":\"/run/a.sock\",\"queue_pairs\":1},{\"vm_id\":\"b\",\"socket_path\":\"/run/b.sock\",\"queue_pairs\":4}]}".into(),
     ]
+}
+
+/// A descriptor-chain input (see `crate::chain` for the layout).
+#[derive(Debug, Clone, Default)]
+struct ChainInput {
+    mode: u8,
+    size_log2: u8,
+    next_avail: u16,
+    pending: u8,
+    heads: Vec<u16>,
+    descs: Vec<(u64, u32, u16, u16)>,
+    indirect: Vec<(u64, u32, u16, u16)>,
+    frames: u8,
+    frame_bytes: u16,
+}
+
+impl ChainInput {
+    fn new(mode: u8, size_log2: u8, pending: u8) -> Self {
+        Self {
+            mode,
+            size_log2,
+            pending,
+            frames: 3,
+            frame_bytes: 1514,
+            ..Self::default()
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut v = vec![self.mode, self.size_log2];
+        v.extend_from_slice(&self.next_avail.to_le_bytes());
+        v.push(self.pending);
+        v.push(self.heads.len() as u8);
+        v.push(self.descs.len() as u8);
+        v.push(self.frames);
+        v.extend_from_slice(&self.frame_bytes.to_le_bytes());
+        for h in &self.heads {
+            v.extend_from_slice(&h.to_le_bytes());
+        }
+        for (addr, len, flags, next) in self.descs.iter().chain(&self.indirect) {
+            v.extend_from_slice(&addr.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(&flags.to_le_bytes());
+            v.extend_from_slice(&next.to_le_bytes());
+        }
+        v
+    }
+}
+
+/// Descriptor flags.
+const NEXT: u16 = 1;
+const WRITE: u16 = 2;
+const INDIRECT: u16 = 4;
+
+fn chain_seeds() -> Vec<(String, Vec<u8>)> {
+    use crate::chain::{FOLD, INDIRECT as NEGOTIATED, INDIRECT_AT, MERGEABLE, POOL, RX, STRADDLE};
+    let mut seeds = Vec::new();
+    let mut add = |name: &str, input: ChainInput| seeds.push((name.to_string(), input.bytes()));
+    // TX: a header and a frame; a chain straddling the region boundary; one into the gap.
+    let mut tx = ChainInput::new(0, 4, 3);
+    tx.heads = vec![0, 2, 3];
+    tx.descs = vec![
+        (0x5000, 12, NEXT, 1),
+        (0x6000, 100, 0, 0),
+        (0x7ff0, 0x20, 0, 0),
+        (0x1_0800, 64, 0, 0),
+    ];
+    add("tx-chains", tx.clone());
+    tx.mode = STRADDLE;
+    tx.size_log2 = 8;
+    add("tx-straddling-table", tx.clone());
+    // Wrapping positions.
+    tx.mode = 0;
+    tx.size_log2 = 4;
+    tx.next_avail = 0xfffe;
+    add("tx-wrapping", tx.clone());
+    // An indirect table of two descriptors, negotiated or not.
+    let mut ind = ChainInput::new(NEGOTIATED, 4, 1);
+    ind.descs = vec![(INDIRECT_AT, 32, INDIRECT, 0)];
+    ind.indirect = vec![(0x5000, 12, NEXT, 1), (0x11_100, 1500, 0, 0)];
+    add("tx-indirect", ind.clone());
+    ind.mode = 0;
+    add("tx-indirect-not-negotiated", ind.clone());
+    ind.mode = RX | NEGOTIATED;
+    ind.indirect = vec![(0x5000, 12, NEXT | WRITE, 1), (0x11_100, 1500, WRITE, 0)];
+    add("rx-indirect", ind.clone());
+    // A loop, an index jump, a head out of range.
+    let mut bad = ChainInput::new(0, 4, 1);
+    bad.descs = vec![(0x5000, 12, NEXT, 1), (0x6000, 100, NEXT, 0)];
+    add("tx-loop", bad.clone());
+    bad.pending = 17;
+    add("tx-index-jump", bad.clone());
+    bad.pending = 2;
+    bad.heads = vec![1, 16];
+    add("tx-head-out-of-range", bad.clone());
+    // A chain one descriptor longer than the TX cap.
+    let mut long = ChainInput::new(0, 7, 1);
+    long.descs = (0..65u16)
+        .map(|i| {
+            (
+                0x5000 + u64::from(i) * 64,
+                64,
+                if i < 64 { NEXT } else { 0 },
+                i + 1,
+            )
+        })
+        .collect();
+    add("tx-too-long", long.clone());
+    // RX: single buffers, a Linux-style big-packets chain of 19, through the pool or not.
+    let mut rx = ChainInput::new(RX, 4, 4);
+    rx.descs = (0..4u16)
+        .map(|i| (0x4000 + u64::from(i) * 0x800, 2048, WRITE, 0))
+        .collect();
+    add("rx-buffers", rx.clone());
+    rx.mode = RX | POOL;
+    add("rx-pool", rx.clone());
+    rx.mode = RX | POOL | MERGEABLE;
+    rx.frame_bytes = 5000;
+    add("rx-pool-mergeable", rx.clone());
+    let mut big = ChainInput::new(RX | POOL, 5, 1);
+    big.descs = (0..19u16)
+        .map(|i| {
+            (
+                0x1_1000 + u64::from(i) * 0x200,
+                0x200,
+                WRITE | if i < 18 { NEXT } else { 0 },
+                i + 1,
+            )
+        })
+        .collect();
+    big.frames = 1;
+    big.frame_bytes = 9000;
+    add("rx-big-packets", big.clone());
+    big.mode = RX;
+    add("rx-big-packets-one-by-one", big);
+    // Folded addresses: most random descriptors land in guest memory.
+    let mut fold = ChainInput::new(FOLD | RX | POOL, 3, 5);
+    fold.descs = (0..8u16)
+        .map(|i| {
+            (
+                0x1234_5678 * u64::from(i + 1),
+                0x9_0000 + u32::from(i),
+                WRITE | NEXT,
+                (i * 3) % 8,
+            )
+        })
+        .collect();
+    add("rx-pool-folded", fold.clone());
+    fold.mode = FOLD;
+    add("tx-folded", fold);
+    seeds
 }

@@ -3,4 +3,5 @@
 pub mod libvirtd;
 pub mod netns;
 pub mod process;
+pub mod tap_guest;
 pub mod testpmd;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use vnp_registry_client::{ClientConfig, RegistryClient, VmRecord, VmSpec};
 use vnp_testkit::netns::{Fabric, Netns, CORE_ADDR};
 use vnp_testkit::process::{ChildGuard, TempDir};
+use vnp_testkit::tap_guest::{TapGuest, TapGuestSpec};
 use vnpd_admin_api::{AttachmentInfo, VnpdAdminClient};
 
 /// The registry's port on [`CORE_ADDR`].
@@ -446,6 +447,20 @@ impl Cluster {
         let mut g = Guest::launch(spec).map_err(|e| anyhow!("launching {}: {e}", att.vm_id))?;
         g.wait_ready(Duration::from_secs(180))
             .map_err(|e| anyhow!("{} did not boot: {e}", att.vm_id))?;
+        Ok(g)
+    }
+
+    /// Starts a network-namespace guest on an attachment's socket with the VM's MAC
+    /// (`vnp-tap-frontend`, offloads asked for unless `offloads` is false) and waits for its
+    /// DHCP lease from vnpd. The guest's fixture log is kept in the cluster's directory.
+    pub fn tap_guest(&self, att: &AttachmentInfo, offloads: bool) -> Result<TapGuest> {
+        let mut spec = TapGuestSpec::new(&self.bins.tap_frontend, &att.socket_path, &att.mac);
+        spec.offloads = offloads;
+        spec.log = Some(self.dir.path().join(format!("tap-{}.log", att.vm_id)));
+        let mut g =
+            TapGuest::start(spec).map_err(|e| anyhow!("{}: {e}\n{}", att.vm_id, self.logs()))?;
+        g.dhcp(Duration::from_secs(60))
+            .map_err(|e| anyhow!("{}: {e}\n{}", att.vm_id, self.logs()))?;
         Ok(g)
     }
 

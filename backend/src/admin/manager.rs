@@ -12,6 +12,7 @@ mod attach;
 
 use super::migration::{departure, ResumeRegistration, Whereabouts, DEPARTURE_GRACE};
 use super::state::{PersistedAttachment, StateStore};
+use crate::bridge::counters::BridgeCounters;
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
 use crate::control::ControlHandle;
 use crate::datapath::rx_check::ExpiryPolicy;
@@ -36,6 +37,8 @@ pub const MAX_SOCKET_PATH: usize = 107;
 #[derive(Debug, Default)]
 pub struct CounterBoard {
     vms: Mutex<BTreeMap<String, Arc<VmCounters>>>,
+    /// The VMs' service-bridge counters (`crate::bridge`).
+    bridges: Mutex<BTreeMap<String, Arc<BridgeCounters>>>,
 }
 
 impl CounterBoard {
@@ -43,6 +46,17 @@ impl CounterBoard {
     pub fn snapshot(&self) -> Vec<(String, CounterSnapshot)> {
         let vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
         vms.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+
+    /// Service-bridge counters of every VM that has a bridge, sorted by id.
+    pub fn bridge_snapshot(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        let b = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
+        b.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+
+    fn insert_bridge(&self, vm: &str, c: Arc<BridgeCounters>) {
+        let mut b = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
+        b.insert(vm.to_string(), c);
     }
 
     fn insert(&self, vm: &str, c: Arc<VmCounters>) {
@@ -53,6 +67,8 @@ impl CounterBoard {
     fn remove(&self, vm: &str) {
         let mut vms = self.vms.lock().unwrap_or_else(|e| e.into_inner());
         vms.remove(vm);
+        let mut b = self.bridges.lock().unwrap_or_else(|e| e.into_inner());
+        b.remove(vm);
     }
 }
 

@@ -13,6 +13,7 @@
 
 pub mod book;
 pub mod fair;
+pub mod metadata;
 pub mod thread;
 
 pub use thread::{nat_blocks, ControlHandle, ControlSettings, ControlThread};

@@ -36,7 +36,8 @@ impl EdgeLink {
             mtu: att.guest_mtu,
             hostname: att.hostname.clone(),
             lease_secs: edge::DEFAULT_LEASE_SECS,
-            dns: None,
+            // The service bridge answers DNS at the metadata address, as GCE's does.
+            dns: Some(crate::bridge::METADATA_IP),
         };
         Self::from_config(cfg)
     }
@@ -55,6 +56,11 @@ impl EdgeLink {
             net,
             icmp_budget: Mutex::new(TokenBucket::for_icmp(Instant::now())),
         })
+    }
+
+    /// The hostname DHCP hands out.
+    pub fn hostname(&self) -> &str {
+        &self.cfg.hostname
     }
 
     /// Whether the VM's ICMP budget allows one more answer now.

@@ -62,6 +62,12 @@ pub enum TxClass {
     TooBig,
     /// Dropped and counted.
     Drop(DropReason),
+    /// To the metadata address: a copy of the `total_len`-byte IPv4 packet goes to the VM's
+    /// service bridge (`crate::bridge`), which answers it off the data path.
+    Bridge {
+        /// Inner packet length.
+        total_len: usize,
+    },
 }
 
 /// Where a guest frame goes: [`classify`]'s answer.
@@ -103,6 +109,10 @@ pub fn is_unicast_destination(net: &GuestNet, dst: Ipv4Addr) -> bool {
 /// full length `frame_len` (virtio-net header excluded).
 pub fn classify_tx(net: &GuestNet, prefix: &[u8], frame_len: usize) -> TxClass {
     match classify(net, prefix, frame_len) {
+        // Service-bridge hook: the metadata address is served on this host, never tunnelled.
+        Ok(Route::Tunnel { dst, total_len }) if dst == crate::bridge::METADATA_IP => {
+            TxClass::Bridge { total_len }
+        }
         Ok(Route::Tunnel { dst, total_len }) => TxClass::Ipv4 { dst, total_len },
         Ok(Route::Edge(EdgeKind::FragNeeded)) => TxClass::TooBig,
         Ok(Route::Edge(_)) => TxClass::Edge,
@@ -257,6 +267,16 @@ pub(crate) mod tests {
                 total_len: 28
             }
         );
+    }
+
+    #[test]
+    fn the_metadata_address_goes_to_the_bridge() {
+        let md = crate::bridge::METADATA_IP;
+        let f = ipv4_frame(NET.vm_ip, md, 53, 40);
+        assert_eq!(classify(&f), TxClass::Bridge { total_len: 68 });
+        // Spoofed, it is dropped like any spoofed packet: the bridge never sees it.
+        let spoof = ipv4_frame(Ipv4Addr::new(10, 0, 0, 9), md, 53, 40);
+        assert_eq!(classify(&spoof), TxClass::Drop(DropReason::TxSpoofedSource));
     }
 
     #[test]

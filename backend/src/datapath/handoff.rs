@@ -34,10 +34,17 @@ pub struct HandedOff {
     pub return_token: bool,
 }
 
+/// Most locally made frames (service-bridge replies) waiting for one worker; beyond it the
+/// oldest are dropped (TCP retransmits what mattered).
+pub const MAX_FRAMES: usize = 512;
+
 /// The hand-off queue of one queue pair's worker.
 #[derive(Debug)]
 pub struct Handoff {
     queue: Mutex<VecDeque<HandedOff>>,
+    /// Ethernet frames made on the host for the guest's RX queue (service-bridge replies),
+    /// delivered by the worker when woken (it owns the RX ring).
+    frames: Mutex<VecDeque<Vec<u8>>>,
     /// Set on post, cleared on take: lets the TX path skip the lock when nothing waits.
     waiting: AtomicBool,
     wake: EventFd,
@@ -48,6 +55,7 @@ impl Handoff {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             queue: Mutex::new(VecDeque::new()),
+            frames: Mutex::new(VecDeque::new()),
             waiting: AtomicBool::new(false),
             wake: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -84,6 +92,27 @@ impl Handoff {
         let _ = self.wake.read();
         let mut queue = self.lock();
         self.waiting.store(false, Ordering::Release);
+        out.extend(queue.drain(..));
+    }
+
+    /// Posts frames for the guest's RX queue and wakes the worker; returns how many older
+    /// frames were dropped to stay within [`MAX_FRAMES`].
+    pub fn post_frames(&self, frames: Vec<Vec<u8>>) -> usize {
+        if frames.is_empty() {
+            return 0;
+        }
+        let mut queue = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        queue.extend(frames);
+        let dropped = queue.len().saturating_sub(MAX_FRAMES);
+        queue.drain(..dropped);
+        drop(queue);
+        let _ = self.wake.write(1);
+        dropped
+    }
+
+    /// Moves the frames waiting for the guest to `out` (the wake-up is consumed by `take`).
+    pub fn take_frames(&self, out: &mut Vec<Vec<u8>>) {
+        let mut queue = self.frames.lock().unwrap_or_else(|e| e.into_inner());
         out.extend(queue.drain(..));
     }
 

@@ -4,13 +4,14 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::ShutdownHandle;
 use vnp_protocol::token::{check_expiry, Expiry, TokenFields, TokenMinter};
+use vnp_protocol::wire::ethernet;
 use vnp_protocol::wire::options::ReturnToken;
 
 use super::edge_link::{self, EdgeLink};
@@ -21,6 +22,8 @@ use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
 use super::vhost_socket::{self, SocketAccess};
 use super::{udp, ControlPlane, PeerToken, PortError, RefusalReason, VmAttachment};
+use crate::bridge::counters::BridgeCounters;
+use crate::bridge::{Bridge, BridgeLimits, BridgeSpec, Inbox, MetadataSource};
 use crate::device::DeviceStartHook;
 use crate::metrics::counters::{DropReason, VmCounters};
 
@@ -89,6 +92,8 @@ pub struct PortCore {
     edge: EdgeLink,
     /// NAT for traffic through the gateway.
     pub(crate) nat: super::nat_hook::NatState,
+    /// The VM's service bridge, once started ([`VmPort::start_bridge`]).
+    bridge: OnceLock<Inbox>,
     /// Given to each connection's device (live migration: the resume on a destination).
     pub(crate) device_start: Option<DeviceStartHook>,
 }
@@ -202,6 +207,25 @@ impl PortCore {
         }
     }
 
+    /// Hands a packet for the metadata address to the service bridge; false when there is
+    /// none or it is full.
+    pub(crate) fn to_bridge(&self, packet: Vec<u8>) -> bool {
+        self.bridge.get().is_some_and(|inbox| inbox.post(packet))
+    }
+
+    /// Wraps the bridge's IPv4 packets in Ethernet (router -> VM) and hands them to the first
+    /// pair's worker, which owns an RX ring the guest always has.
+    fn deliver_from_bridge(&self, packets: Vec<Vec<u8>>) {
+        let head = ethernet::header(self.mac, self.router_mac, ethernet::ethertype::IPV4);
+        let frames = packets
+            .into_iter()
+            .map(|p| [head.as_slice(), p.as_slice()].concat())
+            .collect();
+        let dropped = self.handoffs[0].post_frames(frames);
+        self.counters
+            .drop_packets(DropReason::RxNoBuffer, dropped as u64);
+    }
+
     /// The edge's answer to an ARP, DHCP or ICMP frame.
     pub(crate) fn edge_reply(&self, frame: &[u8]) -> Result<Option<Vec<u8>>, ()> {
         edge_link::reply(&self.edge, frame, &self.counters).map_err(|why| {
@@ -226,6 +250,7 @@ pub struct VmPort {
     active: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
     socket_path: PathBuf,
+    bridge: Mutex<Option<Bridge>>,
 }
 
 impl std::fmt::Debug for VmPort {
@@ -330,6 +355,7 @@ impl VmPort {
             handoffs,
             edge,
             nat: Default::default(),
+            bridge: OnceLock::new(),
             device_start,
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -356,6 +382,7 @@ impl VmPort {
             active,
             thread: Some(thread),
             socket_path: att.socket_path,
+            bridge: Mutex::new(None),
         })
     }
 
@@ -406,6 +433,46 @@ impl VmPort {
         (self.core.nat.snapshot(), self.core.nat.now())
     }
 
+    /// Starts the VM's service bridge (metadata, DNS, credentials; `crate::bridge`): from now
+    /// on the guest's packets to the metadata address are answered with `source`'s data for
+    /// this VM. Once per port.
+    pub fn start_bridge(
+        &self,
+        source: Arc<dyn MetadataSource>,
+        limits: BridgeLimits,
+    ) -> Result<(), PortError> {
+        let mut slot = self.bridge.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(PortError::InvalidAttachment(format!(
+                "{}: bridge already started",
+                self.core.vm_id
+            )));
+        }
+        let spec = BridgeSpec {
+            vm_id: self.core.vm_id.clone(),
+            vm_ip: self.core.net.vm_ip,
+            hostname: self.core.edge.hostname().to_string(),
+            mtu: self.core.net.mtu,
+            limits,
+        };
+        let core = self.core.clone();
+        let bridge = Bridge::start(
+            spec,
+            source,
+            Box::new(move |packets| core.deliver_from_bridge(packets)),
+        )
+        .map_err(PortError::Thread)?;
+        let _ = self.core.bridge.set(bridge.inbox());
+        *slot = Some(bridge);
+        Ok(())
+    }
+
+    /// The service bridge's counters, when it runs.
+    pub fn bridge_counters(&self) -> Option<Arc<BridgeCounters>> {
+        let slot = self.bridge.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().map(Bridge::counters)
+    }
+
     /// The VM's counters.
     pub fn counters(&self) -> Arc<VmCounters> {
         self.core.counters.clone()
@@ -420,6 +487,8 @@ impl VmPort {
         let Some(thread) = self.thread.take() else {
             return;
         };
+        // The bridge first: its thread holds the port's core.
+        drop(self.bridge.lock().unwrap_or_else(|e| e.into_inner()).take());
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..500 {
             if thread.is_finished() {

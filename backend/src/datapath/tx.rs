@@ -159,6 +159,7 @@ impl PairWorker {
                 self.tx_edge.push(prefix.to_vec());
             }
             TxClass::Edge => self.copy_for_edge(view, frame_len),
+            TxClass::Bridge { total_len } => self.copy_for_bridge(view, total_len),
             TxClass::Ipv4 { dst, total_len } => self.encapsulate(view, dst, total_len, now),
         }
     }
@@ -175,6 +176,17 @@ impl PairWorker {
             self.tx_edge.push(frame);
         } else {
             self.core.counters.drop_packet(DropReason::TxBadChain);
+        }
+    }
+
+    /// Hands a copy of a packet to the metadata address to the VM's service bridge.
+    pub(super) fn copy_for_bridge(&mut self, view: GuestView<'_>, total_len: usize) {
+        let mut packet = vec![0u8; total_len];
+        let inner = self.inner_offset();
+        if view.read(self.tx_chain.segs(), inner, &mut packet) != total_len {
+            self.core.counters.drop_packet(DropReason::TxBadChain);
+        } else if !self.core.to_bridge(packet) {
+            self.core.counters.drop_packet(DropReason::TxBridgeRefused);
         }
     }
 

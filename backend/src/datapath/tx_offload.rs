@@ -95,6 +95,9 @@ impl PairWorker {
         let class_prefix = &prefix[..want.min(CLASSIFY_PREFIX)];
         match classify_tx(&net, class_prefix, frame_len) {
             TxClass::Drop(reason) => self.core.counters.drop_packet(reason),
+            // The bridge's TCP/IP stack takes partial checksums and super-packets as they are
+            // (it terminates the connection; nothing is forwarded).
+            TxClass::Bridge { total_len } => self.copy_for_bridge(view, total_len),
             TxClass::TooBig => {
                 self.core.counters.drop_packet(DropReason::TxOversize);
                 self.tx_edge.push(class_prefix.to_vec());

@@ -153,7 +153,10 @@ impl QueuePairHandler for PairWorker {
         match event {
             PairEvent::TxKick => self.run_tx(view, rx, tx),
             PairEvent::RxKick | PairEvent::External(SOCKET_EVENT) => self.run_rx(view, rx),
-            PairEvent::External(HANDOFF_EVENT) => self.send_handed_off(true),
+            PairEvent::External(HANDOFF_EVENT) => {
+                self.send_handed_off(true);
+                self.deliver_local_frames(view, rx);
+            }
             PairEvent::External(n) => log::debug!("vm {}: unknown event {n}", self.core.vm_id),
         }
     }
@@ -334,6 +337,18 @@ impl PairWorker {
             }
             Ok(None) => {}
             Err(()) => self.core.counters.drop_packet(DropReason::TxEdgeRefused),
+        }
+    }
+
+    /// Delivers the frames the service bridge made for the guest (see `crate::bridge`).
+    fn deliver_local_frames(&mut self, view: GuestView<'_>, rx: &Vring) {
+        let handoff = &self.core.handoffs[self.pair % self.core.handoffs.len()];
+        let mut frames = Vec::new();
+        handoff.take_frames(&mut frames);
+        for frame in frames {
+            if !self.deliver_frame(view, rx, &frame) {
+                self.core.counters.drop_packet(DropReason::RxNoBuffer);
+            }
         }
     }
 

@@ -63,6 +63,9 @@ drop_reasons! {
     TxSendError => "tx_send_error",
     /// TX: the port stopped or the peer was forgotten while packets waited for a token.
     TxPendingDiscarded => "tx_pending_discarded",
+    /// TX: a packet to the metadata address that the service bridge could not take (no
+    /// bridge on the port, or its queue full: the guest floods it).
+    TxBridgeRefused => "tx_bridge_refused",
     /// RX: datagram shorter than the VNP header or than its inner packet claims.
     RxTruncated => "rx_truncated",
     /// RX: unknown version, reserved bits, inner packet not IPv4, or malformed options.

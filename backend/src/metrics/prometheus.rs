@@ -196,6 +196,27 @@ fn render_nat(out: &mut String, vms: &[VmSample]) {
     }
 }
 
+/// Renders the VMs' service-bridge counters (`docs/metadata.md`) as one family,
+/// `vnpd_bridge_events_total{vm, event}`.
+pub fn render_bridge(vms: &[(String, Vec<(&'static str, u64)>)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP vnpd_bridge_events_total Service-bridge events (metadata HTTP, DNS, registry calls), by VM."
+    );
+    let _ = writeln!(out, "# TYPE vnpd_bridge_events_total counter");
+    for (vm, counters) in vms {
+        let id = escape_label(vm);
+        for (event, n) in counters {
+            let _ = writeln!(
+                out,
+                "vnpd_bridge_events_total{{vm=\"{id}\",event=\"{event}\"}} {n}"
+            );
+        }
+    }
+    out
+}
+
 /// Parses one sample line of `text` back: the value of `metric` with exactly `labels`.
 /// Used by tests and by tools that scrape vnpd (pure).
 pub fn sample_value(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<u64> {
@@ -492,5 +513,19 @@ mod tests {
         drop(exporter);
         // The port is closed after drop.
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn bridge_counters_render_per_vm_and_event() {
+        let text = render_bridge(&[("vm-a".into(), vec![("http_2xx", 3), ("dns_refused", 1)])]);
+        assert_eq!(
+            sample_value(
+                &text,
+                "vnpd_bridge_events_total",
+                &[("vm", "vm-a"), ("event", "http_2xx")]
+            ),
+            Some(3)
+        );
+        assert!(text.contains("# TYPE vnpd_bridge_events_total counter"));
     }
 }

@@ -5,10 +5,12 @@
 //! much vnpd adds on top of the kernel.
 //!
 //! - [`mmsg`]: the sender and receiver loops.
+//! - [`gso`]: UDP GSO sends and GRO receives (the bulk floor).
 //! - [`thread`]: per-thread CPU time (`getrusage(RUSAGE_THREAD)`), network namespace and CPU
 //!   affinity of the calling thread.
 //! - [`report`]: turns raw counts into rates and per-packet costs, as text and JSON (pure).
 
+pub mod gso;
 pub mod mmsg;
 pub mod report;
 pub mod thread;

@@ -72,6 +72,12 @@ struct Args {
     /// Receive buffer to ask for, bytes.
     #[arg(long, default_value_t = 8 << 20)]
     rcvbuf: usize,
+    /// Datagrams per send as one UDP GSO send (`UDP_SEGMENT`, segment = --payload); 1: off.
+    #[arg(long, default_value_t = 1)]
+    gso: usize,
+    /// Receive with UDP GRO (`UDP_GRO`): coalesced datagrams, counted as their segments.
+    #[arg(long)]
+    gro: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Both)]
     format: Format,
@@ -102,6 +108,7 @@ fn send_spec(args: &Args, dst: SocketAddrV4, payload: usize) -> SendSpec {
         batch: args.batch,
         duration: Duration::from_secs_f64(args.seconds),
         connected: args.connected,
+        gso_segments: args.gso,
     }
 }
 
@@ -140,7 +147,8 @@ fn run_receiver(
             return Err(e);
         }
     };
-    mmsg::run_receiver(&socket, payload, args.batch, stop).map_err(|e| format!("receive: {e}"))
+    mmsg::run_receiver(&socket, payload, args.batch, args.gro, stop)
+        .map_err(|e| format!("receive: {e}"))
 }
 
 fn run_both(args: &Args, payload: usize) -> Result<RunReport, String> {
@@ -176,6 +184,8 @@ fn run_both(args: &Args, payload: usize) -> Result<RunReport, String> {
         Ok(RunReport {
             payload,
             batch: args.batch,
+            gso_segments: args.gso,
+            gro: args.gro,
             sender: Some(sender),
             receiver: Some(receiver),
         })
@@ -191,6 +201,8 @@ fn run_one(args: &Args, payload: usize) -> Result<RunReport, String> {
             Ok(RunReport {
                 payload,
                 batch: args.batch,
+                gso_segments: args.gso,
+                gro: args.gro,
                 sender: Some(sender),
                 receiver: None,
             })
@@ -214,6 +226,8 @@ fn run_one(args: &Args, payload: usize) -> Result<RunReport, String> {
             Ok(RunReport {
                 payload,
                 batch: args.batch,
+                gso_segments: args.gso,
+                gro: args.gro,
                 sender: None,
                 receiver: Some(receiver?),
             })

@@ -18,8 +18,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(200);
 /// Counts and times of one thread's run.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ThreadStats {
-    /// Datagrams sent or received.
+    /// Datagrams sent or received (with GSO/GRO: the segments, as they are on the wire).
     pub packets: u64,
+    /// Messages the system calls moved: equal to `packets` without GSO/GRO, one per GSO send
+    /// or per coalesced receive with them.
+    pub messages: u64,
     /// Payload bytes sent or received.
     pub bytes: u64,
     /// sendmmsg/recvmmsg calls that moved at least one datagram.
@@ -48,6 +51,9 @@ pub struct SendSpec {
     /// `connect()` the socket and send without per-message addresses. vnpd sends unconnected
     /// (each message names its peer host), so that is the default floor.
     pub connected: bool,
+    /// Datagrams of `payload` bytes per message, sent as one UDP GSO send when above 1
+    /// ([`crate::gso`]); 1 sends plain datagrams.
+    pub gso_segments: usize,
 }
 
 fn check_sizes(payload: usize, batch: usize) -> io::Result<()> {
@@ -89,11 +95,18 @@ fn is_transient(err: &io::Error) -> bool {
 /// Sends batches of `spec.payload`-byte datagrams to `spec.dst` for `spec.duration`.
 pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats> {
     check_sizes(spec.payload, spec.batch)?;
+    crate::gso::check_gso(spec.payload, spec.gso_segments)?;
     if spec.connected {
         socket.connect(spec.dst)?;
     }
+    if spec.gso_segments > 1 {
+        crate::gso::enable_gso(socket, spec.payload)?;
+    }
     // The payload's content does not matter to the kernel; a pattern helps when sniffing.
-    let payload: Vec<u8> = (0..spec.payload).map(|i| i as u8).collect();
+    let payload: Vec<u8> = (0..spec.payload * spec.gso_segments)
+        .map(|i| i as u8)
+        .collect();
+    let segments = spec.gso_segments as u64;
     let mut dst = sockaddr_in(spec.dst);
     let mut iovecs: Vec<libc::iovec> = (0..spec.batch)
         .map(|_| libc::iovec {
@@ -135,8 +148,9 @@ pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats
             return Err(err);
         }
         let sent = sent as u64;
-        stats.packets += sent;
-        stats.bytes += sent * spec.payload as u64;
+        stats.packets += sent * segments;
+        stats.messages += sent;
+        stats.bytes += sent * segments * spec.payload as u64;
         stats.calls += 1;
     }
     stats.wall = start.elapsed();
@@ -149,19 +163,29 @@ pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats
 }
 
 /// Receives datagrams (up to `batch` per recvmmsg, each up to `max_payload` bytes) until `stop`
-/// is set and nothing arrived for [`DRAIN_TIMEOUT`].
+/// is set and nothing arrived for [`DRAIN_TIMEOUT`]. With `gro`, coalesced datagrams of up to
+/// 64 KiB are accepted and counted as the segments they stand for.
 pub fn run_receiver(
     socket: &UdpSocket,
     max_payload: usize,
     batch: usize,
+    gro: bool,
     stop: &AtomicBool,
 ) -> io::Result<ThreadStats> {
     check_sizes(max_payload, batch)?;
     socket.set_read_timeout(Some(DRAIN_TIMEOUT))?;
+    if gro {
+        crate::gso::enable_gro(socket)?;
+    }
     // One byte more than expected, so that a larger datagram shows up as truncated instead of
     // silently counting as expected.
-    let slot = max_payload + 1;
+    let slot = if gro {
+        MAX_PAYLOAD + 1
+    } else {
+        max_payload + 1
+    };
     let mut buffers = vec![0u8; slot * batch];
+    let mut control = vec![0u8; crate::gso::CMSG_ROOM * batch];
     let mut iovecs: Vec<libc::iovec> = buffers
         .chunks_exact_mut(slot)
         .map(|chunk| libc::iovec {
@@ -171,11 +195,14 @@ pub fn run_receiver(
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = iovecs
         .iter_mut()
-        .map(|iov| {
+        .zip(control.chunks_exact_mut(crate::gso::CMSG_ROOM))
+        .map(|(iov, cmsg)| {
             // SAFETY: msghdr/mmsghdr are plain C structs for which all zeros is valid.
             let mut msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
             msg.msg_hdr.msg_iov = iov;
             msg.msg_hdr.msg_iovlen = 1;
+            msg.msg_hdr.msg_control = cmsg.as_mut_ptr().cast();
+            msg.msg_hdr.msg_controllen = cmsg.len();
             msg
         })
         .collect();
@@ -216,8 +243,10 @@ pub fn run_receiver(
         first.get_or_insert(now);
         last = now;
         stats.calls += 1;
-        for msg in &msgs[..received as usize] {
-            stats.packets += 1;
+        for msg in &mut msgs[..received as usize] {
+            let segment = crate::gso::gro_segment_size(&msg.msg_hdr);
+            stats.packets += crate::gso::segments(msg.msg_len as usize, segment);
+            stats.messages += 1;
             stats.bytes += u64::from(msg.msg_len);
             if msg.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 return Err(io::Error::new(
@@ -225,6 +254,8 @@ pub fn run_receiver(
                     format!("received a datagram larger than {max_payload} bytes"),
                 ));
             }
+            // recvmmsg shrinks msg_controllen to what it wrote: give the room back.
+            msg.msg_hdr.msg_controllen = crate::gso::CMSG_ROOM;
         }
     }
     stats.cpu = thread_cpu_time()? - cpu_start;
@@ -232,6 +263,7 @@ pub fn run_receiver(
     drop(msgs);
     drop(iovecs);
     drop(buffers);
+    drop(control);
     Ok(stats)
 }
 
@@ -273,7 +305,7 @@ mod tests {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let stop_rx = Arc::clone(&stop);
-        let rx = std::thread::spawn(move || run_receiver(&receiver, 100, 8, &stop_rx));
+        let rx = std::thread::spawn(move || run_receiver(&receiver, 100, 8, false, &stop_rx));
         let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         for connected in [false, true] {
             let spec = SendSpec {
@@ -282,6 +314,7 @@ mod tests {
                 batch: 8,
                 duration: Duration::from_millis(100),
                 connected,
+                gso_segments: 1,
             };
             let sent = run_sender(&sender, &spec).unwrap();
             assert!(sent.packets > 0);
@@ -295,6 +328,37 @@ mod tests {
     }
 
     #[test]
+    fn gso_sends_reach_a_gro_receiver_and_count_as_segments() {
+        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        grow_receive_buffer(&receiver, 8 << 20).unwrap();
+        let dst = match receiver.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_rx = Arc::clone(&stop);
+        let rx = std::thread::spawn(move || run_receiver(&receiver, 1400, 8, true, &stop_rx));
+        let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let spec = SendSpec {
+            dst,
+            payload: 1400,
+            batch: 4,
+            duration: Duration::from_millis(200),
+            connected: false,
+            gso_segments: 40,
+        };
+        let sent = run_sender(&sender, &spec).unwrap();
+        assert_eq!(sent.packets % 40, 0, "each send is 40 segments");
+        assert_eq!(sent.bytes, sent.packets * 1400);
+        stop.store(true, Ordering::Relaxed);
+        let got = rx.join().unwrap().unwrap();
+        assert!(got.packets > 0);
+        assert_eq!(got.bytes, got.packets * 1400, "whole segments only");
+        // Loopback passes GSO packets unsegmented: far fewer receives than segments.
+        assert!(got.calls * 8 < got.packets, "{got:?}");
+    }
+
+    #[test]
     fn oversized_datagrams_are_an_error_not_a_count() {
         let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
@@ -302,7 +366,7 @@ mod tests {
             .send_to(&[0u8; 64], receiver.local_addr().unwrap())
             .unwrap();
         let stop = AtomicBool::new(true);
-        let err = run_receiver(&receiver, 32, 4, &stop).unwrap_err();
+        let err = run_receiver(&receiver, 32, 4, false, &stop).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
@@ -315,6 +379,7 @@ mod tests {
             batch: 32,
             duration: Duration::ZERO,
             connected: false,
+            gso_segments: 1,
         };
         assert_eq!(
             run_sender(&socket, &spec).unwrap_err().kind(),
@@ -330,6 +395,6 @@ mod tests {
             io::ErrorKind::InvalidInput
         );
         let stop = AtomicBool::new(true);
-        assert!(run_receiver(&socket, 64, 2000, &stop).is_err());
+        assert!(run_receiver(&socket, 64, 2000, false, &stop).is_err());
     }
 }

@@ -12,6 +12,10 @@ pub struct RunReport {
     pub payload: usize,
     /// Datagrams per sendmmsg/recvmmsg.
     pub batch: usize,
+    /// Datagrams per GSO send (1: no GSO).
+    pub gso_segments: usize,
+    /// Whether the receiver used UDP GRO.
+    pub gro: bool,
     /// Sender counts, if this process sent.
     pub sender: Option<ThreadStats>,
     /// Receiver counts, if this process received.
@@ -61,6 +65,14 @@ impl RunReport {
         ns_per_packet(s.cpu + r.cpu, r.packets)
     }
 
+    /// UDP payload delivered per second of sender plus receiver CPU, in Gbit: the bulk floor's
+    /// "Gb/s per core".
+    pub fn gbit_per_cpu_second(&self) -> Option<f64> {
+        let (s, r) = (self.sender?, self.receiver?);
+        let cpu = (s.cpu + r.cpu).as_secs_f64();
+        (cpu > 0.0).then(|| r.bytes as f64 * 8.0 / 1e9 / cpu)
+    }
+
     /// Fraction of sent datagrams that were not received (kernel drops at the receiver socket).
     pub fn loss(&self) -> Option<f64> {
         let (s, r) = (self.sender?, self.receiver?);
@@ -70,8 +82,15 @@ impl RunReport {
     /// A few human lines.
     pub fn to_text(&self) -> String {
         let mut text = format!(
-            "udp-floor: {}-byte payload, batch {}\n",
-            self.payload, self.batch
+            "udp-floor: {}-byte payload, batch {}{}{}\n",
+            self.payload,
+            self.batch,
+            if self.gso_segments > 1 {
+                format!(", GSO {} segments per send", self.gso_segments)
+            } else {
+                String::new()
+            },
+            if self.gro { ", GRO receive" } else { "" },
         );
         if let Some(s) = self.sender {
             let _ = writeln!(
@@ -99,8 +118,9 @@ impl RunReport {
         if self.sender.is_some() && self.receiver.is_some() {
             let _ = writeln!(
                 text,
-                "  total CPU {} ns per delivered packet, loss {}",
+                "  total CPU {} ns per delivered packet, {} Gb/s of payload per CPU second, loss {}",
                 fmt_opt(self.total_cpu_ns_per_packet(), 1),
+                fmt_opt(self.gbit_per_cpu_second(), 2),
                 self.loss()
                     .map_or_else(|| "n/a".to_string(), |l| format!("{:.2}%", l * 100.0)),
             );
@@ -114,8 +134,9 @@ impl RunReport {
             match stats {
             None => "null".to_string(),
             Some(s) => format!(
-                "{{\"packets\":{},\"bytes\":{},\"calls\":{},\"transient_errors\":{},\"wall_s\":{},\"cpu_s\":{}}}",
+                "{{\"packets\":{},\"messages\":{},\"bytes\":{},\"calls\":{},\"transient_errors\":{},\"wall_s\":{},\"cpu_s\":{}}}",
                 s.packets,
+                s.messages,
                 s.bytes,
                 s.calls,
                 s.transient_errors,
@@ -125,9 +146,12 @@ impl RunReport {
         }
         };
         format!(
-            "{{\"tool\":\"udp-floor\",\"payload\":{},\"batch\":{},\"sent_pps\":{},\"received_pps\":{},\"sender_cpu_ns_per_packet\":{},\"receiver_cpu_ns_per_packet\":{},\"total_cpu_ns_per_packet\":{},\"loss\":{},\"sender\":{},\"receiver\":{}}}",
+            "{{\"tool\":\"udp-floor\",\"payload\":{},\"batch\":{},\"gso_segments\":{},\"gro\":{},\"gbit_per_cpu_second\":{},\"sent_pps\":{},\"received_pps\":{},\"sender_cpu_ns_per_packet\":{},\"receiver_cpu_ns_per_packet\":{},\"total_cpu_ns_per_packet\":{},\"loss\":{},\"sender\":{},\"receiver\":{}}}",
             self.payload,
             self.batch,
+            self.gso_segments,
+            self.gro,
+            json_num(self.gbit_per_cpu_second()),
             json_num(self.sent_pps()),
             json_num(self.received_pps()),
             json_num(self.sender_cpu_ns_per_packet()),
@@ -162,6 +186,7 @@ mod tests {
     fn stats(packets: u64, wall_ms: u64, cpu_ms: u64) -> ThreadStats {
         ThreadStats {
             packets,
+            messages: packets,
             bytes: packets * 64,
             calls: packets / 32,
             transient_errors: 0,
@@ -175,6 +200,8 @@ mod tests {
         let report = RunReport {
             payload: 64,
             batch: 32,
+            gso_segments: 1,
+            gro: false,
             sender: Some(stats(1_000_000, 2000, 1000)),
             receiver: Some(stats(900_000, 1990, 900)),
         };
@@ -192,7 +219,7 @@ mod tests {
         let json = report.to_json();
         assert!(
             json.starts_with(
-                "{\"tool\":\"udp-floor\",\"payload\":64,\"batch\":32,\"sent_pps\":500000,"
+                "{\"tool\":\"udp-floor\",\"payload\":64,\"batch\":32,\"gso_segments\":1,\"gro\":false,\"gbit_per_cpu_second\":0.243,\"sent_pps\":500000,"
             ),
             "{json}"
         );
@@ -208,6 +235,8 @@ mod tests {
         let receive_only = RunReport {
             payload: 1500,
             batch: 32,
+            gso_segments: 1,
+            gro: false,
             sender: None,
             receiver: Some(stats(0, 0, 5)),
         };

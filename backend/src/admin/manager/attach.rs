@@ -1,6 +1,8 @@
 //! The steps of an attach: checks, the registry reads, the data-path port, the bookkeeping.
 
 use super::*;
+use crate::bridge::BridgeLimits;
+use crate::control::metadata::RegistrySource;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::{Network, VmRecord};
 
@@ -194,6 +196,11 @@ impl Manager {
             )
         })?;
         let port = Arc::new(port);
+        // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
+        let source = Arc::new(RegistrySource(self.client.clone()));
+        if let Err(e) = port.start_bridge(source, BridgeLimits::default()) {
+            log::warn!("vm {vm_id}: no metadata service: {e}");
+        }
         self.control.add_port(vm_id, Arc::clone(&port));
         Ok(port)
     }
@@ -208,6 +215,9 @@ impl Manager {
         persist: bool,
     ) -> Result<(), AdminFailure> {
         self.board.insert(vm_id, port.counters());
+        if let Some(bridge) = port.bridge_counters() {
+            self.board.insert_bridge(vm_id, bridge);
+        }
         self.attached.insert(
             vm_id.to_string(),
             Attached {

@@ -1,0 +1,251 @@
+//! The bridge's threads for one VM, off the data path: the bridge thread runs the [`Server`]
+//! (smoltcp, HTTP, DNS) over the packets the VM's TX workers hand it; a fetcher thread keeps
+//! the VM's metadata current with the registry's long-poll; a caller thread makes the other
+//! registry calls (token mints, guest-attribute writes) one at a time. A slow registry delays
+//! only the requests that need it, never a packet of the data path.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::counters::BridgeCounters;
+use super::dns::Names;
+use super::server::{BridgeLimits, Job, JobDone, Server};
+use super::source::{MetadataSource, VmMetadata};
+use super::METADATA_IP;
+
+/// Packets and answers waiting for the bridge thread; beyond it, guest packets are dropped.
+const INBOX: usize = 1024;
+/// Long-poll time of one metadata request.
+const METADATA_POLL: Duration = Duration::from_secs(20);
+/// Pause after a failed metadata request.
+const METADATA_RETRY: Duration = Duration::from_secs(1);
+
+enum Msg {
+    Packet(Vec<u8>),
+    Metadata(Box<VmMetadata>),
+    Done(JobDone),
+    Stop,
+}
+
+/// Who the bridge serves: one VM, identified by the port it is attached to.
+#[derive(Debug, Clone)]
+pub struct BridgeSpec {
+    /// Registry id of the VM (every registry call is for this VM, whatever the guest sends).
+    pub vm_id: String,
+    /// Its address (the DNS answer for its hostname).
+    pub vm_ip: Ipv4Addr,
+    /// Its hostname.
+    pub hostname: String,
+    /// Guest MTU.
+    pub mtu: u16,
+    /// Limits.
+    pub limits: BridgeLimits,
+}
+
+/// Where the TX workers post packets for the bridge. Never blocks.
+#[derive(Debug, Clone)]
+pub struct Inbox(SyncSender<Msg>);
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Packet(_) => "Packet",
+            Msg::Metadata(_) => "Metadata",
+            Msg::Done(_) => "Done",
+            Msg::Stop => "Stop",
+        })
+    }
+}
+
+impl Inbox {
+    /// Posts an IPv4 packet the guest sent to the metadata address; false when the bridge is
+    /// full or gone (the caller counts the drop).
+    pub fn post(&self, packet: Vec<u8>) -> bool {
+        match self.0.try_send(Msg::Packet(packet)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
+
+/// Delivers IPv4 packets from the bridge to the guest (the port wraps them in Ethernet and
+/// hands them to a worker).
+pub type Deliver = Box<dyn Fn(Vec<Vec<u8>>) + Send + 'static>;
+
+/// One VM's running bridge; stopped on drop.
+pub struct Bridge {
+    inbox: Inbox,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    counters: Arc<BridgeCounters>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge").finish_non_exhaustive()
+    }
+}
+
+impl Bridge {
+    /// Starts the bridge's threads for `spec`'s VM.
+    pub fn start(
+        spec: BridgeSpec,
+        source: Arc<dyn MetadataSource>,
+        deliver: Deliver,
+    ) -> std::io::Result<Bridge> {
+        let (tx, rx) = mpsc::sync_channel(INBOX);
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(BridgeCounters::default());
+        let short: String = spec.vm_id.chars().take(8).collect();
+        {
+            let (source, tx, stop, id) =
+                (source.clone(), tx.clone(), stop.clone(), spec.vm_id.clone());
+            std::thread::Builder::new()
+                .name(format!("md-fetch-{short}"))
+                .spawn(move || fetch_metadata(&*source, &id, &tx, &stop))?;
+        }
+        {
+            let (tx, id) = (tx.clone(), spec.vm_id.clone());
+            std::thread::Builder::new()
+                .name(format!("md-call-{short}"))
+                .spawn(move || call_registry(&*source, &id, &jobs_rx, &tx))?;
+        }
+        let server = Server::new(
+            Names::new(METADATA_IP, &spec.hostname, spec.vm_ip),
+            usize::from(spec.mtu),
+            spec.limits,
+            counters.clone(),
+            Instant::now(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("md-bridge-{short}"))
+            .spawn(move || run(server, &rx, &jobs_tx, &deliver))?;
+        Ok(Bridge {
+            inbox: Inbox(tx),
+            stop,
+            thread: Some(thread),
+            counters,
+        })
+    }
+
+    /// Where to post the guest's packets.
+    pub fn inbox(&self) -> Inbox {
+        self.inbox.clone()
+    }
+
+    /// The bridge's counters.
+    pub fn counters(&self) -> Arc<BridgeCounters> {
+        self.counters.clone()
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // The inbox may be full of guest packets: a blocking send still gets through once the
+        // thread drains it.
+        let _ = self.inbox.0.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The bridge thread.
+fn run(mut server: Server, rx: &Receiver<Msg>, jobs: &mpsc::Sender<Job>, deliver: &Deliver) {
+    loop {
+        let wait = server.step(Instant::now());
+        let out = server.take_packets_to_guest();
+        if !out.is_empty() {
+            deliver(out);
+        }
+        for job in server.take_jobs() {
+            let _ = jobs.send(job);
+        }
+        let msg = match rx.recv_timeout(wait) {
+            Ok(m) => m,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let mut next = Some(msg);
+        // Take everything already queued before running smoltcp again.
+        while let Some(msg) = next {
+            let now = Instant::now();
+            match msg {
+                Msg::Packet(p) => server.packet_from_guest(p),
+                Msg::Metadata(md) => server.metadata(*md, now),
+                Msg::Done(d) => server.job_done(d, now),
+                Msg::Stop => return,
+            }
+            next = rx.try_recv().ok();
+        }
+    }
+}
+
+/// The fetcher thread: the first fetch, then long-polls for changes.
+fn fetch_metadata(
+    source: &dyn MetadataSource,
+    vm_id: &str,
+    tx: &SyncSender<Msg>,
+    stop: &AtomicBool,
+) {
+    let mut etag: Option<String> = None;
+    while !stop.load(Ordering::SeqCst) {
+        let wait = etag.as_deref().map(|e| (e, METADATA_POLL));
+        match source.vm_metadata(vm_id, wait) {
+            Ok(md) => {
+                if etag.as_deref() != Some(md.etag.as_str()) {
+                    etag = Some(md.etag.clone());
+                    if tx.send(Msg::Metadata(Box::new(md))).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                log::debug!("vm {vm_id}: metadata fetch failed: {e}");
+                std::thread::sleep(METADATA_RETRY);
+            }
+        }
+    }
+}
+
+/// The caller thread: token mints and guest-attribute writes, in order.
+fn call_registry(
+    source: &dyn MetadataSource,
+    vm_id: &str,
+    jobs: &Receiver<Job>,
+    tx: &SyncSender<Msg>,
+) {
+    while let Ok(job) = jobs.recv() {
+        let done = match job {
+            Job::Access => JobDone::Access(source.mint_access_token(vm_id)),
+            Job::Identity { audience, full } => {
+                let result = source.mint_identity_token(vm_id, &audience, full);
+                JobDone::Identity {
+                    audience,
+                    full,
+                    result,
+                }
+            }
+            Job::Put {
+                conn,
+                generation,
+                namespace,
+                key,
+                value,
+            } => JobDone::Put {
+                conn,
+                generation,
+                result: source.put_guest_attribute(vm_id, &namespace, &key, &value),
+            },
+        };
+        if tx.send(Msg::Done(done)).is_err() {
+            return;
+        }
+    }
+}

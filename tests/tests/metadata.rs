@@ -1,0 +1,323 @@
+//! The service bridge seen from real QEMU guests (issue #11): DHCP hands out the metadata
+//! address as resolver, busybox `nslookup` resolves `metadata.google.internal` and the VM's own
+//! name, busybox `wget` reads metadata paths and credentials (verified against the registry's
+//! published keys), a hanging GET returns right after an operator changes an attribute, busybox
+//! `nc` publishes an SSH host key that the registry then holds; refused: no header,
+//! `X-Forwarded-For`, malformed and oversize requests, requests past the rate limit. A second
+//! VM on the same host gets its own metadata, never the first one's: the caller is the port.
+//! Then a namespace guest (a TAP behind `vnp-tap-frontend`, the host kernel's stack) reads it
+//! with curl and Python's `urllib`.
+//!
+//! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`); guests run
+//! under TCG. Run: `cargo test -p vnp-e2e --test metadata -- --nocapture`.
+
+use std::time::Duration;
+
+use qemu_launch::Guest;
+use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
+use vnp_registry_client::jwt;
+
+const CMD: Duration = Duration::from_secs(60);
+const MD: &str = "http://metadata.google.internal/computeMetadata/v1";
+
+fn step(what: &str) {
+    eprintln!("[metadata] {what}");
+}
+
+/// Runs `cmd` in the guest; (exit status, stdout, stderr).
+fn sh(g: &mut Guest, cmd: &str) -> (i32, String, String) {
+    let out = g
+        .run(cmd, CMD)
+        .unwrap_or_else(|e| panic!("{} in {}: {e}", cmd, g.name()));
+    (out.status, out.stdout, out.stderr)
+}
+
+/// A metadata GET with the flavor header; the body, or a panic with what wget said.
+fn md_get(g: &mut Guest, path: &str) -> String {
+    let cmd = format!("wget -q -O - --header 'Metadata-Flavor: Google' '{MD}/{path}'");
+    let (status, out, err) = sh(g, &cmd);
+    assert_eq!(status, 0, "{cmd}: {err}");
+    out
+}
+
+/// Sends raw bytes (a `printf` format) to the metadata server with busybox `nc`; the answer.
+fn raw(g: &mut Guest, printf_fmt: &str) -> String {
+    let cmd = format!("printf '{printf_fmt}' | timeout 10 nc 169.254.169.254 80");
+    sh(g, &cmd).1
+}
+
+/// A client on Python's `urllib` (no proxies): the hostname, a token, the flavor header on the
+/// answer, and the status of a request without the header, as JSON.
+const URLLIB_CLIENT: &str = r#"
+import json, urllib.request, urllib.error
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+base = "http://169.254.169.254/computeMetadata/v1/"
+def get(path, headers):
+    with opener.open(urllib.request.Request(base + path, headers=headers), timeout=10) as r:
+        return r.headers.get("Metadata-Flavor"), r.read().decode()
+flavor, hostname = get("instance/hostname", {"Metadata-Flavor": "Google"})
+_, token = get("instance/service-accounts/default/token", {"Metadata-Flavor": "Google"})
+try:
+    get("instance/hostname", {})
+    forbidden = 200
+except urllib.error.HTTPError as e:
+    forbidden = e.code
+print(json.dumps({"flavor": flavor, "hostname": hostname, "forbidden": forbidden,
+                  "access_token": json.loads(token)["access_token"]}))
+"#;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn metadata_served_to_real_guests() {
+    let opts = ClusterOptions {
+        prefix: "vnpm".into(),
+        hosts: 1,
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+
+    step("registry: vm-a and vm-b on host a; an operator attribute on vm-a");
+    let rec_a = c.create_vm("vm-a", 0, &[]).unwrap();
+    let rec_b = c.create_vm("vm-b", 0, &[]).unwrap();
+    c.registry(|r| r.set_vm_attribute("vm-a", "role", "db"))
+        .unwrap();
+    let att_a = c.attach(0, "vm-a").unwrap();
+    let att_b = c.attach(0, "vm-b").unwrap();
+
+    step("booting two guests (TCG)");
+    let mut ga = c.launch_guest(&att_a).unwrap();
+    let mut gb = c.launch_guest(&att_b).unwrap();
+    for g in [&mut ga, &mut gb] {
+        wait_dhcp(g).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    }
+
+    step("DNS: DHCP names the bridge as resolver; it answers the metadata name and the VM's");
+    let (_, resolv, _) = sh(&mut ga, "cat /etc/resolv.conf");
+    assert!(resolv.contains("nameserver 169.254.169.254"), "{resolv}");
+    let (_, out, err) = sh(&mut ga, "nslookup metadata.google.internal");
+    assert!(out.contains("169.254.169.254"), "{out}{err}\n{}", c.logs());
+    let (_, out, err) = sh(&mut ga, &format!("nslookup {}", rec_a.hostname));
+    assert!(out.contains(&rec_a.ip.to_string()), "{out}{err}");
+    let (_, out, err) = sh(&mut ga, "nslookup example.com");
+    assert!(
+        !out.contains("Address: 93."),
+        "other names are refused: {out}{err}"
+    );
+
+    step("metadata paths");
+    assert_eq!(md_get(&mut ga, "instance/hostname"), rec_a.hostname);
+    assert_eq!(md_get(&mut ga, "instance/name"), "vm-a");
+    assert_eq!(
+        md_get(&mut ga, "instance/network-interfaces/0/ip"),
+        rec_a.ip.to_string()
+    );
+    assert_eq!(md_get(&mut ga, "instance/network-interfaces/0/mtu"), "1452");
+    assert_eq!(md_get(&mut ga, "instance/attributes/role"), "db");
+    assert!(!md_get(&mut ga, "project/project-id").is_empty());
+    let listing = md_get(&mut ga, "instance/");
+    assert!(listing.contains("network-interfaces/\n"), "{listing}");
+    let json: serde_json::Value =
+        serde_json::from_str(&md_get(&mut ga, "instance/?recursive=true")).unwrap();
+    assert_eq!(json["name"], "vm-a");
+    assert_eq!(json["attributes"]["role"], "db");
+    let (_, head, _) = sh(
+        &mut ga,
+        "wget -S -q -O /dev/null http://169.254.169.254/ 2>&1",
+    );
+    assert!(head.contains("Metadata-Flavor: Google"), "GET / {head}");
+
+    step("the caller is the port: vm-b reads its own metadata");
+    assert_eq!(md_get(&mut gb, "instance/name"), "vm-b");
+    assert_eq!(
+        md_get(&mut gb, "instance/network-interfaces/0/ip"),
+        rec_b.ip.to_string()
+    );
+    let (status, _, _) = sh(
+        &mut gb,
+        &format!("wget -q -O - --header 'Metadata-Flavor: Google' '{MD}/instance/attributes/role'"),
+    );
+    assert_ne!(status, 0, "vm-a's attribute is not vm-b's");
+
+    step("credentials, verified against the registry's JWKS");
+    let jwks = c.registry(|r| r.jwks()).unwrap();
+    let tok: serde_json::Value =
+        serde_json::from_str(&md_get(&mut ga, "instance/service-accounts/default/token")).unwrap();
+    assert_eq!(tok["token_type"], "Bearer");
+    let access = tok["access_token"].as_str().unwrap();
+    jwt::verify(access, &jwks, None, unix_now()).expect("access token verifies");
+    let id = md_get(
+        &mut ga,
+        "instance/service-accounts/default/identity?audience=https://svc.example&format=full",
+    );
+    let verified = jwt::verify(&id, &jwks, Some("https://svc.example"), unix_now())
+        .expect("identity token verifies");
+    eprintln!("  identity claims: {verified:?}");
+    // Served from the host's cache the second time: the same token.
+    let again: serde_json::Value =
+        serde_json::from_str(&md_get(&mut ga, "instance/service-accounts/default/token")).unwrap();
+    assert_eq!(again["access_token"], tok["access_token"]);
+
+    step("a hanging GET returns within 1 s of an operator's change");
+    let hang = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); wget -q -O /tmp/h --header 'Metadata-Flavor: Google' \
+         '{MD}/instance/attributes/role?wait_for_change=true&timeout_sec=30'; \
+         b=$(cut -d' ' -f1 /proc/uptime); echo \"$a $b\"; cat /tmp/h"
+    );
+    let (out, changed) = std::thread::scope(|s| {
+        let setter = s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(3));
+            c.registry(|r| r.set_vm_attribute("vm-a", "role", "web"))
+        });
+        let out = sh(&mut ga, &hang).1;
+        (out, setter.join().unwrap())
+    });
+    changed.unwrap();
+    let (times, body) = out.split_once('\n').unwrap_or((&out, ""));
+    let t: Vec<f64> = times
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let waited = t[1] - t[0];
+    eprintln!("  hanging GET waited {waited:.2} s (change made at 3 s)");
+    assert_eq!(body, "web");
+    assert!(waited >= 2.5, "it did not hang: {waited}");
+    assert!(
+        waited < 4.0,
+        "not answered within 1 s of the change: {waited}"
+    );
+
+    step("a host key published with nc reaches the registry");
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKvnpdtest";
+    let put = format!(
+        "PUT /computeMetadata/v1/instance/guest-attributes/hostkeys/ssh-ed25519 HTTP/1.1\\r\\n\
+         Host: metadata\\r\\nMetadata-Flavor: Google\\r\\nContent-Length: {}\\r\\n\
+         Connection: close\\r\\n\\r\\n{key}",
+        key.len()
+    );
+    let answer = raw(&mut ga, &put);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let md = c.registry(|r| r.vm_metadata("vm-a", None)).unwrap();
+    assert_eq!(
+        md.guest_attributes
+            .get("hostkeys/ssh-ed25519")
+            .map(String::as_str),
+        Some(key)
+    );
+    assert_eq!(
+        md_get(&mut ga, "instance/guest-attributes/hostkeys/ssh-ed25519"),
+        key
+    );
+
+    step("refused: no header, X-Forwarded-For, malformed, oversize, past the rate");
+    let (status, _, err) = sh(&mut ga, &format!("wget -q -O - '{MD}/instance/id'"));
+    assert!(status != 0 && err.contains("403"), "no header: {err}");
+    let (status, _, err) = sh(
+        &mut ga,
+        &format!(
+            "wget -q -O - --header 'Metadata-Flavor: Google' --header 'X-Forwarded-For: 1.2.3.4' \
+             '{MD}/instance/id'"
+        ),
+    );
+    assert!(status != 0 && err.contains("403"), "X-Forwarded-For: {err}");
+    let answer = raw(&mut ga, "GARBAGE \\001\\002\\r\\n\\r\\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "malformed: {answer}");
+    let (_, answer, _) = sh(
+        &mut ga,
+        "(printf 'GET / HTTP/1.1\\r\\nX-Big: '; head -c 9000 /dev/zero | tr '\\000' a; \
+         printf '\\r\\n\\r\\n') | timeout 10 nc 169.254.169.254 80",
+    );
+    assert!(answer.starts_with("HTTP/1.1 431"), "oversize: {answer}");
+    let (_, count, _) = sh(
+        &mut ga,
+        "(for i in $(seq 300); do printf 'GET /computeMetadata/v1/instance/id HTTP/1.1\\r\\n\
+         Metadata-Flavor: Google\\r\\n\\r\\n'; done; sleep 3) | timeout 20 nc 169.254.169.254 80 \
+         | grep -c '429 Too Many Requests'",
+    );
+    let limited: u32 = count.trim().parse().unwrap_or(0);
+    eprintln!("  {limited} of 300 pipelined requests answered 429");
+    assert!(limited > 0, "no rate limit: {count}");
+    let bridge = |event: &str| {
+        c.metric(
+            0,
+            "vnpd_bridge_events_total",
+            &[("vm", "vm-a"), ("event", event)],
+        )
+        .unwrap()
+    };
+    assert!(bridge("http_forbidden") >= 2, "403s counted");
+    assert!(bridge("http_malformed") >= 1, "malformed counted");
+    assert!(bridge("http_oversize") >= 1, "oversize counted");
+    assert_eq!(
+        bridge("http_rate_limited"),
+        u64::from(limited),
+        "429s counted"
+    );
+    assert!(bridge("tokens_minted") >= 2);
+    assert_eq!(bridge("guest_attributes_written"), 1);
+    assert!(bridge("dns_answered") >= 2 && bridge("dns_refused") >= 1);
+    // The guest can still ask once the rate refilled.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(md_get(&mut ga, "instance/name"), "vm-a");
+
+    step("a namespace guest with a full Linux stack: curl and Python urllib");
+    c.create_vm("vm-c", 0, &[]).unwrap();
+    let att_c = c.attach(0, "vm-c").unwrap();
+    let gc = c.tap_guest(&att_c, false).unwrap();
+    let curl = |args: &[&str]| {
+        let out = gc
+            .netns()
+            .command("curl")
+            .args(["-sS", "--noproxy", "*", "-m", "10"])
+            .args(args)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let name = curl(&[
+        "-H",
+        "Metadata-Flavor: Google",
+        "http://169.254.169.254/computeMetadata/v1/instance/name",
+    ]);
+    assert_eq!(name, "vm-c", "curl: {}", c.logs());
+    let code = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "http://169.254.169.254/computeMetadata/v1/instance/name",
+    ]);
+    assert_eq!(code, "403", "curl without the header");
+    let out = gc
+        .netns()
+        .command("python3")
+        .args(["-c", URLLIB_CLIENT])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "urllib: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(report["flavor"], "Google");
+    assert_eq!(report["hostname"], att_c.hostname.as_str());
+    assert_eq!(report["forbidden"], 403);
+    let token = report["access_token"].as_str().unwrap();
+    let claims = jwt::verify(token, &jwks, None, unix_now()).expect("urllib's token verifies");
+    eprintln!("  urllib token claims: {claims:?}");
+
+    drop(gc);
+    drop(ga);
+    drop(gb);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
