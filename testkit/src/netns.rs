@@ -240,7 +240,18 @@ impl Fabric {
     /// Creates the core namespace (`<prefix>c-<pid>-<n>`) with `br0` at [`CORE_ADDR`].
     pub fn new(prefix: &str) -> Result<Self, NetnsError> {
         let core = Netns::create(&format!("{prefix}c"))?;
-        core.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // A fixed MAC: a bridge without one takes the lowest of its ports' addresses, so a
+        // host added later (a gateway's namespace) could change it under the hosts' ARP
+        // caches and cut them off from the registry until the entries go stale.
+        core.ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "02:00:c6:12:00:01",
+            "type",
+            "bridge",
+        ])?;
         core.ip(&[
             "addr",
             "add",

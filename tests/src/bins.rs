@@ -1,5 +1,5 @@
 //! Finding (and, under `cargo test`, building) the binaries the end-to-end tests run:
-//! `vnpd`, `vnp-registry`, `vnpctl` and `vnp-tap-frontend`.
+//! `vnpd`, `vnp-registry`, `vnpctl`, `vnp-tap-frontend` and `vnp-gateway`.
 //!
 //! They belong to other workspace packages, so `cargo test -p vnp-e2e` would not build them on
 //! its own. The harness runs `cargo build --bins` for those packages once per test process
@@ -21,6 +21,8 @@ pub struct Bins {
     pub vnpctl: PathBuf,
     /// The namespace guests' vhost-user frontend (`tools/tap-frontend`).
     pub tap_frontend: PathBuf,
+    /// The public-edge daemon.
+    pub gateway: PathBuf,
 }
 
 /// The directory cargo puts binaries in for the running executable's profile
@@ -60,6 +62,8 @@ fn build(dir: &Path) -> Result<()> {
             "vnp-registry-client",
             "-p",
             "vnp-tap-frontend",
+            "-p",
+            "vnp-gateway",
         ]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
@@ -69,7 +73,7 @@ fn build(dir: &Path) -> Result<()> {
         .context("running cargo build for the binaries")?;
     if !out.status.success() {
         bail!(
-            "cargo build of vnpd/vnp-registry/vnpctl failed:\n{}",
+            "cargo build of the e2e binaries failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -96,6 +100,7 @@ fn locate() -> Result<Bins> {
         registry: find("vnp-registry")?,
         vnpctl: find("vnpctl")?,
         tap_frontend: find("vnp-tap-frontend")?,
+        gateway: find("vnp-gateway")?,
     })
 }
 

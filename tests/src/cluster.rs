@@ -364,6 +364,32 @@ impl Cluster {
         &self.fabric
     }
 
+    /// Adds a namespace on the underlay for a daemon that is not a vnpd (e.g. a gateway):
+    /// its fabric index and underlay address. It goes away with the cluster.
+    pub fn add_namespace(&mut self, prefix: &str) -> Result<(usize, Ipv4Addr)> {
+        self.fabric
+            .add_host(prefix)
+            .map_err(|e| anyhow!("adding namespace {prefix}: {e}"))
+    }
+
+    /// The directory of the CA and every certificate.
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls_dir
+    }
+
+    /// The binaries the cluster runs.
+    pub fn bins(&self) -> &Bins {
+        &self.bins
+    }
+
+    /// The registry's URL (as the daemons are given it).
+    pub fn registry_url(&self) -> String {
+        self.replicated.as_ref().map_or_else(
+            || format!("https://{CORE_ADDR}:{REGISTRY_PORT}"),
+            ReplicatedRegistry::urls,
+        )
+    }
+
     /// The work directory (unique; appears in every daemon's command line).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -6,5 +6,6 @@
 
 pub mod bins;
 pub mod cluster;
+pub mod edge;
 pub mod forge;
 pub mod registries;

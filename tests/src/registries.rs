@@ -16,7 +16,7 @@ use vnp_testkit::process::ChildGuard;
 
 /// Starts the registry in the core namespace (data in `<dir>/registry`, log in
 /// `<dir>/registry.log`, appended across restarts) and waits until it accepts connections.
-pub(crate) fn spawn_registry(
+pub fn spawn_registry(
     fabric: &Fabric,
     bins: &Bins,
     dir: &Path,

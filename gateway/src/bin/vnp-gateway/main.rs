@@ -94,22 +94,36 @@ fn main() {
     }
 }
 
+/// Retries a start-up request until the registry answers it (a gateway may start before its
+/// registry is reachable, or while it fails over). Refusals are retried too: an operator may
+/// register the gateway after starting it.
+fn until_ok<T>(
+    what: &str,
+    mut f: impl FnMut() -> Result<T, vnp_registry_client::ClientError>,
+) -> T {
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) => log::warn!("start-up {what}: {e}; retrying in {pause:?}"),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     let config = ClientConfig::from_files(&args.registry, &args.ca, &args.cert, &args.key)
         .map_err(|e| e.to_string())?;
     let client = RegistryClient::new(config).map_err(|e| e.to_string())?;
-    let me = client.whoami().map_err(|e| format!("whoami: {e}"))?;
+    let me = until_ok("whoami", || client.whoami());
     if me.role != Role::Gateway {
         return Err(format!("certificate is {me}, not a gateway's"));
     }
-    let (secret, _) = client
-        .get_gateway_secret(&me.id)
-        .map_err(|e| format!("secret: {e}"))?;
+    let (secret, _) = until_ok("secret", || client.get_gateway_secret(&me.id));
     let minter = TokenMinter::new(&secret);
     drop(secret);
-    let cfg = client
-        .gateway_config(&me.id)
-        .map_err(|e| format!("config: {e}"))?;
+    let cfg = until_ok("config", || client.gateway_config(&me.id));
     let vnp_addr = SocketAddrV4::new(cfg.gateway.underlay_addr, cfg.gateway.port);
     let shared = Arc::new(Shared {
         state: RwLock::new(State {
