@@ -256,13 +256,26 @@ fn show_metadata(cluster: &Cluster, g: &mut Guest) -> Result<()> {
             &format!("wget -q -O - --header 'Metadata-Flavor: Google' '{MD}/{path}'"),
         )
     };
-    let resolved = guest_cmd(g, "nslookup metadata.google.internal | tail -2")?;
-    print!("{}", indent(&format!("$ nslookup metadata.google.internal\n{resolved}")));
-    for path in ["instance/hostname", "instance/network-interfaces/0/ip", "project/project-id"] {
+    let resolved = guest_cmd(
+        g,
+        "nslookup metadata.google.internal | grep -E '^(Name|Address)' | tail -2",
+    )?;
+    print!(
+        "{}",
+        indent(&format!("$ nslookup metadata.google.internal\n{resolved}"))
+    );
+    for path in [
+        "instance/hostname",
+        "instance/network-interfaces/0/ip",
+        "project/project-id",
+    ] {
         let value = get(g, path)?;
         println!("   GET {path} -> {}", value.trim());
     }
-    let refused = guest_cmd(g, &format!("wget -q -O - '{MD}/instance/hostname' 2>&1; true"))?;
+    let refused = guest_cmd(
+        g,
+        &format!("wget -q -O - '{MD}/instance/hostname' 2>&1; true"),
+    )?;
     println!(
         "   without the Metadata-Flavor header: {}",
         refused.lines().next().unwrap_or("").trim()
