@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vnp_e2e::cluster::{wait_dhcp, Cluster, ClusterOptions, NETWORK, NETWORK_CIDR};
+use vnp_e2e::edge::{PublicEdge, GATEWAY_PORT, PUBLIC_ADDR, PUBLIC_HOST};
 use vnp_registry_client::StartMigration;
 use vnpd_admin_api::AttachmentInfo;
 
@@ -118,7 +119,7 @@ fn run(created: &Created) -> Result<()> {
 
     say("1. Registry and hosts");
     let started = Instant::now();
-    let cluster = Cluster::start(&ClusterOptions {
+    let mut cluster = Cluster::start(&ClusterOptions {
         prefix: "vnpdemo".into(),
         ..ClusterOptions::default()
     })
@@ -143,9 +144,22 @@ fn run(created: &Created) -> Result<()> {
     }
     println!("   ({:.1}s)", started.elapsed().as_secs_f64());
 
-    say("2. Network and VMs in the registry");
+    say("2. Network and VMs in the registry; a gateway to a public network");
     let rec_a = cluster.create_vm("vm-a", 0, &[])?;
     let rec_b = cluster.create_vm("vm-b", 1, &[])?;
+    let mut edge = PublicEdge::create(&mut cluster, "gw1", NETWORK).context("the public edge")?;
+    {
+        let mut names = cluster.namespace_names();
+        names.extend(edge.namespace_names());
+        *created.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((cluster.dir().to_path_buf(), names));
+    }
+    edge.start_gateway(&cluster, 2)
+        .with_context(|| edge.logs(&cluster))?;
+    println!(
+        "   vnp-gateway gw1 at {}:{GATEWAY_PORT} (its own namespace, a TUN to the public side), public address {PUBLIC_ADDR}",
+        edge.addr()
+    );
     println!("   network {NETWORK} {NETWORK_CIDR}");
     for r in [&rec_a, &rec_b] {
         println!(
@@ -198,7 +212,10 @@ fn run(created: &Created) -> Result<()> {
     say("8. Metadata: vm-a asks vnpd's service bridge, the way cloud guest agents do");
     show_metadata(&cluster, &mut ga)?;
 
-    say("9. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
+    say("9. NAT: vm-a downloads from a web server on the public network, through vnpd and the gateway");
+    show_nat(&cluster, &mut edge, &mut ga)?;
+
+    say("10. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
     let spec = TcpTransferSpec {
         bytes: TRANSFER_BYTES,
         ..TcpTransferSpec::default()
@@ -216,10 +233,10 @@ fn run(created: &Created) -> Result<()> {
         transfer.elapsed.as_secs_f64()
     );
 
-    say("10. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
+    say("11. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
     let ga = live_migrate(&cluster, ga, &mut gb, &rec_a.ip.to_string())?;
 
-    say("11. Counters (vnpd's Prometheus export, non-zero lines)");
+    say("12. Counters (vnpd's Prometheus export, non-zero lines)");
     for i in 0..2 {
         let text = cluster.scrape(i)?;
         println!("   host {}:", cluster.host(i).id);
@@ -234,8 +251,9 @@ fn run(created: &Created) -> Result<()> {
         "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
     );
 
-    say("12. Cleaning up: guests, vnpd, registry, namespaces, files");
+    say("13. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
+    drop(edge);
     drop(ga);
     drop(gb);
     drop(cluster);
@@ -243,6 +261,85 @@ fn run(created: &Created) -> Result<()> {
     if dir.exists() {
         bail!("{} was not removed", dir.display());
     }
+    Ok(())
+}
+
+/// A file served by `python3 -m http.server` in the public namespace, fetched by the guest with
+/// busybox `wget`; vnpd's NAT table and the gateway's counters afterwards.
+fn show_nat(cluster: &Cluster, edge: &mut PublicEdge, g: &mut Guest) -> Result<()> {
+    let www = cluster.dir().join("www");
+    std::fs::create_dir_all(&www)?;
+    let blob: Vec<u8> = (0..(2u64 << 20))
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect();
+    std::fs::write(www.join("blob"), &blob)?;
+    let www = www.to_string_lossy().into_owned();
+    let host = PUBLIC_HOST.to_string();
+    edge.spawn_public(
+        "http-server",
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            "--bind",
+            &host,
+            "--directory",
+            &www,
+            "8000",
+        ],
+    )?;
+    println!(
+        "   python3 -m http.server on {PUBLIC_HOST}:8000 in the public namespace (2 MiB file)"
+    );
+    let url = format!("http://{PUBLIC_HOST}:8000/blob");
+    let mut out = String::new();
+    for _ in 0..20 {
+        out = guest_cmd(
+            g,
+            &format!("wget -q -O /tmp/blob {url} && sha256sum /tmp/blob"),
+        )?;
+        if out.contains("/tmp/blob") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    print!("{}", indent(&format!("$ wget {url} && sha256sum\n{out}")));
+    let sum = std::process::Command::new("sha256sum")
+        .arg(cluster.dir().join("www/blob"))
+        .output()?;
+    let sum = String::from_utf8_lossy(&sum.stdout).into_owned();
+    let want = sum
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if out.split_whitespace().next() != Some(want.as_str()) {
+        bail!(
+            "the download does not match {want}:\n{out}\n{}",
+            edge.logs(cluster)
+        );
+    }
+    println!("   sha256 matches the server's file");
+    let nat = cluster
+        .host(0)
+        .admin()
+        .nat("vm-a")
+        .map_err(|e| anyhow::anyhow!("vnpctl vnpd nat vm-a: {e}"))?;
+    println!("   vnpctl vnpd nat vm-a: NAT port blocks {:?}", nat.blocks);
+    for f in &nat.flows {
+        println!(
+            "     {} {}:{} -> {}:{} leaves as port {} ({})",
+            f.proto,
+            "vm-a",
+            f.local_port,
+            f.remote,
+            f.remote_port,
+            f.mapped.map_or("-".to_string(), |p| p.to_string()),
+            f.state
+        );
+    }
+    let out_pkts = edge.metric(cluster, "vnp_gateway_outbound_packets_total", &[])?;
+    println!("   the gateway sent {out_pkts} packets to the public side with source {PUBLIC_ADDR}");
     Ok(())
 }
 
