@@ -328,9 +328,8 @@ fn show_nat(cluster: &Cluster, edge: &mut PublicEdge, g: &mut Guest) -> Result<(
     println!("   vnpctl vnpd nat vm-a: NAT port blocks {:?}", nat.blocks);
     for f in &nat.flows {
         println!(
-            "     {} {}:{} -> {}:{} leaves as port {} ({})",
+            "     {} vm-a:{} -> {}:{} leaves as port {} ({})",
             f.proto,
-            "vm-a",
             f.local_port,
             f.remote,
             f.remote_port,
