@@ -2,16 +2,16 @@
 //! count offloaded frames and refuse offloads that were not negotiated) and `num_buffers`
 //! (to join mergeable RX buffers). Everything else passes between the TAP and vnpd as is: the
 //! TAP and vnpd validate the offload fields themselves.
-// When `vnp_protocol::wire::virtio_net` (issue 13, TX side) exists, read these through `vnp_protocol::wire::virtio_net` once that
-// it instead of these offsets.
+
+use vnp_protocol::wire::virtio_net;
 
 use crate::memory::GuestRam;
 use crate::tap::VNET_HDR_LEN;
 
 /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`.
-pub const F_NEEDS_CSUM: u8 = 1;
+pub const F_NEEDS_CSUM: u8 = virtio_net::flags::NEEDS_CSUM;
 /// `VIRTIO_NET_HDR_GSO_ECN`, a flag bit of `gso_type`.
-pub const GSO_ECN: u8 = 0x80;
+pub const GSO_ECN: u8 = virtio_net::gso::ECN;
 
 /// The fields read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,9 +29,10 @@ pub struct HeaderFault;
 impl Header {
     /// From the first bytes of a header.
     pub fn parse(bytes: &[u8; VNET_HDR_LEN]) -> Header {
+        let view = virtio_net::Header::new_unchecked(&bytes[..]);
         Header {
-            flags: bytes[0],
-            gso_type: bytes[1],
+            flags: view.flags(),
+            gso_type: view.gso_type(),
         }
     }
 
@@ -62,10 +63,10 @@ pub fn read_header(ram: &GuestRam, gpa: u64) -> Header {
 
 /// `num_buffers` of the RX frame whose first buffer is at `gpa`.
 pub fn num_buffers(ram: &GuestRam, gpa: u64) -> u16 {
-    let mut bytes = [0u8; 2];
-    ram.read(gpa + 10, &mut bytes)
+    let mut bytes = [0u8; VNET_HDR_LEN];
+    ram.read(gpa, &mut bytes)
         .expect("header inside guest memory");
-    u16::from_le_bytes(bytes)
+    virtio_net::Header::new_unchecked(&bytes[..]).num_buffers()
 }
 
 /// Makes the header the TAP wrote at `gpa` a driver's transmit header: only `NEEDS_CSUM`
