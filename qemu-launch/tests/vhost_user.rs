@@ -98,6 +98,27 @@ impl VhostBackend {
             .unwrap_or(0)
     }
 
+    /// The backend's count once it has stopped moving: testpmd prints its statistics once a
+    /// second, so a reading can be up to a period old. Two equal readings three periods apart
+    /// mean the count has settled (the caller has made sure nothing sends any more).
+    fn settled_rx_packets(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        let mut last = self.rx_packets();
+        loop {
+            std::thread::sleep(Duration::from_secs(3));
+            let now = self.rx_packets();
+            if now == last {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend {} still counting ({last} -> {now})",
+                self.socket.display()
+            );
+            last = now;
+        }
+    }
+
     /// Waits until the backend has counted more than `than` frames.
     fn wait_rx_above(&self, than: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
@@ -160,7 +181,9 @@ fn guest_on_a_vhost_user_backend_sends_frames_and_migrates_to_another_backend() 
 
     // The guest now sends through the destination backend, and not through the old one.
     let b_before = b.rx_packets();
-    let a_after_migration = a.rx_packets();
+    // The source QEMU is gone, so nothing can reach backend a any more; its printed count may
+    // still lag by a statistics period (frames the guest sent just before the switchover).
+    let a_after_migration = a.settled_rx_packets(Duration::from_secs(30));
     dst.run_ok(SEND_FRAMES, CMD_TIMEOUT).unwrap();
     b.wait_rx_above(b_before, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
