@@ -10,7 +10,9 @@ pub mod admin;
 pub mod chain;
 mod chain_model;
 pub mod edge;
+pub mod gateway;
 pub mod metadata_http;
+pub mod nat;
 pub mod registry;
 pub mod seeds;
 pub mod views;
@@ -54,6 +56,14 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "descriptor_chain",
         run: chain::run,
+    },
+    Target {
+        name: "nat",
+        run: nat::run,
+    },
+    Target {
+        name: "gateway",
+        run: gateway::run,
     },
 ];
 

@@ -49,6 +49,12 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in chain_seeds() {
         add("descriptor_chain", &name, bytes);
     }
+    for (name, bytes) in crate::nat::seeds() {
+        add("nat", &name, bytes);
+    }
+    for (name, bytes) in crate::gateway::seeds() {
+        add("gateway", &name, bytes);
+    }
     out
 }
 
@@ -59,7 +65,7 @@ fn with_mode(mode: u8, bytes: &[u8]) -> Vec<u8> {
 }
 
 /// An IPv4 packet `src -> dst` of protocol `proto` with `payload`.
-fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; ipv4::MIN_HEADER_LEN + payload.len()];
     p[ipv4::MIN_HEADER_LEN..].copy_from_slice(payload);
     let repr = ipv4::Repr {
@@ -262,6 +268,7 @@ fn admin_seeds() -> Vec<String> {
         "{\"op\":\"attach\",\"vm_id\":\"vm-a\"}\n".into(),
         "{\"op\":\"attach\",\"vm_id\":\"vm-b\",\"socket_path\":\"/run/vnp/b.sock\",\"queue_pairs\":2}\n".into(),
         "{\"op\":\"detach\",\"vm_id\":\"vm-a\"}\n{\"op\":\"list\"}\n{\"op\":\"stats\"}\n{\"op\":\"stats\",\"vm_id\":\"vm-a\"}\n".into(),
+        "{\"op\":\"nat\",\"vm_id\":\"vm-a\"}\n".into(),
         "{\"version\":1,\"attachments\":[{\"vm_id\":\"a\",\"socket_path\":\"/run/a.sock\",\"queue_pairs\":1},{\"vm_id\":\"b\",\"socket_path\":\"/run/b.sock\",\"queue_pairs\":4}]}".into(),
     ]
 }

@@ -314,11 +314,16 @@ fn set_port(proto: Proto, l4: &mut [u8], at: usize, port: u16, fix_csum: bool) {
     match proto {
         Proto::Udp if c == 0 => {}
         Proto::Udp => put16(l4, o, udp_nonzero(update_u16(c, old, port))),
-        _ => put16(l4, o, update_u16(c, old, port)),
+        // An ICMP message may be all zeros but for its checksum (an echo reply with
+        // identifier and sequence 0, no payload), whose checksum is then 0xffff, never the
+        // 0x0000 RFC 1624's update gives there; 0xffff also verifies wherever 0x0000 does.
+        Proto::Icmp => put16(l4, o, udp_nonzero(update_u16(c, old, port))),
+        Proto::Tcp => put16(l4, o, update_u16(c, old, port)),
     }
 }
 
-/// A computed UDP checksum of 0 is sent as 0xffff (0 means "no checksum").
+/// A computed UDP checksum of 0 is sent as 0xffff (0 means "no checksum"); for ICMP see
+/// [`set_port`].
 fn udp_nonzero(c: u16) -> u16 {
     if c == 0 {
         0xffff

@@ -126,9 +126,12 @@ impl NatTable {
             space
                 .free
                 .retain(|p| self.blocks.iter().any(|b| b.contains(*p)));
-            for b in &self.blocks {
+            for (i, b) in self.blocks.iter().enumerate() {
                 for port in b.first..=b.last {
-                    let known = was.iter().any(|o| o.contains(port));
+                    // Overlapping blocks (never the registry's, but possible input): a port
+                    // goes on the free list once, or two flows would get it.
+                    let known = was.iter().any(|o| o.contains(port))
+                        || self.blocks[..i].iter().any(|o| o.contains(port));
                     if !known && !space.by_port.contains_key(&port) {
                         space.free.push_back(port);
                     }

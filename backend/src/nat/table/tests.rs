@@ -140,6 +140,38 @@ fn blocks_grow_at_run_time() {
     assert_eq!(got, HashSet::from([5000, 5001]));
 }
 
+/// Found by the `nat` fuzz target: overlapping blocks (which the registry never hands out,
+/// but `set_blocks` takes whatever it is given) put their shared ports on the free list twice,
+/// and two flows got the same port (replies of one went to the other).
+#[test]
+fn overlapping_blocks_never_give_a_port_to_two_flows() {
+    let mut t = NatTable::new(&[
+        block(40000, 40003),
+        block(40002, 40006),
+        block(40002, 40003),
+    ]);
+    let mut seen = HashSet::new();
+    for local in 1..=7u16 {
+        let p = mapped(t.outbound(key(Proto::Udp, local, 53), 0, 0));
+        assert!(seen.insert(p), "port {p} handed out twice");
+    }
+    assert_eq!(
+        t.outbound(key(Proto::Udp, 8, 53), 0, 0),
+        Err(NatRefusal::Exhausted)
+    );
+    // The same when the overlap arrives at run time.
+    let mut t = NatTable::new(&[block(40000, 40001)]);
+    t.set_blocks(&[
+        block(40000, 40001),
+        block(40001, 40003),
+        block(40003, 40003),
+    ]);
+    let ports: HashSet<u16> = (1..=4u16)
+        .map(|l| mapped(t.outbound(key(Proto::Tcp, l, 80), SYN, 0)))
+        .collect();
+    assert_eq!(ports.len(), 4);
+}
+
 #[test]
 fn inbound_flows_are_not_remapped() {
     let mut t = NatTable::new(&[block(40000, 40009)]);
