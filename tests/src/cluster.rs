@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     pub vnpd_config_tables: String,
     /// Registry replicas on etcd instead of the one redb registry (see [`crate::registries`]).
     pub replication: Option<Replication>,
+    /// NAT block size of [`NETWORK`] (the registry's default when `None`).
+    pub nat_block: Option<u16>,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +65,7 @@ impl Default for ClusterOptions {
             refresh_margin_secs: None,
             vnpd_config_tables: String::new(),
             replication: None,
+            nat_block: None,
         }
     }
 }
@@ -219,9 +222,12 @@ impl Cluster {
             guest_serial: std::sync::atomic::AtomicU32::new(0),
             dir,
         };
-        let spec = serde_json::json!({
+        let mut spec = serde_json::json!({
             "id": NETWORK, "cidr": NETWORK_CIDR, "mtu": GUEST_MTU,
         });
+        if let Some(n) = opts.nat_block {
+            spec["nat_block"] = n.into();
+        }
         cluster.registry(move |c| {
             c.create_network(&serde_json::from_value(spec).expect("network spec"))
         })?;
