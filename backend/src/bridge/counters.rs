@@ -38,6 +38,10 @@ bridge_counters! {
     http_5xx,
     /// Requests refused for a missing or wrong `Metadata-Flavor` or an `X-Forwarded-For`.
     http_forbidden,
+    /// Requests refused for a missing, unknown or expired metadata session token (401).
+    http_unauthorized,
+    /// Metadata session tokens issued (`PUT /computeMetadata/v1/token`).
+    sessions_issued,
     /// Requests refused past the VM's request rate (429).
     http_rate_limited,
     /// Malformed requests (400, then closed).

@@ -13,6 +13,7 @@ pub mod http;
 pub mod netif;
 pub mod routes;
 pub mod server;
+pub mod session;
 pub mod source;
 pub mod thread;
 pub mod tree;

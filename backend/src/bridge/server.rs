@@ -13,6 +13,7 @@ use super::counters::BridgeCounters;
 use super::dns::{self, DnsDrop, Names};
 use super::netif::{NetIf, HTTP_PORT, MAX_QUEUED};
 use super::routes::{Cached, HeldToken, TokenCache};
+use super::session::Sessions;
 use super::source::{AccessToken, IdentityToken, SourceError, VmMetadata};
 use crate::edge::icmp::TokenBucket;
 
@@ -101,6 +102,7 @@ pub struct Server {
     pub(super) conns: Vec<Conn>,
     pub(super) cached: Option<Cached>,
     pub(super) tokens: TokenCache,
+    pub(super) sessions: Sessions,
     pub(super) limits: BridgeLimits,
     pub(super) rate: TokenBucket,
     pub(super) counters: Arc<BridgeCounters>,
@@ -137,6 +139,7 @@ impl Server {
             conns,
             cached: None,
             tokens: TokenCache::default(),
+            sessions: Sessions::default(),
             limits,
             rate: TokenBucket::new(limits.rate_per_sec, limits.burst, now),
             counters,

@@ -357,3 +357,84 @@ fn a_token_near_expiry_is_not_served_and_a_new_one_is_minted() {
     assert!(mint(&mut srv, &mut g, "second").contains("\"second\""));
     assert_eq!(counters.get("tokens_minted"), 2);
 }
+
+/// Runs the server, returning the IP TTLs of the packets it sent that carry TCP payload.
+fn pump_recording_ttls(g: &mut Guest, srv: &mut Server) -> Vec<u8> {
+    let mut ttls = Vec::new();
+    for _ in 0..50 {
+        g.iface.poll(smol_now(), &mut g.queues, &mut g.sockets);
+        let out: Vec<_> = g.queues.to_guest.drain(..).collect();
+        let sent = !out.is_empty();
+        for p in out {
+            srv.packet_from_guest(p);
+        }
+        srv.step(Instant::now());
+        let back = srv.take_packets_to_guest();
+        for p in &back {
+            let ip = ipv4::Packet::new_checked(&p[..]).unwrap();
+            let seg = tcp::Packet::new_checked(ip.payload()).unwrap();
+            if !seg.payload().is_empty() {
+                ttls.push(ip.ttl());
+            }
+        }
+        if !sent && back.is_empty() {
+            break;
+        }
+        g.queues.from_guest.extend(back);
+    }
+    ttls
+}
+
+fn session_put(ttl: &str) -> String {
+    format!("PUT /computeMetadata/v1/token HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Metadata-Token-TTL-Seconds: {ttl}\r\nContent-Length: 0\r\n\r\n")
+}
+
+#[test]
+fn session_token_replies_leave_with_ttl_1_and_gate_a_requiring_network() {
+    let (mut srv, counters) = server(BridgeLimits::default());
+    let mut md = sample();
+    md.project.require_session_token = true;
+    srv.metadata(md, Instant::now());
+    let mut g = Guest::new();
+
+    let h = g.connect(&mut srv);
+    g.sockets
+        .get_mut::<stcp::Socket>(h)
+        .send_slice(session_put("60").as_bytes())
+        .unwrap();
+    let ttls = pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h);
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(
+        resp.contains("X-Metadata-Token-TTL-Seconds: 60\r\n"),
+        "{resp}"
+    );
+    let token = resp.rsplit("\r\n\r\n").next().unwrap().to_string();
+    assert_eq!(token.len(), 64, "{resp}");
+    assert!(!ttls.is_empty() && ttls.iter().all(|t| *t == 1), "{ttls:?}");
+    assert_eq!(counters.get("sessions_issued"), 1);
+
+    // Another connection: without the token 401, with it 200, and normal TTLs.
+    let h2 = g.connect(&mut srv);
+    let name = "/computeMetadata/v1/instance/hostname";
+    let no_token = format!("GET {name} HTTP/1.1\r\nMetadata-Flavor: Google\r\n\r\n");
+    g.sockets
+        .get_mut::<stcp::Socket>(h2)
+        .send_slice(no_token.as_bytes())
+        .unwrap();
+    pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h2);
+    assert!(resp.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{resp}");
+    let with = format!(
+        "GET {name} HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Metadata-Token: {token}\r\n\r\n"
+    );
+    g.sockets
+        .get_mut::<stcp::Socket>(h2)
+        .send_slice(with.as_bytes())
+        .unwrap();
+    let ttls = pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h2);
+    assert!(resp.ends_with("\r\n\r\nvm-a"), "{resp}");
+    assert!(ttls.iter().all(|t| *t == 64), "{ttls:?}");
+    assert_eq!(counters.get("http_unauthorized"), 1);
+}
