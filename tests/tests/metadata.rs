@@ -321,3 +321,171 @@ fn metadata_served_to_real_guests() {
     drop(c);
     assert_nothing_left(&dir, &namespaces);
 }
+
+/// curl in a namespace guest (no proxies, 10 s); (exit status, stdout, stderr).
+fn ns_curl(g: &vnp_testkit::tap_guest::TapGuest, args: &[&str]) -> (i32, String, String) {
+    let out = g
+        .netns()
+        .command("curl")
+        .args(["-sS", "--noproxy", "*", "-m", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The HTTP status of a GET of `path` with the flavor header and `extra` headers.
+fn ns_status(g: &vnp_testkit::tap_guest::TapGuest, path: &str, extra: &[&str]) -> String {
+    let url = format!("http://169.254.169.254/computeMetadata/v1/{path}");
+    let mut args = vec![
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Metadata-Flavor: Google",
+    ];
+    for h in extra {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    ns_curl(g, &args).1
+}
+
+/// Polls `f` every 100 ms until it returns true or `secs` pass.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The IMDSv2-style session option, a DNS upstream and an external service bridged with the
+/// VM's identity, all from a namespace guest (the host kernel's TCP, curl, Python).
+#[test]
+fn sessions_dns_and_services_from_a_namespace_guest() {
+    let opts = ClusterOptions {
+        prefix: "vnpms".into(),
+        hosts: 1,
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    c.create_vm("vm-s", 0, &[]).unwrap();
+    let att = c.attach(0, "vm-s").unwrap();
+    let g = c.tap_guest(&att, false).unwrap();
+    assert_eq!(ns_status(&g, "instance/name", &[]), "200", "{}", c.logs());
+
+    step("sessions: the operator requires them on the network");
+    let session = |on: bool| {
+        let update = vnp_registry_client::metadata::ProjectUpdate {
+            require_session_token: Some(on),
+            ..Default::default()
+        };
+        c.registry(move |r| r.update_project(vnp_e2e::cluster::NETWORK, &update))
+            .unwrap()
+    };
+    assert!(session(true).require_session_token);
+    assert!(
+        eventually(10, || ns_status(&g, "instance/name", &[]) == "401"),
+        "no 401 without a session token: {}",
+        c.logs()
+    );
+
+    step("PUT /computeMetadata/v1/token: its reply leaves with IP TTL 1 (seen by tcpdump)");
+    let mut dump = vnp_testkit::process::ChildGuard::spawn(
+        "tcpdump",
+        g.netns()
+            .command("timeout")
+            .args(["20", "tcpdump", "-l", "-n", "-v", "-i", g.ifname()])
+            .args(["src", "host", "169.254.169.254", "and", "tcp"])
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("tcpdump");
+    let dump_out = dump.take_stdout().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let (status, token, err) = ns_curl(
+        &g,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Metadata-Flavor: Google",
+            "-H",
+            "X-Metadata-Token-TTL-Seconds: 3",
+            "http://169.254.169.254/computeMetadata/v1/token",
+        ],
+    );
+    assert_eq!(status, 0, "PUT: {err}");
+    assert_eq!(token.len(), 64, "token: {token}");
+    let issued_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = dump.kill();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut { dump_out }, &mut text).unwrap();
+    // tcpdump -v prints "IP (tos 0x0, ttl N, ..., length L)" for each packet.
+    let ttls: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split("ttl ").nth(1))
+        .filter_map(|r| r.split(',').next())
+        .collect();
+    eprintln!("  TTLs of the bridge's packets on the PUT's connection: {ttls:?}");
+    assert!(
+        ttls.len() >= 2 && ttls.iter().all(|t| *t == "1"),
+        "replies to the token PUT must have TTL 1:\n{text}"
+    );
+
+    step("the token opens the metadata; it expires after its TTL");
+    let header = format!("X-Metadata-Token: {token}");
+    let (_, name, _) = ns_curl(
+        &g,
+        &[
+            "-H",
+            "Metadata-Flavor: Google",
+            "-H",
+            &header,
+            "http://169.254.169.254/computeMetadata/v1/instance/name",
+        ],
+    );
+    assert_eq!(name, "vm-s");
+    assert_eq!(
+        ns_status(&g, "instance/name", &["X-Metadata-Token: forged"]),
+        "401"
+    );
+    let left = Duration::from_secs(3).saturating_sub(issued_at.elapsed());
+    std::thread::sleep(left + Duration::from_millis(300));
+    assert_eq!(
+        ns_status(&g, "instance/name", &[&header]),
+        "401",
+        "expired after 3 s"
+    );
+    let bridge = |event: &str| {
+        c.metric(
+            0,
+            "vnpd_bridge_events_total",
+            &[("vm", "vm-s"), ("event", event)],
+        )
+        .unwrap()
+    };
+    assert_eq!(bridge("sessions_issued"), 1);
+    assert!(bridge("http_unauthorized") >= 3);
+    assert!(!session(false).require_session_token);
+    assert!(
+        eventually(10, || ns_status(&g, "instance/name", &[]) == "200"),
+        "optional again"
+    );
+
+    drop(g);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}

@@ -68,6 +68,15 @@ bridge_counters! {
     dns_refused,
     /// DNS datagrams that were not queries.
     dns_malformed,
+    /// Queries for other names sent to the upstream resolver.
+    dns_forwarded,
+    /// Upstream answers passed back to the guest.
+    dns_forward_answered,
+    /// Forwarded queries the upstream did not answer in time.
+    dns_forward_timeouts,
+    /// Queries not forwarded (too many waiting, socket errors) and upstream answers dropped
+    /// (not a response to a waiting query, oversize).
+    dns_forward_dropped,
 }
 
 impl BridgeCounters {

@@ -9,6 +9,7 @@
 mod conn;
 pub mod counters;
 pub mod dns;
+pub mod dns_forward;
 pub mod http;
 pub mod netif;
 pub mod routes;

@@ -10,7 +10,7 @@ use vnp_protocol::wire::{ipv4, tcp};
 
 use super::conn::{Conn, Phase};
 use super::counters::BridgeCounters;
-use super::dns::{self, DnsDrop, Names};
+use super::dns::{self, Answer, DnsDrop, Names};
 use super::netif::{NetIf, HTTP_PORT, MAX_QUEUED};
 use super::routes::{Cached, HeldToken, TokenCache};
 use super::session::Sessions;
@@ -112,6 +112,10 @@ pub struct Server {
     pub(super) minting: Vec<Job>,
     names: Names,
     next_generation: u64,
+    /// Other names go to the upstream resolver (one is configured).
+    forward_dns: bool,
+    /// Queries for the upstream, with where their answers go (drained by the thread).
+    dns_queries: Vec<(Vec<u8>, udp::UdpMetadata)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -147,6 +151,27 @@ impl Server {
             minting: Vec::new(),
             names,
             next_generation: 0,
+            forward_dns: false,
+            dns_queries: Vec::new(),
+        }
+    }
+
+    /// From now on, names the bridge does not serve are forwarded (`take_dns_queries`).
+    pub fn forward_dns(&mut self, on: bool) {
+        self.forward_dns = on;
+    }
+
+    /// Takes the queries to forward to the upstream resolver.
+    pub fn take_dns_queries(&mut self) -> Vec<(Vec<u8>, udp::UdpMetadata)> {
+        std::mem::take(&mut self.dns_queries)
+    }
+
+    /// The upstream's answer to a forwarded query (its id already the guest's).
+    pub fn dns_answer(&mut self, answer: &[u8], to: udp::UdpMetadata) {
+        let socket = self.netif.sockets.get_mut::<udp::Socket>(self.netif.udp);
+        match socket.send_slice(answer, to) {
+            Ok(()) => BridgeCounters::bump(&self.counters.dns_forward_answered),
+            Err(_) => BridgeCounters::bump(&self.counters.dns_forward_dropped),
         }
     }
 
@@ -299,8 +324,8 @@ impl Server {
     fn serve_dns(&mut self) {
         let socket = self.netif.sockets.get_mut::<udp::Socket>(self.netif.udp);
         while let Ok((query, meta)) = socket.recv() {
-            match dns::answer(query, &self.names) {
-                Ok(reply) => {
+            match dns::answer(query, &self.names, self.forward_dns) {
+                Ok(Answer::Reply(reply)) => {
                     let refused = reply.get(3).is_some_and(|b| b & 0x0f == 5);
                     BridgeCounters::bump(if refused {
                         &self.counters.dns_refused
@@ -309,6 +334,7 @@ impl Server {
                     });
                     let _ = socket.send_slice(&reply, meta);
                 }
+                Ok(Answer::Forward) => self.dns_queries.push((query.to_vec(), meta)),
                 Err(DnsDrop::Malformed | DnsDrop::NotAQuery) => {
                     BridgeCounters::bump(&self.counters.dns_malformed)
                 }

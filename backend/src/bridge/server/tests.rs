@@ -438,3 +438,50 @@ fn session_token_replies_leave_with_ttl_1_and_gate_a_requiring_network() {
     assert!(ttls.iter().all(|t| *t == 64), "{ttls:?}");
     assert_eq!(counters.get("http_unauthorized"), 1);
 }
+
+#[test]
+fn dns_for_other_names_goes_to_the_forwarder_and_its_answer_to_the_guest() {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let (mut srv, counters) = server(BridgeLimits::default());
+    srv.forward_dns(true);
+    let mut g = Guest::new();
+    let meta = || vec![sudp::PacketMetadata::EMPTY; 4];
+    let mut s = sudp::Socket::new(
+        sudp::PacketBuffer::new(meta(), vec![0; 2048]),
+        sudp::PacketBuffer::new(meta(), vec![0; 2048]),
+    );
+    s.bind(5353).unwrap();
+    let h = g.sockets.add(s);
+    let mut q = Message::new(9, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("svc.corp.example.").unwrap(),
+        RecordType::A,
+    ));
+    let to = IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), 53);
+    g.sockets
+        .get_mut::<sudp::Socket>(h)
+        .send_slice(&q.to_vec().unwrap(), to)
+        .unwrap();
+    g.pump(&mut srv);
+    assert!(
+        g.sockets.get_mut::<sudp::Socket>(h).recv().is_err(),
+        "no answer of its own"
+    );
+    let mut queries = srv.take_dns_queries();
+    assert_eq!(queries.len(), 1);
+    let (query, guest) = queries.pop().unwrap();
+    assert_eq!(query, q.to_vec().unwrap());
+    // The forwarder's answer (here: the query turned into an empty response) reaches the guest.
+    let mut answer = Message::from_vec(&query).unwrap();
+    answer.metadata.message_type = MessageType::Response;
+    srv.dns_answer(&answer.to_vec().unwrap(), guest);
+    srv.step(Instant::now());
+    g.queues.from_guest.extend(srv.take_packets_to_guest());
+    g.pump(&mut srv);
+    let (reply, from) = g.sockets.get_mut::<sudp::Socket>(h).recv().unwrap();
+    assert_eq!(from.endpoint, to);
+    assert_eq!(Message::from_vec(reply).unwrap().metadata.id, 9);
+    assert_eq!(counters.get("dns_forward_answered"), 1);
+    assert_eq!(counters.get("dns_refused"), 0);
+}
