@@ -16,6 +16,8 @@ use std::time::Duration;
 use qemu_launch::Guest;
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
 use vnp_registry_client::jwt;
+use vnp_testkit::netns::Fabric;
+use vnp_testkit::process::ChildGuard;
 
 const CMD: Duration = Duration::from_secs(60);
 const MD: &str = "http://metadata.google.internal/computeMetadata/v1";
@@ -64,6 +66,35 @@ except urllib.error.HTTPError as e:
     forbidden = e.code
 print(json.dumps({"flavor": flavor, "hostname": hostname, "forbidden": forbidden,
                   "access_token": json.loads(token)["access_token"]}))
+"#;
+
+/// A tiny authoritative DNS server for the upstream side (no DNS library): `svc.corp.example`
+/// A -> 192.0.2.77; `slow.corp.example` never answered; anything else NXDOMAIN. Prints each
+/// question it gets. Args: address, port.
+const UPSTREAM_DNS: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    qid, flags, qd = struct.unpack("!HHH", q[:6])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode()); i += 1 + q[i]
+    name = ".".join(labels).lower(); qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    print("query", name, qtype, flush=True)
+    if name == "slow.corp.example":
+        continue
+    rd = flags & 0x0100
+    if name == "svc.corp.example" and qtype == 1:
+        head = struct.pack("!HHHHHH", qid, 0x8400 | rd, 1, 1, 0, 0)
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 77])
+        s.sendto(head + question + answer, peer)
+    else:
+        rcode = 0 if name == "svc.corp.example" else 3
+        s.sendto(struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, 0, 0, 0) + question, peer)
 "#;
 
 fn unix_now() -> u64 {
@@ -372,9 +403,11 @@ fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 /// VM's identity, all from a namespace guest (the host kernel's TCP, curl, Python).
 #[test]
 fn sessions_dns_and_services_from_a_namespace_guest() {
+    let upstream_dns = std::net::SocketAddr::from((Fabric::host_addr(0), 5300));
     let opts = ClusterOptions {
         prefix: "vnpms".into(),
         hosts: 1,
+        vnpd_config_tables: format!("[bridge]\ndns_upstream = \"{upstream_dns}\"\n"),
         ..ClusterOptions::default()
     };
     let c = Cluster::start(&opts).expect("cluster");
@@ -402,7 +435,7 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     );
 
     step("PUT /computeMetadata/v1/token: its reply leaves with IP TTL 1 (seen by tcpdump)");
-    let mut dump = vnp_testkit::process::ChildGuard::spawn(
+    let mut dump = ChildGuard::spawn(
         "tcpdump",
         g.netns()
             .command("timeout")
@@ -433,16 +466,23 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     let _ = dump.kill();
     let mut text = String::new();
     std::io::Read::read_to_string(&mut { dump_out }, &mut text).unwrap();
-    // tcpdump -v prints "IP (tos 0x0, ttl N, ..., length L)" for each packet.
-    let ttls: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split("ttl ").nth(1))
-        .filter_map(|r| r.split(',').next())
+    // tcpdump -v prints "IP (tos 0x0, ttl N, ..., length L)", then "src > dst: Flags [..], ...".
+    // The SYN-ACK leaves before the request is known to be a PUT; everything after it is TTL 1.
+    let lines: Vec<&str> = text.lines().collect();
+    let ttls: Vec<(&str, &str)> = lines
+        .windows(2)
+        .filter_map(|w| {
+            let ttl = w[0].split("ttl ").nth(1)?.split(',').next()?;
+            let flags = w[1].split("Flags [").nth(1)?.split(']').next()?;
+            Some((ttl, flags))
+        })
         .collect();
-    eprintln!("  TTLs of the bridge's packets on the PUT's connection: {ttls:?}");
+    eprintln!("  (TTL, TCP flags) of the bridge's packets on the PUT's connection: {ttls:?}");
+    let after_handshake: Vec<_> = ttls.iter().filter(|(_, f)| *f != "S.").collect();
     assert!(
-        ttls.len() >= 2 && ttls.iter().all(|t| *t == "1"),
-        "replies to the token PUT must have TTL 1:\n{text}"
+        after_handshake.iter().any(|(_, f)| f.contains('P'))
+            && after_handshake.iter().all(|(ttl, _)| *ttl == "1"),
+        "the reply to the token PUT must leave with TTL 1:\n{text}"
     );
 
     step("the token opens the metadata; it expires after its TTL");
@@ -484,6 +524,76 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
         eventually(10, || ns_status(&g, "instance/name", &[]) == "200"),
         "optional again"
     );
+
+    step("DNS: busybox nslookup; own names from the bridge, others from the upstream");
+    let mut upstream = ChildGuard::spawn(
+        "upstream-dns",
+        c.host_ns(0)
+            .command("/usr/bin/python3")
+            .args(["-u", "-c", UPSTREAM_DNS])
+            .arg(upstream_dns.ip().to_string())
+            .arg(upstream_dns.port().to_string())
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("upstream DNS server");
+    let mut upstream_log = std::io::BufReader::new(upstream.take_stdout().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut upstream_log, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{}", upstream.stderr_tail());
+    let nslookup = |name: &str| {
+        let out = g
+            .netns()
+            .command("busybox")
+            .args(["nslookup", name, "169.254.169.254"])
+            .output()
+            .expect("busybox nslookup");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = nslookup("svc.corp.example");
+    assert!(
+        ok && out.contains("192.0.2.77"),
+        "forwarded: {out}\n{}",
+        c.logs()
+    );
+    let (ok, out) = nslookup("metadata.google.internal");
+    assert!(ok && out.contains("169.254.169.254"), "own name: {out}");
+    let (ok, out) = nslookup("nothing.corp.example");
+    assert!(
+        !ok && out.contains("NXDOMAIN"),
+        "the upstream's NXDOMAIN: {out}"
+    );
+    let (ok, out) = nslookup("slow.corp.example");
+    assert!(!ok, "never answered upstream: {out}");
+    line.clear();
+    let mut asked = Vec::new();
+    while asked.len() < 3 {
+        line.clear();
+        if std::io::BufRead::read_line(&mut upstream_log, &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        asked.push(line.trim().to_string());
+    }
+    eprintln!("  upstream saw: {asked:?}");
+    assert!(
+        asked
+            .iter()
+            .all(|q| !q.contains("metadata.google.internal")),
+        "the bridge's own names never leave the host: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|q| q == "query svc.corp.example 1"),
+        "{asked:?}"
+    );
+    assert!(bridge("dns_forwarded") >= 3, "forwarded counted");
+    assert!(bridge("dns_forward_answered") >= 2);
+    assert!(
+        eventually(5, || bridge("dns_forward_timeouts") >= 1),
+        "the unanswered query timed out, counted"
+    );
+    drop(upstream);
 
     drop(g);
     drop(c);
