@@ -8,7 +8,6 @@ use smoltcp::socket::tcp;
 
 use super::counters::BridgeCounters;
 use super::http::{self, Malformed, Parsed, Response};
-use super::netif::HTTP_PORT;
 use super::routes::{self, route, Decision, State};
 use super::server::{BridgeLimits, Job, Server};
 use super::session;
@@ -91,7 +90,7 @@ impl Server {
                 let socket = self.netif.sockets.get_mut::<tcp::Socket>(handle);
                 socket.abort();
                 socket.set_hop_limit(None);
-                let _ = socket.listen(HTTP_PORT);
+                let _ = socket.listen(self.netif.ports[i]);
                 self.conns[i] = Conn::default();
                 return;
             }
@@ -245,6 +244,10 @@ impl Server {
                 return;
             }
         }
+        if let Some(k) = self.service_at(i) {
+            self.handle_service_request(i, k, raw, now);
+            return;
+        }
         let Parsed::Complete(req, _) = http::parse(&raw) else {
             self.respond(i, Malformed::BadRequest("malformed request").response());
             return;
@@ -363,6 +366,16 @@ impl Server {
             _ => routes::unavailable(),
         };
         self.respond(i, r);
+    }
+
+    /// Queues the bytes of a whole response on connection `i`, which closes after them (a
+    /// bridged service's answer, passed on as it is).
+    pub(super) fn respond_raw(&mut self, i: usize, bytes: Vec<u8>) {
+        let conn = &mut self.conns[i];
+        conn.out = bytes;
+        conn.sent = 0;
+        conn.close_after = true;
+        conn.phase = Phase::Sending;
     }
 
     /// Queues response `r` on connection `i`.

@@ -60,6 +60,11 @@ bridge_counters! {
     registry_errors,
     /// Access and identity tokens minted (not served from the host's cache).
     tokens_minted,
+    /// Requests forwarded to bridged services.
+    service_requests,
+    /// Bridged-service requests that failed (unreachable, timeout, bad or oversize answer:
+    /// 502/504) or were refused (too many in flight: 503).
+    service_errors,
     /// Guest attributes written through.
     guest_attributes_written,
     /// DNS queries answered.

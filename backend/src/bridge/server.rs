@@ -13,6 +13,7 @@ use super::counters::BridgeCounters;
 use super::dns::{self, Answer, DnsDrop, Names};
 use super::netif::{NetIf, HTTP_PORT, MAX_QUEUED};
 use super::routes::{Cached, HeldToken, TokenCache};
+use super::service::{ServiceError, ServiceSpec};
 use super::session::Sessions;
 use super::source::{AccessToken, IdentityToken, SourceError, VmMetadata};
 use crate::edge::icmp::TokenBucket;
@@ -56,6 +57,17 @@ pub enum Job {
         /// Full format.
         full: bool,
     },
+    /// Forward a request to a bridged service (its own thread: `service::exchange`).
+    Proxy {
+        /// Connection slot.
+        conn: usize,
+        /// Its generation.
+        generation: u64,
+        /// Where to.
+        upstream: std::net::SocketAddr,
+        /// The request, the VM's identity token added.
+        request: Vec<u8>,
+    },
     /// Write a guest attribute; `conn`/`generation` name the connection waiting for it.
     Put {
         /// Connection slot.
@@ -94,6 +106,15 @@ pub enum JobDone {
         /// Result.
         result: Result<(), SourceError>,
     },
+    /// A bridged service's answer.
+    Proxy {
+        /// Connection slot.
+        conn: usize,
+        /// Its generation.
+        generation: u64,
+        /// The whole response, or why there is none.
+        result: Result<Vec<u8>, ServiceError>,
+    },
 }
 
 /// The state of one VM's bridge.
@@ -114,6 +135,8 @@ pub struct Server {
     next_generation: u64,
     /// Other names go to the upstream resolver (one is configured).
     forward_dns: bool,
+    /// Bridged services, by the port guests reach them on.
+    pub(super) services: Vec<ServiceSpec>,
     /// Queries for the upstream, with where their answers go (drained by the thread).
     dns_queries: Vec<(Vec<u8>, udp::UdpMetadata)>,
 }
@@ -152,6 +175,7 @@ impl Server {
             names,
             next_generation: 0,
             forward_dns: false,
+            services: Vec::new(),
             dns_queries: Vec::new(),
         }
     }
@@ -239,6 +263,14 @@ impl Server {
                 result,
             } => {
                 self.put_done(conn, generation, result);
+                return;
+            }
+            JobDone::Proxy {
+                conn,
+                generation,
+                result,
+            } => {
+                self.proxy_done(conn, generation, result);
                 return;
             }
         };

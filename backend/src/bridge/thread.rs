@@ -16,12 +16,15 @@ use super::counters::BridgeCounters;
 use super::dns::Names;
 use super::dns_forward::{ForwardDrop, Pending, MAX_PENDING};
 use super::server::{BridgeLimits, Job, JobDone, Server};
+use super::service::{self, ServiceSpec};
 use super::source::{MetadataSource, VmMetadata};
 use super::METADATA_IP;
 use smoltcp::socket::udp::UdpMetadata;
 
 /// Packets and answers waiting for the bridge thread; beyond it, guest packets are dropped.
 const INBOX: usize = 1024;
+/// Concurrent guest connections per bridged service.
+const SERVICE_LISTENERS: usize = 4;
 /// Long-poll time of one metadata request.
 const METADATA_POLL: Duration = Duration::from_secs(20);
 /// Pause after a failed metadata request.
@@ -50,6 +53,8 @@ pub struct BridgeSpec {
     pub limits: BridgeLimits,
     /// The resolver other names are forwarded to (`[bridge] dns_upstream`); `None`: REFUSED.
     pub dns_upstream: Option<SocketAddr>,
+    /// Bridged services (`[[bridge.services]]`).
+    pub services: Vec<ServiceSpec>,
 }
 
 /// Where the TX workers post packets for the bridge. Never blocks.
@@ -129,6 +134,9 @@ impl Bridge {
             counters.clone(),
             Instant::now(),
         );
+        for spec in &spec.services {
+            server.add_service(spec.clone(), SERVICE_LISTENERS);
+        }
         let mut dns = None;
         if let Some(upstream) = spec.dns_upstream {
             let (queries_tx, queries_rx) = mpsc::sync_channel(MAX_PENDING);
@@ -274,6 +282,35 @@ fn call_registry(
                 generation,
                 result: source.put_guest_attribute(vm_id, &namespace, &key, &value),
             },
+            Job::Proxy {
+                conn,
+                generation,
+                upstream,
+                request,
+            } => {
+                // Its own thread: a slow service must not hold up token mints (the bridge
+                // bounds how many run at once).
+                let tx = tx.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("md-service".into())
+                        .spawn(move || {
+                            let result = service::exchange(upstream, &request);
+                            let _ = tx.send(Msg::Done(JobDone::Proxy {
+                                conn,
+                                generation,
+                                result,
+                            }));
+                        });
+                match spawned {
+                    Ok(_) => continue,
+                    Err(e) => JobDone::Proxy {
+                        conn,
+                        generation,
+                        result: Err(service::ServiceError::Connect(e.to_string())),
+                    },
+                }
+            }
         };
         if tx.send(Msg::Done(done)).is_err() {
             return;

@@ -160,6 +160,14 @@ burst = 100
 # own name; other names go to this resolver (ip:port, UDP, 2 s timeout) or, when it is "off",
 # are answered REFUSED.
 dns_upstream = "off"
+# External services on the host network that guests reach at 169.254.169.254:<port>; each
+# request gets the VM's identity token (audience: `audience`, default the name) as
+# "Authorization: Bearer ..." (US20140282510). For example:
+# [[bridge.services]]
+# name = "inventory"
+# port = 8080
+# upstream = "198.18.0.10:9000"
+# audience = "https://inventory.internal"
 "#;
 
 /// Validated vnpd configuration.
@@ -625,6 +633,38 @@ client_key = "/etc/vnp/host-key.pem"
         }
         let e = load(&format!("{MINIMAL}\n[bridge]\ndns = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("dns"), "{e}");
+    }
+
+    #[test]
+    fn bridge_services() {
+        let svc = |name: &str, port: u16| {
+            format!("[[bridge.services]]\nname = \"{name}\"\nport = {port}\nupstream = \"198.18.0.10:9000\"\n")
+        };
+        let c = load(&format!(
+            "{MINIMAL}\n{}{}",
+            svc("inv", 8080),
+            svc("logs", 8081)
+        ))
+        .unwrap();
+        assert_eq!(c.bridge.services.len(), 2);
+        assert_eq!(c.bridge.services[0].audience, "inv", "the name by default");
+        assert_eq!(
+            c.bridge.services[1].upstream,
+            "198.18.0.10:9000".parse().unwrap()
+        );
+        for (bad, key) in [
+            (svc("inv", 80), "port"),
+            (svc("inv", 53), "port"),
+            (svc("Inv!", 8080), "name"),
+            (svc("a", 8080) + &svc("b", 8080), "share"),
+            (
+                svc("a", 8080).replace("198.18.0.10:9000", "nowhere"),
+                "upstream",
+            ),
+        ] {
+            let e = load(&format!("{MINIMAL}\n{bad}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -63,6 +63,10 @@ impl Guest {
     }
 
     fn connect(&mut self, server: &mut Server) -> SocketHandle {
+        self.connect_to(server, 80)
+    }
+
+    fn connect_to(&mut self, server: &mut Server, port: u16) -> SocketHandle {
         let mut s = stcp::Socket::new(
             stcp::SocketBuffer::new(vec![0; 65536]),
             stcp::SocketBuffer::new(vec![0; 65536]),
@@ -70,7 +74,7 @@ impl Guest {
         self.next_port += 1;
         s.connect(
             self.iface.context(),
-            IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), 80),
+            IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), port),
             self.next_port,
         )
         .unwrap();
@@ -484,4 +488,106 @@ fn dns_for_other_names_goes_to_the_forwarder_and_its_answer_to_the_guest() {
     assert_eq!(Message::from_vec(reply).unwrap().metadata.id, 9);
     assert_eq!(counters.get("dns_forward_answered"), 1);
     assert_eq!(counters.get("dns_refused"), 0);
+}
+
+#[test]
+fn a_bridged_service_gets_the_request_with_the_vms_identity_token() {
+    use crate::bridge::service::{ServiceError, ServiceSpec};
+    let (mut srv, counters) = server(BridgeLimits::default());
+    let upstream: std::net::SocketAddr = "198.18.0.10:9000".parse().unwrap();
+    srv.add_service(
+        ServiceSpec {
+            name: "inv".into(),
+            port: 8080,
+            upstream,
+            audience: "https://inv.example".into(),
+        },
+        2,
+    );
+    let mut g = Guest::new();
+    let h = g.connect_to(&mut srv, 8080);
+    let guest_request =
+        "GET /whoami HTTP/1.1\r\nHost: 169.254.169.254:8080\r\nAuthorization: Bearer mine\r\n\r\n";
+    g.send(&mut srv, h, guest_request.as_bytes());
+    // First the identity token for the service's audience, then the request with it.
+    assert_eq!(
+        srv.take_jobs(),
+        vec![Job::Identity {
+            audience: "https://inv.example".into(),
+            full: false
+        }]
+    );
+    let token = IdentityToken {
+        token: "ID.JWT".into(),
+        expires_in: 600,
+    };
+    srv.job_done(
+        JobDone::Identity {
+            audience: "https://inv.example".into(),
+            full: false,
+            result: Ok(token),
+        },
+        Instant::now(),
+    );
+    let jobs = srv.take_jobs();
+    let [Job::Proxy {
+        conn,
+        generation,
+        upstream: to,
+        request,
+    }] = jobs.as_slice()
+    else {
+        panic!("{jobs:?}");
+    };
+    assert_eq!(*to, upstream);
+    let sent = String::from_utf8(request.clone()).unwrap();
+    assert!(sent.contains("Authorization: Bearer ID.JWT\r\n"), "{sent}");
+    assert!(!sent.contains("mine"), "{sent}");
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nvm-a".to_vec();
+    srv.job_done(
+        JobDone::Proxy {
+            conn: *conn,
+            generation: *generation,
+            result: Ok(answer),
+        },
+        Instant::now(),
+    );
+    g.pump(&mut srv);
+    assert!(g.received(h).ends_with("\r\n\r\nvm-a"));
+    assert!(!g.sockets.get::<stcp::Socket>(h).may_recv(), "closed after");
+    // The next request reuses the held token; a failing service answers 504, counted.
+    let h2 = g.connect_to(&mut srv, 8080);
+    g.send(&mut srv, h2, guest_request.as_bytes());
+    let jobs = srv.take_jobs();
+    let [Job::Proxy {
+        conn, generation, ..
+    }] = jobs.as_slice()
+    else {
+        panic!("{jobs:?}");
+    };
+    srv.job_done(
+        JobDone::Proxy {
+            conn: *conn,
+            generation: *generation,
+            result: Err(ServiceError::Timeout),
+        },
+        Instant::now(),
+    );
+    g.pump(&mut srv);
+    assert!(g.received(h2).starts_with("HTTP/1.1 504"));
+    assert_eq!(
+        (
+            counters.get("service_requests"),
+            counters.get("service_errors")
+        ),
+        (2, 1)
+    );
+    // The metadata server on port 80 is untouched.
+    let m = g.connect(&mut srv);
+    g.send(
+        &mut srv,
+        m,
+        get("/computeMetadata/v1/instance/hostname").as_bytes(),
+    );
+    assert!(g.received(m).ends_with("vm-a"));
 }
