@@ -97,6 +97,39 @@ while True:
         s.sendto(struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, 0, 0, 0) + question, peer)
 "#;
 
+/// An internal HTTP service on the host network that trusts nothing but the registry's keys:
+/// it verifies the bearer token of each request against the JWKS file with PyJWT (ES256, the
+/// audience) and answers who called. Args: address, port, JWKS file, audience.
+const WHOAMI_SERVICE: &str = r#"
+import http.server, json, sys
+import jwt
+addr, port, jwks_file, audience = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+keys = {k["kid"]: jwt.PyJWK(k).key for k in json.load(open(jwks_file))["keys"]}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        auth = self.headers.get("Authorization", "")
+        try:
+            token = auth.removeprefix("Bearer ")
+            kid = jwt.get_unverified_header(token)["kid"]
+            claims = jwt.decode(token, keys[kid], algorithms=["ES256"], audience=audience)
+            code, body = 200, {"vm": claims["vnp"]["vm"], "network": claims["vnp"]["network"],
+                               "aud": claims["aud"], "path": self.path,
+                               "authorizations": len(self.headers.get_all("Authorization"))}
+        except Exception as e:
+            code, body = 401, {"error": repr(e)}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer((addr, port), H)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -404,10 +437,17 @@ fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn sessions_dns_and_services_from_a_namespace_guest() {
     let upstream_dns = std::net::SocketAddr::from((Fabric::host_addr(0), 5300));
+    let whoami = std::net::SocketAddr::from((Fabric::host_addr(0), 9000));
     let opts = ClusterOptions {
         prefix: "vnpms".into(),
         hosts: 1,
-        vnpd_config_tables: format!("[bridge]\ndns_upstream = \"{upstream_dns}\"\n"),
+        vnpd_config_tables: format!(
+            "[bridge]\ndns_upstream = \"{upstream_dns}\"\n\n[[bridge.services]]\n\
+             name = \"whoami\"\nport = 8080\nupstream = \"{whoami}\"\n\
+             audience = \"https://whoami.internal\"\n"
+        ),
+        // Short-lived credentials, so that one expires within the test.
+        registry_args: vec!["--credential-ttl-secs".into(), "60".into()],
         ..ClusterOptions::default()
     };
     let c = Cluster::start(&opts).expect("cluster");
@@ -417,17 +457,72 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     let att = c.attach(0, "vm-s").unwrap();
     let g = c.tap_guest(&att, false).unwrap();
     assert_eq!(ns_status(&g, "instance/name", &[]), "200", "{}", c.logs());
-
-    step("sessions: the operator requires them on the network");
-    let session = |on: bool| {
-        let update = vnp_registry_client::metadata::ProjectUpdate {
-            require_session_token: Some(on),
-            ..Default::default()
-        };
-        c.registry(move |r| r.update_project(vnp_e2e::cluster::NETWORK, &update))
-            .unwrap()
+    let jwks_file = dir.join("jwks.json");
+    let vnpctl = |args: &[&str]| {
+        let out = c
+            .fabric()
+            .core()
+            .command(&c.bins().vnpctl)
+            .args(["--registry", &c.registry_url(), "--tls-dir"])
+            .arg(c.tls_dir())
+            .args(args)
+            .output()
+            .expect("vnpctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
     };
-    assert!(session(true).require_session_token);
+    let (ok, out) = vnpctl(&["jwks", "--out", jwks_file.to_str().unwrap()]);
+    assert!(ok, "vnpctl jwks: {out}");
+
+    step("a token read by the guest, verified with vnpctl verify-token");
+    let read_token = || {
+        let (_, body, err) = ns_curl(
+            &g,
+            &[
+                "-H",
+                "Metadata-Flavor: Google",
+                "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token",
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}{err}"));
+        (
+            v["access_token"].as_str().unwrap().to_string(),
+            v["expires_in"].as_u64().unwrap(),
+        )
+    };
+    let first_read = std::time::Instant::now();
+    let (first, expires_in) = read_token();
+    assert!(expires_in <= 60, "the registry's 60 s: {expires_in}");
+    let (ok, out) = vnpctl(&["verify-token", &first, "--json"]);
+    assert!(ok, "vnpctl verify-token (JWKS from the registry): {out}");
+    let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(claims["vnp"]["vm"], "vm-s", "{claims}");
+    let tampered = format!("{}x", &first[..first.len() - 1]);
+    let (ok, out) = vnpctl(&[
+        "verify-token",
+        &tampered,
+        "--jwks",
+        jwks_file.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("refused"), "a tampered token: {out}");
+
+    step("sessions: the operator requires them on the network (vnpctl project set)");
+    let session = |on: bool| {
+        let flag = if on { "true" } else { "false" };
+        let (ok, out) = vnpctl(&[
+            "project",
+            "set",
+            vnp_e2e::cluster::NETWORK,
+            "--require-session-token",
+            flag,
+        ]);
+        assert!(ok, "vnpctl project set: {out}");
+        out
+    };
+    let shown = session(true);
+    assert!(shown.contains("required"), "{shown}");
     assert!(
         eventually(10, || ns_status(&g, "instance/name", &[]) == "401"),
         "no 401 without a session token: {}",
@@ -519,7 +614,7 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     };
     assert_eq!(bridge("sessions_issued"), 1);
     assert!(bridge("http_unauthorized") >= 3);
-    assert!(!session(false).require_session_token);
+    assert!(session(false).contains("optional"));
     assert!(
         eventually(10, || ns_status(&g, "instance/name", &[]) == "200"),
         "optional again"
@@ -594,6 +689,81 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
         "the unanswered query timed out, counted"
     );
     drop(upstream);
+
+    step("a bridged service: the guest calls it, the service learns the VM from the token");
+    let mut service = ChildGuard::spawn(
+        "whoami-service",
+        c.host_ns(0)
+            .command("/usr/bin/python3")
+            .args(["-u", "-c", WHOAMI_SERVICE])
+            .arg(whoami.ip().to_string())
+            .arg(whoami.port().to_string())
+            .arg(&jwks_file)
+            .arg("https://whoami.internal")
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("whoami service");
+    let mut service_out = std::io::BufReader::new(service.take_stdout().unwrap());
+    line.clear();
+    std::io::BufRead::read_line(&mut service_out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{}", service.stderr_tail());
+    let (status, body, err) = ns_curl(
+        &g,
+        &[
+            "-H",
+            "Authorization: Bearer forged-by-the-guest",
+            "http://169.254.169.254:8080/whoami?x=1",
+        ],
+    );
+    assert_eq!(status, 0, "{err}\n{}", c.logs());
+    let who: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(who["vm"], "vm-s", "{who}");
+    assert_eq!(who["network"], vnp_e2e::cluster::NETWORK);
+    assert_eq!(who["aud"], "https://whoami.internal");
+    assert_eq!(who["path"], "/whoami?x=1");
+    assert_eq!(
+        who["authorizations"], 1,
+        "the guest's header was replaced: {who}"
+    );
+    let (_, body, _) = ns_curl(&g, &["http://169.254.169.254:8080/again"]);
+    assert!(body.contains("\"vm-s\""), "{body}");
+    drop(service);
+    let (_, code, _) = ns_curl(
+        &g,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://169.254.169.254:8080/down",
+        ],
+    );
+    assert_eq!(code, "502", "the service is gone");
+    assert!(bridge("service_requests") >= 3);
+    assert!(bridge("service_errors") >= 1);
+
+    step("the access token expires and a new one is served");
+    let mut second = first.clone();
+    assert!(
+        eventually(60, || {
+            second = read_token().0;
+            second != first
+        }),
+        "no new token within 60 s of the first"
+    );
+    let served_for = first_read.elapsed();
+    eprintln!("  the first token was served for {served_for:.1?} (60 s lifetime)");
+    assert!(served_for < Duration::from_secs(60));
+    let (ok, out) = vnpctl(&[
+        "verify-token",
+        &second,
+        "--jwks",
+        jwks_file.to_str().unwrap(),
+    ]);
+    assert!(ok, "the new token verifies: {out}");
+    assert!(bridge("tokens_minted") >= 2);
 
     drop(g);
     drop(c);
