@@ -440,6 +440,7 @@ impl VmPort {
         &self,
         source: Arc<dyn MetadataSource>,
         limits: BridgeLimits,
+        config: &crate::config::BridgeConfig,
     ) -> Result<(), PortError> {
         let mut slot = self.bridge.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
@@ -454,6 +455,8 @@ impl VmPort {
             hostname: self.core.edge.hostname().to_string(),
             mtu: self.core.net.mtu,
             limits,
+            dns_upstream: config.dns_upstream,
+            services: config.services.clone(),
         };
         let core = self.core.clone();
         let bridge = Bridge::start(

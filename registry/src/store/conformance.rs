@@ -194,6 +194,7 @@ fn populate_metadata(store: &dyn Store, model: &mut Model) {
     let project = ProjectUpdate {
         project_id: Some("acme".into()),
         zone: Some("zone-b".into()),
+        require_session_token: Some(true),
     };
     run(store, model, |m| md::update_project(m, "n1", &project));
     run(store, model, |m| {

@@ -198,7 +198,7 @@ impl Manager {
         let port = Arc::new(port);
         // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
         let source = Arc::new(RegistrySource(self.client.clone()));
-        if let Err(e) = port.start_bridge(source, BridgeLimits::default()) {
+        if let Err(e) = port.start_bridge(source, BridgeLimits::default(), &self.cfg.bridge) {
             log::warn!("vm {vm_id}: no metadata service: {e}");
         }
         self.control.add_port(vm_id, Arc::clone(&port));
