@@ -32,15 +32,23 @@ pub struct ServiceEntry {
     pub health: HealthConfig,
     /// The whole resolved pool (healthy or not): VM id, its index, weight.
     pub pool: Vec<(String, VmIndex, u32)>,
+    /// Pool members this gateway's health checks took out, sorted.
+    pub down: Vec<String>,
 }
 
 impl ServiceEntry {
-    /// Whether `vm` is in the table (healthy in this gateway's view).
+    /// Whether `vm` is in the table (in the pool, healthy in this gateway's view).
     pub fn in_table(&self, vm: &str) -> bool {
         self.table
             .members()
             .binary_search_by(|m| m.as_str().cmp(vm))
             .is_ok()
+    }
+
+    /// Whether a flow remembered on `vm` stays there: the VM was not taken out by a health
+    /// check (an operator removing it from the pool does not move its established flows).
+    pub fn keeps_flows(&self, vm: &str) -> bool {
+        self.down.binary_search_by(|m| m.as_str().cmp(vm)).is_err()
     }
 }
 
@@ -52,6 +60,8 @@ pub struct ServiceTable {
     by_port: HashMap<(u8, u16), usize>,
     /// (VM, protocol number, VM port) -> public port: replies of balanced flows.
     replies: HashMap<(VmIndex, u8, u16), u16>,
+    /// VM id -> index, for flows remembered on a VM that has left the pool.
+    vm_by_id: HashMap<String, VmIndex>,
 }
 
 /// A service whose table could not be built (the registry checks the size; a pool larger
@@ -97,7 +107,15 @@ impl ServiceTable {
         nat: &NatTable,
         down: impl Fn(&str, &str) -> bool,
     ) -> (ServiceTable, Vec<Skipped>) {
-        let mut out = ServiceTable::default();
+        let mut out = ServiceTable {
+            vm_by_id: nat
+                .vms
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v.id.clone(), i))
+                .collect(),
+            ..ServiceTable::default()
+        };
         let mut skipped = Vec::new();
         for s in cfg
             .services
@@ -110,9 +128,15 @@ impl ServiceTable {
                 .iter()
                 .filter_map(|m| Some((m.vm.clone(), nat.vm_by_ip(m.ip)?, m.weight)))
                 .collect();
+            let mut down_now: Vec<String> = pool
+                .iter()
+                .filter(|(vm, _, _)| down(&svc.id, vm))
+                .map(|(vm, _, _)| vm.clone())
+                .collect();
+            down_now.sort();
             let healthy: Vec<Member> = pool
                 .iter()
-                .filter(|(vm, _, _)| !down(&svc.id, vm))
+                .filter(|(vm, _, _)| down_now.binary_search(vm).is_err())
                 .map(|(vm, _, w)| Member::new(vm.clone(), *w))
                 .collect();
             let table = match Table::build(&healthy, svc.table_size) {
@@ -126,10 +150,15 @@ impl ServiceTable {
                 }
             };
             let proto = proto_of(svc.proto);
-            for (_, vm, _) in &pool {
-                out.replies
-                    .entry((*vm, proto.number(), svc.vm_port))
-                    .or_insert(svc.public_port);
+            // Every VM of the network, not only the pool's: flows placed on a VM before an
+            // operator removed it from the pool finish. A forwarding rule on the same VM port
+            // keeps its replies.
+            for vm in 0..nat.vms.len() {
+                if nat.forward_out(vm, proto.number(), svc.vm_port).is_none() {
+                    out.replies
+                        .entry((vm, proto.number(), svc.vm_port))
+                        .or_insert(svc.public_port);
+                }
             }
             out.by_port
                 .insert((proto.number(), svc.public_port), out.services.len());
@@ -141,6 +170,7 @@ impl ServiceTable {
                 table,
                 health: health_config(s),
                 pool,
+                down: down_now,
             });
         }
         (out, skipped)
@@ -213,14 +243,16 @@ pub fn inbound(
         service_port: dport,
     };
     let fin = closing(l4, ip.payload());
-    let choice = flows.choose(key, now_ms, fin, &svc.table, |m| svc.in_table(m));
+    let choice = flows.choose(key, now_ms, fin, &svc.table, |m| {
+        svc.keeps_flows(m) && services.vm_by_id.contains_key(m)
+    });
     let (member, new_flow, unremembered) = match &choice {
         Choice::Existing(m) => (m, false, false),
         Choice::New(m) => (m, true, false),
         Choice::Unremembered(m) => (m, true, true),
         Choice::NoBackend => return Some(Err(DropReason::NoBackend)),
     };
-    let Some(&(_, vm, _)) = svc.pool.iter().find(|(id, _, _)| **id == **member) else {
+    let Some(&vm) = services.vm_by_id.get(&**member) else {
         return Some(Err(DropReason::NoBackend));
     };
     let hl = ip.header_len();

@@ -101,7 +101,7 @@ fn replies_leave_from_the_service_address_and_port() {
         assert_eq!(dst(&p), (CLIENT, 40000));
         assert!(checksums_ok(&p));
     }
-    // Another port of a pool VM, or UDP: not a reply of the service.
+    // Another port, or UDP: not a reply of the service.
     let mut other = tcp_packet(A, CLIENT, 8081, 40000);
     assert_eq!(outbound(&svc, &nat, &mut other), None);
     let mut udp = udp_packet(A, CLIENT, 8080, 40000);
@@ -169,6 +169,39 @@ fn two_gateways_place_every_new_flow_alike_and_spread_it() {
     }
     // Binomial(2000, 1/2): sigma 22; 5 sigma either way.
     assert!((890..=1110).contains(&on_a), "{on_a} of 2000 on a");
+}
+
+#[test]
+fn flows_stay_on_a_vm_an_operator_removed_from_the_pool() {
+    let (nat, svc) = tables(&[]);
+    let mut f = flows();
+    let mut on_a = None;
+    for port in 40000..40100 {
+        let mut p = tcp_packet(CLIENT, PUBLIC, port, 80);
+        let placed = inbound(&svc, &nat, &mut f, &mut p, 0).unwrap().unwrap();
+        if nat.vms[placed.vm].ip == A {
+            on_a = Some(port);
+        }
+    }
+    let on_a = on_a.expect("some flow on a");
+    let mut cfg = lb_config();
+    cfg.services[0].pool.retain(|m| m.vm != "a");
+    let (without_a, _) = ServiceTable::build(&cfg, &nat, |_, _| false);
+    let mut p = tcp_packet(CLIENT, PUBLIC, on_a, 80);
+    let kept = inbound(&without_a, &nat, &mut f, &mut p, 5)
+        .unwrap()
+        .unwrap();
+    assert_eq!((nat.vms[kept.vm].ip, kept.new_flow), (A, false));
+    let mut reply = tcp_packet(A, CLIENT, 8080, on_a);
+    assert!(outbound(&without_a, &nat, &mut reply).is_some());
+    // New flows avoid it.
+    for port in 41000..41100 {
+        let mut p = tcp_packet(CLIENT, PUBLIC, port, 80);
+        let placed = inbound(&without_a, &nat, &mut f, &mut p, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(nat.vms[placed.vm].ip, B);
+    }
 }
 
 #[test]

@@ -127,7 +127,7 @@ pub fn render(shared: &Shared) -> String {
     );
     for s in &services.services {
         for (vm, _, _) in &s.pool {
-            let up = u8::from(s.in_table(vm));
+            let up = u8::from(s.keeps_flows(vm));
             let _ = writeln!(
                 o,
                 "vnp_gateway_lb_member_up{{service=\"{}\",vm=\"{vm}\"}} {up}",
