@@ -69,6 +69,7 @@ fn config() -> GatewayConfig {
         pool: vec![],
         vms,
         forwards,
+        services: vec![],
     }
 }
 

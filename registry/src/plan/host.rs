@@ -187,6 +187,11 @@ pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
             }
             cascaded.push(format!("forward/{}", f.id));
         }
+        // The pools' VMs are still there; gateways of the address are not: no change needed.
+        for s in services_where(model, |s| s.public_addr == gw.public_addr) {
+            ops.push(Op::DeleteService(s.id.clone()));
+            cascaded.push(format!("service/{}", s.id));
+        }
     }
     Ok((
         ops,

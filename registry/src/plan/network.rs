@@ -133,6 +133,10 @@ pub fn delete_network(
         ops.push(Op::DeleteForward(f.id.clone()));
         cascaded.push(format!("forward/{}", f.id));
     }
+    for s in services_where(model, |s| s.network == id) {
+        ops.push(Op::DeleteService(s.id.clone()));
+        cascaded.push(format!("service/{}", s.id));
+    }
     ops.push(Op::DeleteNetwork(id.to_string()));
     Ok((
         ops,

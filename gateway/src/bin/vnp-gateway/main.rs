@@ -7,6 +7,7 @@
 
 mod control;
 mod dataplane;
+mod lb;
 mod metrics_http;
 mod tun;
 
@@ -16,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use vnp_gateway::metrics::Metrics;
 use vnp_gateway::rx::ExpiryPolicy;
+use vnp_gateway::services::ServiceTable;
 use vnp_gateway::table::NatTable;
 use vnp_gateway::tokens::TokenCache;
 use vnp_protocol::token::TokenMinter;
@@ -64,6 +66,8 @@ struct Args {
 pub struct State {
     pub table: Arc<NatTable>,
     pub tokens: TokenCache,
+    /// Load-balanced services (`lb::publish` replaces them).
+    pub services: Arc<ServiceTable>,
 }
 
 /// Shared between the threads.
@@ -73,16 +77,20 @@ pub struct Shared {
     pub metrics: Metrics,
     /// VM addresses the data path had no token for.
     pub wants: Mutex<Vec<std::net::Ipv4Addr>>,
+    pub lb: lb::Lb,
 }
 
 impl Shared {
     fn render_metrics(&self) -> String {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        self.metrics.render(
+        let mut text = self.metrics.render(
             Some(&state.table),
             state.tokens.len(),
             control::vnp_gateway_now(),
-        )
+        );
+        drop(state);
+        text.push_str(&lb::render(self));
+        text
     }
 }
 
@@ -129,10 +137,19 @@ fn run(args: Args) -> Result<(), String> {
         state: RwLock::new(State {
             table: Arc::new(NatTable::from_config(&cfg)),
             tokens: TokenCache::default(),
+            services: Arc::default(),
         }),
         metrics: Metrics::default(),
         wants: Mutex::new(Vec::new()),
+        lb: lb::Lb::default(),
     });
+    let table = shared
+        .state
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .table
+        .clone();
+    lb::publish(&shared, Some((Arc::new(cfg.clone()), table)));
     let tun = tun::open(&args.tun).map_err(|e| format!("TUN {}: {e}", args.tun))?;
     let listen = args.listen.unwrap_or(vnp_addr);
     let socket = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
