@@ -11,6 +11,7 @@
 
 use super::book::{Admission, PairKey, PeerIndex, RequestBook};
 use super::fair::RequestRate;
+use crate::datapath::hairpin::HairpinTarget;
 use crate::datapath::{ControlPlane, PeerToken, RefusalReason, VmPort};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -28,11 +29,15 @@ const TICK: Duration = Duration::from_secs(1);
 const WATCH_POLL: Duration = Duration::from_secs(5);
 /// Pause after a failed watch request.
 const WATCH_RETRY: Duration = Duration::from_secs(2);
+/// A hint-driven lookup of a pair goes to the registry at most this often (milliseconds).
+const RECHECK_MIN_MS: u64 = 200;
 /// Most requests kept for a VM whose port is not registered yet.
 const MAX_ORPHANS: usize = 1024;
 
 enum Msg {
     Token(PairKey),
+    /// An endpoint-moved hint: fetch the pair's token again (rate-limited by the book).
+    Recheck(PairKey),
     AddPort {
         vm_id: String,
         port: Arc<VmPort>,
@@ -94,6 +99,10 @@ impl ControlHandle {
 impl ControlPlane for ControlHandle {
     fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
         ControlHandle::request_token(self, src_vm, dst)
+    }
+
+    fn recheck_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        let _ = self.tx.send(Msg::Recheck(PairKey::new(src_vm, dst)));
     }
 }
 
@@ -275,6 +284,15 @@ impl Worker {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Token(key) => self.request(key),
+            Msg::Recheck(key) => {
+                let min_interval = RECHECK_MIN_MS;
+                if self.ports.contains_key(&key.src_vm)
+                    && self.book.refresh(key.clone(), self.now_ms(), min_interval)
+                        == Admission::Queued
+                {
+                    log::info!("control: {} may have moved: asking again", key.dst);
+                }
+            }
             Msg::AddPort { vm_id, port } => {
                 log::debug!("control: port of {vm_id} registered");
                 self.ports.insert(vm_id.clone(), port);
@@ -402,6 +420,7 @@ impl Worker {
                 | ChangeKind::Moved
                 | ChangeKind::SecretRotated
                 | ChangeKind::Deleted => {
+                    self.follow_local_vm(c);
                     let mut ips = self.peers.take(&c.vm);
                     if !ips.is_empty() {
                         log::info!("control: peer {} changed ({:?}): re-asking", c.vm, c.kind);
@@ -423,6 +442,26 @@ impl Worker {
                     c.vm
                 );
             }
+        }
+    }
+
+    /// A change of a VM served here: when its endpoint moved to another host (a live
+    /// migration), the port forwards stragglers there; when it is back here, it stops.
+    fn follow_local_vm(&self, c: &vnp_registry_client::VmChange) {
+        let Some(port) = self.ports.get(&c.vm) else {
+            return;
+        };
+        let Some(ep) = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted) else {
+            return;
+        };
+        let to = std::net::SocketAddrV4::new(ep.host_addr, ep.port);
+        if to == port.udp_addr() {
+            port.stop_hairpin();
+        } else {
+            port.start_hairpin(HairpinTarget {
+                to,
+                generation: ep.generation,
+            });
         }
     }
 

@@ -16,7 +16,9 @@ use vnp_protocol::wire::options::ReturnToken;
 
 use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
+use super::hairpin::{Hairpin, HairpinLifetime, HairpinTarget};
 use super::handoff::{HandedOff, Handoff};
+use super::moved_hint::{self, HintAction, MovedHint, RateGate};
 use super::peers::{Enqueued, PeerEntry, PeerTable, PendingLimits, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
@@ -96,6 +98,8 @@ pub struct PortCore {
     bridge: OnceLock<Inbox>,
     /// Given to each connection's device (live migration: the resume on a destination).
     pub(crate) device_start: Option<DeviceStartHook>,
+    /// Endpoint-moved hints acted on, per moved VM (`moved_hint`).
+    moved_hints: Mutex<RateGate<Ipv4Addr>>,
 }
 
 impl std::fmt::Debug for PortCore {
@@ -226,6 +230,27 @@ impl PortCore {
             .drop_packets(DropReason::RxNoBuffer, dropped as u64);
     }
 
+    /// An endpoint-moved hint arrived from `from` (`moved_hint`): at most a rate-limited
+    /// registry lookup for the moved VM; the current token stays in use meanwhile.
+    pub(crate) fn on_moved_hint(&self, hint: &MovedHint, from: SocketAddrV4) {
+        let action = {
+            let mut gate = self.moved_hints.lock().unwrap_or_else(|e| e.into_inner());
+            moved_hint::decide(
+                hint,
+                from,
+                self.net.vm_ip,
+                self.network_id,
+                |vm| self.peers.endpoint_of(vm),
+                &mut gate,
+                Instant::now(),
+            )
+        };
+        if let HintAction::Recheck(dst) = action {
+            self.counters.moved_hint_recheck();
+            self.control.recheck_token(&self.vm_id, dst);
+        }
+    }
+
     /// The edge's answer to an ARP, DHCP or ICMP frame.
     pub(crate) fn edge_reply(&self, frame: &[u8]) -> Result<Option<Vec<u8>>, ()> {
         edge_link::reply(&self.edge, frame, &self.counters).map_err(|why| {
@@ -251,6 +276,8 @@ pub struct VmPort {
     thread: Option<JoinHandle<()>>,
     socket_path: PathBuf,
     bridge: Mutex<Option<Bridge>>,
+    /// Forwarding to the VM's new host after it migrated away.
+    hairpin: Mutex<Option<Hairpin>>,
 }
 
 impl std::fmt::Debug for VmPort {
@@ -357,6 +384,10 @@ impl VmPort {
             nat: Default::default(),
             bridge: OnceLock::new(),
             device_start,
+            moved_hints: Mutex::new(RateGate::new(
+                moved_hint::RECHECK_INTERVAL,
+                moved_hint::RECHECK_VMS,
+            )),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));
@@ -383,6 +414,7 @@ impl VmPort {
             thread: Some(thread),
             socket_path: att.socket_path,
             bridge: Mutex::new(None),
+            hairpin: Mutex::new(None),
         })
     }
 
@@ -421,6 +453,37 @@ impl VmPort {
         self.core
             .counters
             .drop_packets(DropReason::TxPendingDiscarded, n as u64);
+    }
+
+    /// The registry says the VM now lives at `target` (it migrated away): datagrams still
+    /// arriving here are forwarded there for a bounded time (`hairpin`). Once per target: a
+    /// hairpin whose lifetime ended is not started again for the same move.
+    pub fn start_hairpin(&self, target: HairpinTarget) {
+        let mut slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|h| h.target() == target) {
+            return;
+        }
+        drop(slot.take());
+        match Hairpin::start(self.core.clone(), target, HairpinLifetime::default()) {
+            Ok(h) => *slot = Some(h),
+            Err(e) => log::error!("vm {}: cannot start forwarding: {e}", self.core.vm_id),
+        }
+    }
+
+    /// The VM's endpoint is this port's again: no more forwarding.
+    pub fn stop_hairpin(&self) {
+        drop(
+            self.hairpin
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+
+    /// Whether a hairpin runs now (started and its lifetime not over).
+    pub fn hairpinning(&self) -> bool {
+        let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().is_some_and(|h| !h.finished())
     }
 
     /// The VM's NAT port blocks (at attach, and whenever the registry grows them).
@@ -490,8 +553,9 @@ impl VmPort {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        // The bridge first: its thread holds the port's core.
+        // The bridge and the hairpin first: their threads hold the port's core.
         drop(self.bridge.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.stop_hairpin();
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..500 {
             if thread.is_finished() {

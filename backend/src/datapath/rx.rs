@@ -18,6 +18,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::HEADER_LEN;
 
 use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
+use super::moved_hint::MovedHint;
 use super::nat_hook::nat_inbound;
 use super::port::unix_now;
 use super::rx_check::{check_datagram_cached, parse_options, Datagram, TokenCache, MIN_INNER};
@@ -359,6 +360,11 @@ fn check_one(
     let Some((header, rest)) = datagram.split_first_chunk::<HEADER_LEN>() else {
         return Err(DropReason::RxTruncated);
     };
+    // Live migration: a peer's VM moved away (never delivered; at most a registry lookup).
+    if let Some(hint) = MovedHint::parse(datagram) {
+        core.on_moved_hint(&hint, src);
+        return Err(DropReason::RxMovedHint);
+    }
     let d = Datagram {
         header,
         len: datagram.len(),
