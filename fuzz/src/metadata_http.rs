@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use vnpd::bridge::dns::{self, Names};
 use vnpd::bridge::http::{self, Parsed, Response};
 use vnpd::bridge::routes::{self, Cached, Decision, HeldToken, State, TokenCache};
+use vnpd::bridge::session::Sessions;
 use vnpd::bridge::source::{AccessToken, IdentityToken, InstanceMetadata, VmMetadata};
 use vnpd::bridge::METADATA_IP;
 
@@ -93,7 +94,8 @@ pub fn run(data: &[u8]) {
     let (mode, bytes) = crate::split_mode(data);
     if mode & DNS != 0 {
         let names = Names::new(METADATA_IP, "vm-a", std::net::Ipv4Addr::new(10, 0, 0, 2));
-        let _ = dns::answer(bytes, &names);
+        // Forwarding on or off: the TOKENS_HELD bit doubles as "an upstream is configured".
+        let _ = dns::answer(bytes, &names, mode & TOKENS_HELD != 0);
         return;
     }
     let (req, used) = match http::parse(bytes) {
@@ -115,9 +117,11 @@ pub fn run(data: &[u8]) {
         TokenCache::default()
     };
     let waited = mode & WAITED != 0;
+    let sessions = Sessions::default();
     let state = State {
         cached: cached.as_ref(),
         tokens: &held,
+        sessions: &sessions,
         now,
         waited,
     };
