@@ -55,11 +55,12 @@ struct Run {
 /// `clients` curls of `n` requests each at once; every request must answer 200.
 fn run(g: &TapGuest, vnpd: u32, path: &str, clients: usize, n: usize) -> Result<Run> {
     let url = format!("http://169.254.169.254/computeMetadata/v1/{path}");
+    // Each curl writes its own file: their -w lines would interleave on one pipe.
     let script = format!(
-        "for c in $(seq {clients}); do (for i in $(seq {n}); do echo \"url = {url}\"; \
-         echo 'output = /dev/null'; done > /tmp/md-bench-$$-$c.cfg; \
+        "d=$(mktemp -d); for c in $(seq {clients}); do (for i in $(seq {n}); do \
+         echo \"url = {url}\"; echo 'output = /dev/null'; done > $d/$c.cfg; \
          curl -s --noproxy '*' -H 'Metadata-Flavor: Google' -w '%{{http_code}} %{{time_total}}\\n' \
-         -K /tmp/md-bench-$$-$c.cfg; rm -f /tmp/md-bench-$$-$c.cfg) & done; wait"
+         -K $d/$c.cfg > $d/$c.out) & done; wait; cat $d/*.out; rm -rf $d"
     );
     let cpu0 = cpu_seconds(vnpd)?;
     let t0 = std::time::Instant::now();
@@ -93,7 +94,7 @@ fn run(g: &TapGuest, vnpd: u32, path: &str, clients: usize, n: usize) -> Result<
 }
 
 fn main() -> Result<()> {
-    let n: usize = env_or("MD_REQUESTS", 2000);
+    let n: usize = env_or("MD_REQUESTS", 10000);
     let runs: usize = env_or("MD_RUNS", 3);
     let clients: Vec<usize> = std::env::var("MD_CLIENTS")
         .unwrap_or_else(|_| "1,4".into())
