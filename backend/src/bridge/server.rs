@@ -19,7 +19,7 @@ use super::source::{AccessToken, IdentityToken, SourceError, VmMetadata};
 use crate::edge::icmp::TokenBucket;
 
 /// Limits of one VM's bridge.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BridgeLimits {
     /// Concurrent TCP connections (hanging GETs included).
     pub max_conns: usize,

@@ -6,12 +6,15 @@ use std::net::SocketAddr;
 
 use super::ConfigError;
 use crate::bridge::service::{ServiceSpec, MAX_SERVICES};
+use crate::bridge::BridgeLimits;
 
 /// `[bridge]` as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBridge {
     dns_upstream: Option<String>,
+    requests_per_sec: Option<u32>,
+    request_burst: Option<u32>,
     services: Option<Vec<RawService>>,
 }
 
@@ -33,6 +36,8 @@ pub struct BridgeConfig {
     pub dns_upstream: Option<SocketAddr>,
     /// External services guests reach at the metadata address with their VM's identity.
     pub services: Vec<ServiceSpec>,
+    /// Each VM's bridge's limits (the request rate from `requests_per_sec`, `request_burst`).
+    pub limits: BridgeLimits,
 }
 
 fn invalid(key: &'static str, reason: String) -> ConfigError {
@@ -93,6 +98,8 @@ impl RawBridge {
     pub(super) fn merge(self, over: Self) -> Self {
         Self {
             dns_upstream: over.dns_upstream.or(self.dns_upstream),
+            requests_per_sec: over.requests_per_sec.or(self.requests_per_sec),
+            request_burst: over.request_burst.or(self.request_burst),
             services: over.services.or(self.services),
         }
     }
@@ -123,9 +130,21 @@ impl RawBridge {
             }
             services.push(s);
         }
+        let mut limits = BridgeLimits::default();
+        limits.rate_per_sec = self.requests_per_sec.unwrap_or(limits.rate_per_sec);
+        limits.burst = self.request_burst.unwrap_or(limits.burst);
+        for (key, value) in [
+            ("bridge.requests_per_sec", limits.rate_per_sec),
+            ("bridge.request_burst", limits.burst),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(invalid(key, format!("{value}: use 1..=1000000")));
+            }
+        }
         Ok(BridgeConfig {
             dns_upstream,
             services,
+            limits,
         })
     }
 }

@@ -160,6 +160,10 @@ burst = 100
 # own name; other names go to this resolver (ip:port, UDP, 2 s timeout) or, when it is "off",
 # are answered REFUSED.
 dns_upstream = "off"
+# Metadata requests each VM may make (its HTTP requests to the bridge, all ports): a bucket of
+# request_burst refilled at requests_per_sec; beyond it, 429.
+requests_per_sec = 50
+request_burst = 100
 # External services on the host network that guests reach at 169.254.169.254:<port>; each
 # request gets the VM's identity token (audience: `audience`, default the name) as
 # "Authorization: Bearer ..." (US20140282510). For example:
@@ -633,6 +637,18 @@ client_key = "/etc/vnp/host-key.pem"
         }
         let e = load(&format!("{MINIMAL}\n[bridge]\ndns = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("dns"), "{e}");
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.bridge.limits, crate::bridge::BridgeLimits::default());
+        let c = load(&format!(
+            "{MINIMAL}\n[bridge]\nrequests_per_sec = 5000\nrequest_burst = 9\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.bridge.limits.rate_per_sec, c.bridge.limits.burst),
+            (5000, 9)
+        );
+        let e = load(&format!("{MINIMAL}\n[bridge]\nrequest_burst = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("bridge.request_burst"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The steps of an attach: checks, the registry reads, the data-path port, the bookkeeping.
 
 use super::*;
-use crate::bridge::BridgeLimits;
 use crate::control::metadata::RegistrySource;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::{Network, VmRecord};
@@ -198,7 +197,7 @@ impl Manager {
         let port = Arc::new(port);
         // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
         let source = Arc::new(RegistrySource(self.client.clone()));
-        if let Err(e) = port.start_bridge(source, BridgeLimits::default(), &self.cfg.bridge) {
+        if let Err(e) = port.start_bridge(source, self.cfg.bridge.limits, &self.cfg.bridge) {
             log::warn!("vm {vm_id}: no metadata service: {e}");
         }
         self.control.add_port(vm_id, Arc::clone(&port));
