@@ -97,6 +97,11 @@ fn services_through_the_api(backend: Backend) {
     let cfg = g1.gateway_config("g1").unwrap();
     assert_eq!(cfg.services.len(), 1);
     assert_eq!(cfg.services[0].pool, st.pool);
+    let sources = [Ipv4Addr::new(198, 18, 0, 9), Ipv4Addr::new(198, 18, 0, 10)];
+    assert_eq!(
+        cfg.probe_sources, sources,
+        "both gateways' underlay addresses"
+    );
     assert_eq!(admin.gateway_config("g2").unwrap().services, cfg.services);
 
     // A pool change wakes the gateways' watch and shows in the next config.
