@@ -152,6 +152,26 @@ fn services_through_the_api(backend: Backend) {
     };
     assert_eq!(code(admin.create_service(&bad)), ErrorCode::BadRequest);
 
+    // Each gateway publishes its view; the service shows it; only the gateway itself may.
+    let report = HealthReport {
+        members: vec![MemberHealth {
+            service: "web".into(),
+            vm: "c".into(),
+            up: false,
+        }],
+    };
+    assert_eq!(
+        code(admin.report_health("g1", &report)),
+        ErrorCode::Forbidden
+    );
+    g1.report_health("g1", &report).unwrap();
+    let views = admin.get_service("web").unwrap().views;
+    assert_eq!(views.len(), 1);
+    assert_eq!(
+        (views[0].gateway.as_str(), views[0].members.clone()),
+        ("g1", report.members)
+    );
+
     admin.delete_service("web").unwrap();
     assert_eq!(code(admin.get_service("web")), ErrorCode::UnknownService);
     assert!(g1.gateway_config("g1").unwrap().services.is_empty());

@@ -14,7 +14,8 @@
 //! 3. web-2's server stops: the gateway's HTTP health checks (through VNP, from the gateway's
 //!    underlay address) take web-2 out within `interval × fall + timeout` (plus the metrics
 //!    poll), every new connection then goes to web-1; web-2's server starts again and web-2
-//!    comes back after `rise` successful checks.
+//!    comes back after `rise` successful checks; both changes show in the gateway's view as the
+//!    registry publishes it (`GET /v1/services/web`, what `vnpctl lb show` prints).
 //!
 //! Needs root (namespaces, TAP, TUN), busybox and python3 (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test load_balancing -- --nocapture`.
@@ -151,6 +152,30 @@ fn wait_members(c: &Cluster, edge: &PublicEdge, want: &[(&str, Option<u64>)]) ->
             Instant::now() < deadline,
             "gateway members {got:?}, want {want:?}\n{}",
             edge.logs(c)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until gateway gw1's view of `vm`, published through the registry, is `up`.
+fn wait_published(c: &Cluster, vm: &'static str, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = c.registry(|r| r.get_service("web")).unwrap();
+        let seen = st
+            .views
+            .iter()
+            .filter(|v| v.gateway == "gw1")
+            .flat_map(|v| v.members.iter())
+            .find(|m| m.vm == vm)
+            .map(|m| m.up);
+        if seen == Some(up) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registry shows {vm} as {seen:?}: {:?}",
+            st.views
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -345,6 +370,7 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         took <= detection + Duration::from_millis(INTERVAL_MS + 700),
         "web-2 left the pool after {took:?}"
     );
+    wait_published(&c, "web-2", false);
     let (counts, _) = connect_many(&edge, 100);
     eprintln!("answers with web-2 down: {counts:?}");
     assert_eq!(counts.get("web-1"), Some(&100), "{counts:?}");
@@ -359,6 +385,7 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
     servers[1] = ChildGuard::spawn("server-web-2-again", &mut cmd, None).unwrap();
     let back = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
     eprintln!("web-2 back after {back:?} (rise {RISE})");
+    wait_published(&c, "web-2", true);
     let (counts, _) = connect_many(&edge, 200);
     eprintln!("answers with web-2 back: {counts:?}");
     for vm in ["web-1", "web-2"] {

@@ -164,6 +164,9 @@ pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
         Op::DeleteGateway(id.to_string()),
         Op::DeleteSecret(SecretOwner::Gateway(id.to_string())),
     ];
+    if model.health_views.contains_key(id) {
+        ops.push(Op::DeleteHealthView(id.to_string()));
+    }
     let shared = model
         .gateways
         .values()

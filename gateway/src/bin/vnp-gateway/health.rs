@@ -19,6 +19,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vnp_lb::{http_reply_ok, CheckKind, HealthConfig};
+use vnp_registry_client::api::{HealthReport, MemberHealth};
+use vnp_registry_client::RegistryClient;
 
 /// How often the scheduler looks for due checks.
 const TICK: Duration = Duration::from_millis(50);
@@ -115,11 +117,36 @@ fn targets(shared: &Shared) -> Vec<Target> {
         .collect()
 }
 
+/// This gateway's view of `targets` for the registry (a member never checked is up).
+fn report_of(shared: &Shared, targets: &[Target]) -> HealthReport {
+    let health = shared.lb.health.lock().unwrap_or_else(|e| e.into_inner());
+    HealthReport {
+        members: targets
+            .iter()
+            .map(|(key, _, _)| MemberHealth {
+                service: key.0.clone(),
+                vm: key.1.clone(),
+                up: health.get(key).is_none_or(|p| p.is_up()),
+            })
+            .collect(),
+    }
+}
+
+/// Where the view goes: the registry, as gateway `id`.
+pub struct Publisher {
+    pub client: RegistryClient,
+    pub id: String,
+}
+
 /// Runs forever on its own thread.
-pub fn run(shared: Arc<Shared>) {
+pub fn run(shared: Arc<Shared>, publisher: Publisher) {
     let (tx, rx) = mpsc::channel::<((String, String), bool, HealthConfig)>();
     let mut due: HashMap<(String, String), Instant> = HashMap::new();
     let mut in_flight: HashSet<(String, String)> = HashSet::new();
+    // The view is published after the first round of checks, then after every change (a
+    // failed publication is retried at most once a second).
+    let mut unpublished = true;
+    let mut last_try = Instant::now();
     loop {
         let now = Instant::now();
         let current = targets(&shared);
@@ -162,6 +189,23 @@ pub fn run(shared: Arc<Shared>) {
         }
         if changed {
             crate::lb::publish(&shared, None);
+            unpublished = true;
+        }
+        let first_round_done = current.iter().all(|(k, _, _)| {
+            shared
+                .lb
+                .health
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(k)
+        });
+        if unpublished && first_round_done && last_try.elapsed() >= Duration::from_secs(1) {
+            last_try = Instant::now();
+            let report = report_of(&shared, &current);
+            match publisher.client.report_health(&publisher.id, &report) {
+                Ok(_) => unpublished = false,
+                Err(e) => log::warn!("health: publishing the view: {e}"),
+            }
         }
     }
 }

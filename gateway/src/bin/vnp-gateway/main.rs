@@ -171,9 +171,13 @@ fn run(args: Args) -> Result<(), String> {
     }
     {
         let shared = shared.clone();
+        let publisher = health::Publisher {
+            client: client.clone(),
+            id: me.id.clone(),
+        };
         std::thread::Builder::new()
             .name("health".into())
-            .spawn(move || health::run(shared))
+            .spawn(move || health::run(shared, publisher))
             .map_err(|e| e.to_string())?;
     }
     // Tokens first, so that the first replies find them.
