@@ -134,13 +134,14 @@ pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Pl
         public_addr,
         secret_generation: 1,
     };
-    let ops = vec![
+    let mut ops = vec![
         Op::PutGateway(gw.clone()),
         Op::PutSecret(
             SecretOwner::Gateway(gw.id.clone()),
             SecretEntry::new(secret, 1),
         ),
     ];
+    ops.extend(super::service::gateways_changed_ops(model, &gw));
     Ok((ops, gw))
 }
 
@@ -167,6 +168,7 @@ pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
     if model.health_views.contains_key(id) {
         ops.push(Op::DeleteHealthView(id.to_string()));
     }
+    ops.extend(super::service::gateways_changed_ops(model, gw));
     let shared = model
         .gateways
         .values()

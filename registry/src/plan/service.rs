@@ -396,3 +396,18 @@ pub fn views_of(model: &Model, service: &str) -> Vec<HealthView> {
         .filter(|v| !v.members.is_empty())
         .collect()
 }
+
+/// A gateway joined or left `gw`'s public address: the other gateways of the address must
+/// learn its underlay address (`probe_sources`, for health-check answers), and they refetch
+/// their config on any change. One `Forwards` change for a VM of the network wakes them (none
+/// when the address has no service: nothing to check).
+pub(crate) fn gateways_changed_ops(model: &Model, gw: &Gateway) -> Vec<Op> {
+    let serviced = model
+        .services
+        .values()
+        .any(|s| s.public_addr == gw.public_addr);
+    match model.vms.values().find(|v| v.network == gw.network) {
+        Some(vm) if serviced => super::change_ops(model, vm, ChangeKind::Forwards),
+        _ => Vec::new(),
+    }
+}

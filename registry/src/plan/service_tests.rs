@@ -351,3 +351,27 @@ fn gateways_report_their_view_of_their_own_services_only() {
     apply!(m, delete_gateway(&m, "g1"));
     assert!(m.health_views.is_empty());
 }
+
+#[test]
+fn a_gateway_joining_a_serviced_address_wakes_the_others() {
+    let mut m = base();
+    let g2 = GatewaySpec {
+        id: "g2".into(),
+        network: "n1".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 10),
+        port: 6081,
+        public_addr: Some(PUBLIC),
+    };
+    let before = m.generation;
+    apply!(m, create_gateway(&m, &g2, VmSecret::from_bytes([2; 32])));
+    assert_eq!(m.generation, before, "no service: nothing to wake");
+    apply!(m, delete_gateway(&m, "g2"));
+    apply!(m, create_service(&m, &spec("web", 80, vec![])));
+    let before = m.generation;
+    apply!(m, create_gateway(&m, &g2, VmSecret::from_bytes([2; 32])));
+    assert_eq!(m.changes.back().map(|c| c.kind), Some(ChangeKind::Forwards));
+    assert!(m.generation > before);
+    let before = m.generation;
+    apply!(m, delete_gateway(&m, "g2"));
+    assert!(m.generation > before, "leaving wakes them too");
+}
