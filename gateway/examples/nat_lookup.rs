@@ -70,6 +70,7 @@ fn config() -> GatewayConfig {
         vms,
         forwards,
         services: vec![],
+        probe_sources: vec![],
     }
 }
 

@@ -11,11 +11,18 @@
 //! and sends the reply unchanged to its gateway, whichever gateway of the public address that
 //! is: there [`outbound`] puts back the service address and port as the source. The VM sees its
 //! own address as the destination, never the service's.
+//!
+//! **Health checks** leave from the gateway's own kernel (a TCP connection from its underlay
+//! address to the VM, routed into the TUN): [`probe_out`] sends such a packet to its VM through
+//! VNP, and [`is_probe_answer`] recognises the VM's answer, which reaches whichever gateway of
+//! the address the VM's host sends to; that gateway hands it unchanged to its kernel, which
+//! delivers it (its own probe) or routes it to the gateway that probed.
 
 use crate::table::{NatTable, VmIndex};
 use crate::translate::{l4_of, port, set_addr, set_port, L4};
 use crate::DropReason;
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use vnp_lb::{CheckKind, Choice, FlowKey, FlowTable, HealthConfig, Member, Proto, Table};
 use vnp_protocol::wire::{ipv4, tcp};
 use vnp_registry_client::api::{GatewayConfig, GatewayService, L4Proto};
@@ -62,6 +69,10 @@ pub struct ServiceTable {
     replies: HashMap<(VmIndex, u8, u16), u16>,
     /// VM id -> index, for flows remembered on a VM that has left the pool.
     vm_by_id: HashMap<String, VmIndex>,
+    /// Underlay addresses health checks of this public address's gateways leave from.
+    pub probe_sources: Vec<Ipv4Addr>,
+    /// The ports health checks go to (sorted): the only source ports of a VM's answer to one.
+    pub check_ports: Vec<u16>,
 }
 
 /// A service whose table could not be built (the registry checks the size; a pool larger
@@ -114,6 +125,7 @@ impl ServiceTable {
                 .enumerate()
                 .map(|(i, v)| (v.id.clone(), i))
                 .collect(),
+            probe_sources: cfg.probe_sources.clone(),
             ..ServiceTable::default()
         };
         let mut skipped = Vec::new();
@@ -173,6 +185,13 @@ impl ServiceTable {
                 down: down_now,
             });
         }
+        out.check_ports = cfg
+            .services
+            .iter()
+            .map(|s| s.service.check_port())
+            .collect();
+        out.check_ports.sort_unstable();
+        out.check_ports.dedup();
         (out, skipped)
     }
 
@@ -292,6 +311,42 @@ pub fn outbound(
     set_port(&mut packet[hl..], l4, true, public_port);
     set_addr(packet, l4, true, nat.public_addr);
     Some(Ok(vm))
+}
+
+/// A packet from the public side (TUN) that this gateway's kernel sent from `own` (its
+/// underlay address) to a VM: a health check. `None` if it is not one; else the VM to send it
+/// to, or why it is dropped (only TCP to a VM of the network).
+pub fn probe_out(
+    nat: &NatTable,
+    own: Ipv4Addr,
+    packet: &[u8],
+) -> Option<Result<VmIndex, DropReason>> {
+    let ip = ipv4::Packet::new_checked(packet).ok()?;
+    if ip.src_addr() != own {
+        return None;
+    }
+    if ip.protocol() != ipv4::PROTO_TCP || ip.check_len(packet.len()).is_err() {
+        return Some(Err(DropReason::UnsupportedProtocol));
+    }
+    Some(nat.vm_by_ip(ip.dst_addr()).ok_or(DropReason::UnknownVm))
+}
+
+/// Whether a VM's packet (through the receive checks) answers a health check: TCP from a
+/// check port of a VM of the network to one of the probe sources. It goes to the kernel as it
+/// is.
+pub fn is_probe_answer(services: &ServiceTable, nat: &NatTable, packet: &[u8]) -> bool {
+    let Ok(ip) = ipv4::Packet::new_checked(packet) else {
+        return false;
+    };
+    let payload = ip.payload();
+    ip.protocol() == ipv4::PROTO_TCP
+        && payload.len() >= tcp::MIN_HEADER_LEN
+        && services.probe_sources.contains(&ip.dst_addr())
+        && nat.vm_by_ip(ip.src_addr()).is_some()
+        && services
+            .check_ports
+            .binary_search(&port(L4::Tcp, payload, true))
+            .is_ok()
 }
 
 #[cfg(test)]

@@ -8,6 +8,8 @@ use vnp_lb::FlowTimeouts;
 use vnp_registry_client::api::*;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const GW1: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
+const GW2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
 /// `config()` plus service web: PUBLIC:80/tcp -> port 8080 of a (weight 1) and b (weight 1).
 fn lb_config() -> GatewayConfig {
@@ -31,6 +33,7 @@ fn lb_config() -> GatewayConfig {
         },
         pool: vec![member("a", A, 1), member("b", B, 1)],
     }];
+    cfg.probe_sources = vec![GW1, GW2];
     cfg
 }
 
@@ -245,4 +248,46 @@ fn a_pool_larger_than_its_table_is_skipped_not_a_panic() {
     assert!(svc.is_empty());
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].service, "web");
+}
+
+#[test]
+fn health_checks_leave_from_the_gateway_and_answers_go_to_the_kernel() {
+    let (nat, svc) = tables(&[]);
+    // The kernel's SYN from the underlay address to a VM's check port.
+    let syn = tcp_packet(GW1, A, 45000, 8080);
+    assert_eq!(probe_out(&nat, GW1, &syn), Some(Ok(0)));
+    // Not from this gateway's address: not a probe (left to the service and NAT paths).
+    assert_eq!(probe_out(&nat, GW2, &syn), None);
+    let stray = tcp_packet(GW1, Ipv4Addr::new(10, 1, 0, 99), 45000, 8080);
+    assert_eq!(
+        probe_out(&nat, GW1, &stray),
+        Some(Err(DropReason::UnknownVm))
+    );
+    let udp = udp_packet(GW1, A, 45000, 8080);
+    assert_eq!(
+        probe_out(&nat, GW1, &udp),
+        Some(Err(DropReason::UnsupportedProtocol))
+    );
+    // Answers to either gateway of the address, from the check port only.
+    assert!(is_probe_answer(
+        &svc,
+        &nat,
+        &tcp_packet(A, GW1, 8080, 45000)
+    ));
+    assert!(is_probe_answer(
+        &svc,
+        &nat,
+        &tcp_packet(B, GW2, 8080, 45000)
+    ));
+    assert!(!is_probe_answer(&svc, &nat, &tcp_packet(A, GW1, 22, 45000)));
+    assert!(!is_probe_answer(
+        &svc,
+        &nat,
+        &tcp_packet(A, CLIENT, 8080, 45000)
+    ));
+    assert!(!is_probe_answer(
+        &svc,
+        &nat,
+        &udp_packet(A, GW1, 8080, 45000)
+    ));
 }

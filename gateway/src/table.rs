@@ -205,6 +205,7 @@ pub(crate) mod tests {
                 vm_port: 8443,
             }],
             services: vec![],
+            probe_sources: vec![],
         }
     }
 

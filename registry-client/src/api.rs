@@ -541,6 +541,11 @@ pub struct GatewayConfig {
     /// Load-balanced services on this gateway's public address, with their resolved pools.
     #[serde(default)]
     pub services: Vec<GatewayService>,
+    /// Underlay addresses of every gateway on this public address, this one included: health
+    /// checks leave from them, and a VM's answer to any of them is handed to the kernel, which
+    /// routes it to the gateway that probed.
+    #[serde(default)]
+    pub probe_sources: Vec<std::net::Ipv4Addr>,
 }
 
 /// What happened to a VM.

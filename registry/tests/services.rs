@@ -97,6 +97,11 @@ fn services_through_the_api(backend: Backend) {
     let cfg = g1.gateway_config("g1").unwrap();
     assert_eq!(cfg.services.len(), 1);
     assert_eq!(cfg.services[0].pool, st.pool);
+    let sources = [Ipv4Addr::new(198, 18, 0, 9), Ipv4Addr::new(198, 18, 0, 10)];
+    assert_eq!(
+        cfg.probe_sources, sources,
+        "both gateways' underlay addresses"
+    );
     assert_eq!(admin.gateway_config("g2").unwrap().services, cfg.services);
 
     // A pool change wakes the gateways' watch and shows in the next config.
@@ -146,6 +151,26 @@ fn services_through_the_api(backend: Backend) {
         ..spec.clone()
     };
     assert_eq!(code(admin.create_service(&bad)), ErrorCode::BadRequest);
+
+    // Each gateway publishes its view; the service shows it; only the gateway itself may.
+    let report = HealthReport {
+        members: vec![MemberHealth {
+            service: "web".into(),
+            vm: "c".into(),
+            up: false,
+        }],
+    };
+    assert_eq!(
+        code(admin.report_health("g1", &report)),
+        ErrorCode::Forbidden
+    );
+    g1.report_health("g1", &report).unwrap();
+    let views = admin.get_service("web").unwrap().views;
+    assert_eq!(views.len(), 1);
+    assert_eq!(
+        (views[0].gateway.as_str(), views[0].members.clone()),
+        ("g1", report.members)
+    );
 
     admin.delete_service("web").unwrap();
     assert_eq!(code(admin.get_service("web")), ErrorCode::UnknownService);

@@ -10,7 +10,12 @@
 //!    guest saw the client's real address (no source NAT);
 //! 2. web-3 leaves the pool (`vnpctl lb rm-member`): a connection opened on it before is
 //!    still served by it afterwards, no new connection goes to it, and the other two share the
-//!    next 200 within their binomial bounds.
+//!    next 200 within their binomial bounds;
+//! 3. web-2's server stops: the gateway's HTTP health checks (through VNP, from the gateway's
+//!    underlay address) take web-2 out within `interval × fall + timeout` (plus the metrics
+//!    poll), every new connection then goes to web-1; web-2's server starts again and web-2
+//!    comes back after `rise` successful checks; both changes show in the gateway's view as the
+//!    registry publishes it (`GET /v1/services/web`, what `vnpctl lb show` prints).
 //!
 //! Needs root (namespaces, TAP, TUN), busybox and python3 (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test load_balancing -- --nocapture`.
@@ -29,6 +34,11 @@ use vnp_testkit::tap_guest::TapGuest;
 const VM_PORT: u16 = 8080;
 const PUBLIC_PORT: u16 = 80;
 const GUESTS: [&str; 3] = ["web-1", "web-2", "web-3"];
+/// Health checks: `GET /` every 500 ms, 400 ms timeout, rise 2, fall 3.
+const INTERVAL_MS: u64 = 500;
+const TIMEOUT_MS: u64 = 400;
+const RISE: u32 = 2;
+const FALL: u32 = 3;
 
 /// An HTTP/1.1 server that answers every GET with `NAME CLIENT_ADDR` (keep-alive, so a
 /// connection can be held open across a pool change).
@@ -120,8 +130,9 @@ fn within_binomial(k: usize, n: usize, p: f64) -> bool {
 }
 
 /// Waits until the gateway's view of the service's members is `want` (member -> up).
-fn wait_members(c: &Cluster, edge: &PublicEdge, want: &[(&str, Option<u64>)]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+fn wait_members(c: &Cluster, edge: &PublicEdge, want: &[(&str, Option<u64>)]) -> Duration {
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
     loop {
         let text = edge.scrape(c).unwrap_or_default();
         let got: Vec<Option<u64>> = want
@@ -135,12 +146,36 @@ fn wait_members(c: &Cluster, edge: &PublicEdge, want: &[(&str, Option<u64>)]) {
             })
             .collect();
         if got.iter().zip(want).all(|(g, (_, w))| g == w) {
-            return;
+            return started.elapsed();
         }
         assert!(
             Instant::now() < deadline,
             "gateway members {got:?}, want {want:?}\n{}",
             edge.logs(c)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until gateway gw1's view of `vm`, published through the registry, is `up`.
+fn wait_published(c: &Cluster, vm: &'static str, up: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = c.registry(|r| r.get_service("web")).unwrap();
+        let seen = st
+            .views
+            .iter()
+            .filter(|v| v.gateway == "gw1")
+            .flat_map(|v| v.members.iter())
+            .find(|m| m.vm == vm)
+            .map(|m| m.up);
+        if seen == Some(up) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "registry shows {vm} as {seen:?}: {:?}",
+            st.views
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -200,7 +235,17 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         proto: L4Proto::Tcp,
         vm_port: Some(VM_PORT),
         members: GUESTS.iter().map(|g| member(g)).collect(),
-        health: HealthCheckSpec::default(),
+        health: HealthCheckSpec {
+            http: Some(HttpCheck {
+                path: "/".into(),
+                expect_status: 200,
+            }),
+            port: None,
+            interval_ms: INTERVAL_MS,
+            timeout_ms: TIMEOUT_MS,
+            rise: RISE,
+            fall: FALL,
+        },
         table_size: None,
     };
     c.registry(move |r| r.create_service(&spec)).unwrap();
@@ -298,6 +343,51 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
     let (counts, _) = connect_many(&edge, 200);
     eprintln!("answers without web-3: {counts:?}");
     assert_eq!(counts.get("web-3"), None, "a new flow went to web-3");
+    for vm in ["web-1", "web-2"] {
+        let k = counts.get(vm).copied().unwrap_or(0);
+        assert!(
+            within_binomial(k, 200, 0.5),
+            "{vm}: {k} of 200 ({counts:?})"
+        );
+    }
+
+    // 3. web-2's server stops; the health checks take it out, then bring it back.
+    step("web-2's server stops");
+    let up_before = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
+    eprintln!("web-2 up (waited {up_before:?})");
+    let no_backend = |c: &Cluster, edge: &PublicEdge| {
+        edge.metric(c, "vnp_gateway_drops_total", &[("reason", "no_backend")])
+            .unwrap()
+    };
+    // (Before the servers listened, the first checks failed and emptied the pool for a moment.)
+    let no_backend_before = no_backend(&c, &edge);
+    servers[1].kill().unwrap();
+    let took = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(0))]);
+    let detection = Duration::from_millis(INTERVAL_MS * u64::from(FALL) + TIMEOUT_MS);
+    eprintln!("web-2 out after {took:?} (interval x fall + timeout = {detection:?})");
+    // The scrape loop polls every 200 ms and a check may just have started when it died.
+    assert!(
+        took <= detection + Duration::from_millis(INTERVAL_MS + 700),
+        "web-2 left the pool after {took:?}"
+    );
+    wait_published(&c, "web-2", false);
+    let (counts, _) = connect_many(&edge, 100);
+    eprintln!("answers with web-2 down: {counts:?}");
+    assert_eq!(counts.get("web-1"), Some(&100), "{counts:?}");
+    assert_eq!(
+        no_backend(&c, &edge),
+        no_backend_before,
+        "web-1 was never lost"
+    );
+    step("web-2's server starts again");
+    let mut cmd = guests[1].netns().command("python3");
+    cmd.args(["-c", SERVER, "web-2", &VM_PORT.to_string()]);
+    servers[1] = ChildGuard::spawn("server-web-2-again", &mut cmd, None).unwrap();
+    let back = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
+    eprintln!("web-2 back after {back:?} (rise {RISE})");
+    wait_published(&c, "web-2", true);
+    let (counts, _) = connect_many(&edge, 200);
+    eprintln!("answers with web-2 back: {counts:?}");
     for vm in ["web-1", "web-2"] {
         let k = counts.get(vm).copied().unwrap_or(0);
         assert!(

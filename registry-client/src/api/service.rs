@@ -166,9 +166,40 @@ pub struct GatewayService {
     pub pool: Vec<ResolvedMember>,
 }
 
-/// `GET /v1/services/{id}`: the service and its resolved pool.
+/// `GET /v1/services/{id}`: the service, its resolved pool, and what each gateway of its
+/// address last reported about the service's members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: Service,
     pub pool: Vec<ResolvedMember>,
+    #[serde(default)]
+    pub views: Vec<HealthView>,
+}
+
+/// One member's health as one gateway sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberHealth {
+    pub service: String,
+    pub vm: String,
+    pub up: bool,
+}
+
+/// `PUT /v1/gateways/{id}/health` (that gateway): its whole view, replacing the last one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthReport {
+    pub members: Vec<MemberHealth>,
+}
+
+/// Most members one health report may hold.
+pub const MAX_HEALTH_MEMBERS: usize = 100_000;
+
+/// A gateway's last reported view (what `GET /v1/services/{id}` shows per gateway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthView {
+    pub gateway: String,
+    /// Unix seconds of the report (the registry's clock).
+    pub reported_at: u64,
+    pub members: Vec<MemberHealth>,
 }

@@ -32,6 +32,14 @@ impl RegistryClient {
     ) -> Result<Service, ClientError> {
         self.post(&format!("/v1/services/{}/members", path_seg(id)), member)
     }
+    /// Reports gateway `id`'s view of its services' members (that gateway only).
+    pub fn report_health(
+        &self,
+        id: &str,
+        report: &HealthReport,
+    ) -> Result<HealthView, ClientError> {
+        self.put(&format!("/v1/gateways/{}/health", path_seg(id)), report)
+    }
     /// Removes the pool entry selecting VM `vm` or tag `tag` (admin).
     pub fn remove_service_member(
         &self,

@@ -112,6 +112,7 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/gateways/{id}", get(get_gateway).delete(delete_gateway))
         .route("/v1/gateways/{id}/secret", get(gateway_secret))
         .route("/v1/gateways/{id}/config", get(gateway_config))
+        .route("/v1/gateways/{id}/health", put(report_health))
         .route("/v1/forwards", get(list_forwards).post(create_forward))
         .route("/v1/forwards/{id}", axum::routing::delete(delete_forward))
         .route("/v1/services", get(list_services).post(create_service))

@@ -150,5 +150,11 @@ pub(crate) fn config_of(m: &Model, id: &str) -> Result<GatewayConfig, ApiError> 
                 service: s.clone(),
             })
             .collect(),
+        probe_sources: m
+            .gateways
+            .values()
+            .filter(|g| g.public_addr == gw.public_addr)
+            .map(|g| g.underlay_addr)
+            .collect(),
     })
 }

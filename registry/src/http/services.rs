@@ -33,6 +33,7 @@ pub(super) async fn get_service(
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownService, format!("no service {id}")))?;
     Ok(Json(ServiceStatus {
         pool: plan::resolve_pool(&m, service),
+        views: plan::views_of(&m, &id),
         service: service.clone(),
     }))
 }
@@ -114,5 +115,34 @@ pub(super) async fn remove_service_member(
     })
     .await?;
     log::info!("{} changed service {}'s pool", c.0, out.id);
+    Ok(Json(out))
+}
+
+/// `PUT /v1/gateways/{id}/health`: that gateway's view of its services' members.
+pub(super) async fn report_health(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<HealthView> {
+    if !(c.0.role == Role::Gateway && c.0.id == id) {
+        return refuse(
+            ErrorCode::Forbidden,
+            "only the gateway itself reports its health view",
+        );
+    }
+    let report: HealthReport = parse(&body)?;
+    let now = u64::from(crate::service::unix_now());
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::report_health(m, &id, &report, now))
+    })
+    .await?;
+    let down = out.members.iter().filter(|m| !m.up).count();
+    log::info!(
+        "gateway {} reports {} members, {down} down",
+        out.gateway,
+        out.members.len()
+    );
     Ok(Json(out))
 }

@@ -122,6 +122,9 @@ pub fn delete_network(
     for g in gws {
         ops.push(Op::DeleteGateway(g.id.clone()));
         ops.push(Op::DeleteSecret(SecretOwner::Gateway(g.id.clone())));
+        if model.health_views.contains_key(&g.id) {
+            ops.push(Op::DeleteHealthView(g.id.clone()));
+        }
         cascaded.push(format!("gateway/{}", g.id));
     }
     for r in rules {

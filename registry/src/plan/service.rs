@@ -337,3 +337,77 @@ pub(crate) fn services_of_vm_ops(model: &Model, id: &str) -> Vec<Op> {
 pub(crate) fn services_where(model: &Model, pred: impl Fn(&Service) -> bool) -> Vec<&Service> {
     model.services.values().filter(|s| pred(s)).collect()
 }
+
+/// Stores gateway `id`'s health report (at `now`, Unix seconds): only members of services on
+/// its public address count; the rest is refused.
+pub fn report_health(
+    model: &Model,
+    id: &str,
+    report: &HealthReport,
+    now: u64,
+) -> Planned<HealthView> {
+    let gw = model
+        .gateways
+        .get(id)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownGateway, format!("no gateway {id}")))?;
+    if report.members.len() > MAX_HEALTH_MEMBERS {
+        return refuse(
+            ErrorCode::TooMany,
+            format!("at most {MAX_HEALTH_MEMBERS} members in a report"),
+        );
+    }
+    for m in &report.members {
+        let ours = model
+            .services
+            .get(&m.service)
+            .is_some_and(|s| s.public_addr == gw.public_addr);
+        if !ours {
+            return Err(bad(format!(
+                "service {:?} is not on gateway {id}'s public address",
+                m.service
+            )));
+        }
+        check_id(&m.vm)?;
+    }
+    let mut members = report.members.clone();
+    members.sort_by(|a, b| (&a.service, &a.vm).cmp(&(&b.service, &b.vm)));
+    let view = HealthView {
+        gateway: id.to_string(),
+        reported_at: now,
+        members,
+    };
+    Ok((vec![Op::PutHealthView(view.clone())], view))
+}
+
+/// What each gateway reported about `service`'s members.
+pub fn views_of(model: &Model, service: &str) -> Vec<HealthView> {
+    model
+        .health_views
+        .values()
+        .map(|v| HealthView {
+            members: v
+                .members
+                .iter()
+                .filter(|m| m.service == service)
+                .cloned()
+                .collect(),
+            ..v.clone()
+        })
+        .filter(|v| !v.members.is_empty())
+        .collect()
+}
+
+/// A gateway joined or left `gw`'s public address: the other gateways of the address must
+/// learn its underlay address (`probe_sources`, for health-check answers), and they refetch
+/// their config on any change. One `Forwards` change for a VM of the network wakes them (none
+/// when the address has no service: nothing to check).
+pub(crate) fn gateways_changed_ops(model: &Model, gw: &Gateway) -> Vec<Op> {
+    let serviced = model
+        .services
+        .values()
+        .any(|s| s.public_addr == gw.public_addr);
+    match model.vms.values().find(|v| v.network == gw.network) {
+        Some(vm) if serviced => super::change_ops(model, vm, ChangeKind::Forwards),
+        _ => Vec::new(),
+    }
+}

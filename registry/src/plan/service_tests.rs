@@ -319,3 +319,59 @@ fn deleting_a_vm_or_the_last_gateway_of_the_address_cascades() {
     assert_eq!(gone.cascaded, vec!["service/web".to_string()]);
     assert!(m.services.is_empty());
 }
+
+#[test]
+fn gateways_report_their_view_of_their_own_services_only() {
+    let mut m = base();
+    apply!(m, create_service(&m, &spec("web", 80, vec![by_vm("a", 1)])));
+    let report = |service: &str, up| HealthReport {
+        members: vec![MemberHealth {
+            service: service.into(),
+            vm: "a".into(),
+            up,
+        }],
+    };
+    let view = apply!(m, report_health(&m, "g1", &report("web", false), 7));
+    assert_eq!((view.gateway.as_str(), view.reported_at), ("g1", 7));
+    assert_eq!(views_of(&m, "web"), vec![view]);
+    assert!(views_of(&m, "other").is_empty());
+    assert_eq!(
+        code(report_health(&m, "g1", &report("nope", true), 8)),
+        ErrorCode::BadRequest
+    );
+    assert_eq!(
+        code(report_health(&m, "g9", &report("web", true), 8)),
+        ErrorCode::UnknownGateway
+    );
+    apply!(m, report_health(&m, "g1", &report("web", true), 9));
+    assert!(
+        views_of(&m, "web")[0].members[0].up,
+        "the last report replaces the view"
+    );
+    apply!(m, delete_gateway(&m, "g1"));
+    assert!(m.health_views.is_empty());
+}
+
+#[test]
+fn a_gateway_joining_a_serviced_address_wakes_the_others() {
+    let mut m = base();
+    let g2 = GatewaySpec {
+        id: "g2".into(),
+        network: "n1".into(),
+        underlay_addr: Ipv4Addr::new(198, 18, 0, 10),
+        port: 6081,
+        public_addr: Some(PUBLIC),
+    };
+    let before = m.generation;
+    apply!(m, create_gateway(&m, &g2, VmSecret::from_bytes([2; 32])));
+    assert_eq!(m.generation, before, "no service: nothing to wake");
+    apply!(m, delete_gateway(&m, "g2"));
+    apply!(m, create_service(&m, &spec("web", 80, vec![])));
+    let before = m.generation;
+    apply!(m, create_gateway(&m, &g2, VmSecret::from_bytes([2; 32])));
+    assert_eq!(m.changes.back().map(|c| c.kind), Some(ChangeKind::Forwards));
+    assert!(m.generation > before);
+    let before = m.generation;
+    apply!(m, delete_gateway(&m, "g2"));
+    assert!(m.generation > before, "leaving wakes them too");
+}

@@ -250,6 +250,23 @@ fn populate_services(store: &dyn Store, model: &mut Model) {
         ..web
     };
     run(store, model, |m| plan::create_service(m, &dns));
+    let view = HealthReport {
+        members: vec![
+            MemberHealth {
+                service: "s1".into(),
+                vm: "b".into(),
+                up: false,
+            },
+            MemberHealth {
+                service: "s1".into(),
+                vm: "a".into(),
+                up: true,
+            },
+        ],
+    };
+    run(store, model, |m| {
+        plan::report_health(m, "g1", &view, REUSE.now)
+    });
 }
 
 /// Everything a reload must give back.
@@ -261,6 +278,7 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.rules, expected.rules, "rules");
     assert_eq!(loaded.forwards, expected.forwards, "forwarding rules");
     assert_eq!(loaded.services, expected.services, "services");
+    assert_eq!(loaded.health_views, expected.health_views, "health views");
     assert_eq!(loaded.by_ip, expected.by_ip, "address index");
     assert_eq!(loaded.changes, expected.changes, "change log");
     assert_eq!(loaded.generation, expected.generation, "generation");
@@ -326,6 +344,14 @@ pub fn round_trip(store: &dyn Store) {
         loaded.services["s2"].table_size, 65_537,
         "default table size"
     );
+    let views = plan::views_of(&loaded, "s1");
+    assert_eq!(views.len(), 1, "g1's view");
+    let ups: Vec<(&str, bool)> = views[0]
+        .members
+        .iter()
+        .map(|m| (m.vm.as_str(), m.up))
+        .collect();
+    assert_eq!(ups, [("a", true), ("b", false)], "sorted by member");
     let pool = plan::resolve_pool(&loaded, &loaded.services["s2"]);
     assert_eq!(pool.len(), 2, "both VMs carry the tag: {pool:?}");
     let s = &loaded.secrets[&SecretOwner::Vm("a".into())];
@@ -402,6 +428,7 @@ pub fn deletes_and_trims(store: &dyn Store) {
         Some(first_kept)
     );
     assert!(!loaded.services.contains_key("s2"), "deleted service");
+    assert!(loaded.health_views.is_empty(), "g1's view outlived it");
     let s1 = &loaded.services["s1"];
     assert_eq!(s1.members.len(), 1, "deleted VM a left the pool: {s1:?}");
     assert_eq!(s1.members[0].vm.as_deref(), Some("b"));

@@ -62,7 +62,7 @@ pub fn run(
         for ev in &events[..n] {
             match ev.data {
                 SOCKET => from_vms(&mut io, shared, minter, local, expiry, &mut buf)?,
-                _ => from_public(&mut io, shared, &mut flows, &mut buf)?,
+                _ => from_public(&mut io, shared, &mut flows, *local.ip(), &mut buf)?,
             }
         }
     }
@@ -109,6 +109,10 @@ fn from_vms(
             .clone();
         let result = check_datagram(&ctx, minter, &buf[..len], src, now).and_then(|inner| {
             let packet = &mut buf[inner];
+            if services::is_probe_answer(&services, &table, packet) {
+                // A health check's answer: to the kernel as it is.
+                return Ok(packet);
+            }
             match services::outbound(&services, &table, packet) {
                 Some(reply) => reply?,
                 None => outbound(&table, packet)?,
@@ -144,6 +148,7 @@ fn from_public(
     io: &mut Io,
     shared: &Shared,
     flows: &mut FlowTable,
+    own: std::net::Ipv4Addr,
     buf: &mut [u8],
 ) -> io::Result<()> {
     for _ in 0..BATCH {
@@ -158,13 +163,9 @@ fn from_public(
         let packet = &mut buf[HEADER_LEN..HEADER_LEN + len];
         let forwarded = is_forwarded(&state.table, packet);
         let now_ms = crate::lb::now_ms();
-        let placed = match services::inbound(&state.services, &state.table, flows, packet, now_ms) {
-            Some(Ok(placed)) => {
-                shared.lb.placed(&state.services, &state.table, &placed);
-                Ok(placed.vm)
-            }
-            Some(Err(why)) => Err(why),
-            None => inbound(&state.table, packet),
+        let placed = match services::probe_out(&state.table, own, packet) {
+            Some(probe) => probe,
+            None => place(shared, &state, flows, packet, now_ms),
         };
         let vm = match placed {
             Ok(vm) => &state.table.vms[vm],
@@ -204,6 +205,25 @@ fn from_public(
         }
     }
     Ok(())
+}
+
+/// The VM a public packet goes to: a load-balanced service's choice, else NAT return traffic
+/// or a forwarding rule.
+fn place(
+    shared: &Shared,
+    state: &crate::State,
+    flows: &mut FlowTable,
+    packet: &mut [u8],
+    now_ms: u64,
+) -> Result<usize, DropReason> {
+    match services::inbound(&state.services, &state.table, flows, packet, now_ms) {
+        Some(Ok(placed)) => {
+            shared.lb.placed(&state.services, &state.table, &placed);
+            Ok(placed.vm)
+        }
+        Some(Err(why)) => Err(why),
+        None => inbound(&state.table, packet),
+    }
 }
 
 fn count(c: &std::sync::atomic::AtomicU64) {

@@ -7,6 +7,7 @@
 
 mod control;
 mod dataplane;
+mod health;
 mod lb;
 mod metrics_http;
 mod tun;
@@ -59,6 +60,10 @@ struct Args {
     /// Accept tokens that never expire (registry --token-ttl 0).
     #[arg(long)]
     accept_never_expiring_tokens: bool,
+    /// Do not route the network's CIDR into the TUN at start (`ip route replace CIDR dev TUN
+    /// src UNDERLAY`): the load-balancing health checks need that route (or an equivalent one).
+    #[arg(long)]
+    no_health_route: bool,
 }
 
 /// What the data path reads and the control thread replaces.
@@ -157,6 +162,23 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         let bound = metrics_http::spawn(addr, shared.clone()).map_err(|e| e.to_string())?;
         println!("vnp-gateway metrics on http://{bound}/metrics");
+    }
+    if !args.no_health_route {
+        let cidr = cfg.network.cidr.to_string();
+        if let Err(e) = health::route_into_tun(&cidr, &args.tun, cfg.gateway.underlay_addr) {
+            log::warn!("health checks: no route for {cidr} into {}: {e}", args.tun);
+        }
+    }
+    {
+        let shared = shared.clone();
+        let publisher = health::Publisher {
+            client: client.clone(),
+            id: me.id.clone(),
+        };
+        std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || health::run(shared, publisher))
+            .map_err(|e| e.to_string())?;
     }
     // Tokens first, so that the first replies find them.
     control::refresh_tokens(&client, &me.id, &shared, &mut Default::default());

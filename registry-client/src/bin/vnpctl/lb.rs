@@ -150,7 +150,30 @@ fn status_text(st: &ServiceStatus) -> String {
         .map(|m| vec![m.vm.clone(), m.ip.to_string(), m.weight.to_string()])
         .collect::<Vec<_>>();
     out.push_str(&table(&["VM", "ADDRESS", "WEIGHT"], &rows));
+    out.push_str(&views_table(st));
     out
+}
+
+/// Each gateway's last reported view: one row per (gateway, member).
+fn views_table(st: &ServiceStatus) -> String {
+    if st.views.is_empty() {
+        return "health: no gateway has reported\n".into();
+    }
+    let rows = st
+        .views
+        .iter()
+        .flat_map(|v| {
+            v.members.iter().map(move |m| {
+                vec![
+                    v.gateway.clone(),
+                    m.vm.clone(),
+                    if m.up { "up" } else { "down" }.to_string(),
+                    v.reported_at.to_string(),
+                ]
+            })
+        })
+        .collect::<Vec<_>>();
+    table(&["GATEWAY", "VM", "HEALTH", "REPORTED (UNIX S)"], &rows)
 }
 
 /// Runs the subcommand.
