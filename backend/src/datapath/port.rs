@@ -480,6 +480,12 @@ impl VmPort {
         );
     }
 
+    /// Whether the VM migrated away from this port (a hairpin was started, running or not).
+    pub fn has_departed(&self) -> bool {
+        let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        slot.is_some()
+    }
+
     /// Whether a hairpin runs now (started and its lifetime not over).
     pub fn hairpinning(&self) -> bool {
         let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
