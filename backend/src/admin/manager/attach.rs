@@ -201,7 +201,21 @@ impl Manager {
         if let Err(e) = port.start_bridge(source, BridgeLimits::default()) {
             log::warn!("vm {vm_id}: no metadata service: {e}");
         }
-        self.control.add_port(vm_id, Arc::clone(&port));
+        match resume {
+            Some(r) if !r.registered() => {
+                let (control, id, weak) = (
+                    self.control.clone(),
+                    vm_id.to_string(),
+                    Arc::downgrade(&port),
+                );
+                r.on_registered(move || {
+                    if let Some(port) = weak.upgrade() {
+                        control.add_port(&id, port);
+                    }
+                });
+            }
+            _ => self.control.add_port(vm_id, Arc::clone(&port)),
+        }
         Ok(port)
     }
 
