@@ -279,6 +279,17 @@ impl Manager {
         validate_id(vm_id).map_err(|e| fail(AdminErrorCode::BadRequest, e))?;
         let socket_path = socket_path.unwrap_or_else(|| self.cfg.default_socket_path(vm_id));
         let queue_pairs = queue_pairs.unwrap_or(self.cfg.default_queue_pairs);
+        // A VM migrating back before its departed port's grace period ended: the old port
+        // (which forwards to where the VM went) gives way to the incoming one.
+        if incoming
+            && self
+                .attached
+                .get(vm_id)
+                .is_some_and(|a| a.port.has_departed())
+        {
+            log::info!("vm {vm_id} comes back: replacing its departed port");
+            self.detach(vm_id)?;
+        }
         if let Some(same) = self.check_attach(vm_id, &socket_path, queue_pairs)? {
             return Ok(same);
         }

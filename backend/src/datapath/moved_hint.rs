@@ -14,6 +14,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use vnp_protocol::token::{Expiry, Token};
+
+use super::port::PortCore;
 use vnp_protocol::wire::options::{EndpointMoved, OptionsIter, VnpOption};
 use vnp_protocol::wire::{ipv4, VnpHeader, VnpRepr, HEADER_LEN};
 
@@ -140,6 +142,29 @@ pub fn decide(
         HintAction::Recheck(hint.moved_vm)
     } else {
         HintAction::RateLimited
+    }
+}
+
+impl PortCore {
+    /// An endpoint-moved hint arrived from `from` (`moved_hint`): at most a rate-limited
+    /// registry lookup for the moved VM; the current token stays in use meanwhile.
+    pub(crate) fn on_moved_hint(&self, hint: &MovedHint, from: SocketAddrV4) {
+        let action = {
+            let mut gate = self.moved_hints.lock().unwrap_or_else(|e| e.into_inner());
+            decide(
+                hint,
+                from,
+                self.net.vm_ip,
+                self.network_id,
+                |vm| self.peers.endpoint_of(vm),
+                &mut gate,
+                Instant::now(),
+            )
+        };
+        if let HintAction::Recheck(dst) = action {
+            self.counters.moved_hint_recheck();
+            self.control.recheck_token(&self.vm_id, dst);
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
 use super::hairpin::{Hairpin, HairpinLifetime, HairpinTarget};
 use super::handoff::{HandedOff, Handoff};
-use super::moved_hint::{self, HintAction, MovedHint, RateGate};
+use super::moved_hint::{self, RateGate};
 use super::peers::{Enqueued, PeerEntry, PeerTable, PendingLimits, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
@@ -99,7 +99,7 @@ pub struct PortCore {
     /// Given to each connection's device (live migration: the resume on a destination).
     pub(crate) device_start: Option<DeviceStartHook>,
     /// Endpoint-moved hints acted on, per moved VM (`moved_hint`).
-    moved_hints: Mutex<RateGate<Ipv4Addr>>,
+    pub(super) moved_hints: Mutex<RateGate<Ipv4Addr>>,
 }
 
 impl std::fmt::Debug for PortCore {
@@ -228,27 +228,6 @@ impl PortCore {
         let dropped = self.handoffs[0].post_frames(frames);
         self.counters
             .drop_packets(DropReason::RxNoBuffer, dropped as u64);
-    }
-
-    /// An endpoint-moved hint arrived from `from` (`moved_hint`): at most a rate-limited
-    /// registry lookup for the moved VM; the current token stays in use meanwhile.
-    pub(crate) fn on_moved_hint(&self, hint: &MovedHint, from: SocketAddrV4) {
-        let action = {
-            let mut gate = self.moved_hints.lock().unwrap_or_else(|e| e.into_inner());
-            moved_hint::decide(
-                hint,
-                from,
-                self.net.vm_ip,
-                self.network_id,
-                |vm| self.peers.endpoint_of(vm),
-                &mut gate,
-                Instant::now(),
-            )
-        };
-        if let HintAction::Recheck(dst) = action {
-            self.counters.moved_hint_recheck();
-            self.control.recheck_token(&self.vm_id, dst);
-        }
     }
 
     /// The edge's answer to an ARP, DHCP or ICMP frame.
@@ -478,6 +457,12 @@ impl VmPort {
                 .unwrap_or_else(|e| e.into_inner())
                 .take(),
         );
+    }
+
+    /// Whether the VM migrated away from this port (a hairpin was started, running or not).
+    pub fn has_departed(&self) -> bool {
+        let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        slot.is_some()
     }
 
     /// Whether a hairpin runs now (started and its lifetime not over).

@@ -200,7 +200,21 @@ impl Manager {
         if let Err(e) = port.start_bridge(source, self.cfg.bridge.limits, &self.cfg.bridge) {
             log::warn!("vm {vm_id}: no metadata service: {e}");
         }
-        self.control.add_port(vm_id, Arc::clone(&port));
+        match resume {
+            Some(r) if !r.registered() => {
+                let (control, id, weak) = (
+                    self.control.clone(),
+                    vm_id.to_string(),
+                    Arc::downgrade(&port),
+                );
+                r.on_registered(move || {
+                    if let Some(port) = weak.upgrade() {
+                        control.add_port(&id, port);
+                    }
+                });
+            }
+            _ => self.control.add_port(vm_id, Arc::clone(&port)),
+        }
         Ok(port)
     }
 
