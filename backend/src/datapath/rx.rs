@@ -293,20 +293,18 @@ impl PairWorker {
         head[hdr..hdr + 6].copy_from_slice(&self.core.mac);
         head[hdr + 6..hdr + 12].copy_from_slice(&self.core.router_mac);
         head[hdr + 12..hdr + 14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        self.rx_segs.clear();
-        self.pool.segs(slot, &mut self.rx_segs);
-        let recv = &self.rx.recv;
+        let (recv, pool) = (&self.rx.recv, &self.pool);
         let written = match &frame.gso {
             None => {
-                view.write(&self.rx_segs, 0, &head[..off])
-                    + view.write(&self.rx_segs, off, recv.bytes(first))
+                pool.write(slot, view, 0, &head[..off])
+                    + pool.write(slot, view, off, recv.bytes(first))
             }
             Some(gso) => {
                 let end = off + gso.hdr_len;
                 emit_coalesced_headers(recv.bytes(first), gso, &mut head[off..end]);
-                let mut at = view.write(&self.rx_segs, 0, &head[..end]);
+                let mut at = pool.write(slot, view, 0, &head[..end]);
                 for p in &self.rx.packets[frame.first..frame.first + frame.count] {
-                    at += view.write(&self.rx_segs, at, recv.bytes(p.start + gso.hdr_len..p.end));
+                    at += pool.write(slot, view, at, recv.bytes(p.start + gso.hdr_len..p.end));
                 }
                 at
             }
