@@ -464,6 +464,7 @@ pub fn default_config() -> GatewayConfig {
             rule("dns", L4Proto::Udp, 53, "c", 5353),
         ],
         services: Vec::new(),
+        probe_sources: Default::default(),
     }
 }
 
