@@ -14,7 +14,7 @@ use super::fair::RequestRate;
 use crate::datapath::hairpin::HairpinTarget;
 use crate::datapath::{ControlPlane, PeerToken, RefusalReason, VmPort};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -451,17 +451,10 @@ impl Worker {
         let Some(port) = self.ports.get(&c.vm) else {
             return;
         };
-        let Some(ep) = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted) else {
-            return;
-        };
-        let to = std::net::SocketAddrV4::new(ep.host_addr, ep.port);
-        if to == port.udp_addr() {
-            port.stop_hairpin();
-        } else {
-            port.start_hairpin(HairpinTarget {
-                to,
-                generation: ep.generation,
-            });
+        match local_vm_move(c, port.udp_addr()) {
+            Some(LocalMove::Back) => port.stop_hairpin(),
+            Some(LocalMove::Away(target)) => port.start_hairpin(target),
+            None => {}
         }
     }
 
@@ -488,6 +481,29 @@ impl Worker {
             }
         }
     }
+}
+
+/// What a watch change means for a VM served here at `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalMove {
+    /// Its endpoint is elsewhere now: forward stragglers there.
+    Away(HairpinTarget),
+    /// Its endpoint is this port again.
+    Back,
+}
+
+/// Reads a watch change of a VM served here (at `local`). Pure.
+fn local_vm_move(c: &vnp_registry_client::VmChange, local: SocketAddrV4) -> Option<LocalMove> {
+    let ep = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted)?;
+    let to = SocketAddrV4::new(ep.host_addr, ep.port);
+    Some(if to == local {
+        LocalMove::Back
+    } else {
+        LocalMove::Away(HairpinTarget {
+            to,
+            generation: ep.generation,
+        })
+    })
 }
 
 fn watch_loop(client: RegistryClient, tx: Sender<Msg>, stop: &AtomicBool) {
@@ -528,6 +544,49 @@ mod tests {
             code,
             message: String::new(),
         }
+    }
+
+    #[test]
+    fn a_local_vm_whose_endpoint_moves_away_is_hairpinned_and_stops_when_back() {
+        let local = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 7000);
+        let change = |kind, endpoint: Option<(Ipv4Addr, u16)>| vnp_registry_client::VmChange {
+            generation: 9,
+            vm: "vm-a".into(),
+            kind,
+            host: Some("h2".into()),
+            endpoint: endpoint.map(|(host_addr, port)| vnp_registry_client::Endpoint {
+                host_addr,
+                port,
+                generation: 4,
+            }),
+            secret_generation: 1,
+            ip: None,
+        };
+        let there = (Ipv4Addr::new(198, 18, 0, 2), 7100);
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local),
+            Some(LocalMove::Away(HairpinTarget {
+                to: SocketAddrV4::new(there.0, there.1),
+                generation: 4
+            }))
+        );
+        // The same host, another port: moved all the same.
+        let other_port = (*local.ip(), 7001);
+        assert!(matches!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(other_port)), local),
+            Some(LocalMove::Away(_))
+        ));
+        let here = (*local.ip(), local.port());
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local),
+            Some(LocalMove::Back)
+        );
+        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
+        assert_eq!(local_vm_move(&change(ChangeKind::Moved, None), local), None);
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local),
+            None
+        );
     }
 
     #[test]
