@@ -15,13 +15,18 @@
 //!    underlay address) take web-2 out within `interval × fall + timeout` (plus the metrics
 //!    poll), every new connection then goes to web-1; web-2's server starts again and web-2
 //!    comes back after `rise` successful checks; both changes show in the gateway's view as the
-//!    registry publishes it (`GET /v1/services/web`, what `vnpctl lb show` prints).
+//!    registry publishes it (`GET /v1/services/web`, what `vnpctl lb show` prints);
+//! 4. a second gateway (gw2) joins the address, reached from the public namespace by another
+//!    path; UDP service `echo` (port 5353 of the three guests): 30 flows whose datagrams
+//!    alternate between gw1 and gw2 (the socket's mark picks the route per datagram) each get
+//!    every answer from one guest: the two gateways chose the same VM without talking.
 //!
 //! Needs root (namespaces, TAP, TUN), busybox and python3 (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test load_balancing -- --nocapture`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -181,6 +186,155 @@ fn wait_published(c: &Cluster, vm: &'static str, up: bool) {
     }
 }
 
+/// A UDP server answering every datagram with its name.
+const ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[2])))
+while True:
+    _, peer = s.recvfrom(2048)
+    s.sendto(sys.argv[1].encode(), peer)
+"#;
+
+/// `flows` UDP flows from 203.0.113.10, `per` datagrams each, the socket's mark alternating
+/// 0/1 (gw1/gw2) per datagram; prints one line of answers per flow.
+const ALTERNATE: &str = r#"
+import socket, sys
+host, port, flows, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+SO_MARK = getattr(socket, "SO_MARK", 36)
+for f in range(flows):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(1.5)
+    s.bind((sys.argv[5], 0))
+    names = []
+    for i in range(per):
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, i % 2)
+        answer = "timeout"
+        for _ in range(3):
+            s.sendto(b"?", (host, port))
+            try:
+                answer = s.recvfrom(100)[0].decode()
+                break
+            except socket.timeout:
+                pass
+        names.append(answer)
+    print(" ".join(names), flush=True)
+    s.close()
+"#;
+
+/// gw2's side of the public segment and the public namespace's route to it for marked packets.
+const GW2_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+const PUBLIC_HOST_2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const ECHO_PORT: u16 = 5353;
+
+/// Registers gateway gw2 on the public address, wires its namespace (TUN, a second segment to
+/// the public namespace, routes both ways, marked packets of the public namespace via gw2) and
+/// starts it. Returns it with its namespace's name.
+fn second_gateway(c: &mut Cluster, edge: &PublicEdge) -> (ChildGuard, String) {
+    let tls = c.tls_dir().to_path_buf();
+    let out = std::process::Command::new(&c.bins().vnpctl)
+        .args(["cert", "gateway", "--dir"])
+        .arg(&tls)
+        .args(["--id", "gw2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ns, addr) = c.add_namespace("vnpgw").unwrap();
+    let spec = GatewaySpec {
+        id: "gw2".into(),
+        network: NETWORK.into(),
+        underlay_addr: addr,
+        port: vnp_e2e::edge::GATEWAY_PORT,
+        public_addr: Some(PUBLIC_ADDR),
+    };
+    c.registry(move |r| r.create_gateway(&spec)).unwrap();
+    let gw = c.host_ns(ns);
+    let public = edge.public();
+    gw.veth_to("pub1", Some((GW2_PUBLIC, 24)), public, "pub1")
+        .unwrap();
+    let host2 = format!("{PUBLIC_HOST_2}/24");
+    public.ip(&["addr", "add", &host2, "dev", "pub1"]).unwrap();
+    let public_addr = format!("{PUBLIC_ADDR}/32");
+    let via = GW2_PUBLIC.to_string();
+    public
+        .ip(&["route", "add", &public_addr, "via", &via, "table", "101"])
+        .unwrap();
+    public
+        .ip(&["rule", "add", "fwmark", "1", "table", "101"])
+        .unwrap();
+    for (netns, what) in [(public, "all"), (public, "pub1"), (public, "pub0")] {
+        netns
+            .run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{what}.rp_filter=0"),
+            ])
+            .unwrap();
+    }
+    gw.ip(&["tuntap", "add", "dev", "vnpgw0", "mode", "tun"])
+        .unwrap();
+    gw.ip(&["link", "set", "vnpgw0", "up"]).unwrap();
+    gw.ip(&["route", "add", &public_addr, "dev", "vnpgw0"])
+        .unwrap();
+    let client = format!("{PUBLIC_HOST}/32");
+    let back = PUBLIC_HOST_2.to_string();
+    gw.ip(&["route", "add", &client, "via", &back]).unwrap();
+    gw.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+    // Health-check answers relayed by gw1 arrive on the underlay for an address routed into
+    // the TUN: loose reverse-path filtering.
+    for what in ["all", "default"] {
+        gw.run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{what}.rp_filter=2"),
+        ])
+        .unwrap();
+    }
+    let child = ChildGuard::spawn(
+        "vnp-gateway-gw2",
+        gw.command(&c.bins().gateway)
+            .args(["--registry", &c.registry_url()])
+            .arg("--ca")
+            .arg(tls.join("ca.pem"))
+            .arg("--cert")
+            .arg(tls.join("gateway-gw2.pem"))
+            .arg("--key")
+            .arg(tls.join("gateway-gw2.key"))
+            .args(["--tun", "vnpgw0"])
+            .stdout(Stdio::null()),
+        Some(&c.dir().join("gateway-gw2.log")),
+    )
+    .unwrap();
+    // gw2's checks (whose answers may come back through gw1) find every member up, and gw2
+    // published that through the registry.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.registry(|r| r.get_service("echo")).unwrap();
+        let ups = st
+            .views
+            .iter()
+            .filter(|v| v.gateway == "gw2")
+            .flat_map(|v| v.members.iter())
+            .filter(|m| m.up)
+            .count();
+        if ups == GUESTS.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gw2's view: {:?}\n{}",
+            st.views,
+            child.stderr_tail()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    (child, gw.name().to_string())
+}
+
 /// Sends one GET on the held connection and reads its answer.
 fn ask(holder: &mut Child, out: &mut impl BufRead) -> String {
     let stdin = holder.stdin.as_mut().expect("holder stdin");
@@ -188,6 +342,30 @@ fn ask(holder: &mut Child, out: &mut impl BufRead) -> String {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     line.trim().to_string()
+}
+
+/// Service web: 203.0.113.1:80/tcp -> port 8080 of the three guests, HTTP checks.
+fn spec_web() -> ServiceSpec {
+    ServiceSpec {
+        id: "web".into(),
+        public_addr: PUBLIC_ADDR,
+        public_port: PUBLIC_PORT,
+        proto: L4Proto::Tcp,
+        vm_port: Some(VM_PORT),
+        members: GUESTS.iter().map(|g| member(g)).collect(),
+        health: HealthCheckSpec {
+            http: Some(HttpCheck {
+                path: "/".into(),
+                expect_status: 200,
+            }),
+            port: None,
+            interval_ms: INTERVAL_MS,
+            timeout_ms: TIMEOUT_MS,
+            rise: RISE,
+            fall: FALL,
+        },
+        table_size: None,
+    }
 }
 
 fn member(vm: &str) -> PoolMember {
@@ -228,26 +406,7 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
 
     // 1. The service, created while the gateway runs; 300 connections.
     step("create service web");
-    let spec = ServiceSpec {
-        id: "web".into(),
-        public_addr: PUBLIC_ADDR,
-        public_port: PUBLIC_PORT,
-        proto: L4Proto::Tcp,
-        vm_port: Some(VM_PORT),
-        members: GUESTS.iter().map(|g| member(g)).collect(),
-        health: HealthCheckSpec {
-            http: Some(HttpCheck {
-                path: "/".into(),
-                expect_status: 200,
-            }),
-            port: None,
-            interval_ms: INTERVAL_MS,
-            timeout_ms: TIMEOUT_MS,
-            rise: RISE,
-            fall: FALL,
-        },
-        table_size: None,
-    };
+    let spec = spec_web();
     c.registry(move |r| r.create_service(&spec)).unwrap();
     wait_members(&c, &edge, &GUESTS.map(|g| (g, Some(1))));
     // Servers may still be starting: one connection through each first.
@@ -395,6 +554,81 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
             "{vm}: {k} of 200 ({counts:?})"
         );
     }
+
+    // 4. A second gateway; UDP flows whose datagrams alternate between the two.
+    step("second gateway, UDP service echo");
+    for (g, vm) in guests.iter().zip(GUESTS) {
+        let mut cmd = g.netns().command("python3");
+        cmd.args(["-c", ECHO, vm, &ECHO_PORT.to_string()]);
+        servers.push(ChildGuard::spawn(&format!("echo-{vm}"), &mut cmd, None).unwrap());
+    }
+    let echo = ServiceSpec {
+        id: "echo".into(),
+        public_port: ECHO_PORT,
+        proto: L4Proto::Udp,
+        vm_port: Some(ECHO_PORT),
+        members: GUESTS.iter().map(|g| member(g)).collect(),
+        health: HealthCheckSpec {
+            port: Some(VM_PORT),
+            ..HealthCheckSpec::default()
+        },
+        table_size: None,
+        ..spec_web()
+    };
+    c.registry(move |r| r.create_service(&echo)).unwrap();
+    let (gw2, gw2_ns) = second_gateway(&mut c, &edge);
+    namespaces.push(gw2_ns);
+    let gw1_in = edge
+        .metric(&c, "vnp_gateway_inbound_packets_total", &[])
+        .unwrap();
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines.is_empty() {
+        let out = edge
+            .public()
+            .command("python3")
+            .args([
+                "-c",
+                ALTERNATE,
+                &PUBLIC_ADDR.to_string(),
+                &ECHO_PORT.to_string(),
+            ])
+            .args(["30", "6", &PUBLIC_HOST.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // gw2 may still be fetching tokens: its first datagrams go unanswered.
+        if text.lines().count() == 30 && !text.contains("timeout") {
+            lines = text.lines().map(str::to_string).collect();
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "{text}\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                gw2.stderr_tail()
+            );
+        }
+    }
+    let mut per_vm: BTreeMap<String, usize> = BTreeMap::new();
+    for line in &lines {
+        let names: Vec<&str> = line.split(' ').collect();
+        assert!(
+            names.iter().all(|n| *n == names[0]),
+            "a flow reached two VMs: {line}"
+        );
+        *per_vm.entry(names[0].to_string()).or_default() += 1;
+    }
+    eprintln!("alternating flows per VM: {per_vm:?}");
+    assert!(per_vm.len() >= 2, "30 flows all on one VM: {per_vm:?}");
+    let gw1_after = edge
+        .metric(&c, "vnp_gateway_inbound_packets_total", &[])
+        .unwrap();
+    assert!(
+        gw1_after >= gw1_in + 90,
+        "gw1 carried {} packets",
+        gw1_after - gw1_in
+    );
+    drop(gw2);
 
     drop(servers);
     drop(edge);
