@@ -227,10 +227,39 @@ const GW2_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
 const PUBLIC_HOST_2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const ECHO_PORT: u16 = 5353;
 
+/// Sum of the gateway's new `echo` flows (its Prometheus text at `addr`, from namespace `ns`).
+fn echo_new_flows(c: &Cluster, ns: usize, addr: std::net::SocketAddr) -> u64 {
+    let text = c
+        .host_ns(ns)
+        .enter(move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+        .unwrap();
+    GUESTS
+        .iter()
+        .filter_map(|vm| {
+            vnpd::metrics::prometheus::sample_value(
+                &text,
+                "vnp_gateway_lb_new_flows_total",
+                &[("service", "echo"), ("vm", vm)],
+            )
+        })
+        .sum()
+}
+
 /// Registers gateway gw2 on the public address, wires its namespace (TUN, a second segment to
 /// the public namespace, routes both ways, marked packets of the public namespace via gw2) and
 /// starts it. Returns it with its namespace's name.
-fn second_gateway(c: &mut Cluster, edge: &PublicEdge) -> (ChildGuard, String) {
+fn second_gateway(
+    c: &mut Cluster,
+    edge: &PublicEdge,
+) -> (ChildGuard, String, usize, std::net::SocketAddr) {
     let tls = c.tls_dir().to_path_buf();
     let out = std::process::Command::new(&c.bins().vnpctl)
         .args(["cert", "gateway", "--dir"])
@@ -304,7 +333,7 @@ fn second_gateway(c: &mut Cluster, edge: &PublicEdge) -> (ChildGuard, String) {
             .arg(tls.join("gateway-gw2.pem"))
             .arg("--key")
             .arg(tls.join("gateway-gw2.key"))
-            .args(["--tun", "vnpgw0"])
+            .args(["--tun", "vnpgw0", "--metrics", &format!("{addr}:9465")])
             .stdout(Stdio::null()),
         Some(&c.dir().join("gateway-gw2.log")),
     )
@@ -332,7 +361,8 @@ fn second_gateway(c: &mut Cluster, edge: &PublicEdge) -> (ChildGuard, String) {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    (child, gw.name().to_string())
+    let metrics = std::net::SocketAddr::from((addr, 9465));
+    (child, gw.name().to_string(), ns, metrics)
 }
 
 /// Sends one GET on the held connection and reads its answer.
@@ -576,7 +606,7 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         ..spec_web()
     };
     c.registry(move |r| r.create_service(&echo)).unwrap();
-    let (gw2, gw2_ns) = second_gateway(&mut c, &edge);
+    let (gw2, gw2_ns, gw2_index, gw2_metrics) = second_gateway(&mut c, &edge);
     namespaces.push(gw2_ns);
     let gw1_in = edge
         .metric(&c, "vnp_gateway_inbound_packets_total", &[])
@@ -627,6 +657,25 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         gw1_after >= gw1_in + 90,
         "gw1 carried {} packets",
         gw1_after - gw1_in
+    );
+    // Each gateway saw every flow (its datagrams alternate): 30 new echo flows or more each
+    // (more if a first attempt was retried).
+    let gw1_flows: u64 = GUESTS
+        .iter()
+        .map(|vm| {
+            edge.metric(
+                &c,
+                "vnp_gateway_lb_new_flows_total",
+                &[("service", "echo"), ("vm", vm)],
+            )
+            .unwrap()
+        })
+        .sum();
+    let gw2_flows = echo_new_flows(&c, gw2_index, gw2_metrics);
+    eprintln!("new echo flows: gw1 {gw1_flows}, gw2 {gw2_flows}");
+    assert!(
+        gw1_flows >= 30 && gw2_flows >= 30,
+        "gw1 {gw1_flows}, gw2 {gw2_flows}"
     );
     drop(gw2);
 
