@@ -406,6 +406,214 @@ fn member(vm: &str) -> PoolMember {
     }
 }
 
+fn held_connection_and_pool_removal(c: &Cluster, edge: &PublicEdge) {
+    // 2. A connection held on web-3 across web-3 leaving the pool.
+    step("hold a connection on web-3");
+    let mut attempts = 0;
+    let (mut holder, mut held) = loop {
+        attempts += 1;
+        assert!(attempts <= 50, "no connection landed on web-3 in 50 tries");
+        let mut h = edge
+            .public()
+            .command("python3")
+            .args([
+                "-c",
+                HOLDER,
+                &PUBLIC_ADDR.to_string(),
+                &PUBLIC_PORT.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(h.stdout.take().unwrap());
+        if ask(&mut h, &mut out).starts_with("web-3 ") {
+            break (h, out);
+        }
+        let _ = h.kill();
+        let _ = h.wait();
+    };
+    step("web-3 leaves the pool");
+    c.registry(|r| r.remove_service_member("web", Some("web-3"), None))
+        .unwrap();
+    wait_members(
+        c,
+        edge,
+        &[("web-1", Some(1)), ("web-2", Some(1)), ("web-3", None)],
+    );
+    let answer = ask(&mut holder, &mut held);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(
+        answer.starts_with("web-3 "),
+        "held connection moved: {answer:?}"
+    );
+    let (counts, _) = connect_many(edge, 200);
+    eprintln!("answers without web-3: {counts:?}");
+    assert_eq!(counts.get("web-3"), None, "a new flow went to web-3");
+    for vm in ["web-1", "web-2"] {
+        let k = counts.get(vm).copied().unwrap_or(0);
+        assert!(
+            within_binomial(k, 200, 0.5),
+            "{vm}: {k} of 200 ({counts:?})"
+        );
+    }
+}
+
+fn health_checks_take_a_member_out_and_back(
+    c: &Cluster,
+    edge: &PublicEdge,
+    guests: &[TapGuest],
+    servers: &mut [ChildGuard],
+) {
+    // 3. web-2's server stops; the health checks take it out, then bring it back.
+    step("web-2's server stops");
+    let up_before = wait_members(c, edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
+    eprintln!("web-2 up (waited {up_before:?})");
+    let no_backend = |c: &Cluster, edge: &PublicEdge| {
+        edge.metric(c, "vnp_gateway_drops_total", &[("reason", "no_backend")])
+            .unwrap()
+    };
+    // (Before the servers listened, the first checks failed and emptied the pool for a moment.)
+    let no_backend_before = no_backend(c, edge);
+    servers[1].kill().unwrap();
+    let took = wait_members(c, edge, &[("web-1", Some(1)), ("web-2", Some(0))]);
+    let detection = Duration::from_millis(INTERVAL_MS * u64::from(FALL) + TIMEOUT_MS);
+    eprintln!("web-2 out after {took:?} (interval x fall + timeout = {detection:?})");
+    // The scrape loop polls every 200 ms and a check may just have started when it died.
+    assert!(
+        took <= detection + Duration::from_millis(INTERVAL_MS + 700),
+        "web-2 left the pool after {took:?}"
+    );
+    wait_published(c, "web-2", false);
+    let (counts, _) = connect_many(edge, 100);
+    eprintln!("answers with web-2 down: {counts:?}");
+    assert_eq!(counts.get("web-1"), Some(&100), "{counts:?}");
+    assert_eq!(
+        no_backend(c, edge),
+        no_backend_before,
+        "web-1 was never lost"
+    );
+    step("web-2's server starts again");
+    let mut cmd = guests[1].netns().command("python3");
+    cmd.args(["-c", SERVER, "web-2", &VM_PORT.to_string()]);
+    servers[1] = ChildGuard::spawn("server-web-2-again", &mut cmd, None).unwrap();
+    let back = wait_members(c, edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
+    eprintln!("web-2 back after {back:?} (rise {RISE})");
+    wait_published(c, "web-2", true);
+    let (counts, _) = connect_many(edge, 200);
+    eprintln!("answers with web-2 back: {counts:?}");
+    for vm in ["web-1", "web-2"] {
+        let k = counts.get(vm).copied().unwrap_or(0);
+        assert!(
+            within_binomial(k, 200, 0.5),
+            "{vm}: {k} of 200 ({counts:?})"
+        );
+    }
+}
+
+fn two_gateways_agree(
+    c: &mut Cluster,
+    edge: &PublicEdge,
+    guests: &[TapGuest],
+    servers: &mut Vec<ChildGuard>,
+    namespaces: &mut Vec<String>,
+) {
+    // 4. A second gateway; UDP flows whose datagrams alternate between the two.
+    step("second gateway, UDP service echo");
+    for (g, vm) in guests.iter().zip(GUESTS) {
+        let mut cmd = g.netns().command("python3");
+        cmd.args(["-c", ECHO, vm, &ECHO_PORT.to_string()]);
+        servers.push(ChildGuard::spawn(&format!("echo-{vm}"), &mut cmd, None).unwrap());
+    }
+    let echo = ServiceSpec {
+        id: "echo".into(),
+        public_port: ECHO_PORT,
+        proto: L4Proto::Udp,
+        vm_port: Some(ECHO_PORT),
+        members: GUESTS.iter().map(|g| member(g)).collect(),
+        health: HealthCheckSpec {
+            port: Some(VM_PORT),
+            ..HealthCheckSpec::default()
+        },
+        table_size: None,
+        ..spec_web()
+    };
+    c.registry(move |r| r.create_service(&echo)).unwrap();
+    let (gw2, gw2_ns, gw2_index, gw2_metrics) = second_gateway(c, edge);
+    namespaces.push(gw2_ns);
+    let gw1_in = edge
+        .metric(c, "vnp_gateway_inbound_packets_total", &[])
+        .unwrap();
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines.is_empty() {
+        let out = edge
+            .public()
+            .command("python3")
+            .args([
+                "-c",
+                ALTERNATE,
+                &PUBLIC_ADDR.to_string(),
+                &ECHO_PORT.to_string(),
+            ])
+            .args(["30", "6", &PUBLIC_HOST.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // gw2 may still be fetching tokens: its first datagrams go unanswered.
+        if text.lines().count() == 30 && !text.contains("timeout") {
+            lines = text.lines().map(str::to_string).collect();
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "{text}\n{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                gw2.stderr_tail()
+            );
+        }
+    }
+    let mut per_vm: BTreeMap<String, usize> = BTreeMap::new();
+    for line in &lines {
+        let names: Vec<&str> = line.split(' ').collect();
+        assert!(
+            names.iter().all(|n| *n == names[0]),
+            "a flow reached two VMs: {line}"
+        );
+        *per_vm.entry(names[0].to_string()).or_default() += 1;
+    }
+    eprintln!("alternating flows per VM: {per_vm:?}");
+    assert!(per_vm.len() >= 2, "30 flows all on one VM: {per_vm:?}");
+    let gw1_after = edge
+        .metric(c, "vnp_gateway_inbound_packets_total", &[])
+        .unwrap();
+    assert!(
+        gw1_after >= gw1_in + 90,
+        "gw1 carried {} packets",
+        gw1_after - gw1_in
+    );
+    // Each gateway saw every flow (its datagrams alternate): 30 new echo flows or more each
+    // (more if a first attempt was retried).
+    let gw1_flows: u64 = GUESTS
+        .iter()
+        .map(|vm| {
+            edge.metric(
+                c,
+                "vnp_gateway_lb_new_flows_total",
+                &[("service", "echo"), ("vm", vm)],
+            )
+            .unwrap()
+        })
+        .sum();
+    let gw2_flows = echo_new_flows(c, gw2_index, gw2_metrics);
+    eprintln!("new echo flows: gw1 {gw1_flows}, gw2 {gw2_flows}");
+    assert!(
+        gw1_flows >= 30 && gw2_flows >= 30,
+        "gw1 {gw1_flows}, gw2 {gw2_flows}"
+    );
+    drop(gw2);
+}
+
 #[test]
 fn a_service_spreads_connections_over_its_guests_transparently() {
     let mut c = Cluster::start(&ClusterOptions {
@@ -488,196 +696,9 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         .sum();
     assert!(new_flows >= 300, "gateway counted {new_flows} new flows");
 
-    // 2. A connection held on web-3 across web-3 leaving the pool.
-    step("hold a connection on web-3");
-    let mut attempts = 0;
-    let (mut holder, mut held) = loop {
-        attempts += 1;
-        assert!(attempts <= 50, "no connection landed on web-3 in 50 tries");
-        let mut h = edge
-            .public()
-            .command("python3")
-            .args([
-                "-c",
-                HOLDER,
-                &PUBLIC_ADDR.to_string(),
-                &PUBLIC_PORT.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(h.stdout.take().unwrap());
-        if ask(&mut h, &mut out).starts_with("web-3 ") {
-            break (h, out);
-        }
-        let _ = h.kill();
-        let _ = h.wait();
-    };
-    step("web-3 leaves the pool");
-    c.registry(|r| r.remove_service_member("web", Some("web-3"), None))
-        .unwrap();
-    wait_members(
-        &c,
-        &edge,
-        &[("web-1", Some(1)), ("web-2", Some(1)), ("web-3", None)],
-    );
-    let answer = ask(&mut holder, &mut held);
-    let _ = holder.kill();
-    let _ = holder.wait();
-    assert!(
-        answer.starts_with("web-3 "),
-        "held connection moved: {answer:?}"
-    );
-    let (counts, _) = connect_many(&edge, 200);
-    eprintln!("answers without web-3: {counts:?}");
-    assert_eq!(counts.get("web-3"), None, "a new flow went to web-3");
-    for vm in ["web-1", "web-2"] {
-        let k = counts.get(vm).copied().unwrap_or(0);
-        assert!(
-            within_binomial(k, 200, 0.5),
-            "{vm}: {k} of 200 ({counts:?})"
-        );
-    }
-
-    // 3. web-2's server stops; the health checks take it out, then bring it back.
-    step("web-2's server stops");
-    let up_before = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
-    eprintln!("web-2 up (waited {up_before:?})");
-    let no_backend = |c: &Cluster, edge: &PublicEdge| {
-        edge.metric(c, "vnp_gateway_drops_total", &[("reason", "no_backend")])
-            .unwrap()
-    };
-    // (Before the servers listened, the first checks failed and emptied the pool for a moment.)
-    let no_backend_before = no_backend(&c, &edge);
-    servers[1].kill().unwrap();
-    let took = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(0))]);
-    let detection = Duration::from_millis(INTERVAL_MS * u64::from(FALL) + TIMEOUT_MS);
-    eprintln!("web-2 out after {took:?} (interval x fall + timeout = {detection:?})");
-    // The scrape loop polls every 200 ms and a check may just have started when it died.
-    assert!(
-        took <= detection + Duration::from_millis(INTERVAL_MS + 700),
-        "web-2 left the pool after {took:?}"
-    );
-    wait_published(&c, "web-2", false);
-    let (counts, _) = connect_many(&edge, 100);
-    eprintln!("answers with web-2 down: {counts:?}");
-    assert_eq!(counts.get("web-1"), Some(&100), "{counts:?}");
-    assert_eq!(
-        no_backend(&c, &edge),
-        no_backend_before,
-        "web-1 was never lost"
-    );
-    step("web-2's server starts again");
-    let mut cmd = guests[1].netns().command("python3");
-    cmd.args(["-c", SERVER, "web-2", &VM_PORT.to_string()]);
-    servers[1] = ChildGuard::spawn("server-web-2-again", &mut cmd, None).unwrap();
-    let back = wait_members(&c, &edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
-    eprintln!("web-2 back after {back:?} (rise {RISE})");
-    wait_published(&c, "web-2", true);
-    let (counts, _) = connect_many(&edge, 200);
-    eprintln!("answers with web-2 back: {counts:?}");
-    for vm in ["web-1", "web-2"] {
-        let k = counts.get(vm).copied().unwrap_or(0);
-        assert!(
-            within_binomial(k, 200, 0.5),
-            "{vm}: {k} of 200 ({counts:?})"
-        );
-    }
-
-    // 4. A second gateway; UDP flows whose datagrams alternate between the two.
-    step("second gateway, UDP service echo");
-    for (g, vm) in guests.iter().zip(GUESTS) {
-        let mut cmd = g.netns().command("python3");
-        cmd.args(["-c", ECHO, vm, &ECHO_PORT.to_string()]);
-        servers.push(ChildGuard::spawn(&format!("echo-{vm}"), &mut cmd, None).unwrap());
-    }
-    let echo = ServiceSpec {
-        id: "echo".into(),
-        public_port: ECHO_PORT,
-        proto: L4Proto::Udp,
-        vm_port: Some(ECHO_PORT),
-        members: GUESTS.iter().map(|g| member(g)).collect(),
-        health: HealthCheckSpec {
-            port: Some(VM_PORT),
-            ..HealthCheckSpec::default()
-        },
-        table_size: None,
-        ..spec_web()
-    };
-    c.registry(move |r| r.create_service(&echo)).unwrap();
-    let (gw2, gw2_ns, gw2_index, gw2_metrics) = second_gateway(&mut c, &edge);
-    namespaces.push(gw2_ns);
-    let gw1_in = edge
-        .metric(&c, "vnp_gateway_inbound_packets_total", &[])
-        .unwrap();
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lines.is_empty() {
-        let out = edge
-            .public()
-            .command("python3")
-            .args([
-                "-c",
-                ALTERNATE,
-                &PUBLIC_ADDR.to_string(),
-                &ECHO_PORT.to_string(),
-            ])
-            .args(["30", "6", &PUBLIC_HOST.to_string()])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        // gw2 may still be fetching tokens: its first datagrams go unanswered.
-        if text.lines().count() == 30 && !text.contains("timeout") {
-            lines = text.lines().map(str::to_string).collect();
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "{text}\n{}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                gw2.stderr_tail()
-            );
-        }
-    }
-    let mut per_vm: BTreeMap<String, usize> = BTreeMap::new();
-    for line in &lines {
-        let names: Vec<&str> = line.split(' ').collect();
-        assert!(
-            names.iter().all(|n| *n == names[0]),
-            "a flow reached two VMs: {line}"
-        );
-        *per_vm.entry(names[0].to_string()).or_default() += 1;
-    }
-    eprintln!("alternating flows per VM: {per_vm:?}");
-    assert!(per_vm.len() >= 2, "30 flows all on one VM: {per_vm:?}");
-    let gw1_after = edge
-        .metric(&c, "vnp_gateway_inbound_packets_total", &[])
-        .unwrap();
-    assert!(
-        gw1_after >= gw1_in + 90,
-        "gw1 carried {} packets",
-        gw1_after - gw1_in
-    );
-    // Each gateway saw every flow (its datagrams alternate): 30 new echo flows or more each
-    // (more if a first attempt was retried).
-    let gw1_flows: u64 = GUESTS
-        .iter()
-        .map(|vm| {
-            edge.metric(
-                &c,
-                "vnp_gateway_lb_new_flows_total",
-                &[("service", "echo"), ("vm", vm)],
-            )
-            .unwrap()
-        })
-        .sum();
-    let gw2_flows = echo_new_flows(&c, gw2_index, gw2_metrics);
-    eprintln!("new echo flows: gw1 {gw1_flows}, gw2 {gw2_flows}");
-    assert!(
-        gw1_flows >= 30 && gw2_flows >= 30,
-        "gw1 {gw1_flows}, gw2 {gw2_flows}"
-    );
-    drop(gw2);
+    held_connection_and_pool_removal(&c, &edge);
+    health_checks_take_a_member_out_and_back(&c, &edge, &guests, &mut servers);
+    two_gateways_agree(&mut c, &edge, &guests, &mut servers, &mut namespaces);
 
     drop(servers);
     drop(edge);
