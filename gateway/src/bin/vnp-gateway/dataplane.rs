@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use vnp_gateway::rx::{check_datagram, ExpiryPolicy, RxContext};
 use vnp_gateway::services;
 use vnp_gateway::translate::{inbound, outbound};
@@ -89,24 +90,17 @@ fn from_vms(
             Err(e) => return Err(e),
         };
         let now = crate::control::vnp_gateway_now();
-        let table = shared
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .table
-            .clone();
+        // Two reference-count bumps under one read lock; the tables themselves are shared.
+        let (table, services) = {
+            let state = shared.state.read().unwrap_or_else(|e| e.into_inner());
+            (Arc::clone(&state.table), Arc::clone(&state.services))
+        };
         let ctx = RxContext {
             local,
             network_id: table.network_id,
             network_cidr: table.network_cidr,
             expiry,
         };
-        let services = shared
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .services
-            .clone();
         let result = check_datagram(&ctx, minter, &buf[..len], src, now).and_then(|inner| {
             let packet = &mut buf[inner];
             if services::is_probe_answer(&services, &table, packet) {
