@@ -55,6 +55,10 @@ pub(super) struct RxState {
     /// How many messages to receive next: follows the arrival rate, so that a wake-up for one
     /// datagram does not touch 32 buffers.
     hint: usize,
+    /// Whether the guest may still be asked to kick when it adds RX buffers (the ring's state
+    /// after a reset, and after a round that ran out of buffers): only then does a wake-up
+    /// need to turn kicks off, which costs the ring's lock and a store into guest memory.
+    pub(super) kicks_on: bool,
 }
 
 impl RxState {
@@ -67,6 +71,7 @@ impl RxState {
             next_frame: 0,
             learned: Vec::new(),
             hint: MIN_RX_SLOTS,
+            kicks_on: true,
         }
     }
 
@@ -95,7 +100,9 @@ impl PairWorker {
                 self.rx_backlog = true;
                 return;
             }
-            let _ = rx.disable_notification();
+            if std::mem::take(&mut self.rx.kicks_on) {
+                let _ = rx.disable_notification();
+            }
             if self.rx_rounds(view, rx) {
                 self.rx_backlog = false;
                 return;
@@ -106,6 +113,7 @@ impl PairWorker {
                 // A broken ring always "has work": re-enabling would loop forever.
                 return;
             }
+            self.rx.kicks_on = true;
             match rx.enable_notification() {
                 Ok(true) => continue,
                 _ => return,
