@@ -56,6 +56,10 @@ pub(super) struct RxState {
     /// How many messages to receive next: follows the arrival rate, so that a wake-up for one
     /// datagram does not touch 32 buffers.
     hint: usize,
+    /// Whether the guest may still be asked to kick when it adds RX buffers (the ring's state
+    /// after a reset, and after a round that ran out of buffers): only then does a wake-up
+    /// need to turn kicks off, which costs the ring's lock and a store into guest memory.
+    pub(super) kicks_on: bool,
 }
 
 impl RxState {
@@ -68,6 +72,7 @@ impl RxState {
             next_frame: 0,
             learned: Vec::new(),
             hint: MIN_RX_SLOTS,
+            kicks_on: true,
         }
     }
 
@@ -96,7 +101,9 @@ impl PairWorker {
                 self.rx_backlog = true;
                 return;
             }
-            let _ = rx.disable_notification();
+            if std::mem::take(&mut self.rx.kicks_on) {
+                let _ = rx.disable_notification();
+            }
             if self.rx_rounds(view, rx) {
                 self.rx_backlog = false;
                 return;
@@ -107,6 +114,7 @@ impl PairWorker {
                 // A broken ring always "has work": re-enabling would loop forever.
                 return;
             }
+            self.rx.kicks_on = true;
             match rx.enable_notification() {
                 Ok(true) => continue,
                 _ => return,
