@@ -421,6 +421,28 @@ impl Cluster {
             .map_err(|e| anyhow!("registry: {e}"))
     }
 
+    /// Runs the real `vnpctl` as the admin, inside the core namespace; its standard output.
+    pub fn vnpctl(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .fabric
+            .core()
+            .command(&self.bins().vnpctl)
+            .args(["--registry", &self.registry_url()])
+            .arg("--tls-dir")
+            .arg(self.tls_dir())
+            .args(args)
+            .output()
+            .context("run vnpctl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "vnpctl {args:?}: {}{text}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(text)
+    }
+
     /// Creates VM `id` on host `host` in [`NETWORK`] (address, MAC and UDP port allocated by
     /// the registry).
     pub fn create_vm(&self, id: &str, host: usize, tags: &[&str]) -> Result<VmRecord> {

@@ -215,7 +215,10 @@ fn run(created: &Created) -> Result<()> {
     say("9. NAT: vm-a downloads from a web server on the public network, through vnpd and the gateway");
     show_nat(&cluster, &mut edge, &mut ga)?;
 
-    say("10. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
+    say("10. Load balancing: service web on the public address, spread over vm-a and vm-b");
+    show_load_balancing(&cluster, &edge, [&mut ga, &mut gb])?;
+
+    say("11. 10 MiB over TCP from vm-a to vm-b (busybox nc), checked with sha256");
     let spec = TcpTransferSpec {
         bytes: TRANSFER_BYTES,
         ..TcpTransferSpec::default()
@@ -233,10 +236,10 @@ fn run(created: &Created) -> Result<()> {
         transfer.elapsed.as_secs_f64()
     );
 
-    say("11. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
+    say("12. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
     let ga = live_migrate(&cluster, ga, &mut gb, &rec_a.ip.to_string())?;
 
-    say("12. Counters (vnpd's Prometheus export, non-zero lines)");
+    say("13. Counters (vnpd's Prometheus export, non-zero lines)");
     for i in 0..2 {
         let text = cluster.scrape(i)?;
         println!("   host {}:", cluster.host(i).id);
@@ -251,7 +254,7 @@ fn run(created: &Created) -> Result<()> {
         "   (tx_non_ipv4: the guests' IPv6 neighbour discovery; the virtual network carries IPv4)"
     );
 
-    say("13. Cleaning up: guests, vnpd, registry, namespaces, files");
+    say("14. Cleaning up: guests, vnpd, registry, namespaces, files");
     let dir = cluster.dir().to_path_buf();
     drop(edge);
     drop(ga);
@@ -339,6 +342,101 @@ fn show_nat(cluster: &Cluster, edge: &mut PublicEdge, g: &mut Guest) -> Result<(
     }
     let out_pkts = edge.metric(cluster, "vnp_gateway_outbound_packets_total", &[])?;
     println!("   the gateway sent {out_pkts} packets to the public side with source {PUBLIC_ADDR}");
+    Ok(())
+}
+
+/// Connections from the public namespace to the service address, answered by the guests'
+/// busybox `httpd`.
+const LB_CLIENT: &str = r#"
+import sys, urllib.request
+for i in range(int(sys.argv[2])):
+    print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip(), flush=True)
+"#;
+
+/// Service `web` (`vnpctl lb create`): the gateway's public address, port 80, to port 8080 of
+/// vm-a and vm-b, with TCP health checks the gateway runs through the virtual network. Each
+/// guest serves its own name with busybox `httpd`; 40 connections from the public namespace
+/// are spread over both by the gateway's Maglev table.
+fn show_load_balancing(
+    cluster: &Cluster,
+    edge: &PublicEdge,
+    guests: [&mut Guest; 2],
+) -> Result<()> {
+    for (g, name) in guests.into_iter().zip(["vm-a", "vm-b"]) {
+        guest_cmd(
+            g,
+            &format!("mkdir -p /tmp/www && echo {name} > /tmp/www/index.html && httpd -p 8080 -h /tmp/www"),
+        )?;
+    }
+    println!("   busybox httpd on port 8080 in vm-a and vm-b, each serving its own name");
+    let public = format!("{PUBLIC_ADDR}:80");
+    let args = [
+        "lb",
+        "create",
+        "web",
+        "--public",
+        &public,
+        "--vm-port",
+        "8080",
+        "--member",
+        "vm:vm-a",
+        "--member",
+        "vm:vm-b",
+        "--check",
+        "tcp",
+        "--interval-ms",
+        "500",
+        "--timeout-ms",
+        "400",
+    ];
+    println!("   $ vnpctl {}", args.join(" "));
+    cluster.vnpctl(&args)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = edge.scrape(cluster).unwrap_or_default();
+        let up = |vm: &str| {
+            vnpd::metrics::prometheus::sample_value(
+                &text,
+                "vnp_gateway_lb_member_up",
+                &[("service", "web"), ("vm", vm)],
+            ) == Some(1)
+        };
+        if up("vm-a") && up("vm-b") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the gateway's health checks did not find both guests up\n{}",
+                edge.logs(cluster)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    println!("   the gateway's health checks (TCP connect through VNP) found both guests up");
+    let url = format!("http://{public}/");
+    let out = edge
+        .public()
+        .command("python3")
+        .args(["-c", LB_CLIENT, &url, "40"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |vm: &str| text.lines().filter(|l| l.trim() == vm).count();
+    let (a, b) = (count("vm-a"), count("vm-b"));
+    println!("   40 connections to {url} from {PUBLIC_HOST}: {a} answered by vm-a, {b} by vm-b");
+    if a + b != 40 || a == 0 || b == 0 {
+        bail!(
+            "the service did not spread the connections: {text}{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            edge.logs(cluster)
+        );
+    }
+    print!(
+        "{}",
+        indent(&format!(
+            "$ vnpctl lb show web\n{}",
+            cluster.vnpctl(&["lb", "show", "web"])?
+        ))
+    );
     Ok(())
 }
 
