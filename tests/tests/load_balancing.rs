@@ -295,7 +295,7 @@ fn second_gateway(
     public
         .ip(&["rule", "add", "fwmark", "1", "table", "101"])
         .unwrap();
-    for (netns, what) in [(public, "all"), (public, "pub1"), (public, "pub0")] {
+    for (netns, what) in [(public, "all"), (public, "pub1"), (public, "br0")] {
         netns
             .run(&[
                 "sysctl",
