@@ -17,6 +17,7 @@ use vnpd::bridge::http::{parse, Parsed};
 use vnpd::bridge::netif::Queues;
 use vnpd::bridge::routes::{route, Cached, Decision, State, TokenCache};
 use vnpd::bridge::server::Server;
+use vnpd::bridge::session::Sessions;
 use vnpd::bridge::source::{InstanceMetadata, VmMetadata};
 use vnpd::bridge::{BridgeLimits, METADATA_IP};
 
@@ -41,6 +42,7 @@ fn metadata() -> VmMetadata {
 fn pure(n: usize) -> f64 {
     let cached = Cached::new(metadata());
     let tokens = TokenCache::default();
+    let sessions = Sessions::default();
     let start = Instant::now();
     let mut bytes = 0;
     for _ in 0..n {
@@ -50,6 +52,7 @@ fn pure(n: usize) -> f64 {
         let state = State {
             cached: Some(&cached),
             tokens: &tokens,
+            sessions: &sessions,
             now: Instant::now(),
             waited: false,
         };

@@ -463,6 +463,8 @@ pub fn default_config() -> GatewayConfig {
             rule("web", L4Proto::Tcp, 443, "b", 8443),
             rule("dns", L4Proto::Udp, 53, "c", 5353),
         ],
+        services: Vec::new(),
+        probe_sources: Default::default(),
     }
 }
 

@@ -5,19 +5,23 @@
 //! Input: a mode byte, then the bytes. Mode bit 0 ([`DNS`]): the bytes are a DNS query instead
 //! of HTTP. Bit 1 ([`NOTHING_CACHED`]): the registry was never reached. Bit 2 ([`TOKENS_HELD`]):
 //! an access token and an identity token are held. Bit 3 ([`WAITED`]): the request already
-//! waited (a hanging GET's second routing).
+//! waited (a hanging GET's second routing). Bit 4 ([`SESSION`]): a metadata session with the
+//! token [`SESSION_TOKEN`] is live. Bit 5 ([`SESSION_REQUIRED`]): the project requires sessions.
+//! Bit 6 ([`DNS_FORWARD`]): DNS names the bridge does not own are forwarded upstream.
 //!
 //! Invariants asserted: every response carries `Metadata-Flavor: Google` and a
 //! `Content-Length` equal to its body; a request without the exact flavor header gets 403
 //! unless it is `GET /`; one with `X-Forwarded-For` always gets 403; a hanging GET waits at
-//! most `MAX_WAIT`; a request that waited is never parked again; a consumed length never
-//! exceeds the input.
+//! most `MAX_WAIT`; a request that waited is never parked again; where sessions are required,
+//! a request without a live session token is never answered with metadata (401, or 503 when
+//! nothing is cached); a consumed length never exceeds the input.
 
 use std::time::{Duration, Instant};
 
 use vnpd::bridge::dns::{self, Names};
 use vnpd::bridge::http::{self, Parsed, Response};
 use vnpd::bridge::routes::{self, Cached, Decision, HeldToken, State, TokenCache};
+use vnpd::bridge::session::Sessions;
 use vnpd::bridge::source::{AccessToken, IdentityToken, InstanceMetadata, VmMetadata};
 use vnpd::bridge::METADATA_IP;
 
@@ -29,8 +33,16 @@ pub const NOTHING_CACHED: u8 = 0x02;
 pub const TOKENS_HELD: u8 = 0x04;
 /// Mode bit: the request already waited.
 pub const WAITED: u8 = 0x08;
+/// Mode bit: a session with [`SESSION_TOKEN`] is live.
+pub const SESSION: u8 = 0x10;
+/// Mode bit: the project requires metadata sessions.
+pub const SESSION_REQUIRED: u8 = 0x20;
+/// Mode bit: DNS forwarding to an upstream is configured.
+pub const DNS_FORWARD: u8 = 0x40;
+/// The live session token under [`SESSION`].
+pub const SESSION_TOKEN: &str = "fuzz-session-token";
 
-fn metadata() -> VmMetadata {
+fn metadata(require_session: bool) -> VmMetadata {
     let mut md = VmMetadata {
         etag: "e".into(),
         instance: InstanceMetadata {
@@ -43,6 +55,7 @@ fn metadata() -> VmMetadata {
         },
         ..VmMetadata::default()
     };
+    md.project.require_session_token = require_session;
     md.instance.attributes.insert("k".into(), "v".into());
     md.instance.service_account.email = "vm-a@net1".into();
     md.guest_attributes
@@ -93,7 +106,7 @@ pub fn run(data: &[u8]) {
     let (mode, bytes) = crate::split_mode(data);
     if mode & DNS != 0 {
         let names = Names::new(METADATA_IP, "vm-a", std::net::Ipv4Addr::new(10, 0, 0, 2));
-        let _ = dns::answer(bytes, &names);
+        let _ = dns::answer(bytes, &names, mode & DNS_FORWARD != 0);
         return;
     }
     let (req, used) = match http::parse(bytes) {
@@ -108,7 +121,12 @@ pub fn run(data: &[u8]) {
     };
     assert!(used <= bytes.len());
     let now = Instant::now();
-    let cached = (mode & NOTHING_CACHED == 0).then(|| Cached::new(metadata()));
+    let required = mode & SESSION_REQUIRED != 0;
+    let cached = (mode & NOTHING_CACHED == 0).then(|| Cached::new(metadata(required)));
+    let mut sessions = Sessions::default();
+    if mode & SESSION != 0 {
+        sessions.issue(SESSION_TOKEN.into(), Duration::from_secs(60), now);
+    }
     let held = if mode & TOKENS_HELD != 0 {
         tokens(now)
     } else {
@@ -118,6 +136,7 @@ pub fn run(data: &[u8]) {
     let state = State {
         cached: cached.as_ref(),
         tokens: &held,
+        sessions: &sessions,
         now,
         waited,
     };
@@ -132,6 +151,14 @@ pub fn run(data: &[u8]) {
             }
         }
         other => assert!(!refused, "{req:?} -> {other:?}"),
+    }
+    let live_session = mode & SESSION != 0 && req.session_token == Some(SESSION_TOKEN.as_bytes());
+    let session_put = req.path == vnpd::bridge::session::TOKEN_PATH;
+    if (required || cached.is_none()) && !live_session && !session_put && !refused && !is_root {
+        match &decision {
+            Decision::Reply(r) => assert!(matches!(r.status, 401 | 503), "{req:?} -> {r:?}"),
+            other => panic!("served without a session: {req:?} -> {other:?}"),
+        }
     }
     if let Decision::Wait { timeout, .. } = decision {
         assert!(!waited, "a request that waited is parked again");
@@ -163,7 +190,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     ];
     let mut out = Vec::new();
     for (i, r) in requests.iter().enumerate() {
-        for mode in [0u8, NOTHING_CACHED, TOKENS_HELD, WAITED] {
+        for mode in [
+            0u8,
+            NOTHING_CACHED,
+            TOKENS_HELD,
+            WAITED,
+            SESSION | SESSION_REQUIRED,
+        ] {
             let mut bytes = vec![mode];
             bytes.extend_from_slice(r.as_bytes());
             out.push((format!("http-{i}-{mode}"), bytes));

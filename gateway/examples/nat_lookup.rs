@@ -69,6 +69,8 @@ fn config() -> GatewayConfig {
         pool: vec![],
         vms,
         forwards,
+        services: vec![],
+        probe_sources: vec![],
     }
 }
 

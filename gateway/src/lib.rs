@@ -4,6 +4,7 @@
 //!   built from the registry's `GatewayConfig`;
 //! - [`translate`]: outbound and inbound address rewrites with incremental checksum updates;
 //! - [`icmp`]: ICMP errors about NATed flows translated back to the VM;
+//! - [`services`]: load-balanced services (Maglev table, flow table; issue #10);
 //! - [`rx`]: the VNP receive checks with the gateway's secret and the `OUTSIDE` rule;
 //! - [`tokens`]: the gateway's cache of registry tokens towards VMs;
 //! - [`metrics`]: drop reasons, counters, port-block use, Prometheus text.
@@ -13,6 +14,7 @@
 pub mod icmp;
 pub mod metrics;
 pub mod rx;
+pub mod services;
 pub mod table;
 pub mod tokens;
 pub mod translate;

@@ -42,11 +42,13 @@ pub enum DropReason {
     NoToken,
     /// A socket or TUN write failed.
     SendFailed,
+    /// Public side: a load-balanced service with no healthy member (in this gateway's view).
+    NoBackend,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::RxTruncated,
         DropReason::RxMalformed,
         DropReason::RxExpired,
@@ -65,6 +67,7 @@ impl DropReason {
         DropReason::NoLocation,
         DropReason::NoToken,
         DropReason::SendFailed,
+        DropReason::NoBackend,
     ];
 
     /// The `reason` label.
@@ -88,6 +91,7 @@ impl DropReason {
             DropReason::NoLocation => "no_location",
             DropReason::NoToken => "no_token",
             DropReason::SendFailed => "send_failed",
+            DropReason::NoBackend => "no_backend",
         }
     }
 

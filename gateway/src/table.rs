@@ -204,6 +204,8 @@ pub(crate) mod tests {
                 vm: "b".into(),
                 vm_port: 8443,
             }],
+            services: vec![],
+            probe_sources: vec![],
         }
     }
 

@@ -119,8 +119,11 @@ pub fn outbound(table: &NatTable, packet: &mut [u8]) -> Result<VmIndex, DropReas
     let (ip, l4) = parse(packet)?;
     let vm = table.vm_by_ip(ip.src_addr()).ok_or(DropReason::UnknownVm)?;
     let payload = ip.payload();
+    if l4 == L4::IcmpEcho && icmpv4::msg_type::is_error(payload[0]) {
+        return crate::icmp::outbound_error(table, packet, vm);
+    }
     if l4 == L4::IcmpEcho && payload[0] != icmpv4::msg_type::ECHO_REQUEST {
-        // ICMP errors and echo replies from a guest would carry its inner addresses out.
+        // Echo replies from a guest would carry its inner addresses out.
         return Err(DropReason::UnsupportedProtocol);
     }
     let sport = port(l4, payload, true);

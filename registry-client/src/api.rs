@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::Ipv4Addr;
 
+mod service;
+pub use service::*;
+
 /// Longest id the registry accepts.
 pub const MAX_ID_LEN: usize = 63;
 
@@ -535,6 +538,14 @@ pub struct GatewayConfig {
     pub vms: Vec<GatewayPeer>,
     /// Forwarding rules on this gateway's public address.
     pub forwards: Vec<ForwardRule>,
+    /// Load-balanced services on this gateway's public address, with their resolved pools.
+    #[serde(default)]
+    pub services: Vec<GatewayService>,
+    /// Underlay addresses of every gateway on this public address, this one included: health
+    /// checks leave from them, and a VM's answer to any of them is handed to the kernel, which
+    /// routes it to the gateway that probed.
+    #[serde(default)]
+    pub probe_sources: Vec<std::net::Ipv4Addr>,
 }
 
 /// What happened to a VM.
@@ -548,7 +559,8 @@ pub enum ChangeKind {
     Deleted,
     /// The VM's NAT port blocks grew.
     NatPorts,
-    /// A port-forwarding rule towards the VM was added or removed.
+    /// A port-forwarding rule towards the VM was added or removed, or a service pool holding
+    /// it changed (gateways refetch their config).
     Forwards,
 }
 
@@ -598,6 +610,7 @@ pub enum ErrorCode {
     UnknownGateway,
     UnknownRule,
     UnknownForward,
+    UnknownService,
     NotFound,
     NoSuchDestination,
     NoGateway,
@@ -643,7 +656,7 @@ impl ErrorCode {
                 403
             }
             UnknownNetwork | UnknownHost | UnknownVm | UnknownGateway | UnknownRule
-            | UnknownForward | NotFound | NoSuchDestination => 404,
+            | UnknownForward | UnknownService | NotFound | NoSuchDestination => 404,
             NoGateway | NoEndpoint | Duplicate | DuplicateIp | DuplicateMac | DuplicatePort
             | PortQuarantined | DuplicateVni | PortInUse | PoolExhausted | NotEmpty | Conflict => {
                 409

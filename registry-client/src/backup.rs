@@ -5,7 +5,7 @@
 //! `--secret-keys` key (envelope encryption, bound to its owner), so a restore needs a registry
 //! holding that key.
 
-use crate::api::{ForwardRule, Gateway, Host, Network, PolicyRule, VmChange, VmRecord};
+use crate::api::{ForwardRule, Gateway, Host, Network, PolicyRule, Service, VmChange, VmRecord};
 use serde::{Deserialize, Serialize};
 
 /// The value of [`Export::format`].
@@ -25,6 +25,9 @@ pub struct Export {
     /// Port-forwarding rules (absent in exports from before they existed).
     #[serde(default)]
     pub forwards: Vec<ForwardRule>,
+    /// Load-balanced services (absent in exports from before they existed).
+    #[serde(default)]
+    pub services: Vec<Service>,
     pub secrets: Vec<SealedSecret>,
     /// The change log, oldest first (watchers resume across a restore).
     pub changes: Vec<VmChange>,
@@ -55,6 +58,8 @@ pub struct ImportSummary {
     pub rules: usize,
     #[serde(default)]
     pub forwards: usize,
+    #[serde(default)]
+    pub services: usize,
     pub secrets: usize,
     pub changes: usize,
     #[serde(default)]

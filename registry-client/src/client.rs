@@ -25,6 +25,7 @@ use vnp_protocol::token::VmSecret;
 
 mod failover;
 mod metadata;
+mod service;
 use failover::{parse_bases, Repeat};
 
 /// How to reach and authenticate to the registry. All PEM material is held in memory.

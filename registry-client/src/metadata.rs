@@ -62,6 +62,10 @@ pub struct ProjectMetadata {
     pub project_id: String,
     /// Operator-set (`vnpctl project set-attr`).
     pub attributes: Attributes,
+    /// The network's metadata servers require an IMDSv2-style session token on every request
+    /// (`vnpctl project set NET --require-session-token true`; see `docs/metadata.md`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_session_token: bool,
 }
 
 /// `POST /v1/vms/{id}/access-token`.
@@ -154,6 +158,9 @@ pub struct ProjectUpdate {
     pub project_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Turns the network's metadata session requirement on or off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_session_token: Option<bool>,
 }
 
 /// A network's project (`GET /v1/networks/{id}/project`).
@@ -165,6 +172,9 @@ pub struct Project {
     /// Defaults to [`DEFAULT_ZONE`].
     pub zone: String,
     pub attributes: Attributes,
+    /// Metadata requests of the network's VMs need a session token (IMDSv2-style).
+    #[serde(default)]
+    pub require_session_token: bool,
 }
 
 /// The zone of a project that does not name one.

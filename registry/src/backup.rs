@@ -56,6 +56,7 @@ pub fn export(model: &Model, ring: &KeyRing) -> Result<Export, ApiError> {
         vms: model.vms.values().cloned().collect(),
         rules: model.rules.values().cloned().collect(),
         forwards: model.forwards.values().cloned().collect(),
+        services: model.services.values().cloned().collect(),
         secrets,
         changes: model.changes.iter().cloned().collect(),
         metadata: meta_records(model)?,
@@ -197,6 +198,15 @@ fn check_references(e: &Export) -> Result<(), ApiError> {
             f.id
         )));
     }
+    for s in &e.services {
+        let dangling = s.members.iter().filter_map(|m| m.vm.as_ref());
+        if !has(&networks, &s.network) || dangling.clone().any(|v| !has(&vms, v)) {
+            return Err(bad(format!(
+                "service {} names a network or VM not in the export",
+                s.id
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -219,6 +229,7 @@ pub fn import_batches(
     ops.extend(export.vms.iter().cloned().map(Op::PutVm));
     ops.extend(export.rules.iter().cloned().map(Op::PutRule));
     ops.extend(export.forwards.iter().cloned().map(Op::PutForward));
+    ops.extend(export.services.iter().cloned().map(Op::PutService));
     for s in &export.secrets {
         ops.push(open_secret(s, ring)?);
     }
@@ -231,6 +242,7 @@ pub fn import_batches(
         vms: export.vms.len(),
         rules: export.rules.len(),
         forwards: export.forwards.len(),
+        services: export.services.len(),
         secrets: export.secrets.len(),
         changes: export.changes.len(),
         metadata: export.metadata.len(),

@@ -120,6 +120,7 @@ pub fn vm_metadata(model: &Model, vm: &VmRecord) -> Result<VmMetadata, ApiError>
     let project = ProjectMetadata {
         project_id: project.project_id,
         attributes: project.attributes,
+        require_session_token: project.require_session_token,
     };
     let guest_attributes = record
         .map(|r| r.guest_attributes.clone())

@@ -48,6 +48,9 @@ pub struct ProjectRecord {
     pub zone: Option<String>,
     #[serde(default)]
     pub attributes: Attributes,
+    /// The network's metadata servers require a session token (`docs/metadata.md`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_session_token: bool,
 }
 
 /// The public half and the life of a signing key.

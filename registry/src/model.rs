@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{TokenMinter, VmSecret};
 use vnp_registry_client::api::{
-    ForwardRule, Gateway, Host, Network, PolicyRule, VmChange, VmRecord,
+    ForwardRule, Gateway, HealthView, Host, Network, PolicyRule, Service, VmChange, VmRecord,
 };
 
 /// How many change-log entries are kept for watchers; older ones force a resync.
@@ -145,6 +145,12 @@ pub enum Op {
     DeleteRule(String),
     PutForward(ForwardRule),
     DeleteForward(String),
+    PutService(Service),
+    DeleteService(String),
+    /// A gateway's view of its services' members (not exported: gateways report it again).
+    PutHealthView(HealthView),
+    /// Forgets a gateway's view (by gateway id).
+    DeleteHealthView(String),
     PutSecret(SecretOwner, SecretEntry),
     DeleteSecret(SecretOwner),
     /// Appends to the change log and advances the global generation to `change.generation`.
@@ -175,6 +181,10 @@ pub struct Model {
     pub rules: BTreeMap<String, PolicyRule>,
     /// Port-forwarding rules by id.
     pub forwards: BTreeMap<String, ForwardRule>,
+    /// Load-balanced services by id.
+    pub services: BTreeMap<String, Service>,
+    /// Each gateway's last health report, by gateway id.
+    pub health_views: BTreeMap<String, HealthView>,
     pub secrets: HashMap<SecretOwner, SecretEntry>,
     /// Index: (network id, VM address) -> VM id.
     pub by_ip: HashMap<(String, Ipv4Addr), String>,
@@ -246,6 +256,18 @@ impl Model {
             }
             Op::DeleteForward(id) => {
                 self.forwards.remove(id);
+            }
+            Op::PutService(s) => {
+                self.services.insert(s.id.clone(), s.clone());
+            }
+            Op::DeleteService(id) => {
+                self.services.remove(id);
+            }
+            Op::PutHealthView(v) => {
+                self.health_views.insert(v.gateway.clone(), v.clone());
+            }
+            Op::DeleteHealthView(id) => {
+                self.health_views.remove(id);
             }
             Op::PutSecret(owner, entry) => {
                 self.meta.secret_changed(owner, Some(entry));

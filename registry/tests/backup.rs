@@ -59,6 +59,22 @@ fn populate(admin: &RegistryClient) {
             vm_port: 8080,
         })
         .unwrap();
+    admin
+        .create_service(&ServiceSpec {
+            id: "lb".into(),
+            public_addr: Ipv4Addr::new(198, 18, 0, 9),
+            public_port: 443,
+            proto: L4Proto::Tcp,
+            vm_port: None,
+            members: vec![PoolMember {
+                vm: Some("a".into()),
+                tag: None,
+                weight: 2,
+            }],
+            health: HealthCheckSpec::default(),
+            table_size: Some(257),
+        })
+        .unwrap();
 }
 
 #[test]
@@ -101,9 +117,14 @@ fn export_from_redb_import_into_etcd() {
             summary.vms,
             summary.secrets,
             summary.rules,
-            summary.forwards
+            summary.forwards,
+            summary.services
         ),
-        (2, 4, 1, 1)
+        (2, 4, 1, 1, 1)
+    );
+    assert_eq!(
+        target.list_services(None).unwrap(),
+        admin.list_services(None).unwrap()
     );
     assert_eq!(
         target.list_forwards(None).unwrap(),

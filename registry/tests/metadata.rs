@@ -114,6 +114,7 @@ fn credentials_verify_with_independent_libraries(backend: Backend) {
             &ProjectUpdate {
                 project_id: Some("acme".into()),
                 zone: None,
+                require_session_token: None,
             },
         )
         .unwrap();
@@ -254,6 +255,36 @@ fn metadata_document_etag_and_long_poll(backend: Backend) {
     );
     assert_ne!(md3.etag, md2.etag);
     assert_eq!(md3.project.attributes["ssh-keys"], "ops:ssh-ed25519 AAAA");
+
+    // The network's metadata session option reaches its VMs' documents (and their etag).
+    assert!(!md3.project.require_session_token, "optional by default");
+    let session = |on| ProjectUpdate {
+        require_session_token: Some(on),
+        ..ProjectUpdate::default()
+    };
+    let p = admin.update_project("n1", &session(true)).unwrap();
+    assert!(p.require_session_token);
+    assert!(admin.get_project("n1").unwrap().require_session_token);
+    let on = h1.vm_metadata("a", None).unwrap();
+    assert!(on.project.require_session_token);
+    assert_ne!(on.etag, md3.etag);
+    assert_eq!(
+        code(h1.update_project("n1", &session(false))),
+        ErrorCode::AdminRequired
+    );
+    assert!(
+        !admin
+            .update_project("n1", &session(false))
+            .unwrap()
+            .require_session_token
+    );
+    assert_eq!(
+        h1.vm_metadata("a", None).unwrap().etag,
+        md3.etag,
+        "back to off"
+    );
+    admin.update_project("n1", &session(true)).unwrap();
+    let md3 = h1.vm_metadata("a", None).unwrap();
 
     // Without a change it returns after its timeout with the same document.
     let t = Instant::now();
@@ -563,6 +594,15 @@ fn export_import_carries_metadata_and_keys() {
     let admin = src.reg.client("admin");
     admin.set_vm_attribute("a", "role", "web").unwrap();
     admin.set_project_attribute("n1", "motd", "hello").unwrap();
+    admin
+        .update_project(
+            "n1",
+            &ProjectUpdate {
+                require_session_token: Some(true),
+                ..ProjectUpdate::default()
+            },
+        )
+        .unwrap();
     src.reg
         .client("h1")
         .put_guest_attribute("a", "hostkeys", "ssh-ed25519", HOST_KEY)
@@ -593,6 +633,7 @@ fn export_import_carries_metadata_and_keys() {
         dst_admin.vm_metadata("a", None).unwrap(),
         admin.vm_metadata("a", None).unwrap()
     );
+    assert!(dst_admin.get_project("n1").unwrap().require_session_token);
     let token = dst_admin.mint_access_token("a").unwrap().access_token;
     jwt::verify(&token, &admin.jwks().unwrap(), None, now()).unwrap();
 }

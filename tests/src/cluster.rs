@@ -8,7 +8,7 @@
 //! panics.
 
 use crate::bins::{bins, Bins};
-use crate::registries::{spawn_registry, ReplicatedRegistry, Replication};
+use crate::registries::{spawn_registry_with, ReplicatedRegistry, Replication};
 use anyhow::{anyhow, bail, Context, Result};
 use qemu_launch::{Guest, GuestSpec, MacAddr as GuestMac, NetStatus};
 use std::io::{Read, Write};
@@ -51,6 +51,10 @@ pub struct ClusterOptions {
     pub vnpd_config_tables: String,
     /// Registry replicas on etcd instead of the one redb registry (see [`crate::registries`]).
     pub replication: Option<Replication>,
+    /// NAT block size of [`NETWORK`] (the registry's default when `None`).
+    pub nat_block: Option<u16>,
+    /// Extra arguments of the (single, redb) registry, e.g. `--credential-ttl-secs 60`.
+    pub registry_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +67,8 @@ impl Default for ClusterOptions {
             refresh_margin_secs: None,
             vnpd_config_tables: String::new(),
             replication: None,
+            nat_block: None,
+            registry_args: Vec::new(),
         }
     }
 }
@@ -123,6 +129,7 @@ pub struct Cluster {
     bins: Bins,
     tls_dir: PathBuf,
     token_ttl_secs: u32,
+    registry_args: Vec<String>,
     guest_serial: std::sync::atomic::AtomicU32,
     dir: TempDir,
 }
@@ -183,12 +190,13 @@ impl Cluster {
         };
         let registry = match replicated {
             Some(_) => None,
-            None => Some(spawn_registry(
+            None => Some(spawn_registry_with(
                 &fabric,
                 &bins,
                 dir.path(),
                 &tls_dir,
                 opts.token_ttl_secs,
+                &opts.registry_args,
             )?),
         };
         let url = replicated.as_ref().map_or_else(
@@ -216,12 +224,16 @@ impl Cluster {
             bins,
             tls_dir,
             token_ttl_secs: opts.token_ttl_secs,
+            registry_args: opts.registry_args.clone(),
             guest_serial: std::sync::atomic::AtomicU32::new(0),
             dir,
         };
-        let spec = serde_json::json!({
+        let mut spec = serde_json::json!({
             "id": NETWORK, "cidr": NETWORK_CIDR, "mtu": GUEST_MTU,
         });
+        if let Some(n) = opts.nat_block {
+            spec["nat_block"] = n.into();
+        }
         cluster.registry(move |c| {
             c.create_network(&serde_json::from_value(spec).expect("network spec"))
         })?;
@@ -333,12 +345,13 @@ impl Cluster {
     /// Starts the registry again on the same data.
     pub fn start_registry(&mut self) -> Result<()> {
         if self.registry.is_none() {
-            self.registry = Some(spawn_registry(
+            self.registry = Some(spawn_registry_with(
                 &self.fabric,
                 &self.bins,
                 self.dir.path(),
                 &self.tls_dir,
                 self.token_ttl_secs,
+                &self.registry_args,
             )?);
         }
         Ok(())

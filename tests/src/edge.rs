@@ -1,11 +1,13 @@
-//! A public edge for a [`Cluster`]: a `vnp-gateway` in its own namespace on the cluster's
-//! underlay (a fabric namespace like a host's, 198.18.0.x), with a persistent TUN device that
-//! the public address is routed into, and a "public" namespace (203.0.113.0/24) joined to the
-//! gateway's namespace by a veth, where the tests run real servers and clients.
+//! A public edge for a [`Cluster`]: `vnp-gateway`s, each in its own namespace on the
+//! cluster's underlay (a fabric namespace like a host's, 198.18.0.x) with a persistent TUN
+//! device that the public address is routed into, and a "public" namespace (203.0.113.0/24)
+//! with a bridge that every gateway's namespace joins by a veth, where the tests run real
+//! servers and clients. Every gateway of the edge serves the same public address (one NAT
+//! pool); the public side's route to it picks the gateway ([`PublicEdge::route_public_via`]).
 //!
-//! The gateway process, the public namespace and the processes started in it are dropped with
-//! this value (drop it before the cluster: declare it after); the gateway's namespace and its
-//! files belong to the cluster and go with it.
+//! The gateway processes, the public namespace and the processes started in it are dropped
+//! with this value (drop it before the cluster: declare it after); the gateways' namespaces
+//! and their files belong to the cluster and go with it.
 
 use crate::cluster::Cluster;
 use anyhow::{anyhow, Context, Result};
@@ -20,7 +22,8 @@ use vnp_testkit::process::ChildGuard;
 
 /// The gateway's public address (routed into its TUN; not a local address anywhere).
 pub const PUBLIC_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-/// The gateway namespace's own address on the public segment (the public side's next hop).
+/// The first gateway namespace's own address on the public segment (the public side's next
+/// hop); gateway `i` has 203.0.113.(2 + i).
 pub const EDGE_ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 /// The public namespace's address (servers and clients there use it).
 pub const PUBLIC_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -30,17 +33,24 @@ pub const GATEWAY_PORT: u16 = 6081;
 pub const GATEWAY_METRICS_PORT: u16 = 9465;
 const TUN: &str = "vnpgw0";
 
-/// A gateway of the cluster's network and the public namespace behind it.
+/// One gateway of the edge.
 #[derive(Debug)]
-pub struct PublicEdge {
-    gateway: Option<ChildGuard>,
-    /// Processes in the public namespace (before it, so they die first).
-    public_procs: Vec<ChildGuard>,
-    public: Netns,
+struct Gw {
+    child: Option<ChildGuard>,
     id: String,
     ns_index: usize,
     addr: Ipv4Addr,
     log: PathBuf,
+}
+
+/// Gateways of the cluster's network and the public namespace behind them.
+#[derive(Debug)]
+pub struct PublicEdge {
+    gateways: Vec<Gw>,
+    /// Processes in the public namespace (before it, so they die first).
+    public_procs: Vec<ChildGuard>,
+    public: Netns,
+    network: String,
 }
 
 fn run_tool(cmd: &mut Command) -> Result<String> {
@@ -53,9 +63,33 @@ fn run_tool(cmd: &mut Command) -> Result<String> {
 
 impl PublicEdge {
     /// Registers gateway `id` for `network` with [`PUBLIC_ADDR`], issues its certificate,
-    /// builds its namespace (TUN, public veth, forwarding) and the public namespace. The
-    /// gateway itself is started by [`PublicEdge::start_gateway`].
+    /// builds the public namespace and the gateway's namespace (TUN, public veth,
+    /// forwarding). The gateway itself is started by [`PublicEdge::start_gateway`].
     pub fn create(c: &mut Cluster, id: &str, network: &str) -> Result<Self> {
+        let public = Netns::create("vnppub").map_err(|e| anyhow!("public namespace: {e}"))?;
+        let e = |e| anyhow!("{e}");
+        public
+            .ip(&["link", "add", "br0", "type", "bridge"])
+            .map_err(e)?;
+        public
+            .ip(&["addr", "add", &format!("{PUBLIC_HOST}/24"), "dev", "br0"])
+            .map_err(e)?;
+        public.ip(&["link", "set", "br0", "up"]).map_err(e)?;
+        let mut edge = Self {
+            gateways: Vec::new(),
+            public_procs: Vec::new(),
+            public,
+            network: network.to_string(),
+        };
+        edge.add_gateway(c, id)?;
+        edge.route_public_via(0)?;
+        Ok(edge)
+    }
+
+    /// Registers one more gateway `id` on the same public address (the same NAT pool) with
+    /// its namespace wired like the first; returns its index. The public route stays where it
+    /// was.
+    pub fn add_gateway(&mut self, c: &mut Cluster, id: &str) -> Result<usize> {
         run_tool(
             Command::new(&c.bins().vnpctl)
                 .args(["cert", "gateway", "--dir"])
@@ -65,65 +99,80 @@ impl PublicEdge {
         let (ns_index, addr) = c.add_namespace("vnpgw")?;
         let spec = GatewaySpec {
             id: id.to_string(),
-            network: network.to_string(),
+            network: self.network.clone(),
             underlay_addr: addr,
             port: GATEWAY_PORT,
             public_addr: Some(PUBLIC_ADDR),
         };
         c.registry(move |r| r.create_gateway(&spec))?;
-        let public = Netns::create("vnppub").map_err(|e| anyhow!("public namespace: {e}"))?;
-        let edge = Self {
-            gateway: None,
-            public_procs: Vec::new(),
-            public,
+        let i = self.gateways.len();
+        self.wire(c.host_ns(ns_index), i)?;
+        self.gateways.push(Gw {
+            child: None,
             id: id.to_string(),
             ns_index,
             addr,
             log: c.dir().join(format!("gateway-{id}.log")),
-        };
-        edge.wire(c.host_ns(ns_index))?;
-        Ok(edge)
+        });
+        Ok(i)
     }
 
-    /// The public segment and the TUN: the public address routed into the TUN on the
-    /// gateway's side, and to the gateway's namespace on the public side.
-    fn wire(&self, gw: &Netns) -> Result<()> {
+    /// Gateway `i`'s address on the public segment.
+    fn edge_router(i: usize) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(EDGE_ROUTER) + i as u32)
+    }
+
+    /// Gateway `i`'s public segment and TUN: a veth into the public bridge, the public address
+    /// routed into the TUN, forwarding on.
+    fn wire(&self, gw: &Netns, i: usize) -> Result<()> {
         let e = |e| anyhow!("{e}");
-        gw.veth_to("pub0", Some((EDGE_ROUTER, 24)), &self.public, "pub0")
+        let far = format!("gw{i}");
+        gw.veth_to("pub0", Some((Self::edge_router(i), 24)), &self.public, &far)
             .map_err(e)?;
-        let public = &self.public;
-        public
-            .ip(&["addr", "add", &format!("{PUBLIC_HOST}/24"), "dev", "pub0"])
-            .map_err(e)?;
-        let public_route = format!("{PUBLIC_ADDR}/32");
-        public
-            .ip(&[
-                "route",
-                "add",
-                &public_route,
-                "via",
-                &EDGE_ROUTER.to_string(),
-            ])
+        self.public
+            .ip(&["link", "set", &far, "master", "br0"])
             .map_err(e)?;
         gw.ip(&["tuntap", "add", "dev", TUN, "mode", "tun"])
             .map_err(e)?;
         gw.ip(&["link", "set", TUN, "up"]).map_err(e)?;
-        gw.ip(&["route", "add", &public_route, "dev", TUN])
+        gw.ip(&["route", "add", &format!("{PUBLIC_ADDR}/32"), "dev", TUN])
             .map_err(e)?;
         gw.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .map_err(e)?;
         Ok(())
     }
 
-    /// Starts (or restarts) the gateway and waits until it holds tokens for at least
-    /// `vms` VMs (it fetches one per VM of its network at start).
+    /// Routes the public side's traffic for the public address through gateway `i` (what an
+    /// upstream router does when it moves or spreads traffic between gateways).
+    pub fn route_public_via(&self, i: usize) -> Result<()> {
+        let via = Self::edge_router(i).to_string();
+        self.public
+            .ip(&[
+                "route",
+                "replace",
+                &format!("{PUBLIC_ADDR}/32"),
+                "via",
+                &via,
+            ])
+            .map_err(|e| anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the first gateway; see [`PublicEdge::start_gateway_n`].
     pub fn start_gateway(&mut self, c: &Cluster, vms: u64) -> Result<()> {
+        self.start_gateway_n(0, c, vms)
+    }
+
+    /// Starts (or restarts) gateway `i` and waits until it holds tokens for at least `vms`
+    /// VMs (it fetches one per VM of its network at start).
+    pub fn start_gateway_n(&mut self, i: usize, c: &Cluster, vms: u64) -> Result<()> {
         let tls = c.tls_dir();
-        let id = &self.id;
-        let metrics = self.metrics_addr();
+        let gw = &self.gateways[i];
+        let id = &gw.id;
+        let metrics = SocketAddr::from((gw.addr, GATEWAY_METRICS_PORT));
         let mut child = ChildGuard::spawn(
             &format!("vnp-gateway-{id}"),
-            c.host_ns(self.ns_index)
+            c.host_ns(gw.ns_index)
                 .command(&c.bins().gateway)
                 .args(["--registry", &c.registry_url()])
                 .arg("--ca")
@@ -134,40 +183,42 @@ impl PublicEdge {
                 .arg(tls.join(format!("gateway-{id}.key")))
                 .args(["--tun", TUN, "--metrics", &metrics.to_string()])
                 .stdout(std::process::Stdio::null()),
-            Some(&self.log),
+            Some(&gw.log),
         )?;
         child.wait_until("the gateway's tokens", Duration::from_secs(60), || {
-            let text = self.scrape(c).ok()?;
+            let text = self.scrape_n(i, c).ok()?;
             let tokens: u64 =
                 vnpd::metrics::prometheus::sample_value(&text, "vnp_gateway_tokens", &[])?;
             (tokens >= vms).then_some(())
         })?;
-        self.gateway = Some(child);
+        self.gateways[i].child = Some(child);
         Ok(())
     }
 
-    /// Kills the gateway with SIGKILL (no chance to save anything).
+    /// Kills the first gateway with SIGKILL (no chance to save anything).
     pub fn kill_gateway(&mut self) -> Result<()> {
-        if let Some(mut g) = self.gateway.take() {
+        if let Some(mut g) = self.gateways[0].child.take() {
             g.kill()?;
         }
         Ok(())
     }
 
-    /// The gateway's underlay address.
+    /// The first gateway's underlay address.
     pub fn addr(&self) -> Ipv4Addr {
-        self.addr
+        self.gateways[0].addr
     }
 
-    fn metrics_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.addr, GATEWAY_METRICS_PORT))
-    }
-
-    /// The gateway's Prometheus text.
+    /// The first gateway's Prometheus text.
     pub fn scrape(&self, c: &Cluster) -> Result<String> {
-        let addr = self.metrics_addr();
+        self.scrape_n(0, c)
+    }
+
+    /// Gateway `i`'s Prometheus text.
+    pub fn scrape_n(&self, i: usize, c: &Cluster) -> Result<String> {
+        let gw = &self.gateways[i];
+        let addr = SocketAddr::from((gw.addr, GATEWAY_METRICS_PORT));
         let text = c
-            .host_ns(self.ns_index)
+            .host_ns(gw.ns_index)
             .enter(move || -> std::io::Result<String> {
                 let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
                 s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -180,9 +231,20 @@ impl PublicEdge {
         Ok(text)
     }
 
-    /// One sample of the gateway's metrics (0 when absent).
+    /// One sample of the first gateway's metrics (0 when absent).
     pub fn metric(&self, c: &Cluster, name: &str, labels: &[(&str, &str)]) -> Result<u64> {
-        let text = self.scrape(c)?;
+        self.metric_n(0, c, name, labels)
+    }
+
+    /// One sample of gateway `i`'s metrics (0 when absent).
+    pub fn metric_n(
+        &self,
+        i: usize,
+        c: &Cluster,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<u64> {
+        let text = self.scrape_n(i, c)?;
         Ok(vnpd::metrics::prometheus::sample_value(&text, name, labels).unwrap_or(0))
     }
 
@@ -204,15 +266,22 @@ impl PublicEdge {
         self.public_procs[i].stderr_tail()
     }
 
-    /// The gateway's stderr tail and its non-zero drop counters, for failure messages.
+    /// Every gateway's stderr tail and non-zero drop counters, for failure messages.
     pub fn logs(&self, c: &Cluster) -> String {
-        let tail = self
-            .gateway
+        (0..self.gateways.len())
+            .map(|i| self.logs_n(i, c))
+            .collect()
+    }
+
+    fn logs_n(&self, i: usize, c: &Cluster) -> String {
+        let gw = &self.gateways[i];
+        let tail = gw
+            .child
             .as_ref()
             .map(ChildGuard::stderr_tail)
             .unwrap_or_else(|| "(not running)".into());
         let drops: String = self
-            .scrape(c)
+            .scrape_n(i, c)
             .map(|text| {
                 text.lines()
                     .filter(|l| l.starts_with("vnp_gateway_drops_total") && !l.ends_with(" 0"))
@@ -220,10 +289,10 @@ impl PublicEdge {
                     .collect()
             })
             .unwrap_or_else(|e| format!("  (no metrics: {e})\n"));
-        format!("--- vnp-gateway {} ---\n{tail}\n{drops}", self.id)
+        format!("--- vnp-gateway {} ---\n{tail}\n{drops}", gw.id)
     }
 
-    /// Names of the namespaces this edge owns (the gateway's belongs to the cluster).
+    /// Names of the namespaces this edge owns (the gateways' belong to the cluster).
     pub fn namespace_names(&self) -> Vec<String> {
         vec![self.public.name().to_string()]
     }

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 use vnp_protocol::token::{Expiry, Token};
-use vnp_protocol::wire::{icmpv4, ipv4, VnpRepr};
+use vnp_protocol::wire::{icmpv4, ipv4, udp, VnpRepr};
 
 /// An IPv4 ICMP echo request from `src` to `dst` with `payload_len` bytes of payload.
 pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
@@ -28,6 +28,28 @@ pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Vec<u8> {
         *b = i as u8;
     }
     icmp.fill_checksum();
+    p
+}
+
+/// An IPv4 UDP packet from `src:sport` to `dst:dport` carrying `payload`, checksums filled.
+pub fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_len = udp::HEADER_LEN + payload.len();
+    let mut p = vec![0u8; ipv4::MIN_HEADER_LEN + udp_len];
+    let mut ip = ipv4::Packet::new_unchecked(&mut p[..]);
+    ipv4::Repr {
+        src_addr: src,
+        dst_addr: dst,
+        protocol: ipv4::protocol::UDP,
+        payload_len: udp_len,
+        ttl: 64,
+    }
+    .emit(&mut ip);
+    let mut u = udp::Packet::new_unchecked(ip.payload_mut());
+    u.set_src_port(sport);
+    u.set_dst_port(dport);
+    u.set_len(udp_len as u16);
+    u.payload_mut().copy_from_slice(payload);
+    u.fill_checksum(src, dst);
     p
 }
 

@@ -23,6 +23,18 @@ pub fn spawn_registry(
     tls_dir: &Path,
     token_ttl_secs: u32,
 ) -> Result<ChildGuard> {
+    spawn_registry_with(fabric, bins, dir, tls_dir, token_ttl_secs, &[])
+}
+
+/// [`spawn_registry`] with extra command-line arguments (e.g. `--credential-ttl-secs`).
+pub fn spawn_registry_with(
+    fabric: &Fabric,
+    bins: &Bins,
+    dir: &Path,
+    tls_dir: &Path,
+    token_ttl_secs: u32,
+    extra_args: &[String],
+) -> Result<ChildGuard> {
     let mut registry = ChildGuard::spawn(
         "vnp-registry",
         fabric
@@ -36,6 +48,7 @@ pub fn spawn_registry(
             .arg(tls_dir)
             .arg("--token-ttl")
             .arg(token_ttl_secs.to_string())
+            .args(extra_args)
             .stdout(std::process::Stdio::null())
             .env("RUST_LOG", "info"),
         Some(&dir.join("registry.log")),

@@ -16,6 +16,8 @@ use std::time::Duration;
 use qemu_launch::Guest;
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
 use vnp_registry_client::jwt;
+use vnp_testkit::netns::Fabric;
+use vnp_testkit::process::ChildGuard;
 
 const CMD: Duration = Duration::from_secs(60);
 const MD: &str = "http://metadata.google.internal/computeMetadata/v1";
@@ -64,6 +66,68 @@ except urllib.error.HTTPError as e:
     forbidden = e.code
 print(json.dumps({"flavor": flavor, "hostname": hostname, "forbidden": forbidden,
                   "access_token": json.loads(token)["access_token"]}))
+"#;
+
+/// A tiny authoritative DNS server for the upstream side (no DNS library): `svc.corp.example`
+/// A -> 192.0.2.77; `slow.corp.example` never answered; anything else NXDOMAIN. Prints each
+/// question it gets. Args: address, port.
+const UPSTREAM_DNS: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    qid, flags, qd = struct.unpack("!HHH", q[:6])
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode()); i += 1 + q[i]
+    name = ".".join(labels).lower(); qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    print("query", name, qtype, flush=True)
+    if name == "slow.corp.example":
+        continue
+    rd = flags & 0x0100
+    if name == "svc.corp.example" and qtype == 1:
+        head = struct.pack("!HHHHHH", qid, 0x8400 | rd, 1, 1, 0, 0)
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, 77])
+        s.sendto(head + question + answer, peer)
+    else:
+        rcode = 0 if name == "svc.corp.example" else 3
+        s.sendto(struct.pack("!HHHHHH", qid, 0x8400 | rd | rcode, 1, 0, 0, 0) + question, peer)
+"#;
+
+/// An internal HTTP service on the host network that trusts nothing but the registry's keys:
+/// it verifies the bearer token of each request against the JWKS file with PyJWT (ES256, the
+/// audience) and answers who called. Args: address, port, JWKS file, audience.
+const WHOAMI_SERVICE: &str = r#"
+import http.server, json, sys
+import jwt
+addr, port, jwks_file, audience = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+keys = {k["kid"]: jwt.PyJWK(k).key for k in json.load(open(jwks_file))["keys"]}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        auth = self.headers.get("Authorization", "")
+        try:
+            token = auth.removeprefix("Bearer ")
+            kid = jwt.get_unverified_header(token)["kid"]
+            claims = jwt.decode(token, keys[kid], algorithms=["ES256"], audience=audience)
+            code, body = 200, {"vm": claims["vnp"]["vm"], "network": claims["vnp"]["network"],
+                               "aud": claims["aud"], "path": self.path,
+                               "authorizations": len(self.headers.get_all("Authorization"))}
+        except Exception as e:
+            code, body = 401, {"error": repr(e)}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer((addr, port), H)
+print("ready", flush=True)
+srv.serve_forever()
 "#;
 
 fn unix_now() -> u64 {
@@ -318,6 +382,390 @@ fn metadata_served_to_real_guests() {
     drop(gc);
     drop(ga);
     drop(gb);
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
+
+/// curl in a namespace guest (no proxies, 10 s); (exit status, stdout, stderr).
+fn ns_curl(g: &vnp_testkit::tap_guest::TapGuest, args: &[&str]) -> (i32, String, String) {
+    let out = g
+        .netns()
+        .command("curl")
+        .args(["-sS", "--noproxy", "*", "-m", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The HTTP status of a GET of `path` with the flavor header and `extra` headers.
+fn ns_status(g: &vnp_testkit::tap_guest::TapGuest, path: &str, extra: &[&str]) -> String {
+    let url = format!("http://169.254.169.254/computeMetadata/v1/{path}");
+    let mut args = vec![
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Metadata-Flavor: Google",
+    ];
+    for h in extra {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    ns_curl(g, &args).1
+}
+
+/// Polls `f` every 100 ms until it returns true or `secs` pass.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The IMDSv2-style session option, a DNS upstream and an external service bridged with the
+/// VM's identity, all from a namespace guest (the host kernel's TCP, curl, Python).
+#[test]
+fn sessions_dns_and_services_from_a_namespace_guest() {
+    let upstream_dns = std::net::SocketAddr::from((Fabric::host_addr(0), 5300));
+    let whoami = std::net::SocketAddr::from((Fabric::host_addr(0), 9000));
+    let opts = ClusterOptions {
+        prefix: "vnpms".into(),
+        hosts: 1,
+        vnpd_config_tables: format!(
+            "[bridge]\ndns_upstream = \"{upstream_dns}\"\n\n[[bridge.services]]\n\
+             name = \"whoami\"\nport = 8080\nupstream = \"{whoami}\"\n\
+             audience = \"https://whoami.internal\"\n"
+        ),
+        // Short-lived credentials, so that one expires within the test.
+        registry_args: vec!["--credential-ttl-secs".into(), "60".into()],
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    c.create_vm("vm-s", 0, &[]).unwrap();
+    let att = c.attach(0, "vm-s").unwrap();
+    let g = c.tap_guest(&att, false).unwrap();
+    assert_eq!(ns_status(&g, "instance/name", &[]), "200", "{}", c.logs());
+    let jwks_file = dir.join("jwks.json");
+    let vnpctl = |args: &[&str]| {
+        let out = c
+            .fabric()
+            .core()
+            .command(&c.bins().vnpctl)
+            .args(["--registry", &c.registry_url(), "--tls-dir"])
+            .arg(c.tls_dir())
+            .args(args)
+            .output()
+            .expect("vnpctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = vnpctl(&["jwks", "--out", jwks_file.to_str().unwrap()]);
+    assert!(ok, "vnpctl jwks: {out}");
+
+    step("a token read by the guest, verified with vnpctl verify-token");
+    let read_token = || {
+        let (_, body, err) = ns_curl(
+            &g,
+            &[
+                "-H",
+                "Metadata-Flavor: Google",
+                "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token",
+            ],
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}{err}"));
+        (
+            v["access_token"].as_str().unwrap().to_string(),
+            v["expires_in"].as_u64().unwrap(),
+        )
+    };
+    let first_read = std::time::Instant::now();
+    let (first, expires_in) = read_token();
+    assert!(expires_in <= 60, "the registry's 60 s: {expires_in}");
+    let (ok, out) = vnpctl(&["verify-token", &first, "--json"]);
+    assert!(ok, "vnpctl verify-token (JWKS from the registry): {out}");
+    let claims: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(claims["vnp"]["vm"], "vm-s", "{claims}");
+    let tampered = format!("{}x", &first[..first.len() - 1]);
+    let (ok, out) = vnpctl(&[
+        "verify-token",
+        &tampered,
+        "--jwks",
+        jwks_file.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("refused"), "a tampered token: {out}");
+
+    step("sessions: the operator requires them on the network (vnpctl project set)");
+    let session = |on: bool| {
+        let flag = if on { "true" } else { "false" };
+        let (ok, out) = vnpctl(&[
+            "project",
+            "set",
+            vnp_e2e::cluster::NETWORK,
+            "--require-session-token",
+            flag,
+        ]);
+        assert!(ok, "vnpctl project set: {out}");
+        out
+    };
+    let shown = session(true);
+    assert!(shown.contains("required"), "{shown}");
+    assert!(
+        eventually(10, || ns_status(&g, "instance/name", &[]) == "401"),
+        "no 401 without a session token: {}",
+        c.logs()
+    );
+
+    step("PUT /computeMetadata/v1/token: its reply leaves with IP TTL 1 (seen by tcpdump)");
+    let mut dump = ChildGuard::spawn(
+        "tcpdump",
+        g.netns()
+            .command("timeout")
+            .args(["20", "tcpdump", "-l", "-n", "-v", "-i", g.ifname()])
+            .args(["src", "host", "169.254.169.254", "and", "tcp"])
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("tcpdump");
+    let dump_out = dump.take_stdout().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let (status, token, err) = ns_curl(
+        &g,
+        &[
+            "-X",
+            "PUT",
+            "-H",
+            "Metadata-Flavor: Google",
+            "-H",
+            "X-Metadata-Token-TTL-Seconds: 3",
+            "http://169.254.169.254/computeMetadata/v1/token",
+        ],
+    );
+    assert_eq!(status, 0, "PUT: {err}");
+    assert_eq!(token.len(), 64, "token: {token}");
+    let issued_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = dump.kill();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut { dump_out }, &mut text).unwrap();
+    // tcpdump -v prints "IP (tos 0x0, ttl N, ..., length L)", then "src > dst: Flags [..], ...".
+    // The SYN-ACK leaves before the request is known to be a PUT; everything after it is TTL 1.
+    let lines: Vec<&str> = text.lines().collect();
+    let ttls: Vec<(&str, &str)> = lines
+        .windows(2)
+        .filter_map(|w| {
+            let ttl = w[0].split("ttl ").nth(1)?.split(',').next()?;
+            let flags = w[1].split("Flags [").nth(1)?.split(']').next()?;
+            Some((ttl, flags))
+        })
+        .collect();
+    eprintln!("  (TTL, TCP flags) of the bridge's packets on the PUT's connection: {ttls:?}");
+    let after_handshake: Vec<_> = ttls.iter().filter(|(_, f)| *f != "S.").collect();
+    assert!(
+        after_handshake.iter().any(|(_, f)| f.contains('P'))
+            && after_handshake.iter().all(|(ttl, _)| *ttl == "1"),
+        "the reply to the token PUT must leave with TTL 1:\n{text}"
+    );
+
+    step("the token opens the metadata; it expires after its TTL");
+    let header = format!("X-Metadata-Token: {token}");
+    let (_, name, _) = ns_curl(
+        &g,
+        &[
+            "-H",
+            "Metadata-Flavor: Google",
+            "-H",
+            &header,
+            "http://169.254.169.254/computeMetadata/v1/instance/name",
+        ],
+    );
+    assert_eq!(name, "vm-s");
+    assert_eq!(
+        ns_status(&g, "instance/name", &["X-Metadata-Token: forged"]),
+        "401"
+    );
+    let left = Duration::from_secs(3).saturating_sub(issued_at.elapsed());
+    std::thread::sleep(left + Duration::from_millis(300));
+    assert_eq!(
+        ns_status(&g, "instance/name", &[&header]),
+        "401",
+        "expired after 3 s"
+    );
+    let bridge = |event: &str| {
+        c.metric(
+            0,
+            "vnpd_bridge_events_total",
+            &[("vm", "vm-s"), ("event", event)],
+        )
+        .unwrap()
+    };
+    assert_eq!(bridge("sessions_issued"), 1);
+    assert!(bridge("http_unauthorized") >= 3);
+    assert!(session(false).contains("optional"));
+    assert!(
+        eventually(10, || ns_status(&g, "instance/name", &[]) == "200"),
+        "optional again"
+    );
+
+    step("DNS: busybox nslookup; own names from the bridge, others from the upstream");
+    let mut upstream = ChildGuard::spawn(
+        "upstream-dns",
+        c.host_ns(0)
+            .command("/usr/bin/python3")
+            .args(["-u", "-c", UPSTREAM_DNS])
+            .arg(upstream_dns.ip().to_string())
+            .arg(upstream_dns.port().to_string())
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("upstream DNS server");
+    let mut upstream_log = std::io::BufReader::new(upstream.take_stdout().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut upstream_log, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{}", upstream.stderr_tail());
+    let nslookup = |name: &str| {
+        let out = g
+            .netns()
+            .command("busybox")
+            .args(["nslookup", name, "169.254.169.254"])
+            .output()
+            .expect("busybox nslookup");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, out) = nslookup("svc.corp.example");
+    assert!(
+        ok && out.contains("192.0.2.77"),
+        "forwarded: {out}\n{}",
+        c.logs()
+    );
+    let (ok, out) = nslookup("metadata.google.internal");
+    assert!(ok && out.contains("169.254.169.254"), "own name: {out}");
+    let (ok, out) = nslookup("nothing.corp.example");
+    assert!(
+        !ok && out.contains("NXDOMAIN"),
+        "the upstream's NXDOMAIN: {out}"
+    );
+    let (ok, out) = nslookup("slow.corp.example");
+    assert!(!ok, "never answered upstream: {out}");
+    line.clear();
+    let mut asked = Vec::new();
+    while asked.len() < 3 {
+        line.clear();
+        if std::io::BufRead::read_line(&mut upstream_log, &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        asked.push(line.trim().to_string());
+    }
+    eprintln!("  upstream saw: {asked:?}");
+    assert!(
+        asked
+            .iter()
+            .all(|q| !q.contains("metadata.google.internal")),
+        "the bridge's own names never leave the host: {asked:?}"
+    );
+    assert!(
+        asked.iter().any(|q| q == "query svc.corp.example 1"),
+        "{asked:?}"
+    );
+    assert!(bridge("dns_forwarded") >= 3, "forwarded counted");
+    assert!(bridge("dns_forward_answered") >= 2);
+    assert!(
+        eventually(5, || bridge("dns_forward_timeouts") >= 1),
+        "the unanswered query timed out, counted"
+    );
+    drop(upstream);
+
+    step("a bridged service: the guest calls it, the service learns the VM from the token");
+    let mut service = ChildGuard::spawn(
+        "whoami-service",
+        c.host_ns(0)
+            .command("/usr/bin/python3")
+            .args(["-u", "-c", WHOAMI_SERVICE])
+            .arg(whoami.ip().to_string())
+            .arg(whoami.port().to_string())
+            .arg(&jwks_file)
+            .arg("https://whoami.internal")
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .expect("whoami service");
+    let mut service_out = std::io::BufReader::new(service.take_stdout().unwrap());
+    line.clear();
+    std::io::BufRead::read_line(&mut service_out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{}", service.stderr_tail());
+    let (status, body, err) = ns_curl(
+        &g,
+        &[
+            "-H",
+            "Authorization: Bearer forged-by-the-guest",
+            "http://169.254.169.254:8080/whoami?x=1",
+        ],
+    );
+    assert_eq!(status, 0, "{err}\n{}", c.logs());
+    let who: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(who["vm"], "vm-s", "{who}");
+    assert_eq!(who["network"], vnp_e2e::cluster::NETWORK);
+    assert_eq!(who["aud"], "https://whoami.internal");
+    assert_eq!(who["path"], "/whoami?x=1");
+    assert_eq!(
+        who["authorizations"], 1,
+        "the guest's header was replaced: {who}"
+    );
+    let (_, body, _) = ns_curl(&g, &["http://169.254.169.254:8080/again"]);
+    assert!(body.contains("\"vm-s\""), "{body}");
+    drop(service);
+    let (_, code, _) = ns_curl(
+        &g,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://169.254.169.254:8080/down",
+        ],
+    );
+    assert_eq!(code, "502", "the service is gone");
+    assert!(bridge("service_requests") >= 3);
+    assert!(bridge("service_errors") >= 1);
+
+    step("the access token expires and a new one is served");
+    let mut second = first.clone();
+    assert!(
+        eventually(60, || {
+            second = read_token().0;
+            second != first
+        }),
+        "no new token within 60 s of the first"
+    );
+    let served_for = first_read.elapsed();
+    eprintln!("  the first token was served for {served_for:.1?} (60 s lifetime)");
+    assert!(served_for < Duration::from_secs(60));
+    let (ok, out) = vnpctl(&[
+        "verify-token",
+        &second,
+        "--jwks",
+        jwks_file.to_str().unwrap(),
+    ]);
+    assert!(ok, "the new token verifies: {out}");
+    assert!(bridge("tokens_minted") >= 2);
+
+    drop(g);
     drop(c);
     assert_nothing_left(&dir, &namespaces);
 }

@@ -15,6 +15,7 @@ use super::state::{PersistedAttachment, StateStore};
 use crate::bridge::counters::BridgeCounters;
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
 use crate::control::ControlHandle;
+use crate::datapath::hairpin::HairpinTarget;
 use crate::datapath::rx_check::ExpiryPolicy;
 use crate::datapath::{ControlPlane, DataPathTuning, VmAttachment, VmPort};
 use crate::metrics::counters::{CounterSnapshot, VmCounters};
@@ -107,6 +108,9 @@ pub fn to_vm_stats(vm_id: &str, s: &CounterSnapshot) -> VmStats {
         ("return_tokens_learned", s.return_tokens_learned),
         ("tx_csum_frames", s.tx_csum_frames),
         ("tx_tso_frames", s.tx_tso_frames),
+        ("hairpin_forwarded", s.hairpin_forwarded),
+        ("moved_hints_sent", s.moved_hints_sent),
+        ("moved_hint_rechecks", s.moved_hint_rechecks),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -275,6 +279,17 @@ impl Manager {
         validate_id(vm_id).map_err(|e| fail(AdminErrorCode::BadRequest, e))?;
         let socket_path = socket_path.unwrap_or_else(|| self.cfg.default_socket_path(vm_id));
         let queue_pairs = queue_pairs.unwrap_or(self.cfg.default_queue_pairs);
+        // A VM migrating back before its departed port's grace period ended: the old port
+        // (which forwards to where the VM went) gives way to the incoming one.
+        if incoming
+            && self
+                .attached
+                .get(vm_id)
+                .is_some_and(|a| a.port.has_departed())
+        {
+            log::info!("vm {vm_id} comes back: replacing its departed port");
+            self.detach(vm_id)?;
+        }
         if let Some(same) = self.check_attach(vm_id, &socket_path, queue_pairs)? {
             return Ok(same);
         }
@@ -414,6 +429,15 @@ impl Manager {
                         log::info!("vm {vm_id}: its endpoint moved to another host");
                         Instant::now()
                     });
+                    // Normally started by the control thread on the watch change already.
+                    if let (Ok(rec), Some(a)) = (&answer, self.attached.get(&vm_id)) {
+                        if let Some(ep) = rec.endpoint {
+                            a.port.start_hairpin(HairpinTarget {
+                                to: std::net::SocketAddrV4::new(ep.host_addr, ep.port),
+                                generation: ep.generation,
+                            });
+                        }
+                    }
                     if since.elapsed() >= DEPARTURE_GRACE && self.detach(&vm_id).is_ok() {
                         log::info!("vm {vm_id}: migrated away; detached after the grace period");
                         gone.push(vm_id);

@@ -13,7 +13,7 @@
 use crate::device::DeviceStartHook;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use vnp_registry_client::{ClientError, ErrorCode, RegistryClient, VmRecord};
 
@@ -38,6 +38,8 @@ struct Inner {
     registered: AtomicBool,
     /// The VM was detached: stop trying.
     cancelled: AtomicBool,
+    /// Runs once the registry took the endpoint.
+    on_registered: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Registers an incoming VM's endpoint when its device starts on this host.
@@ -67,6 +69,7 @@ impl ResumeRegistration {
                 running: AtomicBool::new(false),
                 registered: AtomicBool::new(false),
                 cancelled: AtomicBool::new(false),
+                on_registered: OnceLock::new(),
             }),
         }
     }
@@ -96,6 +99,18 @@ impl ResumeRegistration {
         })
     }
 
+    /// Sets what runs once the registry took the endpoint (at once if it already did). The
+    /// manager hands the port to the control thread only then: token requests before the
+    /// move would be refused (this host is not the VM's host yet), and a refusal holds the
+    /// pair back; the control thread keeps early requests and sends them when the port comes.
+    pub fn on_registered(&self, f: impl Fn() + Send + Sync + 'static) {
+        if self.inner.on_registered.set(Box::new(f)).is_ok() && self.registered() {
+            if let Some(f) = self.inner.on_registered.get() {
+                f();
+            }
+        }
+    }
+
     /// The registry took the endpoint: this host serves the VM now.
     pub fn registered(&self) -> bool {
         self.inner.registered.load(Ordering::Acquire)
@@ -118,6 +133,9 @@ fn register_until_done(inner: &Inner) {
         {
             Ok(generation) => {
                 inner.registered.store(true, Ordering::Release);
+                if let Some(f) = inner.on_registered.get() {
+                    f();
+                }
                 log::info!(
                     "vm {}: endpoint {}:{} registered after resume (generation {generation})",
                     inner.vm_id,

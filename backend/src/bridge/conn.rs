@@ -8,9 +8,9 @@ use smoltcp::socket::tcp;
 
 use super::counters::BridgeCounters;
 use super::http::{self, Malformed, Parsed, Response};
-use super::netif::HTTP_PORT;
 use super::routes::{self, route, Decision, State};
 use super::server::{BridgeLimits, Job, Server};
+use super::session;
 use super::source::SourceError;
 
 /// Most pipelined requests answered per connection per step.
@@ -89,7 +89,8 @@ impl Server {
             tcp::State::Closed | tcp::State::TimeWait => {
                 let socket = self.netif.sockets.get_mut::<tcp::Socket>(handle);
                 socket.abort();
-                let _ = socket.listen(HTTP_PORT);
+                socket.set_hop_limit(None);
+                let _ = socket.listen(self.netif.ports[i]);
                 self.conns[i] = Conn::default();
                 return;
             }
@@ -243,6 +244,10 @@ impl Server {
                 return;
             }
         }
+        if let Some(k) = self.service_at(i) {
+            self.handle_service_request(i, k, raw, now);
+            return;
+        }
         let Parsed::Complete(req, _) = http::parse(&raw) else {
             self.respond(i, Malformed::BadRequest("malformed request").response());
             return;
@@ -252,6 +257,7 @@ impl Server {
         let state = State {
             cached: self.cached.as_ref(),
             tokens: &self.tokens,
+            sessions: &self.sessions,
             now,
             waited: again,
         };
@@ -270,6 +276,7 @@ impl Server {
                     deadline: now + timeout,
                 };
             }
+            Decision::NewSession { ttl } => self.new_session(i, ttl, now),
             Decision::PutGuestAttribute {
                 namespace,
                 key,
@@ -286,6 +293,28 @@ impl Server {
                 self.conns[i].phase = Phase::Fetching { request: raw, job };
             }
         }
+    }
+
+    /// Issues a session token and answers it; every packet of this connection from now on
+    /// leaves with IP TTL 1, so a guest-side proxy cannot forward the answer.
+    fn new_session(&mut self, i: usize, ttl: std::time::Duration, now: Instant) {
+        let token = match session::new_token() {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("bridge: no randomness for a session token: {e}");
+                self.respond(i, routes::unavailable());
+                return;
+            }
+        };
+        self.sessions.issue(token.clone(), ttl, now);
+        BridgeCounters::bump(&self.counters.sessions_issued);
+        self.netif
+            .sockets
+            .get_mut::<tcp::Socket>(self.netif.tcp[i])
+            .set_hop_limit(Some(session::TOKEN_REPLY_HOP_LIMIT));
+        let mut r = Response::text(200, token);
+        r.session_ttl = Some(ttl.as_secs());
+        self.respond(i, r);
     }
 
     /// Parks the request until `job` is done, starting it unless it already runs.
@@ -308,6 +337,7 @@ impl Server {
         let state = State {
             cached: self.cached.as_ref(),
             tokens: &self.tokens,
+            sessions: &self.sessions,
             now,
             waited: false,
         };
@@ -338,6 +368,16 @@ impl Server {
         self.respond(i, r);
     }
 
+    /// Queues the bytes of a whole response on connection `i`, which closes after them (a
+    /// bridged service's answer, passed on as it is).
+    pub(super) fn respond_raw(&mut self, i: usize, bytes: Vec<u8>) {
+        let conn = &mut self.conns[i];
+        conn.out = bytes;
+        conn.sent = 0;
+        conn.close_after = true;
+        conn.phase = Phase::Sending;
+    }
+
     /// Queues response `r` on connection `i`.
     pub(super) fn respond(&mut self, i: usize, r: Response) {
         let c = &self.counters;
@@ -349,6 +389,9 @@ impl Server {
         });
         if r.status == 403 {
             BridgeCounters::bump(&c.http_forbidden);
+        }
+        if r.status == 401 {
+            BridgeCounters::bump(&c.http_unauthorized);
         }
         let conn = &mut self.conns[i];
         conn.out = r.encode(conn.head_only);

@@ -38,6 +38,10 @@ bridge_counters! {
     http_5xx,
     /// Requests refused for a missing or wrong `Metadata-Flavor` or an `X-Forwarded-For`.
     http_forbidden,
+    /// Requests refused for a missing, unknown or expired metadata session token (401).
+    http_unauthorized,
+    /// Metadata session tokens issued (`PUT /computeMetadata/v1/token`).
+    sessions_issued,
     /// Requests refused past the VM's request rate (429).
     http_rate_limited,
     /// Malformed requests (400, then closed).
@@ -56,6 +60,11 @@ bridge_counters! {
     registry_errors,
     /// Access and identity tokens minted (not served from the host's cache).
     tokens_minted,
+    /// Requests forwarded to bridged services.
+    service_requests,
+    /// Bridged-service requests that failed (unreachable, timeout, bad or oversize answer:
+    /// 502/504) or were refused (too many in flight: 503).
+    service_errors,
     /// Guest attributes written through.
     guest_attributes_written,
     /// DNS queries answered.
@@ -64,6 +73,15 @@ bridge_counters! {
     dns_refused,
     /// DNS datagrams that were not queries.
     dns_malformed,
+    /// Queries for other names sent to the upstream resolver.
+    dns_forwarded,
+    /// Upstream answers passed back to the guest.
+    dns_forward_answered,
+    /// Forwarded queries the upstream did not answer in time.
+    dns_forward_timeouts,
+    /// Queries not forwarded (too many waiting, socket errors) and upstream answers dropped
+    /// (not a response to a waiting query, oversize).
+    dns_forward_dropped,
 }
 
 impl BridgeCounters {

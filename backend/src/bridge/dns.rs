@@ -1,8 +1,9 @@
 //! The bridge's DNS answers. DHCP hands the guest the metadata address as its resolver (as GCE
 //! does); the bridge answers A queries for `metadata.google.internal` (the metadata address)
-//! and for the VM's own hostname (its address), NOERROR without answers for their other types,
-//! and REFUSED for every other name: vnpd forwards no queries (a guest that needs other names
-//! configures another resolver). Pure; messages are decoded and encoded by `hickory-proto`.
+//! and for the VM's own hostname (its address), NOERROR without answers for their other types;
+//! every other name is forwarded to the operator's upstream resolver when one is configured
+//! (`dns_forward.rs`), REFUSED otherwise. Pure; messages are decoded and encoded by
+//! `hickory-proto`.
 
 use std::net::Ipv4Addr;
 
@@ -60,8 +61,18 @@ pub enum DnsDrop {
     NotAQuery,
 }
 
-/// The answer to the DNS query `query`.
-pub fn answer(query: &[u8], names: &Names) -> Result<Vec<u8>, DnsDrop> {
+/// What to do with a query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Send this back.
+    Reply(Vec<u8>),
+    /// A single-question query for a name the bridge does not serve: ask the upstream.
+    Forward,
+}
+
+/// The answer to the DNS query `query`; names the bridge does not serve are forwarded when
+/// `forward` (an upstream is configured), REFUSED otherwise.
+pub fn answer(query: &[u8], names: &Names, forward: bool) -> Result<Answer, DnsDrop> {
     if query.len() > MAX_QUERY {
         return Err(DnsDrop::Malformed);
     }
@@ -74,12 +85,17 @@ pub fn answer(query: &[u8], names: &Names) -> Result<Vec<u8>, DnsDrop> {
     let [q] = req.queries.as_slice() else {
         metadata.response_code = ResponseCode::FormErr;
         resp.metadata = metadata;
-        return resp.to_vec().map_err(|_| DnsDrop::Malformed);
+        return resp
+            .to_vec()
+            .map(Answer::Reply)
+            .map_err(|_| DnsDrop::Malformed);
     };
     resp.add_query(q.clone());
-    let known = (req.metadata.op_code == OpCode::Query && q.query_class() == DNSClass::IN)
-        .then(|| names.lookup(q.name()))
-        .flatten();
+    let plain = req.metadata.op_code == OpCode::Query && q.query_class() == DNSClass::IN;
+    let known = plain.then(|| names.lookup(q.name())).flatten();
+    if known.is_none() && plain && forward {
+        return Ok(Answer::Forward);
+    }
     match known {
         Some(ip) => {
             metadata.authoritative = true;
@@ -90,7 +106,9 @@ pub fn answer(query: &[u8], names: &Names) -> Result<Vec<u8>, DnsDrop> {
         None => metadata.response_code = ResponseCode::Refused,
     }
     resp.metadata = metadata;
-    resp.to_vec().map_err(|_| DnsDrop::Malformed)
+    resp.to_vec()
+        .map(Answer::Reply)
+        .map_err(|_| DnsDrop::Malformed)
 }
 
 #[cfg(test)]
@@ -110,7 +128,10 @@ mod tests {
 
     fn ask(name: &str, qtype: RecordType) -> Message {
         let names = Names::new(MD, "vm-a", VM);
-        Message::from_vec(&answer(&query(name, qtype), &names).unwrap()).unwrap()
+        match answer(&query(name, qtype), &names, false).unwrap() {
+            Answer::Reply(r) => Message::from_vec(&r).unwrap(),
+            Answer::Forward => panic!("forwarded without an upstream"),
+        }
     }
 
     fn a_records(m: &Message) -> Vec<Ipv4Addr> {
@@ -147,13 +168,34 @@ mod tests {
         assert_eq!(m.metadata.response_code, ResponseCode::Refused);
         assert!(m.answers.is_empty());
         let names = Names::new(MD, "vm-a", VM);
-        assert_eq!(answer(b"\x00\x01", &names), Err(DnsDrop::Malformed));
-        assert_eq!(answer(&[0u8; 600], &names), Err(DnsDrop::Malformed));
+        assert_eq!(answer(b"\x00\x01", &names, true), Err(DnsDrop::Malformed));
+        assert_eq!(answer(&[0u8; 600], &names, true), Err(DnsDrop::Malformed));
         let mut resp = Message::new(1, MessageType::Response, OpCode::Query);
         resp.add_query(Query::query(Name::from_ascii("a.").unwrap(), RecordType::A));
         assert_eq!(
-            answer(&resp.to_vec().unwrap(), &names),
+            answer(&resp.to_vec().unwrap(), &names, true),
             Err(DnsDrop::NotAQuery)
         );
+    }
+
+    #[test]
+    fn with_an_upstream_other_names_are_forwarded_and_own_names_still_answered() {
+        let names = Names::new(MD, "vm-a", VM);
+        let q = query("example.com", RecordType::A);
+        assert_eq!(answer(&q, &names, true), Ok(Answer::Forward));
+        let q = query("metadata.google.internal", RecordType::A);
+        let Ok(Answer::Reply(r)) = answer(&q, &names, true) else {
+            panic!("the metadata name is the bridge's own");
+        };
+        assert_eq!(a_records(&Message::from_vec(&r).unwrap()), vec![MD]);
+        // Two questions: FORMERR from the bridge, never forwarded.
+        let mut m = Message::new(5, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii("a.").unwrap(), RecordType::A));
+        m.add_query(Query::query(Name::from_ascii("b.").unwrap(), RecordType::A));
+        let Ok(Answer::Reply(r)) = answer(&m.to_vec().unwrap(), &names, true) else {
+            panic!("two questions forwarded");
+        };
+        let r = Message::from_vec(&r).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
     }
 }

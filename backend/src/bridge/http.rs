@@ -23,6 +23,10 @@ pub struct Request<'a> {
     pub flavor: Option<&'a [u8]>,
     /// Whether an `X-Forwarded-For` header was present (a proxied request: refused).
     pub forwarded: bool,
+    /// The session token header's value (`X-Metadata-Token`), if present.
+    pub session_token: Option<&'a [u8]>,
+    /// The session TTL header's value (`X-Metadata-Token-TTL-Seconds`), if present.
+    pub session_ttl: Option<&'a [u8]>,
     /// Whether the connection stays open after the response.
     pub keep_alive: bool,
     /// The body (`Content-Length` bytes).
@@ -96,6 +100,7 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
     };
     let mut flavor = None;
     let mut forwarded = false;
+    let (mut session_token, mut session_ttl) = (None, None);
     let mut content_length: Option<usize> = None;
     let mut keep_alive = version == 1;
     for h in req.headers.iter() {
@@ -104,6 +109,10 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
             flavor = Some(h.value);
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             forwarded = true;
+        } else if name.eq_ignore_ascii_case(super::session::TOKEN_HEADER) {
+            session_token = Some(h.value);
+        } else if name.eq_ignore_ascii_case(super::session::TTL_HEADER) {
+            session_ttl = Some(h.value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             return Parsed::Bad(Malformed::BadRequest("transfer-encoding is not supported"));
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -140,6 +149,8 @@ pub fn parse(buf: &[u8]) -> Parsed<'_> {
         query,
         flavor,
         forwarded,
+        session_token,
+        session_ttl,
         keep_alive,
         body,
     };
@@ -181,6 +192,8 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Close the connection after it.
     pub close: bool,
+    /// `X-Metadata-Token-TTL-Seconds`, on the answer to a session token PUT.
+    pub session_ttl: Option<u64>,
 }
 
 impl Response {
@@ -193,6 +206,7 @@ impl Response {
             location: None,
             body: body.into(),
             close: false,
+            session_ttl: None,
         }
     }
 
@@ -224,6 +238,9 @@ impl Response {
         if let Some(location) = &self.location {
             let _ = write!(head, "Location: {location}\r\n");
         }
+        if let Some(ttl) = self.session_ttl {
+            let _ = write!(head, "{}: {ttl}\r\n", super::session::TTL_HEADER);
+        }
         if self.close {
             head.push_str("Connection: close\r\n");
         }
@@ -242,6 +259,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         301 => "Moved Permanently",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -249,7 +267,9 @@ fn reason(status: u16) -> &'static str {
         413 => "Payload Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Error",
     }
 }

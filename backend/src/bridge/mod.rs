@@ -6,13 +6,17 @@
 //!   and state in, a response (or what to fetch first) out.
 //! - [`dns`]: answers for `metadata.google.internal` and the VM's own name, pure.
 
+mod bridged;
 mod conn;
 pub mod counters;
 pub mod dns;
+pub mod dns_forward;
 pub mod http;
 pub mod netif;
 pub mod routes;
 pub mod server;
+pub mod service;
+pub mod session;
 pub mod source;
 pub mod thread;
 pub mod tree;

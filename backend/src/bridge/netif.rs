@@ -104,6 +104,18 @@ impl Device for Queues {
     }
 }
 
+/// A TCP socket listening on `port`.
+fn listener(port: u16) -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; TCP_RX]),
+        tcp::SocketBuffer::new(vec![0; TCP_TX]),
+    );
+    // Responses are written whole: no reason to hold a segment back for an ACK.
+    s.set_nagle_enabled(false);
+    let _ = s.listen(port);
+    s
+}
+
 /// The interface, its sockets and its queues.
 pub struct NetIf {
     /// smoltcp's interface.
@@ -114,6 +126,8 @@ pub struct NetIf {
     pub sockets: SocketSet<'static>,
     /// The TCP listener pool (one socket per concurrent connection).
     pub tcp: Vec<SocketHandle>,
+    /// The port each TCP socket listens on (80, or a bridged service's).
+    pub ports: Vec<u16>,
     /// The DNS socket.
     pub udp: SocketHandle,
 }
@@ -138,16 +152,7 @@ impl NetIf {
         let _ = iface.routes_mut().add_default_ipv4_route(METADATA_IP);
         let mut sockets = SocketSet::new(Vec::new());
         let tcp = (0..max_conns.max(1))
-            .map(|_| {
-                let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; TCP_RX]),
-                    tcp::SocketBuffer::new(vec![0; TCP_TX]),
-                );
-                // Responses are written whole: no reason to hold a segment back for an ACK.
-                s.set_nagle_enabled(false);
-                let _ = s.listen(HTTP_PORT);
-                sockets.add(s)
-            })
+            .map(|_| sockets.add(listener(HTTP_PORT)))
             .collect();
         let meta = || vec![udp::PacketMetadata::EMPTY; UDP_PACKETS];
         let mut dns = udp::Socket::new(
@@ -160,8 +165,17 @@ impl NetIf {
             iface,
             queues,
             sockets,
+            ports: vec![HTTP_PORT; max_conns.max(1)],
             tcp,
             udp,
+        }
+    }
+
+    /// Adds `n` TCP sockets listening on `port`.
+    pub fn add_listeners(&mut self, port: u16, n: usize) {
+        for _ in 0..n {
+            self.tcp.push(self.sockets.add(listener(port)));
+            self.ports.push(port);
         }
     }
 

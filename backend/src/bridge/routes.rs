@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::http::{Request, Response};
+use super::session::{self, SessionRefusal, Sessions};
 use super::source::{AccessToken, IdentityToken, VmMetadata};
 use super::tree::{self, Node};
 
@@ -116,6 +117,8 @@ pub struct State<'a> {
     pub cached: Option<&'a Cached>,
     /// Held tokens.
     pub tokens: &'a TokenCache,
+    /// Live metadata session tokens.
+    pub sessions: &'a Sessions,
     /// Now.
     pub now: Instant,
     /// The request already waited (its hanging GET timed out, or it is re-asked after a
@@ -145,6 +148,11 @@ pub enum Decision {
         /// How long at most.
         timeout: Duration,
     },
+    /// Issue a metadata session token valid for `ttl` and answer it (with IP TTL 1).
+    NewSession {
+        /// Its lifetime.
+        ttl: Duration,
+    },
     /// Write a guest attribute through to the registry, then answer 200.
     PutGuestAttribute {
         /// Namespace.
@@ -170,6 +178,45 @@ pub fn unavailable() -> Response {
     Response::text(503, "metadata temporarily unavailable\n")
 }
 
+/// 401: a metadata session token is required and missing, or it is not live.
+pub fn unauthorized(why: SessionRefusal) -> Response {
+    Response::text(
+        401,
+        match why {
+            SessionRefusal::Missing => "metadata session token required: PUT /computeMetadata/v1/token with X-Metadata-Token-TTL-Seconds, then send it as X-Metadata-Token\n",
+            SessionRefusal::Invalid => "metadata session token invalid or expired\n",
+        },
+    )
+}
+
+/// `PUT /computeMetadata/v1/token`, and the session check of every other request: `None` when
+/// the request may go on.
+fn session_gate(req: &Request<'_>, state: &State<'_>) -> Option<Decision> {
+    if req.path == session::TOKEN_PATH {
+        if req.method != "PUT" {
+            return Some(reply(405, "Method Not Allowed"));
+        }
+        return Some(match session::parse_ttl(req.session_ttl) {
+            Ok(ttl) => Decision::NewSession { ttl },
+            Err(why) => reply(400, why),
+        });
+    }
+    let Some(cached) = state.cached else {
+        // Whether the network requires sessions is not known yet: nothing is served without
+        // a live token (and nothing but tokens could be served anyway).
+        return match state.sessions.check(req.session_token, true, state.now) {
+            Ok(()) => None,
+            Err(SessionRefusal::Missing) => Some(Decision::Reply(unavailable())),
+            Err(why) => Some(Decision::Reply(unauthorized(why))),
+        };
+    };
+    let required = cached.metadata.project.require_session_token;
+    match state.sessions.check(req.session_token, required, state.now) {
+        Ok(()) => None,
+        Err(why) => Some(Decision::Reply(unauthorized(why))),
+    }
+}
+
 /// Routes one request.
 pub fn route(req: &Request<'_>, state: &State<'_>) -> Decision {
     if req.forwarded {
@@ -181,6 +228,9 @@ pub fn route(req: &Request<'_>, state: &State<'_>) -> Decision {
     }
     if req.flavor != Some(b"Google") {
         return reply(403, "Missing required header: \"Metadata-Flavor: Google\"");
+    }
+    if let Some(d) = session_gate(req, state) {
+        return d;
     }
     if req.path == "/computeMetadata/" || req.path == "/computeMetadata" {
         return listing_or_redirect(req, "/computeMetadata/", "v1/\n");

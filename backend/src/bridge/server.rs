@@ -10,14 +10,16 @@ use vnp_protocol::wire::{ipv4, tcp};
 
 use super::conn::{Conn, Phase};
 use super::counters::BridgeCounters;
-use super::dns::{self, DnsDrop, Names};
+use super::dns::{self, Answer, DnsDrop, Names};
 use super::netif::{NetIf, HTTP_PORT, MAX_QUEUED};
 use super::routes::{Cached, HeldToken, TokenCache};
+use super::service::{ServiceError, ServiceSpec};
+use super::session::Sessions;
 use super::source::{AccessToken, IdentityToken, SourceError, VmMetadata};
 use crate::edge::icmp::TokenBucket;
 
 /// Limits of one VM's bridge.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BridgeLimits {
     /// Concurrent TCP connections (hanging GETs included).
     pub max_conns: usize,
@@ -54,6 +56,17 @@ pub enum Job {
         audience: String,
         /// Full format.
         full: bool,
+    },
+    /// Forward a request to a bridged service (its own thread: `service::exchange`).
+    Proxy {
+        /// Connection slot.
+        conn: usize,
+        /// Its generation.
+        generation: u64,
+        /// Where to.
+        upstream: std::net::SocketAddr,
+        /// The request, the VM's identity token added.
+        request: Vec<u8>,
     },
     /// Write a guest attribute; `conn`/`generation` name the connection waiting for it.
     Put {
@@ -93,6 +106,15 @@ pub enum JobDone {
         /// Result.
         result: Result<(), SourceError>,
     },
+    /// A bridged service's answer.
+    Proxy {
+        /// Connection slot.
+        conn: usize,
+        /// Its generation.
+        generation: u64,
+        /// The whole response, or why there is none.
+        result: Result<Vec<u8>, ServiceError>,
+    },
 }
 
 /// The state of one VM's bridge.
@@ -101,6 +123,7 @@ pub struct Server {
     pub(super) conns: Vec<Conn>,
     pub(super) cached: Option<Cached>,
     pub(super) tokens: TokenCache,
+    pub(super) sessions: Sessions,
     pub(super) limits: BridgeLimits,
     pub(super) rate: TokenBucket,
     pub(super) counters: Arc<BridgeCounters>,
@@ -110,6 +133,12 @@ pub struct Server {
     pub(super) minting: Vec<Job>,
     names: Names,
     next_generation: u64,
+    /// Other names go to the upstream resolver (one is configured).
+    forward_dns: bool,
+    /// Bridged services, by the port guests reach them on.
+    pub(super) services: Vec<ServiceSpec>,
+    /// Queries for the upstream, with where their answers go (drained by the thread).
+    dns_queries: Vec<(Vec<u8>, udp::UdpMetadata)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -137,6 +166,7 @@ impl Server {
             conns,
             cached: None,
             tokens: TokenCache::default(),
+            sessions: Sessions::default(),
             limits,
             rate: TokenBucket::new(limits.rate_per_sec, limits.burst, now),
             counters,
@@ -144,6 +174,28 @@ impl Server {
             minting: Vec::new(),
             names,
             next_generation: 0,
+            forward_dns: false,
+            services: Vec::new(),
+            dns_queries: Vec::new(),
+        }
+    }
+
+    /// From now on, names the bridge does not serve are forwarded (`take_dns_queries`).
+    pub fn forward_dns(&mut self, on: bool) {
+        self.forward_dns = on;
+    }
+
+    /// Takes the queries to forward to the upstream resolver.
+    pub fn take_dns_queries(&mut self) -> Vec<(Vec<u8>, udp::UdpMetadata)> {
+        std::mem::take(&mut self.dns_queries)
+    }
+
+    /// The upstream's answer to a forwarded query (its id already the guest's).
+    pub fn dns_answer(&mut self, answer: &[u8], to: udp::UdpMetadata) {
+        let socket = self.netif.sockets.get_mut::<udp::Socket>(self.netif.udp);
+        match socket.send_slice(answer, to) {
+            Ok(()) => BridgeCounters::bump(&self.counters.dns_forward_answered),
+            Err(_) => BridgeCounters::bump(&self.counters.dns_forward_dropped),
         }
     }
 
@@ -211,6 +263,14 @@ impl Server {
                 result,
             } => {
                 self.put_done(conn, generation, result);
+                return;
+            }
+            JobDone::Proxy {
+                conn,
+                generation,
+                result,
+            } => {
+                self.proxy_done(conn, generation, result);
                 return;
             }
         };
@@ -296,8 +356,8 @@ impl Server {
     fn serve_dns(&mut self) {
         let socket = self.netif.sockets.get_mut::<udp::Socket>(self.netif.udp);
         while let Ok((query, meta)) = socket.recv() {
-            match dns::answer(query, &self.names) {
-                Ok(reply) => {
+            match dns::answer(query, &self.names, self.forward_dns) {
+                Ok(Answer::Reply(reply)) => {
                     let refused = reply.get(3).is_some_and(|b| b & 0x0f == 5);
                     BridgeCounters::bump(if refused {
                         &self.counters.dns_refused
@@ -306,6 +366,7 @@ impl Server {
                     });
                     let _ = socket.send_slice(&reply, meta);
                 }
+                Ok(Answer::Forward) => self.dns_queries.push((query.to_vec(), meta)),
                 Err(DnsDrop::Malformed | DnsDrop::NotAQuery) => {
                     BridgeCounters::bump(&self.counters.dns_malformed)
                 }

@@ -69,6 +69,9 @@ pub struct ProjectMetadata {
     /// Project-wide attributes.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// The network requires metadata session tokens (`session.rs`).
+    #[serde(default)]
+    pub require_session_token: bool,
 }
 
 /// A minted access token.

@@ -4,7 +4,8 @@
 //! registry calls (token mints, guest-attribute writes) one at a time. A slow registry delays
 //! only the requests that need it, never a packet of the data path.
 
-use std::net::Ipv4Addr;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -13,12 +14,17 @@ use std::time::{Duration, Instant};
 
 use super::counters::BridgeCounters;
 use super::dns::Names;
+use super::dns_forward::{ForwardDrop, Pending, MAX_PENDING};
 use super::server::{BridgeLimits, Job, JobDone, Server};
+use super::service::{self, ServiceSpec};
 use super::source::{MetadataSource, VmMetadata};
 use super::METADATA_IP;
+use smoltcp::socket::udp::UdpMetadata;
 
 /// Packets and answers waiting for the bridge thread; beyond it, guest packets are dropped.
 const INBOX: usize = 1024;
+/// Concurrent guest connections per bridged service.
+const SERVICE_LISTENERS: usize = 4;
 /// Long-poll time of one metadata request.
 const METADATA_POLL: Duration = Duration::from_secs(20);
 /// Pause after a failed metadata request.
@@ -26,6 +32,7 @@ const METADATA_RETRY: Duration = Duration::from_secs(1);
 
 enum Msg {
     Packet(Vec<u8>),
+    DnsAnswer(Vec<u8>, UdpMetadata),
     Metadata(Box<VmMetadata>),
     Done(JobDone),
     Stop,
@@ -44,6 +51,10 @@ pub struct BridgeSpec {
     pub mtu: u16,
     /// Limits.
     pub limits: BridgeLimits,
+    /// The resolver other names are forwarded to (`[bridge] dns_upstream`); `None`: REFUSED.
+    pub dns_upstream: Option<SocketAddr>,
+    /// Bridged services (`[[bridge.services]]`).
+    pub services: Vec<ServiceSpec>,
 }
 
 /// Where the TX workers post packets for the bridge. Never blocks.
@@ -54,6 +65,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Msg::Packet(_) => "Packet",
+            Msg::DnsAnswer(..) => "DnsAnswer",
             Msg::Metadata(_) => "Metadata",
             Msg::Done(_) => "Done",
             Msg::Stop => "Stop",
@@ -115,16 +127,29 @@ impl Bridge {
                 .name(format!("md-call-{short}"))
                 .spawn(move || call_registry(&*source, &id, &jobs_rx, &tx))?;
         }
-        let server = Server::new(
+        let mut server = Server::new(
             Names::new(METADATA_IP, &spec.hostname, spec.vm_ip),
             usize::from(spec.mtu),
             spec.limits,
             counters.clone(),
             Instant::now(),
         );
+        for spec in &spec.services {
+            server.add_service(spec.clone(), SERVICE_LISTENERS);
+        }
+        let mut dns = None;
+        if let Some(upstream) = spec.dns_upstream {
+            let (queries_tx, queries_rx) = mpsc::sync_channel(MAX_PENDING);
+            let (tx, counters) = (tx.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name(format!("md-dns-{short}"))
+                .spawn(move || forward_dns(upstream, &queries_rx, &tx, &counters))?;
+            server.forward_dns(true);
+            dns = Some(queries_tx);
+        }
         let thread = std::thread::Builder::new()
             .name(format!("md-bridge-{short}"))
-            .spawn(move || run(server, &rx, &jobs_tx, &deliver))?;
+            .spawn(move || run(server, &rx, &jobs_tx, dns.as_ref(), &deliver))?;
         Ok(Bridge {
             inbox: Inbox(tx),
             stop,
@@ -156,8 +181,16 @@ impl Drop for Bridge {
     }
 }
 
+type DnsQueries = SyncSender<(Vec<u8>, UdpMetadata)>;
+
 /// The bridge thread.
-fn run(mut server: Server, rx: &Receiver<Msg>, jobs: &mpsc::Sender<Job>, deliver: &Deliver) {
+fn run(
+    mut server: Server,
+    rx: &Receiver<Msg>,
+    jobs: &mpsc::Sender<Job>,
+    dns: Option<&DnsQueries>,
+    deliver: &Deliver,
+) {
     loop {
         let wait = server.step(Instant::now());
         let out = server.take_packets_to_guest();
@@ -166,6 +199,11 @@ fn run(mut server: Server, rx: &Receiver<Msg>, jobs: &mpsc::Sender<Job>, deliver
         }
         for job in server.take_jobs() {
             let _ = jobs.send(job);
+        }
+        for query in server.take_dns_queries() {
+            if dns.is_none_or(|d| d.try_send(query).is_err()) {
+                BridgeCounters::bump(&server.counters.dns_forward_dropped);
+            }
         }
         let msg = match rx.recv_timeout(wait) {
             Ok(m) => m,
@@ -178,6 +216,7 @@ fn run(mut server: Server, rx: &Receiver<Msg>, jobs: &mpsc::Sender<Job>, deliver
             let now = Instant::now();
             match msg {
                 Msg::Packet(p) => server.packet_from_guest(p),
+                Msg::DnsAnswer(a, to) => server.dns_answer(&a, to),
                 Msg::Metadata(md) => server.metadata(*md, now),
                 Msg::Done(d) => server.job_done(d, now),
                 Msg::Stop => return,
@@ -243,9 +282,121 @@ fn call_registry(
                 generation,
                 result: source.put_guest_attribute(vm_id, &namespace, &key, &value),
             },
+            Job::Proxy {
+                conn,
+                generation,
+                upstream,
+                request,
+            } => {
+                // Its own thread: a slow service must not hold up token mints (the bridge
+                // bounds how many run at once).
+                let tx = tx.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("md-service".into())
+                        .spawn(move || {
+                            let result = service::exchange(upstream, &request);
+                            let _ = tx.send(Msg::Done(JobDone::Proxy {
+                                conn,
+                                generation,
+                                result,
+                            }));
+                        });
+                match spawned {
+                    Ok(_) => continue,
+                    Err(e) => JobDone::Proxy {
+                        conn,
+                        generation,
+                        result: Err(service::ServiceError::Connect(e.to_string())),
+                    },
+                }
+            }
         };
         if tx.send(Msg::Done(done)).is_err() {
             return;
         }
+    }
+}
+
+/// Socket read wait while forwarded queries are pending (also how long a new query may wait
+/// behind it).
+const DNS_POLL: Duration = Duration::from_millis(5);
+
+/// The DNS forwarder thread: the guest's queries for other names to `upstream` over UDP (one
+/// connected socket, so the kernel drops datagrams from anyone else), answers back to the
+/// bridge thread. Ends when the bridge thread does.
+fn forward_dns(
+    upstream: SocketAddr,
+    queries: &Receiver<(Vec<u8>, UdpMetadata)>,
+    tx: &SyncSender<Msg>,
+    counters: &BridgeCounters,
+) {
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(bind).and_then(|s| s.connect(upstream).map(|()| s));
+    let random = std::fs::File::open("/dev/urandom");
+    let (socket, mut random) = match (socket, random) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => {
+            log::error!("bridge: DNS forwarding to {upstream} disabled: {e}");
+            // Drain and count what the guest sends, so nothing waits forever.
+            while queries.recv().is_ok() {
+                BridgeCounters::bump(&counters.dns_forward_dropped);
+            }
+            return;
+        }
+    };
+    let _ = socket.set_read_timeout(Some(DNS_POLL));
+    let mut pending: Pending<UdpMetadata> = Pending::default();
+    let mut buf = [0u8; 2048];
+    loop {
+        let next = if pending.is_empty() {
+            queries.recv_timeout(Duration::from_secs(1))
+        } else {
+            queries.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        };
+        match next {
+            Ok((query, guest)) => {
+                let sent = (0..4)
+                    .find_map(|_| {
+                        let mut id = [0u8; 2];
+                        random.read_exact(&mut id).ok()?;
+                        match pending.start(&query, guest, u16::from_be_bytes(id), Instant::now()) {
+                            Err(ForwardDrop::IdInUse) => None,
+                            other => Some(other),
+                        }
+                    })
+                    .and_then(Result::ok)
+                    .is_some_and(|out| socket.send(&out).is_ok());
+                BridgeCounters::bump(if sent {
+                    &counters.dns_forwarded
+                } else {
+                    &counters.dns_forward_dropped
+                });
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(n) = socket.recv(&mut buf) {
+            match pending.finish(&buf[..n]) {
+                Ok((answer, guest)) => {
+                    if tx.send(Msg::DnsAnswer(answer, guest)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => BridgeCounters::bump(&counters.dns_forward_dropped),
+            }
+        }
+        let expired = pending.expire(Instant::now()) as u64;
+        counters
+            .dns_forward_timeouts
+            .fetch_add(expired, Ordering::Relaxed);
     }
 }

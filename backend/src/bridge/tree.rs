@@ -249,6 +249,7 @@ pub(crate) mod tests {
             project: ProjectMetadata {
                 project_id: "proj".into(),
                 attributes: BTreeMap::new(),
+                require_session_token: false,
             },
             guest_attributes: guest,
         }

@@ -4,6 +4,7 @@
 //! every bad value has a unit-tested, clear error. Unknown keys are refused: a typo in an
 //! operator's file must not silently fall back to a default.
 
+mod bridge;
 mod sections;
 
 use serde::Deserialize;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use crate::control::fair::RequestRate;
 use crate::datapath::vhost_socket::SocketAccess;
+pub use bridge::BridgeConfig;
 use sections::{RawTokenRequests, RawVhostUser};
 
 /// Default path of the configuration file.
@@ -95,6 +97,8 @@ struct RawConfig {
     vhost_user: RawVhostUser,
     #[serde(default)]
     token_requests: RawTokenRequests,
+    #[serde(default)]
+    bridge: bridge::RawBridge,
 }
 
 /// Embedded defaults, shown to operators by `vnpd --print-default-config`.
@@ -150,6 +154,24 @@ socket_mode = 0o660
 # in turn, and refreshes of tokens in use go first (docs/operations.md).
 per_sec = 20
 burst = 100
+
+[bridge]
+# The service bridge's DNS (docs/metadata.md): it answers metadata.google.internal and each VM's
+# own name; other names go to this resolver (ip:port, UDP, 2 s timeout) or, when it is "off",
+# are answered REFUSED.
+dns_upstream = "off"
+# Metadata requests each VM may make (its HTTP requests to the bridge, all ports): a bucket of
+# request_burst refilled at requests_per_sec; beyond it, 429.
+requests_per_sec = 50
+request_burst = 100
+# External services on the host network that guests reach at 169.254.169.254:<port>; each
+# request gets the VM's identity token (audience: `audience`, default the name) as
+# "Authorization: Bearer ..." (US20140282510). For example:
+# [[bridge.services]]
+# name = "inventory"
+# port = 8080
+# upstream = "198.18.0.10:9000"
+# audience = "https://inventory.internal"
 "#;
 
 /// Validated vnpd configuration.
@@ -195,6 +217,8 @@ pub struct VnpdConfig {
     pub vhost_user_socket: SocketAccess,
     /// Per-VM rate of registry requests for new destinations.
     pub token_requests: RequestRate,
+    /// The service bridge (`[bridge]`).
+    pub bridge: BridgeConfig,
 }
 
 /// Command-line overrides (each `Some` replaces the file's value).
@@ -260,6 +284,7 @@ fn merge(base: RawConfig, over: RawConfig) -> RawConfig {
         },
         vhost_user: base.vhost_user.merge(over.vhost_user),
         token_requests: base.token_requests.merge(over.token_requests),
+        bridge: base.bridge.merge(over.bridge),
     }
 }
 
@@ -362,6 +387,7 @@ impl VnpdConfig {
             registry_client_key: registry.client_key,
             vhost_user_socket: raw.vhost_user.validate()?,
             token_requests: raw.token_requests.validate()?,
+            bridge: raw.bridge.validate()?,
         })
     }
 
@@ -595,6 +621,66 @@ client_key = "/etc/vnp/host-key.pem"
         let e = load(&format!("underlay_mtu = \"big\"\n{MINIMAL}")).unwrap_err();
         let m = e.to_string();
         assert!(m.contains("/t/vnpd.toml") && m.contains("line 1"), "{m}");
+    }
+
+    #[test]
+    fn bridge_dns_upstream() {
+        assert_eq!(load(MINIMAL).unwrap().bridge.dns_upstream, None, "off");
+        let c = load(&format!(
+            "{MINIMAL}\n[bridge]\ndns_upstream = \"10.0.0.53:53\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.bridge.dns_upstream, Some("10.0.0.53:53".parse().unwrap()));
+        for bad in ["10.0.0.53", "0.0.0.0:53", "10.0.0.53:0", "dns.example:53"] {
+            let e = load(&format!("{MINIMAL}\n[bridge]\ndns_upstream = \"{bad}\"\n")).unwrap_err();
+            assert!(e.to_string().contains("bridge.dns_upstream"), "{bad}: {e}");
+        }
+        let e = load(&format!("{MINIMAL}\n[bridge]\ndns = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("dns"), "{e}");
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.bridge.limits, crate::bridge::BridgeLimits::default());
+        let c = load(&format!(
+            "{MINIMAL}\n[bridge]\nrequests_per_sec = 5000\nrequest_burst = 9\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.bridge.limits.rate_per_sec, c.bridge.limits.burst),
+            (5000, 9)
+        );
+        let e = load(&format!("{MINIMAL}\n[bridge]\nrequest_burst = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("bridge.request_burst"), "{e}");
+    }
+
+    #[test]
+    fn bridge_services() {
+        let svc = |name: &str, port: u16| {
+            format!("[[bridge.services]]\nname = \"{name}\"\nport = {port}\nupstream = \"198.18.0.10:9000\"\n")
+        };
+        let c = load(&format!(
+            "{MINIMAL}\n{}{}",
+            svc("inv", 8080),
+            svc("logs", 8081)
+        ))
+        .unwrap();
+        assert_eq!(c.bridge.services.len(), 2);
+        assert_eq!(c.bridge.services[0].audience, "inv", "the name by default");
+        assert_eq!(
+            c.bridge.services[1].upstream,
+            "198.18.0.10:9000".parse().unwrap()
+        );
+        for (bad, key) in [
+            (svc("inv", 80), "port"),
+            (svc("inv", 53), "port"),
+            (svc("Inv!", 8080), "name"),
+            (svc("a", 8080) + &svc("b", 8080), "share"),
+            (
+                svc("a", 8080).replace("198.18.0.10:9000", "nowhere"),
+                "upstream",
+            ),
+        ] {
+            let e = load(&format!("{MINIMAL}\n{bad}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

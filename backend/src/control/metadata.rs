@@ -72,6 +72,7 @@ pub fn from_registry(md: reg::VmMetadata) -> VmMetadata {
         project: ProjectMetadata {
             project_id: md.project.project_id,
             attributes: md.project.attributes,
+            require_session_token: md.project.require_session_token,
         },
     }
 }

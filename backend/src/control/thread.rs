@@ -11,9 +11,10 @@
 
 use super::book::{Admission, PairKey, PeerIndex, RequestBook};
 use super::fair::RequestRate;
+use crate::datapath::hairpin::HairpinTarget;
 use crate::datapath::{ControlPlane, PeerToken, RefusalReason, VmPort};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -28,11 +29,15 @@ const TICK: Duration = Duration::from_secs(1);
 const WATCH_POLL: Duration = Duration::from_secs(5);
 /// Pause after a failed watch request.
 const WATCH_RETRY: Duration = Duration::from_secs(2);
+/// A hint-driven lookup of a pair goes to the registry at most this often (milliseconds).
+const RECHECK_MIN_MS: u64 = 200;
 /// Most requests kept for a VM whose port is not registered yet.
 const MAX_ORPHANS: usize = 1024;
 
 enum Msg {
     Token(PairKey),
+    /// An endpoint-moved hint: fetch the pair's token again (rate-limited by the book).
+    Recheck(PairKey),
     AddPort {
         vm_id: String,
         port: Arc<VmPort>,
@@ -94,6 +99,10 @@ impl ControlHandle {
 impl ControlPlane for ControlHandle {
     fn request_token(&self, src_vm: &str, dst: Ipv4Addr) {
         ControlHandle::request_token(self, src_vm, dst)
+    }
+
+    fn recheck_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        let _ = self.tx.send(Msg::Recheck(PairKey::new(src_vm, dst)));
     }
 }
 
@@ -275,6 +284,15 @@ impl Worker {
     fn handle(&mut self, m: Msg) -> bool {
         match m {
             Msg::Token(key) => self.request(key),
+            Msg::Recheck(key) => {
+                let min_interval = RECHECK_MIN_MS;
+                if self.ports.contains_key(&key.src_vm)
+                    && self.book.refresh(key.clone(), self.now_ms(), min_interval)
+                        == Admission::Queued
+                {
+                    log::info!("control: {} may have moved: asking again", key.dst);
+                }
+            }
             Msg::AddPort { vm_id, port } => {
                 log::debug!("control: port of {vm_id} registered");
                 self.ports.insert(vm_id.clone(), port);
@@ -402,6 +420,7 @@ impl Worker {
                 | ChangeKind::Moved
                 | ChangeKind::SecretRotated
                 | ChangeKind::Deleted => {
+                    self.follow_local_vm(c);
                     let mut ips = self.peers.take(&c.vm);
                     if !ips.is_empty() {
                         log::info!("control: peer {} changed ({:?}): re-asking", c.vm, c.kind);
@@ -423,6 +442,19 @@ impl Worker {
                     c.vm
                 );
             }
+        }
+    }
+
+    /// A change of a VM served here: when its endpoint moved to another host (a live
+    /// migration), the port forwards stragglers there; when it is back here, it stops.
+    fn follow_local_vm(&self, c: &vnp_registry_client::VmChange) {
+        let Some(port) = self.ports.get(&c.vm) else {
+            return;
+        };
+        match local_vm_move(c, port.udp_addr()) {
+            Some(LocalMove::Back) => port.stop_hairpin(),
+            Some(LocalMove::Away(target)) => port.start_hairpin(target),
+            None => {}
         }
     }
 
@@ -449,6 +481,29 @@ impl Worker {
             }
         }
     }
+}
+
+/// What a watch change means for a VM served here at `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LocalMove {
+    /// Its endpoint is elsewhere now: forward stragglers there.
+    Away(HairpinTarget),
+    /// Its endpoint is this port again.
+    Back,
+}
+
+/// Reads a watch change of a VM served here (at `local`). Pure.
+fn local_vm_move(c: &vnp_registry_client::VmChange, local: SocketAddrV4) -> Option<LocalMove> {
+    let ep = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted)?;
+    let to = SocketAddrV4::new(ep.host_addr, ep.port);
+    Some(if to == local {
+        LocalMove::Back
+    } else {
+        LocalMove::Away(HairpinTarget {
+            to,
+            generation: ep.generation,
+        })
+    })
 }
 
 fn watch_loop(client: RegistryClient, tx: Sender<Msg>, stop: &AtomicBool) {
@@ -489,6 +544,49 @@ mod tests {
             code,
             message: String::new(),
         }
+    }
+
+    #[test]
+    fn a_local_vm_whose_endpoint_moves_away_is_hairpinned_and_stops_when_back() {
+        let local = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 7000);
+        let change = |kind, endpoint: Option<(Ipv4Addr, u16)>| vnp_registry_client::VmChange {
+            generation: 9,
+            vm: "vm-a".into(),
+            kind,
+            host: Some("h2".into()),
+            endpoint: endpoint.map(|(host_addr, port)| vnp_registry_client::Endpoint {
+                host_addr,
+                port,
+                generation: 4,
+            }),
+            secret_generation: 1,
+            ip: None,
+        };
+        let there = (Ipv4Addr::new(198, 18, 0, 2), 7100);
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local),
+            Some(LocalMove::Away(HairpinTarget {
+                to: SocketAddrV4::new(there.0, there.1),
+                generation: 4
+            }))
+        );
+        // The same host, another port: moved all the same.
+        let other_port = (*local.ip(), 7001);
+        assert!(matches!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(other_port)), local),
+            Some(LocalMove::Away(_))
+        ));
+        let here = (*local.ip(), local.port());
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local),
+            Some(LocalMove::Back)
+        );
+        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
+        assert_eq!(local_vm_move(&change(ChangeKind::Moved, None), local), None);
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local),
+            None
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! - [`rx_check`]: the receive checks of the patent's FIG. 6 (pure).
 //! - [`peers`]: tokens per destination and the bounded pending queues.
 //! - [`nat_hook`]: off-network traffic: NAT on TX and RX, to and from the gateway.
+//! - [`hairpin`]: live migration, source side: stragglers forwarded to the VM's new host;
+//!   [`moved_hint`]: the endpoint-moved hint their senders get (a registry lookup, nothing more).
 //! - [`handoff`]: packets that waited for a token, on their way to the worker that queued them.
 //! - [`udp`]: sockets and the batched system calls.
 //! - [`worker`]: [`worker::PairWorker`], the device's handler of one queue pair: dispatch, edge
@@ -22,7 +24,9 @@
 
 pub mod edge_link;
 pub mod frame;
+pub mod hairpin;
 pub mod handoff;
+pub mod moved_hint;
 pub mod nat_hook;
 pub mod offload_batch;
 pub mod peers;
@@ -87,6 +91,13 @@ pub struct VmAttachment {
 pub trait ControlPlane: Send + Sync + 'static {
     /// Never blocks: asks the control thread for a token `src_vm -> dst`.
     fn request_token(&self, src_vm: &str, dst: Ipv4Addr);
+
+    /// Never blocks: `dst` may have moved (an endpoint-moved hint): asks the registry for the
+    /// pair's token again, rate-limited, while the current token stays in use. By default an
+    /// ordinary request.
+    fn recheck_token(&self, src_vm: &str, dst: Ipv4Addr) {
+        self.request_token(src_vm, dst)
+    }
 }
 
 /// A token for one (local VM -> destination address) pair, as the registry grants it or as a

@@ -358,6 +358,13 @@ impl PeerTable {
         pending.queues.remove(&dst).map_or(0, |q| q.packets.len())
     }
 
+    /// Where traffic to `dst` goes now (the endpoint of its token), if it has one.
+    pub fn endpoint_of(&self, dst: Ipv4Addr) -> Option<std::net::SocketAddrV4> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
+        let t = tokens.get(&dst)?.token;
+        Some(std::net::SocketAddrV4::new(t.dst_host, t.dst_port))
+    }
+
     /// Destinations whose token expires before `t` (never-expiring tokens excluded).
     pub fn expiring_before(&self, t: Expiry) -> Vec<Ipv4Addr> {
         self.tokens

@@ -16,7 +16,9 @@ use vnp_protocol::wire::options::ReturnToken;
 
 use super::edge_link::{self, EdgeLink};
 use super::frame::GuestNet;
+use super::hairpin::{Hairpin, HairpinLifetime, HairpinTarget};
 use super::handoff::{HandedOff, Handoff};
+use super::moved_hint::{self, RateGate};
 use super::peers::{Enqueued, PeerEntry, PeerTable, PendingLimits, WaitingPacket};
 use super::rx_check::{ExpiryPolicy, RxContext};
 use super::serve::serve;
@@ -96,6 +98,8 @@ pub struct PortCore {
     bridge: OnceLock<Inbox>,
     /// Given to each connection's device (live migration: the resume on a destination).
     pub(crate) device_start: Option<DeviceStartHook>,
+    /// Endpoint-moved hints acted on, per moved VM (`moved_hint`).
+    pub(super) moved_hints: Mutex<RateGate<Ipv4Addr>>,
 }
 
 impl std::fmt::Debug for PortCore {
@@ -251,6 +255,8 @@ pub struct VmPort {
     thread: Option<JoinHandle<()>>,
     socket_path: PathBuf,
     bridge: Mutex<Option<Bridge>>,
+    /// Forwarding to the VM's new host after it migrated away.
+    hairpin: Mutex<Option<Hairpin>>,
 }
 
 impl std::fmt::Debug for VmPort {
@@ -357,6 +363,10 @@ impl VmPort {
             nat: Default::default(),
             bridge: OnceLock::new(),
             device_start,
+            moved_hints: Mutex::new(RateGate::new(
+                moved_hint::RECHECK_INTERVAL,
+                moved_hint::RECHECK_VMS,
+            )),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let active = Arc::new(Mutex::new(None));
@@ -383,6 +393,7 @@ impl VmPort {
             thread: Some(thread),
             socket_path: att.socket_path,
             bridge: Mutex::new(None),
+            hairpin: Mutex::new(None),
         })
     }
 
@@ -423,6 +434,43 @@ impl VmPort {
             .drop_packets(DropReason::TxPendingDiscarded, n as u64);
     }
 
+    /// The registry says the VM now lives at `target` (it migrated away): datagrams still
+    /// arriving here are forwarded there for a bounded time (`hairpin`). Once per target: a
+    /// hairpin whose lifetime ended is not started again for the same move.
+    pub fn start_hairpin(&self, target: HairpinTarget) {
+        let mut slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|h| h.target() == target) {
+            return;
+        }
+        drop(slot.take());
+        match Hairpin::start(self.core.clone(), target, HairpinLifetime::default()) {
+            Ok(h) => *slot = Some(h),
+            Err(e) => log::error!("vm {}: cannot start forwarding: {e}", self.core.vm_id),
+        }
+    }
+
+    /// The VM's endpoint is this port's again: no more forwarding.
+    pub fn stop_hairpin(&self) {
+        drop(
+            self.hairpin
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
+    }
+
+    /// Whether the VM migrated away from this port (a hairpin was started, running or not).
+    pub fn has_departed(&self) -> bool {
+        let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        slot.is_some()
+    }
+
+    /// Whether a hairpin runs now (started and its lifetime not over).
+    pub fn hairpinning(&self) -> bool {
+        let slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().is_some_and(|h| !h.finished())
+    }
+
     /// The VM's NAT port blocks (at attach, and whenever the registry grows them).
     pub fn set_nat_blocks(&self, blocks: &[crate::nat::PortBlock]) {
         self.core.nat.set_blocks(blocks, &self.core.counters);
@@ -440,6 +488,7 @@ impl VmPort {
         &self,
         source: Arc<dyn MetadataSource>,
         limits: BridgeLimits,
+        config: &crate::config::BridgeConfig,
     ) -> Result<(), PortError> {
         let mut slot = self.bridge.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
@@ -454,6 +503,8 @@ impl VmPort {
             hostname: self.core.edge.hostname().to_string(),
             mtu: self.core.net.mtu,
             limits,
+            dns_upstream: config.dns_upstream,
+            services: config.services.clone(),
         };
         let core = self.core.clone();
         let bridge = Bridge::start(
@@ -487,8 +538,9 @@ impl VmPort {
         let Some(thread) = self.thread.take() else {
             return;
         };
-        // The bridge first: its thread holds the port's core.
+        // The bridge and the hairpin first: their threads hold the port's core.
         drop(self.bridge.lock().unwrap_or_else(|e| e.into_inner()).take());
+        self.stop_hairpin();
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..500 {
             if thread.is_finished() {

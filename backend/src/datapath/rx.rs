@@ -18,6 +18,7 @@ use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::HEADER_LEN;
 
 use super::frame::{ETHERTYPE_IPV4, ETH_HLEN};
+use super::moved_hint::MovedHint;
 use super::nat_hook::nat_inbound;
 use super::port::unix_now;
 use super::rx_check::{check_datagram_cached, parse_options, Datagram, TokenCache, MIN_INNER};
@@ -55,6 +56,10 @@ pub(super) struct RxState {
     /// How many messages to receive next: follows the arrival rate, so that a wake-up for one
     /// datagram does not touch 32 buffers.
     hint: usize,
+    /// Whether the guest may still be asked to kick when it adds RX buffers (the ring's state
+    /// after a reset, and after a round that ran out of buffers): only then does a wake-up
+    /// need to turn kicks off, which costs the ring's lock and a store into guest memory.
+    pub(super) kicks_on: bool,
 }
 
 impl RxState {
@@ -67,6 +72,7 @@ impl RxState {
             next_frame: 0,
             learned: Vec::new(),
             hint: MIN_RX_SLOTS,
+            kicks_on: true,
         }
     }
 
@@ -95,7 +101,9 @@ impl PairWorker {
                 self.rx_backlog = true;
                 return;
             }
-            let _ = rx.disable_notification();
+            if std::mem::take(&mut self.rx.kicks_on) {
+                let _ = rx.disable_notification();
+            }
             if self.rx_rounds(view, rx) {
                 self.rx_backlog = false;
                 return;
@@ -106,6 +114,7 @@ impl PairWorker {
                 // A broken ring always "has work": re-enabling would loop forever.
                 return;
             }
+            self.rx.kicks_on = true;
             match rx.enable_notification() {
                 Ok(true) => continue,
                 _ => return,
@@ -292,20 +301,18 @@ impl PairWorker {
         head[hdr..hdr + 6].copy_from_slice(&self.core.mac);
         head[hdr + 6..hdr + 12].copy_from_slice(&self.core.router_mac);
         head[hdr + 12..hdr + 14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-        self.rx_segs.clear();
-        self.pool.segs(slot, &mut self.rx_segs);
-        let recv = &self.rx.recv;
+        let (recv, pool) = (&self.rx.recv, &self.pool);
         let written = match &frame.gso {
             None => {
-                view.write(&self.rx_segs, 0, &head[..off])
-                    + view.write(&self.rx_segs, off, recv.bytes(first))
+                pool.write(slot, view, 0, &head[..off])
+                    + pool.write(slot, view, off, recv.bytes(first))
             }
             Some(gso) => {
                 let end = off + gso.hdr_len;
                 emit_coalesced_headers(recv.bytes(first), gso, &mut head[off..end]);
-                let mut at = view.write(&self.rx_segs, 0, &head[..end]);
+                let mut at = pool.write(slot, view, 0, &head[..end]);
                 for p in &self.rx.packets[frame.first..frame.first + frame.count] {
-                    at += view.write(&self.rx_segs, at, recv.bytes(p.start + gso.hdr_len..p.end));
+                    at += pool.write(slot, view, at, recv.bytes(p.start + gso.hdr_len..p.end));
                 }
                 at
             }
@@ -359,6 +366,11 @@ fn check_one(
     let Some((header, rest)) = datagram.split_first_chunk::<HEADER_LEN>() else {
         return Err(DropReason::RxTruncated);
     };
+    // Live migration: a peer's VM moved away (never delivered; at most a registry lookup).
+    if let Some(hint) = MovedHint::parse(datagram) {
+        core.on_moved_hint(&hint, src);
+        return Err(DropReason::RxMovedHint);
+    }
     let d = Datagram {
         header,
         len: datagram.len(),

@@ -140,7 +140,9 @@ impl PairWorker {
         // guest can change its buffers at any time).
         let mut head = [0u8; 12 + CLASSIFY_PREFIX];
         let want = frame_len.min(CLASSIFY_PREFIX);
-        if view.read(self.tx_chain.segs(), 0, &mut head[..hdr + want]) != hdr + want {
+        // SAFETY: the chain was collected in this pass from `view`'s snapshot, alive for it.
+        let got = unsafe { self.tx_chain.read_host(0, &mut head[..hdr + want]) };
+        if got != hdr + want {
             self.core.counters.drop_packet(DropReason::TxBadChain);
             return;
         }

@@ -120,6 +120,8 @@ impl QueuePairHandler for PairWorker {
                 .drop_packets(DropReason::RxNoBuffer, lost as u64);
         }
         self.rx_backlog = false;
+        // A ring set up again starts with kicks on.
+        self.rx.kicks_on = true;
         self.rx_vring = None;
         self.rx_parked = None;
         self.tx_parked = None;
@@ -131,6 +133,7 @@ impl QueuePairHandler for PairWorker {
 
     fn stop_rx(&mut self) {
         self.rx_parked = None;
+        self.rx.kicks_on = true;
         let heads = self.pool.take_all();
         let Some(rx) = self.rx_vring.clone() else {
             return;
@@ -231,6 +234,9 @@ impl PairWorker {
             self.pair
         );
         *parked = None;
+        if side == Side::Rx {
+            self.rx.kicks_on = true;
+        }
         true
     }
 

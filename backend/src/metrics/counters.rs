@@ -128,6 +128,9 @@ drop_reasons! {
     RxNatUnknownMapping => "rx_nat_unknown_mapping",
     /// RX: too many inbound (port-forwarded) flows.
     RxNatInboundFull => "rx_nat_inbound_full",
+    /// RX: an endpoint-moved hint (`datapath::moved_hint`): never delivered; counted here
+    /// whether it led to a registry lookup or not.
+    RxMovedHint => "rx_moved_hint",
     /// RX: a fragment from the outside.
     RxNatFragment => "rx_nat_fragment",
     /// RX: from the outside, a protocol or ICMP type NAT does not translate.
@@ -152,6 +155,9 @@ pub struct VmCounters {
     return_tokens_learned: AtomicU64,
     tx_csum_frames: AtomicU64,
     tx_tso_frames: AtomicU64,
+    hairpin_forwarded: AtomicU64,
+    moved_hints_sent: AtomicU64,
+    moved_hint_rechecks: AtomicU64,
     drops: DropCounts,
     nat: NatGauges,
 }
@@ -215,6 +221,12 @@ pub struct CounterSnapshot {
     pub tx_csum_frames: u64,
     /// TX TCP super-packets (TSO, `GSO_TCPV4`) vnpd cut into segments.
     pub tx_tso_frames: u64,
+    /// Datagrams for this VM forwarded to its new host after it migrated away.
+    pub hairpin_forwarded: u64,
+    /// Endpoint-moved hints sent to senders of such datagrams.
+    pub moved_hints_sent: u64,
+    /// Registry lookups that endpoint-moved hints caused.
+    pub moved_hint_rechecks: u64,
     /// Drops by reason, indexed like [`DropReason::ALL`].
     pub drops: Vec<(DropReason, u64)>,
     /// NAT gauges.
@@ -259,6 +271,9 @@ impl VmCounters {
             return_tokens_learned: AtomicU64::new(0),
             tx_csum_frames: AtomicU64::new(0),
             tx_tso_frames: AtomicU64::new(0),
+            hairpin_forwarded: AtomicU64::new(0),
+            moved_hints_sent: AtomicU64::new(0),
+            moved_hint_rechecks: AtomicU64::new(0),
             drops: DropCounts::default(),
             nat: NatGauges::default(),
         }
@@ -343,6 +358,21 @@ impl VmCounters {
         self.tx_tso_frames.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one datagram forwarded to the VM's new host (live migration).
+    pub fn hairpin_forwarded(&self) {
+        self.hairpin_forwarded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one endpoint-moved hint sent to a straggler's sender.
+    pub fn moved_hint_sent(&self) {
+        self.moved_hints_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one registry lookup an endpoint-moved hint caused.
+    pub fn moved_hint_recheck(&self) {
+        self.moved_hint_rechecks.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Sets the NAT gauges: mapped flows per protocol (TCP, UDP, ICMP), inbound flows, ports
     /// in the blocks.
     pub fn set_nat(&self, mapped: [usize; 3], inbound: usize, ports: usize) {
@@ -374,6 +404,9 @@ impl VmCounters {
             return_tokens_learned: self.return_tokens_learned.load(Ordering::Relaxed),
             tx_csum_frames: self.tx_csum_frames.load(Ordering::Relaxed),
             tx_tso_frames: self.tx_tso_frames.load(Ordering::Relaxed),
+            hairpin_forwarded: self.hairpin_forwarded.load(Ordering::Relaxed),
+            moved_hints_sent: self.moved_hints_sent.load(Ordering::Relaxed),
+            moved_hint_rechecks: self.moved_hint_rechecks.load(Ordering::Relaxed),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (*r, self.drops(*r)))

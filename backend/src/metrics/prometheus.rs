@@ -102,6 +102,21 @@ const FAMILIES: &[Family] = &[
         |s| s.return_tokens_learned,
     ),
     (
+        "vnpd_hairpin_forwarded_total",
+        "Datagrams forwarded to a migrated VM's new host.",
+        |s| s.hairpin_forwarded,
+    ),
+    (
+        "vnpd_moved_hints_sent_total",
+        "Endpoint-moved hints sent to senders still using a migrated VM's old endpoint.",
+        |s| s.moved_hints_sent,
+    ),
+    (
+        "vnpd_moved_hint_rechecks_total",
+        "Registry lookups caused by endpoint-moved hints.",
+        |s| s.moved_hint_rechecks,
+    ),
+    (
         "vnpd_tx_csum_frames_total",
         "TX frames whose partial checksum vnpd completed (checksum offload).",
         |s| s.tx_csum_frames,

@@ -38,7 +38,13 @@ pub fn exhaustion_answer(addrs: &AnswerAddrs, head: &[u8]) -> Option<Vec<u8>> {
     let l4 = head.get(hl..)?;
     match ip.protocol() {
         protocol::TCP => {
-            let seg = tcp::Packet::new_checked(l4.get(..tcp::MIN_HEADER_LEN)?).ok()?;
+            // The copy holds the fixed 20 bytes only; a real SYN's options (MSS, SACK,
+            // timestamps: a 40-byte header) lie beyond it, so the header length is read from
+            // its field but not required to be in the copy.
+            let seg = tcp::Packet::new_unchecked(l4.get(..tcp::MIN_HEADER_LEN)?);
+            if seg.header_len() < tcp::MIN_HEADER_LEN {
+                return None;
+            }
             if seg.flags() & flags::SYN == 0 || seg.flags() & (flags::RST | flags::ACK) != 0 {
                 return None;
             }
@@ -179,6 +185,31 @@ mod tests {
         assert!(exhaustion_answer(&ADDRS, &syn(flags::ACK)).is_none());
         assert!(exhaustion_answer(&ADDRS, &syn(flags::SYN | flags::ACK)).is_none());
         assert!(exhaustion_answer(&ADDRS, &syn(flags::RST)).is_none());
+    }
+
+    #[test]
+    fn a_syn_with_options_gets_a_rst_from_the_copy_nat_keeps() {
+        // Linux's SYN: a 40-byte header (MSS, SACK, timestamps, window scale); NAT's copy
+        // holds the IPv4 header and the first 20 bytes of TCP only.
+        let mut t = [0u8; 40];
+        let mut s = tcp::Packet::new_unchecked(&mut t[..]);
+        s.set_src_port(33000);
+        s.set_dst_port(80);
+        s.set_seq_number(7);
+        s.set_header_len(40);
+        s.set_flags(flags::SYN);
+        let full = packet(protocol::TCP, &t);
+        let frame = exhaustion_answer(&ADDRS, &full[..40]).expect("answered");
+        let ip = ipv4::Packet::new_checked(&frame[14..]).unwrap();
+        let rst = tcp::Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((rst.src_port(), rst.dst_port()), (80, 33000));
+        assert_eq!(rst.flags(), flags::RST | flags::ACK);
+        assert_eq!(rst.ack_number(), 8);
+        assert!(rst.verify_checksum(REMOTE, VM));
+        // A header length below 20 is no TCP segment.
+        let mut bad = full.clone();
+        bad[20 + 12] = 4 << 4;
+        assert!(exhaustion_answer(&ADDRS, &bad[..40]).is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! NAT on packet headers: the guest's source port (echo identifier) out, the destination port
-//! back in, and the packet quoted by an inbound ICMP error. Pure: works on a *local copy* of the
+//! back in, and the packet quoted by an ICMP error (inbound: about a packet the guest sent;
+//! outbound: one the guest sends about a packet it received). Pure: works on a *local copy* of the
 //! IPv4 header and the first bytes of the transport header (the guest owns the original
 //! bytes and can change them at any time); the payload is never looked at.
 //!
@@ -88,6 +89,9 @@ pub fn outbound(
     let (key, tcp_flags) = match proto {
         Proto::Icmp => {
             let t = l4[0];
+            if msg_type::is_error(t) {
+                return outbound_error(table, l4, dst, now);
+            }
             let id = be16(l4, ICMP_IDENT);
             let key = icmp_key(id, dst);
             if t == msg_type::ECHO_REPLY && l4[1] == 0 && table.is_inbound_flow(&key, now) {
@@ -179,6 +183,59 @@ fn inbound_icmp(
         Inbound::Forwarded if t == msg_type::ECHO_REQUEST => Ok(()),
         Inbound::Forwarded => Err(NatDrop::Refused(NatRefusal::UnknownMapping)),
     }
+}
+
+/// An ICMP error the guest sends about a packet it received from the outside: a reply on a
+/// mapped flow (its socket is gone: port unreachable), or traffic of a port-forwarded flow.
+/// The quote holds that packet as the guest got it (source: the remote, destination: the
+/// guest's port). For a mapped flow the quoted destination port becomes the mapped one again,
+/// so the remote gets an error about the packet it sent (the gateway puts back the public
+/// address); an inbound flow's error leaves unchanged. Only errors sent back to the quoted
+/// packet's source, about a flow the VM has, leave: a guest cannot send errors about other
+/// flows or into other VMs' ports.
+fn outbound_error(
+    table: &NatTable,
+    icmp: &mut [u8],
+    dst: Ipv4Addr,
+    now: u64,
+) -> Result<OutboundDone, NatDrop> {
+    if !matches!(
+        icmp[0],
+        msg_type::DST_UNREACHABLE | msg_type::TIME_EXCEEDED | msg_type::PARAM_PROBLEM
+    ) {
+        return Err(NatDrop::Unsupported);
+    }
+    let quote_at = icmpv4::HEADER_LEN;
+    let (qhl, qproto, _) = transport_of(&icmp[quote_at..], QUOTED_L4)?;
+    let qsrc = ipv4::Packet::new_unchecked(&icmp[quote_at..]).src_addr();
+    if qsrc != dst {
+        return Err(NatDrop::Refused(NatRefusal::UnknownMapping));
+    }
+    let region = quote_at..quote_at + qhl + QUOTED_L4;
+    let before = checksum::sum(icmp.get(region.clone()).ok_or(NatDrop::Malformed)?);
+    let ql4 = &mut icmp[quote_at + qhl..];
+    let (local_port, remote_port, at) = match qproto {
+        Proto::Icmp => (be16(ql4, ICMP_IDENT), 0, ICMP_IDENT),
+        _ => (be16(ql4, 2), be16(ql4, 0), 2),
+    };
+    let key = FlowKey {
+        proto: qproto,
+        local_port,
+        remote: qsrc,
+        remote_port,
+    };
+    if table.is_inbound_flow(&key, now) {
+        return Ok(OutboundDone::Unchanged);
+    }
+    let mapped = table
+        .mapped_port(&key, now)
+        .ok_or(NatDrop::Refused(NatRefusal::UnknownMapping))?;
+    let has_csum = l4_csum_at(qproto).is_some_and(|o| o + 2 <= QUOTED_L4);
+    set_port(qproto, ql4, at, mapped, has_csum);
+    let after = checksum::sum(&icmp[region]);
+    let c = be16(icmp, ICMP_CSUM);
+    put16(icmp, ICMP_CSUM, update_u16(c, before, after));
+    Ok(OutboundDone::Rewritten)
 }
 
 /// An ICMP error about a packet the VM sent through NAT: the quote holds that packet as the

@@ -246,6 +246,14 @@ impl NatTable {
         (!flow.expired(now)).then_some(flow.key)
     }
 
+    /// The mapped port of the live outbound flow `key` (as the guest sees it), for an ICMP
+    /// error the guest sends about it (no refresh, no state change).
+    pub fn mapped_port(&self, key: &FlowKey, now: u64) -> Option<u16> {
+        let mapped = *self.by_key.get(key)?;
+        let flow = self.spaces[key.proto.index()].by_port.get(&mapped)?;
+        (!flow.expired(now)).then_some(mapped)
+    }
+
     /// Whether an inbound (port-forwarded) flow with this key is live.
     pub fn is_inbound_flow(&self, key: &FlowKey, now: u64) -> bool {
         self.inbound.get(key).is_some_and(|f| !f.expired(now))

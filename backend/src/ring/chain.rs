@@ -177,6 +177,18 @@ impl TxChain {
         &self.segs
     }
 
+    /// Copies bytes `offset..offset + out.len()` of the chain into `out` through the host
+    /// addresses (no region lookup); returns the bytes copied.
+    ///
+    /// # Safety
+    /// The snapshot of guest memory the chain was last collected from must still be alive
+    /// (in the data path: collected in this same pass, from the pass's `GuestView`).
+    pub unsafe fn read_host(&self, offset: usize, out: &mut [u8]) -> usize {
+        // SAFETY: `collect` checked every piece against that snapshot's mapping, which the
+        // caller keeps alive.
+        unsafe { read_pieces(&self.pieces, offset, out) }
+    }
+
     /// Appends iovecs for bytes `offset..offset + len` of the chain (host addresses in the
     /// snapshot the chain was collected from); returns the bytes covered.
     pub fn push_iovecs(&self, offset: usize, len: usize, iovs: &mut Vec<libc::iovec>) -> usize {
@@ -425,9 +437,25 @@ pub fn for_each_range(
 /// Appends iovecs for bytes `offset..offset + len` of `pieces`; returns the bytes covered.
 pub fn push_piece_iovecs(
     pieces: &[HostPiece],
-    mut offset: usize,
+    offset: usize,
     len: usize,
     iovs: &mut Vec<libc::iovec>,
+) -> usize {
+    for_each_piece(pieces, offset, len, |addr, _, take| {
+        iovs.push(libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: take,
+        });
+    })
+}
+
+/// Calls `f(host address, bytes done before, length)` for each piece of bytes
+/// `offset..offset + len` of `pieces`, in order; returns the bytes covered.
+fn for_each_piece(
+    pieces: &[HostPiece],
+    mut offset: usize,
+    len: usize,
+    mut f: impl FnMut(usize, usize, usize),
 ) -> usize {
     let mut done = 0usize;
     for p in pieces {
@@ -440,14 +468,44 @@ pub fn push_piece_iovecs(
             continue;
         }
         let take = (plen - offset).min(len - done);
-        iovs.push(libc::iovec {
-            iov_base: (p.addr + offset) as *mut libc::c_void,
-            iov_len: take,
-        });
+        f(p.addr + offset, done, take);
         done += take;
         offset = 0;
     }
     done
+}
+
+/// Copies `data` into the bytes from `offset` on of `pieces`; returns the bytes written. The
+/// fast path of a write into guest memory: no region lookup, no bitmap slice per call (what
+/// vm-memory's accessors cost), and no dirty logging, which is the caller's business.
+///
+/// # Safety
+/// Every piece must be a writable range of a guest-memory mapping that stays alive for the
+/// call (a snapshot the caller holds), as [`RxBuf::resolve`] made them.
+pub unsafe fn write_pieces(pieces: &[HostPiece], offset: usize, data: &[u8]) -> usize {
+    for_each_piece(pieces, offset, data.len(), |addr, done, take| {
+        let src = data[done..done + take].as_ptr();
+        // SAFETY: `addr..addr + take` lies in one piece, mapped and writable (the caller's
+        // contract); `data[done..done + take]` is in bounds (the walk covers at most
+        // `data.len()` bytes). Guest memory never overlaps vnpd's own `data`. The guest may
+        // touch the bytes concurrently, as with the kernel's writes: raw bytes, no reference.
+        unsafe { std::ptr::copy_nonoverlapping(src, addr as *mut u8, take) }
+    })
+}
+
+/// Copies bytes from `offset` on of `pieces` into `out`; returns the bytes read.
+///
+/// # Safety
+/// Every piece must be a readable range of a guest-memory mapping that stays alive for the
+/// call, as [`TxChain::collect`] made them.
+pub unsafe fn read_pieces(pieces: &[HostPiece], offset: usize, out: &mut [u8]) -> usize {
+    for_each_piece(pieces, offset, out.len(), |addr, done, take| {
+        let dst = out[done..done + take].as_mut_ptr();
+        // SAFETY: as in `write_pieces`, the other way round: `addr..addr + take` is mapped
+        // (the caller's contract) and `out[done..done + take]` in bounds. What the guest
+        // changes meanwhile lands in a local copy, checked after.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, dst, take) }
+    })
 }
 
 #[cfg(test)]

@@ -31,6 +31,11 @@ impl<'m> GuestView<'m> {
         }
     }
 
+    /// Whether writes must reach the dirty log (the driver acked `VHOST_F_LOG_ALL`).
+    pub fn logs_writes(&self) -> bool {
+        self.log_kernel_writes
+    }
+
     /// The memory itself (for the virtqueue calls that take it).
     pub fn mem(&self) -> &'m GuestMem {
         self.mem

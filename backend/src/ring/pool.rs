@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::chain::{collect_rx_chain, push_piece_iovecs, DescTable, GuestSeg, RxBuf};
+use super::chain::{collect_rx_chain, push_piece_iovecs, write_pieces, DescTable, GuestSeg, RxBuf};
 use super::memory::GuestView;
 use super::park::{avail_index_jump, head_out_of_range, RingFault};
 use super::GuestMem;
@@ -187,6 +187,43 @@ impl RxPool {
         }
     }
 
+    /// Writes `data` at byte `offset` of the buffers in `slot`; returns the bytes written.
+    /// Through the cached host addresses when they belong to `view`'s snapshot and no dirty
+    /// log is kept (a wake-up's fixed cost: vm-memory's accessors take a region lookup, a
+    /// bitmap clone and the bitmap's lock per call); through vm-memory, which logs, otherwise.
+    pub fn write(
+        &self,
+        slot: &Range<usize>,
+        view: GuestView<'_>,
+        offset: usize,
+        data: &[u8],
+    ) -> usize {
+        let fast =
+            !view.logs_writes() && self.snapshot.as_ref().is_some_and(|s| view.is_snapshot(s));
+        let (mut skip, mut written) = (offset, 0usize);
+        for b in self.held.range(slot.clone()) {
+            let cap = b.cap as usize;
+            if skip >= cap {
+                skip -= cap;
+                continue;
+            }
+            let part = &data[written..data.len().min(written + cap - skip)];
+            let got = match b.pieces().filter(|_| fast) {
+                // SAFETY: the pieces were resolved in `self.snapshot`, which this pool keeps
+                // alive and which is `view`'s (checked above), so they are mapped and
+                // writable.
+                Some(pieces) => unsafe { write_pieces(pieces, skip, part) },
+                None => view.write(b.segs(), skip, part),
+            };
+            written += got;
+            skip = 0;
+            if got < part.len() || written == data.len() {
+                break;
+            }
+        }
+        written
+    }
+
     /// Appends iovecs for the bytes after `skip` of the buffers in `slot`, at most `max_iovs`
     /// in `iovs` in total; returns the bytes covered. Uses the cached host addresses when they
     /// belong to `view`'s snapshot.
@@ -294,7 +331,7 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn writable(addr: u64, len: u32) -> RawDescriptor {
         RawDescriptor::from(SplitDescriptor::new(
@@ -465,6 +502,40 @@ mod tests {
         let a = pool.assign(&mut q, view, 4, 1500, &mut slots);
         assert_eq!(a.frames, 0);
         assert!(matches!(a.fault, Some(RingFault::AvailIndexJump { .. })));
+    }
+
+    #[test]
+    fn writes_straddle_buffers_through_cached_addresses_or_vm_memory() {
+        let mem = test_memory();
+        let data: Vec<u8> = (0..1500u32).map(|i| (i % 251) as u8).collect();
+        // Fast path (synced pool, no dirty log), logged path, and a pool that never cached.
+        for (sync, log) in [(true, false), (true, true), (false, false)] {
+            let view = GuestView::new(&mem, log);
+            let (_vq, mut q) = rx_queue(&mem, 3, 1000);
+            let mut pool = RxPool::new();
+            pool.set_mergeable(true);
+            if sync {
+                pool.sync(view);
+            }
+            let mut slots = Vec::new();
+            pool.assign(&mut q, view, 1, 2500, &mut slots);
+            assert_eq!(slots, vec![0..3]);
+            // Bytes 800..2300 of the slot: the tail of buffer 0, all of 1, the head of 2.
+            assert_eq!(pool.write(&slots[0], view, 800, &data), 1500);
+            let mut back = vec![0u8; 1000];
+            mem.read_slice(&mut back[..200], GuestAddress(0x1_0000 + 800))
+                .unwrap();
+            assert_eq!(&back[..200], &data[..200], "sync {sync} log {log}");
+            mem.read_slice(&mut back, GuestAddress(0x1_1000)).unwrap();
+            assert_eq!(&back[..], &data[200..1200], "sync {sync} log {log}");
+            mem.read_slice(&mut back[..300], GuestAddress(0x1_2000))
+                .unwrap();
+            assert_eq!(&back[..300], &data[1200..], "sync {sync} log {log}");
+            // Past the slot's capacity: what fits.
+            assert_eq!(pool.write(&slots[0], view, 2900, &data), 100);
+            mem.write_slice(&[0u8; 0x3000], GuestAddress(0x1_0000))
+                .unwrap();
+        }
     }
 
     #[test]

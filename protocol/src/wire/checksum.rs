@@ -27,16 +27,27 @@ pub fn fold(mut acc: u64) -> u16 {
 
 /// The ones' complement sum of `data` as big-endian 16-bit words, folded (not complemented).
 /// An odd last byte is padded with a zero byte on the right, as RFC 1071 specifies.
+///
+/// Eight bytes at a time, in native byte order (RFC 1071 section 2: the sum is independent of
+/// byte order up to a final swap), the two 32-bit halves of each 64-bit load added to a 64-bit
+/// accumulator (2^16 = 1 modulo 0xffff, so wider words fold to the same sum): this runs over
+/// every byte vnpd checksums in bulk (TSO segments, coalesced receive).
 pub fn sum(data: &[u8]) -> u16 {
     let mut acc: u64 = 0;
-    let mut words = data.chunks_exact(2);
+    let mut quads = data.chunks_exact(8);
+    for q in &mut quads {
+        let v = u64::from_ne_bytes([q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]]);
+        acc += (v & 0xffff_ffff) + (v >> 32);
+    }
+    let mut words = quads.remainder().chunks_exact(2);
     for word in &mut words {
-        acc += u64::from(u16::from_be_bytes([word[0], word[1]]));
+        acc += u64::from(u16::from_ne_bytes([word[0], word[1]]));
     }
     if let [last] = words.remainder() {
-        acc += u64::from(u16::from_be_bytes([*last, 0]));
+        // Padded with a zero byte on the right in network order.
+        acc += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    fold(acc)
+    u16::from_be(fold(acc))
 }
 
 /// Adds partial sums (from [`sum`] of even-length pieces, or [`pseudo_header`]).
@@ -86,6 +97,36 @@ pub fn update_u32(hc: u16, old: u32, new: u32) -> u16 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// RFC 1071's definition, one big-endian word at a time.
+    fn reference_sum(data: &[u8]) -> u16 {
+        let mut acc: u64 = 0;
+        for w in data.chunks(2) {
+            acc += u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
+        }
+        fold(acc)
+    }
+
+    #[test]
+    fn wide_sum_agrees_with_the_word_by_word_definition() {
+        // Every length and start offset (alignment) up to 80 bytes, pseudo-random bytes, and
+        // the all-0xff and all-zero cases (the two zeros of ones' complement).
+        let mut x: u32 = 0x1234_5678;
+        let bytes: Vec<u8> = (0..200)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect();
+        for data in [bytes, vec![0xff; 200], vec![0; 200]] {
+            for start in 0..8 {
+                for len in 0..80 {
+                    let d = &data[start..start + len];
+                    assert_eq!(sum(d), reference_sum(d), "start {start} len {len}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn rfc1071_example() {

@@ -12,6 +12,7 @@ mod inventory;
 mod metadata;
 mod public;
 mod serve;
+mod services;
 mod tokens;
 mod vms;
 
@@ -20,6 +21,7 @@ pub use auth::{Caller, CertifiedCaller, Once};
 use inventory::*;
 use public::*;
 pub use serve::{serve, ConnectionLimits};
+use services::*;
 use tokens::*;
 use vms::*;
 
@@ -110,8 +112,15 @@ pub fn router(reg: Shared) -> Router {
         .route("/v1/gateways/{id}", get(get_gateway).delete(delete_gateway))
         .route("/v1/gateways/{id}/secret", get(gateway_secret))
         .route("/v1/gateways/{id}/config", get(gateway_config))
+        .route("/v1/gateways/{id}/health", put(report_health))
         .route("/v1/forwards", get(list_forwards).post(create_forward))
         .route("/v1/forwards/{id}", axum::routing::delete(delete_forward))
+        .route("/v1/services", get(list_services).post(create_service))
+        .route("/v1/services/{id}", get(get_service).delete(delete_service))
+        .route(
+            "/v1/services/{id}/members",
+            post(add_service_member).delete(remove_service_member),
+        )
         .route("/v1/vms/{id}/nat-ports", post(grow_nat_ports))
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{id}", get(get_vm).delete(delete_vm))

@@ -141,5 +141,20 @@ pub(crate) fn config_of(m: &Model, id: &str) -> Result<GatewayConfig, ApiError> 
             .filter(|f| f.public_addr == gw.public_addr)
             .cloned()
             .collect(),
+        services: m
+            .services
+            .values()
+            .filter(|s| s.public_addr == gw.public_addr)
+            .map(|s| GatewayService {
+                pool: plan::resolve_pool(m, s),
+                service: s.clone(),
+            })
+            .collect(),
+        probe_sources: m
+            .gateways
+            .values()
+            .filter(|g| g.public_addr == gw.public_addr)
+            .map(|g| g.underlay_addr)
+            .collect(),
     })
 }

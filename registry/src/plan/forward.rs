@@ -41,7 +41,8 @@ fn pick_block_besides(
             .flat_map(|v| v.nat_ports.iter())
             .chain(also_taken)
             .any(|b| b.overlaps(&block));
-        if !taken && forwarded_in(model, &net.id, &block).is_none() {
+        let serviced = service_port_in(model, &net.id, &block).is_some();
+        if !taken && !serviced && forwarded_in(model, &net.id, &block).is_none() {
             return Ok(block);
         }
         first += size;
@@ -121,6 +122,15 @@ pub fn create_forward(model: &Model, spec: &ForwardSpec) -> Planned<ForwardRule>
             format!(
                 "{}:{}/{} is forwarded by rule {}",
                 spec.public_addr, spec.public_port, spec.proto, f.id
+            ),
+        );
+    }
+    if let Some(s) = service_on(model, spec.public_addr, spec.public_port, spec.proto) {
+        return refuse(
+            ErrorCode::PortInUse,
+            format!(
+                "{}:{}/{} is service {}",
+                spec.public_addr, spec.public_port, spec.proto, s.id
             ),
         );
     }

@@ -134,13 +134,14 @@ pub fn create_gateway(model: &Model, spec: &GatewaySpec, secret: VmSecret) -> Pl
         public_addr,
         secret_generation: 1,
     };
-    let ops = vec![
+    let mut ops = vec![
         Op::PutGateway(gw.clone()),
         Op::PutSecret(
             SecretOwner::Gateway(gw.id.clone()),
             SecretEntry::new(secret, 1),
         ),
     ];
+    ops.extend(super::service::gateways_changed_ops(model, &gw));
     Ok((ops, gw))
 }
 
@@ -164,6 +165,10 @@ pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
         Op::DeleteGateway(id.to_string()),
         Op::DeleteSecret(SecretOwner::Gateway(id.to_string())),
     ];
+    if model.health_views.contains_key(id) {
+        ops.push(Op::DeleteHealthView(id.to_string()));
+    }
+    ops.extend(super::service::gateways_changed_ops(model, gw));
     let shared = model
         .gateways
         .values()
@@ -186,6 +191,11 @@ pub fn delete_gateway(model: &Model, id: &str) -> Planned<Deleted> {
                 )));
             }
             cascaded.push(format!("forward/{}", f.id));
+        }
+        // The pools' VMs are still there; gateways of the address are not: no change needed.
+        for s in services_where(model, |s| s.public_addr == gw.public_addr) {
+            ops.push(Op::DeleteService(s.id.clone()));
+            cascaded.push(format!("service/{}", s.id));
         }
     }
     Ok((

@@ -217,6 +217,7 @@ pub fn project_view(network: &str, record: Option<&ProjectRecord>) -> Project {
             .and_then(|r| r.zone.clone())
             .unwrap_or_else(|| DEFAULT_ZONE.to_string()),
         attributes: record.map(|r| r.attributes.clone()).unwrap_or_default(),
+        require_session_token: record.is_some_and(|r| r.require_session_token),
     }
 }
 
@@ -253,6 +254,9 @@ pub fn update_project(model: &Model, network: &str, update: &ProjectUpdate) -> P
     if let Some(z) = &update.zone {
         check_name("zone", z)?;
         record.zone = Some(z.clone());
+    }
+    if let Some(required) = update.require_session_token {
+        record.require_session_token = required;
     }
     store_project(model, record)
 }

@@ -147,6 +147,7 @@ mod host;
 pub mod metadata;
 mod network;
 mod policy;
+mod service;
 mod vm;
 
 pub use forward::{create_forward, delete_forward, grow_nat_ports};
@@ -155,6 +156,11 @@ pub(crate) use forward::{forwards_of_vm_ops, pick_nat_block};
 pub use host::{create_gateway, create_host, delete_gateway, delete_host};
 pub use network::{create_network, delete_network};
 pub use policy::{create_rule, delete_rule};
+pub use service::{
+    add_member, create_service, delete_service, remove_member, report_health, resolve_pool,
+    views_of,
+};
+pub(crate) use service::{service_on, service_port_in, services_of_vm_ops, services_where};
 pub use vm::{
     cancel_migration, create_vm, delete_vm, move_vm, register_endpoint, rotate_vm_secret,
     start_migration,
@@ -162,5 +168,7 @@ pub use vm::{
 
 #[cfg(test)]
 mod public_tests;
+#[cfg(test)]
+mod service_tests;
 #[cfg(test)]
 mod tests;

@@ -122,6 +122,9 @@ pub fn delete_network(
     for g in gws {
         ops.push(Op::DeleteGateway(g.id.clone()));
         ops.push(Op::DeleteSecret(SecretOwner::Gateway(g.id.clone())));
+        if model.health_views.contains_key(&g.id) {
+            ops.push(Op::DeleteHealthView(g.id.clone()));
+        }
         cascaded.push(format!("gateway/{}", g.id));
     }
     for r in rules {
@@ -132,6 +135,10 @@ pub fn delete_network(
     for f in model.forwards.values().filter(|f| f.network == id) {
         ops.push(Op::DeleteForward(f.id.clone()));
         cascaded.push(format!("forward/{}", f.id));
+    }
+    for s in services_where(model, |s| s.network == id) {
+        ops.push(Op::DeleteService(s.id.clone()));
+        cascaded.push(format!("service/{}", s.id));
     }
     ops.push(Op::DeleteNetwork(id.to_string()));
     Ok((

@@ -218,6 +218,7 @@ pub fn delete_vm(model: &Model, id: &str, reuse: PortReuse) -> Planned<Deleted> 
     ops.extend(super::metadata::forget_vm_ops(model, id));
     ops.extend(release_vm_port_ops(model, vm, reuse));
     ops.extend(forwards_of_vm_ops(model, id));
+    ops.extend(services_of_vm_ops(model, id));
     let mut gone = vm.clone();
     gone.endpoint = None;
     ops.extend(change_ops(model, &gone, ChangeKind::Deleted));

@@ -132,6 +132,7 @@ pub fn populate(store: &dyn Store, model: &mut Model) {
         vm_port: 8443,
     };
     run(store, model, |m| plan::create_forward(m, &fwd));
+    populate_services(store, model);
     let rule = PolicyRuleSpec {
         id: "r1".into(),
         network: "n1".into(),
@@ -194,6 +195,7 @@ fn populate_metadata(store: &dyn Store, model: &mut Model) {
     let project = ProjectUpdate {
         project_id: Some("acme".into()),
         zone: Some("zone-b".into()),
+        require_session_token: Some(true),
     };
     run(store, model, |m| md::update_project(m, "n1", &project));
     run(store, model, |m| {
@@ -205,6 +207,68 @@ fn populate_metadata(store: &dyn Store, model: &mut Model) {
     run(store, model, |m| md::rotate_signing_key(m, &second, 630));
 }
 
+/// Two load-balanced services on the gateways' address: one by VM with an HTTP check and a
+/// member added later, one by tag.
+fn populate_services(store: &dyn Store, model: &mut Model) {
+    let member = |vm: Option<&str>, tag: Option<&str>, weight| PoolMember {
+        vm: vm.map(str::to_string),
+        tag: tag.map(str::to_string),
+        weight,
+    };
+    let web = ServiceSpec {
+        id: "s1".into(),
+        public_addr: Ipv4Addr::new(203, 0, 113, 1),
+        public_port: 80,
+        proto: L4Proto::Tcp,
+        vm_port: Some(8080),
+        members: vec![member(Some("a"), None, 3)],
+        health: HealthCheckSpec {
+            http: Some(HttpCheck {
+                path: "/healthz".into(),
+                expect_status: 204,
+            }),
+            interval_ms: 500,
+            timeout_ms: 200,
+            rise: 1,
+            fall: 2,
+            port: Some(8081),
+        },
+        table_size: Some(251),
+    };
+    run(store, model, |m| plan::create_service(m, &web));
+    run(store, model, |m| {
+        plan::add_member(m, "s1", &member(Some("b"), None, 1))
+    });
+    let dns = ServiceSpec {
+        id: "s2".into(),
+        public_port: 53,
+        proto: L4Proto::Udp,
+        vm_port: None,
+        members: vec![member(None, Some("web"), 1)],
+        health: HealthCheckSpec::default(),
+        table_size: None,
+        ..web
+    };
+    run(store, model, |m| plan::create_service(m, &dns));
+    let view = HealthReport {
+        members: vec![
+            MemberHealth {
+                service: "s1".into(),
+                vm: "b".into(),
+                up: false,
+            },
+            MemberHealth {
+                service: "s1".into(),
+                vm: "a".into(),
+                up: true,
+            },
+        ],
+    };
+    run(store, model, |m| {
+        plan::report_health(m, "g1", &view, REUSE.now)
+    });
+}
+
 /// Everything a reload must give back.
 pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.networks, expected.networks, "networks");
@@ -213,6 +277,8 @@ pub fn assert_same_state(loaded: &Model, expected: &Model) {
     assert_eq!(loaded.vms, expected.vms, "vms");
     assert_eq!(loaded.rules, expected.rules, "rules");
     assert_eq!(loaded.forwards, expected.forwards, "forwarding rules");
+    assert_eq!(loaded.services, expected.services, "services");
+    assert_eq!(loaded.health_views, expected.health_views, "health views");
     assert_eq!(loaded.by_ip, expected.by_ip, "address index");
     assert_eq!(loaded.changes, expected.changes, "change log");
     assert_eq!(loaded.generation, expected.generation, "generation");
@@ -268,6 +334,26 @@ pub fn round_trip(store: &dyn Store) {
     );
     assert_eq!(loaded.vms["b"].nat_ports.len(), 3, "grown NAT ports");
     assert_eq!(loaded.forwards["f1"].network, "n1");
+    let s1 = &loaded.services["s1"];
+    assert_eq!(
+        (s1.network.as_str(), s1.vm_port, s1.table_size),
+        ("n1", 8080, 251)
+    );
+    assert_eq!(s1.members.len(), 2, "added member");
+    assert_eq!(
+        loaded.services["s2"].table_size, 65_537,
+        "default table size"
+    );
+    let views = plan::views_of(&loaded, "s1");
+    assert_eq!(views.len(), 1, "g1's view");
+    let ups: Vec<(&str, bool)> = views[0]
+        .members
+        .iter()
+        .map(|m| (m.vm.as_str(), m.up))
+        .collect();
+    assert_eq!(ups, [("a", true), ("b", false)], "sorted by member");
+    let pool = plan::resolve_pool(&loaded, &loaded.services["s2"]);
+    assert_eq!(pool.len(), 2, "both VMs carry the tag: {pool:?}");
     let s = &loaded.secrets[&SecretOwner::Vm("a".into())];
     assert_eq!((s.secret.as_bytes(), s.generation), (&[9u8; 32], 2));
     assert_eq!(
@@ -323,6 +409,7 @@ pub fn deletes_and_trims(store: &dyn Store) {
     run(store, &mut model, |m| plan::delete_gateway(m, "g1"));
     run(store, &mut model, |m| plan::delete_rule(m, "r1"));
     run(store, &mut model, |m| plan::delete_forward(m, "f1"));
+    run(store, &mut model, |m| plan::delete_service(m, "s2"));
     run(store, &mut model, |_| {
         Ok((vec![Op::ForgetWrite("k-1".into())], ()))
     });
@@ -340,6 +427,11 @@ pub fn deletes_and_trims(store: &dyn Store) {
         loaded.changes.front().map(|c| c.generation),
         Some(first_kept)
     );
+    assert!(!loaded.services.contains_key("s2"), "deleted service");
+    assert!(loaded.health_views.is_empty(), "g1's view outlived it");
+    let s1 = &loaded.services["s1"];
+    assert_eq!(s1.members.len(), 1, "deleted VM a left the pool: {s1:?}");
+    assert_eq!(s1.members[0].vm.as_deref(), Some("b"));
 }
 
 /// Deleting a network with its VMs, gateway and rules is one commit, whole.
@@ -355,16 +447,17 @@ pub fn cascade_in_one_commit(store: &dyn Store) {
     let deleted = run(store, &mut model, |m| {
         plan::delete_network(m, "n1", true, REUSE)
     });
-    // 22 VMs, 2 gateways, 1 rule, 1 forward.
+    // 22 VMs, 2 gateways, 1 rule, 1 forward, 2 services.
     assert_eq!(
         deleted.cascaded.len(),
-        22 + 2 + 1 + 1,
+        22 + 2 + 1 + 1 + 2,
         "{:?}",
         deleted.cascaded
     );
     let loaded = load(store);
     assert_same_state(&loaded, &model);
     assert!(loaded.vms.is_empty() && loaded.networks.is_empty());
+    assert!(loaded.services.is_empty(), "services outlived the network");
     assert!(
         loaded
             .secrets

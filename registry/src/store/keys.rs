@@ -4,7 +4,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `P networks/<id>`, `hosts/<id>`, `gateways/<id>`, `vms/<id>`, `rules/<id>`, `forwards/<id>` | the record's JSON (as the API shows it) |
+//! | `P networks/<id>`, `hosts/<id>`, `gateways/<id>`, `vms/<id>`, `rules/<id>`, `forwards/<id>`, `services/<id>`, `health/<gateway>` | the record's JSON (as the API shows it) |
 //! | `P secrets/vm/<id>`, `secrets/gw/<id>` | secret + generation, sealed ([`super::sealing`]) |
 //! | `P changes/<generation, 20 digits>` | a change-log entry's JSON (sorted by generation) |
 //! | `P requests/<idempotency key>` | the answer to a write that carried that key |
@@ -92,6 +92,10 @@ impl Layout {
             Op::DeleteRule(id) => Delete(self.record("rules", id)),
             Op::PutForward(f) => Put(self.record("forwards", &f.id), json(f)?),
             Op::DeleteForward(id) => Delete(self.record("forwards", id)),
+            Op::PutService(s) => Put(self.record("services", &s.id), json(s)?),
+            Op::DeleteService(id) => Delete(self.record("services", id)),
+            Op::PutHealthView(v) => Put(self.record("health", &v.gateway), json(v)?),
+            Op::DeleteHealthView(id) => Delete(self.record("health", id)),
             Op::PutSecret(owner, entry) => {
                 let key = self.secret(owner);
                 let mut plain = [0u8; 40];
@@ -138,6 +142,8 @@ impl Layout {
             "vms" => Op::PutVm(parse_json(key, value)?),
             "rules" => Op::PutRule(parse_json(key, value)?),
             "forwards" => Op::PutForward(parse_json(key, value)?),
+            "services" => Op::PutService(parse_json(key, value)?),
+            "health" => Op::PutHealthView(parse_json(key, value)?),
             "changes" => Op::AppendChange(parse_json(key, value)?),
             "requests" => Op::RememberWrite(id.to_string(), parse_json(key, value)?),
             "quarantine" => Op::QuarantinePort(parse_json(key, value)?),
@@ -176,6 +182,8 @@ impl Layout {
             "vms" => Op::DeleteVm(id),
             "rules" => Op::DeleteRule(id),
             "forwards" => Op::DeleteForward(id),
+            "services" => Op::DeleteService(id),
+            "health" => Op::DeleteHealthView(id),
             "requests" => Op::ForgetWrite(id),
             "quarantine" => {
                 let (host, port) = parse_port_key(&id)?;

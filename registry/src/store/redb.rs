@@ -20,6 +20,10 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 /// Port-forwarding rules by id (JSON).
 const FORWARDS: TableDefinition<&str, &[u8]> = TableDefinition::new("forwards");
+/// Load-balanced services by id (JSON).
+const SERVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
+/// Gateways' health views by gateway id (JSON).
+const HEALTH: TableDefinition<&str, &[u8]> = TableDefinition::new("health");
 /// Key `vm/<id>` or `gw/<id>`; value: 32 secret bytes then the generation (u64 big endian).
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
@@ -67,8 +71,8 @@ impl RedbStore {
         let txn = db.begin_write().map_err(io)?;
         {
             for t in [
-                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, FORWARDS, SECRETS, REQUESTS, QUARANTINE,
-                METADATA,
+                NETWORKS, HOSTS, GATEWAYS, VMS, RULES, FORWARDS, SERVICES, HEALTH, SECRETS,
+                REQUESTS, QUARANTINE, METADATA,
             ] {
                 txn.open_table(t).map_err(io)?;
             }
@@ -171,6 +175,16 @@ impl Store for RedbStore {
                 .into_iter()
                 .map(Op::PutForward),
         );
+        ops.extend(
+            read_json_table(&txn, SERVICES, "services")?
+                .into_iter()
+                .map(Op::PutService),
+        );
+        ops.extend(
+            read_json_table(&txn, HEALTH, "health")?
+                .into_iter()
+                .map(Op::PutHealthView),
+        );
         {
             let table = txn.open_table(SECRETS).map_err(io)?;
             for row in table.iter().map_err(io)? {
@@ -254,6 +268,8 @@ impl Store for RedbStore {
             let mut vms = txn.open_table(VMS).map_err(io)?;
             let mut rules = txn.open_table(RULES).map_err(io)?;
             let mut forwards = txn.open_table(FORWARDS).map_err(io)?;
+            let mut services = txn.open_table(SERVICES).map_err(io)?;
+            let mut health = txn.open_table(HEALTH).map_err(io)?;
             let mut secrets = txn.open_table(SECRETS).map_err(io)?;
             let mut changes = txn.open_table(CHANGES).map_err(io)?;
             let mut requests = txn.open_table(REQUESTS).map_err(io)?;
@@ -295,6 +311,18 @@ impl Store for RedbStore {
                             .map_err(io)?,
                     ),
                     Op::DeleteForward(id) => drop(forwards.remove(id.as_str()).map_err(io)?),
+                    Op::PutService(s) => drop(
+                        services
+                            .insert(s.id.as_str(), json(s)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteService(id) => drop(services.remove(id.as_str()).map_err(io)?),
+                    Op::PutHealthView(v) => drop(
+                        health
+                            .insert(v.gateway.as_str(), json(v)?.as_slice())
+                            .map_err(io)?,
+                    ),
+                    Op::DeleteHealthView(id) => drop(health.remove(id.as_str()).map_err(io)?),
                     Op::PutSecret(owner, entry) => {
                         let mut bytes = encode_secret(entry);
                         let r = secrets

@@ -1,7 +1,6 @@
 //! The steps of an attach: checks, the registry reads, the data-path port, the bookkeeping.
 
 use super::*;
-use crate::bridge::BridgeLimits;
 use crate::control::metadata::RegistrySource;
 use vnp_protocol::token::VmSecret;
 use vnp_registry_client::{Network, VmRecord};
@@ -198,10 +197,24 @@ impl Manager {
         let port = Arc::new(port);
         // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
         let source = Arc::new(RegistrySource(self.client.clone()));
-        if let Err(e) = port.start_bridge(source, BridgeLimits::default()) {
+        if let Err(e) = port.start_bridge(source, self.cfg.bridge.limits, &self.cfg.bridge) {
             log::warn!("vm {vm_id}: no metadata service: {e}");
         }
-        self.control.add_port(vm_id, Arc::clone(&port));
+        match resume {
+            Some(r) if !r.registered() => {
+                let (control, id, weak) = (
+                    self.control.clone(),
+                    vm_id.to_string(),
+                    Arc::downgrade(&port),
+                );
+                r.on_registered(move || {
+                    if let Some(port) = weak.upgrade() {
+                        control.add_port(&id, port);
+                    }
+                });
+            }
+            _ => self.control.add_port(vm_id, Arc::clone(&port)),
+        }
         Ok(port)
     }
 

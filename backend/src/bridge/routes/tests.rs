@@ -1,5 +1,6 @@
 use super::*;
 use crate::bridge::http::{parse, Parsed};
+use crate::bridge::session::Sessions;
 use crate::bridge::tree::tests::sample;
 
 fn ask(raw: &str, cached: Option<&Cached>, tokens: &TokenCache, waited: bool) -> Decision {
@@ -11,6 +12,7 @@ fn ask(raw: &str, cached: Option<&Cached>, tokens: &TokenCache, waited: bool) ->
         &State {
             cached,
             tokens,
+            sessions: &Sessions::default(),
             now: Instant::now(),
             waited,
         },
@@ -266,9 +268,15 @@ fn guest_attribute_puts() {
             value: "AAAA key".into()
         }
     );
-    // Even with nothing cached: a write needs no read.
+    // With nothing cached, whether the network requires sessions is unknown: a write goes on
+    // with a live session token only.
+    assert_eq!(body(ask(&put("ns/k", "v"), None, &t, false)).0, 503);
+    let mut sessions = Sessions::default();
+    let now = Instant::now();
+    sessions.issue("tok".into(), Duration::from_secs(5), now);
+    let with_session = put("ns/k", "v").replacen("\r\n", "\r\nX-Metadata-Token: tok\r\n", 1);
     assert!(matches!(
-        ask(&put("ns/k", "v"), None, &t, false),
+        ask_session(&with_session, None, &sessions, now),
         Decision::PutGuestAttribute { .. }
     ));
     assert_eq!(body(ask(&put("a%20b/k", "v"), Some(&c), &t, false)).0, 400);
@@ -281,4 +289,131 @@ fn guest_attribute_puts() {
         body(ask(&put(&format!("ns/{long}"), "v"), Some(&c), &t, false)).0,
         400
     );
+}
+
+fn ask_session(raw: &str, cached: Option<&Cached>, sessions: &Sessions, now: Instant) -> Decision {
+    let Parsed::Complete(req, _) = parse(raw.as_bytes()) else {
+        panic!("not a request: {raw}");
+    };
+    let tokens = TokenCache::default();
+    let state = State {
+        cached,
+        tokens: &tokens,
+        sessions,
+        now,
+        waited: false,
+    };
+    route(&req, &state)
+}
+
+fn with_token(path: &str, token: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Metadata-Token: {token}\r\n\r\n")
+}
+
+#[test]
+fn session_tokens_are_asked_with_a_put_and_a_ttl() {
+    let c = Cached::new(sample());
+    let s = Sessions::default();
+    let now = Instant::now();
+    let put = |headers: &str| {
+        format!("PUT /computeMetadata/v1/token HTTP/1.1\r\nMetadata-Flavor: Google\r\n{headers}Content-Length: 0\r\n\r\n")
+    };
+    assert_eq!(
+        ask_session(
+            &put("X-Metadata-Token-TTL-Seconds: 30\r\n"),
+            Some(&c),
+            &s,
+            now
+        ),
+        Decision::NewSession {
+            ttl: Duration::from_secs(30)
+        }
+    );
+    // Header names are case-insensitive; the flavor header is still required.
+    assert!(matches!(
+        ask_session(
+            &put("x-metadata-token-ttl-seconds: 21600\r\n"),
+            None,
+            &s,
+            now
+        ),
+        Decision::NewSession { .. }
+    ));
+    assert_eq!(body(ask_session(&put(""), Some(&c), &s, now)).0, 400);
+    assert_eq!(
+        body(ask_session(
+            &put("X-Metadata-Token-TTL-Seconds: 0\r\n"),
+            Some(&c),
+            &s,
+            now
+        ))
+        .0,
+        400
+    );
+    let no_flavor =
+        "PUT /computeMetadata/v1/token HTTP/1.1\r\nX-Metadata-Token-TTL-Seconds: 30\r\n\r\n";
+    assert_eq!(body(ask_session(no_flavor, Some(&c), &s, now)).0, 403);
+    let forwarded = "PUT /computeMetadata/v1/token HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Forwarded-For: 1.2.3.4\r\nX-Metadata-Token-TTL-Seconds: 30\r\n\r\n";
+    assert_eq!(body(ask_session(forwarded, Some(&c), &s, now)).0, 403);
+    // A GET of the token path is not how a session starts.
+    assert_eq!(
+        body(ask_session(
+            &get("/computeMetadata/v1/token"),
+            Some(&c),
+            &s,
+            now
+        ))
+        .0,
+        405
+    );
+}
+
+#[test]
+fn a_network_requiring_sessions_refuses_requests_without_a_live_token() {
+    let mut md = sample();
+    md.project.require_session_token = true;
+    let c = Cached::new(md);
+    let t0 = Instant::now();
+    let mut s = Sessions::default();
+    s.issue("tok".into(), Duration::from_secs(10), t0);
+    let name = "/computeMetadata/v1/instance/hostname";
+    assert_eq!(body(ask_session(&get(name), Some(&c), &s, t0)).0, 401);
+    assert_eq!(
+        body(ask_session(&with_token(name, "tok"), Some(&c), &s, t0)),
+        (200, "vm-a".into())
+    );
+    assert_eq!(
+        body(ask_session(&with_token(name, "nope"), Some(&c), &s, t0)).0,
+        401
+    );
+    let later = t0 + Duration::from_secs(10);
+    assert_eq!(
+        body(ask_session(&with_token(name, "tok"), Some(&c), &s, later)).0,
+        401,
+        "expired"
+    );
+    // Credentials too; the root probe stays open (it reveals nothing).
+    let token = "/computeMetadata/v1/instance/service-accounts/default/token";
+    assert_eq!(body(ask_session(&get(token), Some(&c), &s, t0)).0, 401);
+    assert_eq!(
+        ask_session(&with_token(token, "tok"), Some(&c), &s, t0),
+        Decision::NeedAccessToken
+    );
+    let root = "GET / HTTP/1.1\r\n\r\n";
+    assert_eq!(body(ask_session(root, Some(&c), &s, t0)).0, 200);
+}
+
+#[test]
+fn where_sessions_are_optional_a_presented_token_must_still_be_live() {
+    let c = Cached::new(sample());
+    let now = Instant::now();
+    let s = Sessions::default();
+    let name = "/computeMetadata/v1/instance/hostname";
+    assert_eq!(body(ask_session(&get(name), Some(&c), &s, now)).0, 200);
+    assert_eq!(
+        body(ask_session(&with_token(name, "forged"), Some(&c), &s, now)).0,
+        401
+    );
+    // Nothing cached: the requirement is unknown, so only a live token goes on.
+    assert_eq!(body(ask_session(&get(name), None, &s, now)).0, 503);
 }

@@ -63,6 +63,10 @@ impl Guest {
     }
 
     fn connect(&mut self, server: &mut Server) -> SocketHandle {
+        self.connect_to(server, 80)
+    }
+
+    fn connect_to(&mut self, server: &mut Server, port: u16) -> SocketHandle {
         let mut s = stcp::Socket::new(
             stcp::SocketBuffer::new(vec![0; 65536]),
             stcp::SocketBuffer::new(vec![0; 65536]),
@@ -70,7 +74,7 @@ impl Guest {
         self.next_port += 1;
         s.connect(
             self.iface.context(),
-            IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), 80),
+            IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), port),
             self.next_port,
         )
         .unwrap();
@@ -356,4 +360,234 @@ fn a_token_near_expiry_is_not_served_and_a_new_one_is_minted() {
     std::thread::sleep(Duration::from_millis(1600));
     assert!(mint(&mut srv, &mut g, "second").contains("\"second\""));
     assert_eq!(counters.get("tokens_minted"), 2);
+}
+
+/// Runs the server, returning the IP TTLs of the packets it sent that carry TCP payload.
+fn pump_recording_ttls(g: &mut Guest, srv: &mut Server) -> Vec<u8> {
+    let mut ttls = Vec::new();
+    for _ in 0..50 {
+        g.iface.poll(smol_now(), &mut g.queues, &mut g.sockets);
+        let out: Vec<_> = g.queues.to_guest.drain(..).collect();
+        let sent = !out.is_empty();
+        for p in out {
+            srv.packet_from_guest(p);
+        }
+        srv.step(Instant::now());
+        let back = srv.take_packets_to_guest();
+        for p in &back {
+            let ip = ipv4::Packet::new_checked(&p[..]).unwrap();
+            let seg = tcp::Packet::new_checked(ip.payload()).unwrap();
+            if !seg.payload().is_empty() {
+                ttls.push(ip.ttl());
+            }
+        }
+        if !sent && back.is_empty() {
+            break;
+        }
+        g.queues.from_guest.extend(back);
+    }
+    ttls
+}
+
+fn session_put(ttl: &str) -> String {
+    format!("PUT /computeMetadata/v1/token HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Metadata-Token-TTL-Seconds: {ttl}\r\nContent-Length: 0\r\n\r\n")
+}
+
+#[test]
+fn session_token_replies_leave_with_ttl_1_and_gate_a_requiring_network() {
+    let (mut srv, counters) = server(BridgeLimits::default());
+    let mut md = sample();
+    md.project.require_session_token = true;
+    srv.metadata(md, Instant::now());
+    let mut g = Guest::new();
+
+    let h = g.connect(&mut srv);
+    g.sockets
+        .get_mut::<stcp::Socket>(h)
+        .send_slice(session_put("60").as_bytes())
+        .unwrap();
+    let ttls = pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h);
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(
+        resp.contains("X-Metadata-Token-TTL-Seconds: 60\r\n"),
+        "{resp}"
+    );
+    let token = resp.rsplit("\r\n\r\n").next().unwrap().to_string();
+    assert_eq!(token.len(), 64, "{resp}");
+    assert!(!ttls.is_empty() && ttls.iter().all(|t| *t == 1), "{ttls:?}");
+    assert_eq!(counters.get("sessions_issued"), 1);
+
+    // Another connection: without the token 401, with it 200, and normal TTLs.
+    let h2 = g.connect(&mut srv);
+    let name = "/computeMetadata/v1/instance/hostname";
+    let no_token = format!("GET {name} HTTP/1.1\r\nMetadata-Flavor: Google\r\n\r\n");
+    g.sockets
+        .get_mut::<stcp::Socket>(h2)
+        .send_slice(no_token.as_bytes())
+        .unwrap();
+    pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h2);
+    assert!(resp.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{resp}");
+    let with = format!(
+        "GET {name} HTTP/1.1\r\nMetadata-Flavor: Google\r\nX-Metadata-Token: {token}\r\n\r\n"
+    );
+    g.sockets
+        .get_mut::<stcp::Socket>(h2)
+        .send_slice(with.as_bytes())
+        .unwrap();
+    let ttls = pump_recording_ttls(&mut g, &mut srv);
+    let resp = g.received(h2);
+    assert!(resp.ends_with("\r\n\r\nvm-a"), "{resp}");
+    assert!(ttls.iter().all(|t| *t == 64), "{ttls:?}");
+    assert_eq!(counters.get("http_unauthorized"), 1);
+}
+
+#[test]
+fn dns_for_other_names_goes_to_the_forwarder_and_its_answer_to_the_guest() {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let (mut srv, counters) = server(BridgeLimits::default());
+    srv.forward_dns(true);
+    let mut g = Guest::new();
+    let meta = || vec![sudp::PacketMetadata::EMPTY; 4];
+    let mut s = sudp::Socket::new(
+        sudp::PacketBuffer::new(meta(), vec![0; 2048]),
+        sudp::PacketBuffer::new(meta(), vec![0; 2048]),
+    );
+    s.bind(5353).unwrap();
+    let h = g.sockets.add(s);
+    let mut q = Message::new(9, MessageType::Query, OpCode::Query);
+    q.add_query(Query::query(
+        Name::from_ascii("svc.corp.example.").unwrap(),
+        RecordType::A,
+    ));
+    let to = IpEndpoint::new(IpAddress::Ipv4(METADATA_IP), 53);
+    g.sockets
+        .get_mut::<sudp::Socket>(h)
+        .send_slice(&q.to_vec().unwrap(), to)
+        .unwrap();
+    g.pump(&mut srv);
+    assert!(
+        g.sockets.get_mut::<sudp::Socket>(h).recv().is_err(),
+        "no answer of its own"
+    );
+    let mut queries = srv.take_dns_queries();
+    assert_eq!(queries.len(), 1);
+    let (query, guest) = queries.pop().unwrap();
+    assert_eq!(query, q.to_vec().unwrap());
+    // The forwarder's answer (here: the query turned into an empty response) reaches the guest.
+    let mut answer = Message::from_vec(&query).unwrap();
+    answer.metadata.message_type = MessageType::Response;
+    srv.dns_answer(&answer.to_vec().unwrap(), guest);
+    srv.step(Instant::now());
+    g.queues.from_guest.extend(srv.take_packets_to_guest());
+    g.pump(&mut srv);
+    let (reply, from) = g.sockets.get_mut::<sudp::Socket>(h).recv().unwrap();
+    assert_eq!(from.endpoint, to);
+    assert_eq!(Message::from_vec(reply).unwrap().metadata.id, 9);
+    assert_eq!(counters.get("dns_forward_answered"), 1);
+    assert_eq!(counters.get("dns_refused"), 0);
+}
+
+#[test]
+fn a_bridged_service_gets_the_request_with_the_vms_identity_token() {
+    use crate::bridge::service::{ServiceError, ServiceSpec};
+    let (mut srv, counters) = server(BridgeLimits::default());
+    let upstream: std::net::SocketAddr = "198.18.0.10:9000".parse().unwrap();
+    srv.add_service(
+        ServiceSpec {
+            name: "inv".into(),
+            port: 8080,
+            upstream,
+            audience: "https://inv.example".into(),
+        },
+        2,
+    );
+    let mut g = Guest::new();
+    let h = g.connect_to(&mut srv, 8080);
+    let guest_request =
+        "GET /whoami HTTP/1.1\r\nHost: 169.254.169.254:8080\r\nAuthorization: Bearer mine\r\n\r\n";
+    g.send(&mut srv, h, guest_request.as_bytes());
+    // First the identity token for the service's audience, then the request with it.
+    assert_eq!(
+        srv.take_jobs(),
+        vec![Job::Identity {
+            audience: "https://inv.example".into(),
+            full: false
+        }]
+    );
+    let token = IdentityToken {
+        token: "ID.JWT".into(),
+        expires_in: 600,
+    };
+    srv.job_done(
+        JobDone::Identity {
+            audience: "https://inv.example".into(),
+            full: false,
+            result: Ok(token),
+        },
+        Instant::now(),
+    );
+    let jobs = srv.take_jobs();
+    let [Job::Proxy {
+        conn,
+        generation,
+        upstream: to,
+        request,
+    }] = jobs.as_slice()
+    else {
+        panic!("{jobs:?}");
+    };
+    assert_eq!(*to, upstream);
+    let sent = String::from_utf8(request.clone()).unwrap();
+    assert!(sent.contains("Authorization: Bearer ID.JWT\r\n"), "{sent}");
+    assert!(!sent.contains("mine"), "{sent}");
+    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nvm-a".to_vec();
+    srv.job_done(
+        JobDone::Proxy {
+            conn: *conn,
+            generation: *generation,
+            result: Ok(answer),
+        },
+        Instant::now(),
+    );
+    g.pump(&mut srv);
+    assert!(g.received(h).ends_with("\r\n\r\nvm-a"));
+    assert!(!g.sockets.get::<stcp::Socket>(h).may_recv(), "closed after");
+    // The next request reuses the held token; a failing service answers 504, counted.
+    let h2 = g.connect_to(&mut srv, 8080);
+    g.send(&mut srv, h2, guest_request.as_bytes());
+    let jobs = srv.take_jobs();
+    let [Job::Proxy {
+        conn, generation, ..
+    }] = jobs.as_slice()
+    else {
+        panic!("{jobs:?}");
+    };
+    srv.job_done(
+        JobDone::Proxy {
+            conn: *conn,
+            generation: *generation,
+            result: Err(ServiceError::Timeout),
+        },
+        Instant::now(),
+    );
+    g.pump(&mut srv);
+    assert!(g.received(h2).starts_with("HTTP/1.1 504"));
+    assert_eq!(
+        (
+            counters.get("service_requests"),
+            counters.get("service_errors")
+        ),
+        (2, 1)
+    );
+    // The metadata server on port 80 is untouched.
+    let m = g.connect(&mut srv);
+    g.send(
+        &mut srv,
+        m,
+        get("/computeMetadata/v1/instance/hostname").as_bytes(),
+    );
+    assert!(g.received(m).ends_with("vm-a"));
 }

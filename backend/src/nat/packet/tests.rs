@@ -182,10 +182,11 @@ fn fragments_and_other_protocols_are_refused() {
         outbound(&mut t, &mut gre, false, 0),
         Err(NatDrop::Unsupported)
     );
+    // A guest's ICMP error must quote a packet (see the guest_* tests).
     let mut err = ip_packet(VM, REMOTE, protocol::ICMP, &[3, 3, 0, 0, 0, 0, 0, 0]);
     assert_eq!(
         outbound(&mut t, &mut err, false, 0),
-        Err(NatDrop::Unsupported)
+        Err(NatDrop::Malformed)
     );
     let mut short = udp_packet(VM, 5353, REMOTE, 53, b"q");
     short.truncate(24);
@@ -304,6 +305,98 @@ fn port_forwarded_flows_pass_unchanged_both_ways() {
     // An echo reply to nobody is not sent.
     let mut stray = echo(VM, REMOTE, msg_type::ECHO_REPLY, 10);
     assert!(outbound(&mut t, &mut stray, false, 0).is_err());
+}
+
+/// An ICMP error the guest sends to `to` about `received` (the packet as it got it).
+fn guest_icmp_error(to: Ipv4Addr, t: u8, code: u8, received: &[u8]) -> Vec<u8> {
+    let quote = &received[..28];
+    let mut m = vec![0u8; 8 + quote.len()];
+    {
+        let mut v = icmpv4::Packet::new_unchecked(&mut m[..]);
+        v.set_msg_type(t);
+        v.set_msg_code(code);
+        v.data_mut().copy_from_slice(quote);
+        v.fill_checksum();
+    }
+    ip_packet(VM, to, protocol::ICMP, &m)
+}
+
+#[test]
+fn guest_port_unreachable_about_a_mapped_reply_quotes_the_mapped_port() {
+    let mut t = table();
+    let mut out = udp_packet(VM, 5353, REMOTE, 53, b"query!");
+    outbound(&mut t, &mut out, false, 0).unwrap();
+    let mapped = udp_of(&out).src_port();
+    // The reply as the remote sent it (to the mapped port), and as the guest got it.
+    let sent = udp_packet(REMOTE, 53, VM, mapped, b"answer");
+    let mut got = sent.clone();
+    inbound(&mut t, &mut got, VM, 1).unwrap();
+    assert_eq!(udp_of(&got).dst_port(), 5353);
+    let mut err = guest_icmp_error(REMOTE, msg_type::DST_UNREACHABLE, 3, &got);
+    let outer = err[..20].to_vec();
+    assert_eq!(
+        outbound(&mut t, &mut err, false, 2),
+        Ok(OutboundDone::Rewritten)
+    );
+    assert_eq!(
+        &err[..20],
+        &outer[..],
+        "the outer header is the gateway's to change"
+    );
+    let icmp = icmpv4::Packet::new_unchecked(&err[20..]);
+    assert!(icmp.verify_checksum());
+    // The quote is the remote's packet to the mapped port, its UDP checksum included (the
+    // gateway puts back the public address).
+    assert_eq!(&icmp.data()[..28], &sent[..28]);
+    // No refresh or new flow: still one mapping, the same one.
+    assert_eq!(t.stats().mapped, [0, 1, 0]);
+}
+
+#[test]
+fn guest_error_about_a_forwarded_flow_leaves_unchanged() {
+    let mut t = table();
+    let mut dgram = udp_packet(REMOTE, 51000, VM, 5000, b"hi");
+    inbound(&mut t, &mut dgram, VM, 0).unwrap();
+    let mut err = guest_icmp_error(REMOTE, msg_type::DST_UNREACHABLE, 3, &dgram);
+    let before = err.clone();
+    assert_eq!(
+        outbound(&mut t, &mut err, false, 0),
+        Ok(OutboundDone::Unchanged)
+    );
+    assert_eq!(err, before);
+}
+
+#[test]
+fn guest_errors_about_nothing_it_has_are_refused() {
+    let mut t = table();
+    let mut out = udp_packet(VM, 5353, REMOTE, 53, b"query!");
+    outbound(&mut t, &mut out, false, 0).unwrap();
+    let got = udp_packet(REMOTE, 53, VM, 5353, b"answer");
+    let unknown = Err(NatDrop::Refused(NatRefusal::UnknownMapping));
+    // About a flow it never had (another remote port), or sent to someone else than the
+    // quoted packet's source.
+    let other = udp_packet(REMOTE, 54, VM, 5353, b"answer");
+    let mut err = guest_icmp_error(REMOTE, msg_type::DST_UNREACHABLE, 3, &other);
+    assert_eq!(outbound(&mut t, &mut err, false, 1), unknown);
+    let mut err = guest_icmp_error(ROUTER, msg_type::DST_UNREACHABLE, 3, &got);
+    assert_eq!(outbound(&mut t, &mut err, false, 1), unknown);
+    // After the flow expired.
+    let mut err = guest_icmp_error(REMOTE, msg_type::DST_UNREACHABLE, 3, &got);
+    assert_eq!(outbound(&mut t, &mut err, false, 1000), unknown);
+    // Redirects and source quench are not translated; a cut quote is malformed.
+    for ty in [msg_type::REDIRECT, msg_type::SOURCE_QUENCH] {
+        let mut err = guest_icmp_error(REMOTE, ty, 0, &got);
+        assert_eq!(
+            outbound(&mut t, &mut err, false, 1),
+            Err(NatDrop::Unsupported)
+        );
+    }
+    let mut short = guest_icmp_error(REMOTE, msg_type::DST_UNREACHABLE, 3, &got);
+    short.truncate(20 + 8 + 20 + 4);
+    assert_eq!(
+        outbound(&mut t, &mut short, false, 1),
+        Err(NatDrop::Malformed)
+    );
 }
 
 proptest! {

@@ -58,14 +58,17 @@ pub fn reload(client: &RegistryClient, id: &str, shared: &Shared) -> Result<u64,
     };
     state.tokens.retain(keep);
     log::info!(
-        "control: config generation {}: {} VMs, {} forwarding rules, public address {}",
+        "control: config generation {}: {} VMs, {} forwarding rules, {} services, public address {}",
         cfg.generation,
         table.vms.len(),
         table.forward_count(),
+        cfg.services.len(),
         table.public_addr
     );
-    state.table = table;
-    Ok(cfg.generation)
+    drop(state);
+    let generation = cfg.generation;
+    crate::lb::publish(shared, Some((Arc::new(cfg), table)));
+    Ok(generation)
 }
 
 /// Asks tokens for VMs without one (or with one about to expire), and for those the data

@@ -7,9 +7,12 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use vnp_gateway::rx::{check_datagram, ExpiryPolicy, RxContext};
+use vnp_gateway::services;
 use vnp_gateway::translate::{inbound, outbound};
 use vnp_gateway::DropReason;
+use vnp_lb::{FlowTable, FlowTimeouts};
 use vnp_protocol::token::TokenMinter;
 use vnp_protocol::wire::{ipv4, HEADER_LEN};
 
@@ -24,6 +27,8 @@ const SOCKET: u64 = 1;
 const TUN: u64 = 2;
 /// Packets handled per readiness before looking at the other descriptor.
 const BATCH: usize = 64;
+/// Load-balanced flows remembered (about 100 bytes each).
+const FLOW_TABLE_CAPACITY: usize = 1 << 20;
 
 /// Runs until an unrecoverable error.
 pub fn run(
@@ -40,8 +45,17 @@ pub fn run(
     }
     let mut events = [epoll::Event::new(epoll::Events::empty(), 0); 4];
     let mut buf = vec![0u8; 65536];
+    let mut flows = FlowTable::new(FLOW_TABLE_CAPACITY, FlowTimeouts::default());
+    let mut expired_at = crate::lb::now_ms();
     loop {
-        let n = match epoll::wait(ep, -1, &mut events) {
+        // Wake at least once a second to expire idle load-balanced flows.
+        let now = crate::lb::now_ms();
+        if now >= expired_at + 1000 {
+            flows.expire(now);
+            expired_at = now;
+            shared.lb.set_flows(flows.len());
+        }
+        let n = match epoll::wait(ep, 1000, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -49,7 +63,7 @@ pub fn run(
         for ev in &events[..n] {
             match ev.data {
                 SOCKET => from_vms(&mut io, shared, minter, local, expiry, &mut buf)?,
-                _ => from_public(&mut io, shared, &mut buf)?,
+                _ => from_public(&mut io, shared, &mut flows, *local.ip(), &mut buf)?,
             }
         }
     }
@@ -76,12 +90,11 @@ fn from_vms(
             Err(e) => return Err(e),
         };
         let now = crate::control::vnp_gateway_now();
-        let table = shared
-            .state
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .table
-            .clone();
+        // Two reference-count bumps under one read lock; the tables themselves are shared.
+        let (table, services) = {
+            let state = shared.state.read().unwrap_or_else(|e| e.into_inner());
+            (Arc::clone(&state.table), Arc::clone(&state.services))
+        };
         let ctx = RxContext {
             local,
             network_id: table.network_id,
@@ -90,7 +103,14 @@ fn from_vms(
         };
         let result = check_datagram(&ctx, minter, &buf[..len], src, now).and_then(|inner| {
             let packet = &mut buf[inner];
-            outbound(&table, packet)?;
+            if services::is_probe_answer(&services, &table, packet) {
+                // A health check's answer: to the kernel as it is.
+                return Ok(packet);
+            }
+            match services::outbound(&services, &table, packet) {
+                Some(reply) => reply?,
+                None => outbound(&table, packet)?,
+            };
             Ok(packet)
         });
         match result {
@@ -118,7 +138,13 @@ fn from_vms(
     Ok(())
 }
 
-fn from_public(io: &mut Io, shared: &Shared, buf: &mut [u8]) -> io::Result<()> {
+fn from_public(
+    io: &mut Io,
+    shared: &Shared,
+    flows: &mut FlowTable,
+    own: std::net::Ipv4Addr,
+    buf: &mut [u8],
+) -> io::Result<()> {
     for _ in 0..BATCH {
         // The VNP header goes in front of the packet: read the packet after room for it.
         let len = match io.tun.read(&mut buf[HEADER_LEN..]) {
@@ -130,7 +156,12 @@ fn from_public(io: &mut Io, shared: &Shared, buf: &mut [u8]) -> io::Result<()> {
         let state = shared.state.read().unwrap_or_else(|e| e.into_inner());
         let packet = &mut buf[HEADER_LEN..HEADER_LEN + len];
         let forwarded = is_forwarded(&state.table, packet);
-        let vm = match inbound(&state.table, packet) {
+        let now_ms = crate::lb::now_ms();
+        let placed = match services::probe_out(&state.table, own, packet) {
+            Some(probe) => probe,
+            None => place(shared, &state, flows, packet, now_ms),
+        };
+        let vm = match placed {
             Ok(vm) => &state.table.vms[vm],
             Err(why) => {
                 shared.metrics.drop(why);
@@ -168,6 +199,25 @@ fn from_public(io: &mut Io, shared: &Shared, buf: &mut [u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The VM a public packet goes to: a load-balanced service's choice, else NAT return traffic
+/// or a forwarding rule.
+fn place(
+    shared: &Shared,
+    state: &crate::State,
+    flows: &mut FlowTable,
+    packet: &mut [u8],
+    now_ms: u64,
+) -> Result<usize, DropReason> {
+    match services::inbound(&state.services, &state.table, flows, packet, now_ms) {
+        Some(Ok(placed)) => {
+            shared.lb.placed(&state.services, &state.table, &placed);
+            Ok(placed.vm)
+        }
+        Some(Err(why)) => Err(why),
+        None => inbound(&state.table, packet),
+    }
 }
 
 fn count(c: &std::sync::atomic::AtomicU64) {

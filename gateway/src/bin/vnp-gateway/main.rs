@@ -7,6 +7,8 @@
 
 mod control;
 mod dataplane;
+mod health;
+mod lb;
 mod metrics_http;
 mod tun;
 
@@ -16,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use vnp_gateway::metrics::Metrics;
 use vnp_gateway::rx::ExpiryPolicy;
+use vnp_gateway::services::ServiceTable;
 use vnp_gateway::table::NatTable;
 use vnp_gateway::tokens::TokenCache;
 use vnp_protocol::token::TokenMinter;
@@ -57,6 +60,10 @@ struct Args {
     /// Accept tokens that never expire (registry --token-ttl 0).
     #[arg(long)]
     accept_never_expiring_tokens: bool,
+    /// Do not route the network's CIDR into the TUN at start (`ip route replace CIDR dev TUN
+    /// src UNDERLAY`): the load-balancing health checks need that route (or an equivalent one).
+    #[arg(long)]
+    no_health_route: bool,
 }
 
 /// What the data path reads and the control thread replaces.
@@ -64,6 +71,8 @@ struct Args {
 pub struct State {
     pub table: Arc<NatTable>,
     pub tokens: TokenCache,
+    /// Load-balanced services (`lb::publish` replaces them).
+    pub services: Arc<ServiceTable>,
 }
 
 /// Shared between the threads.
@@ -73,16 +82,20 @@ pub struct Shared {
     pub metrics: Metrics,
     /// VM addresses the data path had no token for.
     pub wants: Mutex<Vec<std::net::Ipv4Addr>>,
+    pub lb: lb::Lb,
 }
 
 impl Shared {
     fn render_metrics(&self) -> String {
         let state = self.state.read().unwrap_or_else(|e| e.into_inner());
-        self.metrics.render(
+        let mut text = self.metrics.render(
             Some(&state.table),
             state.tokens.len(),
             control::vnp_gateway_now(),
-        )
+        );
+        drop(state);
+        text.push_str(&lb::render(self));
+        text
     }
 }
 
@@ -129,10 +142,19 @@ fn run(args: Args) -> Result<(), String> {
         state: RwLock::new(State {
             table: Arc::new(NatTable::from_config(&cfg)),
             tokens: TokenCache::default(),
+            services: Arc::default(),
         }),
         metrics: Metrics::default(),
         wants: Mutex::new(Vec::new()),
+        lb: lb::Lb::default(),
     });
+    let table = shared
+        .state
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .table
+        .clone();
+    lb::publish(&shared, Some((Arc::new(cfg.clone()), table)));
     let tun = tun::open(&args.tun).map_err(|e| format!("TUN {}: {e}", args.tun))?;
     let listen = args.listen.unwrap_or(vnp_addr);
     let socket = UdpSocket::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
@@ -140,6 +162,23 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(addr) = args.metrics {
         let bound = metrics_http::spawn(addr, shared.clone()).map_err(|e| e.to_string())?;
         println!("vnp-gateway metrics on http://{bound}/metrics");
+    }
+    if !args.no_health_route {
+        let cidr = cfg.network.cidr.to_string();
+        if let Err(e) = health::route_into_tun(&cidr, &args.tun, cfg.gateway.underlay_addr) {
+            log::warn!("health checks: no route for {cidr} into {}: {e}", args.tun);
+        }
+    }
+    {
+        let shared = shared.clone();
+        let publisher = health::Publisher {
+            client: client.clone(),
+            id: me.id.clone(),
+        };
+        std::thread::Builder::new()
+            .name("health".into())
+            .spawn(move || health::run(shared, publisher))
+            .map_err(|e| e.to_string())?;
     }
     // Tokens first, so that the first replies find them.
     control::refresh_tokens(&client, &me.id, &shared, &mut Default::default());

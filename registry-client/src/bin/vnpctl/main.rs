@@ -7,6 +7,7 @@
 mod forward;
 mod gateway;
 mod host;
+mod lb;
 mod metadata;
 mod network;
 mod output;
@@ -82,6 +83,8 @@ enum Cmd {
     Gateway(Group<gateway::GatewayCmd>),
     /// Port forwarding from a gateway's public address to a VM.
     Forward(Group<forward::ForwardCmd>),
+    /// Load-balanced services on a gateway's public address.
+    Lb(Group<lb::LbCmd>),
     /// Tokens (debugging).
     Token(Group<token::TokenCmd>),
     /// Wait for VM changes (one long-poll).
@@ -193,6 +196,7 @@ fn run(cli: &Cli) -> Result<String, String> {
         Cmd::Policy(g) => policy::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Gateway(g) => gateway::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Forward(g) => forward::run(&connect(cli)?, &g.cmd, g.json),
+        Cmd::Lb(g) => lb::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Token(g) => token::run(&connect(cli)?, &g.cmd, g.json),
         Cmd::Watch { args, json } => token::watch(&connect(cli)?, args, *json),
         Cmd::Metrics => connect(cli)?.metrics_text().map_err(|e| e.to_string()),

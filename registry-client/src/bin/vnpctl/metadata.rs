@@ -186,13 +186,17 @@ pub fn run_vm(c: &RegistryClient, cmd: &VmMetaCmd, json: bool) -> Result<String,
 pub enum ProjectCmd {
     /// Show a network's project.
     Show { network: String },
-    /// Set a network's project id and zone.
+    /// Set a network's project id, zone and metadata session requirement.
     Set {
         network: String,
         #[arg(long)]
         project_id: Option<String>,
         #[arg(long)]
         zone: Option<String>,
+        /// true: the network's VMs need an IMDSv2-style session token on every metadata
+        /// request (PUT /computeMetadata/v1/token first); false: optional.
+        #[arg(long, value_name = "BOOL")]
+        require_session_token: Option<bool>,
     },
     /// Set a project attribute the network's VMs see under project/attributes/.
     SetAttr {
@@ -217,11 +221,13 @@ pub fn run_project(c: &RegistryClient, cmd: &ProjectCmd, json: bool) -> Result<S
             network,
             project_id,
             zone,
+            require_session_token,
         } => c.update_project(
             network,
             &ProjectUpdate {
                 project_id: project_id.clone(),
                 zone: zone.clone(),
+                require_session_token: *require_session_token,
             },
         ),
         ProjectCmd::SetAttr {
@@ -239,6 +245,15 @@ pub fn run_project(c: &RegistryClient, cmd: &ProjectCmd, json: bool) -> Result<S
         ("network", p.network.clone()),
         ("project id", p.project_id.clone()),
         ("zone", p.zone.clone()),
+        (
+            "metadata session token",
+            if p.require_session_token {
+                "required"
+            } else {
+                "optional"
+            }
+            .to_string(),
+        ),
     ]);
     out.push_str(&format!("\nattributes:\n{}", attributes(&p.attributes)));
     Ok(out)

@@ -1,0 +1,148 @@
+//! Load-balanced services (`/v1/services`, admin only): `public_addr:port/proto -> a pool of
+//! VMs`, with health checks. The gateways read them in their config.
+
+use super::*;
+
+pub(super) async fn list_services(
+    c: Caller,
+    State(reg): State<Shared>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Vec<Service>> {
+    c.admin()?;
+    let m = reg.read();
+    let net = q.get("network");
+    Ok(Json(
+        m.services
+            .values()
+            .filter(|s| net.is_none_or(|n| s.network == *n))
+            .cloned()
+            .collect(),
+    ))
+}
+
+pub(super) async fn get_service(
+    c: Caller,
+    State(reg): State<Shared>,
+    Path(id): Path<String>,
+) -> ApiResult<ServiceStatus> {
+    c.admin()?;
+    let m = reg.read();
+    let service = m
+        .services
+        .get(&id)
+        .ok_or_else(|| ApiError::new(ErrorCode::UnknownService, format!("no service {id}")))?;
+    Ok(Json(ServiceStatus {
+        pool: plan::resolve_pool(&m, service),
+        views: plan::views_of(&m, &id),
+        service: service.clone(),
+    }))
+}
+
+pub(super) async fn create_service(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    body: Bytes,
+) -> ApiResult<Service> {
+    c.admin()?;
+    let spec: ServiceSpec = parse(&body)?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::create_service(m, &spec))
+    })
+    .await?;
+    log::info!(
+        "{} added service {}: {}:{}/{} -> {} pool entries, port {}",
+        c.0,
+        out.id,
+        out.public_addr,
+        out.public_port,
+        out.proto,
+        out.members.len(),
+        out.vm_port
+    );
+    Ok(Json(out))
+}
+
+pub(super) async fn delete_service(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+) -> ApiResult<Deleted> {
+    c.admin()?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::delete_service(m, &id))
+    })
+    .await?;
+    log::info!("{} deleted {}", c.0, out.deleted);
+    Ok(Json(out))
+}
+
+pub(super) async fn add_service_member(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Service> {
+    c.admin()?;
+    let member: MemberSpec = parse(&body)?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::add_member(m, &id, &member))
+    })
+    .await?;
+    log::info!("{} changed service {}'s pool", c.0, out.id);
+    Ok(Json(out))
+}
+
+pub(super) async fn remove_service_member(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Service> {
+    c.admin()?;
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| {
+            plan::remove_member(
+                m,
+                &id,
+                q.get("vm").map(String::as_str),
+                q.get("tag").map(String::as_str),
+            )
+        })
+    })
+    .await?;
+    log::info!("{} changed service {}'s pool", c.0, out.id);
+    Ok(Json(out))
+}
+
+/// `PUT /v1/gateways/{id}/health`: that gateway's view of its services' members.
+pub(super) async fn report_health(
+    c: Caller,
+    State(reg): State<Shared>,
+    once: Once,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<HealthView> {
+    if !(c.0.role == Role::Gateway && c.0.id == id) {
+        return refuse(
+            ErrorCode::Forbidden,
+            "only the gateway itself reports its health view",
+        );
+    }
+    let report: HealthReport = parse(&body)?;
+    let now = u64::from(crate::service::unix_now());
+    let out = write(&reg, move |r| {
+        r.write_once(once.key(), |m| plan::report_health(m, &id, &report, now))
+    })
+    .await?;
+    let down = out.members.iter().filter(|m| !m.up).count();
+    log::info!(
+        "gateway {} reports {} members, {down} down",
+        out.gateway,
+        out.members.len()
+    );
+    Ok(Json(out))
+}
