@@ -183,9 +183,42 @@ impl Run {
         assert_eq!(ip.total_len(), before.len());
         assert!(!self.table.network_cidr.contains(ip.dst_addr()));
         let mut after = before.clone();
+        let error = is_icmp_error(&before);
         match outbound(&self.table, &mut after) {
+            Ok(vm) if error => self.check_outbound_error(vm, &before, &after),
             Ok(vm) => self.check_outbound(vm, &before, &after),
+            // An error's port is in its quote: only an accepted one is checked.
+            Err(_) if error => {}
             Err(why) => self.check_refusal(why, &before),
+        }
+    }
+
+    /// An ICMP error a guest sends about a packet it received: the quoted packet's
+    /// destination port (echo id) is the VM's, and leaves as the public port of its forward
+    /// rule or unchanged from the VM's NAT block.
+    fn check_outbound_error(&self, vm: VmIndex, before: &[u8], after: &[u8]) {
+        let ip = ipv4::Packet::new_unchecked(before);
+        assert_eq!(self.table.vms[vm].ip, ip.src_addr(), "error from the VM");
+        let out = ipv4::Packet::new_unchecked(after);
+        assert_eq!(out.src_addr(), PUBLIC, "error source");
+        let quote = ip.header_len() + 8;
+        let proto = before[quote + 9];
+        let l4 = quote + usize::from(before[quote] & 0x0f) * 4;
+        let at = l4 + if proto == protocol::ICMP { 4 } else { 2 };
+        let (port, public) = (be16(before, at), be16(after, at));
+        let rule = (proto != protocol::ICMP)
+            .then(|| self.table.forward_out(vm, proto, port))
+            .flatten();
+        match rule {
+            Some(f) => assert_eq!(public, f.public_port, "quoted port of a forward rule"),
+            None => {
+                assert_eq!(
+                    self.table.nat_owner(port),
+                    Some(vm),
+                    "quoted port not the VM's"
+                );
+                assert_eq!(public, port, "quoted NAT port kept");
+            }
         }
     }
 
@@ -229,7 +262,19 @@ impl Run {
             vm_port: sport,
         });
     }
+}
 
+/// Whether `packet` is an ICMP destination-unreachable, time-exceeded or parameter-problem
+/// message.
+fn is_icmp_error(packet: &[u8]) -> bool {
+    let ip = ipv4::Packet::new_unchecked(packet);
+    ip.protocol() == protocol::ICMP
+        && packet
+            .get(ip.header_len())
+            .is_some_and(|t| matches!(t, 3 | 11 | 12))
+}
+
+impl Run {
     fn check_refusal(&self, why: DropReason, before: &[u8]) {
         let Ok(ip) = ipv4::Packet::new_checked(before) else {
             return;
