@@ -412,6 +412,23 @@ fn show_load_balancing(
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The gateway publishes its view through the registry (what `vnpctl lb show` prints).
+    loop {
+        let st = cluster.registry(|r| r.get_service("web"))?;
+        let ups = st
+            .views
+            .iter()
+            .flat_map(|v| &v.members)
+            .filter(|m| m.up)
+            .count();
+        if ups == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway did not publish its view: {:?}", st.views);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
     println!("   the gateway's health checks (TCP connect through VNP) found both guests up");
     let url = format!("http://{public}/");
     let out = edge
