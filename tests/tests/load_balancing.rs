@@ -647,6 +647,10 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
     let spec = spec_web();
     c.registry(move |r| r.create_service(&spec)).unwrap();
     wait_members(&c, &edge, &GUESTS.map(|g| (g, Some(1))));
+    // The gateway publishes its first view of a service created after it started.
+    for g in GUESTS {
+        wait_published(&c, g, true);
+    }
     // Servers may still be starting: one connection through each first.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -354,7 +354,7 @@ for i in range(int(sys.argv[2])):
 "#;
 
 /// Service `web` (`vnpctl lb create`): the gateway's public address, port 80, to port 8080 of
-/// vm-a and vm-b, with TCP health checks configured. Each
+/// vm-a and vm-b, with TCP health checks the gateway runs through the virtual network. Each
 /// guest serves its own name with busybox `httpd`; 40 connections from the public namespace
 /// are spread over both by the gateway's Maglev table.
 fn show_load_balancing(
@@ -412,9 +412,28 @@ fn show_load_balancing(
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    println!(
-        "   the gateway has both guests in the service's Maglev table (vnp_gateway_lb_member_up)"
-    );
+    // The gateway publishes its view through the registry (what `vnpctl lb show` prints).
+    loop {
+        let st = cluster.registry(|r| r.get_service("web"))?;
+        let ups = st
+            .views
+            .iter()
+            .flat_map(|v| &v.members)
+            .filter(|m| m.up)
+            .count();
+        if ups == 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the gateway did not publish its view: {:?}\n{}",
+                st.views,
+                edge.logs(cluster)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    println!("   the gateway's health checks (TCP connect through VNP) found both guests up");
     let url = format!("http://{public}/");
     let out = edge
         .public()

@@ -143,14 +143,19 @@ pub fn run(shared: Arc<Shared>, publisher: Publisher) {
     let (tx, rx) = mpsc::channel::<((String, String), bool, HealthConfig)>();
     let mut due: HashMap<(String, String), Instant> = HashMap::new();
     let mut in_flight: HashSet<(String, String)> = HashSet::new();
-    // The view is published after the first round of checks, then after every change (a
+    // The view is published after the first round of checks of every new set of members (a
+    // service or member added later too, not only at start), then after every change (a
     // failed publication is retried at most once a second).
     let mut unpublished = true;
+    let mut published: HashSet<(String, String)> = HashSet::new();
     let mut last_try = Instant::now();
     loop {
         let now = Instant::now();
         let current = targets(&shared);
         let keys: HashSet<&(String, String)> = current.iter().map(|(k, _, _)| k).collect();
+        if keys.len() != published.len() || keys.iter().any(|k| !published.contains(*k)) {
+            unpublished = true;
+        }
         due.retain(|k, _| keys.contains(k));
         shared
             .lb
@@ -203,7 +208,10 @@ pub fn run(shared: Arc<Shared>, publisher: Publisher) {
             last_try = Instant::now();
             let report = report_of(&shared, &current);
             match publisher.client.report_health(&publisher.id, &report) {
-                Ok(_) => unpublished = false,
+                Ok(_) => {
+                    unpublished = false;
+                    published = current.iter().map(|(k, _, _)| k.clone()).collect();
+                }
                 Err(e) => log::warn!("health: publishing the view: {e}"),
             }
         }
