@@ -173,23 +173,7 @@ fn step(what: &str) {
 /// Runs the real `vnpctl` in the core namespace (where the registry listens) with the admin
 /// certificate; panics with its stderr when it fails.
 fn vnpctl(c: &Cluster, args: &[&str]) -> String {
-    let out = c
-        .fabric()
-        .core()
-        .command(&c.bins().vnpctl)
-        .args(["--registry", &c.registry_url()])
-        .arg("--tls-dir")
-        .arg(c.tls_dir())
-        .args(args)
-        .output()
-        .expect("run vnpctl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "vnpctl {args:?}: {}{text}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    c.vnpctl(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `vnpctl vnpd --json nat VM` against host `host`'s vnpd.
