@@ -4,10 +4,12 @@
 //! - `auth`: the caller's identity (certificate, then registration);
 //! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
 //! - `tokens`: token requests and the long-poll watch;
-//! - `serve`: the mutual-TLS accept loop and its connection limits.
+//! - `serve`: the mutual-TLS accept loop and its connection limits;
+//! - `body`: every request body read to its end before routing (reusable connections).
 
 mod auth;
 mod backup;
+mod body;
 mod inventory;
 mod metadata;
 mod public;
