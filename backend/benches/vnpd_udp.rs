@@ -183,7 +183,11 @@ fn frame_sizes() -> Vec<u16> {
     match std::env::var("VNPD_BENCH_FRAMES") {
         Ok(list) => list
             .split(',')
-            .map(|f| f.trim().parse().expect("VNPD_BENCH_FRAMES: frame sizes in bytes"))
+            .map(|f| {
+                f.trim()
+                    .parse()
+                    .expect("VNPD_BENCH_FRAMES: frame sizes in bytes")
+            })
             .collect(),
         Err(_) => vec![64, 14 + MTU],
     }

@@ -26,8 +26,8 @@ use super::port::unix_now;
 use super::udp;
 use super::worker::{PairWorker, Side, TX_BATCH};
 use crate::metrics::counters::DropReason;
-use crate::ring::park::{avail_index_jump, head_out_of_range};
 use crate::ring::memory::with_ring_mem;
+use crate::ring::park::{avail_index_jump, head_out_of_range};
 use crate::ring::vring::notify;
 use crate::ring::{DescTable, GuestView, Vring};
 

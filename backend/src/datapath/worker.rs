@@ -28,8 +28,8 @@ use crate::device::features::rx_vnet_header;
 use crate::device::{BrokenRings, Negotiated, PairEvent, QueuePairHandler};
 use crate::metrics::counters::DropReason;
 use crate::ring::batch::MsgBatch;
-use crate::ring::vring::{is_live, notify};
 use crate::ring::memory::with_ring_mem;
+use crate::ring::vring::{is_live, notify};
 use crate::ring::{
     GuestMem, GuestSeg, GuestView, ParkedRing, PlainShadow, RingFault, RxPool, TxChain, Vring,
 };

@@ -298,12 +298,20 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x8000)).unwrap(), 0xabcd);
         let view = GuestView::new(&mem, false).with_shadow(Some(&shadow));
         assert!(view.plain().is_some());
-        assert!(with_ring_mem!(view, |m| m.check_address(GuestAddress(0x8000)).is_some()));
+        assert!(with_ring_mem!(view, |m| m
+            .check_address(GuestAddress(0x8000))
+            .is_some()));
         let logged = GuestView::new(&mem, true).with_shadow(Some(&shadow));
-        assert!(logged.plain().is_none(), "logged writes go through the bitmap");
+        assert!(
+            logged.plain().is_none(),
+            "logged writes go through the bitmap"
+        );
         let other = test_memory();
         let foreign = GuestView::new(&other, false).with_shadow(Some(&shadow));
-        assert!(foreign.plain().is_none(), "another snapshot's shadow is not used");
+        assert!(
+            foreign.plain().is_none(),
+            "another snapshot's shadow is not used"
+        );
         let mut slot = None;
         PlainShadow::sync(&mut slot, GuestView::new(&other, false));
         assert!(slot.as_ref().is_some_and(|s| s.is_of(&other)));
