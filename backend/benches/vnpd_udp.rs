@@ -12,7 +12,8 @@
 //!
 //! Run (root, DPDK, hugepages):
 //!   cargo build --release -p vnp-udp-floor && cargo bench -p vnpd --bench vnpd_udp
-//! Env: VNPD_BENCH_SECONDS (default 5), VNPD_BENCH_RUNS (default 3), UDP_FLOOR (binary path).
+//! Env: VNPD_BENCH_SECONDS (default 5), VNPD_BENCH_RUNS (default 3), UDP_FLOOR (binary path),
+//! VNPD_BENCH_FRAMES (frame sizes, default "64,1466").
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -177,6 +178,21 @@ fn inflight_bursts() -> u32 {
         .unwrap_or(16)
 }
 
+/// Frame sizes to measure (`VNPD_BENCH_FRAMES`, comma-separated; default 64 and full MTU).
+fn frame_sizes() -> Vec<u16> {
+    match std::env::var("VNPD_BENCH_FRAMES") {
+        Ok(list) => list
+            .split(',')
+            .map(|f| {
+                f.trim()
+                    .parse()
+                    .expect("VNPD_BENCH_FRAMES: frame sizes in bytes")
+            })
+            .collect(),
+        Err(_) => vec![64, 14 + MTU],
+    }
+}
+
 fn json_number(json: &str, key: &str) -> f64 {
     let pat = format!("\"{key}\":");
     let at = json
@@ -266,7 +282,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     // 64-byte frames (50-byte inner packets) and full-MTU frames (1452-byte inner packets:
     // 1500-byte outer IPv4 datagrams on the underlay).
-    for frame in [64u16, 14 + MTU] {
+    for frame in frame_sizes() {
         let payload = 20 + usize::from(frame) - 14;
         let mut v_pps = Vec::new();
         let mut v_cpu = Vec::new();

@@ -26,6 +26,7 @@ use super::rx_coalesce::{emit_coalesced_headers, plan_frames, rx_vnet_header, Pl
 use super::rx_gro::{segment_ranges, RecvBatch};
 use super::worker::{PairWorker, Side, RX_BATCH};
 use crate::metrics::counters::DropReason;
+use crate::ring::memory::with_ring_mem;
 use crate::ring::vring::notify;
 use crate::ring::{GuestView, Vring};
 
@@ -60,6 +61,8 @@ pub(super) struct RxState {
     /// after a reset, and after a round that ran out of buffers): only then does a wake-up
     /// need to turn kicks off, which costs the ring's lock and a store into guest memory.
     pub(super) kicks_on: bool,
+    /// Packets and bytes written into the guest and not counted yet.
+    delivered: (u64, u64),
 }
 
 impl RxState {
@@ -73,6 +76,7 @@ impl RxState {
             learned: Vec::new(),
             hint: MIN_RX_SLOTS,
             kicks_on: true,
+            delivered: (0, 0),
         }
     }
 
@@ -135,7 +139,9 @@ impl PairWorker {
             if received == 0 {
                 return true;
             }
-            self.check_batch(unix_now());
+            // One clock read per round, for the token expiries and the learned tokens.
+            let now = unix_now();
+            self.check_batch(now);
             let coalesce = self.coalesce_rx();
             let state = &mut self.rx;
             let (recv, packets) = (&state.recv, &state.packets);
@@ -147,7 +153,6 @@ impl PairWorker {
             );
             state.next_frame = 0;
             let delivered = self.deliver_frames(view, rx);
-            let now = unix_now();
             for (src_vm, from, rt) in self.rx.learned.drain(..) {
                 self.core.learn_return_token(src_vm, from, rt, now);
             }
@@ -237,6 +242,14 @@ impl PairWorker {
     /// Copies the waiting frames into guest buffers and commits them; returns false when the
     /// guest ran out of buffers with frames left.
     fn deliver_frames(&mut self, view: GuestView<'_>, rx: &Vring) -> bool {
+        let done = self.deliver_waiting(view, rx);
+        let (packets, bytes) = std::mem::take(&mut self.rx.delivered);
+        self.core.counters.rx_many(packets, bytes);
+        done
+    }
+
+    /// [`Self::deliver_frames`] without counting.
+    fn deliver_waiting(&mut self, view: GuestView<'_>, rx: &Vring) -> bool {
         while self.rx.waiting() > 0 {
             let want = self.rx.waiting().min(FRAMES_PER_ASSIGN);
             let head = self.inner_offset();
@@ -326,9 +339,11 @@ impl PairWorker {
             return;
         }
         self.pool.accept(slot, frame_len);
-        // Counted per inner packet, coalesced or not.
+        // Counted per inner packet, coalesced or not; added to the shared counters once per
+        // round (`deliver_frames`).
         for p in &self.rx.packets[frame.first..frame.first + frame.count] {
-            self.core.counters.rx(p.len());
+            self.rx.delivered.0 += 1;
+            self.rx.delivered.1 += p.len() as u64;
         }
     }
 
@@ -337,11 +352,11 @@ impl PairWorker {
     fn publish_rx(&mut self, view: GuestView<'_>, rx: &Vring, returned: bool) {
         if self.pool.has_accepted() {
             let mut state = rx.get_mut();
-            self.pool.commit(state.get_queue_mut(), view.mem());
+            self.pool.commit(state.get_queue_mut(), view);
         } else if !returned {
             return;
         }
-        notify(rx, view.mem());
+        with_ring_mem!(view, |mem| notify(rx, mem));
     }
 }
 

@@ -14,6 +14,8 @@ use std::time::Instant;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryMmap;
 use vnp_protocol::wire::options::ReturnToken;
 use vnp_protocol::wire::VnpRepr;
 
@@ -24,6 +26,7 @@ use super::port::unix_now;
 use super::udp;
 use super::worker::{PairWorker, Side, TX_BATCH};
 use crate::metrics::counters::DropReason;
+use crate::ring::memory::with_ring_mem;
 use crate::ring::park::{avail_index_jump, head_out_of_range};
 use crate::ring::vring::notify;
 use crate::ring::{DescTable, GuestView, Vring};
@@ -80,13 +83,15 @@ impl PairWorker {
         // At most one of the two holds messages: adding to one flushes the other (order).
         self.send_tx_batch();
         self.send_offload_batch();
-        {
+        with_ring_mem!(view, |mem| {
             let mut state = tx.get_mut();
+            let queue = state.get_queue_mut();
             for head in &self.tx_heads {
-                let _ = state.add_used(*head, 0);
+                let _ = queue.add_used(mem, *head, 0);
             }
-        }
-        notify(tx, view.mem());
+            drop(state);
+            notify(tx, mem);
+        });
         let mut edge = std::mem::take(&mut self.tx_edge);
         for frame in edge.drain(..) {
             self.answer_edge(view, rx, &frame);
@@ -99,12 +104,24 @@ impl PairWorker {
     /// Pops up to a batch of chains and handles each frame; parks the ring when the guest
     /// broke it.
     fn pop_tx_chains(&mut self, view: GuestView<'_>, tx: &Vring, now: Now) {
+        with_ring_mem!(view, |mem| self.pop_tx_chains_in(view, mem, tx, now));
+    }
+
+    /// [`Self::pop_tx_chains`] with ring accesses through `mem` (`view`'s snapshot, with or
+    /// without dirty bitmap).
+    fn pop_tx_chains_in<B: Bitmap + 'static>(
+        &mut self,
+        view: GuestView<'_>,
+        mem: &GuestMemoryMmap<B>,
+        tx: &Vring,
+        now: Now,
+    ) {
         let mut state = tx.get_mut();
         let queue = state.get_queue_mut();
-        let table = DescTable::of(queue, self.features.indirect_desc, view.mem());
+        let table = DescTable::of(queue, self.features.indirect_desc, mem);
         while self.tx_heads.len() < TX_BATCH {
-            let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
-                if let Some(fault) = avail_index_jump(queue, view.mem()) {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                if let Some(fault) = avail_index_jump(queue, mem) {
                     self.park(Side::Tx, fault, queue);
                 }
                 break;
@@ -115,7 +132,7 @@ impl PairWorker {
                 break;
             }
             self.tx_heads.push(chain.head_index());
-            match self.tx_chain.collect(chain, table, view.mem()) {
+            match self.tx_chain.collect(chain, table, mem) {
                 Ok(_) => self.tx_frame(view, now),
                 Err(e) => {
                     log::debug!("vm {}: tx chain dropped: {e}", self.core.vm_id);
@@ -338,10 +355,16 @@ impl PairWorker {
         // `GuestView` holds alive (the device's guard outlives this call), each range checked
         // against the guest's memory regions when its chain was collected.
         let (_, failed) = unsafe { udp::send_all(socket, mmsgs) };
+        // Counted once per batch: two shared atomic additions, not two per packet.
+        let (mut packets, mut bytes) = (0u64, 0u64);
         for (i, m) in self.tx_batch.msgs().iter().enumerate() {
             if self.tx_batch.result(i).0 > 0 {
-                self.core.counters.tx(m.tag);
+                packets += 1;
+                bytes += m.tag as u64;
             }
+        }
+        if packets > 0 {
+            self.core.counters.tx_many(packets, bytes);
         }
         if failed > 0 {
             self.core

@@ -28,8 +28,11 @@ use crate::device::features::rx_vnet_header;
 use crate::device::{BrokenRings, Negotiated, PairEvent, QueuePairHandler};
 use crate::metrics::counters::DropReason;
 use crate::ring::batch::MsgBatch;
+use crate::ring::memory::with_ring_mem;
 use crate::ring::vring::{is_live, notify};
-use crate::ring::{GuestMem, GuestSeg, GuestView, ParkedRing, RingFault, RxPool, TxChain, Vring};
+use crate::ring::{
+    GuestMem, GuestSeg, GuestView, ParkedRing, PlainShadow, RingFault, RxPool, TxChain, Vring,
+};
 
 /// Packets per `sendmmsg`.
 pub const TX_BATCH: usize = 32;
@@ -60,6 +63,8 @@ pub struct PairWorker {
     pub(super) features: Negotiated,
     /// RX buffers taken from the guest and not used yet.
     pub(super) pool: RxPool,
+    /// Guest memory without dirty bitmap, for ring accesses while nothing is logged.
+    shadow: Option<PlainShadow>,
     /// The socket had data but the guest had no buffers: resume when it adds some.
     pub(super) rx_backlog: bool,
     /// A clone of the RX vring, to give held buffers back when the ring stops.
@@ -112,6 +117,7 @@ impl QueuePairHandler for PairWorker {
 
     fn reset(&mut self) {
         self.pool.clear();
+        self.shadow = None;
         let lost = self.rx.discard_waiting();
         if lost > 0 {
             // Received and checked, but the guest that had no room for them is gone.
@@ -153,6 +159,22 @@ impl QueuePairHandler for PairWorker {
     fn handle(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring) {
         self.rx_vring.get_or_insert_with(|| rx.clone());
         self.pool.sync(view);
+        PlainShadow::sync(&mut self.shadow, view);
+        // Taken out for the pass, so that the view can borrow it while `self` is mutable.
+        let shadow = self.shadow.take();
+        let view = view.with_shadow(shadow.as_ref());
+        self.dispatch(event, view, rx, tx);
+        self.shadow = shadow;
+    }
+
+    fn take_broken(&mut self) -> BrokenRings {
+        std::mem::take(&mut self.newly_broken)
+    }
+}
+
+impl PairWorker {
+    /// Runs the half of the pair `event` is for.
+    fn dispatch(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring) {
         match event {
             PairEvent::TxKick => self.run_tx(view, rx, tx),
             PairEvent::RxKick | PairEvent::External(SOCKET_EVENT) => self.run_rx(view, rx),
@@ -164,12 +186,6 @@ impl QueuePairHandler for PairWorker {
         }
     }
 
-    fn take_broken(&mut self) -> BrokenRings {
-        std::mem::take(&mut self.newly_broken)
-    }
-}
-
-impl PairWorker {
     /// A worker for queue pair `pair`.
     pub fn new(core: Arc<PortCore>, pair: usize) -> Self {
         let udp_gso = core.udp_gso;
@@ -178,6 +194,7 @@ impl PairWorker {
             pair,
             features: Negotiated::default(),
             pool: RxPool::new(),
+            shadow: None,
             rx_backlog: false,
             rx_vring: None,
             rx_parked: None,
@@ -383,7 +400,7 @@ impl PairWorker {
                 view.write(&self.rx_segs, 0, &rx_vnet_header(spans)[..hdr]);
                 view.write(&self.rx_segs, hdr, frame);
                 self.pool.accept(slot, need);
-                self.pool.commit(queue, view.mem());
+                self.pool.commit(queue, view);
                 true
             } else {
                 false
@@ -393,7 +410,7 @@ impl PairWorker {
         self.rx_slots = slots;
         self.count_bad_rx_chains(bad_chains);
         if delivered || bad_chains > 0 {
-            notify(rx, view.mem());
+            with_ring_mem!(view, |mem| notify(rx, mem));
         }
         delivered
     }

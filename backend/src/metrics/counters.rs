@@ -300,6 +300,15 @@ impl VmCounters {
         self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Counts `packets` packets of `bytes` in all delivered to the guest (one round's).
+    #[inline]
+    pub fn rx_many(&self, packets: u64, bytes: u64) {
+        if packets > 0 {
+            self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+            self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// Counts one drop.
     #[inline]
     pub fn drop_packet(&self, reason: DropReason) {

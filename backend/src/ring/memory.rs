@@ -6,20 +6,98 @@
 //! the driver has acked `VHOST_F_LOG_ALL` (live migration), bytes the kernel wrote straight into
 //! guest memory (`recvmmsg`) must be marked dirty by hand, since they bypassed vm-memory's
 //! accessors, which log by themselves.
+//!
+//! While nothing is logged, the ring structures (avail ring, descriptors, used ring) are read
+//! and written through a [`PlainShadow`]: the same mappings without the dirty bitmap, whose
+//! accessors take no lock and clone no `Arc` per access (vhost-user-backend's bitmap does both
+//! on every access, even with no log set up: a few percent of a 64-byte packet's cost).
 
 use std::sync::Arc;
 
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use super::chain::{for_each_range, GuestSeg};
 use super::GuestMem;
+
+/// Guest memory with no dirty bitmap (see [`PlainShadow`]).
+pub type PlainMem = GuestMemoryMmap<()>;
+
+/// The regions of one guest-memory snapshot seen again as [`PlainMem`]: same host addresses,
+/// no dirty bitmap. Keeps its snapshot alive, so the aliased mappings outlive it.
+#[derive(Debug)]
+pub struct PlainShadow {
+    // Declared first: dropped before the snapshot whose mappings it aliases.
+    plain: PlainMem,
+    source: Arc<GuestMem>,
+}
+
+impl PlainShadow {
+    /// The shadow of `source`; `None` when it has no regions (no memory table yet).
+    pub fn of(source: &Arc<GuestMem>) -> Option<Self> {
+        let mut regions = Vec::new();
+        for region in source.iter() {
+            let size = usize::try_from(region.len()).ok()?;
+            // SAFETY: `region.as_ptr()..+size` is a live mapping of `source`, which this value
+            // keeps alive (field `source`) for as long as `plain` exists; a raw region does not
+            // unmap on drop.
+            let mapping = unsafe {
+                MmapRegion::<()>::build_raw(region.as_ptr(), size, region.prot(), region.flags())
+            }
+            .ok()?;
+            regions.push(GuestRegionMmap::new(mapping, region.start_addr())?);
+        }
+        if regions.is_empty() {
+            return None;
+        }
+        let plain = GuestMemoryMmap::from_regions(regions).ok()?;
+        Some(Self {
+            plain,
+            source: source.clone(),
+        })
+    }
+
+    /// Whether this is the shadow of `snapshot`.
+    pub fn is_of(&self, snapshot: &Arc<GuestMem>) -> bool {
+        Arc::ptr_eq(&self.source, snapshot)
+    }
+
+    /// Keeps `shadow` the shadow of `view`'s snapshot: rebuilt after the frontend remapped
+    /// memory, dropped when the snapshot has no regions.
+    pub fn sync(shadow: &mut Option<Self>, view: GuestView<'_>) {
+        if shadow.as_ref().is_some_and(|s| s.is_of(view.mem)) {
+            return;
+        }
+        *shadow = Self::of(view.mem);
+    }
+}
+
+/// Runs `$body` with `$mem` bound to the memory the view's ring accesses go through: the
+/// [`PlainShadow`] while nothing is logged, the logged memory otherwise (two instances of
+/// `$body`, one per memory type).
+macro_rules! with_ring_mem {
+    ($view:expr, |$mem:ident| $body:expr) => {
+        match $view.plain() {
+            Some($mem) => $body,
+            None => {
+                let $mem = $view.mem();
+                $body
+            }
+        }
+    };
+}
+pub(crate) use with_ring_mem;
 
 /// Guest memory for one pass of a worker, with its dirty-logging policy.
 #[derive(Debug, Clone, Copy)]
 pub struct GuestView<'m> {
     mem: &'m Arc<GuestMem>,
     log_kernel_writes: bool,
+    /// The same snapshot without dirty bitmap, for ring accesses while nothing is logged.
+    plain: Option<&'m PlainMem>,
 }
 
 impl<'m> GuestView<'m> {
@@ -28,7 +106,30 @@ impl<'m> GuestView<'m> {
         Self {
             mem,
             log_kernel_writes,
+            plain: None,
         }
+    }
+
+    /// This view, with ring accesses through `shadow` when it is this snapshot's and nothing
+    /// is logged.
+    pub fn with_shadow<'s>(self, shadow: Option<&'s PlainShadow>) -> GuestView<'s>
+    where
+        'm: 's,
+    {
+        let plain = shadow
+            .filter(|s| !self.log_kernel_writes && s.is_of(self.mem))
+            .map(|s| &s.plain);
+        GuestView {
+            mem: self.mem,
+            log_kernel_writes: self.log_kernel_writes,
+            plain,
+        }
+    }
+
+    /// The memory without dirty bitmap for ring accesses, when they need no logging (see
+    /// [`with_ring_mem`]).
+    pub fn plain(&self) -> Option<&'m PlainMem> {
+        self.plain
     }
 
     /// Whether writes must reach the dirty log (the driver acked `VHOST_F_LOG_ALL`).
@@ -183,6 +284,40 @@ mod tests {
         let mut one = Vec::new();
         assert_eq!(view.push_iovecs(&segs(), 0, 40, &mut one, 1), 10);
         assert_eq!(one.len(), 1);
+    }
+
+    #[test]
+    fn shadow_aliases_the_snapshot_and_is_used_only_without_logging() {
+        let mem = test_memory();
+        let shadow = PlainShadow::of(&mem).expect("one region");
+        assert!(shadow.is_of(&mem));
+        shadow
+            .plain
+            .write_obj(0xabcd_u16, GuestAddress(0x8000))
+            .unwrap();
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(0x8000)).unwrap(), 0xabcd);
+        let view = GuestView::new(&mem, false).with_shadow(Some(&shadow));
+        assert!(view.plain().is_some());
+        assert!(with_ring_mem!(view, |m| m
+            .check_address(GuestAddress(0x8000))
+            .is_some()));
+        let logged = GuestView::new(&mem, true).with_shadow(Some(&shadow));
+        assert!(
+            logged.plain().is_none(),
+            "logged writes go through the bitmap"
+        );
+        let other = test_memory();
+        let foreign = GuestView::new(&other, false).with_shadow(Some(&shadow));
+        assert!(
+            foreign.plain().is_none(),
+            "another snapshot's shadow is not used"
+        );
+        let mut slot = None;
+        PlainShadow::sync(&mut slot, GuestView::new(&other, false));
+        assert!(slot.as_ref().is_some_and(|s| s.is_of(&other)));
+        let empty = Arc::new(GuestMem::new());
+        PlainShadow::sync(&mut slot, GuestView::new(&empty, false));
+        assert!(slot.is_none(), "no regions, no shadow");
     }
 
     #[test]

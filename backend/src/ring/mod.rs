@@ -27,7 +27,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use batch::MsgBatch;
 pub use chain::{ChainError, DescTable, GuestSeg, RxBuf, TxChain};
-pub use memory::GuestView;
+pub use memory::{GuestView, PlainMem, PlainShadow};
 pub use park::{ParkedRing, RingFault};
 pub use pool::RxPool;
 

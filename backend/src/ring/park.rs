@@ -15,6 +15,8 @@ use std::sync::atomic::Ordering;
 
 use thiserror::Error;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryMmap;
 
 use super::GuestMem;
 
@@ -44,7 +46,10 @@ pub enum RingFault {
 /// The avail-index fault, if the driver's `avail->idx` is more than the queue size ahead of the
 /// device. Checked only when a pop found nothing (virtio-queue returns nothing for this fault
 /// too), so the hot path pays nothing.
-pub fn avail_index_jump(queue: &Queue, mem: &GuestMem) -> Option<RingFault> {
+pub fn avail_index_jump<B: Bitmap + 'static>(
+    queue: &Queue,
+    mem: &GuestMemoryMmap<B>,
+) -> Option<RingFault> {
     let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?;
     let next = Wrapping(queue.next_avail());
     let size = queue.size();

@@ -16,9 +16,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::GuestMemoryMmap;
 
 use super::chain::{collect_rx_chain, push_piece_iovecs, write_pieces, DescTable, GuestSeg, RxBuf};
-use super::memory::GuestView;
+use super::memory::{with_ring_mem, GuestView};
 use super::park::{avail_index_jump, head_out_of_range, RingFault};
 use super::GuestMem;
 
@@ -128,10 +130,31 @@ impl RxPool {
         frame_bytes: impl Fn(usize) -> usize,
         slots: &mut Vec<Range<usize>>,
     ) -> Assigned {
+        with_ring_mem!(view, |mem| self.assign_in(
+            queue,
+            view,
+            mem,
+            frames,
+            &frame_bytes,
+            slots
+        ))
+    }
+
+    /// [`RxPool::assign_sized`] with ring accesses through `mem` (`view`'s snapshot, with or
+    /// without dirty bitmap).
+    fn assign_in<B: Bitmap + 'static>(
+        &mut self,
+        queue: &mut Queue,
+        view: GuestView<'_>,
+        mem: &GuestMemoryMmap<B>,
+        frames: usize,
+        frame_bytes: &impl Fn(usize) -> usize,
+        slots: &mut Vec<Range<usize>>,
+    ) -> Assigned {
         slots.clear();
         let mut out = Assigned::default();
         let cache = self.snapshot.as_ref().is_some_and(|s| view.is_snapshot(s));
-        let table = DescTable::of(queue, self.indirect_allowed, view.mem());
+        let table = DescTable::of(queue, self.indirect_allowed, mem);
         let mut next = 0usize;
         'frames: while slots.len() < frames {
             let start = next;
@@ -139,8 +162,8 @@ impl RxPool {
             let mut cap = 0usize;
             loop {
                 if next == self.held.len() {
-                    let Some(chain) = queue.pop_descriptor_chain(view.mem()) else {
-                        out.fault = avail_index_jump(queue, view.mem());
+                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                        out.fault = avail_index_jump(queue, mem);
                         break 'frames;
                     };
                     let head = chain.head_index();
@@ -148,16 +171,16 @@ impl RxPool {
                         out.fault = Some(fault);
                         break 'frames;
                     }
-                    match collect_rx_chain(chain, table, view.mem()) {
+                    match collect_rx_chain(chain, table, mem) {
                         Ok(mut b) => {
                             if cache {
-                                b.resolve(view.mem());
+                                b.resolve(mem);
                             }
                             self.held.push_back(b);
                         }
                         Err(e) => {
                             log::debug!("rx chain {head} unusable: {e}");
-                            let _ = queue.add_used(view.mem(), head, 0);
+                            let _ = queue.add_used(mem, head, 0);
                             out.bad_chains += 1;
                             continue;
                         }
@@ -297,11 +320,11 @@ impl RxPool {
 
     /// Adds the accepted frames' used entries to the ring and drops their buffers from `held`;
     /// the rest stay, in order. Returns the used entries added.
-    pub fn commit(&mut self, queue: &mut Queue, mem: &GuestMem) -> usize {
+    pub fn commit(&mut self, queue: &mut Queue, view: GuestView<'_>) -> usize {
         let n = self.used.len();
-        for (head, len) in self.used.drain(..) {
+        with_ring_mem!(view, |mem| for (head, len) in self.used.drain(..) {
             let _ = queue.add_used(mem, head, len);
-        }
+        });
         let accepted = &self.accepted;
         let prefix = accepted.iter().take_while(|a| **a).count();
         if accepted[prefix..].iter().any(|a| *a) {
@@ -383,7 +406,7 @@ mod tests {
         // Frame 0 fails its checks, frames 1 and 2 pass.
         assert_eq!(pool.accept(&slots[1], 100), 1);
         assert_eq!(pool.accept(&slots[2], 200), 1);
-        assert_eq!(pool.commit(&mut q, &mem), 2);
+        assert_eq!(pool.commit(&mut q, view), 2);
         assert_eq!(used_idx(&vq), 2);
         assert_eq!(used_entry(&vq, 0), (1, 100));
         assert_eq!(used_entry(&vq, 1), (2, 200));
@@ -392,7 +415,7 @@ mod tests {
         pool.assign(&mut q, view, 2, 1500, &mut slots);
         assert_eq!(slots, vec![0..1, 1..2]);
         pool.accept(&slots[0], 60);
-        pool.commit(&mut q, &mem);
+        pool.commit(&mut q, view);
         assert_eq!(used_entry(&vq, 2), (0, 60));
         assert_eq!(pool.len(), 1);
     }
@@ -400,7 +423,10 @@ mod tests {
     #[test]
     fn mergeable_frames_span_buffers_and_unused_tail_stays() {
         let mem = test_memory();
-        let view = GuestView::new(&mem, false);
+        // Ring accesses through the shadow without dirty bitmap, as the workers make them.
+        let shadow = crate::ring::memory::PlainShadow::of(&mem);
+        let view = GuestView::new(&mem, false).with_shadow(shadow.as_ref());
+        assert!(view.plain().is_some());
         let (vq, mut q) = rx_queue(&mem, 4, 1000);
         let mut pool = RxPool::new();
         pool.set_mergeable(true);
@@ -411,7 +437,7 @@ mod tests {
         // A short frame uses only the first buffer of its slot.
         assert_eq!(pool.spans(&slots[0], 1200), 2);
         assert_eq!(pool.accept(&slots[0], 1200), 2);
-        pool.commit(&mut q, &mem);
+        pool.commit(&mut q, view);
         assert_eq!(used_entry(&vq, 0), (0, 1000));
         assert_eq!(used_entry(&vq, 1), (1, 200));
         assert_eq!(pool.len(), 1, "the third buffer is kept");
@@ -435,7 +461,7 @@ mod tests {
         for (slot, size) in slots.iter().zip(sizes) {
             pool.accept(slot, size);
         }
-        assert_eq!(pool.commit(&mut q, &mem), 9);
+        assert_eq!(pool.commit(&mut q, view), 9);
         assert_eq!(used_entry(&vq, 2), (2, 1000));
         assert_eq!(used_entry(&vq, 3), (3, 100));
         assert_eq!(used_entry(&vq, 8), (8, 1000));

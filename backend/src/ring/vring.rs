@@ -5,9 +5,10 @@ use std::sync::atomic::{fence, Ordering};
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{GuestMem, Vring};
+use super::Vring;
 
 /// Whether the driver enabled the ring and its queue is set up.
 pub fn is_live(vring: &Vring) -> bool {
@@ -19,7 +20,7 @@ pub fn is_live(vring: &Vring) -> bool {
 /// is virtio-queue's `used_event` check; without it, virtio-queue ignores the driver's
 /// `VRING_AVAIL_F_NO_INTERRUPT` flag, which polling drivers (DPDK) set: honouring it saves an
 /// eventfd write per batch.
-pub fn should_signal(vring: &Vring, mem: &GuestMem) -> bool {
+pub fn should_signal<B: Bitmap + 'static>(vring: &Vring, mem: &GuestMemoryMmap<B>) -> bool {
     let mut state = vring.get_mut();
     let queue = state.get_queue_mut();
     if queue.event_idx_enabled() {
@@ -35,7 +36,7 @@ pub fn should_signal(vring: &Vring, mem: &GuestMem) -> bool {
 }
 
 /// Signals the driver if it wants to be told about new used entries.
-pub fn notify(vring: &Vring, mem: &GuestMem) {
+pub fn notify<B: Bitmap + 'static>(vring: &Vring, mem: &GuestMemoryMmap<B>) {
     if should_signal(vring, mem) {
         let _ = vring.signal_used_queue();
     }
