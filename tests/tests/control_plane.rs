@@ -1,9 +1,11 @@
 //! vnpd's control plane against the real registry, without guests: attach (record, secret,
-//! endpoint registration), refusals, persistence across a restart, detach, metrics.
+//! endpoint registration), refusals, persistence across a restart, detach, metrics; and the
+//! registry keeping the ports public traffic reaches on VMs out of NAT blocks, through the real
+//! `vnpctl`.
 //!
 //! Needs root (network namespaces). Run: `cargo test -p vnp-e2e --test control_plane`.
 
-use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
+use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions, NETWORK};
 use vnpd_admin_api::{AdminClientError, AdminErrorCode};
 
 #[test]
@@ -126,6 +128,109 @@ fn attach_persist_restart_detach() {
     c.stop_vnpd(0).unwrap();
     c.start_vnpd(0).unwrap();
     assert!(c.host(0).admin().list().unwrap().is_empty());
+
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
+
+/// `vnpctl forward add` and `vnpctl lb create` with a VM-side port inside a VM's NAT block are
+/// refused by the real registry, and `vnpctl` says which port and which block; `vnpctl vm
+/// nat-grow` then hands out a block that skips the service's ports (issue #10).
+#[test]
+fn vnpctl_keeps_vm_ports_out_of_nat_blocks() {
+    let opts = ClusterOptions {
+        prefix: "vnpcq".into(),
+        hosts: 1,
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    let vm = c.create_vm("vm-a", 0, &["web"]).unwrap();
+    let block = vm.nat_ports[0];
+    let public = "203.0.113.7";
+    c.vnpctl(&[
+        "gateway",
+        "create",
+        "gw1",
+        "--network",
+        NETWORK,
+        "--addr",
+        "198.18.77.1",
+        "--port",
+        "6081",
+        "--public-addr",
+        public,
+    ])
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let inside = (block.first + 76).to_string();
+    let refused = |args: &[&str]| match c.vnpctl(args) {
+        Ok(out) => panic!("vnpctl {args:?} was accepted: {out}"),
+        Err(e) => e.to_string(),
+    };
+    let at = |port: &str| format!("{public}:{port}");
+    let why = refused(&[
+        "forward",
+        "add",
+        "ssh",
+        "--public",
+        &at("22"),
+        "--to",
+        &format!("vm-a:{inside}"),
+    ]);
+    let named = |what: &str| {
+        why.contains("409")
+            && why.contains(&format!("{what} {inside}"))
+            && why.contains(&format!("VM vm-a's NAT block {block}"))
+    };
+    assert!(named("forward ssh's VM port"), "{why}");
+    let why = refused(&[
+        "lb",
+        "create",
+        "web",
+        "--public",
+        &at("80"),
+        "--vm-port",
+        &inside,
+        "--member",
+        "tag:web",
+    ]);
+    assert!(
+        why.contains("service web's VM port") && why.contains(&format!("{block}")),
+        "{why}"
+    );
+    let listed = c.vnpctl(&["lb", "list"]).unwrap() + &c.vnpctl(&["forward", "list"]).unwrap();
+    assert!(
+        !listed.contains("web") && !listed.contains("ssh"),
+        "{listed}"
+    );
+
+    // The health-check port lies in the next free block: vm-a's growth skips that block.
+    let next = block.last + 1;
+    let check_port = (next + 10).to_string();
+    c.vnpctl(&[
+        "lb",
+        "create",
+        "web",
+        "--public",
+        &at("80"),
+        "--vm-port",
+        "8080",
+        "--check-port",
+        &check_port,
+        "--member",
+        "tag:web",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    let grown = c.vnpctl(&["vm", "--json", "nat-grow", "vm-a"]).unwrap();
+    let grown: vnp_registry_client::VmRecord = serde_json::from_str(&grown).unwrap();
+    let new_block = grown.nat_ports[1];
+    assert_eq!(
+        new_block.first,
+        next + block.last - block.first + 1,
+        "{new_block}"
+    );
 
     drop(c);
     assert_nothing_left(&dir, &namespaces);
