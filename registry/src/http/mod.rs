@@ -15,6 +15,7 @@ mod serve;
 mod services;
 mod tokens;
 mod vms;
+mod write;
 
 use auth::PeerIdentity;
 pub use auth::{Caller, CertifiedCaller, Once};
@@ -24,6 +25,7 @@ pub use serve::{serve, ConnectionLimits};
 use services::*;
 use tokens::*;
 use vms::*;
+use write::*;
 
 use crate::error::{refuse, ApiError};
 use crate::plan;
