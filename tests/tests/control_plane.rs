@@ -149,55 +149,37 @@ fn vnpctl_keeps_vm_ports_out_of_nat_blocks() {
     let vm = c.create_vm("vm-a", 0, &["web"]).unwrap();
     let block = vm.nat_ports[0];
     let public = "203.0.113.7";
-    c.vnpctl(&[
-        "gateway",
-        "create",
-        "gw1",
-        "--network",
-        NETWORK,
-        "--addr",
-        "198.18.77.1",
-        "--port",
-        "6081",
-        "--public-addr",
-        public,
-    ])
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-
-    let inside = (block.first + 76).to_string();
-    let refused = |args: &[&str]| match c.vnpctl(args) {
-        Ok(out) => panic!("vnpctl {args:?} was accepted: {out}"),
+    // One vnpctl command line, split at spaces.
+    let run = |line: String| {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        c.vnpctl(&args)
+    };
+    let refused = |line: String| match run(line.clone()) {
+        Ok(out) => panic!("vnpctl {line} was accepted: {out}"),
         Err(e) => e.to_string(),
     };
-    let at = |port: &str| format!("{public}:{port}");
-    let why = refused(&[
-        "forward",
-        "add",
-        "ssh",
-        "--public",
-        &at("22"),
-        "--to",
-        &format!("vm-a:{inside}"),
-    ]);
-    let named = |what: &str| {
-        why.contains("409")
-            && why.contains(&format!("{what} {inside}"))
-            && why.contains(&format!("VM vm-a's NAT block {block}"))
-    };
-    assert!(named("forward ssh's VM port"), "{why}");
-    let why = refused(&[
-        "lb",
-        "create",
-        "web",
-        "--public",
-        &at("80"),
-        "--vm-port",
-        &inside,
-        "--member",
-        "tag:web",
-    ]);
+    run(format!(
+        "gateway create gw1 --network {NETWORK} --addr 198.18.77.1 --port 6081 --public-addr {public}"
+    ))
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let inside = block.first + 76;
+    let why = refused(format!(
+        "forward add ssh --public {public}:22 --to vm-a:{inside}"
+    ));
     assert!(
-        why.contains("service web's VM port") && why.contains(&format!("{block}")),
+        why.contains("409")
+            && why.contains(&format!("forward ssh's VM port {inside}"))
+            && why.contains(&format!("VM vm-a's NAT block {block}")),
+        "{why}"
+    );
+    let lb = |vm_port: u16, more: &str| {
+        format!("lb create web --public {public}:80 --vm-port {vm_port} --member tag:web {more}")
+    };
+    let why = refused(lb(inside, ""));
+    assert!(
+        why.contains(&format!("service web's VM port {inside}"))
+            && why.contains(&format!("VM vm-a's NAT block {block}")),
         "{why}"
     );
     let listed = c.vnpctl(&["lb", "list"]).unwrap() + &c.vnpctl(&["forward", "list"]).unwrap();
@@ -208,21 +190,7 @@ fn vnpctl_keeps_vm_ports_out_of_nat_blocks() {
 
     // The health-check port lies in the next free block: vm-a's growth skips that block.
     let next = block.last + 1;
-    let check_port = (next + 10).to_string();
-    c.vnpctl(&[
-        "lb",
-        "create",
-        "web",
-        "--public",
-        &at("80"),
-        "--vm-port",
-        "8080",
-        "--check-port",
-        &check_port,
-        "--member",
-        "tag:web",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
+    run(lb(8080, &format!("--check-port {}", next + 10))).unwrap_or_else(|e| panic!("{e}"));
     let grown = c.vnpctl(&["vm", "--json", "nat-grow", "vm-a"]).unwrap();
     let grown: vnp_registry_client::VmRecord = serde_json::from_str(&grown).unwrap();
     let new_block = grown.nat_ports[1];
