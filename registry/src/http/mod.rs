@@ -4,7 +4,8 @@
 //! - `auth`: the caller's identity (certificate, then registration);
 //! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
 //! - `tokens`: token requests and the long-poll watch;
-//! - `serve`: the mutual-TLS accept loop and its connection limits.
+//! - `serve`: the mutual-TLS accept loop and its connection limits;
+//! - `write`: what the handlers share (the admin-write extractor, `?network=` lists, lookups).
 
 mod auth;
 mod backup;
