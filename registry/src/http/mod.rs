@@ -5,10 +5,12 @@
 //! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
 //! - `tokens`: token requests and the long-poll watch;
 //! - `serve`: the mutual-TLS accept loop and its connection limits;
+//! - `body`: every request body read to its end before routing (reusable connections);
 //! - `write`: what the handlers share (the admin-write extractor, `?network=` lists, lookups).
 
 mod auth;
 mod backup;
+mod body;
 mod inventory;
 mod metadata;
 mod public;

@@ -7,7 +7,8 @@
 //! - hyper runs with a timer: a request head must arrive within
 //!   [`ConnectionLimits::header_read_timeout`]. hyper starts that clock as soon as it waits for
 //!   a request, so it also closes connections that stay silent after the handshake or after
-//!   their last response (it is the keep-alive idle timeout);
+//!   their last response (it is the keep-alive idle timeout); the same time is allowed for a
+//!   request's body (`body`);
 //! - each peer address may hold at most [`ConnectionLimits::per_ip`] connections; beyond that
 //!   new ones are closed at once (and counted).
 
@@ -25,7 +26,8 @@ pub struct ConnectionLimits {
     pub per_ip: usize,
     /// Time allowed for the TLS handshake.
     pub handshake_timeout: Duration,
-    /// Time allowed for a request head to arrive, also between requests (idle timeout).
+    /// Time allowed for a request head to arrive, also between requests (idle timeout), and
+    /// for a request body to arrive once its head has.
     pub header_read_timeout: Duration,
 }
 
@@ -91,7 +93,12 @@ pub async fn serve(
     limits: ConnectionLimits,
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
-    let app = router(reg.clone());
+    let body_timeout = limits.header_read_timeout;
+    let app = router(reg.clone()).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            super::body::read_first(req, next, body_timeout)
+        },
+    ));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let per_ip = Arc::new(PerIp::default());
     loop {
