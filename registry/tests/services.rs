@@ -186,3 +186,95 @@ fn services_through_the_api_on_redb() {
 fn services_through_the_api_on_etcd() {
     services_through_the_api(Backend::Etcd);
 }
+
+fn api_message(r: Result<impl std::fmt::Debug, ClientError>) -> (u16, ErrorCode, String) {
+    match r {
+        Err(ClientError::Api {
+            status,
+            code,
+            message,
+        }) => (status, code, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// A service's VM and health-check ports stay out of the network's NAT blocks, a forward's VM
+/// port out of its VM's; blocks handed out later skip them (issue #10).
+fn vm_ports_outside_nat_blocks(backend: Backend) {
+    let f = Fixture::on(backend, "lbports");
+    setup(&f);
+    let admin = f.reg.client("admin");
+    // a 1024-1535, b 1536-2047, c 2048-2559 (blocks of 512, in creation order).
+    let a = admin.get_vm("a").unwrap();
+    assert_eq!(a.nat_ports[0].to_string(), "1024-1535");
+    let inside = ServiceSpec {
+        id: "web".into(),
+        public_addr: PUBLIC,
+        public_port: 80,
+        proto: L4Proto::Tcp,
+        vm_port: Some(1100),
+        members: vec![PoolMember {
+            tag: Some("web".into()),
+            vm: None,
+            weight: 1,
+        }],
+        health: HealthCheckSpec::default(),
+        table_size: None,
+    };
+    let (status, code, message) = api_message(admin.create_service(&inside));
+    assert_eq!((status, code), (409, ErrorCode::PortInUse), "{message}");
+    assert!(
+        message.contains("service web's VM port 1100")
+            && message.contains("VM a's NAT block 1024-1535"),
+        "{message}"
+    );
+    let fwd = ForwardSpec {
+        id: "ssh".into(),
+        public_addr: PUBLIC,
+        public_port: 22,
+        proto: L4Proto::Tcp,
+        vm: "c".into(),
+        vm_port: 2222,
+    };
+    let (status, _, message) = api_message(admin.create_forward(&fwd));
+    assert_eq!(status, 409, "{message}");
+    assert!(
+        message.contains("forward ssh's VM port 2222")
+            && message.contains("VM c's NAT block 2048-2559"),
+        "{message}"
+    );
+    assert!(admin.list_services(None).unwrap().is_empty());
+    assert!(admin.list_forwards(None).unwrap().is_empty());
+
+    // Ports in the next free blocks are taken, and growth skips them: the service's check port
+    // (2600, in 2560-3071) for every VM, the forward's VM port (3100, in 3072-3583) for c only.
+    let ok = ServiceSpec {
+        vm_port: Some(8080),
+        health: HealthCheckSpec {
+            port: Some(2600),
+            ..HealthCheckSpec::default()
+        },
+        ..inside
+    };
+    admin.create_service(&ok).unwrap();
+    admin
+        .create_forward(&ForwardSpec {
+            vm_port: 3100,
+            ..fwd
+        })
+        .unwrap();
+    let c = admin.grow_nat_ports("c", 1).unwrap();
+    assert_eq!(c.nat_ports[1].to_string(), "3584-4095");
+    let b = admin.grow_nat_ports("b", 1).unwrap();
+    assert_eq!(b.nat_ports[1].to_string(), "3072-3583");
+}
+
+#[test]
+fn vm_ports_outside_nat_blocks_on_redb() {
+    vm_ports_outside_nat_blocks(Backend::Redb);
+}
+
+#[test]
+fn vm_ports_outside_nat_blocks_on_etcd() {
+    vm_ports_outside_nat_blocks(Backend::Etcd);
+}

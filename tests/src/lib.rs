@@ -8,4 +8,5 @@ pub mod bins;
 pub mod cluster;
 pub mod edge;
 pub mod forge;
+pub mod migration;
 pub mod registries;

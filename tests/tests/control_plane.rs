@@ -1,9 +1,11 @@
 //! vnpd's control plane against the real registry, without guests: attach (record, secret,
-//! endpoint registration), refusals, persistence across a restart, detach, metrics.
+//! endpoint registration), refusals, persistence across a restart, detach, metrics; and the
+//! registry keeping the ports public traffic reaches on VMs out of NAT blocks, through the real
+//! `vnpctl`.
 //!
 //! Needs root (network namespaces). Run: `cargo test -p vnp-e2e --test control_plane`.
 
-use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
+use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions, NETWORK};
 use vnpd_admin_api::{AdminClientError, AdminErrorCode};
 
 #[test]
@@ -126,6 +128,77 @@ fn attach_persist_restart_detach() {
     c.stop_vnpd(0).unwrap();
     c.start_vnpd(0).unwrap();
     assert!(c.host(0).admin().list().unwrap().is_empty());
+
+    drop(c);
+    assert_nothing_left(&dir, &namespaces);
+}
+
+/// `vnpctl forward add` and `vnpctl lb create` with a VM-side port inside a VM's NAT block are
+/// refused by the real registry, and `vnpctl` says which port and which block; `vnpctl vm
+/// nat-grow` then hands out a block that skips the service's ports (issue #10).
+#[test]
+fn vnpctl_keeps_vm_ports_out_of_nat_blocks() {
+    let opts = ClusterOptions {
+        prefix: "vnpcq".into(),
+        hosts: 1,
+        ..ClusterOptions::default()
+    };
+    let c = Cluster::start(&opts).expect("cluster");
+    let dir = c.dir().to_path_buf();
+    let namespaces = c.namespace_names();
+    let vm = c.create_vm("vm-a", 0, &["web"]).unwrap();
+    let block = vm.nat_ports[0];
+    let public = "203.0.113.7";
+    // One vnpctl command line, split at spaces.
+    let run = |line: String| {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        c.vnpctl(&args)
+    };
+    let refused = |line: String| match run(line.clone()) {
+        Ok(out) => panic!("vnpctl {line} was accepted: {out}"),
+        Err(e) => e.to_string(),
+    };
+    run(format!(
+        "gateway create gw1 --network {NETWORK} --addr 198.18.77.1 --port 6081 --public-addr {public}"
+    ))
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    let inside = block.first + 76;
+    let why = refused(format!(
+        "forward add ssh --public {public}:22 --to vm-a:{inside}"
+    ));
+    assert!(
+        why.contains("409")
+            && why.contains(&format!("forward ssh's VM port {inside}"))
+            && why.contains(&format!("VM vm-a's NAT block {block}")),
+        "{why}"
+    );
+    let lb = |vm_port: u16, more: &str| {
+        format!("lb create web --public {public}:80 --vm-port {vm_port} --member tag:web {more}")
+    };
+    let why = refused(lb(inside, ""));
+    assert!(
+        why.contains(&format!("service web's VM port {inside}"))
+            && why.contains(&format!("VM vm-a's NAT block {block}")),
+        "{why}"
+    );
+    let listed = c.vnpctl(&["lb", "list"]).unwrap() + &c.vnpctl(&["forward", "list"]).unwrap();
+    assert!(
+        !listed.contains("web") && !listed.contains("ssh"),
+        "{listed}"
+    );
+
+    // The health-check port lies in the next free block: vm-a's growth skips that block.
+    let next = block.last + 1;
+    run(lb(8080, &format!("--check-port {}", next + 10))).unwrap_or_else(|e| panic!("{e}"));
+    let grown = c.vnpctl(&["vm", "--json", "nat-grow", "vm-a"]).unwrap();
+    let grown: vnp_registry_client::VmRecord = serde_json::from_str(&grown).unwrap();
+    let new_block = grown.nat_ports[1];
+    assert_eq!(
+        new_block.first,
+        next + block.last - block.first + 1,
+        "{new_block}"
+    );
 
     drop(c);
     assert_nothing_left(&dir, &namespaces);

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
 use vnp_e2e::forge;
+use vnp_e2e::migration::{begin_migration, endpoint_of, wait_endpoint_on};
 use vnp_protocol::token::{mint, Expiry, TokenFields, VmSecret};
-use vnp_registry_client::{ClientConfig, RegistryClient, StartMigration};
+use vnp_registry_client::{ClientConfig, RegistryClient};
 use vnp_testkit::tap_guest::{TapGuest, TapGuestSpec};
 use vnpd::datapath::moved_hint::MovedHint;
 
@@ -216,38 +217,16 @@ fn stragglers_reach_the_migrated_vm_and_their_sender_is_told() {
     drop(l0);
 
     step("vm-a migrates to host 1: incoming attach, source frontend stops, destination starts");
-    let before = c.registry(|r| r.get_vm("vm-a")).unwrap().endpoint.unwrap();
-    let h1 = c.host(1).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h1,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att_a2 = c
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let before = endpoint_of(&c, "vm-a").unwrap().unwrap();
+    let att_a2 = begin_migration(&c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     a0.stop_frontend().expect("source frontend stops");
     let mut spec = TapGuestSpec::new(&c.bins().tap_frontend, &att_a2.socket_path, &att_a2.mac);
     spec.log = Some(dir.join("tap-vm-a-dst.log"));
     let mut a1 = TapGuest::start(spec).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     a1.dhcp(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let moved = loop {
-        let ep = c.registry(|r| r.get_vm("vm-a")).unwrap().endpoint;
-        match ep {
-            Some(ep) if ep.host_addr == host1 => break ep,
-            _ => assert!(Instant::now() < deadline, "no registration\n{}", c.logs()),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let moved = wait_endpoint_on(&c, "vm-a", 1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert!(moved.generation > before.generation);
 
     step("the straggler keeps sending to host 0: host 0 forwards to vm-a on host 1");

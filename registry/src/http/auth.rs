@@ -49,6 +49,20 @@ impl FromRequestParts<Shared> for Caller {
 }
 
 impl Caller {
+    /// Whether the caller is the `role` `id` itself.
+    pub(super) fn is(&self, role: Role, id: &str) -> bool {
+        self.0.role == role && self.0.id == id
+    }
+
+    /// Refuses anyone but the `role` `id` itself and admins.
+    pub(super) fn admin_or(&self, role: Role, id: &str) -> Result<(), ApiError> {
+        if self.is(role, id) {
+            Ok(())
+        } else {
+            self.admin()
+        }
+    }
+
     pub(super) fn admin(&self) -> Result<(), ApiError> {
         if self.0.role == Role::Admin {
             Ok(())

@@ -13,29 +13,15 @@ pub(super) async fn get_network(
     State(reg): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<Network> {
-    reg.read()
-        .networks
-        .get(&id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownNetwork, format!("no network {id}")))
+    let m = reg.read();
+    lookup(&m.networks, &id, ErrorCode::UnknownNetwork, "network").map(|n| Json(n.clone()))
 }
 
-pub(super) async fn create_network(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<Network> {
-    c.admin()?;
-    let spec: NetworkSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::create_network(m, &spec))
-    })
-    .await?;
+pub(super) async fn create_network(w: AdminWrite, body: Bytes) -> ApiResult<Network> {
+    let out = w.plan_body(&body, plan::create_network).await?;
     log::info!(
         "{} created network {} ({}, vni {})",
-        c.0,
+        w.caller,
         out.id,
         out.cidr,
         out.vni
@@ -44,22 +30,20 @@ pub(super) async fn create_network(
 }
 
 pub(super) async fn delete_network(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Deleted> {
-    c.admin()?;
-    let cascade = flag(&q, "cascade")?;
-    let out = write(&reg, move |r| {
-        let reuse = r.port_reuse();
-        r.write_once(once.key(), |m| plan::delete_network(m, &id, cascade, reuse))
-    })
-    .await?;
+    let out = w
+        .run(move |r, key| {
+            let cascade = flag(&q, "cascade")?;
+            let reuse = r.port_reuse();
+            r.write_once(key, |m| plan::delete_network(m, &id, cascade, reuse))
+        })
+        .await?;
     log::info!(
         "{} deleted {} (cascaded: {:?})",
-        c.0,
+        w.caller,
         out.deleted,
         out.cascaded
     );
@@ -78,45 +62,25 @@ pub(super) async fn get_host(
     State(reg): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<Host> {
-    if !(c.0.role == Role::Host && c.0.id == id) {
-        c.admin()?;
-    }
-    reg.read()
-        .hosts
-        .get(&id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownHost, format!("no host {id}")))
+    c.admin_or(Role::Host, &id)?;
+    let m = reg.read();
+    lookup(&m.hosts, &id, ErrorCode::UnknownHost, "host").map(|h| Json(h.clone()))
 }
 
-pub(super) async fn create_host(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<Host> {
-    c.admin()?;
-    let spec: HostSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::create_host(m, &spec))
-    })
-    .await?;
-    log::info!("{} created host {} at {}", c.0, out.id, out.underlay_addr);
+pub(super) async fn create_host(w: AdminWrite, body: Bytes) -> ApiResult<Host> {
+    let out = w.plan_body(&body, plan::create_host).await?;
+    log::info!(
+        "{} created host {} at {}",
+        w.caller,
+        out.id,
+        out.underlay_addr
+    );
     Ok(Json(out))
 }
 
-pub(super) async fn delete_host(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_host(m, &id))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_host(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w.plan(move |m| plan::delete_host(m, &id)).await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }
 
@@ -149,50 +113,29 @@ pub(super) async fn get_gateway(
     State(reg): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<Gateway> {
-    if !(c.0.role == Role::Gateway && c.0.id == id) {
-        c.admin()?;
-    }
-    reg.read()
-        .gateways
-        .get(&id)
-        .cloned()
-        .map(Json)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownGateway, format!("no gateway {id}")))
+    c.admin_or(Role::Gateway, &id)?;
+    let m = reg.read();
+    lookup(&m.gateways, &id, ErrorCode::UnknownGateway, "gateway").map(|g| Json(g.clone()))
 }
 
-pub(super) async fn create_gateway(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<Gateway> {
-    c.admin()?;
-    let spec: GatewaySpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once_with_secret(once.key(), |m, s| plan::create_gateway(m, &spec, s))
-    })
-    .await?;
+pub(super) async fn create_gateway(w: AdminWrite, body: Bytes) -> ApiResult<Gateway> {
+    let out = w
+        .run_body(&body, |r, key, spec: GatewaySpec| {
+            r.write_once_with_secret(key, |m, s| plan::create_gateway(m, &spec, s))
+        })
+        .await?;
     log::info!(
         "{} created gateway {} for network {}",
-        c.0,
+        w.caller,
         out.id,
         out.network
     );
     Ok(Json(out))
 }
 
-pub(super) async fn delete_gateway(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_gateway(m, &id))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_gateway(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w.plan(move |m| plan::delete_gateway(m, &id)).await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }
 
@@ -201,7 +144,7 @@ pub(super) async fn gateway_secret(
     State(reg): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<SecretResponse> {
-    if !(c.0.role == Role::Gateway && c.0.id == id) {
+    if !c.is(Role::Gateway, &id) {
         return refuse(
             ErrorCode::NotOwner,
             format!("only gateway {id} may read its secret, not {}", c.0),
@@ -230,33 +173,14 @@ pub(super) async fn list_rules(
     State(reg): State<Shared>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<PolicyRule>> {
-    c.admin()?;
-    let m = reg.read();
-    let net = q.get("network");
-    Ok(Json(
-        m.rules
-            .values()
-            .filter(|r| net.is_none_or(|n| r.network == *n))
-            .cloned()
-            .collect(),
-    ))
+    admin_list(&c, &reg, &q, |m| &m.rules, |r| &r.network)
 }
 
-pub(super) async fn create_rule(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<PolicyRule> {
-    c.admin()?;
-    let spec: PolicyRuleSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::create_rule(m, &spec))
-    })
-    .await?;
+pub(super) async fn create_rule(w: AdminWrite, body: Bytes) -> ApiResult<PolicyRule> {
+    let out = w.plan_body(&body, plan::create_rule).await?;
     log::info!(
         "{} added rule {}: {} {} <-> {}",
-        c.0,
+        w.caller,
         out.id,
         out.action,
         out.a,
@@ -265,17 +189,8 @@ pub(super) async fn create_rule(
     Ok(Json(out))
 }
 
-pub(super) async fn delete_rule(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_rule(m, &id))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_rule(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w.plan(move |m| plan::delete_rule(m, &id)).await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }

@@ -5,7 +5,8 @@
 //! - `inventory`: networks, hosts, gateways, policy; `vms`: VMs, secrets, endpoints;
 //! - `tokens`: token requests and the long-poll watch;
 //! - `serve`: the mutual-TLS accept loop and its connection limits;
-//! - `body`: every request body read to its end before routing (reusable connections).
+//! - `body`: every request body read to its end before routing (reusable connections);
+//! - `write`: what the handlers share (the admin-write extractor, `?network=` lists, lookups).
 
 mod auth;
 mod backup;
@@ -17,6 +18,7 @@ mod serve;
 mod services;
 mod tokens;
 mod vms;
+mod write;
 
 use auth::PeerIdentity;
 pub use auth::{Caller, CertifiedCaller, Once};
@@ -26,6 +28,7 @@ pub use serve::{serve, ConnectionLimits};
 use services::*;
 use tokens::*;
 use vms::*;
+use write::*;
 
 use crate::error::{refuse, ApiError};
 use crate::plan;

@@ -9,33 +9,14 @@ pub(super) async fn list_forwards(
     State(reg): State<Shared>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<ForwardRule>> {
-    c.admin()?;
-    let m = reg.read();
-    let net = q.get("network");
-    Ok(Json(
-        m.forwards
-            .values()
-            .filter(|f| net.is_none_or(|n| f.network == *n))
-            .cloned()
-            .collect(),
-    ))
+    admin_list(&c, &reg, &q, |m| &m.forwards, |f| &f.network)
 }
 
-pub(super) async fn create_forward(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<ForwardRule> {
-    c.admin()?;
-    let spec: ForwardSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::create_forward(m, &spec))
-    })
-    .await?;
+pub(super) async fn create_forward(w: AdminWrite, body: Bytes) -> ApiResult<ForwardRule> {
+    let out = w.plan_body(&body, plan::create_forward).await?;
     log::info!(
         "{} added forward {}: {}:{}/{} -> {}:{}",
-        c.0,
+        w.caller,
         out.id,
         out.public_addr,
         out.public_port,
@@ -46,41 +27,28 @@ pub(super) async fn create_forward(
     Ok(Json(out))
 }
 
-pub(super) async fn delete_forward(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_forward(m, &id))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_forward(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w.plan(move |m| plan::delete_forward(m, &id)).await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }
 
 pub(super) async fn grow_nat_ports(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let req: NatGrow = if body.is_empty() {
-        NatGrow { blocks: 1 }
+    let out = if body.is_empty() {
+        w.plan(move |m| plan::grow_nat_ports(m, &id, 1)).await?
     } else {
-        parse(&body)?
+        w.plan_body(&body, move |m, req: &NatGrow| {
+            plan::grow_nat_ports(m, &id, req.blocks)
+        })
+        .await?
     };
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::grow_nat_ports(m, &id, req.blocks))
-    })
-    .await?;
     log::info!(
         "{} grew VM {}'s NAT ports to {:?}",
-        c.0,
+        w.caller,
         out.id,
         out.nat_ports
     );
@@ -92,24 +60,19 @@ pub(super) async fn gateway_config(
     State(reg): State<Shared>,
     Path(id): Path<String>,
 ) -> ApiResult<GatewayConfig> {
-    if !(c.0.role == Role::Gateway && c.0.id == id) {
-        c.admin()?;
-    }
+    c.admin_or(Role::Gateway, &id)?;
     config_of(&reg.read(), &id).map(Json)
 }
 
 /// What gateway `id` runs on, from the model (pure).
 pub(crate) fn config_of(m: &Model, id: &str) -> Result<GatewayConfig, ApiError> {
-    let gw = m
-        .gateways
-        .get(id)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownGateway, format!("no gateway {id}")))?;
-    let network = m.networks.get(&gw.network).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::UnknownNetwork,
-            format!("no network {}", gw.network),
-        )
-    })?;
+    let gw = lookup(&m.gateways, id, ErrorCode::UnknownGateway, "gateway")?;
+    let network = lookup(
+        &m.networks,
+        &gw.network,
+        ErrorCode::UnknownNetwork,
+        "network",
+    )?;
     let vms = m
         .vms
         .values()

@@ -8,16 +8,7 @@ pub(super) async fn list_services(
     State(reg): State<Shared>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Vec<Service>> {
-    c.admin()?;
-    let m = reg.read();
-    let net = q.get("network");
-    Ok(Json(
-        m.services
-            .values()
-            .filter(|s| net.is_none_or(|n| s.network == *n))
-            .cloned()
-            .collect(),
-    ))
+    admin_list(&c, &reg, &q, |m| &m.services, |s| &s.network)
 }
 
 pub(super) async fn get_service(
@@ -27,10 +18,7 @@ pub(super) async fn get_service(
 ) -> ApiResult<ServiceStatus> {
     c.admin()?;
     let m = reg.read();
-    let service = m
-        .services
-        .get(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownService, format!("no service {id}")))?;
+    let service = lookup(&m.services, &id, ErrorCode::UnknownService, "service")?;
     Ok(Json(ServiceStatus {
         pool: plan::resolve_pool(&m, service),
         views: plan::views_of(&m, &id),
@@ -38,21 +26,11 @@ pub(super) async fn get_service(
     }))
 }
 
-pub(super) async fn create_service(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<Service> {
-    c.admin()?;
-    let spec: ServiceSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::create_service(m, &spec))
-    })
-    .await?;
+pub(super) async fn create_service(w: AdminWrite, body: Bytes) -> ApiResult<Service> {
+    let out = w.plan_body(&body, plan::create_service).await?;
     log::info!(
         "{} added service {}: {}:{}/{} -> {} pool entries, port {}",
-        c.0,
+        w.caller,
         out.id,
         out.public_addr,
         out.public_port,
@@ -63,58 +41,38 @@ pub(super) async fn create_service(
     Ok(Json(out))
 }
 
-pub(super) async fn delete_service(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::delete_service(m, &id))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_service(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w.plan(move |m| plan::delete_service(m, &id)).await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }
 
 pub(super) async fn add_service_member(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Service> {
-    c.admin()?;
-    let member: MemberSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::add_member(m, &id, &member))
-    })
-    .await?;
-    log::info!("{} changed service {}'s pool", c.0, out.id);
+    let out = w
+        .plan_body(&body, move |m, member: &MemberSpec| {
+            plan::add_member(m, &id, member)
+        })
+        .await?;
+    log::info!("{} changed service {}'s pool", w.caller, out.id);
     Ok(Json(out))
 }
 
 pub(super) async fn remove_service_member(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Service> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| {
-            plan::remove_member(
-                m,
-                &id,
-                q.get("vm").map(String::as_str),
-                q.get("tag").map(String::as_str),
-            )
+    let out = w
+        .plan(move |m| {
+            let vm = q.get("vm").map(String::as_str);
+            plan::remove_member(m, &id, vm, q.get("tag").map(String::as_str))
         })
-    })
-    .await?;
-    log::info!("{} changed service {}'s pool", c.0, out.id);
+        .await?;
+    log::info!("{} changed service {}'s pool", w.caller, out.id);
     Ok(Json(out))
 }
 
@@ -126,7 +84,7 @@ pub(super) async fn report_health(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<HealthView> {
-    if !(c.0.role == Role::Gateway && c.0.id == id) {
+    if !c.is(Role::Gateway, &id) {
         return refuse(
             ErrorCode::Forbidden,
             "only the gateway itself reports its health view",

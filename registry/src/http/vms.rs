@@ -14,9 +14,7 @@ pub(super) async fn list_vms(
         Role::Admin => q.get("network").cloned(),
         // A gateway needs its network's VMs (NAT port blocks, port forwarding), nothing else.
         Role::Gateway => {
-            let gw = m.gateways.get(&c.0.id).ok_or_else(|| {
-                ApiError::new(ErrorCode::UnknownGateway, format!("no gateway {}", c.0.id))
-            })?;
+            let gw = lookup(&m.gateways, &c.0.id, ErrorCode::UnknownGateway, "gateway")?;
             Some(gw.network.clone())
         }
         Role::Host => {
@@ -46,10 +44,7 @@ pub(super) async fn get_vm(
     Path(id): Path<String>,
 ) -> ApiResult<VmRecord> {
     let m = reg.read();
-    let vm = m
-        .vms
-        .get(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
+    let vm = lookup(&m.vms, &id, ErrorCode::UnknownVm, "VM")?;
     let allowed = match c.0.role {
         Role::Admin => true,
         // The owner, the host a live migration goes to, and the previous host while the
@@ -74,22 +69,16 @@ pub(super) async fn get_vm(
     Ok(Json(vm.clone()))
 }
 
-pub(super) async fn create_vm(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    body: Bytes,
-) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let spec: VmSpec = parse(&body)?;
-    let out = write(&reg, move |r| {
-        let reuse = r.port_reuse();
-        r.write_once_with_secret(once.key(), |m, s| plan::create_vm(m, &spec, s, reuse))
-    })
-    .await?;
+pub(super) async fn create_vm(w: AdminWrite, body: Bytes) -> ApiResult<VmRecord> {
+    let out = w
+        .run_body(&body, |r, key, spec: VmSpec| {
+            let reuse = r.port_reuse();
+            r.write_once_with_secret(key, |m, s| plan::create_vm(m, &spec, s, reuse))
+        })
+        .await?;
     log::info!(
         "{} created VM {} ({} in {}, host {:?})",
-        c.0,
+        w.caller,
         out.id,
         out.ip,
         out.network,
@@ -98,40 +87,32 @@ pub(super) async fn create_vm(
     Ok(Json(out))
 }
 
-pub(super) async fn delete_vm(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<Deleted> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        let reuse = r.port_reuse();
-        r.write_once(once.key(), |m| plan::delete_vm(m, &id, reuse))
-    })
-    .await?;
-    log::info!("{} deleted {}", c.0, out.deleted);
+pub(super) async fn delete_vm(w: AdminWrite, Path(id): Path<String>) -> ApiResult<Deleted> {
+    let out = w
+        .run(move |r, key| {
+            let reuse = r.port_reuse();
+            r.write_once(key, |m| plan::delete_vm(m, &id, reuse))
+        })
+        .await?;
+    log::info!("{} deleted {}", w.caller, out.deleted);
     Ok(Json(out))
 }
 
 /// `POST /v1/vms/{id}/migration` (admin): a live migration to another host begins.
 pub(super) async fn start_migration(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let req: StartMigration = parse(&body)?;
-    let out = write(&reg, move |r| {
-        let now = r.port_reuse().now;
-        r.write_once(once.key(), |m| plan::start_migration(m, &id, &req, now))
-    })
-    .await?;
+    let out = w
+        .run_body(&body, move |r, key, req: StartMigration| {
+            let now = r.port_reuse().now;
+            r.write_once(key, |m| plan::start_migration(m, &id, &req, now))
+        })
+        .await?;
     log::info!(
         "{} started migrating VM {} to {:?}",
-        c.0,
+        w.caller,
         out.id,
         out.incoming
     );
@@ -139,38 +120,26 @@ pub(super) async fn start_migration(
 }
 
 /// `DELETE /v1/vms/{id}/migration` (admin): the migration was cancelled or failed.
-pub(super) async fn cancel_migration(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once(once.key(), |m| plan::cancel_migration(m, &id))
-    })
-    .await?;
-    log::info!("{} cancelled the migration of VM {}", c.0, out.id);
+pub(super) async fn cancel_migration(w: AdminWrite, Path(id): Path<String>) -> ApiResult<VmRecord> {
+    let out = w.plan(move |m| plan::cancel_migration(m, &id)).await?;
+    log::info!("{} cancelled the migration of VM {}", w.caller, out.id);
     Ok(Json(out))
 }
 
 pub(super) async fn move_vm(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
+    w: AdminWrite,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let req: MoveVm = parse(&body)?;
-    let out = write(&reg, move |r| {
-        let reuse = r.port_reuse();
-        r.write_once(once.key(), |m| plan::move_vm(m, &id, &req, reuse))
-    })
-    .await?;
+    let out = w
+        .run_body(&body, move |r, key, req: MoveVm| {
+            let reuse = r.port_reuse();
+            r.write_once(key, |m| plan::move_vm(m, &id, &req, reuse))
+        })
+        .await?;
     log::info!(
         "{} moved VM {} to host {:?} port {:?}",
-        c.0,
+        w.caller,
         out.id,
         out.host,
         out.host_port
@@ -178,20 +147,13 @@ pub(super) async fn move_vm(
     Ok(Json(out))
 }
 
-pub(super) async fn rotate_secret(
-    c: Caller,
-    State(reg): State<Shared>,
-    once: Once,
-    Path(id): Path<String>,
-) -> ApiResult<VmRecord> {
-    c.admin()?;
-    let out = write(&reg, move |r| {
-        r.write_once_with_secret(once.key(), |m, s| plan::rotate_vm_secret(m, &id, s))
-    })
-    .await?;
+pub(super) async fn rotate_secret(w: AdminWrite, Path(id): Path<String>) -> ApiResult<VmRecord> {
+    let out = w
+        .run(move |r, key| r.write_once_with_secret(key, |m, s| plan::rotate_vm_secret(m, &id, s)))
+        .await?;
     log::info!(
         "{} rotated the secret of VM {} (generation {})",
-        c.0,
+        w.caller,
         out.id,
         out.secret_generation
     );
@@ -204,10 +166,7 @@ pub(super) async fn vm_secret(
     Path(id): Path<String>,
 ) -> ApiResult<SecretResponse> {
     let m = reg.read();
-    let vm = m
-        .vms
-        .get(&id)
-        .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {id}")))?;
+    let vm = lookup(&m.vms, &id, ErrorCode::UnknownVm, "VM")?;
     // Only the host that runs the VM; not even an admin (the secret never needs to leave the
     // registry except to the one host that verifies the VM's incoming tokens).
     // The host a migration goes to too: it verifies the VM's tokens once the VM resumes there.

@@ -16,17 +16,24 @@ fn forwarded_in<'m>(model: &'m Model, network: &str, block: &PortRange) -> Optio
         .find(|f| f.network == network && block.contains(f.public_port))
 }
 
-/// The first free block of the network's block size from [`NAT_FIRST_PORT`] up: overlapping no
-/// VM's block of the network and no forwarded port.
-pub(crate) fn pick_nat_block(model: &Model, net: &Network) -> Result<PortRange, ApiError> {
-    pick_block_besides(model, net, &[])
+/// The first free block of the network's block size from [`NAT_FIRST_PORT`] up for VM `vm`:
+/// overlapping no VM's block of the network, no forwarded or service port of the network, and
+/// no port public traffic reaches on `vm` ([`vm_ports::reached_ports`]).
+pub(crate) fn pick_nat_block(
+    model: &Model,
+    net: &Network,
+    vm: &str,
+) -> Result<PortRange, ApiError> {
+    pick_block_besides(model, net, vm, &[])
 }
 
 fn pick_block_besides(
     model: &Model,
     net: &Network,
+    vm: &str,
     also_taken: &[PortRange],
 ) -> Result<PortRange, ApiError> {
+    let reached = vm_ports::reached_ports(model, &net.id, vm);
     let size = u32::from(net.nat_block);
     let mut first = u32::from(NAT_FIRST_PORT);
     while first + size - 1 <= u32::from(u16::MAX) {
@@ -42,7 +49,8 @@ fn pick_block_besides(
             .chain(also_taken)
             .any(|b| b.overlaps(&block));
         let serviced = service_port_in(model, &net.id, &block).is_some();
-        if !taken && !serviced && forwarded_in(model, &net.id, &block).is_none() {
+        let reached_in = reached.iter().any(|r| block.contains(r.port));
+        if !taken && !serviced && !reached_in && forwarded_in(model, &net.id, &block).is_none() {
             return Ok(block);
         }
         first += size;
@@ -78,7 +86,7 @@ pub fn grow_nat_ports(model: &Model, id: &str, blocks: u16) -> Planned<VmRecord>
     })?;
     let mut added = Vec::new();
     for _ in 0..blocks {
-        added.push(pick_block_besides(model, net, &added)?);
+        added.push(pick_block_besides(model, net, &vm.id, &added)?);
     }
     vm.nat_ports.extend(added);
     let mut ops = vec![Op::PutVm(vm.clone())];
@@ -147,6 +155,11 @@ pub fn create_forward(model: &Model, spec: &ForwardSpec) -> Planned<ForwardRule>
             ),
         );
     }
+    let reached = vm_ports::ReachedPort {
+        port: spec.vm_port,
+        what: format!("forward {}'s VM port {}", spec.id, spec.vm_port),
+    };
+    vm_ports::check_outside_blocks(std::iter::once(vm), &reached)?;
     let rule = ForwardRule {
         id: spec.id.clone(),
         network: vm.network.clone(),

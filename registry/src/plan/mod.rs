@@ -149,6 +149,7 @@ mod network;
 mod policy;
 mod service;
 mod vm;
+mod vm_ports;
 
 pub use forward::{create_forward, delete_forward, grow_nat_ports};
 pub(crate) use forward::{forwards_of_vm_ops, pick_nat_block};

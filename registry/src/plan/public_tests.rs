@@ -244,6 +244,47 @@ fn forwards_are_validated_and_kept_out_of_nat_blocks() {
 }
 
 #[test]
+fn a_forwards_vm_port_stays_out_of_its_vms_nat_blocks() {
+    let mut m = base();
+    // a 1024-1535, b 1536-2047.
+    let inside = ForwardSpec {
+        vm_port: 1100,
+        ..fwd("web", 443, "a")
+    };
+    let e = create_forward(&m, &inside).expect_err("inside a's block");
+    assert_eq!(e.code, ErrorCode::PortInUse);
+    assert!(
+        e.message.contains("forward web's VM port 1100")
+            && e.message.contains("VM a's NAT block 1024-1535"),
+        "{}",
+        e.message
+    );
+    assert!(m.forwards.is_empty());
+    // Another VM's block is harmless: the gateway keys forwarded replies by VM.
+    let other = ForwardSpec {
+        vm_port: 1600,
+        ..fwd("web", 443, "a")
+    };
+    apply!(m, create_forward(&m, &other));
+    // The next free block is 2048-2559: a's growth skips its forward's VM port 2100 there,
+    // b's does not (the port reaches only a).
+    apply!(
+        m,
+        create_forward(
+            &m,
+            &ForwardSpec {
+                vm_port: 2100,
+                ..fwd("api", 8443, "a")
+            }
+        )
+    );
+    let a = apply!(m, grow_nat_ports(&m, "a", 1));
+    assert_eq!(a.nat_ports[1].first, 2560);
+    let b = apply!(m, grow_nat_ports(&m, "b", 1));
+    assert_eq!(b.nat_ports[1].first, 2048);
+}
+
+#[test]
 fn last_gateway_of_an_address_takes_its_forwards() {
     let mut m = base();
     apply!(

@@ -192,6 +192,10 @@ pub fn create_service(model: &Model, spec: &ServiceSpec) -> Planned<Service> {
         check_member(model, &network, m)?;
     }
     check_port_free(model, &network, spec)?;
+    let vm_port = spec.vm_port.unwrap_or(spec.public_port);
+    let check_port = spec.health.port.unwrap_or(vm_port);
+    let in_network = model.vms.values().filter(|v| v.network == network);
+    vm_ports::check_service_ports(in_network, &spec.id, vm_port, check_port)?;
     let mut members: Vec<PoolMember> = Vec::new();
     for m in &spec.members {
         upsert(&mut members, m.clone());
@@ -202,7 +206,7 @@ pub fn create_service(model: &Model, spec: &ServiceSpec) -> Planned<Service> {
         public_addr: spec.public_addr,
         public_port: spec.public_port,
         proto: spec.proto,
-        vm_port: spec.vm_port.unwrap_or(spec.public_port),
+        vm_port,
         members,
         health: spec.health.clone(),
         table_size,
@@ -245,6 +249,16 @@ pub fn add_member(model: &Model, id: &str, member: &PoolMember) -> Planned<Servi
     check_member(model, &old.network, member)?;
     let mut new = old.clone();
     upsert(&mut new.members, member.clone());
+    // The network's NAT blocks skip the service's ports; a service stored before that rule may
+    // still overlap a VM's block, which must not join the pool.
+    let joining = Service {
+        members: vec![member.clone()],
+        ..old.clone()
+    };
+    for m in resolve_pool(model, &joining) {
+        let vm = model.vms.get(&m.vm).into_iter();
+        vm_ports::check_service_ports(vm, &old.id, old.vm_port, old.check_port())?;
+    }
     if new.members.len() > MAX_POOL_ENTRIES {
         return Err(bad(format!("at most {MAX_POOL_ENTRIES} pool entries")));
     }

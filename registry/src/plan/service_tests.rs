@@ -250,6 +250,96 @@ fn nat_blocks_skip_service_ports() {
     assert_eq!(grown.first, 3072);
 }
 
+/// The refusal's message, which must name both the service's port and the VM's block.
+fn message<T: std::fmt::Debug>(r: Planned<T>) -> String {
+    let e = r.expect_err("should refuse");
+    assert_eq!(e.code, ErrorCode::PortInUse, "{}", e.message);
+    e.message
+}
+
+fn with_ports(id: &str, vm_port: u16, check_port: Option<u16>) -> ServiceSpec {
+    let mut s = spec(id, 80, vec![by_tag("web", 1)]);
+    s.vm_port = Some(vm_port);
+    s.health.port = check_port;
+    s
+}
+
+#[test]
+fn service_vm_and_check_ports_stay_out_of_every_nat_block_of_the_network() {
+    let mut m = base();
+    // a 1024-1535 (a member, by tag), c 2048-2559 (no member), d 1024-1535 in n2.
+    let msg = message(create_service(&m, &with_ports("web", 1100, None)));
+    assert!(
+        msg.contains("service web's VM port 1100") && msg.contains("VM a's NAT block 1024-1535"),
+        "{msg}"
+    );
+    // A non-member's block too: the gateway takes that port of any VM for a service reply.
+    let msg = message(create_service(&m, &with_ports("web", 2100, None)));
+    assert!(msg.contains("VM c's NAT block 2048-2559"), "{msg}");
+    let msg = message(create_service(&m, &with_ports("web", 8080, Some(1600))));
+    assert!(
+        msg.contains("service web's health-check port 1600") && msg.contains("VM b's"),
+        "{msg}"
+    );
+    assert!(m.services.is_empty(), "a refusal wrote nothing");
+    // Outside every block of n1 (d's block in n2 does not count), and below 1024.
+    let s = apply!(m, create_service(&m, &with_ports("web", 8080, Some(9000))));
+    assert_eq!((s.vm_port, s.check_port()), (8080, 9000));
+    let low = ServiceSpec {
+        public_port: 443,
+        ..with_ports("low", 443, None)
+    };
+    apply!(m, create_service(&m, &low));
+}
+
+#[test]
+fn nat_blocks_handed_out_later_skip_service_vm_and_check_ports() {
+    let mut m = base();
+    // The next free blocks are 2560-3071, 3072-3583, 3584-4095.
+    apply!(m, create_service(&m, &with_ports("web", 2600, Some(3100))));
+    // A VM the tag brings into the pool later, and a VM of no pool: both skip both ports.
+    for (id, tags) in [("e", vec!["web".to_string()]), ("f", vec![])] {
+        let spec = VmSpec {
+            id: id.into(),
+            network: "n1".into(),
+            tags,
+            ..VmSpec::default()
+        };
+        apply!(
+            m,
+            create_vm(&m, &spec, VmSecret::from_bytes([1; 32]), reuse())
+        );
+    }
+    assert_eq!(m.vms["e"].nat_ports[0].first, 3584);
+    assert_eq!(m.vms["f"].nat_ports[0].first, 4096);
+    // nat-grow of a member skips them too.
+    let a = apply!(m, grow_nat_ports(&m, "a", 1));
+    assert_eq!(a.nat_ports[1].first, 4608);
+    let in_network = m.vms.values().filter(|v| v.network == "n1");
+    for block in in_network.flat_map(|v| v.nat_ports.iter()) {
+        assert!(
+            !block.contains(2600) && !block.contains(3100),
+            "{block} covers a service port"
+        );
+    }
+}
+
+#[test]
+fn a_vm_whose_block_holds_a_stored_services_port_does_not_join_its_pool() {
+    let mut m = base();
+    let s = apply!(m, create_service(&m, &with_ports("web", 8080, None)));
+    // A service stored before the rule, with its VM port inside c's block 2048-2559.
+    m.apply(&[Op::PutService(Service { vm_port: 2100, ..s })]);
+    let msg = message(add_member(&m, "web", &by_vm("c", 1)));
+    assert!(
+        msg.contains("service web's VM port 2100") && msg.contains("VM c's NAT block 2048-2559"),
+        "{msg}"
+    );
+    // VMs whose blocks are clear still join, by id.
+    let s = apply!(m, add_member(&m, "web", &by_vm("a", 3)));
+    assert_eq!(s.members.len(), 2);
+}
+
 #[test]
 fn pool_changes_are_in_the_change_log_for_the_vms_they_touch() {
     let mut m = base();

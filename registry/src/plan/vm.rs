@@ -176,7 +176,7 @@ pub fn create_vm(
         }
         None => (None, None),
     };
-    let nat_ports = vec![pick_nat_block(model, net)?];
+    let nat_ports = vec![pick_nat_block(model, net, &spec.id)?];
     let vm = VmRecord {
         id: spec.id.clone(),
         network: net.id.clone(),
