@@ -460,7 +460,7 @@ fn walk_pool(view: GuestView<'_>, queue: &mut Queue, setup: &Setup) {
             check_pool_fault(queue, mem, setup, out.fault, popped);
             break;
         }
-        used += accept_some(&mut pool, queue, mem, setup, &slots);
+        used += accept_some(&mut pool, queue, view, setup, &slots);
         let used_idx = get_u16(mem, USED_AT + 2);
         assert_eq!(used_idx, setup.next_avail.wrapping_add(used), "used index");
     }
@@ -517,10 +517,11 @@ fn check_slots(
 fn accept_some(
     pool: &mut RxPool,
     queue: &mut Queue,
-    mem: &GuestMem,
+    view: GuestView<'_>,
     setup: &Setup,
     slots: &[Range<usize>],
 ) -> u16 {
+    let mem = view.mem();
     let used_at = get_u16(mem, USED_AT + 2);
     let held = pool.len();
     let mut spanned = 0usize;
@@ -533,7 +534,7 @@ fn accept_some(
         spanned += usize::from(spans);
         entries.push(len);
     }
-    let added = pool.commit(queue, mem);
+    let added = pool.commit(queue, view);
     assert_eq!(added, spanned, "one used entry per buffer spanned");
     assert_eq!(
         pool.len(),
