@@ -23,9 +23,12 @@ pub const STATUS_OK: u8 = 0;
 /// unauthenticated caller learns nothing).
 pub const STATUS_REFUSED: u8 = 1;
 
+/// Reads a VM's state; `None` once its port is gone.
+pub type Exporter = Box<dyn Fn() -> Option<wire::VmState> + Send + Sync>;
+
 struct Offered {
     secret: VmSecret,
-    port: Weak<VmPort>,
+    export: Arc<Exporter>,
 }
 
 type Offers = Arc<Mutex<HashMap<String, Offered>>>;
@@ -74,12 +77,22 @@ impl StateServer {
 
     /// Serves the state of `vm_id` (attached here with `secret`) from now on.
     pub fn offer(&self, vm_id: &str, secret: &VmSecret, port: &Arc<VmPort>) {
+        let port: Weak<VmPort> = Arc::downgrade(port);
+        self.offer_with(
+            vm_id,
+            secret,
+            Box::new(move || port.upgrade().map(|p| p.export_state())),
+        );
+    }
+
+    /// Serves what `export` reads as the state of `vm_id`.
+    pub fn offer_with(&self, vm_id: &str, secret: &VmSecret, export: Exporter) {
         let mut offers = self.offers.lock().unwrap_or_else(|e| e.into_inner());
         offers.insert(
             vm_id.to_string(),
             Offered {
                 secret: secret.clone(),
-                port: Arc::downgrade(port),
+                export: Arc::new(export),
             },
         );
     }
@@ -156,17 +169,14 @@ fn serve_one(conn: &mut TcpStream, offers: &Offers) -> Result<(), String> {
         let o = offers
             .get(&req.vm_id)
             .ok_or_else(|| format!("vm {} is not served here", req.vm_id))?;
-        (o.secret.clone(), o.port.clone())
+        (o.secret.clone(), Arc::clone(&o.export))
     };
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     req.verify(secret.as_bytes(), now)
         .map_err(|e| format!("vm {}: {e}", req.vm_id))?;
-    let state = port
-        .upgrade()
-        .ok_or_else(|| format!("vm {}: port stopped", req.vm_id))?
-        .export_state();
+    let state = port().ok_or_else(|| format!("vm {}: port stopped", req.vm_id))?;
     let blob = wire::encode(&state);
     let mac = wire::response_mac(secret.as_bytes(), &req.nonce, &blob);
     let mut out = Vec::with_capacity(blob.len() + 37);
@@ -185,4 +195,66 @@ fn serve_one(conn: &mut TcpStream, offers: &Offers) -> Result<(), String> {
         blob.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate_state::fetch::{fetch, FetchError};
+    use crate::migrate_state::wire::{SessionRecord, VmState};
+    use std::net::Ipv4Addr;
+
+    fn state(vm: &str) -> VmState {
+        VmState {
+            vm_id: vm.into(),
+            flows: Vec::new(),
+            sessions: vec![SessionRecord {
+                digest: [3; 32],
+                remaining_ms: 1000,
+            }],
+        }
+    }
+
+    #[test]
+    fn only_the_vms_secret_gets_its_state_over_real_sockets() {
+        let server = StateServer::start((Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        let addr = server.local_addr();
+        let secret = VmSecret::from_bytes([5; 32]);
+        server.offer_with("vm-a", &secret, Box::new(|| Some(state("vm-a"))));
+        // A server that answers with another VM's state under this VM's name.
+        server.offer_with("vm-b", &secret, Box::new(|| Some(state("vm-a"))));
+        assert_eq!(fetch(addr, "vm-a", &secret).unwrap(), state("vm-a"));
+        let refused_before = COUNTERS.refused.load(Ordering::Relaxed);
+        let wrong = VmSecret::from_bytes([6; 32]);
+        assert!(matches!(
+            fetch(addr, "vm-a", &wrong),
+            Err(FetchError::Refused)
+        ));
+        assert!(matches!(
+            fetch(addr, "vm-c", &secret),
+            Err(FetchError::Refused)
+        ));
+        assert!(COUNTERS.refused.load(Ordering::Relaxed) >= refused_before + 2);
+        assert!(matches!(
+            fetch(addr, "vm-b", &secret),
+            Err(FetchError::OtherVm(v)) if v == "vm-a"
+        ));
+        // Garbage and a client that hangs up get nothing; the server goes on.
+        let mut junk = TcpStream::connect(addr).unwrap();
+        junk.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        let _ = junk.read_to_end(&mut answer);
+        assert_eq!(answer, [STATUS_REFUSED]);
+        drop(TcpStream::connect(addr).unwrap());
+        server.withdraw("vm-a");
+        assert!(matches!(
+            fetch(addr, "vm-a", &secret),
+            Err(FetchError::Refused)
+        ));
+        drop(server);
+        assert!(matches!(
+            fetch(addr, "vm-a", &secret),
+            Err(FetchError::Io(_))
+        ));
+    }
 }
