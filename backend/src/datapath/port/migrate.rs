@@ -44,7 +44,9 @@ impl VmPort {
     /// migrated VM's state is on its way ([`VmPort::import_state`] or
     /// [`VmPort::release_state_hold`] end it earlier).
     pub fn hold_for_state(&self, wait: Duration) {
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        // The NAT clock counts whole seconds: one more, so the hold never ends before `wait`
+        // (the import or the fetch's give-up ends it in time).
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0) + 1;
         self.core
             .nat
             .with_table(&self.core.counters, |t, now| t.hold_new_flows(now + secs));
