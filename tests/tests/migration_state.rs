@@ -368,6 +368,32 @@ fn nat_flows_and_metadata_sessions_move_with_the_vm() {
         .metric(1, "vnpd_migration_state_total", &[("event", "import")])
         .unwrap();
     assert_eq!((exported, imported), (1, 1));
+    let flows = c
+        .metric(
+            1,
+            "vnpd_migration_state_total",
+            &[("event", "flow_imported")],
+        )
+        .unwrap();
+    let sessions = c
+        .metric(
+            1,
+            "vnpd_migration_state_total",
+            &[("event", "session_imported")],
+        )
+        .unwrap();
+    assert!(
+        flows >= 1 && sessions >= 1,
+        "{flows} flows, {sessions} sessions"
+    );
+    if let Some(l) = c
+        .host(1)
+        .vnpd_stderr()
+        .lines()
+        .find(|l| l.contains("migration state taken"))
+    {
+        eprintln!("  host 1: {l}");
+    }
 
     drop(ga2);
     drop(edge);
