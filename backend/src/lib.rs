@@ -11,6 +11,7 @@
 //! - [`metrics`]: counters by VM and drop reason, Prometheus text rendering.
 //! - [`control`]: the control thread that talks to the registry (tokens, endpoints, secrets).
 //! - [`admin`]: the local admin API (unix socket) and persisted attachments.
+//! - [`migrate_state`]: the NAT flows and metadata sessions that move with a migrating VM.
 
 pub mod admin;
 pub mod bridge;
@@ -20,5 +21,6 @@ pub mod datapath;
 pub mod device;
 pub mod edge;
 pub mod metrics;
+pub mod migrate_state;
 pub mod nat;
 pub mod ring;

@@ -236,7 +236,9 @@ fn start_exporter(
             .into_iter()
             .map(|(vm_id, counters)| VmSample { vm_id, counters })
             .collect();
-        render(&host, &samples) + &render_bridge(&board.bridge_snapshot())
+        render(&host, &samples)
+            + &render_bridge(&board.bridge_snapshot())
+            + &vnpd::migrate_state::COUNTERS.render()
     })
     .map_err(|e| e.to_string())
 }

@@ -155,6 +155,8 @@ pub struct Manager {
     unrestored: BTreeMap<String, PersistedAttachment>,
     /// VMs whose endpoint moved to another host, since when (detached after a grace period).
     departing: BTreeMap<String, Instant>,
+    /// Serves attached VMs' state to the host they migrate to (`crate::migrate_state`).
+    state_server: Option<crate::migrate_state::StateServer>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -184,6 +186,7 @@ impl Manager {
         control: ControlHandle,
         store: StateStore,
     ) -> Self {
+        let cfg_addr = cfg.underlay_addr;
         Self {
             cfg,
             host_id,
@@ -194,6 +197,7 @@ impl Manager {
             attached: BTreeMap::new(),
             unrestored: BTreeMap::new(),
             departing: BTreeMap::new(),
+            state_server: crate::migrate_state::serve::start_for(cfg_addr),
         }
     }
 
@@ -295,6 +299,7 @@ impl Manager {
         }
         let vm = self.read_vm_for_attach(vm_id, incoming)?;
         let nat_blocks = vm.nat_blocks();
+        let arrival = incoming.then(|| vm.arrival()).flatten();
         let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
         prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {
@@ -305,7 +310,7 @@ impl Manager {
                 info.udp_port,
             )
         });
-        let port = self.start_port(vm_id, att, resume.as_ref())?;
+        let port = self.start_port(vm_id, att, resume.as_ref(), arrival.as_ref())?;
         port.set_nat_blocks(&nat_blocks);
         // An incoming VM's endpoint is registered when its device starts (after the
         // migration), not now: the source still serves it.
@@ -357,6 +362,9 @@ impl Manager {
         }
         self.board.remove(vm_id);
         self.departing.remove(vm_id);
+        if let Some(s) = &self.state_server {
+            s.withdraw(vm_id);
+        }
         if let Some(r) = &a.resume {
             r.cancel();
         }

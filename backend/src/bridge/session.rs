@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 /// Where a session token is asked for (PUT only).
 pub const TOKEN_PATH: &str = "/computeMetadata/v1/token";
 /// The request header naming the session's lifetime in seconds (on the PUT; echoed in its
@@ -24,10 +26,19 @@ pub const TOKEN_BYTES: usize = 32;
 /// IP TTL of every packet answering a token PUT: the reply dies at the first router.
 pub const TOKEN_REPLY_HOP_LIMIT: u8 = 1;
 
-/// The live session tokens of one VM.
+/// SHA-256 of a session token: what vnpd keeps of it (and what moves with a migrating VM), so
+/// neither its memory nor the migration hand-off holds a usable token.
+pub type SessionDigest = [u8; 32];
+
+/// The digest of `token`.
+pub fn digest(token: &[u8]) -> SessionDigest {
+    Sha256::digest(token).into()
+}
+
+/// The live session tokens of one VM, by digest.
 #[derive(Debug, Default, Clone)]
 pub struct Sessions {
-    expiry_by_token: HashMap<String, Instant>,
+    expiry_by_token: HashMap<SessionDigest, Instant>,
 }
 
 /// Why a request's session token was not accepted.
@@ -43,19 +54,51 @@ impl Sessions {
     /// Remembers `token` until `now + ttl`, dropping expired sessions first and, when
     /// [`MAX_SESSIONS`] are live, the one that expires soonest.
     pub fn issue(&mut self, token: String, ttl: Duration, now: Instant) {
+        self.make_room(now);
+        self.expiry_by_token
+            .insert(digest(token.as_bytes()), now + ttl);
+    }
+
+    /// Drops expired sessions and, while [`MAX_SESSIONS`] are live, the one expiring soonest.
+    fn make_room(&mut self, now: Instant) {
         self.expiry_by_token.retain(|_, expiry| *expiry > now);
         while self.expiry_by_token.len() >= MAX_SESSIONS {
             let soonest = self
                 .expiry_by_token
                 .iter()
                 .min_by_key(|(_, expiry)| **expiry)
-                .map(|(t, _)| t.clone());
+                .map(|(t, _)| *t);
             match soonest {
                 Some(t) => drop(self.expiry_by_token.remove(&t)),
                 None => break,
             }
         }
-        self.expiry_by_token.insert(token, now + ttl);
+    }
+
+    /// Every live session with the time it has left (the migration hand-off).
+    pub fn export(&self, now: Instant) -> Vec<(SessionDigest, Duration)> {
+        self.expiry_by_token
+            .iter()
+            .filter(|(_, e)| **e > now)
+            .map(|(d, e)| (*d, *e - now))
+            .collect()
+    }
+
+    /// Takes sessions another host issued (a migrated VM's), each live for the time it had
+    /// left there (at most [`MAX_TTL_SECS`]); the bound of [`MAX_SESSIONS`] holds as for
+    /// [`Sessions::issue`]. Returns how many were taken.
+    pub fn import(&mut self, sessions: &[(SessionDigest, Duration)], now: Instant) -> usize {
+        let max = Duration::from_secs(MAX_TTL_SECS);
+        let mut taken = 0;
+        for (d, left) in sessions {
+            if left.is_zero() {
+                continue;
+            }
+            self.make_room(now);
+            self.expiry_by_token.insert(*d, now + (*left).min(max));
+            taken += 1;
+        }
+        taken
     }
 
     /// Whether a request with session header `token` may be served: a presented token must be
@@ -73,9 +116,9 @@ impl Sessions {
                 Ok(())
             };
         };
-        let live = std::str::from_utf8(token)
-            .ok()
-            .and_then(|t| self.expiry_by_token.get(t))
+        let live = self
+            .expiry_by_token
+            .get(&digest(token))
             .is_some_and(|expiry| now < *expiry);
         if live {
             Ok(())
@@ -166,6 +209,42 @@ mod tests {
         // Past every TTL, the next issue forgets them all.
         s.issue("late".into(), secs(1), t0 + secs(1000));
         assert_eq!(s.expiry_by_token.len(), 1);
+    }
+
+    #[test]
+    fn sessions_move_as_digests_with_their_time_left() {
+        let t0 = Instant::now();
+        let mut src = Sessions::default();
+        src.issue("aa".into(), secs(100), t0);
+        src.issue("bb".into(), secs(1), t0);
+        let moved = src.export(t0 + secs(40));
+        assert_eq!(moved.len(), 1, "the expired one stays behind");
+        assert_eq!(moved[0], (digest(b"aa"), secs(60)));
+        assert!(
+            src.check(Some(b"aa"), true, t0 + secs(40)).is_ok(),
+            "export is a read"
+        );
+        // The destination's clock starts anywhere.
+        let t1 = Instant::now() + secs(5000);
+        let mut dst = Sessions::default();
+        assert_eq!(
+            dst.check(Some(b"aa"), true, t1),
+            Err(SessionRefusal::Invalid)
+        );
+        assert_eq!(dst.import(&moved, t1), 1);
+        assert_eq!(dst.check(Some(b"aa"), true, t1 + secs(59)), Ok(()));
+        assert_eq!(
+            dst.check(Some(b"aa"), true, t1 + secs(60)),
+            Err(SessionRefusal::Invalid),
+            "expires when it would have on the source"
+        );
+        // Bounded like issued ones; lifetimes capped at the longest session.
+        let many: Vec<_> = (0..2 * MAX_SESSIONS as u8)
+            .map(|i| (digest(&[i]), secs(MAX_TTL_SECS * 2)))
+            .collect();
+        dst.import(&many, t1);
+        assert_eq!(dst.live(t1), MAX_SESSIONS);
+        assert_eq!(dst.live(t1 + secs(MAX_TTL_SECS)), 0);
     }
 
     #[test]

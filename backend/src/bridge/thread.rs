@@ -35,8 +35,19 @@ enum Msg {
     DnsAnswer(Vec<u8>, UdpMetadata),
     Metadata(Box<VmMetadata>),
     Done(JobDone),
+    /// Live migration (`crate::migrate_state`): the live sessions, for the hand-off.
+    ExportSessions(SyncSender<Vec<SessionGrant>>),
+    /// Live migration, destination: keep the guest's packets back until the sessions arrive
+    /// (or until the deadline: then serve without them).
+    HoldUntil(Instant),
+    /// Live migration, destination: the sessions the VM had on its source (then the held
+    /// packets are served).
+    ImportSessions(Vec<SessionGrant>),
     Stop,
 }
+
+/// A session as it moves with the VM: its token's digest and the time it has left.
+pub type SessionGrant = (super::session::SessionDigest, Duration);
 
 /// Who the bridge serves: one VM, identified by the port it is attached to.
 #[derive(Debug, Clone)]
@@ -68,6 +79,9 @@ impl std::fmt::Debug for Msg {
             Msg::DnsAnswer(..) => "DnsAnswer",
             Msg::Metadata(_) => "Metadata",
             Msg::Done(_) => "Done",
+            Msg::ExportSessions(_) => "ExportSessions",
+            Msg::HoldUntil(_) => "HoldUntil",
+            Msg::ImportSessions(_) => "ImportSessions",
             Msg::Stop => "Stop",
         })
     }
@@ -167,6 +181,26 @@ impl Bridge {
     pub fn counters(&self) -> Arc<BridgeCounters> {
         self.counters.clone()
     }
+
+    /// The live metadata sessions with the time each has left (a read: the bridge goes on
+    /// serving them); `None` when the bridge does not answer within `wait`.
+    pub fn export_sessions(&self, wait: Duration) -> Option<Vec<SessionGrant>> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inbox.0.try_send(Msg::ExportSessions(tx)).ok()?;
+        rx.recv_timeout(wait).ok()
+    }
+
+    /// Keeps the guest's metadata packets back until [`Bridge::import_sessions`] or
+    /// `deadline` (a migrated VM's first request must not find its session missing because
+    /// the hand-off is still on its way). False when the bridge is gone.
+    pub fn hold_until(&self, deadline: Instant) -> bool {
+        self.inbox.0.send(Msg::HoldUntil(deadline)).is_ok()
+    }
+
+    /// Takes the sessions a migrated VM had on its source, and ends a hold.
+    pub fn import_sessions(&self, sessions: Vec<SessionGrant>) -> bool {
+        self.inbox.0.send(Msg::ImportSessions(sessions)).is_ok()
+    }
 }
 
 impl Drop for Bridge {
@@ -191,8 +225,12 @@ fn run(
     dns: Option<&DnsQueries>,
     deliver: &Deliver,
 ) {
+    let mut held = Held::default();
     loop {
-        let wait = server.step(Instant::now());
+        if held.due(Instant::now()) {
+            held.release(&mut server);
+        }
+        let wait = held.wait(server.step(Instant::now()), Instant::now());
         let out = server.take_packets_to_guest();
         if !out.is_empty() {
             deliver(out);
@@ -215,13 +253,63 @@ fn run(
         while let Some(msg) = next {
             let now = Instant::now();
             match msg {
-                Msg::Packet(p) => server.packet_from_guest(p),
+                Msg::Packet(p) => held.packet(&mut server, p),
                 Msg::DnsAnswer(a, to) => server.dns_answer(&a, to),
                 Msg::Metadata(md) => server.metadata(*md, now),
                 Msg::Done(d) => server.job_done(d, now),
+                Msg::ExportSessions(reply) => {
+                    let _ = reply.try_send(server.sessions.export(now));
+                }
+                Msg::HoldUntil(deadline) => held.until = Some(deadline),
+                Msg::ImportSessions(sessions) => {
+                    let n = server.sessions.import(&sessions, now);
+                    log::info!("bridge: {n} metadata session(s) taken over from the source");
+                    held.release(&mut server);
+                }
                 Msg::Stop => return,
             }
             next = rx.try_recv().ok();
+        }
+    }
+}
+
+/// Guest packets kept back while a migrated VM's sessions are on their way.
+#[derive(Default)]
+struct Held {
+    until: Option<Instant>,
+    packets: Vec<Vec<u8>>,
+}
+
+impl Held {
+    fn due(&self, now: Instant) -> bool {
+        self.until.is_some_and(|t| now >= t)
+    }
+
+    /// The bridge's own wait, cut at the hold's deadline.
+    fn wait(&self, wait: Duration, now: Instant) -> Duration {
+        match self.until {
+            Some(t) => wait.min(t.saturating_duration_since(now)),
+            None => wait,
+        }
+    }
+
+    fn packet(&mut self, server: &mut Server, p: Vec<u8>) {
+        if self.until.is_none() {
+            return server.packet_from_guest(p);
+        }
+        if self.packets.len() < INBOX {
+            self.packets.push(p);
+        } else {
+            BridgeCounters::bump(&server.counters.packets_dropped);
+        }
+    }
+
+    fn release(&mut self, server: &mut Server) {
+        if self.until.take().is_some_and(|t| Instant::now() >= t) {
+            log::warn!("bridge: migrated sessions did not arrive in time; serving without them");
+        }
+        for p in self.packets.drain(..) {
+            server.packet_from_guest(p);
         }
     }
 }

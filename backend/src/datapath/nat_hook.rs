@@ -88,6 +88,20 @@ impl NatState {
         Self::publish(&g.table, counters);
     }
 
+    /// Runs `f` on the table with the NAT clock's now, then publishes the gauges (live
+    /// migration's export and import, `datapath::port::migrate`).
+    pub fn with_table<R>(
+        &self,
+        counters: &VmCounters,
+        f: impl FnOnce(&mut NatTable, u64) -> R,
+    ) -> R {
+        let now = self.now();
+        let mut g = self.lock();
+        let r = f(&mut g.table, now);
+        Self::publish(&g.table, counters);
+        r
+    }
+
     /// A copy of the table (admin view, metrics).
     pub fn snapshot(&self) -> NatTable {
         self.lock().table.clone()
@@ -163,6 +177,7 @@ impl NatScratch {
 pub fn tx_drop_reason(d: NatDrop) -> DropReason {
     match d {
         NatDrop::Refused(NatRefusal::Exhausted) => DropReason::TxNatPortsExhausted,
+        NatDrop::Refused(NatRefusal::AwaitingState) => DropReason::TxNatAwaitingState,
         NatDrop::Refused(_) => DropReason::TxNatNoFlow,
         NatDrop::Fragment => DropReason::TxNatFragment,
         NatDrop::Unsupported => DropReason::TxNatUnsupported,

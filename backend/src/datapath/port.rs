@@ -584,6 +584,8 @@ impl Drop for VmPort {
     }
 }
 
+mod migrate;
+
 /// The first characters of a VM id, for thread names and logs.
 pub(crate) fn short(id: &str) -> String {
     id.chars().take(8).collect()

@@ -116,6 +116,9 @@ drop_reasons! {
     TxNatPortsExhausted => "tx_nat_ports_exhausted",
     /// TX: a TCP segment to the outside that is not a SYN and belongs to no flow.
     TxNatNoFlow => "tx_nat_no_flow",
+    /// TX: a new flow to the outside while a migrated VM's NAT flows are still on their way
+    /// from its source (`migrate_state`; at most its bounded wait).
+    TxNatAwaitingState => "tx_nat_awaiting_state",
     /// TX: a fragment to the outside (fragments carry no ports to map).
     TxNatFragment => "tx_nat_fragment",
     /// TX: to the outside, a protocol or ICMP type NAT does not translate (not TCP, UDP or

@@ -24,7 +24,7 @@ use std::net::Ipv4Addr;
 
 pub use flow::{FlowKey, FlowState, PortBlock, Proto};
 pub use packet::NatDrop;
-pub use table::{FlowView, NatRefusal, NatStats, NatTable};
+pub use table::{FlowView, ImportReport, MovedFlow, NatRefusal, NatStats, NatTable};
 
 /// The "outside" wildcard of gateway-scoped tokens (`IP_VM` of the outside end, whatever the
 /// outside address is; `docs/protocol.md`).

@@ -31,6 +31,9 @@ pub enum NatRefusal {
     UnknownMapping,
     /// Too many inbound flows.
     InboundFull,
+    /// A new mapping while a migrated VM's flows are still on their way from its source
+    /// (`NatTable::hold_new_flows`): a port handed out now could be one of theirs.
+    AwaitingState,
 }
 
 /// What to do with an outbound packet.
@@ -104,6 +107,8 @@ pub struct NatTable {
     spaces: [PortSpace; 3],
     by_key: HashMap<FlowKey, u16>,
     inbound: HashMap<FlowKey, Flow>,
+    /// No new mapping before this time (live migration: see `handoff`).
+    hold_new_until: u64,
 }
 
 impl NatTable {
@@ -176,6 +181,9 @@ impl NatTable {
         }
         if key.proto == Proto::Tcp && tcp_flags & vnp_protocol::wire::tcp::flags::SYN == 0 {
             return Err(NatRefusal::NoFlow);
+        }
+        if now < self.hold_new_until {
+            return Err(NatRefusal::AwaitingState);
         }
         let mapped = match self.take_free(key.proto, now) {
             Some(p) => p,
@@ -358,6 +366,9 @@ fn touch(flow: &mut Flow, tcp_flags: u8, from_opener: bool, now: u64) {
         flow.state = flow.state.on_tcp(tcp_flags, from_opener);
     }
 }
+
+mod handoff;
+pub use handoff::{ImportReport, MovedFlow};
 
 #[cfg(test)]
 mod tests;

@@ -175,6 +175,7 @@ impl Manager {
         vm_id: &str,
         att: VmAttachment,
         resume: Option<&ResumeRegistration>,
+        arrival: Option<&crate::migrate_state::Arrival>,
     ) -> Result<Arc<VmPort>, AdminFailure> {
         let control: Arc<dyn ControlPlane> = Arc::new(self.control.clone());
         let tuning = DataPathTuning {
@@ -187,7 +188,11 @@ impl Manager {
             offloads: self.cfg.offloads,
             ..DataPathTuning::default()
         };
-        let hook = resume.map(ResumeRegistration::hook);
+        let hook = crate::migrate_state::fetch::chain(
+            resume.map(ResumeRegistration::hook),
+            arrival.map(crate::migrate_state::Arrival::hook),
+        );
+        let secret = att.secret.clone();
         let port = VmPort::start_with_hook(att, control, tuning, hook).map_err(|e| {
             fail(
                 AdminErrorCode::Port,
@@ -195,6 +200,12 @@ impl Manager {
             )
         })?;
         let port = Arc::new(port);
+        if let Some(a) = arrival {
+            a.bind(&port);
+        }
+        if let Some(s) = &self.state_server {
+            s.offer(vm_id, &secret, &port);
+        }
         // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
         let source = Arc::new(RegistrySource(self.client.clone()));
         if let Err(e) = port.start_bridge(source, self.cfg.bridge.limits, &self.cfg.bridge) {
@@ -262,6 +273,18 @@ pub(super) struct VmFromRegistry {
 }
 
 impl VmFromRegistry {
+    /// For an incoming VM: where its state is fetched from on resume (the source's state
+    /// listener, on the host its endpoint still names); `None` when it has no endpoint.
+    pub(super) fn arrival(&self) -> Option<crate::migrate_state::Arrival> {
+        let source = self.record.endpoint.as_ref()?;
+        let addr = std::net::SocketAddr::from((source.host_addr, crate::migrate_state::STATE_PORT));
+        Some(crate::migrate_state::Arrival::new(
+            &self.record.id,
+            &self.secret,
+            addr,
+        ))
+    }
+
     /// The VM's NAT port blocks (the ports its flows to the outside leave from).
     pub(super) fn nat_blocks(&self) -> Vec<crate::nat::PortBlock> {
         crate::control::nat_blocks(&self.record.nat_ports)
