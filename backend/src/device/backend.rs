@@ -172,6 +172,7 @@ pub struct NetBackend<H: QueuePairHandler> {
     offloads: bool,
     errors: Arc<VringErrors>,
     on_start: Option<DeviceStartHook>,
+    start_trace: super::start_trace::StartTrace,
 }
 
 impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
@@ -202,6 +203,7 @@ impl<H: QueuePairHandler> NetBackend<H> {
             offloads: config.offloads,
             errors: Arc::default(),
             on_start: None,
+            start_trace: Default::default(),
         }
     }
 
@@ -256,6 +258,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
         for h in &self.handlers {
             lock(h).set_features(negotiated);
         }
+        self.start_trace.start();
         if let Some(hook) = &self.on_start {
             hook();
         }
@@ -297,6 +300,9 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
+        // A migration's source stops here (and so do a pause and a reset); the time is one of
+        // the events a migration's blackout is measured between.
+        log::info!("device: ring {index} stopped (GET_VRING_BASE)");
         if let Some(h) = self.handlers.get(index / 2) {
             if index % 2 == 0 {
                 lock(h).stop_rx();
@@ -328,6 +334,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
                 return Ok(());
             }
         };
+        self.start_trace.note(&event, thread_id);
         // One snapshot of guest memory for the whole pass.
         let snapshot = self.mem.memory().into_inner();
         let log_all = has_feature(self.acked.load(Ordering::Relaxed), VHOST_F_LOG_ALL);
