@@ -187,10 +187,28 @@ fn migrate_measured(
         sent: field(&json, "sent"),
     };
     eprintln!(
-        "  migration {i} to host {to}: {sample:?} vm requests {}",
-        json["vm_requests"]
+        "  migration {i} to host {to}: {sample:?} vm requests {}; vnpd threads/fds per host {}",
+        json["vm_requests"],
+        vnpd_resources(c)
     );
     (g2, sample)
+}
+
+/// Threads and open files of each host's vnpd, `threads/fds` per host: a leak per migration
+/// shows as a count that only grows.
+fn vnpd_resources(c: &Cluster) -> String {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    (0..3)
+        .map(|i| match c.host(i).vnpd_pid() {
+            Some(pid) => format!(
+                "{}/{}",
+                count(format!("/proc/{pid}/task")),
+                count(format!("/proc/{pid}/fd"))
+            ),
+            None => "-".into(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]

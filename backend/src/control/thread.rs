@@ -486,11 +486,8 @@ impl Worker {
         let Some(port) = self.ports.get(&c.vm) else {
             return;
         };
-        if self.incoming.contains_key(&c.vm) {
-            // Resumed here, registration on its way: the record still names the source.
-            return;
-        }
-        match local_vm_move(c, port.udp_addr()) {
+        let incoming = self.incoming.contains_key(&c.vm);
+        match local_vm_move(c, port.udp_addr(), incoming) {
             Some(LocalMove::Back) => port.stop_hairpin(),
             Some(LocalMove::Away(target)) => port.start_hairpin(target),
             None => {}
@@ -531,8 +528,17 @@ enum LocalMove {
     Back,
 }
 
-/// Reads a watch change of a VM served here (at `local`). Pure.
-fn local_vm_move(c: &vnp_registry_client::VmChange, local: SocketAddrV4) -> Option<LocalMove> {
+/// Reads a watch change of a VM served here (at `local`). An `incoming` port (a migrated VM
+/// resumed here, its registration on the way) follows nothing: the record still names the
+/// source. Pure.
+fn local_vm_move(
+    c: &vnp_registry_client::VmChange,
+    local: SocketAddrV4,
+    incoming: bool,
+) -> Option<LocalMove> {
+    if incoming {
+        return None;
+    }
     let ep = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted)?;
     let to = SocketAddrV4::new(ep.host_addr, ep.port);
     Some(if to == local {
@@ -603,7 +609,7 @@ mod tests {
         };
         let there = (Ipv4Addr::new(198, 18, 0, 2), 7100);
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local, false),
             Some(LocalMove::Away(HairpinTarget {
                 to: SocketAddrV4::new(there.0, there.1),
                 generation: 4
@@ -612,18 +618,30 @@ mod tests {
         // The same host, another port: moved all the same.
         let other_port = (*local.ip(), 7001);
         assert!(matches!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(other_port)), local),
+            local_vm_move(
+                &change(ChangeKind::Endpoint, Some(other_port)),
+                local,
+                false
+            ),
             Some(LocalMove::Away(_))
         ));
         let here = (*local.ip(), local.port());
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local, false),
             Some(LocalMove::Back)
         );
-        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
-        assert_eq!(local_vm_move(&change(ChangeKind::Moved, None), local), None);
+        // Resumed here, not registered yet: the record names the source; nothing to follow.
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local, true),
+            None
+        );
+        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Moved, None), local, false),
+            None
+        );
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local, false),
             None
         );
     }
