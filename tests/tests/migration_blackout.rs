@@ -191,7 +191,29 @@ fn migrate_measured(
         json["vm_requests"],
         vnpd_resources(c)
     );
+    let mut g2 = g2;
+    eprintln!("    {}", guest_and_drops(c, &mut g2, to));
     (g2, sample)
+}
+
+/// What explains a bad migration: whether the guest's own ping still runs (busybox ping exits
+/// on a send error), the guest's neighbour entries, and the drops vnpd counted for vm-a on its
+/// new host and for the peer on host 2.
+fn guest_and_drops(c: &Cluster, g: &mut Guest, host: usize) -> String {
+    let guest = g
+        .run("pidof ping >/dev/null && echo ping-alive || echo ping-gone; ip neigh show dev eth0 | tr '\\n' ';'", CMD)
+        .map_or_else(|e| format!("guest: {e}"), |o| o.stdout.replace('\n', " "));
+    let drops = |i: usize, vm: &str| {
+        c.host(i).admin().stats(Some(vm)).map_or_else(
+            |e| format!("{e}"),
+            |v| format!("{:?}", v.first().map(|s| &s.drops)),
+        )
+    };
+    format!(
+        "guest: {guest}| vm-a drops on host {host}: {} | vm-p drops: {}",
+        drops(host, "vm-a"),
+        drops(2, "vm-p")
+    )
 }
 
 /// Threads and open files of each host's vnpd, `threads/fds` per host: a leak per migration
