@@ -477,26 +477,10 @@ fn run_in(g: &mut Guest, cmd: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-fn run_migration(
-    args: &GuestArgs,
-    net: &NetworkArgs,
-    dst_socket: Option<PathBuf>,
-    steps: MigrationSteps,
-) -> Result<ExitCode, String> {
-    let src_spec = args.spec()?;
-    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
-        return Err(
-            "give --socket and --dst-host/--dst-socket (two vnpd hosts) or --test-netdev user"
-                .into(),
-        );
-    }
-    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() && net.dst_host.is_none() {
-        return Err(
-            "--socket needs --dst-host with --dst-admin (qemu-launch prepares the destination) or --dst-socket (prepared by hand)".into(),
-        );
-    }
+/// Boots the source guest and runs `--before` in it.
+fn boot_source(args: &GuestArgs, spec: GuestSpec, steps: &MigrationSteps) -> Result<Guest, String> {
     let boot = args.image()?.boot_files();
-    let mut src = Guest::launch_with(src_spec.clone(), &boot, false).map_err(|e| e.to_string())?;
+    let mut src = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
     src.wait_ready(Duration::from_secs(steps.boot_timeout))
         .map_err(|e| e.to_string())?;
     if let Some(cmd) = &steps.before {
@@ -509,6 +493,49 @@ fn run_migration(
             out.stdout.trim_end()
         );
     }
+    Ok(src)
+}
+
+/// Lets the probe run `--probe-settle-secs` on the destination, stops it and reads it.
+fn stop_probe(
+    dst: &mut Guest,
+    net: &NetworkArgs,
+) -> Result<qemu_launch::probe::ProbeReport, String> {
+    std::thread::sleep(Duration::from_secs(net.probe_settle_secs));
+    let out = run_in(dst, &qemu_launch::probe::stop_command())?;
+    qemu_launch::probe::parse(&out, net.probe_interval_ms)
+        .ok_or_else(|| format!("the probe got no reply at all:\n{out}"))
+}
+
+/// The source and destination must both be vnpd sockets (or both QEMU's test NIC).
+fn check_endpoints(
+    src_spec: &GuestSpec,
+    net: &NetworkArgs,
+    dst_socket: Option<&PathBuf>,
+) -> Result<(), String> {
+    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
+        return Err(
+            "give --socket and --dst-host/--dst-socket (two vnpd hosts) or --test-netdev user"
+                .into(),
+        );
+    }
+    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() && net.dst_host.is_none() {
+        return Err(
+            "--socket needs --dst-host with --dst-admin (qemu-launch prepares the destination) or --dst-socket (prepared by hand)".into(),
+        );
+    }
+    Ok(())
+}
+
+fn run_migration(
+    args: &GuestArgs,
+    net: &NetworkArgs,
+    dst_socket: Option<PathBuf>,
+    steps: MigrationSteps,
+) -> Result<ExitCode, String> {
+    let src_spec = args.spec()?;
+    check_endpoints(&src_spec, net, dst_socket.as_ref())?;
+    let mut src = boot_source(args, src_spec.clone(), &steps)?;
     // The network steps come before QEMU migrates; nothing follows after it.
     let moved = match (&net.dst_host, &net.dst_admin, &args.vm) {
         (Some(host), Some(admin), Some(vm)) => {
@@ -549,13 +576,7 @@ fn run_migration(
         ms
     });
     let probe = match &net.probe {
-        Some(_) => {
-            std::thread::sleep(settle);
-            let out = run_in(&mut dst, &qemu_launch::probe::stop_command())?;
-            let parsed = qemu_launch::probe::parse(&out, net.probe_interval_ms)
-                .ok_or_else(|| format!("the probe got no reply at all:\n{out}"))?;
-            Some(parsed)
-        }
+        Some(_) => Some(stop_probe(&mut dst, net)?),
         None => None,
     };
     let mut after_out = None;
