@@ -197,8 +197,8 @@ fn migrate_measured(
 }
 
 /// What explains a bad migration: whether the guest's own ping still runs (busybox ping exits
-/// on a send error), the guest's neighbour entries, and the drops vnpd counted for vm-a on its
-/// new host and for the peer on host 2.
+/// on a send error), the guest's neighbour entries, and the drops (reasons counted at least
+/// once) vnpd has for vm-a on its new host and for the peer on host 2.
 fn guest_and_drops(c: &Cluster, g: &mut Guest, host: usize) -> String {
     let guest = g
         .run("pidof ping >/dev/null && echo ping-alive || echo ping-gone; ip neigh show dev eth0 | tr '\\n' ';'", CMD)
@@ -206,7 +206,10 @@ fn guest_and_drops(c: &Cluster, g: &mut Guest, host: usize) -> String {
     let drops = |i: usize, vm: &str| {
         c.host(i).admin().stats(Some(vm)).map_or_else(
             |e| format!("{e}"),
-            |v| format!("{:?}", v.first().map(|s| &s.drops)),
+            |v| {
+                let counted = v.iter().flat_map(|s| &s.drops).filter(|(_, n)| **n > 0);
+                format!("{:?}", counted.collect::<Vec<_>>())
+            },
         )
     };
     format!(
