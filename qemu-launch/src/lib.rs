@@ -23,6 +23,8 @@ pub mod libvirt;
 pub mod libvirt_domain;
 mod lines;
 pub mod migration;
+pub mod network_move;
+pub mod probe;
 pub mod qmp;
 pub mod registry_env;
 mod spawn;

@@ -71,8 +71,10 @@ enum Cmd {
         #[command(flatten)]
         guest: GuestArgs,
         /// vnpd socket on the destination host (the source uses --socket).
-        #[arg(long, requires = "socket")]
+        #[arg(long, requires = "socket", conflicts_with = "dst_host")]
         dst_socket: Option<PathBuf>,
+        #[command(flatten)]
+        network: NetworkArgs,
         /// Migration stream URI (default: a unix socket next to the destination's files).
         #[arg(long)]
         uri: Option<String>,
@@ -90,6 +92,28 @@ enum Cmd {
     },
     /// Build (or locate the cached) test guest image and print its directory and manifest.
     BuildGuest,
+}
+
+/// The network steps `migrate` does itself between two vnpd hosts, and the probe.
+#[derive(Debug, Args)]
+struct NetworkArgs {
+    /// Registry id of the destination host: qemu-launch moves --vm there in the registry and
+    /// attaches it as incoming on the destination vnpd (--dst-admin) before migrating.
+    #[arg(long, requires_all = ["vm", "dst_admin", "socket"])]
+    dst_host: Option<String>,
+    /// The destination vnpd's admin socket.
+    #[arg(long, requires = "dst_host")]
+    dst_admin: Option<PathBuf>,
+    /// Send a sequence-numbered echo stream from the guest to this address across the
+    /// migration and report the blackout and the packets lost.
+    #[arg(long)]
+    probe: Option<String>,
+    /// Milliseconds between the probe's echo requests.
+    #[arg(long, default_value_t = 10, requires = "probe")]
+    probe_interval_ms: u32,
+    /// Seconds the probe runs before and after the migration.
+    #[arg(long, default_value_t = 3, requires = "probe")]
+    probe_settle_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -175,6 +199,18 @@ impl GuestArgs {
                 "give --mac, or --vm with --registry to take the MAC from the registry".into(),
             );
         };
+        let record = self
+            .registry_client()?
+            .get_vm(vm)
+            .map_err(|e| format!("registry: looking up VM {vm}: {e}"))?;
+        record
+            .mac
+            .to_string()
+            .parse::<MacAddr>()
+            .map_err(|e| format!("registry MAC of {vm}: {e}"))
+    }
+
+    fn registry_client(&self) -> Result<vnp_registry_client::RegistryClient, String> {
         let registry = self.registry_settings()?;
         let config = vnp_registry_client::client::ClientConfig::from_files(
             &registry.url,
@@ -183,16 +219,8 @@ impl GuestArgs {
             &registry.key,
         )
         .map_err(|e| format!("registry client config: {e}"))?;
-        let client = vnp_registry_client::client::RegistryClient::new(config)
-            .map_err(|e| format!("registry client: {e}"))?;
-        let record = client
-            .get_vm(vm)
-            .map_err(|e| format!("registry: looking up VM {vm}: {e}"))?;
-        record
-            .mac
-            .to_string()
-            .parse::<MacAddr>()
-            .map_err(|e| format!("registry MAC of {vm}: {e}"))
+        vnp_registry_client::client::RegistryClient::new(config)
+            .map_err(|e| format!("registry client: {e}"))
     }
 
     /// The registry connection, from flags, vnpctl's variables, or (with a warning) the
@@ -210,7 +238,7 @@ impl GuestArgs {
             log::warn!("{w}");
         }
         args.settings()
-            .map_err(|e| format!("--vm takes the MAC from the registry: {e}"))
+            .map_err(|e| format!("--vm needs the registry: {e}"))
     }
 
     fn spec(&self) -> Result<GuestSpec, String> {
@@ -296,6 +324,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         Cmd::Migrate {
             guest,
             dst_socket,
+            network,
             uri,
             before,
             after,
@@ -303,12 +332,15 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             downtime_limit_ms,
         } => run_migration(
             &guest,
+            &network,
             dst_socket,
-            uri,
-            before,
-            after,
-            boot_timeout,
-            downtime_limit_ms,
+            MigrationSteps {
+                uri,
+                before,
+                after,
+                boot_timeout,
+                downtime_limit_ms,
+            },
         ),
     }
 }
@@ -430,33 +462,28 @@ fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<
     }
 }
 
-fn run_migration(
-    args: &GuestArgs,
-    dst_socket: Option<PathBuf>,
+/// What `migrate` runs besides the network steps.
+struct MigrationSteps {
     uri: Option<String>,
     before: Option<String>,
     after: Option<String>,
     boot_timeout: u64,
     downtime_limit_ms: Option<u64>,
-) -> Result<ExitCode, String> {
-    let src_spec = args.spec()?;
-    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
-        return Err("give --socket and --dst-socket (two vnpd hosts) or --test-netdev user".into());
-    }
-    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() {
-        return Err(
-            "--socket needs --dst-socket: the destination host's vnpd socket for this VM".into(),
-        );
-    }
-    let mut dst_spec = src_spec.clone();
-    dst_spec.name = format!("{}-dst", src_spec.name);
-    dst_spec.vhost_user_socket = dst_socket;
-    dst_spec.work_dir = src_spec.work_dir.as_ref().map(|d| Path::new(d).join("dst"));
+}
+
+/// Runs `cmd` in `g`, failing on a non-zero status.
+fn run_in(g: &mut Guest, cmd: &str) -> Result<String, String> {
+    g.run_ok(cmd, Duration::from_secs(60))
+        .map_err(|e| e.to_string())
+}
+
+/// Boots the source guest and runs `--before` in it.
+fn boot_source(args: &GuestArgs, spec: GuestSpec, steps: &MigrationSteps) -> Result<Guest, String> {
     let boot = args.image()?.boot_files();
-    let mut src = Guest::launch_with(src_spec, &boot, false).map_err(|e| e.to_string())?;
-    src.wait_ready(Duration::from_secs(boot_timeout))
+    let mut src = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
+    src.wait_ready(Duration::from_secs(steps.boot_timeout))
         .map_err(|e| e.to_string())?;
-    if let Some(cmd) = &before {
+    if let Some(cmd) = &steps.before {
         let out = src
             .run(cmd, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
@@ -466,15 +493,94 @@ fn run_migration(
             out.stdout.trim_end()
         );
     }
+    Ok(src)
+}
+
+/// Lets the probe run `--probe-settle-secs` on the destination, stops it and reads it.
+fn stop_probe(
+    dst: &mut Guest,
+    net: &NetworkArgs,
+) -> Result<qemu_launch::probe::ProbeReport, String> {
+    std::thread::sleep(Duration::from_secs(net.probe_settle_secs));
+    let out = run_in(dst, &qemu_launch::probe::stop_command())?;
+    qemu_launch::probe::parse(&out, net.probe_interval_ms)
+        .ok_or_else(|| format!("the probe got no reply at all:\n{out}"))
+}
+
+/// The source and destination must both be vnpd sockets (or both QEMU's test NIC).
+fn check_endpoints(
+    src_spec: &GuestSpec,
+    net: &NetworkArgs,
+    dst_socket: Option<&PathBuf>,
+) -> Result<(), String> {
+    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
+        return Err(
+            "give --socket and --dst-host/--dst-socket (two vnpd hosts) or --test-netdev user"
+                .into(),
+        );
+    }
+    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() && net.dst_host.is_none() {
+        return Err(
+            "--socket needs --dst-host with --dst-admin (qemu-launch prepares the destination) or --dst-socket (prepared by hand)".into(),
+        );
+    }
+    Ok(())
+}
+
+fn run_migration(
+    args: &GuestArgs,
+    net: &NetworkArgs,
+    dst_socket: Option<PathBuf>,
+    steps: MigrationSteps,
+) -> Result<ExitCode, String> {
+    let src_spec = args.spec()?;
+    check_endpoints(&src_spec, net, dst_socket.as_ref())?;
+    let mut src = boot_source(args, src_spec.clone(), &steps)?;
+    // The network steps come before QEMU migrates; nothing follows after it.
+    let moved = match (&net.dst_host, &net.dst_admin, &args.vm) {
+        (Some(host), Some(admin), Some(vm)) => {
+            Some(qemu_launch::network_move::NetworkMove::prepare(
+                args.registry_client()?,
+                admin,
+                vm,
+                host,
+            )?)
+        }
+        _ => None,
+    };
+    let mut dst_spec = src_spec.clone();
+    dst_spec.name = format!("{}-dst", src_spec.name);
+    dst_spec.vhost_user_socket = moved
+        .as_ref()
+        .map(|m| m.dst_socket().to_path_buf())
+        .or(dst_socket);
+    dst_spec.work_dir = src_spec.work_dir.as_ref().map(|d| Path::new(d).join("dst"));
+    let settle = Duration::from_secs(net.probe_settle_secs);
+    if let Some(peer) = &net.probe {
+        run_in(
+            &mut src,
+            &qemu_launch::probe::start_command(peer, net.probe_interval_ms),
+        )?;
+        std::thread::sleep(settle);
+    }
     let opts = MigrateOptions {
-        uri,
-        downtime_limit_ms,
+        uri: steps.uri,
+        downtime_limit_ms: steps.downtime_limit_ms,
         ..MigrateOptions::default()
     };
     let (mut dst, report) = migrate(&mut src, dst_spec, &opts).map_err(|e| e.to_string())?;
     drop(src);
+    let prepare_ms = moved.map(|m| {
+        let ms = m.prepare_ms();
+        m.complete();
+        ms
+    });
+    let probe = match &net.probe {
+        Some(_) => Some(stop_probe(&mut dst, net)?),
+        None => None,
+    };
     let mut after_out = None;
-    if let Some(cmd) = &after {
+    if let Some(cmd) = &steps.after {
         let out = dst
             .run(cmd, Duration::from_secs(60))
             .map_err(|e| e.to_string())?;
@@ -482,7 +588,12 @@ fn run_migration(
             serde_json::json!({ "status": out.status, "stdout": out.stdout, "stderr": out.stderr }),
         );
     }
-    let json = serde_json::json!({ "migration": report, "after": after_out });
+    let json = serde_json::json!({
+        "migration": report,
+        "network_prepare_ms": prepare_ms,
+        "probe": probe,
+        "after": after_out,
+    });
     emit(&format!(
         "{}\n",
         serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?

@@ -94,9 +94,17 @@ fn grant_from_vm(
         .vms
         .get(src_id)
         .ok_or_else(|| ApiError::new(ErrorCode::UnknownVm, format!("no VM {src_id}")))?;
+    // A live migration's destination host (which may already read the VM's secret) asks for
+    // the VM's tokens before the resume, so that the first packet after it leaves at once; they
+    // name its incoming endpoint, which the registration on resume makes the VM's.
+    let incoming = src
+        .incoming
+        .as_ref()
+        .filter(|i| caller.role == Role::Host && i.host == caller.id);
     match caller.role {
         Role::Admin => {}
         Role::Host if src.host.as_deref() == Some(caller.id.as_str()) => {}
+        Role::Host if incoming.is_some() => {}
         Role::Host => {
             return refuse(
                 ErrorCode::NotOwner,
@@ -116,12 +124,18 @@ fn grant_from_vm(
             format!("no network {}", src.network),
         )
     })?;
-    let (src_host, src_port) = model.source_of(src).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NoEndpoint,
-            format!("VM {src_id} is on no host; it cannot send"),
-        )
-    })?;
+    let incoming_source = incoming.and_then(|i| {
+        let host = model.hosts.get(&i.host)?;
+        Some((host.underlay_addr, i.host_port))
+    });
+    let (src_host, src_port) = incoming_source
+        .or_else(|| model.source_of(src))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NoEndpoint,
+                format!("VM {src_id} is on no host; it cannot send"),
+            )
+        })?;
 
     let (dst_vm, dst_host, dst_port, owner) = if net.cidr.contains(dst_ip) {
         let dst = model.vm_by_ip(&net.id, dst_ip).ok_or_else(|| {
@@ -377,6 +391,30 @@ mod tests {
         let token: Token = g.token.parse().unwrap();
         assert!(verify(&VmSecret::from_bytes([2; 32]), &g.fields(), &token));
         assert!(!verify(&VmSecret::from_bytes([1; 32]), &g.fields(), &token));
+    }
+
+    #[test]
+    fn a_migration_destination_gets_tokens_from_its_incoming_endpoint() {
+        let mut m = setup();
+        let c = |m: &Model, id: &str| grant(m, &host(id), &req("a", [10, 1, 0, 3]), 1000, P);
+        assert_eq!(c(&m, "h2").unwrap_err().code, ErrorCode::NotOwner);
+        m.vms.get_mut("a").unwrap().incoming = Some(IncomingMigration {
+            host: "h2".into(),
+            host_port: 40001,
+        });
+        let g = c(&m, "h2").unwrap();
+        assert_eq!(
+            (g.src_host, g.src_port),
+            (Ipv4Addr::new(198, 18, 0, 2), 40001)
+        );
+        let token: Token = g.token.parse().unwrap();
+        assert!(verify(&VmSecret::from_bytes([2; 32]), &g.fields(), &token));
+        // The source keeps its own endpoint until the registration on resume.
+        let g = c(&m, "h1").unwrap();
+        assert_eq!(
+            (g.src_host, g.src_port),
+            (Ipv4Addr::new(198, 18, 0, 1), 40000)
+        );
     }
 
     #[test]

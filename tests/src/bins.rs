@@ -1,5 +1,5 @@
 //! Finding (and, under `cargo test`, building) the binaries the end-to-end tests run:
-//! `vnpd`, `vnp-registry`, `vnpctl`, `vnp-tap-frontend` and `vnp-gateway`.
+//! `vnpd`, `vnp-registry`, `vnpctl`, `vnp-tap-frontend`, `vnp-gateway` and `qemu-launch`.
 //!
 //! They belong to other workspace packages, so `cargo test -p vnp-e2e` would not build them on
 //! its own. The harness runs `cargo build --bins` for those packages once per test process
@@ -23,6 +23,8 @@ pub struct Bins {
     pub tap_frontend: PathBuf,
     /// The public-edge daemon.
     pub gateway: PathBuf,
+    /// The guest launcher (`qemu-launch migrate` between vnpd hosts).
+    pub qemu_launch: PathBuf,
 }
 
 /// The directory cargo puts binaries in for the running executable's profile
@@ -64,6 +66,8 @@ fn build(dir: &Path) -> Result<()> {
             "vnp-tap-frontend",
             "-p",
             "vnp-gateway",
+            "-p",
+            "qemu-launch",
         ]);
     if dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
@@ -101,6 +105,7 @@ fn locate() -> Result<Bins> {
         vnpctl: find("vnpctl")?,
         tap_frontend: find("vnp-tap-frontend")?,
         gateway: find("vnp-gateway")?,
+        qemu_launch: find("qemu-launch")?,
     })
 }
 

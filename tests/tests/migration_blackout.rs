@@ -187,10 +187,53 @@ fn migrate_measured(
         sent: field(&json, "sent"),
     };
     eprintln!(
-        "  migration {i} to host {to}: {sample:?} vm requests {}",
-        json["vm_requests"]
+        "  migration {i} to host {to}: {sample:?} vm requests {}; vnpd threads/fds per host {}",
+        json["vm_requests"],
+        vnpd_resources(c)
     );
+    let mut g2 = g2;
+    eprintln!("    {}", guest_and_drops(c, &mut g2, to));
     (g2, sample)
+}
+
+/// What explains a bad migration: whether the guest's own ping still runs (busybox ping exits
+/// on a send error), the guest's neighbour entries, and the drops (reasons counted at least
+/// once) vnpd has for vm-a on its new host and for the peer on host 2.
+fn guest_and_drops(c: &Cluster, g: &mut Guest, host: usize) -> String {
+    let guest = g
+        .run("pidof ping >/dev/null && echo ping-alive || echo ping-gone; ip neigh show dev eth0 | tr '\\n' ';'", CMD)
+        .map_or_else(|e| format!("guest: {e}"), |o| o.stdout.replace('\n', " "));
+    let drops = |i: usize, vm: &str| {
+        c.host(i).admin().stats(Some(vm)).map_or_else(
+            |e| format!("{e}"),
+            |v| {
+                let counted = v.iter().flat_map(|s| &s.drops).filter(|(_, n)| **n > 0);
+                format!("{:?}", counted.collect::<Vec<_>>())
+            },
+        )
+    };
+    format!(
+        "guest: {guest}| vm-a drops on host {host}: {} | vm-p drops: {}",
+        drops(host, "vm-a"),
+        drops(2, "vm-p")
+    )
+}
+
+/// Threads and open files of each host's vnpd, `threads/fds` per host: a leak per migration
+/// shows as a count that only grows.
+fn vnpd_resources(c: &Cluster) -> String {
+    let count = |dir: String| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    (0..3)
+        .map(|i| match c.host(i).vnpd_pid() {
+            Some(pid) => format!(
+                "{}/{}",
+                count(format!("/proc/{pid}/task")),
+                count(format!("/proc/{pid}/fd"))
+            ),
+            None => "-".into(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]

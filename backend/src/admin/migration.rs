@@ -14,7 +14,7 @@ use crate::device::DeviceStartHook;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vnp_registry_client::{ClientError, ErrorCode, RegistryClient, VmRecord};
 
 /// How long the source keeps a VM whose endpoint moved to another host: datagrams senders
@@ -40,6 +40,8 @@ struct Inner {
     cancelled: AtomicBool,
     /// Runs once the registry took the endpoint.
     on_registered: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Runs when the device starts here, before the registration goes out.
+    on_resume: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Registers an incoming VM's endpoint when its device starts on this host.
@@ -70,6 +72,7 @@ impl ResumeRegistration {
                 registered: AtomicBool::new(false),
                 cancelled: AtomicBool::new(false),
                 on_registered: OnceLock::new(),
+                on_resume: OnceLock::new(),
             }),
         }
     }
@@ -88,10 +91,15 @@ impl ResumeRegistration {
                 "vm {}: device started on this host: registering its endpoint",
                 inner.vm_id
             );
+            // Before the registration thread starts: its `on_registered` must come after.
+            if let Some(f) = inner.on_resume.get() {
+                f();
+            }
             let worker = Arc::clone(&inner);
+            let resumed = Instant::now();
             let spawned = std::thread::Builder::new()
                 .name("vnpd-resume".into())
-                .spawn(move || register_until_done(&worker));
+                .spawn(move || register_until_done(&worker, resumed));
             if let Err(e) = spawned {
                 log::error!("vm {}: cannot start registration: {e}", inner.vm_id);
                 inner.running.store(false, Ordering::Release);
@@ -111,6 +119,14 @@ impl ResumeRegistration {
         }
     }
 
+    /// Sets what runs when the device starts here (the resume), while the registration goes
+    /// out: the manager hands the port to the control thread then, so that the resumed VM's
+    /// token requests run next to the registration instead of after it (the registry grants
+    /// a migration's destination tokens from its incoming endpoint).
+    pub fn on_resume(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.inner.on_resume.set(Box::new(f));
+    }
+
     /// The registry took the endpoint: this host serves the VM now.
     pub fn registered(&self) -> bool {
         self.inner.registered.load(Ordering::Acquire)
@@ -124,7 +140,7 @@ impl ResumeRegistration {
 
 /// Registers with growing pauses while the registry is unreachable; a refusal ends the try
 /// (the next device start tries again).
-fn register_until_done(inner: &Inner) {
+fn register_until_done(inner: &Inner, resumed: Instant) {
     let mut pause = RETRY_FIRST;
     while !inner.cancelled.load(Ordering::Acquire) {
         match inner
@@ -137,10 +153,11 @@ fn register_until_done(inner: &Inner) {
                     f();
                 }
                 log::info!(
-                    "vm {}: endpoint {}:{} registered after resume (generation {generation})",
+                    "vm {}: endpoint {}:{} registered {} ms after resume (generation {generation})",
                     inner.vm_id,
                     inner.host_addr,
-                    inner.port
+                    inner.port,
+                    resumed.elapsed().as_millis()
                 );
                 break;
             }

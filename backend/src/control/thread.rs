@@ -41,6 +41,8 @@ enum Msg {
     AddPort {
         vm_id: String,
         port: Arc<VmPort>,
+        /// A migrated VM resumed here whose endpoint is not registered yet.
+        incoming: bool,
     },
     RemovePort {
         vm_id: String,
@@ -74,6 +76,19 @@ impl ControlHandle {
         let _ = self.tx.send(Msg::AddPort {
             vm_id: vm_id.to_string(),
             port,
+            incoming: false,
+        });
+    }
+
+    /// Registers the port of a migrated VM that resumed here before its endpoint is
+    /// registered: its token requests go out at once (the registry grants them from the
+    /// incoming endpoint), but watch changes that still show the endpoint at the source do
+    /// not make it forward anything. [`Self::add_port`] later marks it serving.
+    pub fn add_incoming_port(&self, vm_id: &str, port: Arc<VmPort>) {
+        let _ = self.tx.send(Msg::AddPort {
+            vm_id: vm_id.to_string(),
+            port,
+            incoming: true,
         });
     }
 
@@ -207,6 +222,8 @@ struct Worker {
     book: RequestBook,
     peers: PeerIndex,
     ports: HashMap<String, Arc<VmPort>>,
+    /// Ports of migrated VMs whose endpoint is not registered here yet, since when.
+    incoming: HashMap<String, Instant>,
     orphans: HashMap<String, Vec<Ipv4Addr>>,
     next_tick: Instant,
     /// The book's clock (monotonic milliseconds) counts from here.
@@ -221,6 +238,7 @@ impl Worker {
             book: RequestBook::with_rate(rate),
             peers: PeerIndex::new(),
             ports: HashMap::new(),
+            incoming: HashMap::new(),
             orphans: HashMap::new(),
             next_tick: Instant::now() + TICK,
             epoch: Instant::now(),
@@ -293,8 +311,22 @@ impl Worker {
                     log::info!("control: {} may have moved: asking again", key.dst);
                 }
             }
-            Msg::AddPort { vm_id, port } => {
-                log::debug!("control: port of {vm_id} registered");
+            Msg::AddPort {
+                vm_id,
+                port,
+                incoming,
+            } => {
+                if incoming {
+                    log::info!("control: port of resumed vm {vm_id} added before its registration");
+                    self.incoming.insert(vm_id.clone(), Instant::now());
+                } else if let Some(since) = self.incoming.remove(&vm_id) {
+                    log::info!(
+                        "control: vm {vm_id} serving here {} ms after its resume",
+                        since.elapsed().as_millis()
+                    );
+                } else {
+                    log::debug!("control: port of {vm_id} registered");
+                }
                 self.ports.insert(vm_id.clone(), port);
                 for dst in self.orphans.remove(&vm_id).unwrap_or_default() {
                     self.request(PairKey::new(&vm_id, dst));
@@ -302,6 +334,7 @@ impl Worker {
             }
             Msg::RemovePort { vm_id, done } => {
                 self.ports.remove(&vm_id);
+                self.incoming.remove(&vm_id);
                 self.orphans.remove(&vm_id);
                 self.book.forget_source(&vm_id);
                 let _ = done.send(());
@@ -337,16 +370,18 @@ impl Worker {
     }
 
     fn fetch(&mut self, key: PairKey) {
+        let asked = Instant::now();
         let result = self.client.request_token(&key.src_vm, key.dst);
         let now = self.now_ms();
+        let took = asked.elapsed().as_millis();
         let outcome = match result {
             Ok(grant) => match grant.token_value() {
                 Ok(token) => {
                     if let Some(vm) = &grant.dst_vm {
                         self.peers.learn(vm, grant.dst_ip);
                     }
-                    log::debug!(
-                        "control: token {} -> {} via {}:{} until {}",
+                    log::info!(
+                        "control: token {} -> {} via {}:{} until {} ({took} ms)",
                         key.src_vm,
                         key.dst,
                         grant.dst_host,
@@ -451,7 +486,8 @@ impl Worker {
         let Some(port) = self.ports.get(&c.vm) else {
             return;
         };
-        match local_vm_move(c, port.udp_addr()) {
+        let incoming = self.incoming.contains_key(&c.vm);
+        match local_vm_move(c, port.udp_addr(), incoming) {
             Some(LocalMove::Back) => port.stop_hairpin(),
             Some(LocalMove::Away(target)) => port.start_hairpin(target),
             None => {}
@@ -492,8 +528,17 @@ enum LocalMove {
     Back,
 }
 
-/// Reads a watch change of a VM served here (at `local`). Pure.
-fn local_vm_move(c: &vnp_registry_client::VmChange, local: SocketAddrV4) -> Option<LocalMove> {
+/// Reads a watch change of a VM served here (at `local`). An `incoming` port (a migrated VM
+/// resumed here, its registration on the way) follows nothing: the record still names the
+/// source. Pure.
+fn local_vm_move(
+    c: &vnp_registry_client::VmChange,
+    local: SocketAddrV4,
+    incoming: bool,
+) -> Option<LocalMove> {
+    if incoming {
+        return None;
+    }
     let ep = c.endpoint.filter(|_| c.kind != ChangeKind::Deleted)?;
     let to = SocketAddrV4::new(ep.host_addr, ep.port);
     Some(if to == local {
@@ -564,7 +609,7 @@ mod tests {
         };
         let there = (Ipv4Addr::new(198, 18, 0, 2), 7100);
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local, false),
             Some(LocalMove::Away(HairpinTarget {
                 to: SocketAddrV4::new(there.0, there.1),
                 generation: 4
@@ -573,18 +618,30 @@ mod tests {
         // The same host, another port: moved all the same.
         let other_port = (*local.ip(), 7001);
         assert!(matches!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(other_port)), local),
+            local_vm_move(
+                &change(ChangeKind::Endpoint, Some(other_port)),
+                local,
+                false
+            ),
             Some(LocalMove::Away(_))
         ));
         let here = (*local.ip(), local.port());
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(here)), local, false),
             Some(LocalMove::Back)
         );
-        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
-        assert_eq!(local_vm_move(&change(ChangeKind::Moved, None), local), None);
+        // Resumed here, not registered yet: the record names the source; nothing to follow.
         assert_eq!(
-            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local),
+            local_vm_move(&change(ChangeKind::Endpoint, Some(there)), local, true),
+            None
+        );
+        // No endpoint (a migration announced, not done), or deleted: nothing to follow.
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Moved, None), local, false),
+            None
+        );
+        assert_eq!(
+            local_vm_move(&change(ChangeKind::Deleted, Some(there)), local, false),
             None
         );
     }

@@ -216,6 +216,12 @@ impl Forwarder {
             }
             let n = self.drain_sockets();
             if n > 0 {
+                if forwarded == 0 {
+                    log::info!(
+                        "vm {vm}: first {n} stragglers forwarded {} ms after the move was seen",
+                        started.elapsed().as_millis()
+                    );
+                }
                 forwarded += n;
                 last = Instant::now();
             }

@@ -10,6 +10,9 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
+#[cfg(test)]
+use std::os::fd::IntoRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -172,6 +175,12 @@ pub struct NetBackend<H: QueuePairHandler> {
     offloads: bool,
     errors: Arc<VringErrors>,
     on_start: Option<DeviceStartHook>,
+    start_trace: super::start_trace::StartTrace,
+    /// The exit-event consumers handed to the library, which registers each in its epoll with
+    /// `into_raw_fd` and never closes it (vhost-user-backend 0.24, `VringEpollHandler::new`):
+    /// closed when the device goes, or every frontend connection would leak one eventfd per
+    /// queue pair (two per host and migration, seen in `migration_blackout`).
+    exit_consumers: Mutex<Vec<RawFd>>,
 }
 
 impl<H: QueuePairHandler> std::fmt::Debug for NetBackend<H> {
@@ -202,6 +211,8 @@ impl<H: QueuePairHandler> NetBackend<H> {
             offloads: config.offloads,
             errors: Arc::default(),
             on_start: None,
+            start_trace: Default::default(),
+            exit_consumers: Mutex::new(Vec::new()),
         }
     }
 
@@ -220,6 +231,20 @@ impl<H: QueuePairHandler> NetBackend<H> {
     /// (above the range the library reserves for queues and the exit event).
     pub fn external_event_id(&self, n: u64) -> u64 {
         self.handlers.len() as u64 * 2 + 1 + n
+    }
+}
+
+impl<H: QueuePairHandler> Drop for NetBackend<H> {
+    fn drop(&mut self) {
+        for fd in lock(&self.exit_consumers).drain(..) {
+            // SAFETY: `fd` is an exit-event consumer this device created; the library took it
+            // over with `into_raw_fd` and never closes it. The library's epoll handlers, the
+            // only users of the descriptor, hold this device (an `Arc`), so they are gone
+            // when it drops: nothing uses `fd` any more, and nothing else owns it.
+            unsafe {
+                libc::close(fd);
+            }
+        }
     }
 }
 
@@ -256,6 +281,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
         for h in &self.handlers {
             lock(h).set_features(negotiated);
         }
+        self.start_trace.start();
         if let Some(hook) = &self.on_start {
             hook();
         }
@@ -292,11 +318,17 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+        let (consumer, notifier) =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.exit_consumers).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let index = queue_index as usize;
+        // A migration's source stops here (and so do a pause and a reset); the time is one of
+        // the events a migration's blackout is measured between.
+        log::info!("device: ring {index} stopped (GET_VRING_BASE)");
         if let Some(h) = self.handlers.get(index / 2) {
             if index % 2 == 0 {
                 lock(h).stop_rx();
@@ -328,6 +360,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
                 return Ok(());
             }
         };
+        self.start_trace.note(&event, thread_id);
         // One snapshot of guest memory for the whole pass.
         let snapshot = self.mem.memory().into_inner();
         let log_all = has_feature(self.acked.load(Ordering::Relaxed), VHOST_F_LOG_ALL);
@@ -344,5 +377,59 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             log::debug!("pair {thread_id}: TX ring broken, no error eventfd to tell");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Idle;
+
+    impl QueuePairHandler for Idle {
+        fn set_features(&mut self, _negotiated: Negotiated) {}
+        fn reset(&mut self) {}
+        fn stop_rx(&mut self) {}
+        fn stop_tx(&mut self) {}
+        fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
+        fn take_broken(&mut self) -> BrokenRings {
+            BrokenRings::default()
+        }
+    }
+
+    /// Whether `fd` is still the eventfd whose counter was set to `marker`.
+    fn still_marked(fd: RawFd, marker: u64) -> bool {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+        info.lines().any(|l| {
+            l.split_whitespace().collect::<Vec<_>>() == ["eventfd-count:", &format!("{marker:x}")]
+        })
+    }
+
+    #[test]
+    fn exit_event_consumers_the_library_keeps_are_closed_with_the_device() {
+        let config = DeviceConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            max_queue_size: 256,
+            offloads: true,
+        };
+        let mem = GuestMemoryAtomic::new(GuestMem::new());
+        let device = NetBackend::new(config, vec![Idle], mem);
+        let (consumer, notifier) = device.exit_event(0).unwrap();
+        // What vhost-user-backend 0.24 does with it: registers it and forgets it.
+        let fd = consumer.into_raw_fd();
+        let marker = 0x5eed_u64;
+        for _ in 0..marker {
+            notifier.notify().unwrap();
+        }
+        assert!(
+            still_marked(fd, marker),
+            "the marker is readable while the device lives"
+        );
+        drop(device);
+        assert!(
+            !still_marked(fd, marker),
+            "fd {fd} still open after the device dropped"
+        );
     }
 }

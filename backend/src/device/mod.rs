@@ -6,10 +6,12 @@
 //!   `SET_VRING_ENABLE` that the `vhost` crate would otherwise drop the connection over.
 //! - [`backend`]: the `VhostUserBackend` implementation: one [`QueuePairHandler`] per queue
 //!   pair, each driven on that pair's worker thread with one guest-memory snapshot per event.
+//! - `start_trace`: logs the first TX, RX and socket events after each device start.
 
 pub mod backend;
 pub mod features;
 pub mod frontend_relay;
+mod start_trace;
 
 pub use backend::{
     BrokenRings, DeviceConfig, DeviceStartHook, Negotiated, NetBackend, PairEvent,

@@ -218,6 +218,12 @@ impl Manager {
                     vm_id.to_string(),
                     Arc::downgrade(&port),
                 );
+                let (early, early_id, early_weak) = (control.clone(), id.clone(), weak.clone());
+                r.on_resume(move || {
+                    if let Some(port) = early_weak.upgrade() {
+                        early.add_incoming_port(&early_id, port);
+                    }
+                });
                 r.on_registered(move || {
                     if let Some(port) = weak.upgrade() {
                         control.add_port(&id, port);

@@ -1,0 +1,98 @@
+//! The network side of `qemu-launch migrate` between two vnpd hosts: before QEMU migrates,
+//! the registry is told where the VM goes (`vnpctl vm migrate VM --host H`) and the
+//! destination vnpd attaches it as incoming (`vnpctl vnpd attach VM --incoming`); nothing
+//! follows after QEMU's migrate (the destination vnpd registers the endpoint on resume, see
+//! `docs/architecture.md`, "Live migration"). If the migration does not complete, both steps
+//! are undone, so the source keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use vnp_registry_client::client::RegistryClient;
+use vnp_registry_client::StartMigration;
+use vnpd_admin_api::VnpdAdminClient;
+
+/// A prepared move; undone on drop unless [`NetworkMove::complete`] was called.
+#[derive(Debug)]
+pub struct NetworkMove {
+    client: RegistryClient,
+    dst_admin: VnpdAdminClient,
+    vm: String,
+    dst_socket: PathBuf,
+    prepare_ms: u64,
+    completed: bool,
+}
+
+impl NetworkMove {
+    /// Moves `vm` to `dst_host` in the registry and attaches it as incoming on the vnpd whose
+    /// admin socket is `dst_admin`. A failed attach cancels the registry's move.
+    pub fn prepare(
+        client: RegistryClient,
+        dst_admin: &Path,
+        vm: &str,
+        dst_host: &str,
+    ) -> Result<NetworkMove, String> {
+        let started = Instant::now();
+        let req = StartMigration {
+            host: dst_host.to_string(),
+            host_port: None,
+        };
+        client
+            .start_migration(vm, &req)
+            .map_err(|e| format!("registry: migrating {vm} to {dst_host}: {e}"))?;
+        let admin = VnpdAdminClient::new(dst_admin);
+        let attachment = match admin.attach_with(vm, None, None, true) {
+            Ok(a) => a,
+            Err(e) => {
+                if let Err(c) = client.cancel_migration(vm) {
+                    log::error!("registry: cancelling the migration of {vm}: {c}");
+                }
+                return Err(format!(
+                    "incoming attach of {vm} at {}: {e}",
+                    dst_admin.display()
+                ));
+            }
+        };
+        Ok(NetworkMove {
+            client,
+            dst_admin: admin,
+            vm: vm.to_string(),
+            dst_socket: attachment.socket_path,
+            prepare_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            completed: false,
+        })
+    }
+
+    /// The destination vnpd's vhost-user socket for the VM.
+    pub fn dst_socket(&self) -> &Path {
+        &self.dst_socket
+    }
+
+    /// How long the two steps took, milliseconds.
+    pub fn prepare_ms(&self) -> u64 {
+        self.prepare_ms
+    }
+
+    /// QEMU migrated: the destination owns the VM now (its vnpd registered it on resume).
+    pub fn complete(mut self) {
+        self.completed = true;
+    }
+}
+
+impl Drop for NetworkMove {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        log::warn!(
+            "the migration of {} did not complete: undoing the incoming attach and the registry's move",
+            self.vm
+        );
+        if let Err(e) = self.dst_admin.detach(&self.vm) {
+            log::error!("detaching the incoming {}: {e}", self.vm);
+        }
+        if let Err(e) = self.client.cancel_migration(&self.vm) {
+            log::error!("registry: cancelling the migration of {}: {e}", self.vm);
+        }
+    }
+}
