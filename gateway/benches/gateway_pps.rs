@@ -462,6 +462,7 @@ fn main() {
         registry: must_exist(debug.join("vnp-registry"), build_debug),
         vnpctl: must_exist(debug.join("vnpctl"), build_debug),
         gateway: must_exist(release.join("vnp-gateway"), build_release),
+        qemu_launch: PathBuf::new(),
     };
     let udp_floor = must_exist(release.join("udp-floor"), build_release);
     let b = Bench::new(&bins);
