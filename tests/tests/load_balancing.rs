@@ -547,19 +547,20 @@ const BULK_PORT: u16 = 8000;
 /// Bytes of the download.
 const BULK_BYTES: usize = 8 << 20;
 
-/// A server that writes the sha256 of `size` random bytes to `out`, then sends every client its
-/// name (16 bytes) and those bytes, paced (64 KiB every 16 ms: about 2 s for 8 MiB).
+/// A server that listens, writes the sha256 of `size` random bytes to `out` (so the file says
+/// it is ready), then sends every client its name (16 bytes) and those bytes, paced (64 KiB
+/// every 16 ms: about 2 s for 8 MiB).
 const BULK_SERVER: &str = r#"
 import hashlib, os, socket, sys, threading, time
 name, port, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 data = os.urandom(size)
-with open(out + ".tmp", "w") as f:
-    f.write(hashlib.sha256(data).hexdigest())
-os.rename(out + ".tmp", out)
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", port))
 s.listen(16)
+with open(out + ".tmp", "w") as f:
+    f.write(hashlib.sha256(data).hexdigest())
+os.rename(out + ".tmp", out)
 def serve(c):
     try:
         c.sendall(name.encode().ljust(16))
@@ -716,6 +717,17 @@ fn gateway_killed_mid_transfer(
         ..spec_web()
     };
     c.registry(move |r| r.create_service(&bulk)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for vm in GUESTS {
+        let sha = c.dir().join(format!("bulk-{vm}.sha256"));
+        while !sha.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "bulk server on {vm} not listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     wait_bulk_up(c, edge);
     // The gateway to kill: one that some guest is assigned to (gw1 if it has any).
     let through = (0..2)
