@@ -14,9 +14,9 @@
 //! - **inbound**: `udp-floor --mode send` in the public namespace to the public address and a
 //!   port of a's NAT block. Per packet: TUN read, inbound translation, token header, sendto to
 //!   a's endpoint (a socket nobody reads: the kernel drops what overflows it).
-//!
-//! - **lb-hit** / **lb-new** (issue #10): UDP service `lb` (`PUBLIC:5000` -> 10 VMs, Maglev
-//!   M = 65537) from the public namespace, raw IPv4/UDP packets sent with sendmmsg on CPU 0.
+//! - **lb-hit** / **lb-new** (issue #10): UDP service `lb` (`PUBLIC:500` -> 10 VMs, Maglev
+//!   M = 65537; a port below 1024, since the 126 VMs' NAT blocks take every port above) from
+//!   the public namespace, raw IPv4/UDP packets sent with sendmmsg on CPU 0.
 //!   `lb-hit`: one flow, so after its first packet every packet is a flow-table hit; `lb-new`:
 //!   every packet from another source address and port (12.9 million distinct flows, so
 //!   none repeats in a run): a flow-table miss, a Maglev lookup and a flow-table insert per
@@ -69,7 +69,7 @@ const VNP_HEADER: usize = 20;
 /// so the gateway's tables are as large as one address makes them.
 const VMS: usize = 126;
 /// The load-balanced service's port (public and VM) and its pool (the first VMs).
-const LB_PORT: u16 = 5000;
+const LB_PORT: u16 = 500;
 const LB_MEMBERS: usize = 10;
 
 fn target_dir() -> PathBuf {
