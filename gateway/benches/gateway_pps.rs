@@ -14,6 +14,17 @@
 //! - **inbound**: `udp-floor --mode send` in the public namespace to the public address and a
 //!   port of a's NAT block. Per packet: TUN read, inbound translation, token header, sendto to
 //!   a's endpoint (a socket nobody reads: the kernel drops what overflows it).
+//! - **lb-hit** / **lb-new** (issue #10): UDP service `lb` (`PUBLIC:500` -> 10 VMs, Maglev
+//!   M = 65537; a port below 1024, since the 126 VMs' NAT blocks take every port above) from
+//!   the public namespace, raw IPv4/UDP packets sent with sendmmsg on CPU 0.
+//!   `lb-hit`: one flow, so after its first packet every packet is a flow-table hit; `lb-new`:
+//!   every packet from another source address and port (12.9 million distinct flows, so
+//!   none repeats in a run): a flow-table miss, a Maglev lookup and a flow-table insert per
+//!   packet (once the table holds 2^20 flows, placed but not remembered, counted). Per packet
+//!   the gateway does: TUN read, the service path, token header, sendto to the chosen VM's
+//!   endpoint (a bound socket nobody reads). The members' health checks (TCP connect through
+//!   the TUN) never complete during the run (1 h interval and timeout; the gateway namespace
+//!   retries SYNs far beyond that), so every member stays in the table.
 //!
 //! Gateway CPU per packet = the process's user+system CPU (/proc/PID/stat) over a window / the
 //! packets it counted (`vnp_gateway_{outbound,inbound}_packets_total`) in that window; pps the
@@ -57,6 +68,9 @@ const VNP_HEADER: usize = 20;
 /// VMs in the network: 126 blocks of 512 ports fill one public address (`docs/gateway.md`),
 /// so the gateway's tables are as large as one address makes them.
 const VMS: usize = 126;
+/// The load-balanced service's port (public and VM) and its pool (the first VMs).
+const LB_PORT: u16 = 500;
+const LB_MEMBERS: usize = 10;
 
 fn target_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target")
@@ -94,6 +108,8 @@ struct Bench {
     public: Netns,
     /// VM a's endpoint (sender of outbound VNP; sink of inbound).
     vm_socket: UdpSocket,
+    /// The endpoints of the service's other members (sinks of load-balanced packets).
+    _member_sockets: Vec<UdpSocket>,
     vm: VmRecord,
     grant: TokenGrant,
     _registry: ChildGuard,
@@ -118,16 +134,28 @@ impl Bench {
         let registry = spawn_registry(&fabric, bins, dir.path(), &tls, 3600).expect("registry");
         let public = wire_public(fabric.host(1));
         let (admin, host) = (client(&tls, "admin"), client(&tls, "host-h"));
-        let (vm, grant) = fabric
+        let (vms, grant) = fabric
             .core()
             .enter(move || populate(&admin, &host))
             .expect("enter core");
-        let at = SocketAddrV4::new(Fabric::host_addr(0), vm.host_port.unwrap());
-        let vm_socket = fabric
-            .host(0)
-            .enter(move || UdpSocket::bind(at))
-            .unwrap()
-            .expect("bind VM a's endpoint");
+        let vm = vms[0].clone();
+        let mut sockets: Vec<UdpSocket> = vms[..LB_MEMBERS]
+            .iter()
+            .map(|v| {
+                let at = SocketAddrV4::new(Fabric::host_addr(0), v.host_port.unwrap());
+                fabric
+                    .host(0)
+                    .enter(move || UdpSocket::bind(at))
+                    .unwrap()
+                    .expect("bind a VM's endpoint")
+            })
+            .collect();
+        let vm_socket = sockets.remove(0);
+        // The members' health checks must not fail during the run: SYNs retried for hours.
+        fabric
+            .host(1)
+            .run(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=127"])
+            .unwrap();
         vm_socket
             .connect(SocketAddrV4::new(grant.dst_host, grant.dst_port))
             .unwrap();
@@ -161,6 +189,7 @@ impl Bench {
             gateway,
             public,
             vm_socket,
+            _member_sockets: sockets,
             vm,
             grant,
             _registry: registry,
@@ -226,9 +255,9 @@ fn wire_public(gw: &Netns) -> Netns {
     public
 }
 
-/// Network n with VMS VMs (a, v1, v2, ...) on host h and gateway g1 on PUBLIC; VM a's token
-/// towards the outside.
-fn populate(admin: &RegistryClient, host: &RegistryClient) -> (VmRecord, TokenGrant) {
+/// Network n with VMS VMs (a, v1, v2, ...) on host h, gateway g1 on PUBLIC and service lb
+/// over the first LB_MEMBERS VMs; the VMs and VM a's token towards the outside.
+fn populate(admin: &RegistryClient, host: &RegistryClient) -> (Vec<VmRecord>, TokenGrant) {
     admin
         .create_network(&NetworkSpec {
             id: "n".into(),
@@ -246,19 +275,18 @@ fn populate(admin: &RegistryClient, host: &RegistryClient) -> (VmRecord, TokenGr
             port_range: None,
         })
         .unwrap();
-    let mut first = None;
-    for i in 0..VMS {
-        let vm = admin
-            .create_vm(&VmSpec {
-                id: if i == 0 { "a".into() } else { format!("v{i}") },
-                network: "n".into(),
-                host: Some("h".into()),
-                ..VmSpec::default()
-            })
-            .unwrap();
-        first.get_or_insert(vm);
-    }
-    let vm = first.unwrap();
+    let vms: Vec<VmRecord> = (0..VMS)
+        .map(|i| {
+            admin
+                .create_vm(&VmSpec {
+                    id: if i == 0 { "a".into() } else { format!("v{i}") },
+                    network: "n".into(),
+                    host: Some("h".into()),
+                    ..VmSpec::default()
+                })
+                .unwrap()
+        })
+        .collect();
     admin
         .create_gateway(&GatewaySpec {
             id: "g1".into(),
@@ -268,8 +296,32 @@ fn populate(admin: &RegistryClient, host: &RegistryClient) -> (VmRecord, TokenGr
             public_addr: Some(PUBLIC),
         })
         .unwrap();
+    let hour = 3_600_000;
+    admin
+        .create_service(&ServiceSpec {
+            id: "lb".into(),
+            public_addr: PUBLIC,
+            public_port: LB_PORT,
+            proto: L4Proto::Udp,
+            vm_port: None,
+            members: vms[..LB_MEMBERS]
+                .iter()
+                .map(|v| PoolMember {
+                    vm: Some(v.id.clone()),
+                    tag: None,
+                    weight: 1,
+                })
+                .collect(),
+            health: HealthCheckSpec {
+                interval_ms: hour,
+                timeout_ms: hour,
+                ..HealthCheckSpec::default()
+            },
+            table_size: None,
+        })
+        .unwrap();
     let grant = host.request_token("a", SINK).expect("token for a");
-    (vm, grant)
+    (vms, grant)
 }
 
 fn udp_packet(src: SocketAddrV4, dst: SocketAddrV4, payload: usize) -> Vec<u8> {
@@ -352,6 +404,84 @@ fn flood(socket: &UdpSocket, datagram: &[u8], stop: &AtomicBool) {
             libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0);
         }
     }
+}
+
+/// Raw IPv4/UDP packets from the public side to the service `lb` in sendmmsg batches of 32
+/// until `stop`; with `new_flows` each from another source address and port (203.0.113.20-219,
+/// ports 1024-65535: on the public segment, so reverse-path filters pass them).
+fn lb_flood(raw: &std::os::fd::OwnedFd, template: &[u8], new_flows: bool, stop: &AtomicBool) {
+    pin_to_cpu(0);
+    const BATCH: usize = 32;
+    let mut bufs = vec![template.to_vec(); BATCH];
+    let mut dst = udp_floor_sockaddr(SocketAddrV4::new(PUBLIC, LB_PORT));
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: all-zero mmsghdr is valid (null name, no control); the fields are set below.
+    let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for (m, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+        m.msg_hdr.msg_name = (&mut dst as *mut libc::sockaddr_in).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    }
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if new_flows {
+            for b in bufs.iter_mut() {
+                let port = 1024 + (n % 64512) as u16;
+                b[15] = 20 + ((n / 64512) % 200) as u8;
+                b[20..22].copy_from_slice(&port.to_be_bytes());
+                n += 1;
+            }
+        }
+        // SAFETY: `msgs` holds BATCH headers pointing at `iovs` (each at one of `bufs`) and at
+        // `dst`; all outlive the call, and the kernel only reads them.
+        unsafe {
+            libc::sendmmsg(raw.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0);
+        }
+    }
+}
+
+fn udp_floor_sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn lb_run(b: &Bench, inner: usize, new_flows: bool, seconds: u64) -> Sample {
+    let raw = b
+        .public
+        .enter(|| {
+            // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        })
+        .expect("enter the public namespace");
+    let src = SocketAddrV4::new(PUBLIC_HOST, 40000);
+    let mut template = udp_packet(src, SocketAddrV4::new(PUBLIC, LB_PORT), inner - 28);
+    // No UDP checksum (0): the source changes per packet; the kernel fills the IPv4 one.
+    template[26..28].copy_from_slice(&[0, 0]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || lb_flood(&raw, &template, new_flows, &stop))
+    };
+    let s = measure(b, "vnp_gateway_inbound_packets_total", seconds);
+    stop.store(true, Ordering::Relaxed);
+    flooder.join().unwrap();
+    s
 }
 
 #[derive(Clone, Copy)]
@@ -468,7 +598,7 @@ fn main() {
     let b = Bench::new(&bins);
     println!("| direction | inner packet | floor UDP payload | gateway pps | gateway CPU ns/pkt | floor pps | floor CPU ns/pkt | ratio |");
     println!("|---|---|---|---|---|---|---|---|");
-    for dir in ["outbound", "inbound"] {
+    for dir in ["outbound", "inbound", "lb-hit", "lb-new"] {
         for inner in INNER {
             let payload = VNP_HEADER + inner;
             let mut samples = Vec::new();
@@ -476,6 +606,8 @@ fn main() {
                 let f = floor_run(&udp_floor, payload, seconds);
                 let g = match dir {
                     "outbound" => outbound_run(&b, inner, seconds),
+                    "lb-hit" => lb_run(&b, inner, false, seconds),
+                    "lb-new" => lb_run(&b, inner, true, seconds),
                     _ => inbound_run(&b, &udp_floor, inner, seconds),
                 };
                 eprintln!(
@@ -500,7 +632,8 @@ fn main() {
     )
     .unwrap_or_default();
     for l in text.lines() {
-        if l.starts_with("vnp_gateway_drops_total") && !l.ends_with(" 0") {
+        let lb = l.starts_with("vnp_gateway_lb_") && !l.starts_with("vnp_gateway_lb_member");
+        if (lb || l.starts_with("vnp_gateway_drops_total")) && !l.ends_with(" 0") {
             eprintln!("gateway {l}");
         }
     }

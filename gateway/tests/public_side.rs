@@ -393,7 +393,13 @@ fn receive(vm: &VmSide, network_id: u32, within: Duration) -> Option<Received> {
             continue;
         };
         let h = VnpHeader::new_checked(&buf[..n]).expect("VNP header");
-        let inner = buf[HEADER_LEN..n].to_vec();
+        let total = ipv4::Packet::new_checked(&buf[HEADER_LEN..n])
+            .expect("inner IPv4")
+            .total_len();
+        let inner = buf[HEADER_LEN..HEADER_LEN + total].to_vec();
+        // Options (the gateway's return token, docs/gateway.md step 7) follow the inner packet.
+        let options = &buf[HEADER_LEN + total..n];
+        assert_eq!(h.has_options(), !options.is_empty(), "options flag");
         let fields = TokenFields {
             src_host: *from.ip(),
             src_port: from.port(),

@@ -203,6 +203,19 @@ impl PublicEdge {
         Ok(())
     }
 
+    /// Kills gateway `i` with SIGKILL.
+    pub fn kill_gateway_n(&mut self, i: usize) -> Result<()> {
+        if let Some(mut g) = self.gateways[i].child.take() {
+            g.kill()?;
+        }
+        Ok(())
+    }
+
+    /// The cluster namespace index of gateway `i` (for `Cluster::host_ns`).
+    pub fn gateway_ns(&self, i: usize) -> usize {
+        self.gateways[i].ns_index
+    }
+
     /// The first gateway's underlay address.
     pub fn addr(&self) -> Ipv4Addr {
         self.gateways[0].addr

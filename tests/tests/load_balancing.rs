@@ -19,7 +19,12 @@
 //! 4. a second gateway (gw2) joins the address, reached from the public namespace by another
 //!    path; UDP service `echo` (port 5353 of the three guests): 30 flows whose datagrams
 //!    alternate between gw1 and gw2 (the socket's mark picks the route per datagram) each get
-//!    every answer from one guest: the two gateways chose the same VM without talking.
+//!    every answer from one guest: the two gateways chose the same VM without talking;
+//! 5. a download of 8 MiB of random bytes from a guest through service `bulk` runs through the
+//!    gateway the serving VM's replies would go to without issue #10's reply-follows-gateway
+//!    (the one the registry assigns the VM); that gateway is SIGKILLed mid-transfer and the
+//!    public route moves to the other; the download completes from the same VM with the
+//!    sha256 the server computed, its replies now leaving through the surviving gateway.
 //!
 //! Needs root (namespaces, TAP, TUN), busybox and python3 (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test load_balancing -- --nocapture`.
@@ -222,71 +227,16 @@ for f in range(flows):
     s.close()
 "#;
 
-/// gw2's side of the public segment and the public namespace's route to it for marked packets.
-const GW2_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
-const PUBLIC_HOST_2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const ECHO_PORT: u16 = 5353;
+/// gw2's address on the public segment (`PublicEdge::add_gateway`'s second gateway).
+const GW2_PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 3);
 
-/// Sum of the gateway's new `echo` flows (its Prometheus text at `addr`, from namespace `ns`).
-fn echo_new_flows(c: &Cluster, ns: usize, addr: std::net::SocketAddr) -> u64 {
-    let text = c
-        .host_ns(ns)
-        .enter(move || -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")?;
-            let mut out = String::new();
-            std::io::Read::read_to_string(&mut s, &mut out)?;
-            Ok(out)
-        })
-        .unwrap()
-        .unwrap();
-    GUESTS
-        .iter()
-        .filter_map(|vm| {
-            vnpd::metrics::prometheus::sample_value(
-                &text,
-                "vnp_gateway_lb_new_flows_total",
-                &[("service", "echo"), ("vm", vm)],
-            )
-        })
-        .sum()
-}
-
-/// Registers gateway gw2 on the public address, wires its namespace (TUN, a second segment to
-/// the public namespace, routes both ways, marked packets of the public namespace via gw2) and
-/// starts it. Returns it with its namespace's name.
-fn second_gateway(
-    c: &mut Cluster,
-    edge: &PublicEdge,
-) -> (ChildGuard, String, usize, std::net::SocketAddr) {
-    let tls = c.tls_dir().to_path_buf();
-    let out = std::process::Command::new(&c.bins().vnpctl)
-        .args(["cert", "gateway", "--dir"])
-        .arg(&tls)
-        .args(["--id", "gw2"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (ns, addr) = c.add_namespace("vnpgw").unwrap();
-    let spec = GatewaySpec {
-        id: "gw2".into(),
-        network: NETWORK.into(),
-        underlay_addr: addr,
-        port: vnp_e2e::edge::GATEWAY_PORT,
-        public_addr: Some(PUBLIC_ADDR),
-    };
-    c.registry(move |r| r.create_gateway(&spec)).unwrap();
-    let gw = c.host_ns(ns);
+/// Adds gateway gw2 on the public address (`PublicEdge::add_gateway`: its namespace, TUN and
+/// public veth), sends the public namespace's marked packets through it (policy routing on
+/// the socket's mark) and starts it. Returns its index in the edge.
+fn second_gateway(c: &mut Cluster, edge: &mut PublicEdge) -> usize {
+    let i = edge.add_gateway(c, "gw2").unwrap();
     let public = edge.public();
-    gw.veth_to("pub1", Some((GW2_PUBLIC, 24)), public, "pub1")
-        .unwrap();
-    let host2 = format!("{PUBLIC_HOST_2}/24");
-    public.ip(&["addr", "add", &host2, "dev", "pub1"]).unwrap();
     let public_addr = format!("{PUBLIC_ADDR}/32");
     let via = GW2_PUBLIC.to_string();
     public
@@ -295,26 +245,9 @@ fn second_gateway(
     public
         .ip(&["rule", "add", "fwmark", "1", "table", "101"])
         .unwrap();
-    for (netns, what) in [(public, "all"), (public, "pub1"), (public, "br0")] {
-        netns
-            .run(&[
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{what}.rp_filter=0"),
-            ])
-            .unwrap();
-    }
-    gw.ip(&["tuntap", "add", "dev", "vnpgw0", "mode", "tun"])
-        .unwrap();
-    gw.ip(&["link", "set", "vnpgw0", "up"]).unwrap();
-    gw.ip(&["route", "add", &public_addr, "dev", "vnpgw0"])
-        .unwrap();
-    let client = format!("{PUBLIC_HOST}/32");
-    let back = PUBLIC_HOST_2.to_string();
-    gw.ip(&["route", "add", &client, "via", &back]).unwrap();
-    gw.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
-    // Health-check answers relayed by gw1 arrive on the underlay for an address routed into
-    // the TUN: loose reverse-path filtering.
+    // Health-check answers relayed by the other gateway arrive on the underlay for an address
+    // routed into the TUN: loose reverse-path filtering.
+    let gw = c.host_ns(edge.gateway_ns(i));
     for what in ["all", "default"] {
         gw.run(&[
             "sysctl",
@@ -323,23 +256,9 @@ fn second_gateway(
         ])
         .unwrap();
     }
-    let child = ChildGuard::spawn(
-        "vnp-gateway-gw2",
-        gw.command(&c.bins().gateway)
-            .args(["--registry", &c.registry_url()])
-            .arg("--ca")
-            .arg(tls.join("ca.pem"))
-            .arg("--cert")
-            .arg(tls.join("gateway-gw2.pem"))
-            .arg("--key")
-            .arg(tls.join("gateway-gw2.key"))
-            .args(["--tun", "vnpgw0", "--metrics", &format!("{addr}:9465")])
-            .stdout(Stdio::null()),
-        Some(&c.dir().join("gateway-gw2.log")),
-    )
-    .unwrap();
-    // gw2's checks (whose answers may come back through gw1) find every member up, and gw2
-    // published that through the registry.
+    edge.start_gateway_n(i, c, GUESTS.len() as u64)
+        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs(c)));
+    // gw2's checks find every member up, and gw2 published that through the registry.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let st = c.registry(|r| r.get_service("echo")).unwrap();
@@ -357,12 +276,11 @@ fn second_gateway(
             Instant::now() < deadline,
             "gw2's view: {:?}\n{}",
             st.views,
-            child.stderr_tail()
+            edge.logs(c)
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    let metrics = std::net::SocketAddr::from((addr, 9465));
-    (child, gw.name().to_string(), ns, metrics)
+    i
 }
 
 /// Sends one GET on the held connection and reads its answer.
@@ -514,7 +432,7 @@ fn health_checks_take_a_member_out_and_back(
 
 fn two_gateways_agree(
     c: &mut Cluster,
-    edge: &PublicEdge,
+    edge: &mut PublicEdge,
     guests: &[TapGuest],
     servers: &mut Vec<ChildGuard>,
     namespaces: &mut Vec<String>,
@@ -540,8 +458,8 @@ fn two_gateways_agree(
         ..spec_web()
     };
     c.registry(move |r| r.create_service(&echo)).unwrap();
-    let (gw2, gw2_ns, gw2_index, gw2_metrics) = second_gateway(c, edge);
-    namespaces.push(gw2_ns);
+    let gw2 = second_gateway(c, edge);
+    namespaces.push(c.host_ns(edge.gateway_ns(gw2)).name().to_string());
     let gw1_in = edge
         .metric(c, "vnp_gateway_inbound_packets_total", &[])
         .unwrap();
@@ -569,7 +487,7 @@ fn two_gateways_agree(
                 Instant::now() < deadline,
                 "{text}\n{}\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                gw2.stderr_tail()
+                edge.logs(c)
             );
         }
     }
@@ -605,13 +523,270 @@ fn two_gateways_agree(
             .unwrap()
         })
         .sum();
-    let gw2_flows = echo_new_flows(c, gw2_index, gw2_metrics);
+    let gw2_flows: u64 = GUESTS
+        .iter()
+        .map(|vm| {
+            edge.metric_n(
+                gw2,
+                c,
+                "vnp_gateway_lb_new_flows_total",
+                &[("service", "echo"), ("vm", vm)],
+            )
+            .unwrap()
+        })
+        .sum();
     eprintln!("new echo flows: gw1 {gw1_flows}, gw2 {gw2_flows}");
     assert!(
         gw1_flows >= 30 && gw2_flows >= 30,
         "gw1 {gw1_flows}, gw2 {gw2_flows}"
     );
-    drop(gw2);
+}
+
+/// Service `bulk`'s port (public and VM).
+const BULK_PORT: u16 = 8000;
+/// Bytes of the download.
+const BULK_BYTES: usize = 8 << 20;
+
+/// A server that listens, writes the sha256 of `size` random bytes to `out` (so the file says
+/// it is ready), then sends every client its name (16 bytes) and those bytes, paced (64 KiB
+/// every 16 ms: about 2 s for 8 MiB).
+const BULK_SERVER: &str = r#"
+import hashlib, os, socket, sys, threading, time
+name, port, size, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data = os.urandom(size)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(16)
+with open(out + ".tmp", "w") as f:
+    f.write(hashlib.sha256(data).hexdigest())
+os.rename(out + ".tmp", out)
+def serve(c):
+    try:
+        c.sendall(name.encode().ljust(16))
+        for i in range(0, size, 65536):
+            c.sendall(data[i:i + 65536])
+            time.sleep(0.016)
+        c.close()
+    except OSError:
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Downloads from argv[1]:argv[2]; prints `vm NAME`, `progress` after 1 MiB and `done LEN
+/// SHA256`. TCP keepalive after 1 s idle, as a long-lived client sets it: a receiver whose data
+/// stopped still sends something, which tells the VM's host the flow's new gateway.
+const BULK_CLIENT: &str = r#"
+import hashlib, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+head = b""
+while len(head) < 16:
+    b = s.recv(16 - len(head))
+    if not b:
+        sys.exit("closed before the name")
+    head += b
+print("vm", head.decode().strip(), flush=True)
+h, n, told = hashlib.sha256(), 0, False
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+    if n >= 1 << 20 and not told:
+        print("progress", flush=True)
+        told = True
+print("done", n, h.hexdigest(), flush=True)
+"#;
+
+/// The gateway the registry assigns `vm` among `gateways` (`Model::gateway_for`: rendezvous
+/// hashing, FNV-1a over the VM id, a zero byte and the gateway id; the highest hash wins, ties
+/// to the smaller id). Without issue #10's reply-follows-gateway every reply of the VM goes
+/// there.
+fn assigned_gateway(vm: &str, gateways: &[&'static str]) -> &'static str {
+    let hash = |g: &str| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in vm.bytes().chain([0u8]).chain(g.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    };
+    gateways
+        .iter()
+        .copied()
+        .max_by_key(|g| (hash(g), std::cmp::Reverse(*g)))
+        .expect("a gateway")
+}
+
+/// Waits until both gateways see every `bulk` member up.
+fn wait_bulk_up(c: &Cluster, edge: &PublicEdge) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up: u64 = (0..2)
+            .flat_map(|i| GUESTS.iter().map(move |vm| (i, *vm)))
+            .map(|(i, vm)| {
+                edge.metric_n(
+                    i,
+                    c,
+                    "vnp_gateway_lb_member_up",
+                    &[("service", "bulk"), ("vm", vm)],
+                )
+                .unwrap_or(0)
+            })
+            .sum();
+        if up == 2 * GUESTS.len() as u64 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bulk members up: {up}\n{}",
+            edge.logs(c)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Starts a download through gateway `through` and returns it once it runs on a VM that the
+/// registry assigns to that gateway (retrying new connections), with its reader and the VM.
+fn download_on_assigned(
+    edge: &PublicEdge,
+    through: usize,
+    names: [&'static str; 2],
+) -> (ChildGuard, BufReader<std::process::ChildStdout>, String) {
+    edge.route_public_via(through).unwrap();
+    for attempt in 0..30 {
+        let mut cmd = edge.public().command("python3");
+        cmd.args(["-c", BULK_CLIENT, &PUBLIC_ADDR.to_string()])
+            .arg(BULK_PORT.to_string())
+            .stdout(Stdio::piped());
+        let mut child = ChildGuard::spawn(&format!("bulk-client-{attempt}"), &mut cmd, None)
+            .expect("bulk client");
+        let mut out = BufReader::new(child.take_stdout().expect("client stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let vm = line.trim().strip_prefix("vm ").unwrap_or("").to_string();
+        assert!(
+            !vm.is_empty(),
+            "no answer: {line:?}\n{}",
+            child.stderr_tail()
+        );
+        if assigned_gateway(&vm, &names) == names[through] {
+            return (child, out, vm);
+        }
+    }
+    panic!(
+        "no download landed on a VM assigned to {} in 30 tries",
+        names[through]
+    );
+}
+
+fn gateway_killed_mid_transfer(
+    c: &mut Cluster,
+    edge: &mut PublicEdge,
+    guests: &[TapGuest],
+    servers: &mut Vec<ChildGuard>,
+) {
+    // 5. A download through the gateway a VM's replies used to go to; that gateway dies.
+    step("service bulk, a download, its gateway killed");
+    let names = ["gw1", "gw2"];
+    for (g, vm) in guests.iter().zip(GUESTS) {
+        let sha = c.dir().join(format!("bulk-{vm}.sha256"));
+        let mut cmd = g.netns().command("python3");
+        cmd.args(["-c", BULK_SERVER, vm, &BULK_PORT.to_string()])
+            .arg(BULK_BYTES.to_string())
+            .arg(&sha);
+        servers.push(ChildGuard::spawn(&format!("bulk-{vm}"), &mut cmd, None).unwrap());
+    }
+    let bulk = ServiceSpec {
+        id: "bulk".into(),
+        public_port: BULK_PORT,
+        proto: L4Proto::Tcp,
+        vm_port: Some(BULK_PORT),
+        members: GUESTS.iter().map(|g| member(g)).collect(),
+        health: HealthCheckSpec {
+            port: Some(VM_PORT),
+            ..HealthCheckSpec::default()
+        },
+        table_size: None,
+        ..spec_web()
+    };
+    c.registry(move |r| r.create_service(&bulk)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for vm in GUESTS {
+        let sha = c.dir().join(format!("bulk-{vm}.sha256"));
+        while !sha.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "bulk server on {vm} not listening"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    wait_bulk_up(c, edge);
+    // The gateway to kill: one that some guest is assigned to (gw1 if it has any).
+    let through = (0..2)
+        .find(|&i| {
+            GUESTS
+                .iter()
+                .any(|vm| assigned_gateway(vm, &names) == names[i])
+        })
+        .expect("every guest has a gateway");
+    let other = 1 - through;
+    let (mut client, mut out, vm) = download_on_assigned(edge, through, names);
+    eprintln!(
+        "download on {vm} through {} (its assigned gateway)",
+        names[through]
+    );
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "progress", "{}", client.stderr_tail());
+    let placed_before = edge
+        .metric_n(
+            other,
+            c,
+            "vnp_gateway_lb_new_flows_total",
+            &[("service", "bulk"), ("vm", &vm)],
+        )
+        .unwrap();
+    edge.kill_gateway_n(through).unwrap();
+    edge.route_public_via(other).unwrap();
+    let killed = Instant::now();
+    step("gateway killed, public route moved");
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let done: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        done.len() == 3 && done[0] == "done",
+        "download did not finish: {line:?}\n{}\n{}",
+        client.stderr_tail(),
+        edge.logs(c)
+    );
+    eprintln!("download finished {:?} after the kill", killed.elapsed());
+    let _ = client.kill();
+    let sent = std::fs::read_to_string(c.dir().join(format!("bulk-{vm}.sha256"))).unwrap();
+    assert_eq!(done[1], BULK_BYTES.to_string(), "length");
+    assert_eq!(done[2], sent.trim(), "sha256 of what {vm} sent");
+    // The surviving gateway placed the flow by itself (its flow table never saw it), on the
+    // same VM.
+    let placed_after = edge
+        .metric_n(
+            other,
+            c,
+            "vnp_gateway_lb_new_flows_total",
+            &[("service", "bulk"), ("vm", &vm)],
+        )
+        .unwrap();
+    assert!(
+        placed_after > placed_before,
+        "{} never placed the flow",
+        names[other]
+    );
 }
 
 #[test]
@@ -702,7 +877,8 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
 
     held_connection_and_pool_removal(&c, &edge);
     health_checks_take_a_member_out_and_back(&c, &edge, &guests, &mut servers);
-    two_gateways_agree(&mut c, &edge, &guests, &mut servers, &mut namespaces);
+    two_gateways_agree(&mut c, &mut edge, &guests, &mut servers, &mut namespaces);
+    gateway_killed_mid_transfer(&mut c, &mut edge, &guests, &mut servers);
 
     drop(servers);
     drop(edge);

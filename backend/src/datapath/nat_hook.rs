@@ -9,18 +9,26 @@
 //!   or an ICMP unreachable (`nat::answer`), delivered after the batch.
 //! - RX: a datagram whose inner source is outside the network passed the receive checks with
 //!   the OUTSIDE rule (`rx_check`); its headers are translated back here and written into the
-//!   guest's buffer, or it is dropped (counted) when no flow knows it.
+//!   guest's buffer, or it is dropped (counted) when no flow knows it. An inbound (forwarded or
+//!   load-balanced) flow records the gateway endpoint the datagram came from.
+//! - Replies on an inbound flow go to the gateway it last came in through, with that gateway's
+//!   token learned from its return-token option, else to the assigned gateway
+//!   (`nat::gateways::reply_route`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use vnp_protocol::wire::options::ReturnToken;
+
 use crate::metrics::counters::{DropReason, VmCounters};
 use crate::nat::answer::{exhaustion_answer, AnswerAddrs};
+use crate::nat::gateways::{reply_route, GatewayTokens, ReplyRoute};
 use crate::nat::{self, packet, NatDrop, NatRefusal, NatTable, PortBlock};
 use crate::ring::GuestView;
 
 use super::frame::GuestNet;
+use super::peers::{SendInfo, RETURN_TOKEN_TTL_SECS};
 use super::port::PortCore;
 use super::worker::{PairWorker, TX_BATCH};
 
@@ -38,6 +46,8 @@ const SWEEP_SECS: u64 = 1;
 pub struct NatState {
     table: Mutex<Swept>,
     epoch: Instant,
+    /// Tokens for gateways other than the assigned one (`nat::gateways`).
+    gateways: Mutex<GatewayTokens>,
 }
 
 #[derive(Debug, Default)]
@@ -51,6 +61,7 @@ impl Default for NatState {
         Self {
             table: Mutex::new(Swept::default()),
             epoch: Instant::now(),
+            gateways: Mutex::new(GatewayTokens::default()),
         }
     }
 }
@@ -106,6 +117,48 @@ impl NatState {
     pub fn snapshot(&self) -> NatTable {
         self.lock().table.clone()
     }
+
+    /// Keeps the return token a gateway at `from` sent on an accepted datagram (Unix `now`),
+    /// its expiry capped at `now + RETURN_TOKEN_TTL_SECS` and the receive checks' maximum TTL;
+    /// false when refused (see `GatewayTokens::learn`).
+    pub fn learn_gateway_token(
+        &self,
+        from: SocketAddrV4,
+        rt: ReturnToken,
+        now: u32,
+        max_ttl: u32,
+    ) -> bool {
+        let cap = max_ttl.min(RETURN_TOKEN_TTL_SECS);
+        self.gateways
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .learn(from, rt.token, rt.expiry, now, cap)
+    }
+
+    /// Where a reply of an inbound flow that last came in from `via` goes at Unix `now`:
+    /// `Some` for a gateway other than the assigned one (`assigned`) whose token vnpd holds,
+    /// `None` for the usual path (the assigned gateway's grant).
+    pub fn reply_gateway(
+        &self,
+        via: Option<SocketAddrV4>,
+        assigned: Option<SocketAddrV4>,
+        now: u32,
+    ) -> Option<SendInfo> {
+        let via_ep = via?;
+        let learned = self
+            .gateways
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(via_ep, now);
+        match reply_route(via, assigned, learned) {
+            ReplyRoute::Assigned => None,
+            ReplyRoute::Gateway(t) => Some(SendInfo {
+                endpoint: t.endpoint,
+                token: t.token,
+                expiry: t.expiry,
+            }),
+        }
+    }
 }
 
 /// Whether the data path sends `dst` to the gateway rather than to a VM.
@@ -120,6 +173,8 @@ pub struct NatHead {
     pub bytes: [u8; NAT_HEAD_MAX],
     /// How many of them.
     pub len: usize,
+    /// A reply on an inbound flow: the gateway endpoint that flow last came in from.
+    pub via: Option<SocketAddrV4>,
 }
 
 impl NatHead {
@@ -145,6 +200,7 @@ impl Default for NatScratch {
                 [NatHead {
                     bytes: [0; NAT_HEAD_MAX],
                     len: 0,
+                    via: None,
                 }; TX_BATCH],
             ),
             used: 0,
@@ -209,6 +265,7 @@ impl PairWorker {
         let mut head = NatHead {
             bytes: [0; NAT_HEAD_MAX],
             len: 0,
+            via: None,
         };
         let want = total_len.min(NAT_HEAD_MAX);
         let got = view.read(self.tx_chain.segs(), inner, &mut head.bytes[..want]);
@@ -220,25 +277,31 @@ impl PairWorker {
         head.len = need;
         // The checksum rule of NEEDS_CSUM frames (see `nat::packet`): frames with a checksum
         // offload take the other path (`tx_offload`), so every frame here is complete.
-        self.nat_in_place(&mut head.bytes[..need], false)
-            .then_some(head)
+        let via = self.nat_in_place(&mut head.bytes[..need], false)?;
+        head.via = via;
+        Some(head)
     }
 
     /// NAT on a local copy of a packet's IPv4 and transport headers (at least what
-    /// `packet::needed_len` asks for); false when refused (counted; a new flow refused for want
-    /// of ports gets its answer queued for the guest). `needs_csum`: the L4 checksum is not a
-    /// complete one (it is recomputed later), so the port change must not adjust it.
-    pub(super) fn nat_in_place(&mut self, head: &mut [u8], needs_csum: bool) -> bool {
+    /// `packet::needed_len` asks for); `None` when refused (counted; a new flow refused for
+    /// want of ports gets its answer queued for the guest), else `Some` of the gateway endpoint
+    /// an inbound flow last came in from (for its replies). `needs_csum`: the L4 checksum is
+    /// not a complete one (it is recomputed later), so the port change must not adjust it.
+    pub(super) fn nat_in_place(
+        &mut self,
+        head: &mut [u8],
+        needs_csum: bool,
+    ) -> Option<Option<SocketAddrV4>> {
         let core = &*self.core;
         let now = core.nat.now();
         let result = {
             let mut g = core.nat.table_at(now);
-            let r = packet::outbound(&mut g.table, head, needs_csum, now);
+            let r = packet::outbound_via(&mut g.table, head, needs_csum, now);
             NatState::publish(&g.table, &core.counters);
             r
         };
         match result {
-            Ok(_) => true,
+            Ok((_, via)) => Some(via),
             Err(d) => {
                 core.counters.drop_packet(tx_drop_reason(d));
                 if d == NatDrop::Refused(NatRefusal::Exhausted) {
@@ -251,9 +314,23 @@ impl PairWorker {
                         .answers
                         .extend(exhaustion_answer(&addrs, head));
                 }
-                false
+                None
             }
         }
+    }
+
+    /// The send parameters of a reply on an inbound flow that last came in from `via`, when
+    /// that is a gateway other than the assigned one and vnpd holds its token; `None`: send
+    /// as every off-network packet (to the assigned gateway under the `OUTSIDE` grant).
+    pub(super) fn reply_gateway(&self, via: Option<SocketAddrV4>, now: u32) -> Option<SendInfo> {
+        via?;
+        let core = &*self.core;
+        let assigned = core
+            .peers
+            .view()
+            .get(OUTSIDE, now)
+            .map(|e| e.send_info().endpoint);
+        core.nat.reply_gateway(via, assigned, now)
     }
 
     /// Delivers the answers NAT made during the batch (after the batch was sent).
@@ -270,10 +347,15 @@ impl PairWorker {
     }
 }
 
-/// Reverse NAT for an accepted inner packet (in vnpd's receive buffer): nothing for traffic
-/// from inside the network; for traffic from outside, its headers translated in place, or the
-/// drop reason.
-pub(super) fn nat_inbound(core: &PortCore, packet: &mut [u8]) -> Result<(), DropReason> {
+/// Reverse NAT for an accepted inner packet (in vnpd's receive buffer) whose datagram came
+/// from `from`: nothing for traffic from inside the network; for traffic from outside, its
+/// headers translated in place (an inbound flow records `from`, the gateway), or the drop
+/// reason.
+pub(super) fn nat_inbound(
+    core: &PortCore,
+    packet: &mut [u8],
+    from: SocketAddrV4,
+) -> Result<(), DropReason> {
     if packet.len() < 20 {
         return Err(DropReason::RxTruncated);
     }
@@ -286,7 +368,13 @@ pub(super) fn nat_inbound(core: &PortCore, packet: &mut [u8]) -> Result<(), Drop
         .ok_or(DropReason::RxNatMalformed)?;
     let now = core.nat.now();
     let mut g = core.nat.table_at(now);
-    let r = packet::inbound(&mut g.table, &mut packet[..need], core.net.vm_ip, now);
+    let r = packet::inbound_via(
+        &mut g.table,
+        &mut packet[..need],
+        core.net.vm_ip,
+        Some(from),
+        now,
+    );
     NatState::publish(&g.table, &core.counters);
     r.map_err(rx_drop_reason)
 }

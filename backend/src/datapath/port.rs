@@ -166,6 +166,14 @@ impl PortCore {
         if check_expiry(rt.expiry, now, 0, p.max_ttl_secs, p.allow_never).is_err() {
             return;
         }
+        if src_vm == crate::nat::OUTSIDE {
+            // A gateway's token: kept per gateway endpoint, for the replies of inbound flows
+            // that came in through it; never the OUTSIDE grant (nat::gateways).
+            if self.nat.learn_gateway_token(from, rt, now, p.max_ttl_secs) {
+                self.counters.return_token_learned();
+            }
+            return;
+        }
         let token = PeerToken {
             dst_host: *from.ip(),
             dst_port: from.port(),

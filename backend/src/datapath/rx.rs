@@ -50,6 +50,8 @@ pub(super) struct RxState {
     tokens: TokenCache,
     /// The inner packets of the datagrams that passed, as ranges of `recv`'s buffer.
     packets: Vec<Range<usize>>,
+    /// Where each of `packets` came from (an inbound NAT flow records its gateway).
+    sources: Vec<SocketAddrV4>,
     /// Frames planned from `packets`; `frames[next_frame..]` wait for guest buffers.
     frames: Vec<Planned>,
     next_frame: usize,
@@ -71,6 +73,7 @@ impl RxState {
             recv: RecvBatch::new(RX_BATCH),
             tokens: TokenCache::new(),
             packets: Vec::with_capacity(RX_BATCH),
+            sources: Vec::with_capacity(RX_BATCH),
             frames: Vec::with_capacity(RX_BATCH),
             next_frame: 0,
             learned: Vec::new(),
@@ -190,6 +193,7 @@ impl PairWorker {
     /// those that passed go to `rx.packets`, the others are counted by reason.
     fn check_batch(&mut self, now: u32) {
         self.rx.packets.clear();
+        self.rx.sources.clear();
         self.rx.tokens.clear();
         let mtu = usize::from(self.core.net.mtu);
         for i in 0..self.rx.recv.len() {
@@ -215,6 +219,7 @@ impl PairWorker {
                     Ok((inner_len, learned)) => {
                         let start = base + r.start + HEADER_LEN;
                         self.rx.packets.push(start..start + inner_len);
+                        self.rx.sources.push(src);
                         self.rx.learned.extend(learned);
                     }
                     Err(reason) => core.counters.drop_packet(reason),
@@ -230,11 +235,18 @@ impl PairWorker {
         let core = &*self.core;
         let state = &mut self.rx;
         let (recv, packets) = (&mut state.recv, &mut state.packets);
-        packets.retain(|r| match nat_inbound(core, recv.bytes_mut(r.clone())) {
-            Ok(()) => true,
-            Err(reason) => {
-                core.counters.drop_packet(reason);
-                false
+        let mut sources = state.sources.iter();
+        // `retain` visits in order: `sources` stays in step with `packets`.
+        packets.retain(|r| {
+            let Some(&from) = sources.next() else {
+                return true;
+            };
+            match nat_inbound(core, recv.bytes_mut(r.clone()), from) {
+                Ok(()) => true,
+                Err(reason) => {
+                    core.counters.drop_packet(reason);
+                    false
+                }
             }
         });
     }

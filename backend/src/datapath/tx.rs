@@ -224,7 +224,13 @@ impl PairWorker {
         };
         let peer = if nat.is_some() { OUTSIDE } else { dst };
         let head = nat.as_ref().map(NatHead::as_slice);
-        let Some((info, with_return)) = self.peer_or_queue(view, peer, total_len, now, head) else {
+        // A reply on an inbound flow follows the gateway the flow came in through (nat_hook).
+        let followed = self.reply_gateway(nat.and_then(|h| h.via), now.unix);
+        let found = match followed {
+            Some(info) => Some((info, false)),
+            None => self.peer_or_queue(view, peer, total_len, now, head),
+        };
+        let Some((info, with_return)) = found else {
             return;
         };
         // Packets of one TX queue leave in order: offloaded ones added before go first.

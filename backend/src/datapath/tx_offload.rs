@@ -130,16 +130,21 @@ impl PairWorker {
     fn send_offloaded(&mut self, view: GuestView<'_>, mut frame: Offloaded, now: Now) {
         // Off-network: NAT on the local header copy (the checksums below are computed over
         // the rewritten headers), then to the gateway under the one OUTSIDE grant.
+        let mut via = None;
         if is_outside(&self.core.net, frame.dst) {
-            if !self.nat_in_place(frame.headers.bytes_mut(), true) {
+            let Some(came_in) = self.nat_in_place(frame.headers.bytes_mut(), true) else {
                 return;
-            }
+            };
+            via = came_in;
             frame.dst = OUTSIDE;
         }
         let may_carry_option = frame.mss.is_none();
-        let Some((info, with_return)) =
-            self.known_peer(frame.dst, frame.total_len, may_carry_option, now)
-        else {
+        // A reply on an inbound flow follows the gateway the flow came in through (nat_hook).
+        let found = match self.reply_gateway(via, now.unix) {
+            Some(info) => Some((info, false)),
+            None => self.known_peer(frame.dst, frame.total_len, may_carry_option, now),
+        };
+        let Some((info, with_return)) = found else {
             self.queue_offloaded(view, &frame, now);
             return;
         };

@@ -10,13 +10,16 @@
 //! - [`table`]: [`NatTable`], one VM's mappings (and inbound, port-forwarded flows);
 //! - [`packet`]: the rewrite on a local copy of the headers, incremental checksums, ICMP
 //!   errors translated back;
-//! - [`answer`]: the guest's fast failure when its ports are used up.
+//! - [`answer`]: the guest's fast failure when its ports are used up;
+//! - [`gateways`]: which gateway an inbound flow's replies leave through, and the tokens for
+//!   gateways other than the assigned one.
 //!
 //! `datapath::nat_hook` calls these from vnpd's TX and RX paths; `docs/vnpd-datapath.md`
 //! ("NAT and the gateway") describes the whole.
 
 pub mod answer;
 pub mod flow;
+pub mod gateways;
 pub mod packet;
 pub mod table;
 

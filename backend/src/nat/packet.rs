@@ -11,7 +11,7 @@
 //! rewritten port. A UDP checksum of 0 means "none" and stays 0; an updated one that comes out
 //! 0 is sent as 0xffff (RFC 768).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 use vnp_protocol::wire::checksum::{self, update_u16, update_u32};
 use vnp_protocol::wire::icmpv4::{self, msg_type};
@@ -84,19 +84,30 @@ pub fn outbound(
     needs_csum: bool,
     now: u64,
 ) -> Result<OutboundDone, NatDrop> {
+    outbound_via(table, head, needs_csum, now).map(|(done, _)| done)
+}
+
+/// [`outbound`], and for a reply on an inbound flow the gateway endpoint that flow last came
+/// in from (where the reply goes, `nat::gateways::reply_route`).
+pub fn outbound_via(
+    table: &mut NatTable,
+    head: &mut [u8],
+    needs_csum: bool,
+    now: u64,
+) -> Result<(OutboundDone, Option<SocketAddrV4>), NatDrop> {
     let (hl, proto, dst) = transport_of(head, 20)?;
     let l4 = &mut head[hl..];
     let (key, tcp_flags) = match proto {
         Proto::Icmp => {
             let t = l4[0];
             if msg_type::is_error(t) {
-                return outbound_error(table, l4, dst, now);
+                return outbound_error(table, l4, dst, now).map(|done| (done, None));
             }
             let id = be16(l4, ICMP_IDENT);
             let key = icmp_key(id, dst);
             if t == msg_type::ECHO_REPLY && l4[1] == 0 && table.is_inbound_flow(&key, now) {
                 // A reply to a ping that came in through a forward rule.
-                return Ok(OutboundDone::Unchanged);
+                return Ok((OutboundDone::Unchanged, table.inbound_gateway(&key, now)));
             }
             if t != msg_type::ECHO_REQUEST || l4[1] != 0 {
                 return Err(NatDrop::Unsupported);
@@ -109,11 +120,11 @@ pub fn outbound(
         .outbound(key, tcp_flags, now)
         .map_err(NatDrop::Refused)?
     {
-        Outbound::InboundReply => Ok(OutboundDone::Unchanged),
+        Outbound::InboundReply => Ok((OutboundDone::Unchanged, table.inbound_gateway(&key, now))),
         Outbound::Mapped(port) => {
             let at = if proto == Proto::Icmp { ICMP_IDENT } else { 0 };
             set_port(proto, l4, at, port, !needs_csum);
-            Ok(OutboundDone::Rewritten)
+            Ok((OutboundDone::Rewritten, None))
         }
     }
 }
@@ -127,18 +138,31 @@ pub fn inbound(
     vm_ip: Ipv4Addr,
     now: u64,
 ) -> Result<(), NatDrop> {
+    inbound_via(table, head, vm_ip, None, now)
+}
+
+/// [`inbound`] for a packet whose datagram came from the gateway endpoint `via` and passed the
+/// receive checks: an inbound flow records it (its replies go back through that gateway).
+pub fn inbound_via(
+    table: &mut NatTable,
+    head: &mut [u8],
+    vm_ip: Ipv4Addr,
+    via: Option<SocketAddrV4>,
+    now: u64,
+) -> Result<(), NatDrop> {
     let (hl, proto, src) = {
         let (hl, proto, _) = transport_of(head, 20)?;
         (hl, proto, ipv4::Packet::new_unchecked(&head[..]).src_addr())
     };
     let l4 = &mut head[hl..];
     if proto == Proto::Icmp {
-        return inbound_icmp(table, l4, src, vm_ip, now);
+        return inbound_icmp(table, l4, (src, via), vm_ip, now);
     }
     let key = port_key(proto, l4, src, true);
     let flags = tcp_flags(proto, l4);
+    let remote = (src, key.remote_port);
     match table
-        .inbound(proto, key.local_port, src, key.remote_port, flags, now)
+        .inbound_via(proto, key.local_port, remote, flags, via, now)
         .map_err(NatDrop::Refused)?
     {
         Inbound::Forwarded => {}
@@ -150,7 +174,7 @@ pub fn inbound(
 fn inbound_icmp(
     table: &mut NatTable,
     icmp: &mut [u8],
-    src: Ipv4Addr,
+    (src, via): (Ipv4Addr, Option<SocketAddrV4>),
     vm_ip: Ipv4Addr,
     now: u64,
 ) -> Result<(), NatDrop> {
@@ -172,7 +196,7 @@ fn inbound_icmp(
         return Err(NatDrop::Refused(NatRefusal::UnknownMapping));
     }
     match table
-        .inbound(Proto::Icmp, id, src, 0, 0, now)
+        .inbound_via(Proto::Icmp, id, (src, 0), 0, via, now)
         .map_err(NatDrop::Refused)?
     {
         Inbound::Mapped(_) if t == msg_type::ECHO_REQUEST => Err(NatDrop::Unsupported),

@@ -13,6 +13,7 @@
 //!   that finds no free port sweeps once before it gives up.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddrV4;
 
 use super::flow::{FlowKey, FlowState, PortBlock, Proto};
 
@@ -59,6 +60,9 @@ struct Flow {
     key: FlowKey,
     state: FlowState,
     last_seen: u64,
+    /// Inbound flows: the gateway endpoint the latest datagram came in from (its replies go
+    /// there, `nat::gateways`); `None` for outbound flows.
+    via: Option<SocketAddrV4>,
 }
 
 impl Flow {
@@ -193,6 +197,7 @@ impl NatTable {
             key,
             state: FlowState::new(key.proto),
             last_seen: now,
+            via: None,
         };
         touch(&mut flow, tcp_flags, true, now);
         self.spaces[key.proto.index()].by_port.insert(mapped, flow);
@@ -209,6 +214,21 @@ impl NatTable {
         remote: std::net::Ipv4Addr,
         remote_port: u16,
         tcp_flags: u8,
+        now: u64,
+    ) -> Result<Inbound, NatRefusal> {
+        self.inbound_via(proto, dst_port, (remote, remote_port), tcp_flags, None, now)
+    }
+
+    /// [`NatTable::inbound`] for a packet from `remote` (address, port) that came in from the
+    /// gateway endpoint `via` (after the datagram passed the receive checks): an inbound flow
+    /// remembers it, so its replies leave through that gateway.
+    pub fn inbound_via(
+        &mut self,
+        proto: Proto,
+        dst_port: u16,
+        (remote, remote_port): (std::net::Ipv4Addr, u16),
+        tcp_flags: u8,
+        via: Option<SocketAddrV4>,
         now: u64,
     ) -> Result<Inbound, NatRefusal> {
         if self.in_blocks(dst_port) || self.spaces[proto.index()].by_port.contains_key(&dst_port) {
@@ -228,6 +248,7 @@ impl NatTable {
         if let Some(flow) = self.inbound.get_mut(&key) {
             if !flow.expired(now) {
                 touch(flow, tcp_flags, true, now);
+                flow.via = via.or(flow.via);
                 return Ok(Inbound::Forwarded);
             }
         }
@@ -241,6 +262,7 @@ impl NatTable {
             key,
             state: FlowState::new(proto),
             last_seen: now,
+            via,
         };
         touch(&mut flow, tcp_flags, true, now);
         self.inbound.insert(key, flow);
@@ -260,6 +282,14 @@ impl NatTable {
         let mapped = *self.by_key.get(key)?;
         let flow = self.spaces[key.proto.index()].by_port.get(&mapped)?;
         (!flow.expired(now)).then_some(mapped)
+    }
+
+    /// The gateway endpoint the live inbound flow `key` last came in from, if recorded.
+    pub fn inbound_gateway(&self, key: &FlowKey, now: u64) -> Option<SocketAddrV4> {
+        self.inbound
+            .get(key)
+            .filter(|f| !f.expired(now))
+            .and_then(|f| f.via)
     }
 
     /// Whether an inbound (port-forwarded) flow with this key is live.

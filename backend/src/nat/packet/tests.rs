@@ -307,6 +307,33 @@ fn port_forwarded_flows_pass_unchanged_both_ways() {
     assert!(outbound(&mut t, &mut stray, false, 0).is_err());
 }
 
+#[test]
+fn replies_of_forwarded_flows_name_the_gateway_they_came_in_through() {
+    use std::net::SocketAddrV4;
+    let gw2 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 6081);
+    let mut t = table();
+    let mut syn = tcp_packet(REMOTE, 51000, VM, 8080, flags::SYN, b"");
+    inbound_via(&mut t, &mut syn, VM, Some(gw2), 0).unwrap();
+    let mut synack = tcp_packet(VM, 8080, REMOTE, 51000, flags::SYN | flags::ACK, b"");
+    assert_eq!(
+        outbound_via(&mut t, &mut synack, false, 0),
+        Ok((OutboundDone::Unchanged, Some(gw2)))
+    );
+    let mut ping = echo(REMOTE, VM, msg_type::ECHO_REQUEST, 9);
+    inbound_via(&mut t, &mut ping, VM, Some(gw2), 0).unwrap();
+    let mut pong = echo(VM, REMOTE, msg_type::ECHO_REPLY, 9);
+    assert_eq!(
+        outbound_via(&mut t, &mut pong, false, 0),
+        Ok((OutboundDone::Unchanged, Some(gw2)))
+    );
+    // The guest's own (NATed) flows leave through the assigned gateway.
+    let mut out = udp_packet(VM, 5000, REMOTE, 53, b"q");
+    assert_eq!(
+        outbound_via(&mut t, &mut out, false, 0),
+        Ok((OutboundDone::Rewritten, None))
+    );
+}
+
 /// An ICMP error the guest sends to `to` about `received` (the packet as it got it).
 fn guest_icmp_error(to: Ipv4Addr, t: u8, code: u8, received: &[u8]) -> Vec<u8> {
     let quote = &received[..28];

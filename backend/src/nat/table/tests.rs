@@ -193,6 +193,39 @@ fn inbound_flows_are_not_remapped() {
 }
 
 #[test]
+fn an_inbound_flow_remembers_the_gateway_it_last_came_in_through() {
+    use std::net::SocketAddrV4;
+    let gw1 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 6081);
+    let gw2 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 10), 6081);
+    let mut t = NatTable::new(&[block(40000, 40009)]);
+    let reply = key(Proto::Tcp, 8080, 51000);
+    let remote = (REMOTE, 51000);
+    assert_eq!(
+        t.inbound_via(Proto::Tcp, 8080, remote, SYN, Some(gw1), 0),
+        Ok(Inbound::Forwarded)
+    );
+    assert_eq!(t.inbound_gateway(&reply, 0), Some(gw1));
+    // The public side moved the flow to gateway 2: its replies follow.
+    t.inbound_via(Proto::Tcp, 8080, remote, ACK, Some(gw2), 1)
+        .unwrap();
+    assert_eq!(t.inbound_gateway(&reply, 1), Some(gw2));
+    // A packet without a known gateway keeps the one recorded.
+    t.inbound(Proto::Tcp, 8080, REMOTE, 51000, ACK, 2).unwrap();
+    assert_eq!(t.inbound_gateway(&reply, 2), Some(gw2));
+    // Another flow, an outbound (mapped) flow, and an expired flow have none.
+    assert_eq!(t.inbound_gateway(&key(Proto::Tcp, 8080, 51001), 2), None);
+    let out = key(Proto::Udp, 5000, 53);
+    mapped(t.outbound(out, 0, 2));
+    assert_eq!(t.inbound_gateway(&out, 2), None);
+    assert_eq!(t.inbound_gateway(&reply, 2 + TCP_HANDSHAKE_SECS), None);
+    // A mapped flow's replies record nothing (they leave through the assigned gateway).
+    let port = mapped(t.outbound(key(Proto::Udp, 5001, 53), 0, 3));
+    t.inbound_via(Proto::Udp, port, (REMOTE, 53), 0, Some(gw2), 3)
+        .unwrap();
+    assert_eq!(t.inbound_gateway(&key(Proto::Udp, 5001, 53), 3), None);
+}
+
+#[test]
 fn the_oldest_freed_port_is_reused_first() {
     let mut t = NatTable::new(&[block(1000, 1002)]);
     let a = mapped(t.outbound(key(Proto::Udp, 1, 9), 0, 0));

@@ -10,6 +10,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use vnp_gateway::rx::{check_datagram, ExpiryPolicy, RxContext};
 use vnp_gateway::services;
+use vnp_gateway::tokens::{
+    return_token, with_options_flag, ReturnTokens, RETURN_TOKEN_MAX_INNER, RETURN_TOKEN_TTL_SECS,
+};
 use vnp_gateway::translate::{inbound, outbound};
 use vnp_gateway::DropReason;
 use vnp_lb::{FlowTable, FlowTimeouts};
@@ -30,6 +33,15 @@ const BATCH: usize = 64;
 /// Load-balanced flows remembered (about 100 bytes each).
 const FLOW_TABLE_CAPACITY: usize = 1 << 20;
 
+/// What the gateway needs to hand VMs return tokens for itself (`vnp_gateway::tokens`), so
+/// that the replies of flows that came in through it leave through it.
+struct ReturnTokenMint<'a> {
+    minter: &'a TokenMinter,
+    local: SocketAddrV4,
+    ttl: u32,
+    claims: ReturnTokens,
+}
+
 /// Runs until an unrecoverable error.
 pub fn run(
     mut io: Io,
@@ -47,6 +59,12 @@ pub fn run(
     let mut buf = vec![0u8; 65536];
     let mut flows = FlowTable::new(FLOW_TABLE_CAPACITY, FlowTimeouts::default());
     let mut expired_at = crate::lb::now_ms();
+    let mut mint = ReturnTokenMint {
+        minter,
+        local,
+        ttl: RETURN_TOKEN_TTL_SECS.min(expiry.max_ttl_secs),
+        claims: ReturnTokens::default(),
+    };
     loop {
         // Wake at least once a second to expire idle load-balanced flows.
         let now = crate::lb::now_ms();
@@ -63,7 +81,7 @@ pub fn run(
         for ev in &events[..n] {
             match ev.data {
                 SOCKET => from_vms(&mut io, shared, minter, local, expiry, &mut buf)?,
-                _ => from_public(&mut io, shared, &mut flows, *local.ip(), &mut buf)?,
+                _ => from_public(&mut io, shared, &mut flows, &mut mint, &mut buf)?,
             }
         }
     }
@@ -142,9 +160,10 @@ fn from_public(
     io: &mut Io,
     shared: &Shared,
     flows: &mut FlowTable,
-    own: std::net::Ipv4Addr,
+    mint: &mut ReturnTokenMint<'_>,
     buf: &mut [u8],
 ) -> io::Result<()> {
+    let own = *mint.local.ip();
     for _ in 0..BATCH {
         // The VNP header goes in front of the packet: read the packet after room for it.
         let len = match io.tun.read(&mut buf[HEADER_LEN..]) {
@@ -183,9 +202,26 @@ fn from_public(
                 .push(ip);
             continue;
         };
+        let (vm_ip, network_id) = (vm.ip, state.table.network_id);
         drop(state);
-        buf[..HEADER_LEN].copy_from_slice(&route.header);
-        match io.socket.send_to(&buf[..HEADER_LEN + len], route.to) {
+        let mut end = HEADER_LEN + len;
+        let mut header = route.header;
+        if len <= RETURN_TOKEN_MAX_INNER && mint.claims.claim(vm_ip, now) {
+            let rt = return_token(
+                mint.minter,
+                mint.local,
+                &route,
+                vm_ip,
+                network_id,
+                (now, mint.ttl),
+            );
+            if let Some(n) = rt.emit(&mut buf[end..]) {
+                end += n;
+                header = with_options_flag(header);
+            }
+        }
+        buf[..HEADER_LEN].copy_from_slice(&header);
+        match io.socket.send_to(&buf[..end], route.to) {
             Ok(_) => {
                 count(&shared.metrics.inbound_packets);
                 if forwarded {
