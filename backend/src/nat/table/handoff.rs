@@ -73,6 +73,10 @@ impl NatTable {
                 key: m.key,
                 state: m.state,
                 last_seen: now.saturating_sub(m.state.timeout_secs() - remaining),
+                // The gateway a flow last came in through is not moved: the destination learns
+                // it again from the flow's next inbound packet (until then replies take the
+                // VM's assigned gateway).
+                via: None,
             };
             let space = m.key.proto.index();
             match m.mapped {
