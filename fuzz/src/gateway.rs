@@ -48,7 +48,9 @@ use vnp_registry_client::api::{
 };
 use vnp_registry_client::net::PortRange;
 
+use crate::gateway_lb::{custom_services, service, Lb, LB_OP, PROBE_SOURCES};
 use crate::nat::{fill_checksums, l4_valid};
+use vnp_registry_client::api::{HealthCheckSpec, HttpCheck};
 
 /// Mode bit: the first operation is a configuration.
 pub const CUSTOM: u8 = 0x01;
@@ -64,8 +66,10 @@ pub const SECRET: [u8; 32] = [0x6b; 32];
 /// "Now" (Unix seconds).
 pub const NOW: u32 = 1_800_000_000;
 const NETWORK_ID: u32 = 7;
+/// The gateway's underlay address.
+pub const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
 /// The gateway's VNP address.
-pub const LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 6081);
+pub const LOCAL: SocketAddrV4 = SocketAddrV4::new(LOCAL_IP, 6081);
 /// The VMs' host.
 pub const HOST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 40000);
 /// The public address.
@@ -80,7 +84,9 @@ struct Sent {
 }
 
 struct Run {
+    cfg: GatewayConfig,
     table: NatTable,
+    lb: Lb,
     consistent: bool,
     minter: TokenMinter,
     last: Option<Sent>,
@@ -123,6 +129,8 @@ impl Run {
             }
         }
         Run {
+            cfg: cfg.clone(),
+            lb: Lb::new(cfg, &table),
             table,
             consistent,
             minter: TokenMinter::new(&VmSecret::from_bytes(SECRET)),
@@ -132,13 +140,27 @@ impl Run {
 
     fn op(&mut self, op: u8, bytes: &[u8]) {
         match op & 3 {
+            0 if op & LB_OP != 0 => self.lb.health(&self.cfg, &self.table, bytes),
             0 => self.on_datagram(op, bytes),
             1 => {
                 let mut p = bytes.to_vec();
                 if op & FIX_INNER != 0 {
                     fix_packet(&mut p, None);
+                    if op & LB_OP != 0 {
+                        make_probe(&mut p, &self.table);
+                    }
                 }
                 self.on_public_packet(p, None);
+            }
+            2 if op & LB_OP != 0 => {
+                if let Some((inner, _vm)) = self.lb.reply_to_last(bytes) {
+                    let mut d = vec![0u8; HEADER_LEN];
+                    d.extend_from_slice(&inner);
+                    self.assist(FORGE_TOKEN | FIX_HEADER, &mut d);
+                    let checked = check_datagram(&self.context(), &self.minter, &d, HOST, NOW);
+                    let range = checked.expect("the VM's reply passes the receive checks");
+                    self.on_inner(d[range].to_vec(), true);
+                }
             }
             2 => {
                 let p = self.last.as_ref().and_then(|s| reply_to(s, bytes));
@@ -178,7 +200,15 @@ impl Run {
             return;
         };
         assert!(range.start == HEADER_LEN && range.end <= d.len());
-        let before = d[range.clone()].to_vec();
+        self.on_inner(d[range].to_vec(), false);
+    }
+
+    /// An accepted inner packet: a probe answer or a service's reply, else NAT and forwarding.
+    /// `reply`: it answers the last balanced packet.
+    fn on_inner(&mut self, before: Vec<u8>, reply: bool) {
+        if self.lb.vm_packet(&self.table, &before, reply).is_some() {
+            return;
+        }
         let ip = ipv4::Packet::new_checked(&before[..]).expect("accepted inner packet");
         assert_eq!(ip.total_len(), before.len());
         assert!(!self.table.network_cidr.contains(ip.dst_addr()));
@@ -305,7 +335,14 @@ impl Run {
 
     /// A packet from the public side; `expect`: it answers the last packet that left, so it
     /// must reach that VM and port.
-    fn on_public_packet(&self, before: Vec<u8>, expect: Option<(VmIndex, u16)>) {
+    fn on_public_packet(&mut self, before: Vec<u8>, expect: Option<(VmIndex, u16)>) {
+        if self.lb.public(&self.table, &before).is_some() {
+            assert!(
+                expect.is_none(),
+                "the answer to {expect:?} taken by a service"
+            );
+            return;
+        }
         let mut after = before.clone();
         let result = inbound(&self.table, &mut after);
         let vm = match result {
@@ -437,7 +474,22 @@ fn consistent(cfg: &GatewayConfig) -> bool {
                     || (f.public_port != g.public_port && (f.vm != g.vm || f.vm_port != g.vm_port))
             })
     });
-    disjoint && rules_apart
+    // Services (as the registry checks them): a public port in no block and no rule of its
+    // protocol, one service per public port, a VM port in no block.
+    let services_apart = cfg.services.iter().enumerate().all(|(i, s)| {
+        let s = &s.service;
+        !blocks
+            .iter()
+            .any(|b| b.contains(s.public_port) || b.contains(s.vm_port))
+            && !cfg
+                .forwards
+                .iter()
+                .any(|f| f.proto == s.proto && f.public_port == s.public_port)
+            && cfg.services[i + 1..]
+                .iter()
+                .all(|t| t.service.proto != s.proto || t.service.public_port != s.public_port)
+    });
+    disjoint && rules_apart && services_apart
 }
 
 fn peer(id: &str, last: u8, blocks: Vec<PortRange>, egress: bool, located: bool) -> GatewayPeer {
@@ -472,7 +524,7 @@ fn range(first: u16, last: u16) -> PortRange {
 /// VM a: 1024-1535 and 2048-2559 with egress; b: 1536-2047 without, TCP 443 -> b:8443;
 /// c: 2560-3071, on no host, UDP 53 -> c:5353.
 pub fn default_config() -> GatewayConfig {
-    GatewayConfig {
+    let mut cfg = GatewayConfig {
         generation: 1,
         gateway: Gateway {
             id: "g1".into(),
@@ -509,8 +561,40 @@ pub fn default_config() -> GatewayConfig {
             rule("dns", L4Proto::Udp, 53, "c", 5353),
         ],
         services: Vec::new(),
-        probe_sources: Default::default(),
-    }
+        probe_sources: PROBE_SOURCES.to_vec(),
+    };
+    let http = HealthCheckSpec {
+        http: Some(HttpCheck {
+            path: "/health".into(),
+            expect_status: 200,
+        }),
+        ..HealthCheckSpec::default()
+    };
+    let tcp_check = HealthCheckSpec {
+        port: Some(5301),
+        ..HealthCheckSpec::default()
+    };
+    cfg.services = vec![
+        service(
+            &cfg,
+            "web",
+            L4Proto::Tcp,
+            (80, 8080),
+            &[(0, 1), (1, 2), (2, 1)],
+            31,
+            http,
+        ),
+        service(
+            &cfg,
+            "dns",
+            L4Proto::Udp,
+            (5300, 53),
+            &[(0, 1), (2, 1)],
+            13,
+            tcp_check,
+        ),
+    ];
+    cfg
 }
 
 /// A configuration from bytes: `[VMs] ([egress] [blocks] ([first u16] [length])*)*
@@ -545,7 +629,21 @@ fn custom_config(bytes: &[u8]) -> GatewayConfig {
             rule(&format!("r{i}"), proto, public, &vm, vm_port)
         })
         .collect();
+    cfg.services = custom_services(&cfg, &mut next);
     cfg
+}
+
+/// Makes a well-formed public packet a health check from the gateway's own kernel to a VM
+/// (chosen by the destination's last byte), checksums filled.
+fn make_probe(p: &mut [u8], table: &NatTable) {
+    if p.len() < ipv4::MIN_HEADER_LEN {
+        return;
+    }
+    let vm = &table.vms[usize::from(p[19]) % table.vms.len()];
+    let mut ip = ipv4::Packet::new_unchecked(&mut p[..]);
+    ip.set_src_addr(LOCAL_IP);
+    ip.set_dst_addr(vm.ip);
+    fill_checksums(p);
 }
 
 /// Makes raw bytes a well-formed packet from `vm` (`Some`) to the outside, or from the outside
@@ -708,7 +806,50 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     ));
     v.extend(op(1 | FIX_INNER, &public));
     out.push(("custom-forward".into(), v));
+    out.push(("balanced".into(), balanced_seed(remote, &header)));
     out
+}
+
+/// A client's flows to the default services, the VM's replies, a health view taking a member
+/// out, the clock past the UDP timeout, a health check and its answer.
+fn balanced_seed(remote: Ipv4Addr, header: &[u8]) -> Vec<u8> {
+    let op = |kind: u8, bytes: &[u8]| {
+        let mut v = vec![kind, bytes.len() as u8];
+        v.extend_from_slice(bytes);
+        v
+    };
+    let mut syn = vec![0u8; 20];
+    syn[..4].copy_from_slice(&[0xc3, 0x51, 0, 80]);
+    syn[12] = 0x50;
+    syn[13] = 0x02;
+    let web = crate::seeds::ip_packet(remote, PUBLIC, protocol::TCP, &syn);
+    let dns = crate::seeds::ip_packet(
+        remote,
+        PUBLIC,
+        protocol::UDP,
+        &[0xc3, 0x52, 0x14, 0xb4, 0, 12, 0, 0, 1, 2, 3, 4],
+    );
+    let mut answer = syn.clone();
+    answer[..4].copy_from_slice(&[0x14, 0x7d, 0xa0, 0x00]);
+    let a = Ipv4Addr::new(10, 1, 0, 2);
+    let probe_answer =
+        crate::seeds::ip_packet(a, Ipv4Addr::new(1, 1, 100, 9), protocol::TCP, &answer);
+    let mut d = header.to_vec();
+    d.extend_from_slice(&probe_answer);
+    let mut v = vec![0u8];
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(2 | LB_OP, &[0x12, b'o', b'k']));
+    v.extend(op(1 | FIX_INNER, &dns));
+    v.extend(op(2 | LB_OP, &[0, b'o', b'k']));
+    v.extend(op(LB_OP, &[10, 0x02, 0x00]));
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(LB_OP, &[220, 0x07, 0x03]));
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(1 | FIX_INNER, &dns));
+    v.extend(op(LB_OP, &[0, 0, 0]));
+    v.extend(op(1 | FIX_INNER | LB_OP, &web));
+    v.extend(op(FORGE_TOKEN | FIX_HEADER | FIX_INNER, &d));
+    v
 }
 
 #[cfg(test)]
