@@ -255,7 +255,18 @@ impl Lb {
         }
         let mut after = packet.to_vec();
         let Some(result) = services::outbound(&self.services, nat, &mut after) else {
-            assert!(!reply, "the reply to a balanced packet was not a service's");
+            // A forwarding rule on the service's VM port keeps that port's replies
+            // (`ServiceTable::build`): they leave through the rule.
+            if reply {
+                let ip = ipv4::Packet::new_unchecked(packet);
+                let ruled = nat
+                    .vm_by_ip(ip.src_addr())
+                    .and_then(|vm| nat.forward_out(vm, ip.protocol(), port_of(packet, 0)));
+                assert!(
+                    ruled.is_some(),
+                    "the reply to a balanced packet was not a service's"
+                );
+            }
             return None;
         };
         let vm = result.expect("services::outbound refuses nothing");
