@@ -43,12 +43,15 @@ use vnp_protocol::wire::icmpv4::{self, msg_type};
 use vnp_protocol::wire::ipv4::{self, protocol};
 use vnp_protocol::wire::{checksum, VnpHeader, HEADER_LEN, KNOWN_FLAGS, VERSION};
 use vnp_protocol::OUTSIDE;
-use vnp_registry_client::api::{
-    ForwardRule, Gateway, GatewayConfig, GatewayPeer, L4Proto, Network, PolicyAction, UnderlayAddr,
-};
-use vnp_registry_client::net::PortRange;
+use vnp_registry_client::api::GatewayConfig;
 
-use crate::nat::{fill_checksums, l4_valid};
+use crate::gateway_lb::{Lb, LB_OP};
+use crate::nat::l4_valid;
+
+#[path = "gateway_config.rs"]
+mod config;
+pub use config::default_config;
+use config::{be16, consistent, custom_config, fix_packet, icmp_error_about, make_probe, reply_to};
 
 /// Mode bit: the first operation is a configuration.
 pub const CUSTOM: u8 = 0x01;
@@ -64,8 +67,10 @@ pub const SECRET: [u8; 32] = [0x6b; 32];
 /// "Now" (Unix seconds).
 pub const NOW: u32 = 1_800_000_000;
 const NETWORK_ID: u32 = 7;
+/// The gateway's underlay address.
+pub const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
 /// The gateway's VNP address.
-pub const LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 9), 6081);
+pub const LOCAL: SocketAddrV4 = SocketAddrV4::new(LOCAL_IP, 6081);
 /// The VMs' host.
 pub const HOST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 40000);
 /// The public address.
@@ -80,7 +85,9 @@ struct Sent {
 }
 
 struct Run {
+    cfg: GatewayConfig,
     table: NatTable,
+    lb: Lb,
     consistent: bool,
     minter: TokenMinter,
     last: Option<Sent>,
@@ -123,6 +130,8 @@ impl Run {
             }
         }
         Run {
+            cfg: cfg.clone(),
+            lb: Lb::new(cfg, &table),
             table,
             consistent,
             minter: TokenMinter::new(&VmSecret::from_bytes(SECRET)),
@@ -132,13 +141,27 @@ impl Run {
 
     fn op(&mut self, op: u8, bytes: &[u8]) {
         match op & 3 {
+            0 if op & LB_OP != 0 => self.lb.health(&self.cfg, &self.table, bytes),
             0 => self.on_datagram(op, bytes),
             1 => {
                 let mut p = bytes.to_vec();
                 if op & FIX_INNER != 0 {
                     fix_packet(&mut p, None);
+                    if op & LB_OP != 0 {
+                        make_probe(&mut p, &self.table);
+                    }
                 }
                 self.on_public_packet(p, None);
+            }
+            2 if op & LB_OP != 0 => {
+                if let Some((inner, _vm)) = self.lb.reply_to_last(bytes) {
+                    let mut d = vec![0u8; HEADER_LEN];
+                    d.extend_from_slice(&inner);
+                    self.assist(FORGE_TOKEN | FIX_HEADER, &mut d);
+                    let checked = check_datagram(&self.context(), &self.minter, &d, HOST, NOW);
+                    let range = checked.expect("the VM's reply passes the receive checks");
+                    self.on_inner(d[range].to_vec(), true);
+                }
             }
             2 => {
                 let p = self.last.as_ref().and_then(|s| reply_to(s, bytes));
@@ -178,7 +201,15 @@ impl Run {
             return;
         };
         assert!(range.start == HEADER_LEN && range.end <= d.len());
-        let before = d[range.clone()].to_vec();
+        self.on_inner(d[range].to_vec(), false);
+    }
+
+    /// An accepted inner packet: a probe answer or a service's reply, else NAT and forwarding.
+    /// `reply`: it answers the last balanced packet.
+    fn on_inner(&mut self, before: Vec<u8>, reply: bool) {
+        if self.lb.vm_packet(&self.table, &before, reply).is_some() {
+            return;
+        }
         let ip = ipv4::Packet::new_checked(&before[..]).expect("accepted inner packet");
         assert_eq!(ip.total_len(), before.len());
         assert!(!self.table.network_cidr.contains(ip.dst_addr()));
@@ -305,7 +336,14 @@ impl Run {
 
     /// A packet from the public side; `expect`: it answers the last packet that left, so it
     /// must reach that VM and port.
-    fn on_public_packet(&self, before: Vec<u8>, expect: Option<(VmIndex, u16)>) {
+    fn on_public_packet(&mut self, before: Vec<u8>, expect: Option<(VmIndex, u16)>) {
+        if self.lb.public(&self.table, &before).is_some() {
+            assert!(
+                expect.is_none(),
+                "the answer to {expect:?} taken by a service"
+            );
+            return;
+        }
         let mut after = before.clone();
         let result = inbound(&self.table, &mut after);
         let vm = match result {
@@ -421,226 +459,6 @@ impl Run {
     }
 }
 
-/// A configuration the registry could hand out: blocks pairwise disjoint, rule ports in no
-/// block, one rule per public port and per VM port.
-fn consistent(cfg: &GatewayConfig) -> bool {
-    let blocks: Vec<PortRange> = cfg.vms.iter().flat_map(|v| v.nat_ports.clone()).collect();
-    let disjoint = blocks.iter().enumerate().all(|(i, a)| {
-        blocks[i + 1..]
-            .iter()
-            .all(|b| a.last < b.first || b.last < a.first)
-    });
-    let rules_apart = cfg.forwards.iter().enumerate().all(|(i, f)| {
-        !blocks.iter().any(|b| b.contains(f.public_port))
-            && cfg.forwards[i + 1..].iter().all(|g| {
-                f.proto != g.proto
-                    || (f.public_port != g.public_port && (f.vm != g.vm || f.vm_port != g.vm_port))
-            })
-    });
-    disjoint && rules_apart
-}
-
-fn peer(id: &str, last: u8, blocks: Vec<PortRange>, egress: bool, located: bool) -> GatewayPeer {
-    GatewayPeer {
-        id: id.into(),
-        ip: Ipv4Addr::new(10, 1, 0, last),
-        nat_ports: blocks,
-        location: located.then_some(UnderlayAddr {
-            host_addr: *HOST.ip(),
-            port: HOST.port(),
-        }),
-        egress,
-    }
-}
-
-fn rule(id: &str, proto: L4Proto, public_port: u16, vm: &str, vm_port: u16) -> ForwardRule {
-    ForwardRule {
-        id: id.into(),
-        network: "n1".into(),
-        public_addr: PUBLIC,
-        public_port,
-        proto,
-        vm: vm.into(),
-        vm_port,
-    }
-}
-
-fn range(first: u16, last: u16) -> PortRange {
-    PortRange { first, last }
-}
-
-/// VM a: 1024-1535 and 2048-2559 with egress; b: 1536-2047 without, TCP 443 -> b:8443;
-/// c: 2560-3071, on no host, UDP 53 -> c:5353.
-pub fn default_config() -> GatewayConfig {
-    GatewayConfig {
-        generation: 1,
-        gateway: Gateway {
-            id: "g1".into(),
-            network: "n1".into(),
-            vni: NETWORK_ID,
-            underlay_addr: *LOCAL.ip(),
-            port: LOCAL.port(),
-            public_addr: PUBLIC,
-            secret_generation: 1,
-        },
-        network: Network {
-            id: "n1".into(),
-            vni: NETWORK_ID,
-            cidr: "10.1.0.0/24".parse().expect("cidr"),
-            router: Ipv4Addr::new(10, 1, 0, 1),
-            mtu: 1400,
-            default_policy: PolicyAction::Allow,
-            nat_block: 512,
-        },
-        pool: vec![],
-        vms: vec![
-            peer(
-                "a",
-                2,
-                vec![range(1024, 1535), range(2048, 2559)],
-                true,
-                true,
-            ),
-            peer("b", 3, vec![range(1536, 2047)], false, true),
-            peer("c", 4, vec![range(2560, 3071)], true, false),
-        ],
-        forwards: vec![
-            rule("web", L4Proto::Tcp, 443, "b", 8443),
-            rule("dns", L4Proto::Udp, 53, "c", 5353),
-        ],
-        services: Vec::new(),
-        probe_sources: Default::default(),
-    }
-}
-
-/// A configuration from bytes: `[VMs] ([egress] [blocks] ([first u16] [length])*)*
-/// [rules] ([proto] [public port u16] [VM] [VM port u16])*`.
-fn custom_config(bytes: &[u8]) -> GatewayConfig {
-    let mut it = bytes.iter().copied();
-    let mut next = || it.next().unwrap_or(0);
-    let mut cfg = default_config();
-    cfg.vms = (0..1 + next() % 4)
-        .map(|i| {
-            let egress = next() & 1 == 1;
-            let blocks = (0..next() % 3)
-                .map(|_| {
-                    let first = u16::from_be_bytes([next(), next()]).max(1);
-                    range(first, first.saturating_add(u16::from(next())))
-                })
-                .collect();
-            peer(&format!("v{i}"), 2 + i, blocks, egress, true)
-        })
-        .collect();
-    let vms = cfg.vms.len() as u8;
-    cfg.forwards = (0..next() % 5)
-        .map(|i| {
-            let proto = if next() & 1 == 0 {
-                L4Proto::Tcp
-            } else {
-                L4Proto::Udp
-            };
-            let public = u16::from_be_bytes([next(), next()]);
-            let vm = format!("v{}", next() % vms);
-            let vm_port = u16::from_be_bytes([next(), next()]);
-            rule(&format!("r{i}"), proto, public, &vm, vm_port)
-        })
-        .collect();
-    cfg
-}
-
-/// Makes raw bytes a well-formed packet from `vm` (`Some`) to the outside, or from the outside
-/// to the public address (`None`), checksums filled.
-fn fix_packet(p: &mut Vec<u8>, vm: Option<Ipv4Addr>) {
-    if p.len() < 28 {
-        p.resize(28, 0);
-    }
-    let ihl = usize::from(p[0] & 0x0f).clamp(5, 15).min(p.len() / 4 - 2);
-    p[0] = 0x40 | ihl as u8;
-    let proto = match p[9] {
-        protocol::TCP | protocol::UDP | protocol::ICMP => p[9],
-        b => [protocol::TCP, protocol::UDP, protocol::ICMP][usize::from(b % 3)],
-    };
-    if proto == protocol::TCP && p.len() < ihl * 4 + 20 {
-        p.resize(ihl * 4 + 20, 0);
-    }
-    p.truncate(usize::from(u16::MAX));
-    let len = p.len() as u16;
-    let mut ip = ipv4::Packet::new_unchecked(&mut p[..]);
-    ip.set_total_len(len);
-    ip.set_unfragmented(false);
-    ip.set_protocol(proto);
-    let o = ip.dst_addr().octets();
-    let outside = Ipv4Addr::new(198, 51, o[2], o[3]);
-    match vm {
-        Some(vm) => {
-            ip.set_src_addr(vm);
-            ip.set_dst_addr(outside);
-        }
-        None => {
-            ip.set_src_addr(outside);
-            ip.set_dst_addr(PUBLIC);
-        }
-    }
-    fill_checksums(p);
-}
-
-/// The remote's answer to the packet that left (destination: the public address and port).
-fn reply_to(sent: &Sent, bytes: &[u8]) -> Option<Vec<u8>> {
-    let ip = ipv4::Packet::new_checked(&sent.packet[..]).ok()?;
-    let (hl, proto, remote) = (ip.header_len(), ip.protocol(), ip.dst_addr());
-    let n = if proto == protocol::TCP { 20 } else { 8 };
-    let mut head = sent.packet.get(hl..hl + n)?.to_vec();
-    if proto == protocol::ICMP {
-        head[0] = msg_type::ECHO_REPLY;
-    } else {
-        let s = [head[0], head[1]];
-        head.copy_within(2..4, 0);
-        head[2..4].copy_from_slice(&s);
-        if proto == protocol::TCP {
-            head[12] = 0x50;
-            head[13] = bytes.first().copied().unwrap_or(0x12);
-        }
-    }
-    head.extend_from_slice(bytes.get(1..).unwrap_or(&[]));
-    let mut p = crate::seeds::ip_packet(remote, PUBLIC, proto, &head);
-    fill_checksums(&mut p);
-    Some(p)
-}
-
-/// An ICMP error from a router about the packet that left: type, code, extra quoted bytes.
-fn icmp_error_about(sent: &Sent, bytes: &[u8]) -> Option<Vec<u8>> {
-    let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
-    let types = [
-        msg_type::DST_UNREACHABLE,
-        msg_type::TIME_EXCEEDED,
-        msg_type::PARAM_PROBLEM,
-        msg_type::SOURCE_QUENCH,
-        msg_type::REDIRECT,
-    ];
-    let hl = ipv4::Packet::new_checked(&sent.packet[..])
-        .ok()?
-        .header_len();
-    let quoted = (hl + 8 + usize::from(b(2) % 64)).min(sent.packet.len());
-    let mut m = vec![
-        types[usize::from(b(0)) % types.len()],
-        b(1),
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
-    m.extend_from_slice(sent.packet.get(..quoted)?);
-    let mut p = crate::seeds::ip_packet(ROUTER, PUBLIC, protocol::ICMP, &m);
-    fill_checksums(&mut p);
-    Some(p)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
 /// Seed inputs: `(name, bytes with mode byte)`.
 pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let remote = Ipv4Addr::new(198, 51, 100, 7);
@@ -708,7 +526,50 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     ));
     v.extend(op(1 | FIX_INNER, &public));
     out.push(("custom-forward".into(), v));
+    out.push(("balanced".into(), balanced_seed(remote, &header)));
     out
+}
+
+/// A client's flows to the default services, the VM's replies, a health view taking a member
+/// out, the clock past the UDP timeout, a health check and its answer.
+fn balanced_seed(remote: Ipv4Addr, header: &[u8]) -> Vec<u8> {
+    let op = |kind: u8, bytes: &[u8]| {
+        let mut v = vec![kind, bytes.len() as u8];
+        v.extend_from_slice(bytes);
+        v
+    };
+    let mut syn = vec![0u8; 20];
+    syn[..4].copy_from_slice(&[0xc3, 0x51, 0, 80]);
+    syn[12] = 0x50;
+    syn[13] = 0x02;
+    let web = crate::seeds::ip_packet(remote, PUBLIC, protocol::TCP, &syn);
+    let dns = crate::seeds::ip_packet(
+        remote,
+        PUBLIC,
+        protocol::UDP,
+        &[0xc3, 0x52, 0x14, 0xb4, 0, 12, 0, 0, 1, 2, 3, 4],
+    );
+    let mut answer = syn.clone();
+    answer[..4].copy_from_slice(&[0x14, 0x7d, 0xa0, 0x00]);
+    let a = Ipv4Addr::new(10, 1, 0, 2);
+    let probe_answer =
+        crate::seeds::ip_packet(a, Ipv4Addr::new(1, 1, 100, 9), protocol::TCP, &answer);
+    let mut d = header.to_vec();
+    d.extend_from_slice(&probe_answer);
+    let mut v = vec![0u8];
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(2 | LB_OP, &[0x12, b'o', b'k']));
+    v.extend(op(1 | FIX_INNER, &dns));
+    v.extend(op(2 | LB_OP, &[0, b'o', b'k']));
+    v.extend(op(LB_OP, &[10, 0x02, 0x00]));
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(LB_OP, &[220, 0x07, 0x03]));
+    v.extend(op(1 | FIX_INNER, &web));
+    v.extend(op(1 | FIX_INNER, &dns));
+    v.extend(op(LB_OP, &[0, 0, 0]));
+    v.extend(op(1 | FIX_INNER | LB_OP, &web));
+    v.extend(op(FORGE_TOKEN | FIX_HEADER | FIX_INNER, &d));
+    v
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod chain;
 mod chain_model;
 pub mod edge;
 pub mod gateway;
+mod gateway_lb;
 pub mod metadata_http;
 pub mod nat;
 pub mod registry;

@@ -13,7 +13,9 @@
 //! 0 a guest packet out, 1 a packet in from the gateway, 2 a reply to the last rewritten
 //! outbound packet (its bytes: TCP flags, then payload), 3 an ICMP error about it (type, code,
 //! whether the gateway already put the VM's address in the quote, extra quoted bytes), 4 new
-//! port blocks (3 bytes each: first port, length), other values a guest packet out.
+//! port blocks (3 bytes each: first port, length), 5 the guest's ICMP error about the last
+//! reply it was given (type, code, extra quoted bytes; `nat::packet::outbound_error`), other
+//! values a guest packet out. Operations after the first [`MAX_OPS`] are ignored.
 //! Bit 3 ([`FIX`]) makes a raw packet (ops 0, 1) well formed first: version, header length,
 //! total length, no fragment bits, a NATed protocol, addresses on the right sides, UDP
 //! length, and every checksum filled. Bit 4 ([`NEEDS_CSUM`]): the outbound frame has a partial
@@ -31,8 +33,17 @@
 //!   the VM's address and port;
 //! - "ports exhausted" only when every port of the blocks is held by a live flow; its answer
 //!   goes to the VM's MAC with a valid IPv4 checksum;
+//! - a guest's ICMP error about a live mapped flow is translated: only its quoted port (to the
+//!   mapped one, with the quoted UDP/ICMP checksum) and the ICMP checksum change, and that
+//!   checksum verifies when it did before;
 //! - mapped flows never outnumber the ports ever in the blocks; inbound flows stay under
 //!   `MAX_INBOUND_FLOWS`.
+//!
+//! Cost: every check asks the table about the one port or flow the operation names
+//! (`NatTable::lookup_mapped`, `NatTable::mapped_port`, before the operation); the scan of every
+//! live flow (no key twice, each on the port the shadow says it was given) runs every
+//! [`FULL_CHECK_EVERY`] operations and after the last one, not after each (it made the target
+//! quadratic in the input's length).
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -40,13 +51,27 @@ use std::net::Ipv4Addr;
 use vnp_protocol::wire::ethernet::Frame;
 use vnp_protocol::wire::icmpv4::{self, msg_type};
 use vnp_protocol::wire::ipv4::{self, protocol};
-use vnp_protocol::wire::{checksum, tcp, udp};
+use vnp_protocol::wire::tcp;
 use vnpd::datapath::frame::GuestNet;
 use vnpd::datapath::nat_hook::{is_outside, rx_drop_reason, tx_drop_reason, NAT_HEAD_MAX};
 use vnpd::nat::answer::{exhaustion_answer, AnswerAddrs};
 use vnpd::nat::packet::{self, needed_len, OutboundDone};
 use vnpd::nat::table::MAX_INBOUND_FLOWS;
 use vnpd::nat::{FlowKey, NatDrop, NatRefusal, NatTable, PortBlock, Proto};
+
+#[path = "nat_packets.rs"]
+mod packets;
+use packets::{
+    be16, check_guest_error, fix_packet, icmp_error_about, icmp_error_from_guest, named_in_quote,
+    named_port, outbound_key, port_fields, quoted_flow, reply_to, verify_header,
+};
+pub(crate) use packets::{fill_checksums, l4_valid};
+
+/// Operations of one input after these are ignored: the longest inputs a campaign keeps would
+/// otherwise cost milliseconds each while reaching nothing a shorter input does not.
+pub const MAX_OPS: usize = 256;
+/// The full scan of the live flows runs every this many operations (and after the last).
+pub const FULL_CHECK_EVERY: usize = 16;
 
 /// Op bit: make a raw packet well formed, checksums filled.
 pub const FIX: u8 = 0x08;
@@ -90,6 +115,8 @@ struct Run {
     /// Mapped port -> the flow it was last handed out to.
     shadow: HashMap<(Proto, u16), FlowKey>,
     last: Option<Sent>,
+    /// The last packet delivered to the VM on a mapped flow, as the VM got it.
+    delivered: Option<Sent>,
 }
 
 /// Runs one input.
@@ -106,16 +133,26 @@ pub fn run(data: &[u8]) {
         ever: HashSet::new(),
         shadow: HashMap::new(),
         last: None,
+        delivered: None,
     };
     r.note_blocks(&blocks);
+    let mut ops = 0;
     while let [op, dt, len, tail @ ..] = rest {
+        if ops == MAX_OPS {
+            break;
+        }
         let n = usize::from(*len).min(tail.len());
         let (bytes, next) = tail.split_at(n);
         rest = next;
         r.advance(*dt);
         r.op(*op, bytes);
         r.check_table();
+        ops += 1;
+        if ops % FULL_CHECK_EVERY == 0 {
+            r.check_live();
+        }
     }
+    r.check_live();
 }
 
 impl Run {
@@ -172,6 +209,15 @@ impl Run {
                 self.table.set_blocks(&blocks);
                 self.note_blocks(&blocks);
             }
+            5 => {
+                if let Some((p, translated)) = self
+                    .delivered
+                    .as_ref()
+                    .and_then(|d| icmp_error_from_guest(d, bytes))
+                {
+                    self.outbound_expecting(p, false, translated);
+                }
+            }
             _ => {
                 let mut p = bytes.to_vec();
                 if op & FIX != 0 {
@@ -182,21 +228,33 @@ impl Run {
         }
     }
 
-    /// Live mapped flows: (proto, mapped port) -> key.
-    fn live(&self) -> HashMap<(Proto, u16), FlowKey> {
-        let mut out = HashMap::new();
+    /// Every live mapped flow: no key twice, each on the port it was last handed (the shadow),
+    /// and found there by its key.
+    fn check_live(&self) {
         let mut keys = HashSet::new();
         for f in self.table.flows(self.now) {
             if let Some(m) = f.mapped {
                 assert!(keys.insert(f.key), "two live flows for {:?}", f.key);
-                out.insert((f.key.proto, m), f.key);
+                assert_eq!(self.shadow.get(&(f.key.proto, m)), Some(&f.key), "shadow");
+                assert_eq!(self.table.mapped_port(&f.key, self.now), Some(m), "by key");
             }
         }
-        out
+    }
+
+    /// The live mapped flow `key`'s port (checked both ways: by key and by port).
+    fn live_port(&self, key: &FlowKey) -> Option<u16> {
+        let port = self.table.mapped_port(key, self.now)?;
+        (self.table.lookup_mapped(key.proto, port, self.now) == Some(*key)).then_some(port)
     }
 
     /// `nat_hook::nat_outbound` and `nat_in_place`, with the invariants.
     fn outbound(&mut self, packet: Vec<u8>, needs_csum: bool) {
+        self.outbound_expecting(packet, needs_csum, false);
+    }
+
+    /// An outbound packet; `error_about_flow`: an ICMP error (of a type NAT translates) about
+    /// a flow, which must be translated when that flow is live.
+    fn outbound_expecting(&mut self, packet: Vec<u8>, needs_csum: bool, error_about_flow: bool) {
         let Some(a) = packet.get(12..20) else {
             return;
         };
@@ -216,20 +274,35 @@ impl Run {
         };
         head.truncate(need);
         let key = outbound_key(&head);
-        let before = self.live();
-        match packet::outbound(&mut self.table, &mut head, needs_csum, self.now) {
+        let held = key.and_then(|k| self.live_port(&k));
+        let quoted = quoted_flow(&head).filter(|k| !self.table.is_inbound_flow(k, self.now));
+        let quoted_port = quoted.and_then(|k| self.live_port(&k));
+        let result = packet::outbound(&mut self.table, &mut head, needs_csum, self.now);
+        if error_about_flow && quoted_port.is_some() {
+            assert_eq!(
+                result,
+                Ok(OutboundDone::Rewritten),
+                "the guest's ICMP error about the live flow {quoted:?}"
+            );
+        }
+        match result {
             Err(d) => {
                 tx_drop_reason(d);
                 if d == NatDrop::Refused(NatRefusal::Exhausted) {
-                    self.exhausted(key, &before, &head);
+                    self.exhausted(key, &head);
                 }
             }
             Ok(OutboundDone::Unchanged) => assert_eq!(head, packet[..need], "unchanged"),
             Ok(OutboundDone::Rewritten) => {
-                let key = key.expect("a rewritten packet has a flow key");
                 let mut out = packet.clone();
                 out[..need].copy_from_slice(&head);
-                let mapped = self.check_rewrite(key, &before, &packet, &out, needs_csum);
+                if let Some(q) = quoted {
+                    let mapped = quoted_port.expect("an error about a flow NAT does not hold");
+                    check_guest_error(q, mapped, &packet, &out);
+                    return;
+                }
+                let key = key.expect("a rewritten packet has a flow key");
+                let mapped = self.check_rewrite(key, held, &packet, &out, needs_csum);
                 self.shadow.insert((key.proto, mapped), key);
                 self.last = Some(Sent { packet: out, key });
             }
@@ -240,7 +313,7 @@ impl Run {
     fn check_rewrite(
         &self,
         key: FlowKey,
-        live: &HashMap<(Proto, u16), FlowKey>,
+        held: Option<u16>,
         before: &[u8],
         after: &[u8],
         needs_csum: bool,
@@ -265,30 +338,35 @@ impl Run {
         } else if l4_valid(before) == Some(true) {
             assert_eq!(l4_valid(after), Some(true), "outbound checksum broken");
         }
-        match live.iter().find(|(_, k)| **k == key) {
-            Some(((_, port), _)) => assert_eq!(mapped, *port, "a live flow changed its port"),
+        match held {
+            Some(port) => assert_eq!(mapped, port, "a live flow changed its port"),
             None => {
                 assert!(
                     self.table.in_blocks(mapped),
                     "port {mapped} outside the blocks"
                 );
-                assert!(
-                    !live.contains_key(&(key.proto, mapped)),
-                    "port {mapped} handed out twice"
-                );
+                // The port's last holder must have let it go: a port handed out twice leaves
+                // the old flow's key naming it.
+                if let Some(prev) = self.shadow.get(&(key.proto, mapped)) {
+                    assert!(
+                        *prev == key || self.table.mapped_port(prev, self.now) != Some(mapped),
+                        "port {mapped} handed out twice"
+                    );
+                }
             }
         }
         mapped
     }
 
     /// "Exhausted": every port of the blocks is held by a live flow; the answer is sane.
-    fn exhausted(&self, key: Option<FlowKey>, live: &HashMap<(Proto, u16), FlowKey>, head: &[u8]) {
+    fn exhausted(&self, key: Option<FlowKey>, head: &[u8]) {
         let proto = key.expect("exhaustion of a flow").proto;
         for b in self.table.blocks() {
             for port in b.first..=b.last {
-                // The allocation swept first: what `live` shows was live at `now`.
+                // The allocation swept first and changed nothing else: what is live now was
+                // live when it looked for a free port.
                 assert!(
-                    live.contains_key(&(proto, port)),
+                    self.table.lookup_mapped(proto, port, self.now).is_some(),
                     "exhausted with port {port} free"
                 );
             }
@@ -325,8 +403,9 @@ impl Run {
         let Some(need) = needed_len(&packet).filter(|n| *n <= packet.len()) else {
             return;
         };
-        let live = self.live();
-        let expected_live = expect.filter(|k| live.values().any(|l| l == k));
+        let owner = named_port(&packet)
+            .and_then(|(proto, port)| self.table.lookup_mapped(proto, port, self.now));
+        let expected_live = expect.filter(|k| self.live_port(k).is_some());
         let before = packet.clone();
         let result = packet::inbound(&mut self.table, &mut packet[..need], VM_IP, self.now);
         match result {
@@ -338,9 +417,12 @@ impl Run {
                 );
             }
             Ok(()) => {
-                let restored = self.check_inbound(&before, &packet, &live);
+                let restored = self.check_inbound(&before, &packet, owner);
                 if let Some(k) = expected_live {
                     assert_eq!(restored, Some(k), "did not map back to the original flow");
+                }
+                if let (Some(key), false) = (restored, named_in_quote(&packet)) {
+                    self.delivered = Some(Sent { packet, key });
                 }
             }
         }
@@ -351,14 +433,14 @@ impl Run {
         &self,
         before: &[u8],
         after: &[u8],
-        live: &HashMap<(Proto, u16), FlowKey>,
+        owner: Option<FlowKey>,
     ) -> Option<FlowKey> {
         let ip = ipv4::Packet::new_unchecked(before);
         let (hl, src) = (ip.header_len(), ip.src_addr());
         let proto = Proto::from_ip(ip.protocol()).expect("NAT accepted it");
         let t = before[hl];
         if proto == Proto::Icmp && msg_type::is_error(t) {
-            return check_icmp_error(before, after, live);
+            return check_icmp_error(before, after, owner);
         }
         if l4_valid(before) == Some(true) {
             assert_eq!(l4_valid(after), Some(true), "inbound checksum broken");
@@ -370,7 +452,7 @@ impl Run {
         } else {
             be16(&before[hl..], 0)
         };
-        let Some(owner) = live.get(&(proto, was)) else {
+        let Some(owner) = owner.as_ref() else {
             assert_eq!(was, now, "a port with no flow was rewritten");
             assert!(
                 !self.table.in_blocks(was),
@@ -402,11 +484,7 @@ impl Run {
 }
 
 /// An accepted ICMP error: checksums, the quote's address and port; the flow it was about.
-fn check_icmp_error(
-    before: &[u8],
-    after: &[u8],
-    live: &HashMap<(Proto, u16), FlowKey>,
-) -> Option<FlowKey> {
+fn check_icmp_error(before: &[u8], after: &[u8], owner: Option<FlowKey>) -> Option<FlowKey> {
     let hl = ipv4::Packet::new_unchecked(before).header_len();
     let icmp_end = ipv4::Packet::new_unchecked(before)
         .total_len()
@@ -435,204 +513,13 @@ fn check_icmp_error(
     assert_eq!(qa.src_addr(), VM_IP, "the quote names the VM");
     let proto = Proto::from_ip(qb.protocol()).expect("NAT translated it");
     let at = if proto == Proto::Icmp { 4 } else { 0 };
-    let mapped = be16(&before[q_at + qhl..], at);
     let restored = be16(&after[q_at + qhl..], at);
-    let owner = live.get(&(proto, mapped))?;
+    let owner = owner?;
     if owner.remote == qb.dst_addr() {
         assert_eq!(restored, owner.local_port, "quoted port restored");
-        return Some(*owner);
+        return Some(owner);
     }
     None
-}
-
-fn verify_header(h: &[u8]) -> bool {
-    checksum::checksum(h) == 0
-}
-
-/// The flow key NAT derives from an outbound packet's headers (`None`: not TCP/UDP/ICMP).
-fn outbound_key(head: &[u8]) -> Option<FlowKey> {
-    let ip = ipv4::Packet::new_checked(head).ok()?;
-    let proto = Proto::from_ip(ip.protocol())?;
-    let l4 = head.get(ip.header_len()..)?;
-    let (local_port, remote_port) = match proto {
-        Proto::Icmp => (be16(l4, 4), 0),
-        _ => (be16(l4, 0), be16(l4, 2)),
-    };
-    Some(FlowKey {
-        proto,
-        local_port,
-        remote: ip.dst_addr(),
-        remote_port,
-    })
-}
-
-/// Offsets of the VM's port (outbound: source; inbound: destination) and the checksum.
-fn port_fields(proto: Proto, outbound: bool) -> (usize, usize) {
-    match (proto, outbound) {
-        (Proto::Icmp, _) => (4, 2),
-        (Proto::Tcp, o) => (if o { 0 } else { 2 }, 16),
-        (Proto::Udp, o) => (if o { 0 } else { 2 }, 6),
-    }
-}
-
-/// Whether the packet's L4 checksum verifies (`None`: the packet does not hold the header).
-pub(crate) fn l4_valid(p: &[u8]) -> Option<bool> {
-    let ip = ipv4::Packet::new_checked(p).ok()?;
-    ip.check_len(p.len()).ok()?;
-    let (s, d, payload) = (ip.src_addr(), ip.dst_addr(), ip.payload());
-    match ip.protocol() {
-        protocol::TCP if payload.len() >= tcp::MIN_HEADER_LEN => {
-            Some(tcp::Packet::new_unchecked(payload).verify_checksum(s, d))
-        }
-        protocol::UDP => {
-            let u = udp::Packet::new_checked(payload).ok()?;
-            u.check_len(payload.len()).ok()?;
-            Some(u.verify_checksum(s, d))
-        }
-        protocol::ICMP if payload.len() >= icmpv4::HEADER_LEN => {
-            Some(icmpv4::Packet::new_unchecked(payload).verify_checksum())
-        }
-        _ => None,
-    }
-}
-
-/// Makes raw bytes a well-formed packet from the VM (`outbound`) or to it, checksums filled.
-fn fix_packet(p: &mut Vec<u8>, outbound: bool) {
-    if p.len() < 28 {
-        p.resize(28, 0);
-    }
-    let ihl = usize::from(p[0] & 0x0f).clamp(5, 15).min(p.len() / 4 - 2);
-    p[0] = 0x40 | ihl as u8;
-    let proto = match p[9] {
-        protocol::TCP | protocol::UDP | protocol::ICMP => p[9],
-        b => [protocol::TCP, protocol::UDP, protocol::ICMP][usize::from(b % 3)],
-    };
-    let hl = ihl * 4;
-    if proto == protocol::TCP && p.len() < hl + tcp::MIN_HEADER_LEN {
-        p.resize(hl + tcp::MIN_HEADER_LEN, 0);
-    }
-    p.truncate(usize::from(u16::MAX));
-    let len = p.len();
-    let mut ip = ipv4::Packet::new_unchecked(&mut p[..]);
-    ip.set_total_len(len as u16);
-    ip.set_unfragmented(false);
-    ip.set_protocol(proto);
-    let (mut src, mut dst) = (ip.src_addr(), ip.dst_addr());
-    let outside = |a: Ipv4Addr| {
-        if is_outside(&net(), a) {
-            a
-        } else {
-            let o = a.octets();
-            Ipv4Addr::new(198, 51, o[2], o[3])
-        }
-    };
-    if outbound {
-        (src, dst) = (VM_IP, outside(dst));
-    } else {
-        (src, dst) = (outside(src), VM_IP);
-    }
-    ip.set_src_addr(src);
-    ip.set_dst_addr(dst);
-    fill_checksums(p);
-}
-
-/// Fills the IPv4 header checksum and the L4 checksum (UDP: also the length field).
-pub(crate) fn fill_checksums(p: &mut [u8]) {
-    let mut ip = ipv4::Packet::new_unchecked(&mut *p);
-    ip.fill_checksum();
-    let (s, d, proto) = (ip.src_addr(), ip.dst_addr(), ip.protocol());
-    let payload = ip.payload_mut();
-    let len = payload.len();
-    match proto {
-        protocol::TCP if len >= tcp::MIN_HEADER_LEN => {
-            tcp::Packet::new_unchecked(payload).fill_checksum(s, d)
-        }
-        protocol::UDP if len >= udp::HEADER_LEN => {
-            let mut u = udp::Packet::new_unchecked(payload);
-            u.set_len(len as u16);
-            u.fill_checksum(s, d);
-        }
-        protocol::ICMP if len >= icmpv4::HEADER_LEN => {
-            icmpv4::Packet::new_unchecked(payload).fill_checksum()
-        }
-        _ => {}
-    }
-}
-
-/// The remote's answer to the last rewritten packet, through the gateway (destination: the
-/// VM), with `bytes[0]` as its TCP flags and the rest as payload.
-fn reply_to(sent: &Sent, bytes: &[u8]) -> Option<Vec<u8>> {
-    let out = ipv4::Packet::new_checked(&sent.packet[..]).ok()?;
-    let hl = out.header_len();
-    let l4 = sent.packet.get(hl..)?;
-    let (mut head, data): (Vec<u8>, &[u8]) = match sent.key.proto {
-        Proto::Tcp => (l4.get(..20)?.to_vec(), bytes.get(1..).unwrap_or(&[])),
-        _ => (l4.get(..8)?.to_vec(), bytes.get(1..).unwrap_or(&[])),
-    };
-    match sent.key.proto {
-        Proto::Icmp => {
-            head[0] = msg_type::ECHO_REPLY;
-            head[1] = 0;
-        }
-        proto => {
-            let (s, d) = ([head[0], head[1]], [head[2], head[3]]);
-            head[..2].copy_from_slice(&d);
-            head[2..4].copy_from_slice(&s);
-            if proto == Proto::Tcp {
-                head[12] = 0x50;
-                head[13] = bytes.first().copied().unwrap_or(0x12);
-            }
-        }
-    }
-    head.extend_from_slice(data);
-    let proto = ipv4::Packet::new_unchecked(&sent.packet[..]).protocol();
-    let mut p = crate::seeds::ip_packet(sent.key.remote, VM_IP, proto, &head);
-    fill_checksums(&mut p);
-    Some(p)
-}
-
-/// An ICMP error from a router about the last rewritten packet: `bytes` pick the type, the
-/// code, whether the gateway already put the VM's address in the quote (else the public one),
-/// and how many bytes beyond the RFC 792 minimum are quoted. With it, whether NAT translates
-/// that type (destination unreachable, time exceeded, parameter problem).
-fn icmp_error_about(sent: &Sent, bytes: &[u8]) -> Option<(Vec<u8>, bool)> {
-    let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
-    let types = [
-        msg_type::DST_UNREACHABLE,
-        msg_type::TIME_EXCEEDED,
-        msg_type::PARAM_PROBLEM,
-        msg_type::SOURCE_QUENCH,
-        msg_type::REDIRECT,
-    ];
-    let t = types[usize::from(b(0)) % types.len()];
-    let hl = ipv4::Packet::new_checked(&sent.packet[..])
-        .ok()?
-        .header_len();
-    let quoted = (hl + 8 + usize::from(b(3) % 64)).min(sent.packet.len());
-    let mut quote = sent.packet.get(..quoted)?.to_vec();
-    if b(2) & 1 == 0 {
-        // As the outside saw it: the gateway's public address as the source.
-        let mut q = ipv4::Packet::new_unchecked(&mut quote[..]);
-        let c = q.header_checksum();
-        q.set_src_addr(PUBLIC);
-        q.set_header_checksum(checksum::update_u32(c, VM_IP.into(), PUBLIC.into()));
-        if sent.key.proto == Proto::Udp {
-            let c = be16(&quote[hl..], 6);
-            if c != 0 {
-                let n = checksum::update_u32(c, VM_IP.into(), PUBLIC.into());
-                quote[hl + 6..hl + 8].copy_from_slice(&n.to_be_bytes());
-            }
-        }
-    }
-    let mut m = vec![t, b(1), 0, 0, 0, 0, 0, 0];
-    m.extend_from_slice(&quote);
-    let mut p = crate::seeds::ip_packet(ROUTER, VM_IP, protocol::ICMP, &m);
-    fill_checksums(&mut p);
-    Some((p, usize::from(b(0)) % types.len() < 3))
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
 }
 
 /// Seed inputs: `(name, bytes with mode byte)`.
@@ -678,6 +565,8 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             v.extend(op(3, 1, &[1, 0, 1, 0]));
             v.extend(op(FIX, 2, first));
             v.extend(op(FIX, 40, first));
+            v.extend(op(2, 1, &[0x12, b'a', b'n']));
+            v.extend(op(5, 1, &[0, 3, 8]));
             out.push((format!("{name}-{mode}"), v));
         }
     }
