@@ -200,6 +200,15 @@ fn vnpctl_keeps_vm_ports_out_of_nat_blocks() {
         "{new_block}"
     );
 
+    // A forward on the service's VM port: the gateway could not tell their replies apart.
+    let why = refused(format!(
+        "forward add admin --public {public}:23 --to vm-a:8080"
+    ));
+    assert!(
+        why.contains("409") && why.contains("forward admin uses VM port 8080/tcp like service web"),
+        "{why}"
+    );
+
     drop(c);
     assert_nothing_left(&dir, &namespaces);
 }

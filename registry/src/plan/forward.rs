@@ -160,6 +160,12 @@ pub fn create_forward(model: &Model, spec: &ForwardSpec) -> Planned<ForwardRule>
         what: format!("forward {}'s VM port {}", spec.id, spec.vm_port),
     };
     vm_ports::check_outside_blocks(std::iter::once(vm), &reached)?;
+    vm_ports::check_no_shared_vm_port(
+        model,
+        vm_ports::SharedWith::Services,
+        (&vm.network, spec.proto, spec.vm_port),
+        &format!("forward {}", spec.id),
+    )?;
     let rule = ForwardRule {
         id: spec.id.clone(),
         network: vm.network.clone(),

@@ -196,6 +196,12 @@ pub fn create_service(model: &Model, spec: &ServiceSpec) -> Planned<Service> {
     let check_port = spec.health.port.unwrap_or(vm_port);
     let in_network = model.vms.values().filter(|v| v.network == network);
     vm_ports::check_service_ports(in_network, &spec.id, vm_port, check_port)?;
+    vm_ports::check_no_shared_vm_port(
+        model,
+        vm_ports::SharedWith::Forwards,
+        (&network, spec.proto, vm_port),
+        &format!("service {}", spec.id),
+    )?;
     let mut members: Vec<PoolMember> = Vec::new();
     for m in &spec.members {
         upsert(&mut members, m.clone());

@@ -224,6 +224,7 @@ fn public_ports_are_not_shared_with_forwards_nat_blocks_or_other_services() {
             &m,
             &ForwardSpec {
                 public_port: 22,
+                vm_port: 22,
                 ..fwd
             }
         )
@@ -236,6 +237,47 @@ fn public_ports_are_not_shared_with_forwards_nat_blocks_or_other_services() {
     assert_eq!(
         code(create_service(&m, &spec("hi", 1100, vec![]))),
         ErrorCode::PortInUse
+    );
+}
+
+#[test]
+fn a_forward_and_a_service_never_share_a_vm_port() {
+    let mut m = base();
+    apply!(m, create_service(&m, &with_ports("web", 8080, Some(9000))));
+    let fwd = ForwardSpec {
+        id: "f".into(),
+        public_addr: PUBLIC,
+        public_port: 222,
+        proto: L4Proto::Tcp,
+        vm: "c".into(),
+        vm_port: 8080,
+    };
+    // On a non-member too: a pool by tag may take it in later.
+    let msg = message(create_forward(&m, &fwd));
+    assert!(
+        msg.contains("forward f uses VM port 8080/tcp like service web"),
+        "{msg}"
+    );
+    assert!(m.forwards.is_empty(), "a refusal wrote nothing");
+    // Another protocol, or another VM port, is fine.
+    let udp = ForwardSpec {
+        proto: L4Proto::Udp,
+        ..fwd.clone()
+    };
+    apply!(m, create_forward(&m, &udp));
+    let other = ForwardSpec {
+        id: "g".into(),
+        vm_port: 8081,
+        ..fwd
+    };
+    apply!(m, create_forward(&m, &other));
+    // The other way round: a service on a forward's VM port.
+    let mut svc = with_ports("api", 8081, Some(9000));
+    svc.public_port = 81;
+    let msg = message(create_service(&m, &svc));
+    assert!(
+        msg.contains("service api uses VM port 8081/tcp like forward g (to c:8081)"),
+        "{msg}"
     );
 }
 

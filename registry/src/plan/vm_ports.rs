@@ -101,3 +101,50 @@ pub(crate) fn check_service_ports<'v>(
     }
     Ok(())
 }
+
+/// What a new forward or service must not share its VM port with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SharedWith {
+    /// A new service: the forwards of its network.
+    Forwards,
+    /// A new forward: the services of its network.
+    Services,
+}
+
+/// Refuses a forward and a service of one network that share a VM port and protocol.
+///
+/// The gateway turns a VM's packet from a forward's VM port into the forward's reply, and a
+/// packet from a service's VM port (on any VM of the network) into the service's reply; with
+/// both on one port it cannot tell which flow a packet answers, and it takes the forward
+/// (`ServiceTable::build`), so the service's clients would get their answers from the
+/// forward's public port. Found by the `gateway` fuzz target. (Two forwards may share a VM
+/// port: the gateway keys their replies by VM.)
+pub(crate) fn check_no_shared_vm_port(
+    model: &Model,
+    against: SharedWith,
+    (network, proto, vm_port): (&str, L4Proto, u16),
+    what: &str,
+) -> Result<(), ApiError> {
+    let other = match against {
+        SharedWith::Forwards => model
+            .forwards
+            .values()
+            .find(|f| f.network == network && f.proto == proto && f.vm_port == vm_port)
+            .map(|f| format!("forward {} (to {}:{})", f.id, f.vm, f.vm_port)),
+        SharedWith::Services => model
+            .services
+            .values()
+            .find(|s| s.network == network && s.proto == proto && s.vm_port == vm_port)
+            .map(|s| format!("service {}", s.id)),
+    };
+    match other {
+        Some(other) => refuse(
+            ErrorCode::PortInUse,
+            format!(
+                "{what} uses VM port {vm_port}/{proto} like {other} in network {network}: \
+                 the gateway could not tell their replies apart; use another VM port"
+            ),
+        ),
+        None => Ok(()),
+    }
+}
