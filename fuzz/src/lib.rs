@@ -13,6 +13,7 @@ pub mod edge;
 pub mod gateway;
 mod gateway_lb;
 pub mod metadata_http;
+pub mod migrate_state;
 pub mod nat;
 pub mod registry;
 pub mod seeds;
@@ -65,6 +66,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "gateway",
         run: gateway::run,
+    },
+    Target {
+        name: "migrate_state",
+        run: migrate_state::run,
     },
 ];
 

@@ -55,6 +55,9 @@ pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in crate::gateway::seeds() {
         add("gateway", &name, bytes);
     }
+    for (name, bytes) in crate::migrate_state::seeds() {
+        add("migrate_state", &name, bytes);
+    }
     out
 }
 
