@@ -213,7 +213,7 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             flow(Proto::Tcp, 8080, None, FlowState::TcpHandshake, 5),
         ],
         sessions: vec![wire::SessionRecord {
-            digest: [7; 32].into(),
+            digest: [7; 32],
             remaining_ms: 60_000,
         }],
     };
