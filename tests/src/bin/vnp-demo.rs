@@ -571,6 +571,27 @@ fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) ->
         "   host b's vnpd registered vm-a at {}:{} (generation {}) when it resumed",
         endpoint.host_addr, endpoint.port, endpoint.generation
     );
+    let text = cluster.scrape(1)?;
+    let moved = |event: &str| {
+        vnpd::metrics::prometheus::sample_value(
+            &text,
+            "vnpd_migration_state_total",
+            &[("event", event)],
+        )
+        .unwrap_or(0)
+    };
+    if moved("import") != 1 {
+        bail!(
+            "host b did not take vm-a's NAT flows from host a\n{}",
+            cluster.logs()
+        );
+    }
+    println!(
+        "   and took vm-a's state from host a's vnpd: {} NAT flows (its own and the load \
+         balancer's, on the same ports), {} metadata sessions",
+        moved("flow_imported"),
+        moved("session_imported")
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     let log = loop {
         let log = gb.run_ok("tail -3 /tmp/mig-ping.log", CMD)?;
