@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, NETWORK};
 use vnp_e2e::edge::{PublicEdge, PUBLIC_HOST};
-use vnp_registry_client::StartMigration;
+use vnp_e2e::migration::{begin_migration, wait_endpoint_on};
 use vnpd_admin_api::NatInfo;
 
 const CMD: Duration = Duration::from_secs(60);
@@ -165,22 +165,7 @@ fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 /// vm-a migrates from host 0 to host 1 (registry announce, incoming attach, QEMU migrate);
 /// returns the guest on host 1 once host 1 registered the endpoint.
 fn migrate_to_host1(c: &Cluster, ga: &mut Guest, dir: &Path) -> Guest {
-    let h1 = c.host(1).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h1,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att = c
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let att = begin_migration(c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let mut spec = ga.spec().clone();
     spec.name = "vm-a-dst".into();
     spec.vhost_user_socket = Some(att.socket_path.clone());
@@ -189,17 +174,8 @@ fn migrate_to_host1(c: &Cluster, ga: &mut Guest, dir: &Path) -> Guest {
     let (ga2, report) = migrate(ga, spec, &MigrateOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     eprintln!("  {report:?}");
-    let moved = eventually(Duration::from_secs(20), || {
-        c.registry(|r| r.get_vm("vm-a"))
-            .ok()
-            .and_then(|v| v.endpoint)
-            .is_some_and(|ep| ep.host_addr == c.host(1).addr)
-    });
-    assert!(
-        moved,
-        "host 1 did not register vm-a on resume\n{}",
-        c.logs()
-    );
+    wait_endpoint_on(c, "vm-a", 1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("on resume: {e}\n{}", c.logs()));
     ga2
 }
 
