@@ -212,10 +212,9 @@ pub fn departure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{
-        BrokenRings, DeviceConfig, Negotiated, NetBackend, PairEvent, QueuePairHandler,
-    };
-    use crate::ring::{GuestMem, GuestView, Vring};
+    use crate::device::backend::IdlePair;
+    use crate::device::{DeviceConfig, NetBackend};
+    use crate::ring::GuestMem;
     use std::sync::atomic::AtomicUsize;
     use vhost_user_backend::VhostUserBackend;
     use vm_memory::GuestMemoryAtomic;
@@ -290,19 +289,6 @@ mod tests {
         );
     }
 
-    struct Idle;
-
-    impl QueuePairHandler for Idle {
-        fn set_features(&mut self, _negotiated: Negotiated) {}
-        fn reset(&mut self) {}
-        fn stop_rx(&mut self) {}
-        fn stop_tx(&mut self) {}
-        fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
-        fn take_broken(&mut self) -> BrokenRings {
-            BrokenRings::default()
-        }
-    }
-
     #[test]
     fn the_device_calls_its_start_hook_on_set_features() {
         let calls = Arc::new(AtomicUsize::new(0));
@@ -314,10 +300,11 @@ mod tests {
             offloads: true,
         };
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let device =
-            NetBackend::new(config, vec![Idle], mem).with_start_hook(Some(Arc::new(move || {
+        let device = NetBackend::new(config, vec![IdlePair], mem).with_start_hook(Some(Arc::new(
+            move || {
                 seen.fetch_add(1, Ordering::SeqCst);
-            })));
+            },
+        )));
         assert_eq!(calls.load(Ordering::SeqCst), 0, "not before SET_FEATURES");
         device.acked_features(1 << 32);
         assert_eq!(calls.load(Ordering::SeqCst), 1);

@@ -380,22 +380,25 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
     }
 }
 
+/// A queue-pair handler that does nothing: for tests of the device's own message handling.
+#[cfg(test)]
+pub(crate) struct IdlePair;
+
+#[cfg(test)]
+impl QueuePairHandler for IdlePair {
+    fn set_features(&mut self, _negotiated: Negotiated) {}
+    fn reset(&mut self) {}
+    fn stop_rx(&mut self) {}
+    fn stop_tx(&mut self) {}
+    fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
+    fn take_broken(&mut self) -> BrokenRings {
+        BrokenRings::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Idle;
-
-    impl QueuePairHandler for Idle {
-        fn set_features(&mut self, _negotiated: Negotiated) {}
-        fn reset(&mut self) {}
-        fn stop_rx(&mut self) {}
-        fn stop_tx(&mut self) {}
-        fn handle(&mut self, _event: PairEvent, _view: GuestView<'_>, _rx: &Vring, _tx: &Vring) {}
-        fn take_broken(&mut self) -> BrokenRings {
-            BrokenRings::default()
-        }
-    }
 
     /// Whether `fd` is still the eventfd whose counter was set to `marker`.
     fn still_marked(fd: RawFd, marker: u64) -> bool {
@@ -414,7 +417,7 @@ mod tests {
             offloads: true,
         };
         let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let device = NetBackend::new(config, vec![Idle], mem);
+        let device = NetBackend::new(config, vec![IdlePair], mem);
         let (consumer, notifier) = device.exit_event(0).unwrap();
         // What vhost-user-backend 0.24 does with it: registers it and forgets it.
         let fd = consumer.into_raw_fd();
