@@ -525,7 +525,15 @@ fn outbound_return_drops_forwarding_and_restart() {
         (SERVER, s.b.1.ip, 6)
     );
     assert_eq!(u16::from_be_bytes([ip.payload()[2], ip.payload()[3]]), 80);
-    assert!(counter(&s.metrics(gw), "vnp_gateway_forwarded_in_packets_total") >= 1);
+    // The gateway counts a packet after `send_to` returns, so b may see it first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while counter(&s.metrics(gw), "vnp_gateway_forwarded_in_packets_total") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the forwarded packet was never counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Restart: a late reply on the flow from before reaches a with no new outbound packet.
     s.gateways[gw].take().unwrap().kill().unwrap();
