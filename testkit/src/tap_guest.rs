@@ -40,6 +40,14 @@ pub enum TapGuestError {
         /// The fixture's stderr tail.
         fixture: String,
     },
+    /// udhcpc logged a lease, but the namespace has no default route through its router.
+    #[error("lease {lease:?} logged, but the default route is {route:?}")]
+    NotConfigured {
+        /// The lease.
+        lease: Lease,
+        /// What `ip route show default` printed.
+        route: String,
+    },
     /// The fixture's output could not be understood.
     #[error("unexpected fixture output: {0}")]
     Output(String),
@@ -146,10 +154,10 @@ pub fn parse_stats(tail: &str) -> Option<BTreeMap<String, u64>> {
         .collect()
 }
 
-/// The udhcpc script: log the event, configure address, MTU and default route (like the test
-/// guests' script).
+/// The udhcpc script: configure address, MTU and default route, then log the event (like the
+/// test guests' script). The log comes last because [`TapGuest::dhcp`] returns on it: a test
+/// may connect the moment it sees `bound`.
 const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
-echo "$1 ip=$ip mask=$mask router=$router mtu=$mtu lease=$lease" >> "$VNP_EVENTS"
 case "$1" in
 bound|renew)
     ip addr flush dev "$interface"
@@ -161,6 +169,7 @@ deconfig)
     ip addr flush dev "$interface"
     ;;
 esac
+echo "$1 ip=$ip mask=$mask router=$router mtu=$mtu lease=$lease" >> "$VNP_EVENTS"
 exit 0
 "#;
 
@@ -246,6 +255,7 @@ impl TapGuest {
                 .filter(|l| l.starts_with("bound "))
                 .find_map(Lease::parse)
             {
+                self.check_configured(&lease)?;
                 self.lease = Some(lease.clone());
                 return Ok(lease);
             }
@@ -258,6 +268,20 @@ impl TapGuest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The script logs a lease only once it is applied: its default route must be there.
+    fn check_configured(&self, lease: &Lease) -> Result<(), TapGuestError> {
+        let route = self.ns.ip(&["-4", "route", "show", "default"])?;
+        let router = lease.router.to_string();
+        let words: Vec<&str> = route.split_whitespace().collect();
+        if words.windows(2).any(|w| w == ["via", router.as_str()]) {
+            return Ok(());
+        }
+        Err(TapGuestError::NotConfigured {
+            lease: lease.clone(),
+            route,
+        })
     }
 
     fn events_path(&self) -> PathBuf {
@@ -410,6 +434,60 @@ mod tests {
             }
         );
         assert!(Lease::parse("bound ip=10.77.0.2 mask=24 router= mtu=1452").is_none());
+    }
+
+    /// The script logs `bound` only after the address and the default route are in place:
+    /// [`TapGuest::dhcp`] returns on that line, and a test may connect at once (a `curl`
+    /// right after it found no route under load when the line came first). The script runs
+    /// in a real shell; an `ip` on its PATH records each call in the events file, in order.
+    #[test]
+    fn the_lease_is_logged_only_after_it_is_configured() {
+        let dir = TempDir::new("vnptg-script-test").unwrap();
+        let script = dir.path().join("udhcpc.sh");
+        let ip = dir.path().join("ip");
+        let events = dir.path().join("events");
+        std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+        std::fs::write(&ip, "#!/bin/sh\necho \"ip $*\" >> \"$VNP_EVENTS\"\n").unwrap();
+        std::fs::set_permissions(&ip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let status = Command::new("/bin/sh")
+            .arg(&script)
+            .arg("bound")
+            .env("PATH", path)
+            .env("VNP_EVENTS", &events)
+            .envs([
+                ("interface", "vg0"),
+                ("ip", "10.77.0.2"),
+                ("mask", "24"),
+                ("broadcast", "10.77.0.255"),
+                ("router", "10.77.0.1"),
+                ("mtu", "1452"),
+                ("lease", "3600"),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let log = std::fs::read_to_string(&events).unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        let at = |prefix: &str| {
+            lines
+                .iter()
+                .position(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} in:\n{log}"))
+        };
+        let bound = at("bound ");
+        assert_eq!(bound, lines.len() - 1, "bound is the last line:\n{log}");
+        assert!(at("ip addr add 10.77.0.2/24") < bound, "{log}");
+        assert!(at("ip link set dev vg0 mtu 1452") < bound, "{log}");
+        assert!(
+            at("ip route replace default via 10.77.0.1 dev vg0") < bound,
+            "{log}"
+        );
+        assert_eq!(Lease::parse(lines[bound]).map(|l| l.mtu), Some(1452));
     }
 
     #[test]
