@@ -335,30 +335,26 @@ fn metadata_served_to_real_guests() {
     c.create_vm("vm-c", 0, &[]).unwrap();
     let att_c = c.attach(0, "vm-c").unwrap();
     let gc = c.tap_guest(&att_c, false).unwrap();
-    let curl = |args: &[&str]| {
-        let out = gc
-            .netns()
-            .command("curl")
-            .args(["-sS", "--noproxy", "*", "-m", "10"])
-            .args(args)
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let name = curl(&[
-        "-H",
-        "Metadata-Flavor: Google",
-        "http://169.254.169.254/computeMetadata/v1/instance/name",
-    ]);
-    assert_eq!(name, "vm-c", "curl: {}", c.logs());
-    let code = curl(&[
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "http://169.254.169.254/computeMetadata/v1/instance/name",
-    ]);
-    assert_eq!(code, "403", "curl without the header");
+    let (status, name, err) = ns_curl(
+        &gc,
+        &[
+            "-H",
+            "Metadata-Flavor: Google",
+            "http://169.254.169.254/computeMetadata/v1/instance/name",
+        ],
+    );
+    assert_eq!(name, "vm-c", "curl ({status}): {err}\n{}", c.logs());
+    let (_, code, err) = ns_curl(
+        &gc,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://169.254.169.254/computeMetadata/v1/instance/name",
+        ],
+    );
+    assert_eq!(code, "403", "curl without the header: {err}");
     let out = gc
         .netns()
         .command("python3")
@@ -418,6 +414,31 @@ fn ns_status(g: &vnp_testkit::tap_guest::TapGuest, path: &str, extra: &[&str]) -
     }
     args.push(&url);
     ns_curl(g, &args).1
+}
+
+/// Starts a Python `script` with `args` in host 0's namespace and waits for its `ready` line;
+/// the guard and the rest of its stdout.
+fn python_server(
+    c: &Cluster,
+    name: &str,
+    script: &str,
+    args: &[&str],
+) -> (ChildGuard, std::io::BufReader<std::process::ChildStdout>) {
+    let mut child = ChildGuard::spawn(
+        name,
+        c.host_ns(0)
+            .command("/usr/bin/python3")
+            .args(["-u", "-c", script])
+            .args(args)
+            .stdout(std::process::Stdio::piped()),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut out = std::io::BufReader::new(child.take_stdout().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "{name}: {}", child.stderr_tail());
+    (child, out)
 }
 
 /// Polls `f` every 100 ms until it returns true or `secs` pass.
@@ -621,21 +642,15 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     );
 
     step("DNS: busybox nslookup; own names from the bridge, others from the upstream");
-    let mut upstream = ChildGuard::spawn(
+    let (upstream, mut upstream_log) = python_server(
+        &c,
         "upstream-dns",
-        c.host_ns(0)
-            .command("/usr/bin/python3")
-            .args(["-u", "-c", UPSTREAM_DNS])
-            .arg(upstream_dns.ip().to_string())
-            .arg(upstream_dns.port().to_string())
-            .stdout(std::process::Stdio::piped()),
-        None,
-    )
-    .expect("upstream DNS server");
-    let mut upstream_log = std::io::BufReader::new(upstream.take_stdout().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut upstream_log, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "{}", upstream.stderr_tail());
+        UPSTREAM_DNS,
+        &[
+            &upstream_dns.ip().to_string(),
+            &upstream_dns.port().to_string(),
+        ],
+    );
     let nslookup = |name: &str| {
         let out = g
             .netns()
@@ -662,7 +677,7 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     );
     let (ok, out) = nslookup("slow.corp.example");
     assert!(!ok, "never answered upstream: {out}");
-    line.clear();
+    let mut line = String::new();
     let mut asked = Vec::new();
     while asked.len() < 3 {
         line.clear();
@@ -691,23 +706,17 @@ fn sessions_dns_and_services_from_a_namespace_guest() {
     drop(upstream);
 
     step("a bridged service: the guest calls it, the service learns the VM from the token");
-    let mut service = ChildGuard::spawn(
+    let (service, _) = python_server(
+        &c,
         "whoami-service",
-        c.host_ns(0)
-            .command("/usr/bin/python3")
-            .args(["-u", "-c", WHOAMI_SERVICE])
-            .arg(whoami.ip().to_string())
-            .arg(whoami.port().to_string())
-            .arg(&jwks_file)
-            .arg("https://whoami.internal")
-            .stdout(std::process::Stdio::piped()),
-        None,
-    )
-    .expect("whoami service");
-    let mut service_out = std::io::BufReader::new(service.take_stdout().unwrap());
-    line.clear();
-    std::io::BufRead::read_line(&mut service_out, &mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "{}", service.stderr_tail());
+        WHOAMI_SERVICE,
+        &[
+            &whoami.ip().to_string(),
+            &whoami.port().to_string(),
+            jwks_file.to_str().unwrap(),
+            "https://whoami.internal",
+        ],
+    );
     let (status, body, err) = ns_curl(
         &g,
         &[
