@@ -212,12 +212,9 @@ pub fn departure(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::backend::IdlePair;
-    use crate::device::{DeviceConfig, NetBackend};
-    use crate::ring::GuestMem;
+    use crate::device::NetBackend;
     use std::sync::atomic::AtomicUsize;
     use vhost_user_backend::VhostUserBackend;
-    use vm_memory::GuestMemoryAtomic;
     use vnp_registry_client::{Endpoint, MacAddr, PortRange};
 
     fn record(endpoint: Option<(Ipv4Addr, u16)>) -> VmRecord {
@@ -293,18 +290,9 @@ mod tests {
     fn the_device_calls_its_start_hook_on_set_features() {
         let calls = Arc::new(AtomicUsize::new(0));
         let seen = Arc::clone(&calls);
-        let config = DeviceConfig {
-            mac: [2, 0, 0, 0, 0, 1],
-            mtu: 1500,
-            max_queue_size: 256,
-            offloads: true,
-        };
-        let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let device = NetBackend::new(config, vec![IdlePair], mem).with_start_hook(Some(Arc::new(
-            move || {
-                seen.fetch_add(1, Ordering::SeqCst);
-            },
-        )));
+        let device = NetBackend::idle().with_start_hook(Some(Arc::new(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })));
         assert_eq!(calls.load(Ordering::SeqCst), 0, "not before SET_FEATURES");
         device.acked_features(1 << 32);
         assert_eq!(calls.load(Ordering::SeqCst), 1);

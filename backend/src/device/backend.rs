@@ -396,6 +396,25 @@ impl QueuePairHandler for IdlePair {
     }
 }
 
+/// A one-pair device on empty guest memory whose handler does nothing: for tests of the
+/// device's own message handling.
+#[cfg(test)]
+impl NetBackend<IdlePair> {
+    pub(crate) fn idle() -> Self {
+        let config = DeviceConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            max_queue_size: 256,
+            offloads: true,
+        };
+        Self::new(
+            config,
+            vec![IdlePair],
+            GuestMemoryAtomic::new(GuestMem::new()),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,14 +429,7 @@ mod tests {
 
     #[test]
     fn exit_event_consumers_the_library_keeps_are_closed_with_the_device() {
-        let config = DeviceConfig {
-            mac: [2, 0, 0, 0, 0, 1],
-            mtu: 1500,
-            max_queue_size: 256,
-            offloads: true,
-        };
-        let mem = GuestMemoryAtomic::new(GuestMem::new());
-        let device = NetBackend::new(config, vec![IdlePair], mem);
+        let device = NetBackend::idle();
         let (consumer, notifier) = device.exit_event(0).unwrap();
         // What vhost-user-backend 0.24 does with it: registers it and forgets it.
         let fd = consumer.into_raw_fd();
