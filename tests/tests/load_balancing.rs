@@ -99,10 +99,9 @@ fn step(what: &str) {
     eprintln!("[load_balancing] {what}");
 }
 
-/// Answers per guest (and the client addresses the guests saw) of `n` connections.
-fn connect_many(edge: &PublicEdge, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
-    let out = edge
-        .public()
+/// Runs [`CLIENT`] for `n` connections to service web from the public namespace.
+fn run_client(edge: &PublicEdge, n: usize) -> std::process::Output {
+    edge.public()
         .command("python3")
         .args([
             "-c",
@@ -112,7 +111,12 @@ fn connect_many(edge: &PublicEdge, n: usize) -> (BTreeMap<String, usize>, Vec<St
         ])
         .arg(n.to_string())
         .output()
-        .expect("run the client");
+        .expect("run the client")
+}
+
+/// Answers per guest (and the client addresses the guests saw) of `n` connections.
+fn connect_many(edge: &PublicEdge, n: usize) -> (BTreeMap<String, usize>, Vec<String>) {
+    let out = run_client(edge, n);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("failed 0"),
@@ -137,6 +141,40 @@ fn within_binomial(k: usize, n: usize, p: f64) -> bool {
     let mean = n as f64 * p;
     let sigma = (n as f64 * p * (1.0 - p)).sqrt();
     (k as f64 - mean).abs() <= 5.0 * sigma
+}
+
+/// Asserts that each of `vms` got a fair share of `n` answers: within 5 sigma of
+/// Binomial(n, 1 / vms.len()).
+fn assert_spread(counts: &BTreeMap<String, usize>, n: usize, vms: &[&str]) {
+    for vm in vms {
+        let k = counts.get(*vm).copied().unwrap_or(0);
+        assert!(
+            within_binomial(k, n, 1.0 / vms.len() as f64),
+            "{vm}: {k} of {n} ({counts:?})"
+        );
+    }
+}
+
+/// New flows gateway `gw` placed on `vms` for `service`, summed.
+fn new_flows(c: &Cluster, edge: &PublicEdge, gw: usize, service: &str, vms: &[&str]) -> u64 {
+    vms.iter()
+        .map(|vm| {
+            edge.metric_n(
+                gw,
+                c,
+                "vnp_gateway_lb_new_flows_total",
+                &[("service", service), ("vm", vm)],
+            )
+            .unwrap()
+        })
+        .sum()
+}
+
+/// Starts `script` with python3 in guest `g`'s namespace with `args`.
+fn spawn_in_guest(g: &TapGuest, name: &str, script: &str, args: &[&str]) -> ChildGuard {
+    let mut cmd = g.netns().command("python3");
+    cmd.args(["-c", script]).args(args);
+    ChildGuard::spawn(name, &mut cmd, None).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 /// Waits until the gateway's view of the service's members is `want` (member -> up).
@@ -169,24 +207,36 @@ fn wait_members(c: &Cluster, edge: &PublicEdge, want: &[(&str, Option<u64>)]) ->
 
 /// Waits until gateway gw1's view of `vm`, published through the registry, is `up`.
 fn wait_published(c: &Cluster, vm: &'static str, up: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_view(c, "web", "gw1", Duration::from_secs(30), |members| {
+        members.iter().any(|m| m.vm == vm && m.up == up)
+    })
+    .unwrap_or_else(|views| panic!("registry does not show {vm} as up={up}: {views:?}"));
+}
+
+/// Polls the registry until `done` holds for the members of `gateway`'s published view of
+/// `service`; the last views if it does not within `within`.
+fn wait_view(
+    c: &Cluster,
+    service: &'static str,
+    gateway: &str,
+    within: Duration,
+    done: impl Fn(&[&MemberHealth]) -> bool,
+) -> Result<(), Vec<HealthView>> {
+    let deadline = Instant::now() + within;
     loop {
-        let st = c.registry(|r| r.get_service("web")).unwrap();
-        let seen = st
+        let st = c.registry(move |r| r.get_service(service)).unwrap();
+        let members: Vec<&MemberHealth> = st
             .views
             .iter()
-            .filter(|v| v.gateway == "gw1")
+            .filter(|v| v.gateway == gateway)
             .flat_map(|v| v.members.iter())
-            .find(|m| m.vm == vm)
-            .map(|m| m.up);
-        if seen == Some(up) {
-            return;
+            .collect();
+        if done(&members) {
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "registry shows {vm} as {seen:?}: {:?}",
-            st.views
-        );
+        if Instant::now() >= deadline {
+            return Err(st.views);
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -259,27 +309,10 @@ fn second_gateway(c: &mut Cluster, edge: &mut PublicEdge) -> usize {
     edge.start_gateway_n(i, c, GUESTS.len() as u64)
         .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs(c)));
     // gw2's checks find every member up, and gw2 published that through the registry.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = c.registry(|r| r.get_service("echo")).unwrap();
-        let ups = st
-            .views
-            .iter()
-            .filter(|v| v.gateway == "gw2")
-            .flat_map(|v| v.members.iter())
-            .filter(|m| m.up)
-            .count();
-        if ups == GUESTS.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gw2's view: {:?}\n{}",
-            st.views,
-            edge.logs(c)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_view(c, "echo", "gw2", Duration::from_secs(60), |members| {
+        members.iter().filter(|m| m.up).count() == GUESTS.len()
+    })
+    .unwrap_or_else(|views| panic!("gw2's view: {views:?}\n{}", edge.logs(c)));
     i
 }
 
@@ -313,6 +346,22 @@ fn spec_web() -> ServiceSpec {
             fall: FALL,
         },
         table_size: None,
+    }
+}
+
+/// Service `id`: the public address's `port`/`proto` -> the same port of the three guests,
+/// each checked by a TCP connect to web's port.
+fn spec_checked_on_web(id: &str, port: u16, proto: L4Proto) -> ServiceSpec {
+    ServiceSpec {
+        id: id.into(),
+        public_port: port,
+        proto,
+        vm_port: Some(port),
+        health: HealthCheckSpec {
+            port: Some(VM_PORT),
+            ..HealthCheckSpec::default()
+        },
+        ..spec_web()
     }
 }
 
@@ -369,13 +418,7 @@ fn held_connection_and_pool_removal(c: &Cluster, edge: &PublicEdge) {
     let (counts, _) = connect_many(edge, 200);
     eprintln!("answers without web-3: {counts:?}");
     assert_eq!(counts.get("web-3"), None, "a new flow went to web-3");
-    for vm in ["web-1", "web-2"] {
-        let k = counts.get(vm).copied().unwrap_or(0);
-        assert!(
-            within_binomial(k, 200, 0.5),
-            "{vm}: {k} of 200 ({counts:?})"
-        );
-    }
+    assert_spread(&counts, 200, &["web-1", "web-2"]);
 }
 
 fn health_checks_take_a_member_out_and_back(
@@ -413,21 +456,18 @@ fn health_checks_take_a_member_out_and_back(
         "web-1 was never lost"
     );
     step("web-2's server starts again");
-    let mut cmd = guests[1].netns().command("python3");
-    cmd.args(["-c", SERVER, "web-2", &VM_PORT.to_string()]);
-    servers[1] = ChildGuard::spawn("server-web-2-again", &mut cmd, None).unwrap();
+    servers[1] = spawn_in_guest(
+        &guests[1],
+        "server-web-2-again",
+        SERVER,
+        &["web-2", &VM_PORT.to_string()],
+    );
     let back = wait_members(c, edge, &[("web-1", Some(1)), ("web-2", Some(1))]);
     eprintln!("web-2 back after {back:?} (rise {RISE})");
     wait_published(c, "web-2", true);
     let (counts, _) = connect_many(edge, 200);
     eprintln!("answers with web-2 back: {counts:?}");
-    for vm in ["web-1", "web-2"] {
-        let k = counts.get(vm).copied().unwrap_or(0);
-        assert!(
-            within_binomial(k, 200, 0.5),
-            "{vm}: {k} of 200 ({counts:?})"
-        );
-    }
+    assert_spread(&counts, 200, &["web-1", "web-2"]);
 }
 
 fn two_gateways_agree(
@@ -440,23 +480,10 @@ fn two_gateways_agree(
     // 4. A second gateway; UDP flows whose datagrams alternate between the two.
     step("second gateway, UDP service echo");
     for (g, vm) in guests.iter().zip(GUESTS) {
-        let mut cmd = g.netns().command("python3");
-        cmd.args(["-c", ECHO, vm, &ECHO_PORT.to_string()]);
-        servers.push(ChildGuard::spawn(&format!("echo-{vm}"), &mut cmd, None).unwrap());
+        let port = ECHO_PORT.to_string();
+        servers.push(spawn_in_guest(g, &format!("echo-{vm}"), ECHO, &[vm, &port]));
     }
-    let echo = ServiceSpec {
-        id: "echo".into(),
-        public_port: ECHO_PORT,
-        proto: L4Proto::Udp,
-        vm_port: Some(ECHO_PORT),
-        members: GUESTS.iter().map(|g| member(g)).collect(),
-        health: HealthCheckSpec {
-            port: Some(VM_PORT),
-            ..HealthCheckSpec::default()
-        },
-        table_size: None,
-        ..spec_web()
-    };
+    let echo = spec_checked_on_web("echo", ECHO_PORT, L4Proto::Udp);
     c.registry(move |r| r.create_service(&echo)).unwrap();
     let gw2 = second_gateway(c, edge);
     namespaces.push(c.host_ns(edge.gateway_ns(gw2)).name().to_string());
@@ -512,29 +539,8 @@ fn two_gateways_agree(
     );
     // Each gateway saw every flow (its datagrams alternate): 30 new echo flows or more each
     // (more if a first attempt was retried).
-    let gw1_flows: u64 = GUESTS
-        .iter()
-        .map(|vm| {
-            edge.metric(
-                c,
-                "vnp_gateway_lb_new_flows_total",
-                &[("service", "echo"), ("vm", vm)],
-            )
-            .unwrap()
-        })
-        .sum();
-    let gw2_flows: u64 = GUESTS
-        .iter()
-        .map(|vm| {
-            edge.metric_n(
-                gw2,
-                c,
-                "vnp_gateway_lb_new_flows_total",
-                &[("service", "echo"), ("vm", vm)],
-            )
-            .unwrap()
-        })
-        .sum();
+    let gw1_flows = new_flows(c, edge, 0, "echo", &GUESTS);
+    let gw2_flows = new_flows(c, edge, gw2, "echo", &GUESTS);
     eprintln!("new echo flows: gw1 {gw1_flows}, gw2 {gw2_flows}");
     assert!(
         gw1_flows >= 30 && gw2_flows >= 30,
@@ -697,25 +703,15 @@ fn gateway_killed_mid_transfer(
     let names = ["gw1", "gw2"];
     for (g, vm) in guests.iter().zip(GUESTS) {
         let sha = c.dir().join(format!("bulk-{vm}.sha256"));
-        let mut cmd = g.netns().command("python3");
-        cmd.args(["-c", BULK_SERVER, vm, &BULK_PORT.to_string()])
-            .arg(BULK_BYTES.to_string())
-            .arg(&sha);
-        servers.push(ChildGuard::spawn(&format!("bulk-{vm}"), &mut cmd, None).unwrap());
+        let args = [
+            vm,
+            &BULK_PORT.to_string(),
+            &BULK_BYTES.to_string(),
+            sha.to_str().unwrap(),
+        ];
+        servers.push(spawn_in_guest(g, &format!("bulk-{vm}"), BULK_SERVER, &args));
     }
-    let bulk = ServiceSpec {
-        id: "bulk".into(),
-        public_port: BULK_PORT,
-        proto: L4Proto::Tcp,
-        vm_port: Some(BULK_PORT),
-        members: GUESTS.iter().map(|g| member(g)).collect(),
-        health: HealthCheckSpec {
-            port: Some(VM_PORT),
-            ..HealthCheckSpec::default()
-        },
-        table_size: None,
-        ..spec_web()
-    };
+    let bulk = spec_checked_on_web("bulk", BULK_PORT, L4Proto::Tcp);
     c.registry(move |r| r.create_service(&bulk)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     for vm in GUESTS {
@@ -746,14 +742,7 @@ fn gateway_killed_mid_transfer(
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "progress", "{}", client.stderr_tail());
-    let placed_before = edge
-        .metric_n(
-            other,
-            c,
-            "vnp_gateway_lb_new_flows_total",
-            &[("service", "bulk"), ("vm", &vm)],
-        )
-        .unwrap();
+    let placed_before = new_flows(c, edge, other, "bulk", &[&vm]);
     edge.kill_gateway_n(through).unwrap();
     edge.route_public_via(other).unwrap();
     let killed = Instant::now();
@@ -774,14 +763,7 @@ fn gateway_killed_mid_transfer(
     assert_eq!(done[2], sent.trim(), "sha256 of what {vm} sent");
     // The surviving gateway placed the flow by itself (its flow table never saw it), on the
     // same VM.
-    let placed_after = edge
-        .metric_n(
-            other,
-            c,
-            "vnp_gateway_lb_new_flows_total",
-            &[("service", "bulk"), ("vm", &vm)],
-        )
-        .unwrap();
+    let placed_after = new_flows(c, edge, other, "bulk", &[&vm]);
     assert!(
         placed_after > placed_before,
         "{} never placed the flow",
@@ -812,9 +794,13 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
     // Servers die before their guests' namespaces (declared after them).
     let mut servers = Vec::new();
     for (g, vm) in guests.iter().zip(GUESTS) {
-        let mut cmd = g.netns().command("python3");
-        cmd.args(["-c", SERVER, vm, &VM_PORT.to_string()]);
-        servers.push(ChildGuard::spawn(&format!("server-{vm}"), &mut cmd, None).unwrap());
+        let port = VM_PORT.to_string();
+        servers.push(spawn_in_guest(
+            g,
+            &format!("server-{vm}"),
+            SERVER,
+            &[vm, &port],
+        ));
     }
 
     // 1. The service, created while the gateway runs; 300 connections.
@@ -829,18 +815,7 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
     // Servers may still be starting: one connection through each first.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let probe = edge
-            .public()
-            .command("python3")
-            .args([
-                "-c",
-                CLIENT,
-                &PUBLIC_ADDR.to_string(),
-                &PUBLIC_PORT.to_string(),
-                "3",
-            ])
-            .output()
-            .unwrap();
+        let probe = run_client(&edge, 3);
         if String::from_utf8_lossy(&probe.stdout).contains("failed 0") {
             break;
         }
@@ -855,25 +830,9 @@ fn a_service_spreads_connections_over_its_guests_transparently() {
         vec![PUBLIC_HOST.to_string()],
         "source NAT on the way in"
     );
-    for vm in GUESTS {
-        let k = counts.get(vm).copied().unwrap_or(0);
-        assert!(
-            within_binomial(k, 300, 1.0 / 3.0),
-            "{vm}: {k} of 300 ({counts:?})"
-        );
-    }
-    let new_flows: u64 = GUESTS
-        .iter()
-        .map(|vm| {
-            edge.metric(
-                &c,
-                "vnp_gateway_lb_new_flows_total",
-                &[("service", "web"), ("vm", vm)],
-            )
-            .unwrap()
-        })
-        .sum();
-    assert!(new_flows >= 300, "gateway counted {new_flows} new flows");
+    assert_spread(&counts, 300, &GUESTS);
+    let placed = new_flows(&c, &edge, 0, "web", &GUESTS);
+    assert!(placed >= 300, "gateway counted {placed} new flows");
 
     held_connection_and_pool_removal(&c, &edge);
     health_checks_take_a_member_out_and_back(&c, &edge, &guests, &mut servers);
