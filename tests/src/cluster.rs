@@ -485,6 +485,20 @@ impl Cluster {
         Ok(g)
     }
 
+    /// Attaches each `(host, vm)` and boots its QEMU guest, then waits for every guest's DHCP
+    /// lease (a failure carries the hosts' logs).
+    pub fn boot_guests<const N: usize>(&self, vms: [(usize, &str); N]) -> Result<[Guest; N]> {
+        let mut guests = Vec::with_capacity(N);
+        for (host, vm) in vms {
+            let att = self.attach(host, vm)?;
+            guests.push(self.launch_guest(&att)?);
+        }
+        for g in &mut guests {
+            wait_dhcp(g).map_err(|e| anyhow!("{e}\n{}", self.logs()))?;
+        }
+        guests.try_into().map_err(|_| anyhow!("not {N} guests"))
+    }
+
     /// Starts a network-namespace guest on an attachment's socket with the VM's MAC
     /// (`vnp-tap-frontend`, offloads asked for unless `offloads` is false) and waits for its
     /// DHCP lease from vnpd. The guest's fixture log is kept in the cluster's directory.

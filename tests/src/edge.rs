@@ -86,6 +86,15 @@ impl PublicEdge {
         Ok(edge)
     }
 
+    /// [`PublicEdge::create`], then [`PublicEdge::start_gateway`] for `vms` VMs (a failure
+    /// carries the gateway's logs).
+    pub fn create_started(c: &mut Cluster, id: &str, network: &str, vms: u64) -> Result<Self> {
+        let mut edge = Self::create(c, id, network)?;
+        edge.start_gateway(c, vms)
+            .map_err(|e| anyhow!("{e}\n{}", edge.logs(c)))?;
+        Ok(edge)
+    }
+
     /// Registers one more gateway `id` on the same public address (the same NAT pool) with
     /// its namespace wired like the first; returns its index. The public route stays where it
     /// was.
@@ -303,6 +312,34 @@ impl PublicEdge {
             })
             .unwrap_or_else(|e| format!("  (no metrics: {e})\n"));
         format!("--- vnp-gateway {} ---\n{tail}\n{drops}", gw.id)
+    }
+
+    /// Waits until something accepts TCP connections on `addr` in the public namespace.
+    pub fn wait_listening(&self, addr: SocketAddr, within: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let up = self
+                .public
+                .enter(move || {
+                    TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+                })
+                .map_err(|e| anyhow!("{e}"))?;
+            if up {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("nothing listens on {addr} in the public namespace after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The namespaces that must be gone once the cluster and this edge are: the cluster's
+    /// (the gateways' among them) and this edge's.
+    pub fn all_namespace_names(&self, c: &Cluster) -> Vec<String> {
+        let mut names = c.namespace_names();
+        names.extend(self.namespace_names());
+        names
     }
 
     /// Names of the namespaces this edge owns (the gateways' belong to the cluster).

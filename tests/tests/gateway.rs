@@ -15,12 +15,12 @@
 //! `wget -T`: the static busybox 1.35 of the guest image segfaults with it.)
 //! Run: `cargo test -p vnp-e2e --test gateway -- --nocapture`.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qemu_launch::Guest;
-use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, NETWORK};
+use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions, NETWORK};
 use vnp_e2e::edge::{PublicEdge, PUBLIC_ADDR, PUBLIC_HOST};
 use vnp_registry_client::{ForwardSpec, L4Proto};
 use vnpd_admin_api::NatInfo;
@@ -96,21 +96,6 @@ fn mapped_in_blocks(nat: &NatInfo, remote: SocketAddr) -> Option<(u16, bool)> {
     Some((mapped, inside))
 }
 
-fn wait_listening(edge: &PublicEdge, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let up = edge
-            .public()
-            .enter(move || TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok())
-            .unwrap_or(false);
-        if up {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("nothing listens on {addr} in the public namespace");
-}
-
 fn guest_sh(g: &mut Guest, cmd: &str) -> String {
     let out = g.run(cmd, CMD).unwrap_or_else(|e| panic!("{cmd}: {e}"));
     format!("{}{}", out.stdout, out.stderr)
@@ -125,12 +110,10 @@ fn guests_reach_the_public_network_through_nat_and_the_gateway() {
     .expect("cluster");
     let rec_a = c.create_vm("vm-a", 0, &[]).unwrap();
     c.create_vm("vm-b", 1, &[]).unwrap();
-    let mut edge = PublicEdge::create(&mut c, "gw1", NETWORK).expect("public edge");
+    let mut edge = PublicEdge::create_started(&mut c, "gw1", NETWORK, 2)
+        .unwrap_or_else(|e| panic!("public edge: {e:#}"));
     let dir = c.dir().to_path_buf();
-    let mut namespaces = c.namespace_names();
-    namespaces.extend(edge.namespace_names());
-    edge.start_gateway(&c, 2)
-        .unwrap_or_else(|e| panic!("{e}\n{}", edge.logs(&c)));
+    let namespaces = edge.all_namespace_names(&c);
 
     let www = dir.join("www");
     std::fs::create_dir_all(&www).unwrap();
@@ -153,16 +136,16 @@ fn guests_reach_the_public_network_through_nat_and_the_gateway() {
             ],
         )
         .unwrap();
-    wait_listening(&edge, SocketAddr::from((PUBLIC_HOST, HTTP_PORT)));
+    edge.wait_listening(
+        SocketAddr::from((PUBLIC_HOST, HTTP_PORT)),
+        Duration::from_secs(20),
+    )
+    .unwrap();
 
     step("booting vm-a (host 0) and vm-b (host 1)");
-    let att_a = c.attach(0, "vm-a").unwrap();
-    let att_b = c.attach(1, "vm-b").unwrap();
-    let mut ga = c.launch_guest(&att_a).unwrap();
-    let mut gb = c.launch_guest(&att_b).unwrap();
-    for g in [&mut ga, &mut gb] {
-        wait_dhcp(g).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    }
+    let [mut ga, mut gb] = c
+        .boot_guests([(0, "vm-a"), (1, "vm-b")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let logs = |c: &Cluster, edge: &PublicEdge| format!("{}{}", c.logs(), edge.logs(c));
 
     step("1. vm-a fetches the file from the public server through NAT and the gateway");

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use qemu_launch::Guest;
-use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
+use vnp_e2e::cluster::{assert_nothing_left, Cluster, ClusterOptions};
 use vnp_registry_client::jwt;
 use vnp_testkit::netns::Fabric;
 use vnp_testkit::process::ChildGuard;
@@ -153,15 +153,11 @@ fn metadata_served_to_real_guests() {
     let rec_b = c.create_vm("vm-b", 0, &[]).unwrap();
     c.registry(|r| r.set_vm_attribute("vm-a", "role", "db"))
         .unwrap();
-    let att_a = c.attach(0, "vm-a").unwrap();
-    let att_b = c.attach(0, "vm-b").unwrap();
 
     step("booting two guests (TCG)");
-    let mut ga = c.launch_guest(&att_a).unwrap();
-    let mut gb = c.launch_guest(&att_b).unwrap();
-    for g in [&mut ga, &mut gb] {
-        wait_dhcp(g).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    }
+    let [mut ga, mut gb] = c
+        .boot_guests([(0, "vm-a"), (0, "vm-b")])
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     step("DNS: DHCP names the bridge as resolver; it answers the metadata name and the VM's");
     let (_, resolv, _) = sh(&mut ga, "cat /etc/resolv.conf");
