@@ -6,7 +6,9 @@
 //!   same state, every record is within the format's bounds, and importing its flows into a
 //!   NAT table (blocks from the mode's high bits) keeps the table's invariants: each imported
 //!   mapped flow is found on its port and by its key, inside the blocks, and nothing is
-//!   imported twice.
+//!   imported twice; the table then exports exactly what it took (timers capped at the
+//!   state's timeout), and that export moved on to a third table (the VM migrating again, or
+//!   back) lands the same flows.
 //! - **request** (1): `decode_request`; an accepted request verifies only with the secret that
 //!   made it. With mode bit 1 the target also builds a valid request from the input (VM id,
 //!   time, nonce), so the MAC path is reached on every such input: it must decode, verify with
@@ -18,12 +20,12 @@ use vnpd::migrate_state::wire::{
     self, decode, decode_request, encode, encode_request, AuthError, MAX_VM_ID, NONCE_LEN,
     REQUEST_SKEW_SECS,
 };
-use vnpd::nat::{NatTable, PortBlock};
+use vnpd::nat::{MovedFlow, NatTable, PortBlock};
 
 const SECRET: &[u8] = b"the VM's secret, 32 bytes long!!";
 const OTHER_SECRET: &[u8] = b"another VM's secret, also 32 b!!";
 /// The NAT clock the import runs at.
-const NOW: u64 = 1_000;
+const NOW: u64 = vnpd::nat::CLOCK_START + 1_000;
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
@@ -57,7 +59,7 @@ fn blob(mode: u8, bytes: &[u8]) {
 }
 
 /// Imports `flows` into a table with one or two blocks and checks what it took.
-fn import(mode: u8, flows: &[vnpd::nat::MovedFlow]) {
+fn import(mode: u8, flows: &[MovedFlow]) {
     let first = 1024 + u16::from(mode >> 2 & 0x0f) * 512;
     let mut blocks = vec![PortBlock::new(first, first + 511).expect("block")];
     if mode & 0x40 != 0 {
@@ -110,6 +112,34 @@ fn import(mode: u8, flows: &[vnpd::nat::MovedFlow]) {
         mapped_live <= mapped_in_blocks,
         "{mapped_live} > {mapped_in_blocks}"
     );
+    move_on(&blocks, flows, &table.export(NOW), report.imported);
+}
+
+/// The export of the table that took `flows` holds what it took, and moves on unchanged.
+fn move_on(blocks: &[PortBlock], flows: &[MovedFlow], exported: &[MovedFlow], imported: usize) {
+    assert_eq!(exported.len(), imported, "export after import");
+    let by_flow = |v: &[MovedFlow]| -> HashMap<_, MovedFlow> {
+        v.iter().map(|f| ((f.key, f.mapped), *f)).collect()
+    };
+    let sent = by_flow(exported);
+    assert_eq!(sent.len(), exported.len(), "a flow exported twice");
+    for e in exported {
+        assert!(
+            flows.iter().any(|f| f.key == e.key
+                && f.mapped == e.mapped
+                && f.state == e.state
+                && e.remaining_secs == f.remaining_secs.min(timeout(f))),
+            "{e:?} was not imported"
+        );
+    }
+    let mut next = NatTable::new(blocks);
+    let report = next.import(exported, NOW);
+    assert_eq!(report.imported, exported.len(), "{report:?}");
+    assert_eq!(by_flow(&next.export(NOW)), sent, "moved on");
+}
+
+fn timeout(f: &MovedFlow) -> u32 {
+    u32::try_from(f.state.timeout_secs()).unwrap_or(u32::MAX)
 }
 
 fn request(mode: u8, bytes: &[u8]) {

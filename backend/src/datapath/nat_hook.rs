@@ -67,9 +67,9 @@ impl Default for NatState {
 }
 
 impl NatState {
-    /// Seconds of the NAT clock (monotonic).
+    /// Seconds of the NAT clock (monotonic, from [`crate::nat::CLOCK_START`]).
     pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_secs()
+        crate::nat::CLOCK_START + self.epoch.elapsed().as_secs()
     }
 
     fn lock(&self) -> MutexGuard<'_, Swept> {
@@ -377,4 +377,43 @@ pub(super) fn nat_inbound(
     );
     NatState::publish(&g.table, &core.counters);
     r.map_err(rx_drop_reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nat::{FlowKey, FlowState, MovedFlow, Proto};
+
+    /// A destination's NAT clock starts at the VM's (incoming) attach, seconds before the
+    /// hand-off: flows that arrive with less time left than their timeout keep exactly that
+    /// time, not a timer reset to almost the whole timeout.
+    #[test]
+    fn a_flow_moved_onto_a_clock_just_started_keeps_the_time_it_had_left() {
+        let nat = NatState::default();
+        let counters = VmCounters::new();
+        nat.set_blocks(&[PortBlock::new(40000, 40009).unwrap()], &counters);
+        let moved = |local_port, state, remaining_secs| MovedFlow {
+            key: FlowKey {
+                proto: Proto::Tcp,
+                local_port,
+                remote: Ipv4Addr::new(203, 0, 113, 10),
+                remote_port: 443,
+            },
+            mapped: Some(40000 + local_port % 10),
+            state,
+            remaining_secs,
+        };
+        let flows = [
+            moved(5001, FlowState::TcpEstablished, 300),
+            moved(5002, FlowState::TcpClosed, 2),
+        ];
+        let report = nat.with_table(&counters, |t, now| t.import(&flows, now));
+        assert_eq!(report.imported, 2);
+        let left: Vec<(u16, u64)> = nat
+            .with_table(&counters, |t, now| t.flows(now))
+            .iter()
+            .map(|v| (v.key.local_port, v.expires_in))
+            .collect();
+        assert_eq!(left, [(5001, 300), (5002, 2)]);
+    }
 }

@@ -25,6 +25,11 @@ use vnp_protocol::wire::tcp::flags;
 pub const TCP_HANDSHAKE_SECS: u64 = 30;
 /// TCP established (RFC 5382 REQ-5).
 pub const TCP_ESTABLISHED_SECS: u64 = 7440;
+
+/// Where a NAT clock starts (seconds), instead of 0: a flow that arrives in a live migration
+/// with less time left than its timeout gets a last-seen time before the destination's clock
+/// started, and that time must be representable. Larger than every timeout.
+pub const CLOCK_START: u64 = 1 << 20;
 /// TCP with a FIN seen in one direction.
 pub const TCP_HALF_CLOSED_SECS: u64 = 240;
 /// TCP with FINs both ways or a RST.

@@ -25,7 +25,7 @@ pub mod table;
 
 use std::net::Ipv4Addr;
 
-pub use flow::{FlowKey, FlowState, PortBlock, Proto};
+pub use flow::{FlowKey, FlowState, PortBlock, Proto, CLOCK_START};
 pub use packet::NatDrop;
 pub use table::{FlowView, ImportReport, MovedFlow, NatRefusal, NatStats, NatTable};
 
