@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{GuestImage, GuestSpec, LibvirtDomain, MacAddr, NetStatus, Virsh};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, GUEST_MTU};
-use vnp_registry_client::StartMigration;
+use vnp_e2e::migration::begin_migration;
 use vnp_testkit::libvirtd::Libvirtd;
 use vnpd_admin_api::AttachmentInfo;
 
@@ -232,22 +232,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     std::thread::sleep(Duration::from_secs(2));
 
     step("registry: vm-a migrates to host 1; host 1 attaches it as incoming");
-    let h1 = c.host(1).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h1,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att_a2 = c
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let att_a2 = begin_migration(&c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let qemu_gid = group_id(QEMU_USER);
     assert_eq!(socket_access(&att_a2.socket_path), (0o660, qemu_gid));
 
