@@ -145,6 +145,13 @@ pub fn run_migration(
     let src_spec = args.spec()?;
     check_endpoints(&src_spec, net, dst_socket.as_ref())?;
     let mut src = boot_source(args, src_spec.clone(), &steps)?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(format!(
+            "{} while {} booted: no migration began, nothing was moved",
+            qemu_launch::migration::CANCELLED,
+            src.name()
+        ));
+    }
     // The network steps come before QEMU migrates; nothing follows after it.
     let moved = match (&net.dst_host, &net.dst_admin, &args.vm) {
         (Some(host), Some(admin), Some(vm)) => Some(NetworkMove::prepare(
