@@ -148,3 +148,31 @@ impl QemuLaunchMigrate {
         })
     }
 }
+
+/// (transmitted, received) from a busybox ping summary
+/// (`3 packets transmitted, 3 packets received, 0% packet loss`).
+pub fn ping_counts(output: &str) -> Option<(u32, u32)> {
+    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut parts = line.split(',');
+    let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    Some((tx, rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ping_counts;
+
+    #[test]
+    fn ping_summary() {
+        let out =
+            "PING 10.77.0.2 (10.77.0.2): 56 data bytes\n\n--- 10.77.0.2 ping statistics ---\n\
+                   5 packets transmitted, 3 packets received, 40% packet loss\n";
+        assert_eq!(ping_counts(out), Some((5, 3)));
+        assert_eq!(ping_counts("PING x\n"), None);
+        assert_eq!(
+            ping_counts("x packets transmitted, 3 packets received"),
+            None
+        );
+    }
+}

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{GuestImage, GuestSpec, LibvirtDomain, MacAddr, NetStatus, Virsh};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, GUEST_MTU};
-use vnp_e2e::migration::begin_migration;
+use vnp_e2e::migration::{begin_migration, ping_counts};
 use vnp_testkit::libvirtd::Libvirtd;
 use vnpd_admin_api::AttachmentInfo;
 
@@ -29,15 +29,6 @@ const QEMU_USER: &str = "libvirt-qemu";
 
 fn step(what: &str) {
     eprintln!("[libvirt] {what}");
-}
-
-/// (transmitted, received) from a busybox ping summary.
-fn ping_counts(output: &str) -> Option<(u32, u32)> {
-    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut parts = line.split(',');
-    let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    Some((tx, rx))
 }
 
 fn ping(domain: &mut LibvirtDomain, dst: std::net::Ipv4Addr) -> String {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
-use vnp_e2e::migration::{self, begin_migration, wait_endpoint_on};
+use vnp_e2e::migration::{self, begin_migration, ping_counts, wait_endpoint_on};
 use vnp_registry_client::Endpoint;
 
 const CMD: Duration = Duration::from_secs(60);
@@ -29,15 +29,6 @@ const SOURCE_DETACH_WITHIN: Duration = Duration::from_secs(90);
 
 fn step(what: &str) {
     eprintln!("[live_migration] {what}");
-}
-
-/// (transmitted, received) from a busybox ping summary.
-fn ping_counts(output: &str) -> Option<(u32, u32)> {
-    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut parts = line.split(',');
-    let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    Some((tx, rx))
 }
 
 /// Sequence numbers of the echo replies in a busybox ping log (`... seq=N ttl=...`).
