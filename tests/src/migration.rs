@@ -1,7 +1,8 @@
 //! The steps every live-migration test takes around the data plane: the registry's migration
 //! to another host with that host's incoming attach, and waiting for the destination to
-//! register the VM's endpoint after the resume (`migration_hairpin`; `live_migration` and
-//! `libvirt` take the same steps).
+//! register the VM's endpoint after the resume (`migration_hairpin`, `migration_state`,
+//! `live_migration`, `libvirt`); the real `qemu-launch migrate` between two hosts
+//! ([`QemuLaunchMigrate`], `qemu_launch_migrate`); and reading a busybox ping summary.
 
 use crate::cluster::Cluster;
 use anyhow::{anyhow, bail, Result};
