@@ -1,7 +1,7 @@
 //! `qemu-launch`: start a guest on vnpd with QEMU, print the cloud-hypervisor and libvirt
 //! equivalents, build the test guest, and run a live migration between two vnpd hosts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,9 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qemu_launch::cmdline::{self, GuestFiles};
 use qemu_launch::registry_env::{RegistryArgs, RegistrySettings};
-use qemu_launch::{
-    migrate, Accel, Guest, GuestImage, GuestSpec, MacAddr, MigrateOptions, TestNetdev,
-};
+use qemu_launch::{Accel, Guest, GuestImage, GuestSpec, MacAddr, TestNetdev};
+
+mod migrate_cmd;
+use migrate_cmd::{run_migration, MigrationSteps};
 
 /// Start guests wired to vnpd (vhost-user), drive them over QMP, run live migrations.
 ///
@@ -67,6 +68,11 @@ enum Cmd {
     /// between two QEMUs with an isolated QEMU-only NIC (--test-netdev). Boots the source,
     /// runs --before in it, migrates, runs --after in the destination and prints a JSON report
     /// with total time and downtime.
+    ///
+    /// SIGINT/SIGTERM during the migration cancels it (QMP migrate_cancel); a second one ends
+    /// qemu-launch at once. A failed or cancelled migration undoes the network steps, runs
+    /// --after in the source (which kept the guest), prints the JSON with "error" and exits
+    /// with status 2; status 1 is any other error (including an undo that failed).
     Migrate {
         #[command(flatten)]
         guest: GuestArgs,
@@ -89,6 +95,9 @@ enum Cmd {
         /// Migration downtime limit (ms).
         #[arg(long)]
         downtime_limit_ms: Option<u64>,
+        /// Migration bandwidth limit, bytes per second (QEMU's `max-bandwidth`).
+        #[arg(long)]
+        max_bandwidth: Option<u64>,
     },
     /// Build (or locate the cached) test guest image and print its directory and manifest.
     BuildGuest,
@@ -330,6 +339,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             after,
             boot_timeout,
             downtime_limit_ms,
+            max_bandwidth,
         } => run_migration(
             &guest,
             &network,
@@ -340,6 +350,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 after,
                 boot_timeout,
                 downtime_limit_ms,
+                max_bandwidth,
             },
         ),
     }
@@ -460,145 +471,4 @@ fn run_guest(args: &GuestArgs, boot_timeout: u64, exec: Option<&str>) -> Result<
             });
         }
     }
-}
-
-/// What `migrate` runs besides the network steps.
-struct MigrationSteps {
-    uri: Option<String>,
-    before: Option<String>,
-    after: Option<String>,
-    boot_timeout: u64,
-    downtime_limit_ms: Option<u64>,
-}
-
-/// Runs `cmd` in `g`, failing on a non-zero status.
-fn run_in(g: &mut Guest, cmd: &str) -> Result<String, String> {
-    g.run_ok(cmd, Duration::from_secs(60))
-        .map_err(|e| e.to_string())
-}
-
-/// Boots the source guest and runs `--before` in it.
-fn boot_source(args: &GuestArgs, spec: GuestSpec, steps: &MigrationSteps) -> Result<Guest, String> {
-    let boot = args.image()?.boot_files();
-    let mut src = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
-    src.wait_ready(Duration::from_secs(steps.boot_timeout))
-        .map_err(|e| e.to_string())?;
-    if let Some(cmd) = &steps.before {
-        let out = src
-            .run(cmd, Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
-        eprintln!(
-            "qemu-launch: before (status {}): {}",
-            out.status,
-            out.stdout.trim_end()
-        );
-    }
-    Ok(src)
-}
-
-/// Lets the probe run `--probe-settle-secs` on the destination, stops it and reads it.
-fn stop_probe(
-    dst: &mut Guest,
-    net: &NetworkArgs,
-) -> Result<qemu_launch::probe::ProbeReport, String> {
-    std::thread::sleep(Duration::from_secs(net.probe_settle_secs));
-    let out = run_in(dst, &qemu_launch::probe::stop_command())?;
-    qemu_launch::probe::parse(&out, net.probe_interval_ms)
-        .ok_or_else(|| format!("the probe got no reply at all:\n{out}"))
-}
-
-/// The source and destination must both be vnpd sockets (or both QEMU's test NIC).
-fn check_endpoints(
-    src_spec: &GuestSpec,
-    net: &NetworkArgs,
-    dst_socket: Option<&PathBuf>,
-) -> Result<(), String> {
-    if src_spec.vhost_user_socket.is_none() && src_spec.test_netdev.is_none() {
-        return Err(
-            "give --socket and --dst-host/--dst-socket (two vnpd hosts) or --test-netdev user"
-                .into(),
-        );
-    }
-    if src_spec.vhost_user_socket.is_some() && dst_socket.is_none() && net.dst_host.is_none() {
-        return Err(
-            "--socket needs --dst-host with --dst-admin (qemu-launch prepares the destination) or --dst-socket (prepared by hand)".into(),
-        );
-    }
-    Ok(())
-}
-
-fn run_migration(
-    args: &GuestArgs,
-    net: &NetworkArgs,
-    dst_socket: Option<PathBuf>,
-    steps: MigrationSteps,
-) -> Result<ExitCode, String> {
-    let src_spec = args.spec()?;
-    check_endpoints(&src_spec, net, dst_socket.as_ref())?;
-    let mut src = boot_source(args, src_spec.clone(), &steps)?;
-    // The network steps come before QEMU migrates; nothing follows after it.
-    let moved = match (&net.dst_host, &net.dst_admin, &args.vm) {
-        (Some(host), Some(admin), Some(vm)) => {
-            Some(qemu_launch::network_move::NetworkMove::prepare(
-                args.registry_client()?,
-                admin,
-                vm,
-                host,
-            )?)
-        }
-        _ => None,
-    };
-    let mut dst_spec = src_spec.clone();
-    dst_spec.name = format!("{}-dst", src_spec.name);
-    dst_spec.vhost_user_socket = moved
-        .as_ref()
-        .map(|m| m.dst_socket().to_path_buf())
-        .or(dst_socket);
-    dst_spec.work_dir = src_spec.work_dir.as_ref().map(|d| Path::new(d).join("dst"));
-    let settle = Duration::from_secs(net.probe_settle_secs);
-    if let Some(peer) = &net.probe {
-        run_in(
-            &mut src,
-            &qemu_launch::probe::start_command(peer, net.probe_interval_ms),
-        )?;
-        std::thread::sleep(settle);
-    }
-    let opts = MigrateOptions {
-        uri: steps.uri,
-        downtime_limit_ms: steps.downtime_limit_ms,
-        ..MigrateOptions::default()
-    };
-    let (mut dst, report) = migrate(&mut src, dst_spec, &opts).map_err(|e| e.to_string())?;
-    drop(src);
-    let prepare_ms = moved.map(|m| {
-        let ms = m.prepare_ms();
-        m.complete();
-        ms
-    });
-    let probe = match &net.probe {
-        Some(_) => Some(stop_probe(&mut dst, net)?),
-        None => None,
-    };
-    let mut after_out = None;
-    if let Some(cmd) = &steps.after {
-        let out = dst
-            .run(cmd, Duration::from_secs(60))
-            .map_err(|e| e.to_string())?;
-        after_out = Some(
-            serde_json::json!({ "status": out.status, "stdout": out.stdout, "stderr": out.stderr }),
-        );
-    }
-    let json = serde_json::json!({
-        "migration": report,
-        "network_prepare_ms": prepare_ms,
-        "probe": probe,
-        "after": after_out,
-    });
-    emit(&format!(
-        "{}\n",
-        serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?
-    ));
-    dst.shutdown(Duration::from_secs(30))
-        .map_err(|e| e.to_string())?;
-    Ok(ExitCode::SUCCESS)
 }

@@ -1,5 +1,7 @@
 //! Live migration of a running guest to a new QEMU process (on this or another vnpd host).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -21,7 +23,14 @@ pub struct MigrateOptions {
     pub max_bandwidth: Option<u64>,
     /// `downtime-limit` in ms (QEMU's default is 300).
     pub downtime_limit_ms: Option<u64>,
+    /// Set it (e.g. from a SIGINT handler) to cancel the migration: `migrate` sends QMP
+    /// `migrate_cancel` to the source and fails with [`CANCELLED`] in the reason, unless
+    /// QEMU completed first. The source keeps running either way.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
+
+/// What the reason of a migration error starts with when [`MigrateOptions::cancel`] stopped it.
+pub const CANCELLED: &str = "cancelled on request";
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -30,6 +39,7 @@ impl Default for MigrateOptions {
             timeout: Duration::from_secs(120),
             max_bandwidth: None,
             downtime_limit_ms: None,
+            cancel: None,
         }
     }
 }
@@ -77,14 +87,14 @@ pub fn parse_query_migrate(v: &Value) -> MigrationProgress {
             dirty_sync_count: num("/ram/dirty-sync-count"),
             wall_ms_until_destination_running: 0,
         }),
-        "failed" | "cancelled" | "cancelling" => {
-            let why = v
-                .get("error-desc")
-                .and_then(Value::as_str)
-                .unwrap_or("no error-desc given");
-            MigrationProgress::Failed(format!("{status}: {why}"))
+        "failed" | "cancelled" => {
+            MigrationProgress::Failed(match v.get("error-desc").and_then(Value::as_str) {
+                Some(why) => format!("{status}: {why}"),
+                None => status,
+            })
         }
-        // "none" right after `migrate` is issued, then setup/active/device/...
+        // "none" right after `migrate` is issued, then setup/active/device/...; "cancelling"
+        // until the source has its state back.
         _ => MigrationProgress::InProgress(status),
     }
 }
@@ -138,13 +148,7 @@ pub fn migrate(
         .uri
         .clone()
         .unwrap_or_else(|| format!("unix:{}", dst.work_dir().join("migrate.sock").display()));
-    let fail = |src: &Guest, dst: &Guest, reason: String| Error::Migration {
-        src: src.name().to_string(),
-        dst: dst.name().to_string(),
-        reason,
-        src_diagnostics: Box::new(src.diagnostics()),
-        dst_diagnostics: Box::new(dst.diagnostics()),
-    };
+    let fail = migration_error;
 
     dst.qmp_execute("migrate-incoming", Some(json!({ "uri": uri })))?;
     let mut params = serde_json::Map::new();
@@ -160,33 +164,7 @@ pub fn migrate(
     let started = Instant::now();
     src.qmp_execute("migrate", Some(json!({ "uri": uri })))?;
 
-    let deadline = started + opts.timeout;
-    let mut report = loop {
-        if !dst.is_running() {
-            let _ = src.qmp_execute("migrate_cancel", None);
-            return Err(fail(
-                src,
-                &dst,
-                "destination QEMU exited during migration".into(),
-            ));
-        }
-        let progress = parse_query_migrate(&src.qmp_execute("query-migrate", None)?);
-        match progress {
-            MigrationProgress::Completed(r) => break r,
-            MigrationProgress::Failed(why) => return Err(fail(src, &dst, why)),
-            MigrationProgress::InProgress(status) => {
-                if Instant::now() >= deadline {
-                    let _ = src.qmp_execute("migrate_cancel", None);
-                    return Err(fail(
-                        src,
-                        &dst,
-                        format!("not completed within {:?} (status {status})", opts.timeout),
-                    ));
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut report = wait_completed(src, &mut dst, opts, started)?;
 
     // The destination resumes on its own once it has the whole state.
     let running_deadline = Instant::now() + Duration::from_secs(30);
@@ -222,6 +200,69 @@ pub fn migrate(
     Ok((dst, report))
 }
 
+fn migration_error(src: &Guest, dst: &Guest, reason: String) -> Error {
+    Error::Migration {
+        src: src.name().to_string(),
+        dst: dst.name().to_string(),
+        reason,
+        src_diagnostics: Box::new(src.diagnostics()),
+        dst_diagnostics: Box::new(dst.diagnostics()),
+    }
+}
+
+/// Polls the source's `query-migrate` until QEMU completes; sends `migrate_cancel` when
+/// `opts.cancel` is set, the destination exits, or the time is up.
+fn wait_completed(
+    src: &mut Guest,
+    dst: &mut Guest,
+    opts: &MigrateOptions,
+    started: Instant,
+) -> Result<MigrationReport> {
+    let fail = migration_error;
+    let deadline = started + opts.timeout;
+    let mut cancel_sent = false;
+    loop {
+        if !cancel_sent
+            && opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            log::warn!("{}: cancelling the migration (migrate_cancel)", src.name());
+            src.qmp_execute("migrate_cancel", None)?;
+            cancel_sent = true;
+        }
+        if !dst.is_running() && !cancel_sent {
+            let _ = src.qmp_execute("migrate_cancel", None);
+            return Err(fail(
+                src,
+                dst,
+                "destination QEMU exited during migration".into(),
+            ));
+        }
+        let progress = parse_query_migrate(&src.qmp_execute("query-migrate", None)?);
+        match progress {
+            // Cancelled too late: QEMU finished first, and the guest runs on the destination.
+            MigrationProgress::Completed(r) => return Ok(r),
+            MigrationProgress::Failed(why) if cancel_sent => {
+                return Err(fail(src, dst, format!("{CANCELLED} (QEMU: {why})")))
+            }
+            MigrationProgress::Failed(why) => return Err(fail(src, dst, why)),
+            MigrationProgress::InProgress(status) => {
+                if Instant::now() >= deadline {
+                    let _ = src.qmp_execute("migrate_cancel", None);
+                    return Err(fail(
+                        src,
+                        dst,
+                        format!("not completed within {:?} (status {status})", opts.timeout),
+                    ));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +290,14 @@ mod tests {
         assert_eq!(
             parse_query_migrate(&json!({"status": "failed", "error-desc": "Unable to write"})),
             MigrationProgress::Failed("failed: Unable to write".into())
+        );
+        assert_eq!(
+            parse_query_migrate(&json!({"status": "cancelled"})),
+            MigrationProgress::Failed("cancelled".into())
+        );
+        assert_eq!(
+            parse_query_migrate(&json!({"status": "cancelling"})),
+            MigrationProgress::InProgress("cancelling".into())
         );
         assert_eq!(
             parse_query_migrate(&json!({"status": "active"})),

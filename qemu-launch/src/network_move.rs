@@ -77,9 +77,38 @@ impl NetworkMove {
     pub fn complete(mut self) {
         self.completed = true;
     }
+
+    /// The migration did not happen: detaches the incoming attachment on the destination
+    /// vnpd and cancels the registry's migration (its `incoming` record, the port reserved
+    /// on the destination host and that host's access to the VM's secret), so the source
+    /// host stays the VM's only home. Both steps are tried; the error names each that failed.
+    pub fn undo(mut self) -> Result<(), String> {
+        self.completed = true;
+        self.undo_steps()
+    }
+
+    fn undo_steps(&self) -> Result<(), String> {
+        let vm = &self.vm;
+        let mut failed = Vec::new();
+        if let Err(e) = self.dst_admin.detach(vm) {
+            failed.push(format!(
+                "detaching the incoming {vm} on the destination vnpd: {e}"
+            ));
+        }
+        if let Err(e) = self.client.cancel_migration(vm) {
+            failed.push(format!("registry: cancelling the migration of {vm}: {e}"));
+        }
+        if failed.is_empty() {
+            log::info!("{vm}: incoming attachment detached and the registry's migration cancelled");
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
 }
 
 impl Drop for NetworkMove {
+    /// The fallback when neither `complete` nor `undo` ran (an error on the way).
     fn drop(&mut self) {
         if self.completed {
             return;
@@ -88,11 +117,8 @@ impl Drop for NetworkMove {
             "the migration of {} did not complete: undoing the incoming attach and the registry's move",
             self.vm
         );
-        if let Err(e) = self.dst_admin.detach(&self.vm) {
-            log::error!("detaching the incoming {}: {e}", self.vm);
-        }
-        if let Err(e) = self.client.cancel_migration(&self.vm) {
-            log::error!("registry: cancelling the migration of {}: {e}", self.vm);
+        if let Err(e) = self.undo_steps() {
+            log::error!("{e}");
         }
     }
 }

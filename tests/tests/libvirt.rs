@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{GuestImage, GuestSpec, LibvirtDomain, MacAddr, NetStatus, Virsh};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, GUEST_MTU};
-use vnp_registry_client::StartMigration;
+use vnp_e2e::migration::{begin_migration, ping_counts};
 use vnp_testkit::libvirtd::Libvirtd;
 use vnpd_admin_api::AttachmentInfo;
 
@@ -29,15 +29,6 @@ const QEMU_USER: &str = "libvirt-qemu";
 
 fn step(what: &str) {
     eprintln!("[libvirt] {what}");
-}
-
-/// (transmitted, received) from a busybox ping summary.
-fn ping_counts(output: &str) -> Option<(u32, u32)> {
-    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut parts = line.split(',');
-    let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    Some((tx, rx))
 }
 
 fn ping(domain: &mut LibvirtDomain, dst: std::net::Ipv4Addr) -> String {
@@ -232,22 +223,7 @@ fn libvirt_boots_a_guest_on_vnpd_and_migrates_it_live() {
     std::thread::sleep(Duration::from_secs(2));
 
     step("registry: vm-a migrates to host 1; host 1 attaches it as incoming");
-    let h1 = c.host(1).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h1,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att_a2 = c
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let att_a2 = begin_migration(&c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let qemu_gid = group_id(QEMU_USER);
     assert_eq!(socket_access(&att_a2.socket_path), (0o660, qemu_gid));
 

@@ -14,10 +14,10 @@
 
 use std::time::{Duration, Instant};
 
-use qemu_launch::{migrate, Guest, GuestImage, MigrateOptions};
+use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions};
-use vnp_registry_client::{Endpoint, StartMigration};
-use vnp_testkit::process::ChildGuard;
+use vnp_e2e::migration::{self, begin_migration, ping_counts, wait_endpoint_on};
+use vnp_registry_client::Endpoint;
 
 const CMD: Duration = Duration::from_secs(60);
 /// The peer's ping interval (busybox ping sends on a timer, also while replies are missing).
@@ -29,15 +29,6 @@ const SOURCE_DETACH_WITHIN: Duration = Duration::from_secs(90);
 
 fn step(what: &str) {
     eprintln!("[live_migration] {what}");
-}
-
-/// (transmitted, received) from a busybox ping summary.
-fn ping_counts(output: &str) -> Option<(u32, u32)> {
-    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut parts = line.split(',');
-    let tx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    let rx = parts.next()?.split_whitespace().next()?.parse().ok()?;
-    Some((tx, rx))
 }
 
 /// Sequence numbers of the echo replies in a busybox ping log (`... seq=N ttl=...`).
@@ -105,8 +96,8 @@ fn poll_guest(g: &mut Guest, cmd: &str, within: Duration, done: impl Fn(&str) ->
     }
 }
 
-fn endpoint_of(c: &Cluster, vm: &'static str) -> Option<Endpoint> {
-    c.registry(move |r| r.get_vm(vm)).unwrap().endpoint
+fn endpoint_of(c: &Cluster, vm: &str) -> Option<Endpoint> {
+    migration::endpoint_of(c, vm).unwrap()
 }
 
 #[test]
@@ -183,22 +174,7 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     step("registry: vm-a migrates to host 1 (host 0 stays the owner); host 1 attaches it as incoming");
     let before = endpoint_of(&c, "vm-a").expect("endpoint registered by host 0");
     assert_eq!(before.host_addr, c.host(0).addr);
-    let h1 = c.host(1).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h1,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att_a2 = c
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let att_a2 = begin_migration(&c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         endpoint_of(&c, "vm-a"),
@@ -217,18 +193,8 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let migrated_ms = started.elapsed().as_millis();
     drop(ga);
-    let moved = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match endpoint_of(&c, "vm-a") {
-                Some(ep) if ep.host_addr == c.host(1).addr => break ep,
-                _ if Instant::now() > deadline => {
-                    panic!("host 1 did not register vm-a on resume\n{}", c.logs())
-                }
-                _ => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    };
+    let moved = wait_endpoint_on(&c, "vm-a", 1, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("on resume: {e}\n{}", c.logs()));
     eprintln!(
         "  {report:?} (harness wall {migrated_ms} ms; endpoint on host 1 at {} ms)",
         started.elapsed().as_millis()
@@ -329,9 +295,6 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     step("back to host 0 while vm-b pings vm-a, which now only answers");
     let ga3 = migrate_back_answering_only(&c, &mut ga2, &mut gb, &rec_a.ip.to_string(), &dir);
 
-    step("one command: qemu-launch migrate moves vm-c from host 0 to host 1, probing vm-a");
-    one_command_migration(&c, &rec_a.ip.to_string(), &dir);
-
     drop(ga2);
     drop(ga3);
     drop(gb);
@@ -358,22 +321,7 @@ fn migrate_back_answering_only(
         CMD,
     )
     .unwrap();
-    let h0 = c.host(0).id.clone();
-    c.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: h0,
-                host_port: None,
-            },
-        )
-    })
-    .unwrap();
-    let att = c
-        .host(0)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let att = begin_migration(c, "vm-a", 0).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let mut spec = ga2.spec().clone();
     spec.name = "vm-a-back".into();
     spec.vhost_user_socket = Some(att.socket_path.clone());
@@ -398,77 +346,4 @@ fn migrate_back_answering_only(
         c.logs()
     );
     ga3
-}
-
-/// `qemu-launch migrate` with the network steps: it boots vm-c on host 0, moves it in the
-/// registry, attaches it as incoming on host 1, migrates it while the guest pings `peer_ip`
-/// every 10 ms, and prints JSON; the test checks the JSON against the registry and vnpd.
-fn one_command_migration(c: &Cluster, peer_ip: &str, dir: &std::path::Path) {
-    c.create_vm("vm-c", 0, &[]).unwrap();
-    let att = c.attach(0, "vm-c").unwrap();
-    let image = GuestImage::ensure().expect("guest image");
-    let work = dir.join("guest-vm-c");
-    let mut cmd = c.fabric().core().command(&c.bins().qemu_launch);
-    cmd.args(["migrate", "--name", "vm-c", "--vm", "vm-c"])
-        .args(["--registry", &c.registry_url()])
-        .arg("--tls-dir")
-        .arg(c.tls_dir())
-        .arg("--socket")
-        .arg(&att.socket_path)
-        .args(["--dst-host", &c.host(1).id])
-        .arg("--dst-admin")
-        .arg(&c.host(1).admin_socket)
-        .args(["--probe", peer_ip, "--probe-interval-ms", "10"])
-        .arg("--work-dir")
-        .arg(&work)
-        .arg("--guest-dir")
-        .arg(&image.dir)
-        .stdout(std::process::Stdio::piped());
-    let mut child = ChildGuard::spawn("qemu-launch", &mut cmd, None).expect("qemu-launch");
-    let stdout = child.take_stdout().expect("piped stdout");
-    let reader = std::thread::spawn(move || std::io::read_to_string(stdout));
-    let deadline = Instant::now() + Duration::from_secs(400);
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            other => panic!("qemu-launch migrate: {other:?}\n{}", c.logs()),
-        }
-    };
-    let text = reader.join().unwrap().unwrap_or_default();
-    assert!(
-        status.success(),
-        "qemu-launch migrate failed ({status}):\n{text}\n{}\n{}",
-        child.stderr_tail(),
-        c.logs()
-    );
-    let json: serde_json::Value =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("qemu-launch's JSON: {e}\n{text}"));
-    eprintln!("  qemu-launch migrate: {json}");
-    let num = |path: &[&str]| -> u64 {
-        path.iter()
-            .fold(&json, |v, k| &v[*k])
-            .as_u64()
-            .unwrap_or_else(|| panic!("{path:?} in {json}"))
-    };
-    assert!(num(&["migration", "total_ms"]) > 0, "{json}");
-    num(&["migration", "downtime_ms"]);
-    num(&["network_prepare_ms"]);
-    let (sent, answered, lost) = (
-        num(&["probe", "sent"]),
-        num(&["probe", "answered"]),
-        num(&["probe", "lost"]),
-    );
-    assert_eq!(sent, answered + lost, "{json}");
-    // 3 s before and after at 100/s: at least half a second of answered echoes each side.
-    assert!(answered >= 100 && lost * 10 <= sent, "{json}");
-    assert!(num(&["probe", "blackout_ms"]) < 5_000, "{json}");
-    let ep = endpoint_of(c, "vm-c").expect("vm-c's endpoint");
-    assert_eq!(ep.host_addr, c.host(1).addr, "{ep:?}");
-    let on_1 = c.host(1).admin().list().unwrap();
-    assert!(
-        on_1.iter()
-            .any(|a| a.vm_id == "vm-c" && a.udp_port == ep.port),
-        "{on_1:?}"
-    );
 }
