@@ -10,8 +10,12 @@
 //! by the packets vnpd B delivered; the floor's is the sender's plus the receiver's CPU time per
 //! delivered datagram.
 //!
-//! Run (root, DPDK, hugepages):
-//!   cargo build --release -p vnp-udp-floor && cargo bench -p vnpd --bench vnpd_udp
+//! The floor runs twice per run: unpaced (the headline ratio), and paced at the packet rate vnpd
+//! just reached (`udp-floor --rate`): a receiver that gets more packets per wake-up pays less
+//! per packet, and on a loaded machine the unpaced floor runs several times vnpd's rate.
+//!
+//! Run (root, DPDK, hugepages): `cargo bench -p vnpd --bench vnpd_udp` (builds `udp-floor` in
+//! release first when UDP_FLOOR is not set).
 //! Env: VNPD_BENCH_SECONDS (default 5), VNPD_BENCH_RUNS (default 3), UDP_FLOOR (binary path),
 //! VNPD_BENCH_FRAMES (frame sizes, default "64,1466").
 
@@ -208,9 +212,18 @@ fn json_number(json: &str, key: &str) -> f64 {
         .unwrap()
 }
 
-fn floor_run(udp_floor: &PathBuf, payload: usize, seconds: u64, extra: &[String]) -> Sample {
+/// One `udp-floor` run; `rate`: paced at that many datagrams per second.
+fn floor_run(
+    udp_floor: &PathBuf,
+    payload: usize,
+    seconds: u64,
+    extra: &[String],
+    rate: Option<f64>,
+) -> Sample {
+    let rate = rate.map(|r| vec!["--rate".to_string(), format!("{r:.0}")]);
     let out = Command::new(udp_floor)
         .args(extra)
+        .args(rate.unwrap_or_default())
         .args([
             "--payload",
             &payload.to_string(),
@@ -232,9 +245,41 @@ fn floor_run(udp_floor: &PathBuf, payload: usize, seconds: u64, extra: &[String]
     }
 }
 
+/// Builds the floor binary (release, like this benchmark) and returns its path: `cargo bench`
+/// builds only this package's targets, so a clean checkout has no `udp-floor` yet.
+fn build_udp_floor() -> PathBuf {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vnp-udp-floor",
+            "--bin",
+            "udp-floor",
+        ])
+        .status()
+        .expect("run cargo build -p vnp-udp-floor");
+    assert!(
+        status.success(),
+        "cargo build --release -p vnp-udp-floor failed"
+    );
+    workspace.join("target/release/udp-floor")
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+/// The median rate and the median cost of a set of runs (each taken on its own).
+fn medians(samples: &[Sample]) -> Sample {
+    Sample {
+        pps: median(samples.iter().map(|s| s.pps).collect()),
+        cpu_ns_per_pkt: median(samples.iter().map(|s| s.cpu_ns_per_pkt).collect()),
+    }
 }
 
 /// Keeps this process (every vnpd thread it spawns) on `cpu`, away from testpmd's busy-polling
@@ -262,9 +307,7 @@ fn main() {
         .unwrap_or(3);
     let udp_floor = std::env::var_os("UDP_FLOOR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/udp-floor")
-        });
+        .unwrap_or_else(build_udp_floor);
     assert!(
         udp_floor.exists(),
         "{} missing: cargo build --release -p vnp-udp-floor",
@@ -278,32 +321,37 @@ fn main() {
         .split_whitespace()
         .map(String::from)
         .collect();
-    println!("| frame | UDP payload | vnpd pps | vnpd CPU ns/pkt | floor pps | floor CPU ns/pkt | ratio |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| frame | UDP payload | vnpd pps | vnpd CPU ns/pkt | floor pps | floor CPU ns/pkt | ratio | paced floor pps | paced floor CPU ns/pkt | ratio at vnpd's rate |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // 64-byte frames (50-byte inner packets) and full-MTU frames (1452-byte inner packets:
     // 1500-byte outer IPv4 datagrams on the underlay).
     for frame in frame_sizes() {
         let payload = 20 + usize::from(frame) - 14;
-        let mut v_pps = Vec::new();
-        let mut v_cpu = Vec::new();
-        let mut f_pps = Vec::new();
-        let mut f_cpu = Vec::new();
+        let (mut vnpd, mut floor, mut paced) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            let f = floor_run(&udp_floor, payload, seconds, &floor_args);
-            f_pps.push(f.pps);
-            f_cpu.push(f.cpu_ns_per_pkt);
+            let f = floor_run(&udp_floor, payload, seconds, &floor_args, None);
             let v = vnpd_run(frame, seconds);
-            v_pps.push(v.pps);
-            v_cpu.push(v.cpu_ns_per_pkt);
+            // The same packet rate as vnpd, right after it, under the same load.
+            let p = floor_run(&udp_floor, payload, seconds, &floor_args, Some(v.pps));
             eprintln!(
-                "frame {frame}: vnpd {:.0} pps {:.0} ns/pkt | floor {:.0} pps {:.0} ns/pkt",
-                v.pps, v.cpu_ns_per_pkt, f.pps, f.cpu_ns_per_pkt
+                "frame {frame}: vnpd {:.0} pps {:.0} ns/pkt | floor {:.0} pps {:.0} ns/pkt | paced floor {:.0} pps {:.0} ns/pkt",
+                v.pps, v.cpu_ns_per_pkt, f.pps, f.cpu_ns_per_pkt, p.pps, p.cpu_ns_per_pkt
             );
+            vnpd.push(v);
+            floor.push(f);
+            paced.push(p);
         }
-        let (vp, vc, fp, fc) = (median(v_pps), median(v_cpu), median(f_pps), median(f_cpu));
+        let (v, f, p) = (medians(&vnpd), medians(&floor), medians(&paced));
         println!(
-            "| {frame} | {payload} | {vp:.0} | {vc:.0} | {fp:.0} | {fc:.0} | {:.2} |",
-            vc / fc
+            "| {frame} | {payload} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+            v.pps,
+            v.cpu_ns_per_pkt,
+            f.pps,
+            f.cpu_ns_per_pkt,
+            v.cpu_ns_per_pkt / f.cpu_ns_per_pkt,
+            p.pps,
+            p.cpu_ns_per_pkt,
+            v.cpu_ns_per_pkt / p.cpu_ns_per_pkt,
         );
     }
 }

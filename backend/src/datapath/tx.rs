@@ -29,7 +29,7 @@ use crate::metrics::counters::DropReason;
 use crate::ring::memory::with_ring_mem;
 use crate::ring::park::{avail_index_jump, head_out_of_range};
 use crate::ring::vring::notify;
-use crate::ring::{DescTable, GuestView, Vring};
+use crate::ring::{DescTable, GuestView, UsedRing, Vring};
 
 /// Largest ARP/DHCP frame handed to the edge.
 const MAX_EDGE_FRAME: usize = 1514;
@@ -86,8 +86,14 @@ impl PairWorker {
         with_ring_mem!(view, |mem| {
             let mut state = tx.get_mut();
             let queue = state.get_queue_mut();
-            for head in &self.tx_heads {
-                let _ = queue.add_used(mem, *head, 0);
+            let heads = self.tx_heads.iter().map(|head| (*head, 0));
+            match view.plain().and_then(|plain| UsedRing::of(queue, plain)) {
+                Some(ring) => {
+                    ring.add(queue, heads);
+                }
+                None => heads.for_each(|(head, len)| {
+                    let _ = queue.add_used(mem, head, len);
+                }),
             }
             drop(state);
             notify(tx, mem);

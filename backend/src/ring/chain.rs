@@ -12,7 +12,9 @@ use thiserror::Error;
 use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 /// Most descriptors a TX chain may have. Linux uses at most MAX_SKB_FRAGS + 2 (19); DPDK one or
 /// two. A longer chain is a broken or hostile guest.
@@ -252,6 +254,12 @@ impl TxChain {
         len: u32,
     ) -> Result<(), ChainError> {
         // Resolving the range checks it: any part outside guest memory is an error.
+        if let Some(host) = one_piece(mem, addr, len as usize) {
+            self.pieces.push(HostPiece { addr: host, len });
+            self.segs.push(GuestSeg { addr, len });
+            self.len += len as usize;
+            return Ok(());
+        }
         let mut covered = 0usize;
         for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
             let Ok(slice) = slice else {
@@ -270,6 +278,26 @@ impl TxChain {
         self.len += len as usize;
         Ok(())
     }
+}
+
+/// The host address of `len > 0` bytes at `addr` when they lie inside one memory region: one
+/// region lookup and a bounds check, where vm-memory's slice iterator (what a range that spans
+/// regions needs) costs several calls per range. `None` for anything else, which the caller
+/// then resolves, or refuses, through the iterator.
+pub fn one_piece<B: Bitmap + 'static>(
+    mem: &GuestMemoryMmap<B>,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<usize> {
+    if len == 0 {
+        return None;
+    }
+    let (region, offset) = mem.to_region_addr(addr)?;
+    let end = offset.raw_value().checked_add(len as u64)?;
+    if end > region.len() {
+        return None;
+    }
+    Some(region.as_ptr() as usize + usize::try_from(offset.raw_value()).ok()?)
 }
 
 /// Most host pieces (segments split at memory-region boundaries) cached per RX buffer.
@@ -321,6 +349,17 @@ impl RxBuf {
         self.npieces = 0;
         let mut n = 0usize;
         for seg in &self.segs[..usize::from(self.nsegs)] {
+            if let Some(host) = one_piece(mem, seg.addr, seg.len as usize) {
+                if n == MAX_RX_PIECES {
+                    return;
+                }
+                self.pieces[n] = HostPiece {
+                    addr: host,
+                    len: seg.len,
+                };
+                n += 1;
+                continue;
+            }
             for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
                 let Ok(slice) = slice else { return };
                 if n == MAX_RX_PIECES {
@@ -381,7 +420,9 @@ where
             }
             continue;
         }
-        if !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize) {
+        if one_piece(mem, desc.addr(), len as usize).is_none()
+            && !GuestMemoryBackend::check_range(mem, desc.addr(), len as usize)
+        {
             return Err(ChainError::OutsideMemory);
         }
         buf.segs[usize::from(buf.nsegs)] = GuestSeg {

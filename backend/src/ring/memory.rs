@@ -60,6 +60,11 @@ impl PlainShadow {
         })
     }
 
+    /// The shadow memory itself.
+    pub fn plain(&self) -> &PlainMem {
+        &self.plain
+    }
+
     /// Whether this is the shadow of `snapshot`.
     pub fn is_of(&self, snapshot: &Arc<GuestMem>) -> bool {
         Arc::ptr_eq(&self.source, snapshot)

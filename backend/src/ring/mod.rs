@@ -12,6 +12,7 @@
 //! - [`batch`]: [`MsgBatch`], the `mmsghdr`s and iovecs of one `sendmmsg`/`recvmmsg`, reused
 //!   from batch to batch.
 //! - [`park`]: faults that break a whole ring (index jump, head out of range) and parking it.
+//! - [`used`]: [`UsedRing`], used entries written by host address, one index store per batch.
 //! - [`vring`]: notification decisions on a vring.
 
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod chain;
 pub mod memory;
 pub mod park;
 pub mod pool;
+pub mod used;
 pub mod vring;
 
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -30,6 +32,7 @@ pub use chain::{ChainError, DescTable, GuestSeg, RxBuf, TxChain};
 pub use memory::{GuestView, PlainMem, PlainShadow};
 pub use park::{ParkedRing, RingFault};
 pub use pool::RxPool;
+pub use used::UsedRing;
 
 /// Guest memory as vnpd maps it: every write through vm-memory lands in the dirty log once
 /// the frontend sets one up (live migration).

@@ -22,6 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::{collect_rx_chain, push_piece_iovecs, write_pieces, DescTable, GuestSeg, RxBuf};
 use super::memory::{with_ring_mem, GuestView};
 use super::park::{avail_index_jump, head_out_of_range, RingFault};
+use super::used::UsedRing;
 use super::GuestMem;
 
 /// RX buffers taken from the avail ring and not yet used.
@@ -322,9 +323,14 @@ impl RxPool {
     /// the rest stay, in order. Returns the used entries added.
     pub fn commit(&mut self, queue: &mut Queue, view: GuestView<'_>) -> usize {
         let n = self.used.len();
-        with_ring_mem!(view, |mem| for (head, len) in self.used.drain(..) {
-            let _ = queue.add_used(mem, head, len);
-        });
+        match view.plain().and_then(|plain| UsedRing::of(queue, plain)) {
+            Some(ring) => {
+                ring.add(queue, self.used.drain(..));
+            }
+            None => with_ring_mem!(view, |mem| for (head, len) in self.used.drain(..) {
+                let _ = queue.add_used(mem, head, len);
+            }),
+        }
         let accepted = &self.accepted;
         let prefix = accepted.iter().take_while(|a| **a).count();
         if accepted[prefix..].iter().any(|a| *a) {

@@ -5,6 +5,7 @@
 //! much vnpd adds on top of the kernel.
 //!
 //! - [`mmsg`]: the sender and receiver loops.
+//! - [`pace`]: the send schedule of a fixed-rate (`--rate`) sender (pure).
 //! - [`gso`]: UDP GSO sends and GRO receives (the bulk floor).
 //! - [`thread`]: per-thread CPU time (`getrusage(RUSAGE_THREAD)`), network namespace and CPU
 //!   affinity of the calling thread.
@@ -12,5 +13,6 @@
 
 pub mod gso;
 pub mod mmsg;
+pub mod pace;
 pub mod report;
 pub mod thread;

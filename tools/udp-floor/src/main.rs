@@ -75,6 +75,11 @@ struct Args {
     /// Datagrams per send as one UDP GSO send (`UDP_SEGMENT`, segment = --payload); 1: off.
     #[arg(long, default_value_t = 1)]
     gso: usize,
+    /// Send at this many datagrams (GSO sends) per second instead of as fast as possible, in
+    /// full batches with sleeps between: to compare with a partner at the partner's packet
+    /// rate.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Receive with UDP GRO (`UDP_GRO`): coalesced datagrams, counted as their segments.
     #[arg(long)]
     gro: bool,
@@ -109,6 +114,7 @@ fn send_spec(args: &Args, dst: SocketAddrV4, payload: usize) -> SendSpec {
         duration: Duration::from_secs_f64(args.seconds),
         connected: args.connected,
         gso_segments: args.gso,
+        rate: args.rate,
     }
 }
 
@@ -186,6 +192,7 @@ fn run_both(args: &Args, payload: usize) -> Result<RunReport, String> {
             batch: args.batch,
             gso_segments: args.gso,
             gro: args.gro,
+            rate: args.rate,
             sender: Some(sender),
             receiver: Some(receiver),
         })
@@ -203,6 +210,7 @@ fn run_one(args: &Args, payload: usize) -> Result<RunReport, String> {
                 batch: args.batch,
                 gso_segments: args.gso,
                 gro: args.gro,
+                rate: args.rate,
                 sender: Some(sender),
                 receiver: None,
             })
@@ -228,6 +236,7 @@ fn run_one(args: &Args, payload: usize) -> Result<RunReport, String> {
                 batch: args.batch,
                 gso_segments: args.gso,
                 gro: args.gro,
+                rate: None,
                 sender: None,
                 receiver: Some(receiver?),
             })
@@ -239,6 +248,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         eprintln!("udp-floor: --seconds must be positive");
+        return ExitCode::from(2);
+    }
+    if args.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        eprintln!("udp-floor: --rate must be a positive number of datagrams per second");
         return ExitCode::from(2);
     }
     for &payload in &args.payload {

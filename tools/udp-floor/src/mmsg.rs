@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::pace::{Pacer, Step};
 use crate::thread::thread_cpu_time;
 
 /// Largest UDP payload over IPv4 (65535 - 20 - 8).
@@ -54,6 +55,9 @@ pub struct SendSpec {
     /// Datagrams of `payload` bytes per message, sent as one UDP GSO send when above 1
     /// ([`crate::gso`]); 1 sends plain datagrams.
     pub gso_segments: usize,
+    /// Datagrams (GSO sends count as one) per second to send at ([`crate::pace`]); `None`:
+    /// as fast as the kernel takes them.
+    pub rate: Option<f64>,
 }
 
 fn check_sizes(payload: usize, batch: usize) -> io::Result<()> {
@@ -92,10 +96,24 @@ fn is_transient(err: &io::Error) -> bool {
     )
 }
 
+/// The send schedule of `spec.rate`, if any; a rate that is not a positive number is refused.
+fn pacer_for(spec: &SendSpec) -> io::Result<Option<Pacer>> {
+    let Some(rate) = spec.rate else {
+        return Ok(None);
+    };
+    Pacer::new(rate, spec.batch).map(Some).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("rate {rate} is not a positive number of datagrams per second"),
+        )
+    })
+}
+
 /// Sends batches of `spec.payload`-byte datagrams to `spec.dst` for `spec.duration`.
 pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats> {
     check_sizes(spec.payload, spec.batch)?;
     crate::gso::check_gso(spec.payload, spec.gso_segments)?;
+    let mut pacer = pacer_for(spec)?;
     if spec.connected {
         socket.connect(spec.dst)?;
     }
@@ -134,10 +152,19 @@ pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats
     let mut stats = ThreadStats::default();
     let cpu_start = thread_cpu_time()?;
     let start = Instant::now();
-    let batch = u32::try_from(spec.batch).unwrap_or(1024);
     while start.elapsed() < spec.duration {
-        // SAFETY: `msgs` holds `batch` initialised mmsghdrs whose iovecs, payload and address
-        // (`iovecs`, `payload`, `dst`) outlive the call; the kernel writes only msg_len.
+        let batch = match pacer.as_mut().map(|p| p.step(start.elapsed())) {
+            None => spec.batch,
+            Some(Step::Send(n)) => n,
+            Some(Step::Sleep(wait)) => {
+                std::thread::sleep(wait.min(spec.duration.saturating_sub(start.elapsed())));
+                continue;
+            }
+        };
+        // Up to `spec.batch` (at most 1024, checked above), so the cast is exact.
+        let batch = batch.min(msgs.len()) as u32;
+        // SAFETY: `msgs` holds at least `batch` initialised mmsghdrs whose iovecs, payload and
+        // address (`iovecs`, `payload`, `dst`) outlive the call; the kernel writes only msg_len.
         let sent = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), batch, 0) };
         if sent < 0 {
             let err = io::Error::last_os_error();
@@ -146,6 +173,9 @@ pub fn run_sender(socket: &UdpSocket, spec: &SendSpec) -> io::Result<ThreadStats
                 continue;
             }
             return Err(err);
+        }
+        if let Some(pacer) = pacer.as_mut() {
+            pacer.sent(sent as usize);
         }
         let sent = sent as u64;
         stats.packets += sent * segments;
@@ -315,6 +345,7 @@ mod tests {
                 duration: Duration::from_millis(100),
                 connected,
                 gso_segments: 1,
+                rate: None,
             };
             let sent = run_sender(&sender, &spec).unwrap();
             assert!(sent.packets > 0);
@@ -325,6 +356,48 @@ mod tests {
         assert!(got.packets > 0);
         assert_eq!(got.bytes, got.packets * 100);
         assert!(got.calls <= got.packets);
+    }
+
+    #[test]
+    fn a_paced_sender_holds_its_rate() {
+        let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        grow_receive_buffer(&receiver, 4 << 20).unwrap();
+        let dst = match receiver.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_rx = Arc::clone(&stop);
+        let rx = std::thread::spawn(move || run_receiver(&receiver, 64, 32, false, &stop_rx));
+        let sender = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let spec = SendSpec {
+            dst,
+            payload: 64,
+            batch: 32,
+            duration: Duration::from_millis(500),
+            connected: false,
+            gso_segments: 1,
+            rate: Some(20_000.0),
+        };
+        let sent = run_sender(&sender, &spec).unwrap();
+        // 10,000 due in 0.5 s; a loaded machine may fall behind (debt older than 10 ms is
+        // forgiven), never ahead by more than a batch.
+        assert!(
+            (5_000..=10_032).contains(&sent.packets),
+            "{} sent",
+            sent.packets
+        );
+        stop.store(true, Ordering::Relaxed);
+        let got = rx.join().unwrap().unwrap();
+        assert!(got.packets > 0 && got.packets <= sent.packets, "{got:?}");
+        let bad = SendSpec {
+            rate: Some(0.0),
+            ..spec
+        };
+        assert_eq!(
+            run_sender(&sender, &bad).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 
     #[test]
@@ -346,6 +419,7 @@ mod tests {
             duration: Duration::from_millis(200),
             connected: false,
             gso_segments: 40,
+            rate: None,
         };
         let sent = run_sender(&sender, &spec).unwrap();
         assert_eq!(sent.packets % 40, 0, "each send is 40 segments");
@@ -380,6 +454,7 @@ mod tests {
             duration: Duration::ZERO,
             connected: false,
             gso_segments: 1,
+            rate: None,
         };
         assert_eq!(
             run_sender(&socket, &spec).unwrap_err().kind(),

@@ -16,6 +16,8 @@ pub struct RunReport {
     pub gso_segments: usize,
     /// Whether the receiver used UDP GRO.
     pub gro: bool,
+    /// The sender's fixed rate (`--rate`), datagrams per second; `None`: unpaced.
+    pub rate: Option<f64>,
     /// Sender counts, if this process sent.
     pub sender: Option<ThreadStats>,
     /// Receiver counts, if this process received.
@@ -92,6 +94,9 @@ impl RunReport {
             },
             if self.gro { ", GRO receive" } else { "" },
         );
+        if let Some(rate) = self.rate {
+            let _ = writeln!(text, "  paced at {rate:.0} datagrams/s");
+        }
         if let Some(s) = self.sender {
             let _ = writeln!(
                 text,
@@ -146,7 +151,7 @@ impl RunReport {
         }
         };
         format!(
-            "{{\"tool\":\"udp-floor\",\"payload\":{},\"batch\":{},\"gso_segments\":{},\"gro\":{},\"gbit_per_cpu_second\":{},\"sent_pps\":{},\"received_pps\":{},\"sender_cpu_ns_per_packet\":{},\"receiver_cpu_ns_per_packet\":{},\"total_cpu_ns_per_packet\":{},\"loss\":{},\"sender\":{},\"receiver\":{}}}",
+            "{{\"tool\":\"udp-floor\",\"payload\":{},\"batch\":{},\"gso_segments\":{},\"gro\":{},\"gbit_per_cpu_second\":{},\"sent_pps\":{},\"received_pps\":{},\"sender_cpu_ns_per_packet\":{},\"receiver_cpu_ns_per_packet\":{},\"total_cpu_ns_per_packet\":{},\"loss\":{},\"rate\":{},\"sender\":{},\"receiver\":{}}}",
             self.payload,
             self.batch,
             self.gso_segments,
@@ -158,6 +163,7 @@ impl RunReport {
             json_num(self.receiver_cpu_ns_per_packet()),
             json_num(self.total_cpu_ns_per_packet()),
             json_num(self.loss()),
+            json_num(self.rate),
             side(self.sender),
             side(self.receiver),
         )
@@ -202,6 +208,7 @@ mod tests {
             batch: 32,
             gso_segments: 1,
             gro: false,
+            rate: None,
             sender: Some(stats(1_000_000, 2000, 1000)),
             receiver: Some(stats(900_000, 1990, 900)),
         };
@@ -224,7 +231,13 @@ mod tests {
             "{json}"
         );
         assert!(json.contains("\"sender_cpu_ns_per_packet\":1000,"));
-        assert!(json.contains("\"loss\":0.1,"));
+        assert!(json.contains("\"loss\":0.1,\"rate\":null,"), "{json}");
+        let paced = RunReport {
+            rate: Some(20_000.0),
+            ..report.clone()
+        };
+        assert!(paced.to_json().contains("\"rate\":20000,"));
+        assert!(paced.to_text().contains("paced at 20000 datagrams/s"));
         let text = report.to_text();
         assert!(text.contains("500000 pps"), "{text}");
         assert!(text.contains("loss 10.00%"), "{text}");
@@ -237,6 +250,7 @@ mod tests {
             batch: 32,
             gso_segments: 1,
             gro: false,
+            rate: None,
             sender: None,
             receiver: Some(stats(0, 0, 5)),
         };

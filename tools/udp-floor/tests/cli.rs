@@ -86,6 +86,26 @@ fn json_only_and_connected_sender() {
 }
 
 #[test]
+fn a_fixed_rate_sends_at_that_rate() {
+    let out = udp_floor(&["--seconds", "0.5", "--format", "json", "--rate", "20000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    check_run(stdout.trim(), 64.0);
+    assert_eq!(json_number(stdout.trim(), "rate"), 20000.0);
+    // Never faster than asked (a batch of slack); a loaded machine may fall behind.
+    let sent = json_number(stdout.trim(), "sent_pps");
+    assert!((8_000.0..=20_100.0).contains(&sent), "{stdout}");
+    for bad in ["0", "-5", "nan"] {
+        let out = udp_floor(&["--seconds", "0.1", "--rate", bad]);
+        assert!(!out.status.success(), "--rate {bad} accepted");
+    }
+}
+
+#[test]
 fn between_two_namespaces_over_veth() {
     let a = Netns::create("vnpfloora").unwrap();
     let b = Netns::create("vnpfloorb").unwrap();

@@ -331,3 +331,83 @@ fn tx_reads_through_host_addresses_straddle_segments() {
     assert_eq!(unsafe { tx.read_host(100, &mut out) }, 12);
     assert_eq!(&out[..12], &data[100..]);
 }
+
+#[test]
+fn ranges_in_one_region_resolve_directly_and_others_through_the_iterator() {
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+            .unwrap();
+    let host = |a: u64| mem.get_host_address(GuestAddress(a)).unwrap() as usize;
+    assert_eq!(
+        one_piece(&mem, GuestAddress(0x800), 0x800),
+        Some(host(0x800))
+    );
+    assert_eq!(
+        one_piece(&mem, GuestAddress(0x1000), 16),
+        Some(host(0x1000))
+    );
+    assert_eq!(one_piece(&mem, GuestAddress(0xff0), 32), None, "spans two");
+    assert_eq!(
+        one_piece(&mem, GuestAddress(0x1ff0), 32),
+        None,
+        "past the end"
+    );
+    assert_eq!(one_piece(&mem, GuestAddress(0x9000), 1), None, "outside");
+    assert_eq!(one_piece(&mem, GuestAddress(0x10), 0), None, "empty");
+    assert_eq!(one_piece(&mem, GuestAddress(u64::MAX), 2), None, "wraps");
+    // TX: one piece in one region, two across the boundary, an error past the end.
+    let mut q = queue_with(
+        &mem,
+        &[
+            desc(0x800, 100, VRING_DESC_F_NEXT, 1),
+            desc(0xff0, 32, 0, 0),
+        ],
+    );
+    let table = DescTable::of(&q, false, &mem);
+    let mut tx = TxChain::new();
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_eq!(tx.collect(chain, table, &mem), Ok(132));
+    let mut iovs = Vec::new();
+    assert_eq!(tx.push_iovecs(0, 132, &mut iovs), 132);
+    let got: Vec<(usize, usize)> = iovs
+        .iter()
+        .map(|v| (v.iov_base as usize, v.iov_len))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(host(0x800), 100), (host(0xff0), 16), (host(0x1000), 16)]
+    );
+    let mut q = queue_with(&mem, &[desc(0x1ff0, 32, 0, 0)]);
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_eq!(
+        tx.collect(chain, table, &mem),
+        Err(ChainError::OutsideMemory)
+    );
+    // RX: the same split when resolved; a buffer past the end is refused.
+    let mut q = queue_with(
+        &mem,
+        &[
+            desc(0x400, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1),
+            desc(0xfe0, 64, VRING_DESC_F_WRITE, 0),
+        ],
+    );
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    let mut buf = collect_rx_chain(chain, table, &mem).unwrap();
+    buf.resolve(&mem);
+    let pieces: Vec<(usize, u32)> = buf
+        .pieces()
+        .unwrap()
+        .iter()
+        .map(|p| (p.addr, p.len))
+        .collect();
+    assert_eq!(
+        pieces,
+        vec![(host(0x400), 64), (host(0xfe0), 32), (host(0x1000), 32)]
+    );
+    let mut q = queue_with(&mem, &[desc(0x1fc0, 128, VRING_DESC_F_WRITE, 0)]);
+    let chain = q.pop_descriptor_chain(&mem).unwrap();
+    assert_eq!(
+        collect_rx_chain(chain, table, &mem).unwrap_err(),
+        ChainError::OutsideMemory
+    );
+}
