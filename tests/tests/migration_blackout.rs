@@ -543,6 +543,80 @@ fn assert_nothing_of_vm_a_left(c: &Cluster, at: usize, before: &[Held]) {
     }
 }
 
+/// Prints the figures of all migrations and asserts that every migration ended with traffic
+/// flowing and the median round-trip blackout stays under [`MEDIAN_BOUND_MS`].
+fn report_and_check(c: &Cluster, samples: &[Sample]) {
+    let n = samples.len();
+    let rtt: Vec<u64> = samples.iter().map(|s| s.rtt_gap_ms).collect();
+    let vm: Vec<u64> = samples.iter().map(|s| s.vm_gap_ms).collect();
+    let down: Vec<u64> = samples.iter().map(|s| s.downtime_ms).collect();
+    let total: Vec<u64> = samples.iter().map(|s| s.total_ms).collect();
+    let max_rtt: Vec<u64> = samples.iter().map(|s| s.max_rtt_ms).collect();
+    let beyond: Vec<u64> = samples
+        .iter()
+        .map(|s| s.rtt_gap_ms.saturating_sub(s.downtime_ms))
+        .collect();
+    eprintln!(
+        "{n} migrations: round-trip blackout median {} p99 {} ms; vm-a -> peer median {} p99 {} \
+         ms; QEMU downtime median {} p99 {} ms; beyond downtime median {} p99 {} ms; QEMU total \
+         median {} ms; longest round trip median {} p99 {} ms",
+        percentile(&rtt, 50.0),
+        percentile(&rtt, 99.0),
+        percentile(&vm, 50.0),
+        percentile(&vm, 99.0),
+        percentile(&down, 50.0),
+        percentile(&down, 99.0),
+        percentile(&beyond, 50.0),
+        percentile(&beyond, 99.0),
+        percentile(&total, 50.0),
+        percentile(&max_rtt, 50.0),
+        percentile(&max_rtt, 99.0),
+    );
+    for (i, s) in samples.iter().enumerate() {
+        assert!(
+            s.answered * 2 > s.sent,
+            "migration {i}: only {} of {} answered",
+            s.answered,
+            s.sent
+        );
+    }
+    assert!(
+        percentile(&rtt, 50.0) < MEDIAN_BOUND_MS,
+        "median blackout {} ms\n{}",
+        percentile(&rtt, 50.0),
+        c.logs()
+    );
+}
+
+/// Every migration's source started forwarding on the destination's resume notice (not only
+/// on the registry's watch), and no notice was refused.
+fn assert_every_source_heard_the_notice(c: &Cluster, n: usize) {
+    let notices = |result: &str| -> u64 {
+        (0..2)
+            .map(|i| {
+                c.metric(i, "vnpd_resume_notice_total", &[("result", result)])
+                    .unwrap()
+            })
+            .sum()
+    };
+    assert_eq!(notices("sent"), n as u64, "resume notices sent");
+    assert_eq!(
+        notices("accepted"),
+        n as u64,
+        "resume notices accepted by the sources"
+    );
+    for refusal in [
+        "malformed",
+        "unknown_vm",
+        "bad_mac",
+        "stale",
+        "other_generation",
+        "to_self",
+    ] {
+        assert_eq!(notices(refusal), 0, "resume notices refused: {refusal}");
+    }
+}
+
 #[test]
 fn blackout_of_repeated_migrations_with_a_1000_pps_peer() {
     let opts = ClusterOptions {
@@ -590,72 +664,8 @@ fn blackout_of_repeated_migrations_with_a_1000_pps_peer() {
     }
     let lines = stream.finish(&mut g, &c);
     eprintln!("TCP stream: one connection, {lines} lines in order, SHA-256 equal on both ends");
-    let rtt: Vec<u64> = samples.iter().map(|s| s.rtt_gap_ms).collect();
-    let vm: Vec<u64> = samples.iter().map(|s| s.vm_gap_ms).collect();
-    let down: Vec<u64> = samples.iter().map(|s| s.downtime_ms).collect();
-    let total: Vec<u64> = samples.iter().map(|s| s.total_ms).collect();
-    let max_rtt: Vec<u64> = samples.iter().map(|s| s.max_rtt_ms).collect();
-    let beyond: Vec<u64> = samples
-        .iter()
-        .map(|s| s.rtt_gap_ms.saturating_sub(s.downtime_ms))
-        .collect();
-    eprintln!(
-        "{n} migrations: round-trip blackout median {} p99 {} ms; vm-a -> peer median {} p99 {} \
-         ms; QEMU downtime median {} p99 {} ms; beyond downtime median {} p99 {} ms; QEMU total \
-         median {} ms; longest round trip median {} p99 {} ms",
-        percentile(&rtt, 50.0),
-        percentile(&rtt, 99.0),
-        percentile(&vm, 50.0),
-        percentile(&vm, 99.0),
-        percentile(&down, 50.0),
-        percentile(&down, 99.0),
-        percentile(&beyond, 50.0),
-        percentile(&beyond, 99.0),
-        percentile(&total, 50.0),
-        percentile(&max_rtt, 50.0),
-        percentile(&max_rtt, 99.0),
-    );
-    for (i, s) in samples.iter().enumerate() {
-        assert!(
-            s.answered * 2 > s.sent,
-            "migration {i}: only {} of {} answered",
-            s.answered,
-            s.sent
-        );
-    }
-    assert!(
-        percentile(&rtt, 50.0) < MEDIAN_BOUND_MS,
-        "median blackout {} ms\n{}",
-        percentile(&rtt, 50.0),
-        c.logs()
-    );
-
-    // Every migration's source started forwarding on the destination's resume notice (not
-    // only on the registry's watch), and no notice was refused.
-    let notices = |result: &str| -> u64 {
-        (0..2)
-            .map(|i| {
-                c.metric(i, "vnpd_resume_notice_total", &[("result", result)])
-                    .unwrap()
-            })
-            .sum()
-    };
-    assert_eq!(notices("sent"), n as u64, "resume notices sent");
-    assert_eq!(
-        notices("accepted"),
-        n as u64,
-        "resume notices accepted by the sources"
-    );
-    for refusal in [
-        "malformed",
-        "unknown_vm",
-        "bad_mac",
-        "stale",
-        "other_generation",
-        "to_self",
-    ] {
-        assert_eq!(notices(refusal), 0, "resume notices refused: {refusal}");
-    }
+    report_and_check(&c, &samples);
+    assert_every_source_heard_the_notice(&c, n);
     assert_nothing_of_vm_a_left(&c, 0, &before);
 
     drop(g);
