@@ -239,6 +239,7 @@ fn start_exporter(
         render(&host, &samples)
             + &render_bridge(&board.bridge_snapshot())
             + &vnpd::migrate_state::COUNTERS.render()
+            + &vnpd::control::resume_notice::COUNTERS.render()
     })
     .map_err(|e| e.to_string())
 }

@@ -14,6 +14,7 @@ use super::migration::{departure, ResumeRegistration, Whereabouts, DEPARTURE_GRA
 use super::state::{PersistedAttachment, StateStore};
 use crate::bridge::counters::BridgeCounters;
 use crate::config::{VnpdConfig, MAX_QUEUE_PAIRS};
+use crate::control::resume_link::{NoticeBoard, NoticeListener};
 use crate::control::ControlHandle;
 use crate::datapath::hairpin::HairpinTarget;
 use crate::datapath::rx_check::ExpiryPolicy;
@@ -157,6 +158,10 @@ pub struct Manager {
     departing: BTreeMap<String, Instant>,
     /// Serves attached VMs' state to the host they migrate to (`crate::migrate_state`).
     state_server: Option<crate::migrate_state::StateServer>,
+    /// Hears the destination's resume notice for VMs migrating away from here.
+    _notice_listener: Option<NoticeListener>,
+    /// The VMs the listener acts for.
+    notices: NoticeBoard,
 }
 
 impl std::fmt::Debug for Manager {
@@ -187,6 +192,10 @@ impl Manager {
         store: StateStore,
     ) -> Self {
         let cfg_addr = cfg.underlay_addr;
+        let notice_listener = crate::control::resume_link::start_for(cfg_addr);
+        let notices = notice_listener
+            .as_ref()
+            .map_or_else(NoticeBoard::default, NoticeListener::board);
         Self {
             cfg,
             host_id,
@@ -198,6 +207,8 @@ impl Manager {
             unrestored: BTreeMap::new(),
             departing: BTreeMap::new(),
             state_server: crate::migrate_state::serve::start_for(cfg_addr),
+            _notice_listener: notice_listener,
+            notices,
         }
     }
 
@@ -300,6 +311,9 @@ impl Manager {
         let vm = self.read_vm_for_attach(vm_id, incoming)?;
         let nat_blocks = vm.nat_blocks();
         let arrival = incoming.then(|| vm.arrival()).flatten();
+        let notice = incoming
+            .then(|| vm.resume_notice(self.cfg.underlay_addr))
+            .flatten();
         let (info, att) = self.attachment(vm_id, vm, socket_path, queue_pairs);
         prepare_socket_dir(&info.socket_path)?;
         let resume = incoming.then(|| {
@@ -309,6 +323,7 @@ impl Manager {
                 self.cfg.underlay_addr,
                 info.udp_port,
             )
+            .with_notice(notice)
         });
         let port = self.start_port(vm_id, att, resume.as_ref(), arrival.as_ref())?;
         port.set_nat_blocks(&nat_blocks);
@@ -318,12 +333,16 @@ impl Manager {
             let registered =
                 self.client
                     .register_endpoint(vm_id, self.cfg.underlay_addr, info.udp_port);
-            if let Err(e) = registered {
-                self.stop_port(vm_id, port);
-                return Err(registry_failure(
-                    &format!("registering the endpoint of vm {vm_id}"),
-                    &e,
-                ));
+            match registered {
+                Ok(generation) => self.notices.registered(vm_id, generation),
+                Err(e) => {
+                    self.notices.withdraw(vm_id);
+                    self.stop_port(vm_id, port);
+                    return Err(registry_failure(
+                        &format!("registering the endpoint of vm {vm_id}"),
+                        &e,
+                    ));
+                }
             }
         }
         self.keep_attachment(vm_id, &info, port, resume, persist)?;
@@ -365,6 +384,7 @@ impl Manager {
         if let Some(s) = &self.state_server {
             s.withdraw(vm_id);
         }
+        self.notices.withdraw(vm_id);
         if let Some(r) = &a.resume {
             r.cancel();
         }
@@ -430,6 +450,10 @@ impl Manager {
             match departure(&answer, self.cfg.underlay_addr, port) {
                 Whereabouts::Here => {
                     self.departing.remove(&vm_id);
+                    // The generation a resume notice must name (also after a restart).
+                    if let Some(ep) = answer.as_ref().ok().and_then(|r| r.endpoint) {
+                        self.notices.registered(&vm_id, ep.generation);
+                    }
                 }
                 Whereabouts::Unknown => {}
                 Whereabouts::Moved => {

@@ -10,9 +10,10 @@
 //! - Source: [`departure`] tells from the registry's record whether the endpoint still points
 //!   at this host; the manager detaches a VM whose endpoint moved away after a grace period.
 
+use crate::control::resume_link::NoticeSender;
 use crate::device::DeviceStartHook;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use vnp_registry_client::{ClientError, ErrorCode, RegistryClient, VmRecord};
@@ -36,12 +37,16 @@ struct Inner {
     running: AtomicBool,
     /// The registry accepted the endpoint.
     registered: AtomicBool,
+    /// ... with this generation.
+    generation: AtomicU64,
     /// The VM was detached: stop trying.
     cancelled: AtomicBool,
-    /// Runs once the registry took the endpoint.
-    on_registered: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Runs once the registry took the endpoint (with its generation).
+    on_registered: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     /// Runs when the device starts here, before the registration goes out.
     on_resume: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Tells the source at the resume (`crate::control::resume_notice`).
+    notice: OnceLock<NoticeSender>,
 }
 
 /// Registers an incoming VM's endpoint when its device starts on this host.
@@ -70,9 +75,11 @@ impl ResumeRegistration {
                 port,
                 running: AtomicBool::new(false),
                 registered: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
                 cancelled: AtomicBool::new(false),
                 on_registered: OnceLock::new(),
                 on_resume: OnceLock::new(),
+                notice: OnceLock::new(),
             }),
         }
     }
@@ -91,6 +98,14 @@ impl ResumeRegistration {
                 "vm {}: device started on this host: registering its endpoint",
                 inner.vm_id
             );
+            // The source starts forwarding the VM's stragglers on this, without waiting for
+            // the registration's commit and the registry's watch.
+            if let Some(n) = inner.notice.get() {
+                match n.send() {
+                    Ok(()) => log::info!("vm {}: resume notice sent to {}", inner.vm_id, n.from),
+                    Err(e) => log::warn!("vm {}: resume notice to {}: {e}", inner.vm_id, n.from),
+                }
+            }
             // Before the registration thread starts: its `on_registered` must come after.
             if let Some(f) = inner.on_resume.get() {
                 f();
@@ -111,12 +126,20 @@ impl ResumeRegistration {
     /// manager hands the port to the control thread only then: token requests before the
     /// move would be refused (this host is not the VM's host yet), and a refusal holds the
     /// pair back; the control thread keeps early requests and sends them when the port comes.
-    pub fn on_registered(&self, f: impl Fn() + Send + Sync + 'static) {
+    pub fn on_registered(&self, f: impl Fn(u64) + Send + Sync + 'static) {
         if self.inner.on_registered.set(Box::new(f)).is_ok() && self.registered() {
             if let Some(f) = self.inner.on_registered.get() {
-                f();
+                f(self.inner.generation.load(Ordering::Acquire));
             }
         }
+    }
+
+    /// Sends `notice` to the source when the device starts here, before the registration.
+    pub fn with_notice(self, notice: Option<NoticeSender>) -> Self {
+        if let Some(n) = notice {
+            let _ = self.inner.notice.set(n);
+        }
+        self
     }
 
     /// Sets what runs when the device starts here (the resume), while the registration goes
@@ -130,6 +153,11 @@ impl ResumeRegistration {
     /// The registry took the endpoint: this host serves the VM now.
     pub fn registered(&self) -> bool {
         self.inner.registered.load(Ordering::Acquire)
+    }
+
+    /// The generation the registry gave the endpoint (meaningful once [`Self::registered`]).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
     }
 
     /// The VM is detached: a running registration gives up at its next attempt.
@@ -148,9 +176,10 @@ fn register_until_done(inner: &Inner, resumed: Instant) {
             .register_endpoint(&inner.vm_id, inner.host_addr, inner.port)
         {
             Ok(generation) => {
+                inner.generation.store(generation, Ordering::Release);
                 inner.registered.store(true, Ordering::Release);
                 if let Some(f) = inner.on_registered.get() {
-                    f();
+                    f(generation);
                 }
                 log::info!(
                     "vm {}: endpoint {}:{} registered {} ms after resume (generation {generation})",

@@ -4,6 +4,8 @@
 //!   peer address index); [`fair`]: the order requests are asked in (VMs take turns, refreshes
 //!   first, a request rate per VM).
 //! - [`thread`]: the control thread and the registry watch thread.
+//! - [`resume_notice`]: the destination's authenticated "the VM resumed here" datagram to the
+//!   source (pure); [`resume_link`]: its listener and sender.
 //!
 //! Dependencies point one way: the control thread drives the VMs' ports through
 //! [`crate::datapath::VmPort`]'s methods (install, refuse, refresh, forget); the data path
@@ -14,6 +16,8 @@
 pub mod book;
 pub mod fair;
 pub mod metadata;
+pub mod resume_link;
+pub mod resume_notice;
 pub mod thread;
 
 pub use thread::{nat_blocks, ControlHandle, ControlSettings, ControlThread};

@@ -456,6 +456,9 @@ impl Worker {
                 | ChangeKind::SecretRotated
                 | ChangeKind::Deleted => {
                     self.follow_local_vm(c);
+                    if !invalidates_tokens(c.kind) {
+                        continue;
+                    }
                     let mut ips = self.peers.take(&c.vm);
                     if !ips.is_empty() {
                         log::info!("control: peer {} changed ({:?}): re-asking", c.vm, c.kind);
@@ -517,6 +520,18 @@ impl Worker {
             }
         }
     }
+}
+
+/// Whether a change of a VM makes the tokens others hold towards it useless: its endpoint or
+/// secret changed, or it is gone. A move or a migration announced or cancelled (`Moved`) leaves
+/// the endpoint record where it is until the new host registers (an `Endpoint` change), so the
+/// tokens stay good; forgetting them would only cost a registry round trip, and the packets
+/// that overflow the no-token queue meanwhile. Pure.
+fn invalidates_tokens(kind: ChangeKind) -> bool {
+    matches!(
+        kind,
+        ChangeKind::Endpoint | ChangeKind::SecretRotated | ChangeKind::Deleted
+    )
 }
 
 /// What a watch change means for a VM served here at `local`.
@@ -644,6 +659,17 @@ mod tests {
             local_vm_move(&change(ChangeKind::Deleted, Some(there)), local, false),
             None
         );
+    }
+
+    #[test]
+    fn only_a_new_endpoint_a_new_secret_or_a_deletion_drops_tokens() {
+        assert!(invalidates_tokens(ChangeKind::Endpoint));
+        assert!(invalidates_tokens(ChangeKind::SecretRotated));
+        assert!(invalidates_tokens(ChangeKind::Deleted));
+        // A migration announced: the endpoint stays at the source until the destination
+        // registers.
+        assert!(!invalidates_tokens(ChangeKind::Moved));
+        assert!(!invalidates_tokens(ChangeKind::NatPorts));
     }
 
     #[test]

@@ -447,7 +447,9 @@ impl VmPort {
     /// hairpin whose lifetime ended is not started again for the same move.
     pub fn start_hairpin(&self, target: HairpinTarget) {
         let mut slot = self.hairpin.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().is_some_and(|h| h.target() == target) {
+        // The same destination (a resume notice, then the registry's watch, whose generation
+        // differs): the same move.
+        if slot.as_ref().is_some_and(|h| h.target().to == target.to) {
             return;
         }
         drop(slot.take());

@@ -176,6 +176,8 @@ pub struct NetBackend<H: QueuePairHandler> {
     errors: Arc<VringErrors>,
     on_start: Option<DeviceStartHook>,
     start_trace: super::start_trace::StartTrace,
+    /// The interrupt each start owes the guest once its call eventfds are there.
+    call_watch: super::call_watch::CallWatch,
     /// The exit-event consumers handed to the library, which registers each in its epoll with
     /// `into_raw_fd` and never closes it (vhost-user-backend 0.24, `VringEpollHandler::new`):
     /// closed when the device goes, or every frontend connection would leak one eventfd per
@@ -212,6 +214,7 @@ impl<H: QueuePairHandler> NetBackend<H> {
             errors: Arc::default(),
             on_start: None,
             start_trace: Default::default(),
+            call_watch: super::call_watch::CallWatch::new(pairs),
             exit_consumers: Mutex::new(Vec::new()),
         }
     }
@@ -282,6 +285,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             lock(h).set_features(negotiated);
         }
         self.start_trace.start();
+        self.call_watch.start();
         if let Some(hook) = &self.on_start {
             hook();
         }
@@ -369,6 +373,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             handler.handle(event, GuestView::new(&snapshot, log_all), rx, tx);
             handler.take_broken()
         };
+        self.call_watch.settle(thread_id, rx, tx);
         let pair = thread_id as u8;
         if broken.rx && !self.errors.signal(pair * 2) {
             log::debug!("pair {thread_id}: RX ring broken, no error eventfd to tell");

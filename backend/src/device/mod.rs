@@ -9,6 +9,7 @@
 //! - `start_trace`: logs the first TX, RX and socket events after each device start.
 
 pub mod backend;
+mod call_watch;
 pub mod features;
 pub mod frontend_relay;
 mod start_trace;

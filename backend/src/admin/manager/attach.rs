@@ -206,6 +206,9 @@ impl Manager {
         if let Some(s) = &self.state_server {
             s.offer(vm_id, &secret, &port);
         }
+        // A resume notice is acted on once this host registered the endpoint (generation).
+        let registered = resume.and_then(|r| r.registered().then(|| r.generation()));
+        self.notices.offer(vm_id, &secret, &port, registered);
         // The service bridge (metadata, DNS, credentials) for this VM, on the host's client.
         let source = Arc::new(RegistrySource(self.client.clone()));
         if let Err(e) = port.start_bridge(source, self.cfg.bridge.limits, &self.cfg.bridge) {
@@ -219,12 +222,14 @@ impl Manager {
                     Arc::downgrade(&port),
                 );
                 let (early, early_id, early_weak) = (control.clone(), id.clone(), weak.clone());
+                let notices = self.notices.clone();
                 r.on_resume(move || {
                     if let Some(port) = early_weak.upgrade() {
                         early.add_incoming_port(&early_id, port);
                     }
                 });
-                r.on_registered(move || {
+                r.on_registered(move |generation| {
+                    notices.registered(&id, generation);
                     if let Some(port) = weak.upgrade() {
                         control.add_port(&id, port);
                     }
@@ -289,6 +294,22 @@ impl VmFromRegistry {
             &self.secret,
             addr,
         ))
+    }
+
+    /// For an incoming VM: the notice its resume sends to the source, naming the source's
+    /// endpoint record as the registry has it now; `None` when it has no endpoint.
+    pub(super) fn resume_notice(
+        &self,
+        host_addr: std::net::Ipv4Addr,
+    ) -> Option<crate::control::resume_link::NoticeSender> {
+        let source = self.record.endpoint.as_ref()?;
+        Some(crate::control::resume_link::NoticeSender {
+            vm_id: self.record.id.clone(),
+            secret: self.secret.clone(),
+            from: std::net::SocketAddrV4::new(source.host_addr, source.port),
+            from_generation: source.generation,
+            to: std::net::SocketAddrV4::new(host_addr, self.udp_port),
+        })
     }
 
     /// The VM's NAT port blocks (the ports its flows to the outside leave from).
