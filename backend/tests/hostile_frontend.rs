@@ -933,3 +933,52 @@ fn after_dpdks_stop_sequence_no_datagram_enters_the_ring() {
     ));
     assert_eq!(a.port.counters().snapshot().rx_packets, 1);
 }
+
+/// A guest that takes no RX buffers while datagrams wait, as one that missed its interrupt
+/// does (here its driver asks for none), is interrupted again once the ring has been out of
+/// buffers for a while (`datapath::rx_stall`), and then gets the datagrams that waited.
+#[test]
+fn a_guest_that_takes_no_rx_buffers_is_interrupted_again() {
+    let control = MintingControl::new();
+    let a = start_vm(&control, "hi", 2, 1);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.set_no_interrupt(RX_Q, true);
+    fa.post_rx(0, 4, 2048);
+    let (raw, raw_addr): (UdpSocket, _) = raw_peer();
+    let to = a.port.udp_addr();
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    let send = |i: u32| {
+        let inner = ipv4_udp(src_vm, a.ip, format!("datagram {i}").as_bytes());
+        raw.send_to(&good_datagram(raw_addr, &a, &inner), to)
+            .unwrap();
+    };
+    for i in 0..4 {
+        send(i);
+    }
+    assert_eq!(fa.recv(0, 4, T).len(), 4);
+    // The one interrupt a device start owes (`device::call_watch`) is not what is tested.
+    fa.take_interrupts(RX_Q);
+    let started = Instant::now();
+    let mut i = 4;
+    while fa.take_interrupts(RX_Q) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the guest was never interrupted again ({} datagrams waiting)",
+            i - 4
+        );
+        send(i);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(40),
+        "interrupted after {:?}, before the ring had stalled",
+        started.elapsed()
+    );
+    fa.post_rx(0, 16, 2048);
+    let got = fa.recv(0, 1, T);
+    assert!(
+        !got.is_empty(),
+        "the datagrams that waited were not delivered"
+    );
+}

@@ -35,6 +35,7 @@ pub mod rx;
 pub mod rx_check;
 pub mod rx_coalesce;
 pub mod rx_gro;
+mod rx_stall;
 pub mod serve;
 pub mod tso;
 pub mod tx;

@@ -113,6 +113,7 @@ impl PairWorker {
             }
             if self.rx_rounds(view, rx) {
                 self.rx_backlog = false;
+                self.rx_stall.progress();
                 return;
             }
             // Out of guest buffers with data left: ask the guest to kick when it adds some.
@@ -123,9 +124,33 @@ impl PairWorker {
             }
             self.rx.kicks_on = true;
             match rx.enable_notification() {
-                Ok(true) => continue,
-                _ => return,
+                Ok(true) => {
+                    self.rx_stall.progress();
+                    continue;
+                }
+                _ => {
+                    self.interrupt_if_stalled(rx);
+                    return;
+                }
             }
+        }
+    }
+
+    /// The guest has taken no buffers for a while with datagrams waiting: it may have missed
+    /// an interrupt (`rx_stall`), so it gets one whatever its driver asked for.
+    fn interrupt_if_stalled(&mut self, rx: &Vring) {
+        let Some(n) = self.rx_stall.out_of_buffers(std::time::Instant::now()) else {
+            return;
+        };
+        let _ = rx.signal_used_queue();
+        if n == 1 {
+            log::info!(
+                "vm {} pair {}: the guest took no RX buffers for {} ms with datagrams waiting; \
+                 interrupting it again",
+                self.core.vm_id,
+                self.pair,
+                super::rx_stall::RESIGNAL_AFTER.as_millis()
+            );
         }
     }
 

@@ -67,6 +67,8 @@ pub struct PairWorker {
     shadow: Option<PlainShadow>,
     /// The socket had data but the guest had no buffers: resume when it adds some.
     pub(super) rx_backlog: bool,
+    /// How long the guest has taken no RX buffers while datagrams waited.
+    pub(super) rx_stall: super::rx_stall::RxStall,
     /// A clone of the RX vring, to give held buffers back when the ring stops.
     rx_vring: Option<Vring>,
     /// The RX ring, parked after the guest broke it (see `ring::park`).
@@ -126,6 +128,7 @@ impl QueuePairHandler for PairWorker {
                 .drop_packets(DropReason::RxNoBuffer, lost as u64);
         }
         self.rx_backlog = false;
+        self.rx_stall.progress();
         // A ring set up again starts with kicks on.
         self.rx.kicks_on = true;
         self.rx_vring = None;
@@ -177,7 +180,11 @@ impl PairWorker {
     fn dispatch(&mut self, event: PairEvent, view: GuestView<'_>, rx: &Vring, tx: &Vring) {
         match event {
             PairEvent::TxKick => self.run_tx(view, rx, tx),
-            PairEvent::RxKick | PairEvent::External(SOCKET_EVENT) => self.run_rx(view, rx),
+            PairEvent::RxKick => {
+                self.rx_stall.progress();
+                self.run_rx(view, rx);
+            }
+            PairEvent::External(SOCKET_EVENT) => self.run_rx(view, rx),
             PairEvent::External(HANDOFF_EVENT) => {
                 self.send_handed_off(true);
                 self.deliver_local_frames(view, rx);
@@ -196,6 +203,7 @@ impl PairWorker {
             pool: RxPool::new(),
             shadow: None,
             rx_backlog: false,
+            rx_stall: Default::default(),
             rx_vring: None,
             rx_parked: None,
             tx_parked: None,

@@ -322,6 +322,21 @@ impl TestFrontend {
         self.kicks[q].write(1).unwrap();
     }
 
+    /// Sets or clears the driver's `VRING_AVAIL_F_NO_INTERRUPT` on queue `q` (a polling
+    /// driver; here also a stand-in for a driver that misses its interrupts).
+    pub fn set_no_interrupt(&mut self, q: usize, on: bool) {
+        let flags: u16 = if on { 1 } else { 0 };
+        let avail = self.rings[q].avail;
+        self.mem
+            .store(flags.to_le(), GuestAddress(avail), Ordering::Release)
+            .unwrap();
+    }
+
+    /// Interrupts vnpd sent on queue `q` since the last call (read from its call eventfd).
+    pub fn take_interrupts(&self, q: usize) -> u64 {
+        self._calls[q].read().unwrap_or(0)
+    }
+
     /// Kicks queue `q` without posting anything.
     pub fn kick(&self, q: usize) {
         self.kicks[q].write(1).unwrap();
