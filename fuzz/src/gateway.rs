@@ -21,7 +21,8 @@
 //! checksums filled.
 //!
 //! Invariants asserted:
-//! - an accepted datagram's inner packet lies within it, goes outside the network, in the
+//! - an accepted datagram's inner packet lies within it, goes outside the network (and not to
+//!   the gateway's own address), in the
 //!   gateway's network;
 //! - an outbound rewrite gives the public address as the source and changes nothing but the
 //!   source address, the source port (only through a forwarding rule) and the checksums, which
@@ -207,8 +208,16 @@ impl Run {
     fn on_datagram(&mut self, op: u8, bytes: &[u8]) {
         let mut d = bytes.to_vec();
         self.assist(op, &mut d);
-        let Ok(range) = check_datagram(&self.context(), &self.minter, &d, HOST, NOW) else {
-            return;
+        let range = match check_datagram(&self.context(), &self.minter, &d, HOST, NOW) {
+            Ok(range) => range,
+            Err(DropReason::OwnAddress) => {
+                let dst = d
+                    .get(HEADER_LEN..)
+                    .and_then(|p| ipv4::Packet::new_checked(p).ok());
+                assert_eq!(dst.map(|p| p.dst_addr()), Some(LOCAL_IP), "OwnAddress");
+                return;
+            }
+            Err(_) => return,
         };
         assert!(range.start == HEADER_LEN && range.end <= d.len());
         self.on_inner(d[range].to_vec(), false);
@@ -223,6 +232,11 @@ impl Run {
         let ip = ipv4::Packet::new_checked(&before[..]).expect("accepted inner packet");
         assert_eq!(ip.total_len(), before.len());
         assert!(!self.table.network_cidr.contains(ip.dst_addr()));
+        assert_ne!(
+            ip.dst_addr(),
+            LOCAL_IP,
+            "a packet to the gateway itself accepted"
+        );
         let mut after = before.clone();
         let error = is_icmp_error(&before);
         match outbound(&self.table, &mut after) {

@@ -59,6 +59,9 @@ struct Remembered {
 
 pub(crate) struct Lb {
     services: ServiceTable,
+    /// (protocol number, VM port, public port) of every configured service on the gateway's
+    /// address, built or skipped: replies of a skipped service's flows still leave as its.
+    configured: Vec<(u8, u16, u16)>,
     flows: FlowTable,
     now_ms: u64,
     swept_ms: u64,
@@ -73,6 +76,18 @@ impl Lb {
     pub(crate) fn new(cfg: &GatewayConfig, nat: &NatTable) -> Self {
         let mut lb = Lb {
             services: ServiceTable::default(),
+            configured: cfg
+                .services
+                .iter()
+                .filter(|s| s.service.public_addr == nat.public_addr)
+                .map(|s| {
+                    let proto = match s.service.proto {
+                        L4Proto::Tcp => protocol::TCP,
+                        L4Proto::Udp => protocol::UDP,
+                    };
+                    (proto, s.service.vm_port, s.service.public_port)
+                })
+                .collect(),
             flows: FlowTable::new(FLOW_CAPACITY, FlowTimeouts::default()),
             now_ms: 1_000_000,
             swept_ms: 1_000_000,
@@ -274,12 +289,11 @@ impl Lb {
         assert_eq!(nat.vms[vm].ip, ip.src_addr(), "reply from its VM");
         let (proto, sport) = (ip.protocol(), port_of(packet, 0));
         let public = self
-            .services
-            .services
+            .configured
             .iter()
-            .find(|s| s.proto.number() == proto && s.vm_port == sport)
+            .find(|(p, vm_port, _)| *p == proto && *vm_port == sport)
             .filter(|_| nat.forward_out(vm, proto, sport).is_none())
-            .map(|s| s.public_port)
+            .map(|(_, _, public)| *public)
             .expect("a service on that VM port");
         check_rewrite(packet, &after, true, crate::gateway::PUBLIC, public);
         Some(())

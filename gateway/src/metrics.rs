@@ -20,6 +20,9 @@ pub enum DropReason {
     RxBadToken,
     /// The inner destination is inside the network: not a gateway's business.
     InsideDestination,
+    /// A VM's packet to the gateway's own underlay address (its kernel and services are not
+    /// the public network).
+    OwnAddress,
     /// The inner source is no VM of the network.
     UnknownVm,
     /// The source port is in no NAT block of the sending VM and no forwarding rule of it.
@@ -48,7 +51,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::RxTruncated,
         DropReason::RxMalformed,
         DropReason::RxExpired,
@@ -56,6 +59,7 @@ impl DropReason {
         DropReason::RxWrongNetwork,
         DropReason::RxBadToken,
         DropReason::InsideDestination,
+        DropReason::OwnAddress,
         DropReason::UnknownVm,
         DropReason::PortNotOwned,
         DropReason::EgressDenied,
@@ -80,6 +84,7 @@ impl DropReason {
             DropReason::RxWrongNetwork => "rx_wrong_network",
             DropReason::RxBadToken => "rx_bad_token",
             DropReason::InsideDestination => "inside_destination",
+            DropReason::OwnAddress => "own_address",
             DropReason::UnknownVm => "unknown_vm",
             DropReason::PortNotOwned => "port_not_owned",
             DropReason::EgressDenied => "egress_denied",

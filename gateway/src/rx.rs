@@ -77,6 +77,11 @@ pub fn check_datagram(
     if ctx.network_cidr.contains(ip.dst_addr()) {
         return Err(DropReason::InsideDestination);
     }
+    // Nor the gateway's own address: NATed, it would reach this host's kernel and services
+    // from the public address (and the kernel's answer looks like one of its health checks).
+    if ip.dst_addr() == *ctx.local.ip() {
+        return Err(DropReason::OwnAddress);
+    }
     if repr.network_id != ctx.network_id {
         return Err(DropReason::RxWrongNetwork);
     }
@@ -172,6 +177,8 @@ mod tests {
         assert_eq!(check(&other_net, host()), DropReason::RxWrongNetwork);
         let inside = datagram(&s, Ipv4Addr::new(10, 1, 0, 3), NOW + 60, 7);
         assert_eq!(check(&inside, host()), DropReason::InsideDestination);
+        let to_gateway = datagram(&s, *ctx().local.ip(), NOW + 60, 7);
+        assert_eq!(check(&to_gateway, host()), DropReason::OwnAddress);
         // Another host replaying a's header: the outer source is in the token.
         let good = datagram(&s, out, NOW + 60, 7);
         let elsewhere = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 5), 40000);

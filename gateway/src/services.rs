@@ -151,6 +151,18 @@ impl ServiceTable {
                 .filter(|(vm, _, _)| down_now.binary_search(vm).is_err())
                 .map(|(vm, _, w)| Member::new(vm.clone(), *w))
                 .collect();
+            let proto = proto_of(svc.proto);
+            // Every VM of the network, not only the pool's: flows placed on a VM before an
+            // operator removed it from the pool finish; and before the table is built, so that
+            // they also finish when a health change makes it fail (more healthy members than
+            // slots). A forwarding rule on the same VM port keeps its replies.
+            for vm in 0..nat.vms.len() {
+                if nat.forward_out(vm, proto.number(), svc.vm_port).is_none() {
+                    out.replies
+                        .entry((vm, proto.number(), svc.vm_port))
+                        .or_insert(svc.public_port);
+                }
+            }
             let table = match Table::build(&healthy, svc.table_size) {
                 Ok(t) => t,
                 Err(e) => {
@@ -161,17 +173,6 @@ impl ServiceTable {
                     continue;
                 }
             };
-            let proto = proto_of(svc.proto);
-            // Every VM of the network, not only the pool's: flows placed on a VM before an
-            // operator removed it from the pool finish. A forwarding rule on the same VM port
-            // keeps its replies.
-            for vm in 0..nat.vms.len() {
-                if nat.forward_out(vm, proto.number(), svc.vm_port).is_none() {
-                    out.replies
-                        .entry((vm, proto.number(), svc.vm_port))
-                        .or_insert(svc.public_port);
-                }
-            }
             out.by_port
                 .insert((proto.number(), svc.public_port), out.services.len());
             out.services.push(ServiceEntry {
@@ -293,7 +294,8 @@ pub fn outbound(
     nat: &NatTable,
     packet: &mut [u8],
 ) -> Option<Result<VmIndex, DropReason>> {
-    if services.is_empty() {
+    // Not `services.is_empty()`: a service skipped at the last build keeps its replies.
+    if services.replies.is_empty() {
         return None;
     }
     let ip = ipv4::Packet::new_checked(&*packet).ok()?;
