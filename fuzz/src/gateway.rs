@@ -21,9 +21,9 @@
 //! checksums filled.
 //!
 //! Invariants asserted:
-//! - an accepted datagram's inner packet lies within it, goes outside the network (and not to
-//!   the gateway's own address), in the
-//!   gateway's network;
+//! - an accepted datagram's inner packet lies within it, goes outside the network, in the
+//!   gateway's network; one that is not a probe answer or a service reply and goes to the
+//!   gateway's own address is refused before NAT (`own_address`), and only such a one;
 //! - an outbound rewrite gives the public address as the source and changes nothing but the
 //!   source address, the source port (only through a forwarding rule) and the checksums, which
 //!   verify after when they did before; it passes only ports the VM owns (with egress) or a
@@ -37,7 +37,7 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use vnp_gateway::rx::{check_datagram, ExpiryPolicy, RxContext};
+use vnp_gateway::rx::{check_datagram, check_not_own_address, ExpiryPolicy, RxContext};
 use vnp_gateway::table::{NatTable, VmIndex};
 use vnp_gateway::translate::{inbound, outbound};
 use vnp_gateway::DropReason;
@@ -208,16 +208,8 @@ impl Run {
     fn on_datagram(&mut self, op: u8, bytes: &[u8]) {
         let mut d = bytes.to_vec();
         self.assist(op, &mut d);
-        let range = match check_datagram(&self.context(), &self.minter, &d, HOST, NOW) {
-            Ok(range) => range,
-            Err(DropReason::OwnAddress) => {
-                let dst = d
-                    .get(HEADER_LEN..)
-                    .and_then(|p| ipv4::Packet::new_checked(p).ok());
-                assert_eq!(dst.map(|p| p.dst_addr()), Some(LOCAL_IP), "OwnAddress");
-                return;
-            }
-            Err(_) => return,
+        let Ok(range) = check_datagram(&self.context(), &self.minter, &d, HOST, NOW) else {
+            return;
         };
         assert!(range.start == HEADER_LEN && range.end <= d.len());
         self.on_inner(d[range].to_vec(), false);
@@ -230,13 +222,13 @@ impl Run {
             return;
         }
         let ip = ipv4::Packet::new_checked(&before[..]).expect("accepted inner packet");
+        // `dataplane.rs`: before NAT, not before the probe answers (they go to this address).
+        if check_not_own_address(LOCAL_IP, &before).is_err() {
+            assert_eq!(ip.dst_addr(), LOCAL_IP, "OwnAddress");
+            return;
+        }
         assert_eq!(ip.total_len(), before.len());
         assert!(!self.table.network_cidr.contains(ip.dst_addr()));
-        assert_ne!(
-            ip.dst_addr(),
-            LOCAL_IP,
-            "a packet to the gateway itself accepted"
-        );
         let mut after = before.clone();
         let error = is_icmp_error(&before);
         match outbound(&self.table, &mut after) {

@@ -4,7 +4,7 @@
 //! gateway*). Pure: the caller passes the clock.
 
 use crate::DropReason;
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use vnp_protocol::token::{check_expiry, ExpiryError, TokenFields, TokenMinter};
 use vnp_protocol::wire::{ipv4, split_trailer, VnpHeader, VnpRepr, HEADER_LEN};
 use vnp_protocol::OUTSIDE;
@@ -77,11 +77,6 @@ pub fn check_datagram(
     if ctx.network_cidr.contains(ip.dst_addr()) {
         return Err(DropReason::InsideDestination);
     }
-    // Nor the gateway's own address: NATed, it would reach this host's kernel and services
-    // from the public address (and the kernel's answer looks like one of its health checks).
-    if ip.dst_addr() == *ctx.local.ip() {
-        return Err(DropReason::OwnAddress);
-    }
     if repr.network_id != ctx.network_id {
         return Err(DropReason::RxWrongNetwork);
     }
@@ -99,6 +94,16 @@ pub fn check_datagram(
         return Err(DropReason::RxBadToken);
     }
     Ok(HEADER_LEN..HEADER_LEN + total)
+}
+
+/// An accepted inner packet that is not a health check's answer must not go to the gateway's
+/// own address (`local`): NATed, it would reach this host's kernel and services from the
+/// public address, and the kernel's answer would look like one of its health checks.
+pub fn check_not_own_address(local: Ipv4Addr, inner: &[u8]) -> Result<(), DropReason> {
+    match ipv4::Packet::new_checked(inner) {
+        Ok(ip) if ip.dst_addr() == local => Err(DropReason::OwnAddress),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -177,8 +182,6 @@ mod tests {
         assert_eq!(check(&other_net, host()), DropReason::RxWrongNetwork);
         let inside = datagram(&s, Ipv4Addr::new(10, 1, 0, 3), NOW + 60, 7);
         assert_eq!(check(&inside, host()), DropReason::InsideDestination);
-        let to_gateway = datagram(&s, *ctx().local.ip(), NOW + 60, 7);
-        assert_eq!(check(&to_gateway, host()), DropReason::OwnAddress);
         // Another host replaying a's header: the outer source is in the token.
         let good = datagram(&s, out, NOW + 60, 7);
         let elsewhere = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 5), 40000);
@@ -190,5 +193,18 @@ mod tests {
         let mut v2 = good;
         v2[0] = 2;
         assert_eq!(check(&v2, host()), DropReason::RxMalformed);
+    }
+
+    #[test]
+    fn only_packets_to_the_gateway_itself_are_its_own_address() {
+        let own = *ctx().local.ip();
+        let to =
+            |dst| crate::translate::tests::udp_packet(Ipv4Addr::new(10, 1, 0, 2), dst, 1030, 53);
+        assert_eq!(
+            check_not_own_address(own, &to(own)),
+            Err(DropReason::OwnAddress)
+        );
+        let elsewhere = Ipv4Addr::new(203, 0, 113, 10);
+        assert_eq!(check_not_own_address(own, &to(elsewhere)), Ok(()));
     }
 }

@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use vnp_gateway::rx::{check_datagram, ExpiryPolicy, RxContext};
+use vnp_gateway::rx::{check_datagram, check_not_own_address, ExpiryPolicy, RxContext};
 use vnp_gateway::services;
 use vnp_gateway::tokens::{
     return_token, with_options_flag, ReturnTokens, RETURN_TOKEN_MAX_INNER, RETURN_TOKEN_TTL_SECS,
@@ -127,7 +127,10 @@ fn from_vms(
             }
             match services::outbound(&services, &table, packet) {
                 Some(reply) => reply?,
-                None => outbound(&table, packet)?,
+                None => {
+                    check_not_own_address(*local.ip(), packet)?;
+                    outbound(&table, packet)?
+                }
             };
             Ok(packet)
         });
