@@ -273,7 +273,15 @@ fn stragglers_reach_the_migrated_vm_and_their_sender_is_told() {
         assert_eq!(*from, straggler.to);
         assert_eq!(h.moved_vm, rec_a.ip);
         assert_eq!(h.to_vm, rec_b.ip);
-        assert_eq!(h.generation, moved.generation);
+        // The source's own generation when the destination's resume notice started the
+        // hairpin, the new record's when the registry's watch did (docs/protocol.md).
+        assert!(
+            [before.generation, moved.generation].contains(&h.generation),
+            "hint generation {} (before {}, moved {})",
+            h.generation,
+            before.generation,
+            moved.generation
+        );
     }
     // One per 100 ms at most (and a little slack for the first).
     let bound = sending_ms as usize / 100 + 2;
