@@ -415,6 +415,31 @@ impl Guest {
         }
     }
 
+    /// Waits until the guest holds a DHCP lease. A `failed` report is waited out (udhcpc keeps
+    /// trying in the background); a guest without a NIC or with its network disabled is an
+    /// error at once, as is no lease within `timeout`.
+    pub fn wait_lease(&mut self, timeout: Duration) -> Result<NetStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let status = self.wait_network(left)?;
+            match status {
+                NetStatus::Bound { .. } => return Ok(status),
+                NetStatus::Failed if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                other => {
+                    return Err(Error::Timeout {
+                        name: self.spec.name.clone(),
+                        what: format!("a DHCP lease (the guest reports {other:?})"),
+                        timeout,
+                        diagnostics: Box::new(self.diagnostics()),
+                    });
+                }
+            }
+        }
+    }
+
     /// The raw QMP session, for commands without a wrapper here.
     pub fn qmp(&mut self) -> Result<&mut Qmp> {
         if self.qmp.is_none() {

@@ -114,7 +114,8 @@ struct NetworkArgs {
     #[arg(long, requires = "dst_host")]
     dst_admin: Option<PathBuf>,
     /// Send a sequence-numbered echo stream from the guest to this address across the
-    /// migration and report the blackout and the packets lost.
+    /// migration and report the blackout and the packets lost. The source guest's DHCP lease
+    /// is awaited first.
     #[arg(long)]
     probe: Option<String>,
     /// Milliseconds between the probe's echo requests.

@@ -66,12 +66,22 @@ fn run_after(g: &mut Guest, cmd: Option<&str>) -> Result<Option<Value>, String> 
     ))
 }
 
-/// Boots the source guest and runs `--before` in it.
-fn boot_source(args: &GuestArgs, spec: GuestSpec, steps: &MigrationSteps) -> Result<Guest, String> {
+/// Boots the source guest, waits for its DHCP lease when the probe needs the network (init
+/// answers on the command channel before DHCP is done), and runs `--before` in it.
+fn boot_source(
+    args: &GuestArgs,
+    spec: GuestSpec,
+    steps: &MigrationSteps,
+    needs_lease: bool,
+) -> Result<Guest, String> {
     let boot = args.image()?.boot_files();
     let mut src = Guest::launch_with(spec, &boot, false).map_err(|e| e.to_string())?;
     src.wait_ready(Duration::from_secs(steps.boot_timeout))
         .map_err(|e| e.to_string())?;
+    if needs_lease {
+        src.wait_lease(Duration::from_secs(steps.boot_timeout))
+            .map_err(|e| e.to_string())?;
+    }
     if let Some(cmd) = &steps.before {
         let out = src
             .run(cmd, Duration::from_secs(60))
@@ -144,7 +154,7 @@ pub fn run_migration(
     let cancel = cancel_on_signal()?;
     let src_spec = args.spec()?;
     check_endpoints(&src_spec, net, dst_socket.as_ref())?;
-    let mut src = boot_source(args, src_spec.clone(), &steps)?;
+    let mut src = boot_source(args, src_spec.clone(), &steps, net.probe.is_some())?;
     if cancel.load(Ordering::Relaxed) {
         return Err(format!(
             "{} while {} booted: no migration began, nothing was moved",
