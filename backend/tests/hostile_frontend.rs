@@ -982,3 +982,101 @@ fn a_guest_that_takes_no_rx_buffers_is_interrupted_again() {
         "the datagrams that waited were not delivered"
     );
 }
+
+/// Sends `n` datagrams numbered from `first` to VM `a` from `raw`.
+fn send_numbered(raw: &UdpSocket, raw_addr: SocketAddrV4, a: &Vm, first: u32, n: u32) {
+    let src_vm = Ipv4Addr::new(10, 77, 0, 50);
+    for i in first..first + n {
+        let inner = ipv4_udp(src_vm, a.ip, format!("datagram {i}").as_bytes());
+        raw.send_to(&good_datagram(raw_addr, a, &inner), a.port.udp_addr())
+            .unwrap();
+    }
+}
+
+/// Waits up to 3 s for an interrupt on `q`; returns how long it took.
+fn wait_interrupt(f: &TestFrontend, q: usize, what: &str) -> Duration {
+    let started = Instant::now();
+    while f.take_interrupts(q) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "never interrupted again: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    started.elapsed()
+}
+
+/// The stall net without new traffic: a burst larger than the guest's buffers, then nothing.
+/// No datagram arrives to wake the worker (the socket is edge-triggered); its RX timer must
+/// (`datapath::rx_timer`).
+#[test]
+fn a_stalled_guest_is_interrupted_again_when_no_more_datagrams_come() {
+    let control = MintingControl::new();
+    let a = start_vm(&control, "hq", 2, 1);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.post_rx(0, 4, 2048);
+    let (raw, raw_addr) = raw_peer();
+    send_numbered(&raw, raw_addr, &a, 0, 8);
+    assert_eq!(fa.recv(0, 4, T).len(), 4);
+    // Let the worker find the ring empty with four waiting, then drop what came so far.
+    std::thread::sleep(Duration::from_millis(20));
+    fa.take_interrupts(RX_Q);
+    wait_interrupt(
+        &fa,
+        RX_Q,
+        "ring out of buffers, datagrams waiting, none arriving",
+    );
+    fa.post_rx(0, 16, 2048);
+    assert_eq!(fa.recv(0, 4, T).len(), 4, "the four that waited");
+}
+
+/// A driver that misses one interrupt with EVENT_IDX never gets another: its `used_event` is
+/// behind, so no later entry asks for one, and with buffers left the ring never runs out.
+/// vnpd interrupts it again once it has left entries unread for a while.
+#[test]
+fn a_guest_that_missed_its_interrupt_with_buffers_left_is_interrupted_again() {
+    let control = MintingControl::new();
+    let a = start_vm(&control, "hm", 2, 1);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.post_rx(0, 32, 2048);
+    let (raw, raw_addr) = raw_peer();
+    send_numbered(&raw, raw_addr, &a, 0, 1);
+    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    // From here the driver looks at nothing: the next interrupt is "lost".
+    fa.rearm_interrupts = false;
+    send_numbered(&raw, raw_addr, &a, 1, 1);
+    wait_interrupt(&fa, RX_Q, "the first one, which the driver misses");
+    send_numbered(&raw, raw_addr, &a, 2, 3);
+    std::thread::sleep(Duration::from_millis(20));
+    fa.take_interrupts(RX_Q);
+    // None of these three crossed the driver's `used_event`: only the watch interrupts.
+    wait_interrupt(&fa, RX_Q, "entries left unread with buffers to spare");
+    fa.rearm_interrupts = true;
+    assert_eq!(fa.recv(0, 4, T).len(), 4, "all four were there");
+}
+
+/// Datagrams that arrive while the RX ring is disabled wait in the socket; when the frontend
+/// enables the ring again without a kick (a migration destination's start, a frontend that
+/// enables after posting), they are delivered all the same.
+#[test]
+fn datagrams_that_waited_for_a_disabled_ring_are_delivered_once_it_is_enabled() {
+    let control = MintingControl::new();
+    let a = start_vm(&control, "hd", 2, 1);
+    let mut fa = TestFrontend::connect(&a.socket, 1);
+    fa.post_rx(0, 16, 2048);
+    let (raw, raw_addr) = raw_peer();
+    send_numbered(&raw, raw_addr, &a, 0, 1);
+    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    fa.set_ring_enabled(RX_Q, false);
+    send_numbered(&raw, raw_addr, &a, 1, 3);
+    assert!(
+        fa.recv(0, 1, Duration::from_millis(300)).is_empty(),
+        "delivered into a disabled ring"
+    );
+    fa.set_ring_enabled(RX_Q, true);
+    assert_eq!(
+        fa.recv(0, 3, T).len(),
+        3,
+        "the datagrams that waited were not delivered after the enable"
+    );
+}

@@ -36,6 +36,7 @@ pub mod rx_check;
 pub mod rx_coalesce;
 pub mod rx_gro;
 mod rx_stall;
+mod rx_timer;
 pub mod serve;
 pub mod tso;
 pub mod tx;

@@ -24,10 +24,11 @@ use super::port::unix_now;
 use super::rx_check::{check_datagram_cached, parse_options, Datagram, TokenCache, MIN_INNER};
 use super::rx_coalesce::{emit_coalesced_headers, plan_frames, rx_vnet_header, Planned};
 use super::rx_gro::{segment_ranges, RecvBatch};
+use super::rx_stall::{unseen_verdict, GuestMark, Unseen, RESIGNAL_AFTER};
 use super::worker::{PairWorker, Side, RX_BATCH};
 use crate::metrics::counters::DropReason;
 use crate::ring::memory::with_ring_mem;
-use crate::ring::vring::notify;
+use crate::ring::vring::{event_idx_marks, notify};
 use crate::ring::{GuestView, Vring};
 
 /// Fewest messages a `recvmmsg` is prepared for.
@@ -104,10 +105,17 @@ impl PairWorker {
         loop {
             if !self.in_service(Side::Rx, rx, view.mem()) {
                 // Datagrams stay in the socket buffer until the ring is enabled (or set up
-                // again after the guest broke it).
+                // again after the guest broke it). A ring that goes live brings no event of
+                // its own (the socket is edge-triggered, the guest may not kick): look again.
                 self.rx_backlog = true;
+                if !self.is_parked(Side::Rx) {
+                    let delay = super::rx_timer::not_live_retry_delay(self.rx_not_live_tries);
+                    self.rx_not_live_tries = self.rx_not_live_tries.saturating_add(1);
+                    self.rx_timer.arm_within(delay);
+                }
                 return;
             }
+            self.rx_not_live_tries = 0;
             if std::mem::take(&mut self.rx.kicks_on) {
                 let _ = rx.disable_notification();
             }
@@ -130,6 +138,8 @@ impl PairWorker {
                 }
                 _ => {
                     self.interrupt_if_stalled(rx);
+                    // No datagram may arrive to run this again (the socket is edge-triggered).
+                    self.rx_timer.arm_within(super::rx_stall::RESIGNAL_AFTER);
                     return;
                 }
             }
@@ -394,6 +404,63 @@ impl PairWorker {
             return;
         }
         with_ring_mem!(view, |mem| notify(rx, mem));
+        self.watch_unseen(view, rx);
+    }
+
+    /// After entries were published on an EVENT_IDX ring: starts the unseen-entries watch
+    /// unless one runs (one read of the driver's marks and one timer arm per watch).
+    pub(super) fn watch_unseen(&mut self, view: GuestView<'_>, rx: &Vring) {
+        if self.rx_unseen.is_some() {
+            return;
+        }
+        let Some((avail, used_event, _, _)) = with_ring_mem!(view, |mem| event_idx_marks(rx, mem))
+        else {
+            return;
+        };
+        self.rx_unseen = Some(GuestMark { avail, used_event });
+        self.rx_unseen_resent = 0;
+        self.rx_timer.arm_within(RESIGNAL_AFTER);
+    }
+
+    /// The RX timer fired: RX that waited for a live ring or for buffers is tried again, and
+    /// a driver that left published entries unread is interrupted again.
+    pub(super) fn on_rx_timer(&mut self, view: GuestView<'_>, rx: &Vring) {
+        self.rx_timer.consume();
+        if self.rx_backlog {
+            self.run_rx(view, rx);
+        }
+        let Some(then) = self.rx_unseen else {
+            return;
+        };
+        let Some((avail, used_event, next_used, size)) =
+            with_ring_mem!(view, |mem| event_idx_marks(rx, mem))
+        else {
+            self.rx_unseen = None;
+            return;
+        };
+        let now = GuestMark { avail, used_event };
+        match unseen_verdict(then, now, next_used, size) {
+            Unseen::Idle => self.rx_unseen = None,
+            Unseen::Watch => {
+                self.rx_unseen = Some(now);
+                self.rx_timer.arm_within(RESIGNAL_AFTER);
+            }
+            Unseen::Resignal => {
+                let _ = rx.signal_used_queue();
+                self.rx_unseen_resent += 1;
+                if self.rx_unseen_resent == 1 {
+                    log::info!(
+                        "vm {} pair {}: the guest left {} RX entries unread for {} ms; \
+                         interrupting it again",
+                        self.core.vm_id,
+                        self.pair,
+                        next_used.wrapping_sub(used_event),
+                        RESIGNAL_AFTER.as_millis()
+                    );
+                }
+                self.rx_timer.arm_within(RESIGNAL_AFTER);
+            }
+        }
     }
 }
 

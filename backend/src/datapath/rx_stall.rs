@@ -52,6 +52,44 @@ impl RxStall {
     }
 }
 
+/// What the driver's side of an RX ring with `VIRTIO_RING_F_EVENT_IDX` shows: its available
+/// index (it refills as it reads) and its `used_event` (where it asks to be interrupted next;
+/// a Linux driver that read every entry sets it to the used index it has reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GuestMark {
+    pub(super) avail: u16,
+    pub(super) used_event: u16,
+}
+
+/// What the unseen-entries watch does at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unseen {
+    /// The driver has seen every entry: stop watching.
+    Idle,
+    /// Entries are unseen but the driver moved: look again later.
+    Watch,
+    /// Entries are unseen and the driver has not moved since the watch began: it missed its
+    /// interrupt (with EVENT_IDX no later entry asks for another). Interrupt it again.
+    Resignal,
+}
+
+/// Decides for a ring of `size` entries whose used index vnpd has moved to `next_used`, from
+/// the driver's marks when the watch began (`then`) and now.
+pub(super) fn unseen_verdict(then: GuestMark, now: GuestMark, next_used: u16, size: u16) -> Unseen {
+    // Entries in [used_event, next_used) were published after the place the driver asked to
+    // hear about; a used_event ahead of next_used (a driver delaying its interrupt) is not a
+    // miss.
+    let unseen = next_used.wrapping_sub(now.used_event);
+    if unseen == 0 || unseen > size {
+        return Unseen::Idle;
+    }
+    if now == then {
+        Unseen::Resignal
+    } else {
+        Unseen::Watch
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +123,53 @@ mod tests {
             "a new stall starts its own clock"
         );
         assert_eq!(s.out_of_buffers(later + RESIGNAL_AFTER), Some(1));
+    }
+
+    #[test]
+    fn a_driver_that_saw_every_entry_is_left_alone() {
+        let m = GuestMark {
+            avail: 300,
+            used_event: 44,
+        };
+        assert_eq!(unseen_verdict(m, m, 44, 256), Unseen::Idle);
+        let ahead = GuestMark {
+            used_event: 50,
+            ..m
+        };
+        assert_eq!(
+            unseen_verdict(ahead, ahead, 44, 256),
+            Unseen::Idle,
+            "asks later"
+        );
+    }
+
+    #[test]
+    fn unseen_entries_and_a_driver_that_did_not_move_get_another_interrupt() {
+        let m = GuestMark {
+            avail: 300,
+            used_event: 44,
+        };
+        assert_eq!(unseen_verdict(m, m, 86, 256), Unseen::Resignal);
+        // Across the index wrap too.
+        let w = GuestMark {
+            avail: 10,
+            used_event: 65530,
+        };
+        assert_eq!(unseen_verdict(w, w, 4, 256), Unseen::Resignal);
+    }
+
+    #[test]
+    fn a_driver_still_moving_is_watched_not_interrupted() {
+        let then = GuestMark {
+            avail: 300,
+            used_event: 44,
+        };
+        let refilled = GuestMark { avail: 310, ..then };
+        assert_eq!(unseen_verdict(then, refilled, 86, 256), Unseen::Watch);
+        let read_more = GuestMark {
+            used_event: 60,
+            ..then
+        };
+        assert_eq!(unseen_verdict(then, read_more, 86, 256), Unseen::Watch);
     }
 }

@@ -12,7 +12,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::port::{short, PortCore};
-use super::worker::{PairWorker, HANDOFF_EVENT, SOCKET_EVENT};
+use super::worker::{PairWorker, HANDOFF_EVENT, RX_TIMER_EVENT, SOCKET_EVENT};
 use crate::device::frontend_relay::FrontendRelay;
 use crate::device::{DeviceConfig, NetBackend, VringErrors};
 
@@ -28,9 +28,17 @@ fn new_daemon(core: &Arc<PortCore>) -> Option<(VhostUserDaemon<Arc<Device>>, Arc
         max_queue_size: core.max_queue_size,
         offloads: core.offloads,
     };
-    let workers = (0..usize::from(core.queue_pairs.max(1)))
+    let workers: Vec<PairWorker> = match (0..usize::from(core.queue_pairs.max(1)))
         .map(|pair| PairWorker::new(core.clone(), pair))
-        .collect();
+        .collect()
+    {
+        Ok(w) => w,
+        Err(e) => {
+            log::error!("vm {}: cannot create a worker's RX timer: {e}", core.vm_id);
+            return None;
+        }
+    };
+    let timers: Vec<_> = workers.iter().map(PairWorker::rx_timer_fd).collect();
     let backend = Arc::new(
         NetBackend::new(config, workers, mem.clone()).with_start_hook(core.device_start.clone()),
     );
@@ -63,6 +71,14 @@ fn new_daemon(core: &Arc<PortCore>) -> Option<(VhostUserDaemon<Arc<Device>>, Arc
                     handoff.as_raw_fd(),
                     EventSet::IN,
                     backend.external_event_id(HANDOFF_EVENT),
+                )
+            })
+            .and_then(|()| {
+                // Its RX timer, level-triggered: the worker reads it when it fires.
+                handler.register_listener(
+                    timers[i],
+                    EventSet::IN,
+                    backend.external_event_id(RX_TIMER_EVENT),
                 )
             });
         if let Err(e) = registered {

@@ -5,7 +5,8 @@
 //! What wakes it ([`PairWorker::handle`], the one dispatch point):
 //! - a TX kick: send what the guest queued (`tx.rs`);
 //! - an RX kick or the socket: move datagrams into the guest (`rx.rs`);
-//! - its hand-off eventfd: send packets that waited for a token (`handoff.rs`).
+//! - its hand-off eventfd: send packets that waited for a token (`handoff.rs`);
+//! - its RX timer: RX that no event would resume (`rx_timer.rs`).
 //!
 //! Frames answered locally (ARP, DHCP: the edge) are written into the guest's RX queue by
 //! [`PairWorker::deliver_frame`], the one place an edge reply enters the guest.
@@ -42,6 +43,8 @@ pub const RX_BATCH: usize = 32;
 pub const SOCKET_EVENT: u64 = 0;
 /// The pair's hand-off eventfd.
 pub const HANDOFF_EVENT: u64 = 1;
+/// The pair's RX timer.
+pub const RX_TIMER_EVENT: u64 = 2;
 /// Least time between two log lines about broken rings from one worker: a guest can break and
 /// reset its rings in a loop, the log must not follow it.
 const RING_FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -69,6 +72,14 @@ pub struct PairWorker {
     pub(super) rx_backlog: bool,
     /// How long the guest has taken no RX buffers while datagrams waited.
     pub(super) rx_stall: super::rx_stall::RxStall,
+    /// Wakes RX when no event will (`rx_timer`).
+    pub(super) rx_timer: super::rx_timer::RxTimer,
+    /// Tries of RX on a ring that was not live, since it last was.
+    pub(super) rx_not_live_tries: u32,
+    /// The driver's marks when the unseen-entries watch began (EVENT_IDX rings only).
+    pub(super) rx_unseen: Option<super::rx_stall::GuestMark>,
+    /// Interrupts sent again in the current unseen-entries watch.
+    pub(super) rx_unseen_resent: u32,
     /// A clone of the RX vring, to give held buffers back when the ring stops.
     rx_vring: Option<Vring>,
     /// The RX ring, parked after the guest broke it (see `ring::park`).
@@ -129,6 +140,8 @@ impl QueuePairHandler for PairWorker {
         }
         self.rx_backlog = false;
         self.rx_stall.progress();
+        self.rx_not_live_tries = 0;
+        self.rx_unseen = None;
         // A ring set up again starts with kicks on.
         self.rx.kicks_on = true;
         self.rx_vring = None;
@@ -189,14 +202,15 @@ impl PairWorker {
                 self.send_handed_off(true);
                 self.deliver_local_frames(view, rx);
             }
+            PairEvent::External(RX_TIMER_EVENT) => self.on_rx_timer(view, rx),
             PairEvent::External(n) => log::debug!("vm {}: unknown event {n}", self.core.vm_id),
         }
     }
 
-    /// A worker for queue pair `pair`.
-    pub fn new(core: Arc<PortCore>, pair: usize) -> Self {
+    /// A worker for queue pair `pair`; fails only when no timerfd can be created.
+    pub fn new(core: Arc<PortCore>, pair: usize) -> std::io::Result<Self> {
         let udp_gso = core.udp_gso;
-        Self {
+        Ok(Self {
             core,
             pair,
             features: Negotiated::default(),
@@ -204,6 +218,10 @@ impl PairWorker {
             shadow: None,
             rx_backlog: false,
             rx_stall: Default::default(),
+            rx_timer: super::rx_timer::RxTimer::new()?,
+            rx_not_live_tries: 0,
+            rx_unseen: None,
+            rx_unseen_resent: 0,
             rx_vring: None,
             rx_parked: None,
             tx_parked: None,
@@ -221,7 +239,12 @@ impl PairWorker {
             rx_segs: Vec::new(),
             handed_off: Vec::new(),
             nat_scratch: Default::default(),
-        }
+        })
+    }
+
+    /// The RX timer's descriptor, for the pair's epoll.
+    pub fn rx_timer_fd(&self) -> std::os::fd::RawFd {
+        self.rx_timer.raw_fd()
     }
 
     /// Whether the socket had data the guest had no room for.
@@ -419,6 +442,7 @@ impl PairWorker {
         self.count_bad_rx_chains(bad_chains);
         if delivered || bad_chains > 0 {
             with_ring_mem!(view, |mem| notify(rx, mem));
+            self.watch_unseen(view, rx);
         }
         delivered
     }

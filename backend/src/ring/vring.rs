@@ -42,6 +42,30 @@ pub fn notify<B: Bitmap + 'static>(vring: &Vring, mem: &GuestMemoryMmap<B>) {
     }
 }
 
+/// The driver's side of a ring with `VIRTIO_RING_F_EVENT_IDX`, read from guest memory:
+/// `(avail->idx, used_event, the device's next used index, queue size)`. `None` without
+/// EVENT_IDX or when the ring cannot be read.
+pub fn event_idx_marks<B: Bitmap + 'static>(
+    vring: &Vring,
+    mem: &GuestMemoryMmap<B>,
+) -> Option<(u16, u16, u16, u16)> {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !queue.event_idx_enabled() || !queue.ready() {
+        return None;
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?.0;
+    // `used_event` follows the available ring's `size` entries (virtio 1.x, 2.7.10).
+    let at = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()))?;
+    let used_event = mem
+        .load(GuestAddress(at), Ordering::Acquire)
+        .map(u16::from_le)
+        .ok()?;
+    Some((avail, used_event, queue.next_used(), queue.size()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

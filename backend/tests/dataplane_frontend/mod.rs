@@ -70,6 +70,10 @@ pub struct TestFrontend {
     _calls: Vec<EventFd>,
     _file: File,
     pub features: u64,
+    /// After harvesting used RX entries, write `used_event` as a Linux driver does when it
+    /// re-enables its interrupt (EVENT_IDX): "tell me about the next one". Off: a driver that
+    /// missed its interrupt and never looked.
+    pub rearm_interrupts: bool,
 }
 
 pub fn memfd(size: usize) -> io::Result<File> {
@@ -212,6 +216,7 @@ impl TestFrontend {
             _calls: calls,
             _file: file,
             features,
+            rearm_interrupts: true,
         }
     }
 
@@ -252,6 +257,7 @@ impl TestFrontend {
             _calls: calls,
             _file: file,
             features,
+            rearm_interrupts: true,
         }
     }
 
@@ -349,6 +355,12 @@ impl TestFrontend {
         // SET_VRING_ERR asks for no reply: a round trip makes sure vnpd has it.
         self.fe.get_features().unwrap();
         err
+    }
+
+    /// Enables or disables queue `q` (`SET_VRING_ENABLE`), and waits until vnpd has it.
+    pub fn set_ring_enabled(&mut self, q: usize, on: bool) {
+        self.fe.set_vring_enable(q, on).unwrap();
+        self.fe.get_features().unwrap();
     }
 
     /// Stops queue `q` the way frontends do (DPDK's port stop, a guest reset): ring disabled,
@@ -582,6 +594,16 @@ impl TestFrontend {
                 self.mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
                 out.push((id, len, data));
                 self.rings[q].used_seen = self.rings[q].used_seen.wrapping_add(1);
+            }
+            if self.rearm_interrupts {
+                let at = self.rings[q].avail + 4 + 2 * u64::from(QUEUE_SIZE);
+                self.mem
+                    .store(
+                        self.rings[q].used_seen.to_le(),
+                        GuestAddress(at),
+                        Ordering::Release,
+                    )
+                    .unwrap();
             }
             if out.len() >= min || start.elapsed() >= timeout {
                 return out;
