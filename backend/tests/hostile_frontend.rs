@@ -1057,7 +1057,9 @@ fn a_guest_that_missed_its_interrupt_with_buffers_left_is_interrupted_again() {
 
 /// Datagrams that arrive while the RX ring is disabled wait in the socket; when the frontend
 /// enables the ring again without a kick (a migration destination's start, a frontend that
-/// enables after posting), they are delivered all the same.
+/// enables after posting), they are delivered all the same. (vhost-user-backend 0.24 provides
+/// the wake-up: it hands the worker a kick event for each ring it registers as live. This pins
+/// that the socket, edge-triggered, does not need a new datagram.)
 #[test]
 fn datagrams_that_waited_for_a_disabled_ring_are_delivered_once_it_is_enabled() {
     let control = MintingControl::new();

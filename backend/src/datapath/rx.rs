@@ -105,17 +105,12 @@ impl PairWorker {
         loop {
             if !self.in_service(Side::Rx, rx, view.mem()) {
                 // Datagrams stay in the socket buffer until the ring is enabled (or set up
-                // again after the guest broke it). A ring that goes live brings no event of
-                // its own (the socket is edge-triggered, the guest may not kick): look again.
+                // again after the guest broke it). vhost-user-backend 0.24 hands the worker a
+                // kick event for every ring it registers as live (`register_event`), which
+                // runs this again.
                 self.rx_backlog = true;
-                if !self.is_parked(Side::Rx) {
-                    let delay = super::rx_timer::not_live_retry_delay(self.rx_not_live_tries);
-                    self.rx_not_live_tries = self.rx_not_live_tries.saturating_add(1);
-                    self.rx_timer.arm_within(delay);
-                }
                 return;
             }
-            self.rx_not_live_tries = 0;
             if std::mem::take(&mut self.rx.kicks_on) {
                 let _ = rx.disable_notification();
             }

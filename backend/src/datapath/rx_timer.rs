@@ -1,27 +1,22 @@
 //! The RX half's own clock: a non-blocking timerfd in the pair's epoll.
 //!
-//! The worker is woken by events (kicks, the edge-triggered socket, hand-offs). Three RX states
+//! The worker is woken by events (kicks, the edge-triggered socket, hand-offs). Two RX states
 //! need a wake-up that no event brings:
-//! - datagrams arrived while the RX ring was not live (a frontend between `SET_VRING_KICK` and
-//!   `SET_VRING_ENABLE`, a migration destination before its start): the ring then goes live
-//!   without a kick, and the socket, edge-triggered, reports nothing new;
-//! - the ring is out of buffers with datagrams waiting and none arrive any more: the stall net
-//!   (`rx_stall`) must still interrupt the guest again;
+//! - the ring is out of buffers with datagrams waiting and none arrive any more (the socket is
+//!   full, or the burst is over): the stall net (`rx_stall`) must still interrupt the guest
+//!   again;
 //! - entries published that the guest never looked at (`rx_stall::unseen_verdict`).
 //!
-//! One timer serves all three: [`RxTimer::arm_within`] keeps the earliest deadline asked for.
+//! (A ring that goes live needs no timer: vhost-user-backend 0.24 gives the worker a kick event
+//! for each ring it registers, and that runs RX.)
+//!
+//! One timer serves both: [`RxTimer::arm_within`] keeps the earliest deadline asked for.
 //! A wake-up costs a `read` on a timerfd; arming costs one `timerfd_settime`, at most once per
 //! deadline, never per packet.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
-
-/// First delay before RX is tried again on a ring that was not live; doubled each time the
-/// ring is still not live, up to [`NOT_LIVE_RETRY_MAX`].
-pub(super) const NOT_LIVE_RETRY_FIRST: Duration = Duration::from_millis(5);
-/// Longest delay between two tries on a ring that stays down (a stopped or paused VM).
-pub(super) const NOT_LIVE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// A one-shot timer with the earliest deadline asked for since it last fired.
 #[derive(Debug)]
@@ -97,13 +92,6 @@ impl RxTimer {
     }
 }
 
-/// The delay before the `n`th try (from 0) on a ring that is not live.
-pub(super) fn not_live_retry_delay(n: u32) -> Duration {
-    NOT_LIVE_RETRY_FIRST
-        .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
-        .min(NOT_LIVE_RETRY_MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,13 +120,5 @@ mod tests {
         t.consume();
         t.arm_within(Duration::from_millis(1));
         assert!(readable(t.raw_fd(), 1000), "armed again after firing");
-    }
-
-    #[test]
-    fn a_ring_that_stays_down_is_tried_less_and_less_often() {
-        assert_eq!(not_live_retry_delay(0), NOT_LIVE_RETRY_FIRST);
-        assert_eq!(not_live_retry_delay(1), NOT_LIVE_RETRY_FIRST * 2);
-        assert_eq!(not_live_retry_delay(30), NOT_LIVE_RETRY_MAX);
-        assert_eq!(not_live_retry_delay(u32::MAX), NOT_LIVE_RETRY_MAX);
     }
 }

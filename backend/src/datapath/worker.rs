@@ -74,8 +74,6 @@ pub struct PairWorker {
     pub(super) rx_stall: super::rx_stall::RxStall,
     /// Wakes RX when no event will (`rx_timer`).
     pub(super) rx_timer: super::rx_timer::RxTimer,
-    /// Tries of RX on a ring that was not live, since it last was.
-    pub(super) rx_not_live_tries: u32,
     /// The driver's marks when the unseen-entries watch began (EVENT_IDX rings only).
     pub(super) rx_unseen: Option<super::rx_stall::GuestMark>,
     /// Interrupts sent again in the current unseen-entries watch.
@@ -140,7 +138,6 @@ impl QueuePairHandler for PairWorker {
         }
         self.rx_backlog = false;
         self.rx_stall.progress();
-        self.rx_not_live_tries = 0;
         self.rx_unseen = None;
         // A ring set up again starts with kicks on.
         self.rx.kicks_on = true;
@@ -219,7 +216,6 @@ impl PairWorker {
             rx_backlog: false,
             rx_stall: Default::default(),
             rx_timer: super::rx_timer::RxTimer::new()?,
-            rx_not_live_tries: 0,
             rx_unseen: None,
             rx_unseen_resent: 0,
             rx_vring: None,
