@@ -116,8 +116,9 @@ fn an_offloading_guest_gets_one_coalesced_segment_over_mergeable_buffers() {
     assert_eq!(
         got.len(),
         1,
-        "one coalesced frame, got {} frames",
-        got.len()
+        "one coalesced frame, got {} frames; port counters: {:?}",
+        got.len(),
+        b.port.counters().snapshot()
     );
     let f = &got[0];
     assert_eq!(f.len(), want_len);
@@ -156,7 +157,12 @@ fn a_guest_without_receive_offloads_gets_the_segments_one_by_one() {
     fb.post_rx(0, 64, 2048);
     let segments = send_train(&b);
     let got = frames(&fb.recv(0, SEGMENTS, T));
-    assert_eq!(got.len(), SEGMENTS);
+    assert_eq!(
+        got.len(),
+        SEGMENTS,
+        "frames; port counters: {:?}",
+        b.port.counters().snapshot()
+    );
     for (f, s) in got.iter().zip(&segments) {
         assert_eq!(&f[..10], &[0u8; 10], "no offload fields");
         assert_eq!(&f[VNET_HDR + 14..], &s[..], "the segment as sent");
