@@ -1,5 +1,5 @@
 //! `qemu-launch migrate` (the binary's subcommand): boot the source, do the network steps,
-//! migrate, report; and when the migration fails or is cancelled, undo the network steps and
+//! migrate, report; and when the migration is refused, fails or is cancelled, undo the network steps and
 //! show that the source still has the guest.
 
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::{emit, GuestArgs, NetworkArgs};
 
-/// The exit status of a migration that failed or was cancelled while everything was put back:
+/// The exit status of a migration that was refused, failed or was cancelled while everything was put back:
 /// the network steps undone and the guest running on the source.
 pub const EXIT_NOT_MIGRATED: u8 = 2;
 /// The exit status after a second SIGINT/SIGTERM (nothing is undone then).
@@ -162,14 +162,33 @@ pub fn run_migration(
             src.name()
         ));
     }
+    if let Some(peer) = &net.probe {
+        run_in(
+            &mut src,
+            &qemu_launch::probe::start_command(peer, net.probe_interval_ms),
+        )?;
+        std::thread::sleep(Duration::from_secs(net.probe_settle_secs));
+    }
     // The network steps come before QEMU migrates; nothing follows after it.
     let moved = match (&net.dst_host, &net.dst_admin, &args.vm) {
-        (Some(host), Some(admin), Some(vm)) => Some(NetworkMove::prepare(
-            args.registry_client()?,
-            admin,
-            vm,
-            host,
-        )?),
+        (Some(host), Some(admin), Some(vm)) => {
+            match NetworkMove::prepare(args.registry_client()?, admin, vm, host) {
+                Ok(m) => Some(m),
+                Err(e) if e.undone => {
+                    // Refused (or the registry unreachable) before QEMU was asked: nothing
+                    // moved, the source serves.
+                    let error = format!("the migration could not be prepared: {}", e.message);
+                    return not_migrated(src, &error, Ok(Some(())), net, &steps);
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "{} (the VM may be left half-moved: check `vnpctl vm get` and the \
+                         destination's `vnpctl vnpd list`)",
+                        e.message
+                    ))
+                }
+            }
+        }
         _ => None,
     };
     let mut dst_spec = src_spec.clone();
@@ -179,13 +198,6 @@ pub fn run_migration(
         .map(|m| m.dst_socket().to_path_buf())
         .or(dst_socket);
     dst_spec.work_dir = src_spec.work_dir.as_ref().map(|d| Path::new(d).join("dst"));
-    if let Some(peer) = &net.probe {
-        run_in(
-            &mut src,
-            &qemu_launch::probe::start_command(peer, net.probe_interval_ms),
-        )?;
-        std::thread::sleep(Duration::from_secs(net.probe_settle_secs));
-    }
     let opts = MigrateOptions {
         uri: steps.uri.clone(),
         downtime_limit_ms: steps.downtime_limit_ms,
@@ -206,7 +218,10 @@ pub fn run_migration(
             drop(src);
             migrated(dst, report, moved, net, &steps)
         }
-        Err(error) => not_migrated(src, &error, moved, net, &steps),
+        Err(error) => {
+            let undone = moved.map(NetworkMove::undo).transpose();
+            not_migrated(src, &error, undone, net, &steps)
+        }
     }
 }
 
@@ -237,19 +252,19 @@ fn migrated(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The migration failed or was cancelled: undo the network steps, check that the source runs
-/// the guest, read the probe and run `--after` there, report, and exit with
-/// [`EXIT_NOT_MIGRATED`] (or fail if something could not be put back).
+/// The migration was refused, failed or was cancelled, and the network steps were undone
+/// (`undone`: `Ok(None)` when there were none): check that the source runs the guest, read
+/// the probe and run `--after` there, report, and exit with [`EXIT_NOT_MIGRATED`] (or fail if
+/// something could not be put back).
 fn not_migrated(
     mut src: Guest,
     error: &str,
-    moved: Option<NetworkMove>,
+    undone: Result<Option<()>, String>,
     net: &NetworkArgs,
     steps: &MigrationSteps,
 ) -> Result<ExitCode, String> {
     let summary = error.lines().next().unwrap_or(error).to_string();
     eprintln!("qemu-launch: error: {error}");
-    let undone = moved.map(NetworkMove::undo).transpose();
     if let Err(e) = &undone {
         return Err(format!(
             "{summary}; undoing the network steps failed: {e} (the VM may be left half-moved: \

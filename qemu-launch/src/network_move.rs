@@ -12,6 +12,15 @@ use vnp_registry_client::client::RegistryClient;
 use vnp_registry_client::StartMigration;
 use vnpd_admin_api::VnpdAdminClient;
 
+/// Why [`NetworkMove::prepare`] failed, and whether that left anything to undo.
+#[derive(Debug)]
+pub struct PrepareError {
+    pub message: String,
+    /// Nothing of the move is left: the registry refused it, or the destination vnpd refused
+    /// the incoming attach and the registry's move was cancelled again.
+    pub undone: bool,
+}
+
 /// A prepared move; undone on drop unless [`NetworkMove::complete`] was called.
 #[derive(Debug)]
 pub struct NetworkMove {
@@ -31,26 +40,33 @@ impl NetworkMove {
         dst_admin: &Path,
         vm: &str,
         dst_host: &str,
-    ) -> Result<NetworkMove, String> {
+    ) -> Result<NetworkMove, PrepareError> {
         let started = Instant::now();
         let req = StartMigration {
             host: dst_host.to_string(),
             host_port: None,
         };
-        client
-            .start_migration(vm, &req)
-            .map_err(|e| format!("registry: migrating {vm} to {dst_host}: {e}"))?;
+        client.start_migration(vm, &req).map_err(|e| PrepareError {
+            message: format!("registry: migrating {vm} to {dst_host}: {e}"),
+            undone: true,
+        })?;
         let admin = VnpdAdminClient::new(dst_admin);
         let attachment = match admin.attach_with(vm, None, None, true) {
             Ok(a) => a,
             Err(e) => {
-                if let Err(c) = client.cancel_migration(vm) {
-                    log::error!("registry: cancelling the migration of {vm}: {c}");
-                }
-                return Err(format!(
-                    "incoming attach of {vm} at {}: {e}",
-                    dst_admin.display()
-                ));
+                let refused = format!("incoming attach of {vm} at {}: {e}", dst_admin.display());
+                return Err(match client.cancel_migration(vm) {
+                    Ok(_) => PrepareError {
+                        message: refused,
+                        undone: true,
+                    },
+                    Err(c) => PrepareError {
+                        message: format!(
+                            "{refused}; registry: cancelling the migration of {vm}: {c}"
+                        ),
+                        undone: false,
+                    },
+                });
             }
         };
         Ok(NetworkMove {

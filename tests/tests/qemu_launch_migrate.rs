@@ -1,7 +1,7 @@
 //! `qemu-launch migrate`, the one-command migration between two vnpd hosts, through the real
-//! binary with real QEMU guests: a migration whose destination QEMU dies during pre-copy, and
-//! one cancelled during pre-copy (SIGINT to qemu-launch, which sends QMP `migrate_cancel`),
-//! each exit with status 2, and afterwards the registry still has the VM on the source host
+//! binary with real QEMU guests: a migration whose destination QEMU dies during pre-copy, one
+//! cancelled during pre-copy (SIGINT to qemu-launch, which sends QMP `migrate_cancel`), and one
+//! whose incoming attach the destination vnpd refuses, each exit with status 2, and afterwards the registry still has the VM on the source host
 //! with no migration under way, the destination vnpd has no incoming VM left, and the guest
 //! still talks from the source: it pings a peer on the other host and accepts a TCP connection
 //! from it. Then a migration of the same VM succeeds, its JSON checked against the registry.
@@ -231,12 +231,54 @@ fn qemu_launch_migrate_undoes_a_failed_or_cancelled_migration() {
     assert_eq!(out.json["cancelled"], true, "{out:?}");
     assert_source_kept(&c, &att_c, &out);
 
+    step("(c) the destination vnpd refuses the incoming attach");
+    refused_attach(&c, &mut gb, &vms, 5004);
+
     step("a migration of vm-c afterwards succeeds");
     migrates_after_all(&c, &att_c, &peer, &dir);
 
     drop(gb);
     drop(c);
     assert_nothing_left(&dir, &namespaces);
+}
+
+/// A regular file where host 1's vnpd would put vm-c's socket (an operator's leftover) makes
+/// it refuse the incoming attach: qemu-launch cancels the registry's move, asks QEMU for
+/// nothing, and reports it like any migration that did not happen, with the source serving.
+fn refused_attach(c: &Cluster, peer: &mut Guest, vms: &Pair, port: u16) {
+    let sockets = c.host(1).admin_socket.parent().unwrap().join("sockets");
+    std::fs::create_dir_all(&sockets).unwrap();
+    let squatter = sockets.join(format!("{}.sock", vms.att.vm_id));
+    std::fs::write(&squatter, b"not a socket").unwrap();
+    connect_until_accepted(peer, vms.ip, port);
+    let after = talk_check(vms.peer_ip, port);
+    let peer_ip = vms.peer_ip.to_string();
+    let args = [
+        "--after",
+        &after,
+        "--probe",
+        &peer_ip,
+        "--probe-interval-ms",
+        "10",
+    ];
+    let work = vms.dir.join(format!("guest-{}", vms.att.vm_id));
+    let out = QemuLaunchMigrate::spawn(c, vms.att, 1, &work, &args)
+        .expect("qemu-launch")
+        .wait(RUN_WITHIN)
+        .unwrap();
+    std::fs::remove_file(&squatter).unwrap();
+    eprintln!("  qemu-launch: {}\n  stderr: {}", out.json, out.stderr);
+    assert!(
+        out.json["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("could not be prepared") && e.contains("not a socket")),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains(&format!("guest {}-dst", vms.att.vm_id)),
+        "a destination QEMU was started: {out:?}"
+    );
+    assert_source_kept(c, vms.att, &out);
 }
 
 /// `qemu-launch migrate` with the network steps and a probe to `peer_ip` every 10 ms; the test
