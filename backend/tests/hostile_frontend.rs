@@ -993,6 +993,42 @@ fn send_numbered(raw: &UdpSocket, raw_addr: SocketAddrV4, a: &Vm, first: u32, n:
     }
 }
 
+/// A VM with a test frontend that posted RX buffers, and a peer socket sending to it.
+/// (Fields drop in order: the frontend goes before the VM's port.)
+struct RxGuest {
+    fe: TestFrontend,
+    vm: Vm,
+    _control: Arc<MintingControl>,
+    raw: UdpSocket,
+    raw_addr: SocketAddrV4,
+}
+
+impl RxGuest {
+    /// VM `name` with `buffers` RX buffers posted, which has received datagram 0.
+    fn with_one_datagram(name: &str, buffers: usize) -> RxGuest {
+        let control = MintingControl::new();
+        let vm = start_vm(&control, name, 2, 1);
+        let mut fe = TestFrontend::connect(&vm.socket, 1);
+        fe.post_rx(0, buffers, 2048);
+        let (raw, raw_addr) = raw_peer();
+        let mut g = RxGuest {
+            fe,
+            vm,
+            _control: control,
+            raw,
+            raw_addr,
+        };
+        g.send(0, 1);
+        assert_eq!(g.fe.recv(0, 1, T).len(), 1);
+        g
+    }
+
+    /// Sends datagrams `first..first + n`.
+    fn send(&mut self, first: u32, n: u32) {
+        send_numbered(&self.raw, self.raw_addr, &self.vm, first, n);
+    }
+}
+
 /// Waits up to 3 s for an interrupt on `q`; returns how long it took.
 fn wait_interrupt(f: &TestFrontend, q: usize, what: &str) -> Duration {
     let started = Instant::now();
@@ -1035,24 +1071,18 @@ fn a_stalled_guest_is_interrupted_again_when_no_more_datagrams_come() {
 /// vnpd interrupts it again once it has left entries unread for a while.
 #[test]
 fn a_guest_that_missed_its_interrupt_with_buffers_left_is_interrupted_again() {
-    let control = MintingControl::new();
-    let a = start_vm(&control, "hm", 2, 1);
-    let mut fa = TestFrontend::connect(&a.socket, 1);
-    fa.post_rx(0, 32, 2048);
-    let (raw, raw_addr) = raw_peer();
-    send_numbered(&raw, raw_addr, &a, 0, 1);
-    assert_eq!(fa.recv(0, 1, T).len(), 1);
+    let mut g = RxGuest::with_one_datagram("hm", 32);
     // From here the driver looks at nothing: the next interrupt is "lost".
-    fa.rearm_interrupts = false;
-    send_numbered(&raw, raw_addr, &a, 1, 1);
-    wait_interrupt(&fa, RX_Q, "the first one, which the driver misses");
-    send_numbered(&raw, raw_addr, &a, 2, 3);
+    g.fe.rearm_interrupts = false;
+    g.send(1, 1);
+    wait_interrupt(&g.fe, RX_Q, "the first one, which the driver misses");
+    g.send(2, 3);
     std::thread::sleep(Duration::from_millis(20));
-    fa.take_interrupts(RX_Q);
+    g.fe.take_interrupts(RX_Q);
     // None of these three crossed the driver's `used_event`: only the watch interrupts.
-    wait_interrupt(&fa, RX_Q, "entries left unread with buffers to spare");
-    fa.rearm_interrupts = true;
-    assert_eq!(fa.recv(0, 4, T).len(), 4, "all four were there");
+    wait_interrupt(&g.fe, RX_Q, "entries left unread with buffers to spare");
+    g.fe.rearm_interrupts = true;
+    assert_eq!(g.fe.recv(0, 4, T).len(), 4, "all four were there");
 }
 
 /// Datagrams that arrive while the RX ring is disabled wait in the socket; when the frontend
@@ -1062,22 +1092,16 @@ fn a_guest_that_missed_its_interrupt_with_buffers_left_is_interrupted_again() {
 /// that the socket, edge-triggered, does not need a new datagram.)
 #[test]
 fn datagrams_that_waited_for_a_disabled_ring_are_delivered_once_it_is_enabled() {
-    let control = MintingControl::new();
-    let a = start_vm(&control, "hd", 2, 1);
-    let mut fa = TestFrontend::connect(&a.socket, 1);
-    fa.post_rx(0, 16, 2048);
-    let (raw, raw_addr) = raw_peer();
-    send_numbered(&raw, raw_addr, &a, 0, 1);
-    assert_eq!(fa.recv(0, 1, T).len(), 1);
-    fa.set_ring_enabled(RX_Q, false);
-    send_numbered(&raw, raw_addr, &a, 1, 3);
+    let mut g = RxGuest::with_one_datagram("hd", 16);
+    g.fe.set_ring_enabled(RX_Q, false);
+    g.send(1, 3);
     assert!(
-        fa.recv(0, 1, Duration::from_millis(300)).is_empty(),
+        g.fe.recv(0, 1, Duration::from_millis(300)).is_empty(),
         "delivered into a disabled ring"
     );
-    fa.set_ring_enabled(RX_Q, true);
+    g.fe.set_ring_enabled(RX_Q, true);
     assert_eq!(
-        fa.recv(0, 3, T).len(),
+        g.fe.recv(0, 3, T).len(),
         3,
         "the datagrams that waited were not delivered after the enable"
     );

@@ -64,6 +64,32 @@ struct Pair<'a> {
     dir: &'a Path,
 }
 
+/// Starts `qemu-launch migrate` of `vms.att` from host 0 to host 1 (with `extra` arguments), a
+/// probe to the peer and [`talk_check`] on `port` as `--after`, and the peer's connection loop
+/// to `port`.
+fn spawn_talking(
+    c: &Cluster,
+    peer: &mut Guest,
+    vms: &Pair,
+    port: u16,
+    extra: &[&str],
+) -> QemuLaunchMigrate {
+    connect_until_accepted(peer, vms.ip, port);
+    let after = talk_check(vms.peer_ip, port);
+    let peer_ip = vms.peer_ip.to_string();
+    let mut args = vec![
+        "--after",
+        &after,
+        "--probe",
+        &peer_ip,
+        "--probe-interval-ms",
+        "10",
+    ];
+    args.extend_from_slice(extra);
+    let work = vms.dir.join(format!("guest-{}", vms.att.vm_id));
+    QemuLaunchMigrate::spawn(c, vms.att, 1, &work, &args).expect("qemu-launch")
+}
+
 /// Starts a slow `qemu-launch migrate` of `vms.att` from host 0 to host 1 with a probe to the
 /// peer and [`talk_check`] on `port` as `--after`, and the peer's connection loop to `port`.
 /// Returns once the pre-copy has run for [`INTO_PRECOPY`], with the destination QEMU's pid.
@@ -73,21 +99,7 @@ fn migration_in_precopy(
     vms: &Pair,
     port: u16,
 ) -> (QemuLaunchMigrate, u32) {
-    connect_until_accepted(peer, vms.ip, port);
-    let after = talk_check(vms.peer_ip, port);
-    let peer_ip = vms.peer_ip.to_string();
-    let args = [
-        "--max-bandwidth",
-        SLOW,
-        "--after",
-        &after,
-        "--probe",
-        &peer_ip,
-        "--probe-interval-ms",
-        "10",
-    ];
-    let work = vms.dir.join(format!("guest-{}", vms.att.vm_id));
-    let mut run = QemuLaunchMigrate::spawn(c, vms.att, 1, &work, &args).expect("qemu-launch");
+    let mut run = spawn_talking(c, peer, vms, port, &["--max-bandwidth", SLOW]);
     let needle = format!("guest={}-dst,", vms.att.vm_id);
     let deadline = Instant::now() + Duration::from_secs(300);
     let pid = loop {
@@ -250,20 +262,7 @@ fn refused_attach(c: &Cluster, peer: &mut Guest, vms: &Pair, port: u16) {
     std::fs::create_dir_all(&sockets).unwrap();
     let squatter = sockets.join(format!("{}.sock", vms.att.vm_id));
     std::fs::write(&squatter, b"not a socket").unwrap();
-    connect_until_accepted(peer, vms.ip, port);
-    let after = talk_check(vms.peer_ip, port);
-    let peer_ip = vms.peer_ip.to_string();
-    let args = [
-        "--after",
-        &after,
-        "--probe",
-        &peer_ip,
-        "--probe-interval-ms",
-        "10",
-    ];
-    let work = vms.dir.join(format!("guest-{}", vms.att.vm_id));
-    let out = QemuLaunchMigrate::spawn(c, vms.att, 1, &work, &args)
-        .expect("qemu-launch")
+    let out = spawn_talking(c, peer, vms, port, &[])
         .wait(RUN_WITHIN)
         .unwrap();
     std::fs::remove_file(&squatter).unwrap();
