@@ -257,6 +257,9 @@ const ALTERNATE: &str = r#"
 import socket, sys
 host, port, flows, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 SO_MARK = getattr(socket, "SO_MARK", 36)
+# Every socket stays open to the end: a port freed by one flow could be the next flow's, and
+# a repeated 5-tuple is no new flow for the gateways.
+held = []
 for f in range(flows):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(1.5)
@@ -274,7 +277,7 @@ for f in range(flows):
                 pass
         names.append(answer)
     print(" ".join(names), flush=True)
-    s.close()
+    held.append(s)
 "#;
 
 const ECHO_PORT: u16 = 5353;
