@@ -4,8 +4,11 @@
 //! connection is the same one (the server saw one connection, and the NAT table on host 1
 //! holds the flow on the same public port), it keeps exchanging data both ways (every
 //! numbered line arrives, in order, at the server and back at the guest), and the session
-//! token from before is still accepted. Without the hand-off the destination has no flow for
-//! the guest's segments (`tx_nat_no_flow`) and no session for the token (401).
+//! token from before is still accepted. A public client's connection through load-balanced
+//! service `mig` on the same gateway, to a listener in vm-a, also goes on from host 1: the
+//! gateway follows the VM like any sender (every line in order, the flow placed once).
+//! Without the hand-off the destination has no flow for the guest's segments
+//! (`tx_nat_no_flow`) and no session for the token (401).
 //!
 //! Needs root (namespaces, TUN), QEMU 10 and the guest image (`scripts/setup`), python3.
 //! Run: `cargo test -p vnp-e2e --test migration_state -- --nocapture`.
@@ -16,12 +19,33 @@ use std::time::{Duration, Instant};
 
 use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, NETWORK};
-use vnp_e2e::edge::{PublicEdge, PUBLIC_HOST};
+use vnp_e2e::edge::{PublicEdge, PUBLIC_ADDR, PUBLIC_HOST};
 use vnp_e2e::migration::{begin_migration, wait_endpoint_on};
+use vnp_registry_client::api::{HealthCheckSpec, L4Proto, PoolMember, ServiceSpec};
 use vnpd_admin_api::NatInfo;
 
 const CMD: Duration = Duration::from_secs(60);
 const ECHO_PORT: u16 = 9000;
+/// Load-balanced service `mig`: the public address's port -> the same port of vm-a.
+const LB_PORT: u16 = 7000;
+/// Where the gateway's health checks connect on vm-a (the service port takes one connection).
+const LB_HEALTH_PORT: u16 = 7001;
+
+/// A client on the public side: one TCP connection to argv[1]:argv[2], a numbered line every
+/// 50 ms until file argv[3] exists; then prints how many it sent. A broken connection ends it
+/// with an error.
+const LB_CLIENT: &str = r#"
+import os, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+i = 0
+while not os.path.exists(sys.argv[3]):
+    s.sendall(b"%d\n" % i)
+    i += 1
+    time.sleep(0.05)
+s.close()
+print(i, flush=True)
+"#;
+
 /// Seconds of a session's TTL (long: it must outlive the test).
 const SESSION_TTL: u32 = 3600;
 
@@ -137,6 +161,79 @@ fn server_lines(dir: &Path, n: u32) -> u64 {
 }
 
 /// The mapped port of `nat`'s TCP flow to the echo server.
+/// Lines vm-a's service listener has received from the load-balanced connection.
+fn lb_lines(g: &mut Guest) -> u64 {
+    g.run("wc -l < /tmp/lb.in", CMD)
+        .ok()
+        .and_then(|o| o.stdout.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Service `mig` on the gateway: public [`LB_PORT`] -> vm-a's, health-checked by a TCP
+/// connect to [`LB_HEALTH_PORT`].
+fn service_mig() -> ServiceSpec {
+    ServiceSpec {
+        id: "mig".into(),
+        public_addr: PUBLIC_ADDR,
+        public_port: LB_PORT,
+        proto: L4Proto::Tcp,
+        vm_port: Some(LB_PORT),
+        members: vec![PoolMember {
+            vm: Some("vm-a".into()),
+            tag: None,
+            weight: 1,
+        }],
+        health: HealthCheckSpec {
+            port: Some(LB_HEALTH_PORT),
+            ..HealthCheckSpec::default()
+        },
+        table_size: None,
+    }
+}
+
+/// vm-a listens on the service port (one connection, lines to /tmp/lb.in) and answers health
+/// checks; the gateway takes vm-a in; a public client connects through the service.
+fn hold_load_balanced_connection(c: &Cluster, edge: &mut PublicEdge, ga: &mut Guest, dir: &Path) {
+    ga.run_ok(
+        &format!(
+            "(while true; do nc -l -p {LB_HEALTH_PORT} < /dev/null > /dev/null 2>&1; done) \
+             > /dev/null 2>&1 & nc -l -p {LB_PORT} > /tmp/lb.in 2> /tmp/lb.err &"
+        ),
+        CMD,
+    )
+    .unwrap();
+    let spec = service_mig();
+    c.registry(move |r| r.create_service(&spec)).unwrap();
+    let labels = [("service", "mig"), ("vm", "vm-a")];
+    assert!(
+        eventually(Duration::from_secs(30), || edge
+            .metric(c, "vnp_gateway_lb_member_up", &labels)
+            .unwrap_or(0)
+            == 1),
+        "the gateway never took vm-a into service mig\n{}",
+        edge.logs(c)
+    );
+    let stop = dir.join("lb-stop");
+    edge.spawn_public(
+        "lb-client",
+        "python3",
+        &[
+            "-u",
+            "-c",
+            LB_CLIENT,
+            &PUBLIC_ADDR.to_string(),
+            &LB_PORT.to_string(),
+            stop.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || lb_lines(ga) > 10),
+        "no lines through the load balancer\n{}",
+        edge.logs(c)
+    );
+}
+
 fn echo_flow_port(nat: &NatInfo) -> Option<u16> {
     nat.flows
         .iter()
@@ -254,6 +351,9 @@ fn nat_flows_and_metadata_sessions_move_with_the_vm() {
     let port = echo_flow_port(&nat0).unwrap_or_else(|| panic!("no flow in {nat0:?}"));
     eprintln!("  the connection leaves host 0 on NAT port {port}");
 
+    step("a public client holds a connection to vm-a through load-balanced service mig");
+    hold_load_balanced_connection(&c, &mut edge, &mut ga, &dir);
+
     step("vm-a migrates live to host 1");
     let before = server_lines(&recv_dir, GUEST_CONN);
     let mut ga2 = migrate_to_host1(&c, &mut ga, &dir);
@@ -275,6 +375,49 @@ fn nat_flows_and_metadata_sessions_move_with_the_vm() {
         Some(port),
         "host 1's NAT table: {nat1:?}"
     );
+
+    step("the load-balanced connection goes on: the gateway follows vm-a to host 1");
+    let lb_after_move = lb_lines(&mut ga2);
+    assert!(
+        eventually(Duration::from_secs(30), || lb_lines(&mut ga2)
+            > lb_after_move + 40),
+        "the load-balanced stream stopped after the migration ({lb_after_move} lines)\n{}",
+        logs(&c, &edge)
+    );
+    // By now the gateway sends to host 1 itself: host 0 forwards nothing more for vm-a.
+    let hairpinned = |c: &Cluster| {
+        c.metric(0, "vnpd_hairpin_forwarded_total", &[("vm", "vm-a")])
+            .unwrap()
+    };
+    let (h1, lines1) = (hairpinned(&c), lb_lines(&mut ga2));
+    assert!(
+        eventually(Duration::from_secs(30), || lb_lines(&mut ga2) > lines1 + 40),
+        "the load-balanced stream stopped\n{}",
+        logs(&c, &edge)
+    );
+    let h2 = hairpinned(&c);
+    assert_eq!(
+        h1, h2,
+        "host 0 still hairpins vm-a's traffic: the gateway did not follow the move"
+    );
+    std::fs::write(dir.join("lb-stop"), b"").unwrap();
+    // The client's last line is in flight at most.
+    std::thread::sleep(Duration::from_millis(300));
+    let lb_flows = edge
+        .metric(
+            &c,
+            "vnp_gateway_lb_new_flows_total",
+            &[("service", "mig"), ("vm", "vm-a")],
+        )
+        .unwrap();
+    assert_eq!(lb_flows, 1, "one load-balanced connection, placed once");
+    let lb_in = ga2.run("cat /tmp/lb.in", CMD).unwrap().stdout;
+    let lb_sent = lb_in.lines().count() as u64;
+    assert!(
+        lines_complete(&lb_in, lb_sent),
+        "the load-balanced stream arrived broken"
+    );
+    eprintln!("  {lb_sent} load-balanced lines in order, one flow");
 
     step("the session token from host 0 is accepted on host 1");
     let with = metadata(&mut ga2, "GET", "instance/name", &token_header(&token));
