@@ -19,15 +19,21 @@ pub struct MigrateOptions {
     pub uri: Option<String>,
     /// Whole-migration limit, after which it is cancelled and the source keeps running.
     pub timeout: Duration,
-    /// `max-bandwidth` in bytes/s (QEMU's default is 128 MiB/s).
+    /// `max-bandwidth` in bytes/s; `None`: QEMU's default, 128 MiB/s. Set on every migration,
+    /// since QEMU keeps the value of an earlier one from the same source.
     pub max_bandwidth: Option<u64>,
-    /// `downtime-limit` in ms (QEMU's default is 300).
+    /// `downtime-limit` in ms; `None`: QEMU's default, 300. Set on every migration likewise.
     pub downtime_limit_ms: Option<u64>,
     /// Set it (e.g. from a SIGINT handler) to cancel the migration: `migrate` sends QMP
     /// `migrate_cancel` to the source and fails with [`CANCELLED`] in the reason, unless
     /// QEMU completed first. The source keeps running either way.
     pub cancel: Option<Arc<AtomicBool>>,
 }
+
+/// QEMU's default `max-bandwidth`, bytes/s.
+const QEMU_MAX_BANDWIDTH: u64 = 128 << 20;
+/// QEMU's default `downtime-limit`, ms.
+const QEMU_DOWNTIME_LIMIT_MS: u64 = 300;
 
 /// What the reason of a migration error starts with when [`MigrateOptions::cancel`] stopped it.
 pub const CANCELLED: &str = "cancelled on request";
@@ -151,16 +157,13 @@ pub fn migrate(
     let fail = migration_error;
 
     dst.qmp_execute("migrate-incoming", Some(json!({ "uri": uri })))?;
-    let mut params = serde_json::Map::new();
-    if let Some(bw) = opts.max_bandwidth {
-        params.insert("max-bandwidth".into(), json!(bw));
-    }
-    if let Some(ms) = opts.downtime_limit_ms {
-        params.insert("downtime-limit".into(), json!(ms));
-    }
-    if !params.is_empty() {
-        src.qmp_execute("migrate-set-parameters", Some(Value::Object(params)))?;
-    }
+    // QEMU keeps migration parameters across migrations of one source (a cancelled slow
+    // migration would slow the next one down): both are set every time.
+    let params = json!({
+        "max-bandwidth": opts.max_bandwidth.unwrap_or(QEMU_MAX_BANDWIDTH),
+        "downtime-limit": opts.downtime_limit_ms.unwrap_or(QEMU_DOWNTIME_LIMIT_MS),
+    });
+    src.qmp_execute("migrate-set-parameters", Some(params))?;
     let started = Instant::now();
     src.qmp_execute("migrate", Some(json!({ "uri": uri })))?;
 

@@ -12,6 +12,8 @@
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test live_migration -- --nocapture`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_launch::{migrate, Guest, MigrateOptions};
@@ -93,6 +95,42 @@ fn poll_guest(g: &mut Guest, cmd: &str, within: Duration, done: impl Fn(&str) ->
             return out;
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Migrates `ga` towards `socket` with the pre-copy slowed to 1 MB/s and cancels it after 2 s
+/// (QMP `migrate_cancel`); the prepared move is left for the next attempt.
+fn cancelled_migration(
+    c: &Cluster,
+    ga: &mut Guest,
+    socket: &std::path::Path,
+    dir: &std::path::Path,
+) {
+    let mut spec = ga.spec().clone();
+    spec.name = "vm-a-cancelled".into();
+    spec.vhost_user_socket = Some(socket.to_path_buf());
+    spec.work_dir = Some(dir.join("guest-vm-a-cancelled"));
+    std::fs::create_dir_all(spec.work_dir.as_ref().unwrap()).unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        flag.store(true, Ordering::Relaxed);
+    });
+    let opts = MigrateOptions {
+        max_bandwidth: Some(1_000_000),
+        cancel: Some(cancel),
+        ..MigrateOptions::default()
+    };
+    let outcome = migrate(ga, spec, &opts).map(|(_, report)| report);
+    canceller.join().unwrap();
+    match outcome {
+        Err(e) => assert!(
+            e.to_string().contains(qemu_launch::migration::CANCELLED),
+            "{e}\n{}",
+            c.logs()
+        ),
+        Ok(report) => panic!("the slow migration completed in 2 s: {report:?}"),
     }
 }
 
@@ -182,6 +220,14 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         "an incoming attach must not take the endpoint"
     );
 
+    step("first a migration cancelled 2 s into a pre-copy slowed to 1 MB/s: nothing moves");
+    cancelled_migration(&c, &mut ga, &att_a2.socket_path, &dir);
+    assert_eq!(
+        endpoint_of(&c, "vm-a"),
+        Some(before),
+        "a cancelled migration must not move the endpoint"
+    );
+
     step("migrating QEMU to host 1's socket; nothing else is done");
     let mut dst_spec = ga.spec().clone();
     dst_spec.name = "vm-a-dst".into();
@@ -200,6 +246,13 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
         started.elapsed().as_millis()
     );
     assert!(moved.generation > before.generation, "{moved:?} {before:?}");
+    // At the cancelled migration's 1 MB/s, QEMU's setting if `migrate` did not reset it, the
+    // guest's RAM would take over a minute.
+    assert!(
+        report.total_ms < 30_000,
+        "the migration took {} ms: the cancelled one's bandwidth limit stuck",
+        report.total_ms
+    );
     assert_eq!(moved.port, att_a2.udp_port);
 
     step("after the move");

@@ -237,6 +237,8 @@ fn run(created: &Created) -> Result<()> {
     );
 
     say("12. Live migration: vm-a moves to host b's vnpd while vm-b pings it");
+    let mut ga = ga;
+    cancelled_migration(&cluster, &mut ga, &mut gb, &rec_a.ip.to_string())?;
     let ga = live_migrate(&cluster, ga, &mut gb, &rec_a.ip.to_string())?;
 
     say("13. Counters (vnpd's Prometheus export, non-zero lines)");
@@ -511,13 +513,72 @@ fn show_metadata(cluster: &Cluster, g: &mut Guest) -> Result<()> {
     Ok(())
 }
 
-/// `vnpctl vm migrate`, an incoming attach on host b, QEMU's migration, and nothing else: host
-/// b's vnpd registers the endpoint when the VM resumes there. Returns the migrated guest.
-fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) -> Result<Guest> {
-    gb.run_ok(
-        &format!("ping -i 0.05 -c {PINGS} -W 1 {a_ip} > /tmp/mig-ping.log 2>&1 &"),
-        CMD,
-    )?;
+/// A migration cancelled during its pre-copy (slowed to 1 MB/s, QMP `migrate_cancel` after
+/// 2 s): the registry's move and host b's incoming attachment are undone, and vm-a, which
+/// never stopped on host a, still answers there.
+fn cancelled_migration(
+    cluster: &Cluster,
+    ga: &mut Guest,
+    gb: &mut Guest,
+    a_ip: &str,
+) -> Result<()> {
+    println!("   first a migration that is cancelled:");
+    let spec = prepare_move(cluster, ga, "vm-a-cancelled")?;
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opts = MigrateOptions {
+        max_bandwidth: Some(1_000_000),
+        cancel: Some(Arc::clone(&cancel)),
+        ..MigrateOptions::default()
+    };
+    let flag = Arc::clone(&cancel);
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let outcome = migrate(ga, spec, &opts);
+    let _ = canceller.join();
+    match outcome {
+        Err(e) if e.to_string().contains(qemu_launch::migration::CANCELLED) => {}
+        Err(e) => bail!(
+            "the migration failed otherwise: {e}
+{}",
+            cluster.logs()
+        ),
+        Ok(_) => bail!("the migration completed before the cancel"),
+    }
+    println!("   QEMU: migration cancelled 2 s into the pre-copy (QMP migrate_cancel)");
+    cluster
+        .host(1)
+        .admin()
+        .detach("vm-a")
+        .map_err(|e| anyhow::anyhow!("detaching the incoming vm-a: {e}"))?;
+    cluster.registry(|r| r.cancel_migration("vm-a"))?;
+    let record = cluster.registry(|r| r.get_vm("vm-a"))?;
+    let on_a = record
+        .endpoint
+        .is_some_and(|ep| ep.host_addr == cluster.host(0).addr);
+    if !on_a || record.incoming.is_some() {
+        bail!("vm-a did not stay on host a: {record:?}");
+    }
+    println!(
+        "   undone: vnpctl vnpd detach vm-a on {}, vnpctl vm migrate vm-a --cancel; the registry \
+         has vm-a on host a with no migration under way",
+        cluster.host(1).id
+    );
+    let ping = guest_cmd(gb, &format!("ping -c 3 -W 5 {a_ip}"))?;
+    if !ping.contains("3 packets received") {
+        bail!(
+            "vm-a does not answer on host a:\n{ping}\n{}",
+            cluster.logs()
+        );
+    }
+    println!("   vm-a still answers from host a: vm-b's ping got 3 of 3\n   then the real one:");
+    Ok(())
+}
+
+/// `vnpctl vm migrate vm-a --host B` and `vnpctl vnpd attach vm-a --incoming` on host b;
+/// returns the destination QEMU's spec (named `name`) on host b's socket.
+fn prepare_move(cluster: &Cluster, ga: &Guest, name: &str) -> Result<qemu_launch::GuestSpec> {
     let h1 = cluster.host(1).id.clone();
     let to = h1.clone();
     cluster.registry(move |r| {
@@ -542,11 +603,22 @@ fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) ->
         att.socket_path.display()
     );
     let mut spec = ga.spec().clone();
-    spec.name = "vm-a-migrated".into();
+    spec.name = name.into();
     spec.vhost_user_socket = Some(att.socket_path.clone());
-    let work = cluster.dir().join("guest-vm-a-migrated");
+    let work = cluster.dir().join(format!("guest-{name}"));
     std::fs::create_dir_all(&work)?;
     spec.work_dir = Some(work);
+    Ok(spec)
+}
+
+/// `vnpctl vm migrate`, an incoming attach on host b, QEMU's migration, and nothing else: host
+/// b's vnpd registers the endpoint when the VM resumes there. Returns the migrated guest.
+fn live_migrate(cluster: &Cluster, mut ga: Guest, gb: &mut Guest, a_ip: &str) -> Result<Guest> {
+    gb.run_ok(
+        &format!("ping -i 0.05 -c {PINGS} -W 1 {a_ip} > /tmp/mig-ping.log 2>&1 &"),
+        CMD,
+    )?;
+    let spec = prepare_move(cluster, &ga, "vm-a-migrated")?;
     let (ga2, report) = migrate(&mut ga, spec, &MigrateOptions::default())
         .map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
     drop(ga);
