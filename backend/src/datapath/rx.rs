@@ -403,9 +403,10 @@ impl PairWorker {
     }
 
     /// After entries were published on an EVENT_IDX ring: starts the unseen-entries watch
-    /// unless one runs (one read of the driver's marks and one timer arm per watch).
+    /// unless one runs (one read of the driver's marks and one timer arm per watch). Called
+    /// per published batch: without EVENT_IDX or with a watch running it costs two loads.
     pub(super) fn watch_unseen(&mut self, view: GuestView<'_>, rx: &Vring) {
-        if self.rx_unseen.is_some() {
+        if !self.features.event_idx || self.rx_unseen.is_some() {
             return;
         }
         let Some((avail, used_event, _, _)) = with_ring_mem!(view, |mem| event_idx_marks(rx, mem))

@@ -23,7 +23,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -49,6 +49,9 @@ pub struct Negotiated {
     /// `VIRTIO_RING_F_INDIRECT_DESC`: chains may refer to indirect descriptor tables. Never
     /// offered today, so always false; chains that use one anyway are dropped.
     pub indirect_desc: bool,
+    /// `VIRTIO_RING_F_EVENT_IDX`: the driver says with `used_event` where it wants its next
+    /// interrupt.
+    pub event_idx: bool,
     /// What TX headers may ask for (`CSUM`, `HOST_TSO4`, `HOST_ECN`).
     pub tx_offload: TxAllowed,
     /// `VIRTIO_NET_F_GUEST_CSUM`: the driver accepts frames with a partial checksum or
@@ -67,6 +70,7 @@ impl Default for Negotiated {
             mrg_rxbuf: false,
             log_all: false,
             indirect_desc: false,
+            event_idx: false,
             tx_offload: TxAllowed::default(),
             guest_csum: false,
             guest_tso4: false,
@@ -276,6 +280,7 @@ impl<H: QueuePairHandler> VhostUserBackend for NetBackend<H> {
             mrg_rxbuf: has_feature(features, VIRTIO_NET_F_MRG_RXBUF),
             log_all: has_feature(features, VHOST_F_LOG_ALL),
             indirect_desc: has_feature(features, VIRTIO_RING_F_INDIRECT_DESC),
+            event_idx: has_feature(features, VIRTIO_RING_F_EVENT_IDX),
             tx_offload: tx_allowed(features),
             guest_csum: has_feature(features, VIRTIO_NET_F_GUEST_CSUM),
             guest_tso4: has_feature(features, VIRTIO_NET_F_GUEST_TSO4),
