@@ -52,6 +52,57 @@ pub fn wait_endpoint_on(c: &Cluster, vm: &str, host: usize, timeout: Duration) -
     }
 }
 
+/// The destination QEMU's spec for `src` on `socket` (a destination vnpd's incoming
+/// attachment), named `name`, with its files in `dir/guest-NAME`.
+pub fn destination_spec(
+    src: &qemu_launch::Guest,
+    socket: &std::path::Path,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<qemu_launch::GuestSpec> {
+    let mut spec = src.spec().clone();
+    spec.name = name.into();
+    spec.vhost_user_socket = Some(socket.to_path_buf());
+    let work = dir.join(format!("guest-{name}"));
+    std::fs::create_dir_all(&work)?;
+    spec.work_dir = Some(work);
+    Ok(spec)
+}
+
+/// Pre-copy speed of [`cancel_slow_migration`], bytes/s: a guest's RAM takes over a minute.
+pub const SLOW_PRECOPY: u64 = 1_000_000;
+/// How long into the pre-copy [`cancel_slow_migration`] cancels.
+pub const CANCEL_AFTER: Duration = Duration::from_secs(2);
+
+/// Migrates `src` to a destination QEMU of `dst` with the pre-copy slowed to [`SLOW_PRECOPY`]
+/// and cancels it after [`CANCEL_AFTER`] (QMP `migrate_cancel`); fails unless QEMU reports it
+/// cancelled. The source keeps the guest; the network steps are the caller's.
+pub fn cancel_slow_migration(
+    src: &mut qemu_launch::Guest,
+    dst: qemu_launch::GuestSpec,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(CANCEL_AFTER);
+        flag.store(true, Ordering::Relaxed);
+    });
+    let opts = qemu_launch::MigrateOptions {
+        max_bandwidth: Some(SLOW_PRECOPY),
+        cancel: Some(cancel),
+        ..qemu_launch::MigrateOptions::default()
+    };
+    let outcome = qemu_launch::migrate(src, dst, &opts).map(|(_, report)| report);
+    let _ = canceller.join();
+    match outcome {
+        Err(e) if e.to_string().contains(qemu_launch::migration::CANCELLED) => Ok(()),
+        Err(e) => bail!("the migration failed otherwise: {e}"),
+        Ok(report) => bail!("the slow migration completed before the cancel: {report:?}"),
+    }
+}
+
 /// `qemu-launch migrate` run by a test: the real binary, between two hosts of a cluster.
 #[derive(Debug)]
 pub struct QemuLaunchMigrate {

@@ -12,8 +12,6 @@
 //! Needs root (network namespaces), QEMU 10 and the guest image (`scripts/setup`).
 //! Run: `cargo test -p vnp-e2e --test live_migration -- --nocapture`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qemu_launch::{migrate, Guest, MigrateOptions};
@@ -95,42 +93,6 @@ fn poll_guest(g: &mut Guest, cmd: &str, within: Duration, done: impl Fn(&str) ->
             return out;
         }
         std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-/// Migrates `ga` towards `socket` with the pre-copy slowed to 1 MB/s and cancels it after 2 s
-/// (QMP `migrate_cancel`); the prepared move is left for the next attempt.
-fn cancelled_migration(
-    c: &Cluster,
-    ga: &mut Guest,
-    socket: &std::path::Path,
-    dir: &std::path::Path,
-) {
-    let mut spec = ga.spec().clone();
-    spec.name = "vm-a-cancelled".into();
-    spec.vhost_user_socket = Some(socket.to_path_buf());
-    spec.work_dir = Some(dir.join("guest-vm-a-cancelled"));
-    std::fs::create_dir_all(spec.work_dir.as_ref().unwrap()).unwrap();
-    let cancel = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&cancel);
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        flag.store(true, Ordering::Relaxed);
-    });
-    let opts = MigrateOptions {
-        max_bandwidth: Some(1_000_000),
-        cancel: Some(cancel),
-        ..MigrateOptions::default()
-    };
-    let outcome = migrate(ga, spec, &opts).map(|(_, report)| report);
-    canceller.join().unwrap();
-    match outcome {
-        Err(e) => assert!(
-            e.to_string().contains(qemu_launch::migration::CANCELLED),
-            "{e}\n{}",
-            c.logs()
-        ),
-        Ok(report) => panic!("the slow migration completed in 2 s: {report:?}"),
     }
 }
 
@@ -221,7 +183,10 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     );
 
     step("first a migration cancelled 2 s into a pre-copy slowed to 1 MB/s: nothing moves");
-    cancelled_migration(&c, &mut ga, &att_a2.socket_path, &dir);
+    // The prepared move is left for the next attempt.
+    let spec =
+        migration::destination_spec(&ga, &att_a2.socket_path, "vm-a-cancelled", &dir).unwrap();
+    migration::cancel_slow_migration(&mut ga, spec).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     assert_eq!(
         endpoint_of(&c, "vm-a"),
         Some(before),
@@ -229,11 +194,7 @@ fn guest_migrates_between_vnpd_hosts_and_keeps_talking() {
     );
 
     step("migrating QEMU to host 1's socket; nothing else is done");
-    let mut dst_spec = ga.spec().clone();
-    dst_spec.name = "vm-a-dst".into();
-    dst_spec.vhost_user_socket = Some(att_a2.socket_path.clone());
-    dst_spec.work_dir = Some(dir.join("guest-vm-a-dst"));
-    std::fs::create_dir_all(dst_spec.work_dir.as_ref().unwrap()).unwrap();
+    let dst_spec = migration::destination_spec(&ga, &att_a2.socket_path, "vm-a-dst", &dir).unwrap();
     let started = Instant::now();
     let (mut ga2, report) = migrate(&mut ga, dst_spec, &MigrateOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
@@ -375,11 +336,7 @@ fn migrate_back_answering_only(
     )
     .unwrap();
     let att = begin_migration(c, "vm-a", 0).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    let mut spec = ga2.spec().clone();
-    spec.name = "vm-a-back".into();
-    spec.vhost_user_socket = Some(att.socket_path.clone());
-    spec.work_dir = Some(dir.join("guest-vm-a-back"));
-    std::fs::create_dir_all(spec.work_dir.as_ref().unwrap()).unwrap();
+    let spec = migration::destination_spec(ga2, &att.socket_path, "vm-a-back", dir).unwrap();
     let (ga3, report) = migrate(ga2, spec, &MigrateOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     let log = poll_guest(gb, "cat /tmp/ping2.log", Duration::from_secs(60), |o| {

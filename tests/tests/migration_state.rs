@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use qemu_launch::{migrate, Guest, MigrateOptions};
 use vnp_e2e::cluster::{assert_nothing_left, wait_dhcp, Cluster, ClusterOptions, NETWORK};
 use vnp_e2e::edge::{PublicEdge, PUBLIC_ADDR, PUBLIC_HOST};
-use vnp_e2e::migration::{begin_migration, wait_endpoint_on};
+use vnp_e2e::migration::{begin_migration, destination_spec, wait_endpoint_on};
 use vnp_registry_client::api::{HealthCheckSpec, L4Proto, PoolMember, ServiceSpec};
 use vnpd_admin_api::NatInfo;
 
@@ -160,7 +160,6 @@ fn server_lines(dir: &Path, n: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The mapped port of `nat`'s TCP flow to the echo server.
 /// Lines vm-a's service listener has received from the load-balanced connection.
 fn lb_lines(g: &mut Guest) -> u64 {
     g.run("wc -l < /tmp/lb.in", CMD)
@@ -234,6 +233,7 @@ fn hold_load_balanced_connection(c: &Cluster, edge: &mut PublicEdge, ga: &mut Gu
     );
 }
 
+/// The mapped port of `nat`'s TCP flow to the echo server.
 fn echo_flow_port(nat: &NatInfo) -> Option<u16> {
     nat.flows
         .iter()
@@ -263,11 +263,7 @@ fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 /// returns the guest on host 1 once host 1 registered the endpoint.
 fn migrate_to_host1(c: &Cluster, ga: &mut Guest, dir: &Path) -> Guest {
     let att = begin_migration(c, "vm-a", 1).unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
-    let mut spec = ga.spec().clone();
-    spec.name = "vm-a-dst".into();
-    spec.vhost_user_socket = Some(att.socket_path.clone());
-    spec.work_dir = Some(dir.join("guest-vm-a-dst"));
-    std::fs::create_dir_all(spec.work_dir.as_ref().unwrap()).unwrap();
+    let spec = destination_spec(ga, &att.socket_path, "vm-a-dst", dir).unwrap();
     let (ga2, report) = migrate(ga, spec, &MigrateOptions::default())
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     eprintln!("  {report:?}");

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vnp_e2e::cluster::{wait_dhcp, Cluster, ClusterOptions, NETWORK, NETWORK_CIDR};
 use vnp_e2e::edge::{PublicEdge, GATEWAY_PORT, PUBLIC_ADDR, PUBLIC_HOST};
-use vnp_registry_client::StartMigration;
+use vnp_e2e::migration::{begin_migration, cancel_slow_migration, destination_spec};
 use vnpd_admin_api::AttachmentInfo;
 
 /// What must be removed if the demo is interrupted: the cluster's directory (every process
@@ -513,8 +513,7 @@ fn show_metadata(cluster: &Cluster, g: &mut Guest) -> Result<()> {
     Ok(())
 }
 
-/// A migration cancelled during its pre-copy (slowed to 1 MB/s, QMP `migrate_cancel` after
-/// 2 s): the registry's move and host b's incoming attachment are undone, and vm-a, which
+/// A migration cancelled during its pre-copy (`cancel_slow_migration`): the registry's move and host b's incoming attachment are undone, and vm-a, which
 /// never stopped on host a, still answers there.
 fn cancelled_migration(
     cluster: &Cluster,
@@ -524,29 +523,12 @@ fn cancelled_migration(
 ) -> Result<()> {
     println!("   first a migration that is cancelled:");
     let spec = prepare_move(cluster, ga, "vm-a-cancelled")?;
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let opts = MigrateOptions {
-        max_bandwidth: Some(1_000_000),
-        cancel: Some(Arc::clone(&cancel)),
-        ..MigrateOptions::default()
-    };
-    let flag = Arc::clone(&cancel);
-    let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(2));
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    let outcome = migrate(ga, spec, &opts);
-    let _ = canceller.join();
-    match outcome {
-        Err(e) if e.to_string().contains(qemu_launch::migration::CANCELLED) => {}
-        Err(e) => bail!(
-            "the migration failed otherwise: {e}
-{}",
-            cluster.logs()
-        ),
-        Ok(_) => bail!("the migration completed before the cancel"),
-    }
-    println!("   QEMU: migration cancelled 2 s into the pre-copy (QMP migrate_cancel)");
+    cancel_slow_migration(ga, spec).map_err(|e| anyhow::anyhow!("{e}\n{}", cluster.logs()))?;
+    println!(
+        "   QEMU: migration cancelled {} s into a pre-copy slowed to {} MB/s (QMP migrate_cancel)",
+        vnp_e2e::migration::CANCEL_AFTER.as_secs(),
+        vnp_e2e::migration::SLOW_PRECOPY / 1_000_000
+    );
     cluster
         .host(1)
         .admin()
@@ -580,35 +562,15 @@ fn cancelled_migration(
 /// returns the destination QEMU's spec (named `name`) on host b's socket.
 fn prepare_move(cluster: &Cluster, ga: &Guest, name: &str) -> Result<qemu_launch::GuestSpec> {
     let h1 = cluster.host(1).id.clone();
-    let to = h1.clone();
-    cluster.registry(move |r| {
-        r.start_migration(
-            "vm-a",
-            &StartMigration {
-                host: to,
-                host_port: None,
-            },
-        )
-    })?;
+    let att = begin_migration(cluster, "vm-a", 1)?;
     println!(
         "   vnpctl vm migrate vm-a --host {h1}: host a stays the owner until vm-a resumes on {h1}"
     );
-    let att = cluster
-        .host(1)
-        .admin()
-        .attach_with("vm-a", None, None, true)
-        .map_err(|e| anyhow::anyhow!("incoming attach: {e}"))?;
     println!(
         "   vnpctl vnpd attach vm-a --incoming on {h1}: {}",
         att.socket_path.display()
     );
-    let mut spec = ga.spec().clone();
-    spec.name = name.into();
-    spec.vhost_user_socket = Some(att.socket_path.clone());
-    let work = cluster.dir().join(format!("guest-{name}"));
-    std::fs::create_dir_all(&work)?;
-    spec.work_dir = Some(work);
-    Ok(spec)
+    destination_spec(ga, &att.socket_path, name, cluster.dir())
 }
 
 /// `vnpctl vm migrate`, an incoming attach on host b, QEMU's migration, and nothing else: host
