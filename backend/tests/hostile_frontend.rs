@@ -1004,20 +1004,25 @@ struct RxGuest {
 }
 
 impl RxGuest {
-    /// VM `name` with `buffers` RX buffers posted, which has received datagram 0.
-    fn with_one_datagram(name: &str, buffers: usize) -> RxGuest {
+    /// VM `name` with `buffers` RX buffers posted.
+    fn new(name: &str, buffers: usize) -> RxGuest {
         let control = MintingControl::new();
         let vm = start_vm(&control, name, 2, 1);
         let mut fe = TestFrontend::connect(&vm.socket, 1);
         fe.post_rx(0, buffers, 2048);
         let (raw, raw_addr) = raw_peer();
-        let mut g = RxGuest {
+        RxGuest {
             fe,
             vm,
             _control: control,
             raw,
             raw_addr,
-        };
+        }
+    }
+
+    /// [`RxGuest::new`], which has then received datagram 0.
+    fn with_one_datagram(name: &str, buffers: usize) -> RxGuest {
+        let mut g = RxGuest::new(name, buffers);
         g.send(0, 1);
         assert_eq!(g.fe.recv(0, 1, T).len(), 1);
         g
@@ -1047,23 +1052,19 @@ fn wait_interrupt(f: &TestFrontend, q: usize, what: &str) -> Duration {
 /// (`datapath::rx_timer`).
 #[test]
 fn a_stalled_guest_is_interrupted_again_when_no_more_datagrams_come() {
-    let control = MintingControl::new();
-    let a = start_vm(&control, "hq", 2, 1);
-    let mut fa = TestFrontend::connect(&a.socket, 1);
-    fa.post_rx(0, 4, 2048);
-    let (raw, raw_addr) = raw_peer();
-    send_numbered(&raw, raw_addr, &a, 0, 8);
-    assert_eq!(fa.recv(0, 4, T).len(), 4);
+    let mut g = RxGuest::new("hq", 4);
+    g.send(0, 8);
+    assert_eq!(g.fe.recv(0, 4, T).len(), 4);
     // Let the worker find the ring empty with four waiting, then drop what came so far.
     std::thread::sleep(Duration::from_millis(20));
-    fa.take_interrupts(RX_Q);
+    g.fe.take_interrupts(RX_Q);
     wait_interrupt(
-        &fa,
+        &g.fe,
         RX_Q,
         "ring out of buffers, datagrams waiting, none arriving",
     );
-    fa.post_rx(0, 16, 2048);
-    assert_eq!(fa.recv(0, 4, T).len(), 4, "the four that waited");
+    g.fe.post_rx(0, 16, 2048);
+    assert_eq!(g.fe.recv(0, 4, T).len(), 4, "the four that waited");
 }
 
 /// A driver that misses one interrupt with EVENT_IDX never gets another: its `used_event` is
